@@ -1,0 +1,47 @@
+# diskwatch: the two commands a newcomer needs are `make demo` and `make test`.
+# Both install what is missing (Debian packages, a virtualenv) first.
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+# Debian's interpreter: it is the one that imports guestfs and nbd.
+SYSPY     ?= /usr/bin/python3
+APT_PKGS  := python3 python3-venv python3-dev python3-guestfs python3-libnbd python3-pycurl \
+             libguestfs-tools qemu-utils qemu-system-x86 nbdkit libnbd-bin fio \
+             fdisk mtools dosfstools e2fsprogs xz-utils busybox-static linux-image-amd64 \
+             nginx-light openssh-server openssh-client tmux
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+STAMP     := $(VENV)/.installed
+
+.PHONY: setup test test-fast demo bench lint clean
+
+setup: $(STAMP)
+
+# apt-get is only called when a package is missing, so a set-up machine pays nothing.
+$(STAMP): pyproject.toml Makefile
+	@missing=$$(for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+	[ -x $(PY) ] || $(SYSPY) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: setup
+	$(VENV)/bin/pytest -v
+
+test-fast: setup
+	$(VENV)/bin/pytest -m 'not slow'
+
+demo: setup
+	$(VENV)/bin/diskwatch demo
+
+bench: setup
+	$(PY) benchmarks/bench_server.py
+
+lint: setup
+	$(VENV)/bin/ruff check diskwatch tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,191 @@
+"""The Source interface: what the NBD server asks of whatever holds the bytes.
+
+Modelled on nbdkit's plugin/filter calls. A source knows nothing of NBD: it
+answers size, pread, pwrite, flush, trim, zero, extents and cache, and says
+what it can do through the ``can_*`` attributes. Errors are raised as
+``OSError`` with an errno (``SourceError`` adds a message a person can read);
+the server turns the errno into the NBD error code.
+
+A ``Layer`` wraps another source and passes every call through; read-only and
+snapshot are layers, so is anything that wants to watch or alter calls.
+"""
+
+from __future__ import annotations
+
+import errno
+
+# Extent flags, the same bits as NBD's base:allocation context.
+EXTENT_HOLE = 1
+EXTENT_ZERO = 2
+
+
+class SourceError(OSError):
+    """An error with an errno (for the NBD reply) and a message (for the person)."""
+
+    def __init__(self, err: int, message: str):
+        super().__init__(err, message)
+
+
+class FastZeroUnsupported(SourceError):
+    """zero(..., fast=True) cannot be done faster than writing zeroes."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ENOTSUP, "fast zero not supported")
+
+
+class Source:
+    """Base class. Subclasses set ``size`` and override what they support."""
+
+    #: size of the export in bytes
+    size: int = 0
+    #: a short human description ("file win7.img", "xz disk.img.xz", ...)
+    description: str = ""
+    #: True when calls may block for long (network, decompression): the
+    #: server then runs them in worker threads so other requests go on.
+    blocking: bool = False
+    #: preferred/minimum/maximum block sizes the source wants (NBD_INFO_BLOCK_SIZE)
+    block_size: tuple[int, int, int] = (1, 4096, 32 * 1024 * 1024)
+
+    can_write: bool = False
+    can_flush: bool = False
+    can_fua: bool = False
+    can_trim: bool = False
+    can_zero: bool = False
+    can_fast_zero: bool = False
+    can_extents: bool = False
+    can_cache: bool = False
+    #: several connections see one consistent disk (flush on one covers all)
+    can_multi_conn: bool = True
+    #: reads of zeroed/trimmed ranges are guaranteed to return zeroes
+    is_rotational: bool = False
+
+    def pread(self, offset: int, length: int) -> bytes:
+        raise SourceError(errno.EIO, f"{type(self).__name__} cannot read")
+
+    def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        raise SourceError(errno.EROFS, "source is read-only")
+
+    def flush(self) -> None:
+        pass
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        raise SourceError(errno.EOPNOTSUPP, "trim not supported")
+
+    def zero(self, offset: int, length: int, may_trim: bool = False,
+             fua: bool = False, fast: bool = False) -> None:
+        """Write zeroes. With fast=True raise FastZeroUnsupported unless it is
+        much faster than writing zeroes; the default writes them."""
+        if fast:
+            raise FastZeroUnsupported()
+        chunk = 1 << 20
+        zeroes = bytes(min(length, chunk))
+        while length > 0:
+            n = min(length, chunk)
+            self.pwrite(offset, zeroes[:n], fua=False)
+            offset += n
+            length -= n
+        if fua:
+            self.flush()
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """(offset, length, flags) covering at least [offset, offset+1).
+        The default says: all data."""
+        return [(offset, length, 0)]
+
+    def cache(self, offset: int, length: int) -> None:
+        """Prefetch; the default reads and discards."""
+        self.pread(offset, length)
+
+    def sendfile_fd(self) -> int | None:
+        """A file descriptor whose bytes at the same offsets are this source's
+        bytes, for zero-copy replies; None when there is none."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+    # Context manager so tests and the CLI release files and overlays.
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Layer(Source):
+    """Wraps another source; every call and attribute passes through unless
+    the subclass overrides it (nbdkit's filter model)."""
+
+    def __init__(self, inner: Source):
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        # Only reached for attributes not found on the layer itself (the
+        # class-level defaults of Source are shadowed below by properties).
+        return getattr(self.inner, name)
+
+    size = property(lambda self: self.inner.size)  # type: ignore[assignment]
+    description = property(lambda self: self.inner.description)  # type: ignore[assignment]
+    blocking = property(lambda self: self.inner.blocking)  # type: ignore[assignment]
+    block_size = property(lambda self: self.inner.block_size)  # type: ignore[assignment]
+    can_write = property(lambda self: self.inner.can_write)  # type: ignore[assignment]
+    can_flush = property(lambda self: self.inner.can_flush)  # type: ignore[assignment]
+    can_fua = property(lambda self: self.inner.can_fua)  # type: ignore[assignment]
+    can_trim = property(lambda self: self.inner.can_trim)  # type: ignore[assignment]
+    can_zero = property(lambda self: self.inner.can_zero)  # type: ignore[assignment]
+    can_fast_zero = property(lambda self: self.inner.can_fast_zero)  # type: ignore[assignment]
+    can_extents = property(lambda self: self.inner.can_extents)  # type: ignore[assignment]
+    can_cache = property(lambda self: self.inner.can_cache)  # type: ignore[assignment]
+    can_multi_conn = property(lambda self: self.inner.can_multi_conn)  # type: ignore[assignment]
+
+    def pread(self, offset, length):
+        return self.inner.pread(offset, length)
+
+    def pwrite(self, offset, data, fua=False):
+        return self.inner.pwrite(offset, data, fua)
+
+    def flush(self):
+        return self.inner.flush()
+
+    def trim(self, offset, length, fua=False):
+        return self.inner.trim(offset, length, fua)
+
+    def zero(self, offset, length, may_trim=False, fua=False, fast=False):
+        return self.inner.zero(offset, length, may_trim, fua, fast)
+
+    def extents(self, offset, length):
+        return self.inner.extents(offset, length)
+
+    def cache(self, offset, length):
+        return self.inner.cache(offset, length)
+
+    def sendfile_fd(self):
+        return self.inner.sendfile_fd()
+
+    def close(self):
+        self.inner.close()
+
+
+class ReadOnly(Layer):
+    """-r: refuse every write with EPERM, advertise read-only."""
+
+    can_write = False  # type: ignore[assignment]
+    can_trim = False  # type: ignore[assignment]
+    can_zero = False  # type: ignore[assignment]
+    can_fast_zero = False  # type: ignore[assignment]
+    can_fua = False  # type: ignore[assignment]
+
+    def pwrite(self, offset, data, fua=False):
+        raise SourceError(errno.EPERM, "export is read-only")
+
+    def trim(self, offset, length, fua=False):
+        raise SourceError(errno.EPERM, "export is read-only")
+
+    def zero(self, offset, length, may_trim=False, fua=False, fast=False):
+        raise SourceError(errno.EPERM, "export is read-only")
+
+
+def check_range(source: Source, offset: int, length: int) -> None:
+    """Raise EINVAL for a range outside the source (helper for sources)."""
+    if offset < 0 or length < 0 or offset + length > source.size:
+        raise SourceError(errno.EINVAL, f"range {offset}+{length} outside 0..{source.size}")
