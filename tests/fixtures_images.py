@@ -1,0 +1,1 @@
+"""Session-scoped fixtures that build real disk images."""

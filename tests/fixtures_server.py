@@ -1,0 +1,1 @@
+"""Fixtures that start diskwatch servers (see fixtures_images for disk images)."""
