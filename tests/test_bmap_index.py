@@ -1,0 +1,238 @@
+"""BlockMap: flattening overlapping ranges and naming the pieces of a request."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from diskwatch.bmap.format import TYPE_RANK, BmapEntry, BmapFormatError, write_bmap
+from diskwatch.bmap.index import BlockMap, BmapObject
+
+KiB = 1024
+MiB = 1024 * KiB
+
+V = BmapObject("v", "/dev/sda")
+P1 = BmapObject("p", "/dev/sda1")
+ROOT = BmapObject("d", "/dev/sda1", "/")
+BOOT = BmapObject("d", "/dev/sda1", "/Boot")
+
+
+def entry(start: int, end: int, obj: BmapObject, disk: int = 1) -> BmapEntry:
+    return BmapEntry(disk, start, end, obj.type, obj.device, obj.path)
+
+
+def f(path: str, device: str = "/dev/sda1") -> BmapObject:
+    return BmapObject("f", device, path)
+
+
+def small_disk() -> list[BmapEntry]:
+    """A 64 MiB disk: one partition from 1 MiB, a directory, three small files."""
+    return [
+        entry(0, 64 * MiB, V),
+        entry(1 * MiB, 63 * MiB, P1),
+        entry(2 * MiB, 2 * MiB + 4 * KiB, ROOT),
+        entry(2 * MiB + 4 * KiB, 2 * MiB + 8 * KiB, BOOT),
+        # three small files back to back, then a gap (free space) in the partition
+        entry(3 * MiB, 3 * MiB + 40 * KiB, f("/Boot/BCD")),
+        entry(3 * MiB + 40 * KiB, 3 * MiB + 80 * KiB, f("/Boot/bootmgr.exe.mui")),
+        entry(3 * MiB + 80 * KiB, 3 * MiB + 120 * KiB, f("/Boot/BOOTSTAT.DAT")),
+    ]
+
+
+def test_object_str_is_bmaplogger_spelling() -> None:
+    assert str(f("/Boot/BCD")) == "f /dev/sda1 /Boot/BCD"
+    assert str(P1) == "p /dev/sda1"
+    assert str(BmapObject("f", "/dev/sda2", "/Program Files (x86)/a b.txt")) == (
+        "f /dev/sda2 /Program Files (x86)/a b.txt"
+    )
+    assert {f("/x"), f("/x")} == {f("/x")}  # hashable, equal by value
+
+
+def test_128k_readahead_spanning_three_small_files_names_all_three() -> None:
+    m = BlockMap(small_disk())
+    start = 3 * MiB + 4 * KiB
+    pieces = m.lookup(start, 128 * KiB)
+    assert pieces == [
+        (start, 3 * MiB + 40 * KiB, f("/Boot/BCD")),
+        (3 * MiB + 40 * KiB, 3 * MiB + 80 * KiB, f("/Boot/bootmgr.exe.mui")),
+        (3 * MiB + 80 * KiB, 3 * MiB + 120 * KiB, f("/Boot/BOOTSTAT.DAT")),
+        (3 * MiB + 120 * KiB, start + 128 * KiB, P1),
+    ]
+    assert m.objects(start, 128 * KiB) == [
+        f("/Boot/BCD"),
+        f("/Boot/bootmgr.exe.mui"),
+        f("/Boot/BOOTSTAT.DAT"),
+        P1,
+    ]
+    assert m.first(start, 128 * KiB) == f("/Boot/BCD")
+    assert m.most_specific(3 * MiB + 120 * KiB - 1, 2) == f("/Boot/BOOTSTAT.DAT")
+
+
+def test_uncovered_bytes_are_reported_as_none() -> None:
+    entries = [entry(0x1000, 0x2000, f("/a")), entry(0x3000, 0x4000, f("/b"))]
+    m = BlockMap(entries)
+    assert m.lookup(0, 0x5000) == [
+        (0, 0x1000, None),
+        (0x1000, 0x2000, f("/a")),
+        (0x2000, 0x3000, None),
+        (0x3000, 0x4000, f("/b")),
+        (0x4000, 0x5000, None),
+    ]
+    assert m.lookup(0x10_0000_0000, 512) == [(0x10_0000_0000, 0x10_0000_0200, None)]
+    assert m.first(0, 0x800) is None
+    assert m.first(0, 0x1800) == f("/a")  # first piece that has an object
+    assert m.first(0x2000, 0x1000) is None
+    assert m.objects(0x1800, 0x2000) == [f("/a"), f("/b")]
+    assert m.lookup(0x1000, 0) == [] and m.objects(0x1000, 0) == []
+
+
+def test_empty_map() -> None:
+    m = BlockMap([])
+    assert len(m) == 0 and m.size_hint == 0
+    assert m.lookup(123, 10) == [(123, 133, None)]
+    assert m.first(123, 10) is None and m.partitions() == []
+
+
+def test_precedence_f_over_d_over_l_over_p_over_v() -> None:
+    lv = BmapObject("l", "/dev/vg/root")
+    d = BmapObject("d", "/dev/vg/root", "/etc")
+    file = BmapObject("f", "/dev/vg/root", "/etc/passwd")
+    # each more specific object covers a smaller middle part of the last;
+    # listed most specific first so entry order cannot be what decides
+    m = BlockMap(
+        [
+            entry(40, 60, file),
+            entry(30, 70, d),
+            entry(20, 80, lv),
+            entry(10, 90, P1),
+            entry(0, 100, V),
+        ]
+    )
+    assert [(s, e, o) for s, e, o in m.lookup(0, 100)] == [
+        (0, 10, V),
+        (10, 20, P1),
+        (20, 30, lv),
+        (30, 40, d),
+        (40, 60, file),
+        (60, 70, d),
+        (70, 80, lv),
+        (80, 90, P1),
+        (90, 100, V),
+    ]
+    # a larger file still beats a small directory: type first, size second
+    m2 = BlockMap([entry(0, 10, ROOT), entry(0, 1000, f("/big"))])
+    assert m2.lookup(0, 10) == [(0, 10, f("/big"))]
+
+
+def test_equal_types_smaller_range_wins_then_later_entry() -> None:
+    m = BlockMap([entry(0, 100, f("/big")), entry(40, 50, f("/small")), entry(0, 100, f("/big2"))])
+    assert m.lookup(0, 100) == [(0, 40, f("/big2")), (40, 50, f("/small")), (50, 100, f("/big2"))]
+
+
+def test_adjacent_ranges_of_one_object_come_back_merged() -> None:
+    # virt-bmap splits an object's ranges wherever other objects overlap it
+    m = BlockMap(
+        [entry(0, 0x100, P1), entry(0x100, 0x200, P1), entry(0x200, 0x300, P1), entry(0, 0x300, V)]
+    )
+    assert m.lookup(0x80, 0x200) == [(0x80, 0x280, P1)]
+    assert m.segment_count == 2  # [0, 0x300) P1, then uncovered to the end
+    assert m.ranges_of(P1) == [(0, 0x300)]
+
+
+def test_partitions_ranges_of_len_and_size_hint() -> None:
+    entries = small_disk() + [entry(5 * MiB, 5 * MiB + 4 * KiB, f("/Boot/BCD"))]
+    m = BlockMap(entries)
+    assert len(m) == len(entries)
+    assert m.size_hint == 64 * MiB
+    assert m.partitions() == [(0, 64 * MiB, V), (1 * MiB, 63 * MiB, P1)]
+    assert m.ranges_of(f("/Boot/BCD")) == [
+        (3 * MiB, 3 * MiB + 40 * KiB),
+        (5 * MiB, 5 * MiB + 4 * KiB),
+    ]
+    assert m.ranges_of(f("/not/there")) == []
+
+
+def test_other_disks_ignored_unless_chosen() -> None:
+    entries = [entry(0, 100, V), entry(0, 50, f("/on-disk-2", "/dev/sdb1"), disk=2)]
+    assert BlockMap(entries).lookup(0, 10) == [(0, 10, V)]
+    assert BlockMap(entries, disk=2).lookup(0, 10) == [(0, 10, f("/on-disk-2", "/dev/sdb1"))]
+
+
+def test_load_from_file_and_errors_name_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "disk.bmap"
+    write_bmap(p, small_disk())
+    m = BlockMap.load(p)
+    assert m.first(3 * MiB + 50 * KiB, 4 * KiB) == f("/Boot/bootmgr.exe.mui")
+    bad = tmp_path / "bad.bmap"
+    bad.write_bytes(b"1 0 1000 v /dev/sda\n1 0 1000 f /dev/sda1\n")
+    with pytest.raises(BmapFormatError, match=r"bad\.bmap:2: missing PATH"):
+        BlockMap.load(bad)
+
+
+# -- property test against a brute-force, byte-by-byte reference --
+
+DEVICES = ["/dev/sda", "/dev/sda1", "/dev/sda2", "/dev/vg/lv"]
+
+
+def random_map(rng: random.Random, span: int) -> list[BmapEntry]:
+    names = [BmapObject(t, rng.choice(DEVICES), None) for t in "vpl" for _ in range(2)]
+    names += [BmapObject(t, "/dev/sda1", f"/{t}{i} x") for t in "df" for i in range(6)]
+    entries = []
+    for _ in range(rng.randint(0, 25)):
+        obj = rng.choice(names)
+        start = rng.randrange(span)
+        # mostly small ranges, some large ones, like files inside partitions
+        length = rng.randint(1, 6) if rng.random() < 0.6 else rng.randint(1, span)
+        entries.append(entry(start, start + length, obj))
+    # exact duplicates and back-to-back ranges of one object (fragments)
+    if entries and rng.random() < 0.5:
+        entries.append(rng.choice(entries))
+    if entries and rng.random() < 0.5:
+        e = rng.choice(entries)
+        entries.append(BmapEntry(1, e.end, e.end + rng.randint(1, 5), e.type, e.device, e.path))
+    return entries
+
+
+def brute_force(entries: list[BmapEntry], offset: int, length: int) -> list:
+    def winner(byte: int) -> BmapObject | None:
+        best = None
+        best_key: tuple[int, int, int] | None = None
+        for i, e in enumerate(entries):
+            if e.start <= byte < e.end:
+                key = (TYPE_RANK[e.type], -(e.end - e.start), i)
+                if best_key is None or key > best_key:
+                    best, best_key = BmapObject(e.type, e.device, e.path), key
+        return best
+
+    pieces: list[list] = []
+    for byte in range(offset, offset + length):
+        obj = winner(byte)
+        if pieces and pieces[-1][2] == obj:
+            pieces[-1][1] = byte + 1
+        else:
+            pieces.append([byte, byte + 1, obj])
+    return [tuple(p) for p in pieces]
+
+
+def test_lookup_matches_brute_force_on_random_maps() -> None:
+    rng = random.Random(20140101)
+    span = 60
+    checked = 0
+    for _ in range(400):
+        entries = random_map(rng, span)
+        m = BlockMap(entries)
+        for _ in range(15):
+            offset = rng.randrange(span + 10)
+            length = rng.randint(1, span)
+            expected = brute_force(entries, offset, length)
+            got = m.lookup(offset, length)
+            assert got == expected, (entries, offset, length)
+            named = [o for _, _, o in expected if o is not None]
+            assert m.first(offset, length) == (named[0] if named else None)
+            assert m.objects(offset, length) == list(dict.fromkeys(named))
+            best = max(named, key=lambda o: TYPE_RANK[o.type], default=None)
+            assert m.most_specific(offset, length) == best
+            checked += 1
+    assert checked == 6000
