@@ -96,9 +96,10 @@ class Source:
         """Prefetch; the default reads and discards."""
         self.pread(offset, length)
 
-    def sendfile_fd(self) -> int | None:
-        """A file descriptor whose bytes at the same offsets are this source's
-        bytes, for zero-copy replies; None when there is none."""
+    def fd_for(self, offset: int, length: int) -> int | None:
+        """A file descriptor holding this source's bytes [offset, offset+length)
+        at the same offsets, so the server can reply with os.sendfile or a
+        bare os.pread; None when there is none (the server calls pread)."""
         return None
 
     def close(self) -> None:
@@ -159,8 +160,8 @@ class Layer(Source):
     def cache(self, offset, length):
         return self.inner.cache(offset, length)
 
-    def sendfile_fd(self):
-        return self.inner.sendfile_fd()
+    def fd_for(self, offset, length):
+        return self.inner.fd_for(offset, length)
 
     def close(self):
         self.inner.close()

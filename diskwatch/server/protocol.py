@@ -1,0 +1,590 @@
+"""The NBD protocol, server side, as a pure state machine (no sockets).
+
+Modelled on h11: bytes go in (``receive_data`` during the handshake,
+``parse_requests`` during transmission), what to send comes out as bytes, and
+every corner of the protocol is a plain unit test. The transport
+(``server.py``) only moves bytes and calls sources.
+
+Reference: doc/proto.md of the NetworkBlockDevice/nbd project (fixed newstyle
+negotiation, structured replies, base:allocation block status).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass, field
+
+# --- magic numbers and constants (values from the NBD specification) -------
+
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+OPT_REPLY_MAGIC = 0x0003E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+# handshake flags (server) and client flags
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+FLAG_C_FIXED_NEWSTYLE = 1 << 0
+FLAG_C_NO_ZEROES = 1 << 1
+
+# options
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
+
+# option replies
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_META_CONTEXT = 4
+REP_ERR_UNSUP = 0x80000001
+REP_ERR_POLICY = 0x80000002
+REP_ERR_INVALID = 0x80000003
+REP_ERR_PLATFORM = 0x80000004
+REP_ERR_TLS_REQD = 0x80000005
+REP_ERR_UNKNOWN = 0x80000006
+REP_ERR_SHUTDOWN = 0x80000007
+REP_ERR_BLOCK_SIZE_REQD = 0x80000008
+REP_ERR_TOO_BIG = 0x80000009
+
+# NBD_REP_INFO types
+INFO_EXPORT = 0
+INFO_NAME = 1
+INFO_DESCRIPTION = 2
+INFO_BLOCK_SIZE = 3
+
+# transmission flags
+TF_HAS_FLAGS = 1 << 0
+TF_READ_ONLY = 1 << 1
+TF_SEND_FLUSH = 1 << 2
+TF_SEND_FUA = 1 << 3
+TF_ROTATIONAL = 1 << 4
+TF_SEND_TRIM = 1 << 5
+TF_SEND_WRITE_ZEROES = 1 << 6
+TF_SEND_DF = 1 << 7
+TF_CAN_MULTI_CONN = 1 << 8
+TF_SEND_CACHE = 1 << 10
+TF_SEND_FAST_ZERO = 1 << 11
+
+# commands
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_CACHE = 5
+CMD_WRITE_ZEROES = 6
+CMD_BLOCK_STATUS = 7
+
+# command flags
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+CMD_FLAG_DF = 1 << 2
+CMD_FLAG_REQ_ONE = 1 << 3
+CMD_FLAG_FAST_ZERO = 1 << 4
+
+# structured reply flags and chunk types
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+
+# errors on the wire (NBD's own numbering, equal to Linux errno values)
+NBD_EPERM = 1
+NBD_EIO = 5
+NBD_ENOMEM = 12
+NBD_EINVAL = 22
+NBD_ENOSPC = 28
+NBD_EOVERFLOW = 75
+NBD_ENOTSUP = 95
+NBD_ESHUTDOWN = 108
+_WIRE_ERRORS = {
+    errno.EPERM: NBD_EPERM, errno.EACCES: NBD_EPERM, errno.EROFS: NBD_EPERM,
+    errno.EIO: NBD_EIO, errno.ENOMEM: NBD_ENOMEM, errno.EINVAL: NBD_EINVAL,
+    errno.ENOSPC: NBD_ENOSPC, errno.EFBIG: NBD_ENOSPC, errno.EDQUOT: NBD_ENOSPC,
+    errno.EOVERFLOW: NBD_EOVERFLOW, errno.ENOTSUP: NBD_ENOTSUP,
+    errno.EOPNOTSUPP: NBD_ENOTSUP, errno.ESHUTDOWN: NBD_ESHUTDOWN,
+}
+
+
+def wire_error(err: int | None) -> int:
+    """Map a host errno to the NBD error sent on the wire (EIO by default)."""
+    return _WIRE_ERRORS.get(err or errno.EIO, NBD_EIO)
+
+
+META_BASE_ALLOCATION = "base:allocation"
+META_ID_BASE_ALLOCATION = 1
+
+#: largest request payload (read reply or write) we accept, and advertise
+MAX_PAYLOAD = 32 * 1024 * 1024
+#: an over-large write's payload up to this size is read and thrown away, so
+#: the connection survives the EINVAL; beyond it the connection is closed
+MAX_SKIP = 64 * 1024 * 1024
+#: an option longer than this closes the connection (nothing legitimate is)
+MAX_OPTION_LENGTH = 64 * 1024
+MAX_STRING = 4096
+
+_greeting = struct.Struct(">QQH")
+_opt_header = struct.Struct(">QII")
+_opt_reply = struct.Struct(">QIII")
+REQUEST = struct.Struct(">IHHQQI")
+SIMPLE_REPLY = struct.Struct(">IIQ")
+STRUCTURED = struct.Struct(">IHHQI")
+_structured_data = struct.Struct(">IHHQIQ")  # header + offset of OFFSET_DATA
+REQUEST_SIZE = REQUEST.size  # 28
+
+COMMAND_FLAGS_ALLOWED = {
+    CMD_READ: CMD_FLAG_FUA | CMD_FLAG_DF,
+    CMD_WRITE: CMD_FLAG_FUA,
+    CMD_DISC: 0,
+    CMD_FLUSH: 0,
+    CMD_TRIM: CMD_FLAG_FUA,
+    CMD_CACHE: 0,
+    CMD_WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+    CMD_BLOCK_STATUS: CMD_FLAG_REQ_ONE,
+}
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol in a way that ends the connection."""
+
+
+@dataclass
+class Export:
+    """What the protocol needs to know of an export (no I/O)."""
+
+    name: str
+    size: int
+    description: str = ""
+    readonly: bool = True
+    can_flush: bool = False
+    can_fua: bool = False
+    can_trim: bool = False
+    can_zero: bool = False
+    can_fast_zero: bool = False
+    can_cache: bool = True
+    can_multi_conn: bool = True
+    can_extents: bool = True
+    rotational: bool = False
+    block_size: tuple[int, int, int] = (1, 4096, MAX_PAYLOAD)
+
+    def transmission_flags(self, structured: bool) -> int:
+        f = TF_HAS_FLAGS
+        if self.readonly:
+            f |= TF_READ_ONLY
+        else:
+            if self.can_fua:
+                f |= TF_SEND_FUA
+            if self.can_trim:
+                f |= TF_SEND_TRIM
+            f |= TF_SEND_WRITE_ZEROES  # emulated by writing zeroes when need be
+            if self.can_fast_zero:
+                f |= TF_SEND_FAST_ZERO
+        if self.can_flush:
+            f |= TF_SEND_FLUSH
+        if self.rotational:
+            f |= TF_ROTATIONAL
+        if structured:
+            f |= TF_SEND_DF
+        if self.can_multi_conn:
+            f |= TF_CAN_MULTI_CONN
+        if self.can_cache:
+            f |= TF_SEND_CACHE
+        return f
+
+
+# Phases of a connection.
+HANDSHAKE_FLAGS = "client-flags"
+OPTIONS = "options"
+TRANSMISSION = "transmission"
+CLOSED = "closed"
+
+
+@dataclass
+class ParsedRequest:
+    """A request the transport must carry out (used by unit tests; the hot
+    path passes the same fields as a tuple)."""
+
+    command: int
+    flags: int
+    handle: int
+    offset: int
+    length: int
+    payload: memoryview | None = None
+    error: int = 0  # when set, reply with this NBD error and do nothing
+
+
+@dataclass
+class ServerConnection:
+    """One NBD connection, server side, without I/O.
+
+    Handshake: feed bytes with ``receive_data``; collect ``data_to_send()``.
+    When ``phase`` becomes TRANSMISSION, ``export`` is chosen and the
+    transport switches to ``parse_requests`` on its buffer (any bytes left
+    over from the handshake are returned by ``take_leftover``).
+    """
+
+    exports: dict[str, Export]
+    default_export: str = ""
+    phase: str = HANDSHAKE_FLAGS
+    export: Export | None = None
+    structured: bool = False
+    no_zeroes: bool = False
+    meta_contexts: dict[int, str] = field(default_factory=dict)
+    close_reason: str = ""
+    _in: bytearray = field(default_factory=bytearray)
+    _out: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._out.append(_greeting.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+
+    # --- handshake ---------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    def take_leftover(self) -> bytes:
+        data = bytes(self._in)
+        self._in.clear()
+        return data
+
+    def _close(self, reason: str) -> None:
+        self.phase = CLOSED
+        self.close_reason = reason
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed handshake bytes. Errors the peer caused set phase CLOSED."""
+        if self.phase in (TRANSMISSION, CLOSED):
+            self._in += data
+            return
+        self._in += data
+        while self.phase not in (TRANSMISSION, CLOSED):
+            if self.phase == HANDSHAKE_FLAGS:
+                if len(self._in) < 4:
+                    return
+                (cflags,) = struct.unpack_from(">I", self._in)
+                del self._in[:4]
+                if cflags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
+                    self._close(f"unknown client flags {cflags:#x}")
+                    return
+                self.no_zeroes = bool(cflags & FLAG_C_NO_ZEROES)
+                self.phase = OPTIONS
+            elif self.phase == OPTIONS:
+                if len(self._in) < _opt_header.size:
+                    return
+                magic, option, length = _opt_header.unpack_from(self._in)
+                if magic != IHAVEOPT:
+                    self._close(f"bad option magic {magic:#x}")
+                    return
+                if length > MAX_OPTION_LENGTH:
+                    self._close(f"option {option} of {length} bytes is too long")
+                    return
+                if len(self._in) < _opt_header.size + length:
+                    return
+                data_ = bytes(self._in[_opt_header.size:_opt_header.size + length])
+                del self._in[:_opt_header.size + length]
+                self._option(option, data_)
+
+    def _reply(self, option: int, rtype: int, data: bytes = b"") -> None:
+        self._out.append(_opt_reply.pack(OPT_REPLY_MAGIC, option, rtype, len(data)) + data)
+
+    def _error(self, option: int, rtype: int, message: str) -> None:
+        self._reply(option, rtype, message.encode()[:MAX_STRING])
+
+    def _option(self, option: int, data: bytes) -> None:
+        if option == OPT_EXPORT_NAME:
+            name = data.decode("utf-8", "replace")
+            exp = self._find_export(name)
+            if exp is None:
+                # The spec gives no way to say why: the session ends.
+                self._close(f"unknown export {name!r}")
+                return
+            self._out.append(struct.pack(">QH", exp.size, exp.transmission_flags(self.structured)))
+            if not self.no_zeroes:
+                self._out.append(bytes(124))
+            self._enter_transmission(exp)
+        elif option == OPT_ABORT:
+            self._reply(option, REP_ACK)
+            self._close("client aborted the handshake")
+        elif option == OPT_LIST:
+            if data:
+                self._error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+                return
+            for exp in self.exports.values():
+                name = exp.name.encode()
+                self._reply(option, REP_SERVER, struct.pack(">I", len(name)) + name
+                            + exp.description.encode()[:MAX_STRING])
+            self._reply(option, REP_ACK)
+        elif option in (OPT_INFO, OPT_GO):
+            self._info_or_go(option, data)
+        elif option == OPT_STRUCTURED_REPLY:
+            if data:
+                self._error(option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            else:
+                self.structured = True
+                self._reply(option, REP_ACK)
+        elif option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+            self._meta_context(option, data)
+        elif option == OPT_STARTTLS:
+            self._error(option, REP_ERR_POLICY, "TLS is not supported by diskwatch")
+        else:
+            self._error(option, REP_ERR_UNSUP, f"option {option} is not supported")
+
+    def _find_export(self, name: str) -> Export | None:
+        if name == "" and self.default_export in self.exports:
+            return self.exports[self.default_export]
+        return self.exports.get(name)
+
+    def _info_or_go(self, option: int, data: bytes) -> None:
+        try:
+            (nlen,) = struct.unpack_from(">I", data)
+            if nlen > MAX_STRING or 4 + nlen + 2 > len(data):
+                raise ValueError
+            name = data[4:4 + nlen].decode("utf-8")
+            (nreq,) = struct.unpack_from(">H", data, 4 + nlen)
+            if len(data) != 4 + nlen + 2 + 2 * nreq:
+                raise ValueError
+            requests = struct.unpack_from(f">{nreq}H", data, 4 + nlen + 2)
+        except (struct.error, ValueError, UnicodeDecodeError):
+            self._error(option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request")
+            return
+        exp = self._find_export(name)
+        if exp is None:
+            self._error(option, REP_ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        self._reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, exp.size,
+                                                  exp.transmission_flags(self.structured)))
+        if INFO_NAME in requests:
+            self._reply(option, REP_INFO, struct.pack(">H", INFO_NAME) + exp.name.encode())
+        if INFO_DESCRIPTION in requests and exp.description:
+            self._reply(option, REP_INFO, struct.pack(">H", INFO_DESCRIPTION)
+                        + exp.description.encode()[:MAX_STRING])
+        # Always sent: clients that ignore it lose nothing, and those that
+        # honour it align their requests (nbdkit does the same).
+        mn, pref, mx = exp.block_size
+        self._reply(option, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, mn, pref, mx))
+        self._reply(option, REP_ACK)
+        if option == OPT_GO:
+            self._enter_transmission(exp)
+
+    def _meta_context(self, option: int, data: bytes) -> None:
+        if not self.structured:
+            self._error(option, REP_ERR_INVALID, "negotiate structured replies first")
+            return
+        try:
+            (nlen,) = struct.unpack_from(">I", data)
+            if nlen > MAX_STRING:
+                raise ValueError
+            name = data[4:4 + nlen].decode("utf-8")
+            pos = 4 + nlen
+            (nq,) = struct.unpack_from(">I", data, pos)
+            pos += 4
+            queries = []
+            for _ in range(nq):
+                (qlen,) = struct.unpack_from(">I", data, pos)
+                pos += 4
+                if qlen > MAX_STRING or pos + qlen > len(data):
+                    raise ValueError
+                queries.append(data[pos:pos + qlen].decode("utf-8"))
+                pos += qlen
+            if pos != len(data):
+                raise ValueError
+        except (struct.error, ValueError, UnicodeDecodeError):
+            self._error(option, REP_ERR_INVALID, "malformed meta context request")
+            return
+        if self._find_export(name) is None:
+            self._error(option, REP_ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        if option == OPT_LIST_META_CONTEXT and not queries:
+            queries = [META_BASE_ALLOCATION]
+        selected = []
+        for q in queries:
+            if q == META_BASE_ALLOCATION or (option == OPT_LIST_META_CONTEXT and q == "base:"):
+                if META_BASE_ALLOCATION not in selected:
+                    selected.append(META_BASE_ALLOCATION)
+        if option == OPT_SET_META_CONTEXT:
+            self.meta_contexts = {META_ID_BASE_ALLOCATION: c for c in selected}
+        for c in selected:
+            ctx_id = META_ID_BASE_ALLOCATION if option == OPT_SET_META_CONTEXT else 0
+            self._reply(option, REP_META_CONTEXT, struct.pack(">I", ctx_id) + c.encode())
+        self._reply(option, REP_ACK)
+
+    def _enter_transmission(self, exp: Export) -> None:
+        self.export = exp
+        self.phase = TRANSMISSION
+        # Transmission flags were computed with the final structured state.
+
+    # --- transmission ------------------------------------------------------
+
+    def parse_requests(self, buf, start: int, end: int, out: list) -> int:
+        """Parse complete requests from ``buf[start:end]`` into ``out``.
+
+        Appends tuples ``(command, flags, handle, offset, length, payload_start,
+        error)`` where ``payload_start`` indexes the write payload in ``buf``
+        (-1 when none) and ``error`` is an NBD error to reply with instead of
+        doing the request (0 when the request is valid). Returns the new
+        start: bytes of an incomplete request stay in the buffer.
+        Raises ProtocolError when the connection must close (bad magic, a
+        write payload too large to skip).
+        """
+        exp = self.export
+        size = exp.size
+        readonly = exp.readonly
+        unpack = REQUEST.unpack_from
+        allowed = COMMAND_FLAGS_ALLOWED
+        append = out.append
+        while end - start >= REQUEST_SIZE:
+            magic, flags, cmd, handle, offset, length = unpack(buf, start)
+            if magic != REQUEST_MAGIC:
+                raise ProtocolError(f"bad request magic {magic:#x}")
+            if cmd == CMD_WRITE:
+                if length > MAX_SKIP:
+                    raise ProtocolError(f"write of {length} bytes is too large to skip")
+                if end - start < REQUEST_SIZE + length:
+                    return start  # wait for the whole payload
+                pstart = start + REQUEST_SIZE
+                start = pstart + length
+            else:
+                pstart = -1
+                start += REQUEST_SIZE
+            # Fast path: the common valid read/write.
+            err = 0
+            if cmd == CMD_READ or cmd == CMD_WRITE:
+                if flags & ~allowed[cmd]:
+                    err = NBD_EINVAL
+                elif length == 0 or length > MAX_PAYLOAD:
+                    err = NBD_EOVERFLOW if (length and self.structured and cmd == CMD_READ) \
+                        else NBD_EINVAL
+                elif offset + length > size:
+                    err = NBD_ENOSPC if cmd == CMD_WRITE else NBD_EINVAL
+                elif cmd == CMD_WRITE and readonly:
+                    err = NBD_EPERM
+                elif flags & CMD_FLAG_DF and not self.structured:
+                    err = NBD_EINVAL
+            else:
+                err = self._validate_other(cmd, flags, offset, length)
+            append((cmd, flags, handle, offset, length, pstart, err))
+        return start
+
+    def _validate_other(self, cmd: int, flags: int, offset: int, length: int) -> int:
+        exp = self.export
+        if cmd not in COMMAND_FLAGS_ALLOWED:
+            return NBD_EINVAL
+        if flags & ~COMMAND_FLAGS_ALLOWED[cmd]:
+            return NBD_EINVAL
+        if cmd in (CMD_DISC, CMD_FLUSH):
+            return 0
+        if length == 0:
+            return NBD_EINVAL
+        if offset + length > exp.size:
+            return NBD_ENOSPC if cmd == CMD_WRITE_ZEROES else NBD_EINVAL
+        if cmd in (CMD_TRIM, CMD_WRITE_ZEROES):
+            if exp.readonly:
+                return NBD_EPERM
+            if cmd == CMD_TRIM and not exp.can_trim:
+                return NBD_EINVAL
+            if flags & CMD_FLAG_FAST_ZERO and not exp.can_fast_zero:
+                return NBD_ENOTSUP
+        if cmd == CMD_BLOCK_STATUS and not self.meta_contexts:
+            return NBD_EINVAL
+        return 0
+
+    # --- replies (bytes to send) -------------------------------------------
+
+    def reply_header(self, handle: int, error: int = 0) -> bytes:
+        """A reply that carries no data (simple reply, or a structured NONE
+        chunk with DONE)."""
+        if self.structured:
+            if error:
+                return self.reply_error(handle, error)
+            return STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0)
+        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+
+    def reply_error(self, handle: int, error: int, message: str = "") -> bytes:
+        if not self.structured:
+            return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+        msg = message.encode()[:MAX_STRING]
+        return (STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR,
+                                handle, 6 + len(msg))
+                + struct.pack(">IH", error, len(msg)) + msg)
+
+    def read_data_header(self, handle: int, offset: int, length: int, done: bool = True) -> bytes:
+        """Header to send before ``length`` bytes of read data at ``offset``."""
+        if self.structured:
+            return _structured_data.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
+                                         REPLY_TYPE_OFFSET_DATA, handle, length + 8, offset)
+        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+
+    def read_hole_chunk(self, handle: int, offset: int, length: int, done: bool) -> bytes:
+        return (STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
+                                REPLY_TYPE_OFFSET_HOLE, handle, 12)
+                + struct.pack(">QI", offset, length))
+
+    def reply_block_status(self, handle: int, extents: list[tuple[int, int]]) -> bytes:
+        """One BLOCK_STATUS chunk per selected context (we have one)."""
+        body = b"".join(struct.pack(">II", length, flags) for length, flags in extents)
+        chunks = []
+        ids = list(self.meta_contexts)
+        for i, ctx in enumerate(ids):
+            done = REPLY_FLAG_DONE if i == len(ids) - 1 else 0
+            chunks.append(STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, done, REPLY_TYPE_BLOCK_STATUS,
+                                          handle, 4 + len(body)) + struct.pack(">I", ctx) + body)
+        return b"".join(chunks)
+
+
+def clip_extents(extents, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
+    """Turn a source's (offset, length, flags) extents into block-status
+    descriptors (length, flags) that start at ``offset``, are contiguous,
+    never go past ``offset + length``, and merge neighbours with equal flags."""
+    out: list[list[int]] = []
+    pos = offset
+    end = offset + length
+    for eoff, elen, eflags in extents:
+        if eoff + elen <= pos:
+            continue
+        if eoff > pos:  # a gap the source left: call it data
+            n = min(eoff, end) - pos
+            if out and out[-1][1] == 0:
+                out[-1][0] += n
+            else:
+                out.append([n, 0])
+            pos += n
+            if pos >= end:
+                break
+        n = min(eoff + elen, end) - pos
+        if n <= 0:
+            continue
+        f = eflags & 3
+        if out and out[-1][1] == f:
+            out[-1][0] += n
+        else:
+            out.append([n, f])
+        pos += n
+        if pos >= end:
+            break
+    if not out:
+        out.append([length, 0])
+    if req_one:
+        out = out[:1]
+    # 32-bit descriptor lengths: a 4 GiB request is split.
+    result: list[tuple[int, int]] = []
+    for n, f in out:
+        while n > 0xFFFFFFFF:
+            result.append((0xFFFFF000, f))
+            n -= 0xFFFFF000
+        result.append((n, f))
+    return result

@@ -1,0 +1,572 @@
+"""The NBD transport: asyncio, unix and TCP sockets, many connections.
+
+The protocol logic lives in ``protocol.py``; this module moves bytes. It is
+written for speed: sockets are non-blocking and driven with ``add_reader``,
+each wake-up reads everything available with one ``recv_into`` into a
+per-connection buffer, parses every complete request in it, carries them out,
+and sends all the replies with one ``sendmsg`` (read data from a file goes
+out with ``os.sendfile``, never copied through Python). Events are published
+once per wake-up, after the replies are on their way.
+
+Sources that may block (network, decompression) run in worker threads so
+other requests, and other connections, go on; their replies go out in
+whatever order they finish, as NBD allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..events import Bus, ConnectionEvent, make_request
+from ..sources.base import EXTENT_HOLE, EXTENT_ZERO, FastZeroUnsupported, Source
+from . import protocol as P
+
+log = logging.getLogger("diskwatch.server")
+
+RECV_BUFFER = 1 << 20  # grows up to a whole maximal write when needed
+SENDFILE_MIN = 64 * 1024  # below this, pread + sendmsg beats a second syscall
+HOLE_SCAN_MIN = 64 * 1024  # structured reads this big are checked for holes
+IOV_MAX = 1024
+monotonic = time.monotonic
+
+
+def export_info(name: str, src: Source, description: str | None = None) -> P.Export:
+    readonly = not src.can_write
+    mn, pref, mx = src.block_size
+    return P.Export(
+        name=name, size=src.size, description=description or src.description,
+        readonly=readonly, can_flush=src.can_flush, can_fua=src.can_fua,
+        can_trim=src.can_trim, can_zero=src.can_zero or not readonly,
+        can_fast_zero=src.can_fast_zero, can_cache=True,
+        can_multi_conn=src.can_multi_conn, can_extents=src.can_extents,
+        block_size=(mn, pref, min(mx, P.MAX_PAYLOAD)),
+    )
+
+
+class _Conn:
+    """One client connection (transport state; protocol state is ``proto``)."""
+
+    def __init__(self, server: Server, sock: socket.socket, cid: int, peer: str):
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.cid = cid
+        self.peer = peer
+        self.proto = P.ServerConnection(server.export_infos, default_export=server.default_export)
+        self.buf = bytearray(RECV_BUFFER)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.out: deque = deque()  # bytes/memoryview, or (fd, offset, count) for sendfile
+        self.writing = False
+        self.reading = True
+        self.inflight = 0  # requests out in worker threads
+        self.closing = False  # after DISC or EOF: close once replies are out
+        self.closed = False
+        self.requests = 0
+        self.source: Source | None = None
+        self.export_name = ""
+        self.events: list = []
+
+
+class Server:
+    """Serves one or more exports (name -> Source) to NBD clients."""
+
+    def __init__(self, exports: dict[str, Source], bus: Bus | None = None, *,
+                 default_export: str | None = None, workers: int = 8):
+        if not exports:
+            raise ValueError("no exports")
+        self.sources = exports
+        self.bus = bus or Bus()
+        self.default_export = default_export if default_export is not None else next(iter(exports))
+        self.export_infos = {n: export_info(n, s) for n, s in exports.items()}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[socket.socket] = []
+        self._conns: dict[int, _Conn] = {}
+        self._next_cid = 1
+        self._pool: ThreadPoolExecutor | None = None
+        self._workers = workers
+        self.addresses: list[tuple[str, object]] = []  # ("unix", path) / ("tcp", (host, port))
+        self.total_connections = 0
+
+    # --- listening ---------------------------------------------------------
+
+    def listen_unix(self, path: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f"cannot listen on {path}: {e.strerror}") from None
+        sock.listen(128)
+        self._add_listener(sock)
+        self.addresses.append(("unix", path))
+
+    def listen_tcp(self, host: str, port: int) -> int:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+        sock.listen(128)
+        self._add_listener(sock)
+        bound = sock.getsockname()[1]
+        self.addresses.append(("tcp", (host, bound)))
+        return bound
+
+    def _add_listener(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        if self.loop is not None:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start serving on ``loop`` (call from the loop's thread)."""
+        self.loop = loop
+        for sock in self._listeners:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def close(self) -> None:
+        """Stop listening and drop every connection (from the loop's thread)."""
+        for sock in self._listeners:
+            if self.loop is not None:
+                self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    # --- connections -------------------------------------------------------
+
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept failed: %s", e)
+                return
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{addr[0]}:{addr[1]}"
+            else:
+                peer = "unix"
+            cid = self._next_cid
+            self._next_cid += 1
+            conn = _Conn(self, sock, cid, peer)
+            self._conns[cid] = conn
+            self.total_connections += 1
+            conn.out.append(conn.proto.data_to_send())
+            self._send(conn)
+            self.loop.add_reader(conn.fd, self._on_readable, conn)
+
+    def _close(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        loop = self.loop
+        if conn.reading:
+            loop.remove_reader(conn.fd)
+        if conn.writing:
+            loop.remove_writer(conn.fd)
+        conn.sock.close()
+        self._conns.pop(conn.cid, None)
+        if conn.events:
+            self.bus.publish_requests(conn.events)
+            conn.events = []
+        if conn.export_name or conn.source is not None:
+            self.bus.publish(ConnectionEvent(conn.cid, False, conn.peer, conn.export_name,
+                                             conn.requests))
+
+    def _on_readable(self, conn: _Conn) -> None:
+        end = conn.end
+        if end == len(conn.buf):
+            self._make_room(conn)
+            end = conn.end
+        try:
+            n = conn.sock.recv_into(conn.view[end:])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if n == 0:
+            # The peer closed (without DISC, or after it): finish what is in
+            # flight, then close.
+            conn.closing = True
+            self._stop_reading(conn)
+            self._maybe_close(conn)
+            return
+        conn.end = end + n
+        if conn.source is None:
+            self._handshake(conn)
+        else:
+            self._transmission(conn)
+
+    def _make_room(self, conn: _Conn) -> None:
+        start, end = conn.start, conn.end
+        if start > 0:
+            conn.buf[:end - start] = conn.view[start:end]
+            conn.start, conn.end = 0, end - start
+        else:
+            # A request larger than the buffer (a big write): grow.
+            conn.buf.extend(bytes(len(conn.buf)))
+            conn.view = memoryview(conn.buf)
+
+    def _stop_reading(self, conn: _Conn) -> None:
+        if conn.reading:
+            conn.reading = False
+            self.loop.remove_reader(conn.fd)
+
+    def _handshake(self, conn: _Conn) -> None:
+        proto = conn.proto
+        proto.receive_data(bytes(conn.view[conn.start:conn.end]))
+        conn.start = conn.end = 0
+        data = proto.data_to_send()
+        if data:
+            conn.out.append(data)
+        if proto.phase == P.CLOSED:
+            if proto.close_reason:
+                log.info("connection %d: %s", conn.cid, proto.close_reason)
+            conn.closing = True
+            self._stop_reading(conn)
+            self._send(conn)
+            self._maybe_close(conn)
+            return
+        if proto.phase == P.TRANSMISSION:
+            conn.export_name = proto.export.name
+            conn.source = self.sources[proto.export.name]
+            self.bus.publish(ConnectionEvent(conn.cid, True, conn.peer, conn.export_name))
+            left = proto.take_leftover()
+            if left:
+                conn.buf[:len(left)] = left
+                conn.end = len(left)
+            self._send(conn)
+            if conn.end:
+                self._transmission(conn)
+            return
+        self._send(conn)
+
+    def _transmission(self, conn: _Conn) -> None:
+        reqs: list = []
+        try:
+            conn.start = conn.proto.parse_requests(conn.buf, conn.start, conn.end, reqs)
+        except P.ProtocolError as e:
+            log.info("connection %d: %s: closing it", conn.cid, e)
+            self._stop_reading(conn)
+            # Carry out what was parsed before the bad request, then close.
+            conn.closing = True
+        src = conn.source
+        if src.blocking:
+            self._dispatch_blocking(conn, reqs)
+        else:
+            self._execute(conn, reqs)
+        if conn.start == conn.end:
+            conn.start = conn.end = 0
+        self._send(conn)
+        if conn.events:
+            events, conn.events = conn.events, []
+            self.bus.publish_requests(events)
+        self._maybe_close(conn)
+
+    # --- carrying out requests --------------------------------------------
+
+    def _execute(self, conn: _Conn, reqs: list) -> None:
+        """Carry out requests inline (fast sources) and queue their replies."""
+        proto = conn.proto
+        src = conn.source
+        out = conn.out
+        append = out.append
+        events = conn.events
+        eappend = events.append
+        view = conn.view
+        cid = conn.cid
+        ename = conn.export_name
+        structured = proto.structured
+        simple_ok = P.SIMPLE_REPLY.pack
+        pread = os.pread
+        now = monotonic()
+        conn.requests += len(reqs)
+        for req in reqs:
+            cmd, flags, handle, offset, length, pstart, err = req
+            if err == 0 and cmd == 0:  # READ: the hot path
+                fd = src.fd_for(offset, length)
+                try:
+                    if structured and length >= HOLE_SCAN_MIN and not flags & P.CMD_FLAG_DF \
+                            and src.can_extents:
+                        self._read_chunks(conn, src, fd, handle, offset, length)
+                    elif fd is not None:
+                        if length >= SENDFILE_MIN:
+                            append(proto.read_data_header(handle, offset, length))
+                            append((fd, offset, length))
+                        else:
+                            data = pread(fd, length, offset)
+                            if len(data) != length:
+                                raise OSError(errno.EIO, "short read")
+                            append(proto.read_data_header(handle, offset, length)
+                                   if structured else simple_ok(0x67446698, 0, handle))
+                            append(data)
+                    else:
+                        data = src.pread(offset, length)
+                        append(proto.read_data_header(handle, offset, length))
+                        append(data)
+                except Exception as e:  # noqa: BLE001 - any failure is this request's error
+                    err = self._fail(conn, e)
+                    append(proto.reply_error(handle, err, str(e)))
+            elif err == 0:
+                if cmd == P.CMD_DISC:
+                    conn.closing = True
+                    self._stop_reading(conn)
+                    eappend(make_request((cid, ename, cmd, offset, length, flags, now, 0.0, 0)))
+                    break
+                try:
+                    reply = self._other(conn, src, cmd, flags, handle, offset, length,
+                                        view[pstart:pstart + length] if pstart >= 0 else None)
+                except Exception as e:  # noqa: BLE001
+                    err = self._fail(conn, e)
+                    reply = proto.reply_error(handle, err, str(e))
+                append(reply)
+            else:
+                append(proto.reply_error(handle, err, _ERROR_TEXT.get(err, "")))
+            eappend(make_request((cid, ename, cmd, offset, length, flags, now,
+                                  monotonic() - now, err)))
+
+    def _fail(self, conn: _Conn, e: Exception) -> int:
+        if isinstance(e, OSError):
+            return P.wire_error(e.errno)
+        log.exception("connection %d: unexpected error", conn.cid)
+        return P.NBD_EIO
+
+    def _read_chunks(self, conn, src, fd, handle, offset, length) -> None:
+        """A structured read: data chunks, and hole chunks for ranges that
+        read as zeroes (so the client need not receive them)."""
+        proto = conn.proto
+        exts = src.extents(offset, length)
+        pieces = P.clip_extents(exts, offset, length, False)
+        out = conn.out
+        pos = offset
+        last = len(pieces) - 1
+        for i, (n, f) in enumerate(pieces):
+            done = i == last
+            if f & (EXTENT_HOLE | EXTENT_ZERO) == EXTENT_HOLE | EXTENT_ZERO or f & EXTENT_ZERO:
+                out.append(proto.read_hole_chunk(handle, pos, n, done))
+            else:
+                out.append(proto.read_data_header(handle, pos, n, done))
+                if fd is not None and n >= SENDFILE_MIN:
+                    out.append((fd, pos, n))
+                else:
+                    out.append(src.pread(pos, n))
+            pos += n
+
+    def _other(self, conn, src, cmd, flags, handle, offset, length, payload) -> bytes:
+        """Everything but READ and DISC; returns the reply bytes."""
+        proto = conn.proto
+        fua = bool(flags & P.CMD_FLAG_FUA)
+        if cmd == P.CMD_WRITE:
+            src.pwrite(offset, payload, fua)
+        elif cmd == P.CMD_FLUSH:
+            src.flush()
+        elif cmd == P.CMD_TRIM:
+            src.trim(offset, length, fua)
+        elif cmd == P.CMD_WRITE_ZEROES:
+            try:
+                src.zero(offset, length, may_trim=not flags & P.CMD_FLAG_NO_HOLE, fua=fua,
+                         fast=bool(flags & P.CMD_FLAG_FAST_ZERO))
+            except FastZeroUnsupported:
+                return proto.reply_error(handle, P.NBD_ENOTSUP, "fast zero not supported")
+        elif cmd == P.CMD_CACHE:
+            src.cache(offset, length)
+        elif cmd == P.CMD_BLOCK_STATUS:
+            # Ask for a bounded window: the client only needs the start.
+            want = min(length, 1 << 30)
+            exts = src.extents(offset, want) if src.can_extents else [(offset, want, 0)]
+            return proto.reply_block_status(
+                handle, P.clip_extents(exts, offset, want, bool(flags & P.CMD_FLAG_REQ_ONE)))
+        return proto.reply_header(handle)
+
+    def _dispatch_blocking(self, conn: _Conn, reqs: list) -> None:
+        """Run requests of a blocking source in worker threads."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="diskwatch-io")
+        loop = self.loop
+        conn.requests += len(reqs)
+        now = monotonic()
+        for req in reqs:
+            cmd, flags, handle, offset, length, pstart, err = req
+            if cmd == P.CMD_DISC and not err:
+                conn.closing = True
+                self._stop_reading(conn)
+                conn.events.append(make_request((conn.cid, conn.export_name, cmd, offset,
+                                                 length, flags, now, 0.0, 0)))
+                break
+            payload = bytes(conn.view[pstart:pstart + length]) if pstart >= 0 else None
+            conn.inflight += 1
+            fut = self._pool.submit(self._run_one, conn, req, payload, now)
+            fut.add_done_callback(
+                lambda f, c=conn: loop.call_soon_threadsafe(self._finish_blocking, c, f))
+
+    def _run_one(self, conn: _Conn, req: tuple, payload, now: float):
+        """In a worker thread: carry out one request, return (replies, event)."""
+        cmd, flags, handle, offset, length, pstart, err = req
+        proto = conn.proto
+        src = conn.source
+        replies: list = []
+        if not err:
+            try:
+                if cmd == P.CMD_READ:
+                    data = src.pread(offset, length)
+                    replies = [proto.read_data_header(handle, offset, length), data]
+                else:
+                    replies = [self._other(conn, src, cmd, flags, handle, offset, length,
+                                           payload)]
+            except Exception as e:  # noqa: BLE001
+                err = self._fail(conn, e)
+                replies = [proto.reply_error(handle, err, str(e))]
+        else:
+            replies = [proto.reply_error(handle, err, _ERROR_TEXT.get(err, ""))]
+        event = make_request((conn.cid, conn.export_name, cmd, offset, length, flags, now,
+                              monotonic() - now, err))
+        return replies, event
+
+    def _finish_blocking(self, conn: _Conn, fut) -> None:
+        conn.inflight -= 1
+        if conn.closed or fut.cancelled():
+            return
+        replies, event = fut.result()
+        conn.out.extend(replies)
+        self._send(conn)
+        self.bus.publish_requests([event])
+        self._maybe_close(conn)
+
+    # --- sending -----------------------------------------------------------
+
+    def _send(self, conn: _Conn) -> None:
+        out = conn.out
+        sock = conn.sock
+        try:
+            while out:
+                item = out[0]
+                if type(item) is tuple:
+                    fd, off, cnt = item
+                    n = os.sendfile(conn.fd, fd, off, cnt)
+                    if n == 0:
+                        raise OSError(errno.EIO, "file ended during sendfile")
+                    if n < cnt:
+                        out[0] = (fd, off + n, cnt - n)
+                        break
+                    out.popleft()
+                    continue
+                iov = []
+                for it in out:
+                    if type(it) is tuple or len(iov) >= IOV_MAX:
+                        break
+                    iov.append(it)
+                n = sock.sendmsg(iov)
+                for it in iov:
+                    ln = len(it)
+                    if n >= ln:
+                        out.popleft()
+                        n -= ln
+                    else:
+                        out[0] = memoryview(it)[n:]
+                        break
+                else:
+                    continue
+                break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                log.info("connection %d: send failed: %s", conn.cid, e)
+            out.clear()
+            self._close(conn)
+            return
+        if out and not conn.writing:
+            conn.writing = True
+            self.loop.add_writer(conn.fd, self._on_writable, conn)
+        elif not out and conn.writing:
+            conn.writing = False
+            self.loop.remove_writer(conn.fd)
+
+    def _on_writable(self, conn: _Conn) -> None:
+        self._send(conn)
+        self._maybe_close(conn)
+
+    def _maybe_close(self, conn: _Conn) -> None:
+        if conn.closing and not conn.closed and not conn.out and conn.inflight == 0:
+            self._close(conn)
+
+
+_ERROR_TEXT = {
+    P.NBD_EINVAL: "invalid request (range, flags or length)",
+    P.NBD_ENOSPC: "request goes past the end of the disk",
+    P.NBD_EPERM: "export is read-only",
+    P.NBD_EOVERFLOW: "request larger than the maximum payload",
+    P.NBD_ENOTSUP: "not supported",
+}
+
+
+@dataclass
+class ServerThread:
+    """Runs a Server on its own asyncio loop in a daemon thread, so the
+    caller's thread (the UI, a test, the bmap generator) stays free."""
+
+    server: Server
+    thread: threading.Thread | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> ServerThread:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self.loop = loop
+            asyncio.set_event_loop(loop)
+            self.server.attach(loop)
+            loop.call_soon(ready.set)
+            try:
+                loop.run_forever()
+            finally:
+                self.server.close()
+                loop.close()
+
+        self.thread = threading.Thread(target=run, name="diskwatch-server", daemon=True)
+        self.thread.start()
+        ready.wait()
+        return self
+
+    def call(self, fn, *args):
+        """Run fn(*args) on the server's loop and wait for its result."""
+        fut = asyncio.run_coroutine_threadsafe(_acall(fn, *args), self.loop)
+        return fut.result()
+
+    def stop(self) -> None:
+        if self.loop is not None and self.thread is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+
+
+async def _acall(fn, *args):
+    return fn(*args)
