@@ -1,0 +1,61 @@
+#!/bin/sh
+# /sbin/init of the diskwatch demo guest (busybox sh).
+#
+# It does a little disk I/O that a person can recognise in diskwatch's trace:
+# reads a few named files, then writes records into log files that already
+# exist at full size in the image. The writes go *inside* the existing files
+# (dd conv=notrunc), never past their end, so they land on blocks the block
+# map made before boot already names; appending would allocate new blocks
+# that no map knows. `sync` after each write pushes it to the disk.
+#
+# build_guest_image() replaces the @...@ placeholders.
+PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export PATH
+CHURN_ITERATIONS=@CHURN_ITERATIONS@
+WRITES=@WRITES@
+
+# Debian's initramfs moves its /proc and /sys here; mount them if it did not.
+[ -e /proc/mounts ] || mount -t proc proc /proc
+[ -d /sys/kernel ] || mount -t sysfs sysfs /sys
+mount -o remount,rw /
+echo "diskwatch-demo: init running"
+
+cat /etc/motd
+for f in @READ_FILES@; do
+    cat "$f" > /dev/null
+    echo "diskwatch-demo: read $f"
+done
+
+# One 64-byte record every 4 KiB: each write touches its own block.
+write_record() { # file slot text
+    printf '%-63s\n' "$3" | dd of="$1" bs=64 seek=$(($2 * 64)) conv=notrunc 2> /dev/null
+}
+
+i=1
+while [ "$i" -le "$WRITES" ]; do
+    write_record /var/log/demo.log "$i" "boot write $i uptime $(cut -d' ' -f1 /proc/uptime)"
+    sync
+    echo "diskwatch-demo: wrote /var/log/demo.log record $i"
+    i=$((i + 1))
+done
+
+# Churn, like the antivirus in the 2014 bmaplogger trace: rewrite a few logs
+# and re-read a large file again and again. O_DIRECT reads (and dropping the
+# page cache) make every pass reach the disk instead of the guest's cache.
+i=1
+while [ "$i" -le "$CHURN_ITERATIONS" ]; do
+    for log in @CHURN_LOGS@; do
+        write_record "$log" $((i % 16)) "scan pass $i uptime $(cut -d' ' -f1 /proc/uptime)"
+    done
+    sync
+    echo 3 > /proc/sys/vm/drop_caches
+    dd if=@CHURN_BIG@ of=/dev/null bs=65536 iflag=direct 2> /dev/null \
+        || cat @CHURN_BIG@ > /dev/null
+    echo "diskwatch-demo: churn pass $i"
+    i=$((i + 1))
+done
+
+sync
+echo "@MARKER@"
+mount -o remount,ro / 2> /dev/null
+poweroff -f

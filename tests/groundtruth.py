@@ -1,0 +1,175 @@
+"""Ground truth for block maps: where each file of an ext4 filesystem lives on the disk.
+
+debugfs (e2fsprogs) reads the filesystem straight from the image file, at the
+partition's byte offset (``'IMAGE?offset=N'``), so no mount is needed. All
+commands for one question go to one debugfs process (``-f CMDFILE``): 10,000
+files cost a few debugfs runs, not 10,000.
+
+Ranges are absolute byte ranges on the whole disk, ``(start, end)`` with END
+exclusive, in **whole filesystem blocks**: a file's last, partial block is
+kept whole, because the reader (the kernel, libguestfs) reads whole blocks.
+Only data blocks are listed (debugfs ``blocks``), not extent-tree index
+blocks; adjacent blocks are merged into one range. Empty files and fast
+symlinks have no blocks and map to an empty list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["Ext4Entry", "ext4_block_size", "ext4_file_ranges", "ext4_list", "merge_blocks"]
+
+
+@dataclass(frozen=True)
+class Ext4Entry:
+    inode: int
+    kind: str  # "f" regular file, "d" directory, "l" symlink, "o" other
+    size: int  # bytes; directories report 0 (debugfs ls -p leaves it blank)
+
+
+def _spec(image: str | os.PathLike[str], partition_offset: int) -> str:
+    image = os.fspath(image)
+    if "?" in image:
+        raise ValueError(f"debugfs cannot open an image whose path holds '?': {image}")
+    return f"{image}?offset={partition_offset}"
+
+
+def _debugfs(
+    image: str | os.PathLike[str], partition_offset: int, commands: list[str]
+) -> list[tuple[str, list[str]]]:
+    """Run ``commands`` in one debugfs process; return (command, output lines) for each.
+
+    debugfs echoes each command as ``debugfs: CMD`` on stdout before its
+    output; errors go to stderr, so a failed command simply has no output.
+    """
+    with tempfile.NamedTemporaryFile("w", suffix=".debugfs", delete=False) as f:
+        f.write("\n".join(commands) + "\n")
+        cmdfile = f.name
+    try:
+        proc = subprocess.run(
+            ["debugfs", "-c", "-f", cmdfile, _spec(image, partition_offset)],
+            capture_output=True,
+            text=True,
+            errors="surrogateescape",
+        )
+    finally:
+        os.unlink(cmdfile)
+    if proc.returncode != 0 or not proc.stdout.startswith("debugfs: "):
+        raise RuntimeError(f"debugfs failed on {image}: {proc.stderr.strip()[-300:]}")
+    results: list[tuple[str, list[str]]] = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("debugfs: "):
+            results.append((line[len("debugfs: ") :], []))
+        elif results:
+            results[-1][1].append(line)
+    if len(results) != len(commands):
+        raise RuntimeError(f"debugfs answered {len(results)} of {len(commands)} commands")
+    return results
+
+
+def _quote(path: str) -> str:
+    if '"' in path or "\n" in path:
+        raise ValueError(f"debugfs cannot quote this path: {path!r}")
+    return f'"{path}"'
+
+
+def ext4_block_size(image: str | os.PathLike[str], partition_offset: int) -> int:
+    ((_, lines),) = _debugfs(image, partition_offset, ["stats"])
+    for line in lines:
+        m = re.match(r"Block size:\s+(\d+)", line)
+        if m:
+            return int(m.group(1))
+    raise RuntimeError(f"debugfs stats of {image} shows no block size")
+
+
+_KINDS = {0o040000: "d", 0o100000: "f", 0o120000: "l"}
+
+
+def ext4_list(image: str | os.PathLike[str], partition_offset: int) -> dict[str, Ext4Entry]:
+    """Every object of the filesystem (path -> Ext4Entry), "/" included; one debugfs run per level."""
+    entries = {"/": Ext4Entry(2, "d", 0)}
+    level = ["/"]
+    while level:
+        answers = _debugfs(
+            image, partition_offset, [f"ls -p <{entries[d].inode}>" for d in level]
+        )
+        next_level = []
+        for directory, (_, lines) in zip(level, answers, strict=True):
+            for line in lines:
+                if not line.startswith("/"):
+                    continue
+                fields = line[1:-1].split("/")
+                if len(fields) != 6:
+                    raise RuntimeError(f"unexpected debugfs ls -p line: {line!r}")
+                ino, mode, _, _, name, size = fields
+                if name in (".", ".."):
+                    continue
+                kind = _KINDS.get(int(mode, 8) & 0o170000, "o")
+                path = directory.rstrip("/") + "/" + name
+                entries[path] = Ext4Entry(int(ino), kind, int(size) if size else 0)
+                if kind == "d":
+                    next_level.append(path)
+        level = next_level
+    return entries
+
+
+def merge_blocks(
+    blocks: Iterable[int], block_size: int, partition_offset: int
+) -> list[tuple[int, int]]:
+    """Block numbers -> sorted, merged absolute byte ranges (start, end exclusive)."""
+    ranges: list[tuple[int, int]] = []
+    for b in sorted(set(blocks)):
+        start = partition_offset + b * block_size
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], start + block_size)
+        else:
+            ranges.append((start, start + block_size))
+    return ranges
+
+
+def ext4_file_ranges(
+    image: str | os.PathLike[str],
+    partition_offset: int,
+    paths: Iterable[str] | None = None,
+    *,
+    include_dirs: bool = False,
+) -> dict[str, list[tuple[int, int]]]:
+    """Absolute byte ranges (whole blocks) of each file on the disk image.
+
+    ``paths`` are paths inside the filesystem; None means every regular file
+    (and, with ``include_dirs``, every directory, "/" included). A path that
+    does not exist raises KeyError naming it.
+    """
+    block_size = ext4_block_size(image, partition_offset)
+    if paths is None:
+        wanted = {"f", "d"} if include_dirs else {"f"}
+        listing = ext4_list(image, partition_offset)
+        targets = {p: f"<{e.inode}>" for p, e in listing.items() if e.kind in wanted}
+    else:
+        targets = {p: _quote(p) for p in paths}
+    if not targets:
+        return {}
+    # `stat` fails (to stderr, no output) on a missing path; `blocks` prints
+    # nothing for both a missing and an empty file, so ask for both.
+    commands = []
+    for ref in targets.values():
+        commands += [f"stat {ref}", f"blocks {ref}"]
+    answers = _debugfs(image, partition_offset, commands)
+    result: dict[str, list[tuple[int, int]]] = {}
+    for i, path in enumerate(targets):
+        (_, stat_lines), (_, block_lines) = answers[2 * i], answers[2 * i + 1]
+        if not stat_lines:
+            raise KeyError(f"{path}: not found in the ext4 filesystem of {image}")
+        blocks = [int(b) for line in block_lines for b in line.split()]
+        result[path] = merge_blocks(blocks, block_size, partition_offset)
+    return result
+
+
+def ext4_extent_count(image: str | os.PathLike[str], partition_offset: int, path: str) -> int:
+    """How many separate runs of blocks ``path`` occupies (1 = contiguous)."""
+    return len(ext4_file_ranges(image, partition_offset, [path])[path])
