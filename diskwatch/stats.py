@@ -1,0 +1,380 @@
+"""Aggregates of the request stream, shared by the Textual UI and headless mode.
+
+Threading: the server thread only appends batches to a ``RequestBuffer`` (and
+low-rate events to a deque); everything in this module except
+``StatsCollector.on_requests``/``on_event`` runs in the *consumer's* thread
+(the UI's timer, or the headless loop), so the aggregates themselves need no
+locks. Attribution through the block map also happens here, on the consumer
+side, never in the server thread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from .events import COMMAND_NAMES, Command, ConnectionEvent, Request, RequestBuffer
+
+READ = int(Command.READ)
+WRITE = int(Command.WRITE)
+
+#: a piece of a request: (start, end, object or None), as BlockMap.lookup gives it
+Piece = tuple[int, int, Any]
+
+
+class LatencyHistogram:
+    """Log-bucket histogram of durations: 4 buckets per octave from 1 µs.
+
+    Bucket i holds durations in [2**(i/4), 2**((i+1)/4)) µs, so a quantile is
+    within 19 % of the truth, whatever the spread, in a fixed 128 ints."""
+
+    PER_OCTAVE = 4
+    BUCKETS = 128  # up to 2**32 µs: over an hour
+
+    def __init__(self) -> None:
+        self.counts = [0] * self.BUCKETS
+        self.total = 0
+
+    def add(self, seconds: float) -> None:
+        us = seconds * 1e6
+        if us < 1.0:
+            i = 0
+        else:
+            i = int(math.log2(us) * self.PER_OCTAVE)
+            if i >= self.BUCKETS:
+                i = self.BUCKETS - 1
+        self.counts[i] += 1
+        self.total += 1
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile in seconds (geometric middle of its bucket), None if empty."""
+        if not self.total:
+            return None
+        rank = q * self.total
+        seen = 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if n and seen >= rank:
+                return 2 ** ((i + 0.5) / self.PER_OCTAVE) / 1e6
+        return None  # pragma: no cover - unreachable: counts sum to total
+
+    @property
+    def median(self) -> float | None:
+        return self.quantile(0.5)
+
+    @property
+    def p99(self) -> float | None:
+        return self.quantile(0.99)
+
+    def clear(self) -> None:
+        self.counts = [0] * self.BUCKETS
+        self.total = 0
+
+
+class RateSeries:
+    """Reads and writes (ops and bytes) per whole second, for the last ``seconds``.
+
+    A ring of slots indexed by ``int(t) % seconds``; a slot whose second is
+    stale reads as zero, so nothing needs to run when nothing happens."""
+
+    FIELDS = ("read_ops", "write_ops", "read_bytes", "write_bytes")
+
+    def __init__(self, seconds: int = 60) -> None:
+        self.seconds = seconds
+        self._sec = [-1] * seconds
+        self._vals = [[0, 0, 0, 0] for _ in range(seconds)]
+
+    def add(self, t: float, is_write: bool, nbytes: int) -> None:
+        s = int(t)
+        i = s % self.seconds
+        slot = self._vals[i]
+        if self._sec[i] != s:
+            self._sec[i] = s
+            slot[0] = slot[1] = slot[2] = slot[3] = 0
+        if is_write:
+            slot[1] += 1
+            slot[3] += nbytes
+        else:
+            slot[0] += 1
+            slot[2] += nbytes
+
+    def at(self, second: int) -> tuple[int, int, int, int]:
+        i = second % self.seconds
+        if self._sec[i] != second:
+            return (0, 0, 0, 0)
+        v = self._vals[i]
+        return (v[0], v[1], v[2], v[3])
+
+    def series(self, now: float, field: str = "read_ops") -> list[int]:
+        """The last ``seconds`` values of one field, oldest first, the current
+        (incomplete) second last."""
+        k = self.FIELDS.index(field)
+        end = int(now)
+        return [self.at(s)[k] for s in range(end - self.seconds + 1, end + 1)]
+
+    def rate(self, now: float) -> tuple[float, float, float, float]:
+        """Per-second rates over the last complete two seconds (steadier than one)."""
+        end = int(now)
+        a = self.at(end - 1)
+        b = self.at(end - 2)
+        return tuple((x + y) / 2 for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
+
+    def clear(self) -> None:
+        self._sec = [-1] * self.seconds
+
+
+class ObjectCounts:
+    """Per-object counters: reads, writes, bytes read, bytes written, hits.
+
+    ``hits`` counts requests of any kind touching the object; reads/writes
+    count read/write requests (a request spanning three files counts once
+    for each of them); bytes count only the piece inside the object."""
+
+    __slots__ = ("reads", "writes", "read_bytes", "write_bytes", "hits")
+
+    def __init__(self) -> None:
+        self.reads = self.writes = self.read_bytes = self.write_bytes = self.hits = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"ObjectCounts(reads={self.reads}, writes={self.writes}, "
+            f"read_bytes={self.read_bytes}, write_bytes={self.write_bytes}, hits={self.hits})"
+        )
+
+
+class Heat:
+    """The disk as ``cells`` equal slices, each with decaying read/write heat.
+
+    Heat is a count of requests touching the cell that halves every
+    ``half_life`` seconds; ``ever_read``/``ever_written`` remember which
+    cells were touched at all since the last clear."""
+
+    def __init__(self, size: int, cells: int = 1024, half_life: float = 1.5) -> None:
+        self.size = max(1, size)
+        self.half_life = half_life
+        self.resize(cells)
+
+    def resize(self, cells: int) -> None:
+        """Re-slice the disk into ``cells`` cells, carrying the heat over
+        (each old cell's heat goes to the new cell holding its middle)."""
+        old = getattr(self, "reads", None)
+        if old is not None:
+            old_size, old_r, old_w = self.cell_size, self.reads, self.writes
+            old_er, old_ew = self.ever_read, self.ever_written
+        cells = max(1, cells)
+        # ceil, so that `cells` slices cover the disk; fewer may be in use
+        self.cell_size = max(1, -(-self.size // cells))
+        self.cells = -(-self.size // self.cell_size)
+        self.reads = [0.0] * self.cells
+        self.writes = [0.0] * self.cells
+        self.ever_read = bytearray(self.cells)
+        self.ever_written = bytearray(self.cells)
+        self._hot = False
+        if old is None:
+            return
+        cs, last = self.cell_size, self.cells - 1
+        for i in range(len(old_r)):
+            if old_r[i] or old_w[i] or old_er[i] or old_ew[i]:
+                j = min(last, (i * old_size + old_size // 2) // cs)
+                self.reads[j] += old_r[i]
+                self.writes[j] += old_w[i]
+                self.ever_read[j] |= old_er[i]
+                self.ever_written[j] |= old_ew[i]
+                self._hot = True
+
+    def add(self, offset: int, length: int, is_write: bool) -> None:
+        cs = self.cell_size
+        first = offset // cs
+        last = (offset + max(length, 1) - 1) // cs
+        if first >= self.cells:
+            return
+        if last >= self.cells:
+            last = self.cells - 1
+        vals = self.writes if is_write else self.reads
+        ever = self.ever_written if is_write else self.ever_read
+        for i in range(first, last + 1):
+            vals[i] += 1.0
+            ever[i] = 1
+        self._hot = True
+
+    def decay(self, dt: float) -> None:
+        if not self._hot or dt <= 0:
+            return
+        f = 0.5 ** (dt / self.half_life)
+        hot = False
+        for vals in (self.reads, self.writes):
+            for i, v in enumerate(vals):
+                if v:
+                    v *= f
+                    if v < 0.01:
+                        v = 0.0
+                    else:
+                        hot = True
+                    vals[i] = v
+        self._hot = hot
+
+    def cell_range(self, i: int) -> tuple[int, int]:
+        start = i * self.cell_size
+        return start, min(start + self.cell_size, self.size)
+
+    def clear(self) -> None:
+        del self.reads
+        self.resize(self.cells)
+
+
+class Stats:
+    """Everything the UI and the headless summary show, fed on the consumer side."""
+
+    def __init__(self, size: int, heat_cells: int = 1024, window: int = 60) -> None:
+        self.size = size
+        self.window = window
+        self.heat = Heat(size, heat_cells)
+        self.clear()
+
+    def clear(self) -> None:
+        n = len(COMMAND_NAMES)
+        self.ops = [0] * n  # per command number
+        self.bytes = [0] * n
+        self.errors = 0
+        self.dropped = 0  # requests the buffer could not hold
+        self.latency = LatencyHistogram()
+        self.series = RateSeries(self.window)
+        self.objects: dict[Any, ObjectCounts] = {}
+        self.unmapped = ObjectCounts()  # bytes no object covers
+        self.heat.clear()
+        # connections survive a clear: they are state, not history
+        if not hasattr(self, "connections"):
+            self.connections = 0
+            self.connections_total = 0
+
+    @property
+    def requests(self) -> int:
+        return sum(self.ops)
+
+    def on_event(self, event: object) -> None:
+        if isinstance(event, ConnectionEvent):
+            if event.opened:
+                self.connections += 1
+                self.connections_total += 1
+            elif self.connections > 0:
+                self.connections -= 1
+
+    def add(
+        self, batch: Sequence[Request], blockmap: Any = None
+    ) -> list[tuple[Request, list[Piece] | None]]:
+        """Count a batch; returns each request with its pieces from
+        ``blockmap.lookup`` (None without a map) so the trace can reuse them."""
+        ops, nbytes, latency, series, heat = self.ops, self.bytes, self.latency, self.series, self.heat
+        objects = self.objects
+        lookup = blockmap.lookup if blockmap is not None else None
+        out: list[tuple[Request, list[Piece] | None]] = []
+        append = out.append
+        for r in batch:
+            cmd = r.command
+            length = r.length
+            ops[cmd] += 1
+            nbytes[cmd] += length
+            if r.error:
+                self.errors += 1
+            latency.add(r.duration)
+            is_write = cmd != READ
+            if cmd == READ or cmd == WRITE:
+                series.add(r.start, is_write, length)
+            if length and cmd != Command.BLOCK_STATUS:
+                heat.add(r.offset, length, is_write)
+            pieces = None
+            if lookup is not None and length:
+                pieces = lookup(r.offset, length)
+                for start, end, obj in pieces:
+                    c = objects.get(obj) if obj is not None else self.unmapped
+                    if c is None:
+                        c = objects[obj] = ObjectCounts()
+                    c.hits += 1
+                    if cmd == READ:
+                        c.reads += 1
+                        c.read_bytes += end - start
+                    elif cmd == WRITE:
+                        c.writes += 1
+                        c.write_bytes += end - start
+            append((r, pieces))
+        return out
+
+    def top(self, by: str = "reads", n: int = 10,
+            keep: Callable[[Any], bool] | None = None) -> list[tuple[Any, ObjectCounts]]:
+        """The n objects with the most ``by`` ("reads", "writes", "read_bytes",
+        "write_bytes" or "hits"), most first; ties broken by bytes then name."""
+        bytes_key = "write_bytes" if by.startswith("write") else "read_bytes"
+        items: Iterable[tuple[Any, ObjectCounts]] = self.objects.items()
+        if keep is not None:
+            items = [(o, c) for o, c in items if keep(o)]
+        items = [(o, c) for o, c in items if getattr(c, by)]
+        items.sort(key=lambda oc: (-getattr(oc[1], by), -getattr(oc[1], bytes_key), str(oc[0])))
+        return items[:n]
+
+
+class StatsCollector:
+    """The thread boundary: subscribe it to a Bus; call ``poll()`` from one
+    consumer thread (a UI timer at 10-20 Hz, or the headless loop).
+
+    The server thread only runs ``on_requests`` (an append under a lock) and
+    ``on_event`` (a deque append, atomic in CPython)."""
+
+    def __init__(self, bus: Any, size: int, blockmap: Any = None,
+                 heat_cells: int = 1024, buffer_limit: int = 200_000) -> None:
+        self.bus = bus
+        self.stats = Stats(size, heat_cells)
+        self.blockmap = blockmap
+        self.buffer = RequestBuffer(buffer_limit)
+        self.events: deque[object] = deque(maxlen=10_000)
+        bus.on_requests(self.buffer)
+        bus.on_event(self.events.append)
+
+    def close(self) -> None:
+        self.bus.unsubscribe(self.buffer)
+        self.bus.unsubscribe(self.events.append)
+
+    def poll(self) -> tuple[list[tuple[Request, list[Piece] | None]], list[object]]:
+        """Drain and aggregate; returns the attributed requests and the
+        other events that came since the last poll, in order."""
+        events = []
+        while self.events:
+            ev = self.events.popleft()
+            self.stats.on_event(ev)
+            events.append(ev)
+        batch, dropped = self.buffer.drain()
+        self.stats.dropped += dropped
+        return self.stats.add(batch, self.blockmap), events
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5K' (binary units, at most 4 characters before the unit)."""
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            if unit == "B":
+                return f"{int(n)}B"
+            return f"{n:.1f}{unit}" if abs(n) < 10 else f"{n:.0f}{unit}"
+        n /= 1024
+    return f"{n:.0f}P"  # pragma: no cover
+
+
+def human_count(n: int) -> str:
+    """12345 -> '12.3k': at most 5 characters."""
+    if n < 10_000:
+        return str(n)
+    for unit in ("k", "M", "G"):
+        n /= 1000
+        if n < 1000:
+            return f"{n:.1f}{unit}" if n < 100 else f"{n:.0f}{unit}"
+    return f"{n:.0f}T"
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f}µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds:.2f}s"

@@ -1,0 +1,400 @@
+"""The Textual app: trace, heatmap, rates, top objects, block-map progress and
+command output, refreshed from aggregates on a timer.
+
+Threads: the server thread only appends request batches to a bounded buffer
+and low-rate events to a deque (``StatsCollector``); a timer in the app's
+thread (10 Hz by default) drains both, attributes requests through the block
+map, aggregates, and repaints. No message is posted per request.
+
+    app = DiskwatchApp(session)      # subscribes to session.bus at once
+    status = app.run()               # main thread; returns the command's status
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Input
+
+from ..events import ConnectionEvent, Message, Progress
+from ..session import Session
+from ..stats import StatsCollector
+from .heatmap import Heatmap
+from .output import CommandOutput
+from .progress import BmapProgress
+from .rates import Rates
+from .screens import ConfirmQuit, HelpScreen
+from .status import StatusBar
+from .top import TopObjects
+from .trace import TraceLine, TraceModel, TraceView
+
+TYPE_FILTERS = ("all", "files", "no-dirs")
+OP_FILTERS = ("all", "reads", "writes")
+
+
+class DiskwatchApp(App[int | None]):
+    """Live view of a diskwatch ``Session``.
+
+    ``clock`` (default ``time.monotonic``, the clock of ``Request.start``)
+    is injectable so snapshots are deterministic; ``tick`` is the refresh
+    period in seconds."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "diskwatch"
+
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("space", "pause", "Pause"),
+        Binding("f", "cycle_type", "Files"),
+        Binding("r", "cycle_op", "R/W"),
+        Binding("slash", "search", "Search"),
+        Binding("c", "clear", "Clear", show=False),
+        Binding("s", "sort_top", "Top sort", show=False),
+        Binding("h", "toggle('heatmap')", "Heatmap", show=False),
+        Binding("t", "toggle('top')", "Top", show=False),
+        Binding("o", "toggle('output')", "Output", show=False),
+        Binding("a", "toggle('rates')", "Rates", show=False),
+        Binding("end", "follow", "Follow", show=False),
+        Binding("question_mark", "help", "Help"),
+    ]
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        tick: float = 0.1,
+        trace_cap: int = 5000,
+    ) -> None:
+        super().__init__()
+        self.session = session
+        self.clock = clock
+        self.tick = tick
+        # Subscribe now, not on mount: requests made before the first frame count.
+        self.collector = StatsCollector(session.bus, session.size, session.blockmap)
+        self.stats = self.collector.stats
+        self.trace_model = TraceModel(started=session.started, cap=trace_cap)
+        self.paused = False
+        self.held: deque[tuple[Any, Any]] = deque(maxlen=50_000)
+        self.held_count = 0
+        self.type_filter = "all"
+        self.op_filter = "all"
+        self.search_text = ""
+        self.command_status: int | None = None  # from the "exit" Message
+        self.progress: Progress | None = None
+        self._last_tick = clock()
+        self._ticks = 0
+        self._quitting = False
+
+    # -- layout --
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="status")
+        with Horizontal(id="main"):
+            with Vertical(id="left"):
+                yield TraceView(self.trace_model, id="trace")
+                yield CommandOutput(self.session.command, id="output")
+            with Vertical(id="right"):
+                yield BmapProgress(id="bmap")
+                yield Rates(id="rates")
+                yield Heatmap(self.stats.heat, self.session.blockmap, id="heatmap")
+                yield TopObjects(id="top")
+        yield Input(placeholder="search paths (enter applies, escape clears)", id="search")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(TopObjects).has_map = self.session.blockmap is not None
+        if self.session.command is None:
+            self.query_one(CommandOutput).display = False
+        self.query_one(TraceView).focus()
+        self._refresh_views(force=True)
+        self.set_interval(self.tick, self._on_tick)
+
+    def on_resize(self) -> None:
+        self.screen.set_class(self.size.width < 100, "-narrow")
+        self.screen.set_class(self.size.height < 30, "-short")
+
+    def on_unmount(self) -> None:
+        self.collector.close()
+
+    # -- the timer: drain, aggregate, repaint --
+
+    def _on_tick(self) -> None:
+        self.pump()
+
+    def pump(self) -> None:
+        """Drain what came since the last call and repaint (the timer calls it;
+        tests may too)."""
+        now = self.clock()
+        dt, self._last_tick = now - self._last_tick, now
+        if self.session.blockmap is not self.collector.blockmap:
+            self._set_blockmap(self.session.blockmap)
+        attributed, events = self.collector.poll()
+        for event in events:
+            self.handle_event(event)
+        if attributed:
+            if self.paused:
+                self.held_count += len(attributed)
+                self.held.extend(attributed)
+            else:
+                self.trace_model.add(attributed)
+        if not self.paused:
+            self.stats.heat.decay(dt)
+            self._refresh_views()
+        else:
+            self._refresh_status()
+        self._ticks += 1
+
+    def _refresh_views(self, force: bool = False) -> None:
+        now = self.clock()
+        self.query_one(TraceView).sync()
+        self.query_one(Heatmap).refresh()
+        self.query_one(Rates).update_stats(self.stats, now)
+        if force or self._ticks % 5 == 0:  # a table of names need not move at 10 Hz
+            self.query_one(TopObjects).update_stats(self.stats, self._object_filter())
+        self._refresh_status()
+
+    def _refresh_status(self) -> None:
+        self.query_one(StatusBar).show(
+            description=self.session.description,
+            size=self.session.size,
+            elapsed=self.clock() - self.session.started,
+            paused=self.paused,
+            held=self.held_count,
+            filters=self._filter_labels(),
+            command=self._command_label(),
+        )
+
+    def _command_label(self) -> str:
+        if self.session.command is None:
+            return ""
+        status = self.exit_status
+        return "command running" if status is None else f"command exited {status}"
+
+    def _set_blockmap(self, blockmap: Any) -> None:
+        self.collector.blockmap = blockmap
+        self.query_one(Heatmap).set_blockmap(blockmap)
+        top = self.query_one(TopObjects)
+        top.has_map = blockmap is not None
+        top.update_stats(self.stats, self._object_filter())
+
+    # -- events other than requests (drained on the timer, in this thread) --
+
+    def handle_event(self, event: object) -> None:
+        if isinstance(event, Progress):
+            self.progress = event
+            self.query_one(BmapProgress).update_progress(event)
+        elif isinstance(event, Message):
+            output = self.query_one(CommandOutput)
+            output.display = True
+            output.add_message(event)
+            if event.source == "exit":
+                self.command_status = event.status
+                self.notify(
+                    f"command exited with status {event.status}; q quits with that status",
+                    severity="information" if event.status == 0 else "warning",
+                )
+        elif isinstance(event, ConnectionEvent):
+            pass  # counted by Stats
+
+    # -- filters --
+
+    def _filter_labels(self) -> list[str]:
+        labels = []
+        if self.type_filter == "files":
+            labels.append("files only")
+        elif self.type_filter == "no-dirs":
+            labels.append("no dirs")
+        if self.op_filter != "all":
+            labels.append(f"{self.op_filter} only")
+        if self.search_text:
+            labels.append(f"/{self.search_text}")
+        return labels
+
+    def _object_filter(self) -> Callable[[Any], bool] | None:
+        tf, text = self.type_filter, self.search_text.lower()
+        if tf == "all" and not text:
+            return None
+
+        def keep(obj: Any) -> bool:
+            if tf == "files" and obj.type != "f":
+                return False
+            if tf == "no-dirs" and obj.type == "d":
+                return False
+            return not text or text in str(obj).lower()
+
+        return keep
+
+    def _line_filter(self) -> Callable[[TraceLine], bool] | None:
+        tf, of, text = self.type_filter, self.op_filter, self.search_text.lower()
+        if tf == "all" and of == "all" and not text:
+            return None
+
+        def keep(line: TraceLine) -> bool:
+            if of == "reads" and line.op != "read":
+                return False
+            if of == "writes" and line.op != "write":
+                return False
+            t = line.type
+            if tf == "files" and t != "f":
+                return False
+            if tf == "no-dirs" and t == "d":
+                return False
+            return not text or text in line.label().lower()
+
+        return keep
+
+    def _apply_filters(self) -> None:
+        self.trace_model.set_filter(self._line_filter())
+        trace = self.query_one(TraceView)
+        trace.follow = True
+        trace.sync()
+        trace.scroll_end(animate=False, immediate=True, x_axis=False)
+        self.query_one(TopObjects).update_stats(self.stats, self._object_filter())
+        self._refresh_status()
+
+    # -- actions --
+
+    def action_pause(self) -> None:
+        self.paused = not self.paused
+        trace = self.query_one(TraceView)
+        trace.paused = self.paused
+        if not self.paused:
+            if self.held:
+                self.trace_model.add(self.held)
+            self.held.clear()
+            self.held_count = 0
+            trace.follow = True
+            self._refresh_views(force=True)
+            trace.scroll_end(animate=False, immediate=True, x_axis=False)
+        self._refresh_status()
+
+    def action_cycle_type(self) -> None:
+        self.type_filter = TYPE_FILTERS[(TYPE_FILTERS.index(self.type_filter) + 1) % 3]
+        self._apply_filters()
+
+    def action_cycle_op(self) -> None:
+        self.op_filter = OP_FILTERS[(OP_FILTERS.index(self.op_filter) + 1) % 3]
+        self._apply_filters()
+
+    def action_search(self) -> None:
+        search = self.query_one("#search", Input)
+        search.value = self.search_text
+        search.add_class("-visible")
+        search.focus()
+
+    def set_search(self, text: str) -> None:
+        self.search_text = text.strip()
+        self._apply_filters()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "search":
+            self.set_search(event.value)
+            event.input.remove_class("-visible")
+            self.query_one(TraceView).focus()
+
+    def on_key(self, event: Any) -> None:
+        search = self.query_one("#search", Input)
+        if event.key == "escape" and search.has_focus:
+            search.value = ""
+            search.remove_class("-visible")
+            self.set_search("")
+            self.query_one(TraceView).focus()
+            event.stop()
+
+    def action_clear(self) -> None:
+        self.stats.clear()
+        self.trace_model.clear()
+        self.held.clear()
+        self.held_count = 0
+        self._refresh_views(force=True)
+
+    def action_sort_top(self) -> None:
+        top = self.query_one(TopObjects)
+        top.toggle_sort()
+        top.update_stats(self.stats, self._object_filter())
+
+    def action_toggle(self, panel: str) -> None:
+        widget = self.query_one(f"#{panel}")
+        widget.display = not widget.display
+
+    def action_follow(self) -> None:
+        trace = self.query_one(TraceView)
+        trace.follow = True
+        trace.scroll_end(animate=False, immediate=True, x_axis=False)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    # -- quitting --
+
+    @property
+    def exit_status(self) -> int | None:
+        if self.session.exit_status is not None:
+            return self.session.exit_status
+        return self.command_status
+
+    @property
+    def command_running(self) -> bool:
+        return self.session.command is not None and self.exit_status is None
+
+    async def action_quit(self) -> None:
+        if self._quitting:
+            return
+        if self.command_running:
+            if not isinstance(self.screen, ConfirmQuit):
+                self.push_screen(ConfirmQuit(self.session.command or ""), self._quit_answered)
+            return
+        self._quitting = True
+        self._shutdown_and_exit(stop_command=False)
+
+    def _quit_answered(self, yes: bool | None) -> None:
+        if yes and not self._quitting:
+            self._quitting = True
+            self.notify("stopping the command…")
+            self._shutdown_and_exit(stop_command=True)
+
+    @work(thread=True, exclusive=True, group="quit")
+    def _shutdown_and_exit(self, stop_command: bool) -> None:
+        # In a thread: stopping a command may take its grace period, and the
+        # UI should keep painting meanwhile.
+        if stop_command:
+            self.session.stop_command()
+        self.session.shutdown()
+        self.call_from_thread(self._exit_with_status)
+
+    def _exit_with_status(self) -> None:
+        self.pump()  # the exit Message may have just arrived
+        status = self.exit_status
+        code = 0 if status is None else (status if status >= 0 else 128 - status)
+        self.exit(result=status, return_code=code)
+
+    # -- command palette --
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Pause / resume", "Freeze the views (counting goes on)",
+                            self.action_pause)
+        yield SystemCommand("Filter: cycle type", "All / files only / hide directories",
+                            self.action_cycle_type)
+        yield SystemCommand("Filter: cycle reads/writes", "All / reads only / writes only",
+                            self.action_cycle_op)
+        yield SystemCommand("Search paths", "Show only objects whose name contains text",
+                            self.action_search)
+        yield SystemCommand("Clear", "Forget the trace and all counters", self.action_clear)
+        yield SystemCommand("Top objects: switch sort", "By reads / by writes",
+                            self.action_sort_top)
+        for panel, name in (("heatmap", "disk heatmap"), ("top", "top objects"),
+                            ("output", "command output"), ("rates", "rates")):
+            yield SystemCommand(f"Toggle {name}", f"Show or hide the {name} panel",
+                                lambda p=panel: self.action_toggle(p))
+        yield SystemCommand("Help", "What the views show", self.action_help)

@@ -1,0 +1,278 @@
+"""The whole disk as a grid of cells, lit by recent reads (green) and writes (red).
+
+Each character holds two cells, one above the other, with a half block
+(``▀``: foreground = upper cell, background = lower cell). Cells run left to
+right, top to bottom, in disk order. Unlit cells are tinted by the partition
+they belong to, a little lighter once they have been touched at all, so
+partition boundaries show and a boot leaves a trail. The last rows are a
+legend of the partitions and a line describing the cell under the mouse or
+the keyboard cursor (its byte range and the objects in it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.segment import Segment
+from rich.style import Style
+from textual import events
+from textual.binding import Binding
+from textual.message import Message
+from textual.strip import Strip
+from textual.widget import Widget
+
+from ..stats import Heat, human_bytes
+
+RGB = tuple[int, int, int]
+
+EMPTY: RGB = (18, 18, 18)  # outside the disk (last row's tail)
+UNMAPPED: RGB = (34, 34, 34)  # no partition covers it
+#: partition tints (dark, so heat stands out) and their legible legend colours
+TINTS: list[tuple[RGB, RGB]] = [
+    ((22, 44, 74), (95, 175, 255)),
+    ((58, 34, 74), (215, 135, 255)),
+    ((20, 62, 58), (95, 215, 215)),
+    ((70, 52, 22), (215, 175, 95)),
+    ((40, 60, 28), (175, 215, 95)),
+    ((72, 32, 44), (255, 135, 175)),
+]
+READ_RGB: RGB = (80, 235, 110)
+WRITE_RGB: RGB = (255, 70, 50)
+CURSOR_RGB: RGB = (255, 255, 255)
+
+
+def _mix(a: RGB, b: RGB, t: float) -> RGB:
+    return (
+        int(a[0] + (b[0] - a[0]) * t),
+        int(a[1] + (b[1] - a[1]) * t),
+        int(a[2] + (b[2] - a[2]) * t),
+    )
+
+
+class Heatmap(Widget, can_focus=True):
+    """Renders a ``Heat`` (from stats) over the partitions of a block map."""
+
+    DEFAULT_CSS = """
+    Heatmap { height: 3fr; min-height: 5; }
+    """
+
+    BINDINGS = [
+        Binding("left", "move(-1, 0)", "cell left", show=False),
+        Binding("right", "move(1, 0)", "cell right", show=False),
+        Binding("up", "move(0, -1)", "cell up", show=False),
+        Binding("down", "move(0, 1)", "cell down", show=False),
+    ]
+
+    class CellSelected(Message):
+        """The cursor moved to a cell: its byte range and objects."""
+
+        def __init__(self, index: int, start: int, end: int, objects: list[Any]) -> None:
+            super().__init__()
+            self.index = index
+            self.start = start
+            self.end = end
+            self.objects = objects
+
+    def __init__(self, heat: Heat, blockmap: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.heat = heat
+        self.blockmap = blockmap
+        self.cursor: int | None = None
+        self._cols = 1
+        self._grid_rows = 1
+        self._bases: list[RGB] = []
+        self._partitions: list[tuple[int, int, Any, RGB, RGB]] = []
+        self._style_cache: dict[tuple[RGB, RGB], Style] = {}
+        self._legend: list[list[Segment]] = []
+
+    def on_mount(self) -> None:
+        self.border_title = "disk"
+        self._layout()
+
+    # -- geometry --
+
+    def set_blockmap(self, blockmap: Any) -> None:
+        self.blockmap = blockmap
+        self._layout()
+        self.refresh()
+
+    def on_resize(self) -> None:
+        self._layout()
+
+    def _layout(self) -> None:
+        width = max(1, self.content_region.width if self.is_mounted else 40)
+        height = max(3, self.content_region.height if self.is_mounted else 10)
+        self._partitions = []
+        if self.blockmap is not None:
+            parts = self.blockmap.partitions()
+            inner = [p for p in parts if p[2].type in "pl"] or parts
+            for i, (start, end, obj) in enumerate(inner):
+                tint, label = TINTS[i % len(TINTS)]
+                self._partitions.append((start, end, obj, tint, label))
+        self._legend = self._legend_lines(width)
+        rows = max(1, height - len(self._legend) - 1)
+        cells = width * rows * 2
+        if cells != self._cols * self._grid_rows * 2 or self.heat.cells > cells or not self._bases:
+            self.heat.resize(cells)
+        self._cols, self._grid_rows = width, rows
+        self._bases = self._compute_bases()
+        if self.cursor is not None and self.cursor >= self.heat.cells:
+            self.cursor = None
+        self.border_subtitle = f"1 cell = {human_bytes(self.heat.cell_size)}"
+
+    def _compute_bases(self) -> list[RGB]:
+        heat = self.heat
+        bases = [UNMAPPED] * heat.cells
+        for start, end, _obj, tint, _label in self._partitions:
+            first = start // heat.cell_size
+            last = min(heat.cells - 1, (end - 1) // heat.cell_size)
+            for i in range(first, last + 1):
+                bases[i] = tint
+        return bases
+
+    def _legend_lines(self, width: int) -> list[list[Segment]]:
+        if not self._partitions:
+            return []
+        lines: list[list[Segment]] = [[]]
+        used = 0
+        for start, end, obj, tint, label in self._partitions:
+            name = obj.device.removeprefix("/dev/")
+            if obj.path is not None:
+                name += f" {obj.path}"
+            text = f"{name} {human_bytes(end - start)}"
+            item = len(text) + 3
+            if used and used + item > width:
+                if len(lines) == 2:  # keep the grid big: two legend lines at most
+                    lines[-1].append(Segment(" …", Style(color="#8a8a8a")))
+                    break
+                lines.append([])
+                used = 0
+            lines[-1] += [
+                Segment("█ ", Style(color=f"rgb{tint}")),
+                Segment(text + " ", Style(color=f"rgb{label}")),
+            ]
+            used += item
+        return lines
+
+    # -- colours --
+
+    def cell_rgb(self, i: int) -> RGB:
+        heat = self.heat
+        if i >= heat.cells:
+            return EMPTY
+        base = self._bases[i] if i < len(self._bases) else UNMAPPED
+        if heat.ever_read[i] or heat.ever_written[i]:
+            base = _mix(base, (120, 120, 120), 0.18)
+        r = heat.reads[i]
+        w = heat.writes[i]
+        if not r and not w:
+            return base
+        ri = 1.0 - math.exp(-r / 1.5)
+        wi = 1.0 - math.exp(-w / 1.5)
+        a = max(ri, wi)
+        hot = _mix(READ_RGB, WRITE_RGB, wi / (ri + wi))
+        return _mix(base, hot, 0.35 + 0.65 * a)
+
+    def _style(self, fg: RGB, bg: RGB) -> Style:
+        key = (fg, bg)
+        style = self._style_cache.get(key)
+        if style is None:
+            if len(self._style_cache) > 4096:
+                self._style_cache.clear()
+            style = self._style_cache[key] = Style(color=f"rgb{fg}", bgcolor=f"rgb{bg}")
+        return style
+
+    # -- rendering --
+
+    def render_line(self, y: int) -> Strip:
+        width = self.content_region.width
+        cols = self._cols
+        if y < self._grid_rows:
+            top0 = 2 * y * cols
+            bot0 = top0 + cols
+            segs = []
+            cursor = self.cursor if (self.has_focus or self.mouse_hover) else None
+            for x in range(min(cols, width)):
+                ti, bi = top0 + x, bot0 + x
+                top, bot = self.cell_rgb(ti), self.cell_rgb(bi)
+                if cursor == ti:
+                    top = CURSOR_RGB
+                elif cursor == bi:
+                    bot = CURSOR_RGB
+                segs.append(Segment("▀", self._style(top, bot)))
+            return Strip(segs).crop_extend(0, width, None)
+        y -= self._grid_rows
+        if y < len(self._legend):
+            return Strip(self._legend[y]).crop_extend(0, width, None)
+        if y == len(self._legend):
+            return Strip(self._info_line()).crop_extend(0, width, None)
+        return Strip.blank(width)
+
+    def _info_line(self) -> list[Segment]:
+        dim = Style(color="#8a8a8a")
+        if self.cursor is None:
+            return [Segment("hover or arrows: what is in a cell", dim)]
+        start, end = self.heat.cell_range(self.cursor)
+        segs = [Segment(f"{start:#x}-{end:#x} ", Style(color="#e4e4e4"))]
+        objs = self.cell_objects(self.cursor)
+        if not objs:
+            segs.append(Segment("no object" if self.blockmap is not None else "(no block map)", dim))
+        else:
+            best = sorted(objs, key=lambda o: -o.rank)
+            segs.append(Segment(str(best[0]), Style(color="#e4e4e4", bold=True)))
+            if len(best) > 1:
+                segs.append(Segment(f" +{len(best) - 1} more", dim))
+        return segs
+
+    def cell_objects(self, index: int) -> list[Any]:
+        if self.blockmap is None:
+            return []
+        start, end = self.heat.cell_range(index)
+        return list(self.blockmap.objects(start, end - start))
+
+    # -- cursor --
+
+    def cell_at(self, x: int, y: int, lower: bool = False) -> int | None:
+        if not (0 <= x < self._cols and 0 <= y < self._grid_rows):
+            return None
+        index = (2 * y + (1 if lower else 0)) * self._cols + x
+        return index if index < self.heat.cells else None
+
+    def select(self, index: int | None) -> None:
+        if index == self.cursor:
+            return
+        self.cursor = index
+        self.refresh()
+        if index is not None:
+            start, end = self.heat.cell_range(index)
+            self.post_message(self.CellSelected(index, start, end, self.cell_objects(index)))
+
+    def on_mouse_move(self, event: events.MouseMove) -> None:
+        offset = event.get_content_offset(self)
+        if offset is not None:
+            index = self.cell_at(offset.x, offset.y)
+            if index is not None:
+                self.select(index)
+
+    def on_click(self, event: events.Click) -> None:
+        offset = event.get_content_offset(self)
+        if offset is None:
+            return
+        top = self.cell_at(offset.x, offset.y)
+        # a second click on the same character picks its lower cell
+        self.select(self.cell_at(offset.x, offset.y, lower=self.cursor == top))
+
+    def on_leave(self) -> None:
+        self.refresh()
+
+    def action_move(self, dx: int, dy: int) -> None:
+        cols = self._cols
+        if self.cursor is None:
+            self.select(0)
+            return
+        row, col = divmod(self.cursor, cols)
+        row = max(0, min(2 * self._grid_rows - 1, row + dy))
+        col = max(0, min(cols - 1, col + dx))
+        index = min(row * cols + col, self.heat.cells - 1)
+        self.select(index)

@@ -1,0 +1,60 @@
+"""Block-map generation progress: a bar, the object being examined, counts and
+rate, from ``Progress`` events; once done, the one-line summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import ProgressBar, Static
+
+from ..events import Progress
+
+
+class BmapProgress(Vertical):
+    """Hidden until the first ``Progress`` event arrives."""
+
+    DEFAULT_CSS = """
+    BmapProgress { height: auto; display: none; }
+    BmapProgress.-active { display: block; }
+    BmapProgress ProgressBar { width: 1fr; }
+    BmapProgress ProgressBar Bar { width: 1fr; }
+    BmapProgress #bmap-detail { height: 1; }
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.last: Progress | None = None
+
+    def compose(self) -> ComposeResult:
+        yield ProgressBar(total=None, show_eta=False, id="bmap-bar")
+        yield Static("", id="bmap-detail")
+
+    def on_mount(self) -> None:
+        self.border_title = "block map"
+
+    def update_progress(self, p: Progress) -> None:
+        self.last = p
+        self.add_class("-active")
+        bar = self.query_one(ProgressBar)
+        detail = self.query_one("#bmap-detail", Static)
+        if p.phase == "done":
+            bar.display = False
+            self.border_title = "block map ready"
+            detail.update(Text(p.summary or f"{p.done} objects in {p.elapsed:.1f}s",
+                               style="#5fd787"))
+            return
+        bar.display = True
+        self.border_title = f"block map: {p.phase}"
+        if p.total:
+            bar.update(total=p.total, progress=p.done)
+        else:
+            bar.update(total=None)
+        line = Text()
+        line.append(f"{p.done}" + (f"/{p.total}" if p.total else ""), style="bold")
+        line.append(f"  {p.rate:.0f}/s  {p.elapsed:.0f}s  ", style="#8a8a8a")
+        line.append(p.current or "", style="#e4e4e4")
+        line.truncate(max(10, self.content_region.width or 60), overflow="ellipsis")
+        detail.update(line)

@@ -1,0 +1,72 @@
+"""Rates and totals: ops/s and bytes/s for reads and writes, latency median
+and p99, connections, other commands, totals, sparklines of the last minute."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Sparkline, Static
+
+from ..events import COMMAND_NAMES
+from ..stats import Stats, human_bytes, human_count, human_duration
+
+MUTED = "#8a8a8a"
+BRIGHT = "#e4e4e4"
+
+
+class Rates(Vertical):
+    DEFAULT_CSS = """
+    Rates { height: auto; }
+    Rates #rates-text { height: auto; text-wrap: nowrap; text-overflow: ellipsis; }
+    Rates Sparkline { height: 1; margin: 0 0; }
+    Rates #spark-reads > .sparkline--max-color { color: #5fd787; }
+    Rates #spark-reads > .sparkline--min-color { color: #1c4a2c; }
+    Rates #spark-writes > .sparkline--max-color { color: #ff5f5f; }
+    Rates #spark-writes > .sparkline--min-color { color: #4a1c1c; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="rates-text")
+        yield Sparkline([0.0] * 60, id="spark-reads")
+        yield Sparkline([0.0] * 60, id="spark-writes")
+
+    def on_mount(self) -> None:
+        self.border_title = "rates"
+        self.border_subtitle = "60s: reads / writes"
+
+    def update_stats(self, stats: Stats, now: float) -> None:
+        rops, wops, rbytes, wbytes = stats.series.rate(now)
+        text = Text()
+        for name, style, ops, nbytes, total, total_bytes in (
+            ("read ", "#5fd787 bold", rops, rbytes, stats.ops[0], stats.bytes[0]),
+            ("write", "#ff5f5f bold", wops, wbytes, stats.ops[1], stats.bytes[1]),
+        ):
+            text.append(name, style=style)
+            text.append(f"{ops:5.0f}/s {human_bytes(nbytes):>5}/s", style=BRIGHT)
+            text.append(f" Σ{human_count(total):>5} {human_bytes(total_bytes):>5}\n",
+                        style=MUTED)
+        text.append("lat  ", style="#5fafff bold")
+        text.append(f"{human_duration(stats.latency.median):>6}", style=BRIGHT)
+        text.append(" med ", style=MUTED)
+        text.append(f"{human_duration(stats.latency.p99):>6}", style=BRIGHT)
+        text.append(" p99", style=MUTED)
+        text.append("  conn ", style=MUTED)
+        text.append(f"{stats.connections}", style=BRIGHT)
+        if stats.connections_total > stats.connections:
+            text.append(f"/{stats.connections_total}", style=MUTED)
+        others = [f"{COMMAND_NAMES[i]} {human_count(n)}"
+                  for i, n in enumerate(stats.ops) if i > 1 and n]
+        if others or stats.errors or stats.dropped:
+            text.append("\n")
+            text.append("other ", style="#d787ff bold")
+            text.append("  ".join(others) or "-", style=MUTED)
+            if stats.errors:
+                text.append(f"  errors {human_count(stats.errors)}", style="red bold")
+            if stats.dropped:
+                text.append(f"  dropped {human_count(stats.dropped)}", style="yellow")
+        self.query_one("#rates-text", Static).update(text)
+        self.query_one("#spark-reads", Sparkline).data = [
+            float(v) for v in stats.series.series(now, "read_ops")]
+        self.query_one("#spark-writes", Sparkline).data = [
+            float(v) for v in stats.series.series(now, "write_ops")]

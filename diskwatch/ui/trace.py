@@ -1,0 +1,241 @@
+"""The live trace: one line per run of requests to the same object.
+
+``TraceModel`` is plain Python (no Textual): it turns attributed requests into
+``TraceLine``s, folding consecutive hits on the same object with the same
+operation into one line whose count goes up, and keeps at most ``cap`` lines.
+``TraceView`` is a line-API scroll view over the model's *visible* lines (the
+ones the current filter lets through); only the rows on screen are rendered.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from rich.segment import Segment
+from rich.style import Style
+from textual.geometry import Size
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+from ..events import COMMAND_NAMES, Request
+from ..stats import human_bytes
+
+READ, WRITE = 0, 1
+
+OP_STYLES = {
+    "read": Style(color="#5fd787"),
+    "write": Style(color="#ff5f5f", bold=True),
+    "trim": Style(color="#d787ff"),
+    "zero": Style(color="#d787ff"),
+    "flush": Style(color="#5fafff"),
+    "cache": Style(color="#808080"),
+    "block_status": Style(color="#808080"),
+    "disc": Style(color="#808080"),
+}
+#: colours by block-map object type (shared with the top-objects table)
+TYPE_STYLES = {
+    "v": Style(color="#808080"),
+    "p": Style(color="#5fafff"),
+    "l": Style(color="#5fd7d7"),
+    "d": Style(color="#d7af5f"),
+    "f": Style(color="#e4e4e4"),
+    None: Style(color="#6c6c6c", italic=True),
+}
+DIM = Style(color="#6c6c6c")
+TIME_STYLE = Style(color="#8a8a8a")
+COUNT_STYLE = Style(color="#ffd75f", bold=True)
+DEVICE_STYLE = Style(color="#8a8a8a")
+
+
+@dataclass(slots=True)
+class TraceLine:
+    t: float  # seconds since the session started, of the first request
+    op: str
+    obj: Any  # a BmapObject, or None (offsets only)
+    start: int
+    end: int
+    nbytes: int
+    count: int = 1
+    error: int = 0
+
+    @property
+    def type(self) -> str | None:
+        return self.obj.type if self.obj is not None else None
+
+    def label(self) -> str:
+        if self.obj is not None:
+            return str(self.obj)
+        if self.end <= self.start:
+            return ""
+        return f"@ {self.start:#x}-{self.end:#x}"
+
+
+#: a predicate over trace lines (None = everything passes)
+LineFilter = Callable[[TraceLine], bool] | None
+
+
+class TraceModel:
+    """Folds attributed requests into lines; bounded memory."""
+
+    def __init__(self, started: float = 0.0, cap: int = 5000) -> None:
+        self.started = started
+        self.cap = cap
+        self.lines: deque[TraceLine] = deque(maxlen=cap)
+        self.visible: deque[TraceLine] = deque(maxlen=cap)
+        self.filter: LineFilter = None
+        self.requests = 0
+        self.version = 0  # bumps whenever lines change, so views know to repaint
+
+    def clear(self) -> None:
+        self.lines.clear()
+        self.visible.clear()
+        self.version += 1
+
+    def set_filter(self, keep: LineFilter) -> None:
+        self.filter = keep
+        self.visible = deque(
+            (ln for ln in self.lines if keep is None or keep(ln)), maxlen=self.cap
+        )
+        self.version += 1
+
+    def _push(self, line: TraceLine) -> None:
+        self.lines.append(line)
+        if self.filter is None or self.filter(line):
+            self.visible.append(line)
+
+    def add(self, attributed: Iterable[tuple[Request, list | None]]) -> int:
+        """Add (request, pieces) pairs as Stats.add returns them; returns how
+        many new lines were made (the rest were folded into the last line)."""
+        lines = self.lines
+        started = self.started
+        made = 0
+        for r, pieces in attributed:
+            self.requests += 1
+            op = COMMAND_NAMES[r.command] if r.command < len(COMMAND_NAMES) else str(r.command)
+            if pieces is None:
+                pieces = [(r.offset, r.offset + r.length, None)] if r.length else [(0, 0, None)]
+            for start, end, obj in pieces:
+                last = lines[-1] if lines else None
+                if last is not None and last.op == op and last.obj == obj and (
+                    obj is not None
+                    # without an object, fold sequential runs and exact repeats
+                    or last.end == start
+                    or (last.start == start and last.end == end)
+                ):
+                    last.count += 1
+                    last.nbytes += end - start
+                    if obj is None:
+                        last.start = min(last.start, start)
+                        last.end = max(last.end, end)
+                    if r.error:
+                        last.error = r.error
+                    continue
+                self._push(TraceLine(r.start - started, op, obj, start, end, end - start,
+                                     1, r.error))
+                made += 1
+        self.version += 1
+        return made
+
+
+def _fit_left(text: str, width: int) -> str:
+    """Trim from the left (paths are most telling at their end)."""
+    if width <= 0:
+        return ""
+    if len(text) <= width:
+        return text
+    return "…" + text[len(text) - width + 1:]
+
+
+def render_trace_line(line: TraceLine, width: int) -> list[Segment]:
+    """`  12.345 read  f /dev/sda1 /etc/passwd          4.0K ×12`"""
+    t = f"{line.t:8.3f} "
+    op = f"{line.op[:5]:<6}"
+    tail = f"{human_bytes(line.nbytes):>6}"
+    count = f" ×{line.count}" if line.count > 1 else ""
+    err = f" E{line.error}" if line.error else ""
+    room = width - len(t) - len(op) - len(tail) - len(count) - len(err) - 1
+    obj = line.obj
+    segs = [Segment(t, TIME_STYLE), Segment(op, OP_STYLES.get(line.op, DIM))]
+    if obj is not None:
+        type_style = TYPE_STYLES.get(obj.type, DIM)
+        head = f"{obj.type} "
+        dev = obj.device
+        path = obj.path
+        if path is None:
+            name = _fit_left(dev, room - len(head))
+            segs += [Segment(head, type_style), Segment(name, type_style)]
+            used = len(head) + len(name)
+        else:
+            dev = dev if len(dev) + 1 + len(head) < room // 2 else ""
+            name = _fit_left(path, room - len(head) - (len(dev) + 1 if dev else 0))
+            segs.append(Segment(head, type_style))
+            if dev:
+                segs.append(Segment(dev + " ", DEVICE_STYLE))
+            segs.append(Segment(name, type_style))
+            used = len(head) + (len(dev) + 1 if dev else 0) + len(name)
+    else:
+        name = _fit_left(line.label(), room)
+        segs.append(Segment(name, TYPE_STYLES[None]))
+        used = len(name)
+    pad = max(0, room - used) + 1
+    segs.append(Segment(" " * pad))
+    segs.append(Segment(tail, DIM))
+    if count:
+        segs.append(Segment(count, COUNT_STYLE))
+    if err:
+        segs.append(Segment(err, Style(color="red", bold=True)))
+    return segs
+
+
+class TraceView(ScrollView, can_focus=True):
+    """Scrollable view of a TraceModel; follows the tail unless scrolled up."""
+
+    DEFAULT_CSS = """
+    TraceView { scrollbar-size-vertical: 1; }
+    """
+
+    def __init__(self, model: TraceModel, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.follow = True
+        self.paused = False
+        self._version = -1
+        self._count = 0
+
+    def on_mount(self) -> None:
+        self.border_title = "trace"
+
+    def sync(self) -> None:
+        """Called by the app's timer after the model changed."""
+        if self.model.version == self._version and self._count == len(self.model.visible):
+            return
+        at_end = self.scroll_y >= self.max_scroll_y
+        self._version = self.model.version
+        self._count = len(self.model.visible)
+        self.virtual_size = Size(self.size.width, self._count)
+        if self.follow and at_end and not self.paused:
+            self.scroll_end(animate=False, immediate=True, x_axis=False)
+        self.refresh()
+
+    def on_resize(self) -> None:
+        self.virtual_size = Size(self.size.width, len(self.model.visible))
+        if self.follow:
+            self.scroll_end(animate=False, immediate=True, x_axis=False)
+
+    def render_line(self, y: int) -> Strip:
+        index = int(self.scroll_y) + y
+        width = self.scrollable_content_region.width
+        visible = self.model.visible
+        if index >= len(visible):
+            return Strip.blank(width)
+        segs = render_trace_line(visible[index], width)
+        return Strip(segs).crop_extend(0, width, None)
+
+    def lines_text(self) -> list[str]:
+        """The visible lines as plain text (tests and screenshots use it)."""
+        width = max(self.scrollable_content_region.width, 80)
+        return ["".join(s.text for s in render_trace_line(ln, width)).rstrip()
+                for ln in self.model.visible]
