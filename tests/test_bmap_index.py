@@ -216,23 +216,58 @@ def brute_force(entries: list[BmapEntry], offset: int, length: int) -> list:
     return [tuple(p) for p in pieces]
 
 
-def test_lookup_matches_brute_force_on_random_maps() -> None:
-    rng = random.Random(20140101)
+def scaled(pieces: list, scale: int) -> list:
+    return [(s * scale, e * scale, o) for s, e, o in pieces]
+
+
+@pytest.mark.parametrize("scale", [1, 4096, 3 << 20])
+def test_lookup_matches_brute_force_on_random_maps(scale: int) -> None:
+    # The reference works byte by byte on small coordinates; with every
+    # boundary a multiple of ``scale`` the answer is the same, scaled. Large
+    # scales spread the map over many buckets of the index's coarse table.
+    rng = random.Random(20140101 + scale)
     span = 60
     checked = 0
-    for _ in range(400):
-        entries = random_map(rng, span)
+    for _ in range(300):
+        units = random_map(rng, span)
+        entries = [
+            BmapEntry(1, e.start * scale, e.end * scale, e.type, e.device, e.path) for e in units
+        ]
         m = BlockMap(entries)
         for _ in range(15):
             offset = rng.randrange(span + 10)
             length = rng.randint(1, span)
-            expected = brute_force(entries, offset, length)
-            got = m.lookup(offset, length)
-            assert got == expected, (entries, offset, length)
+            expected = scaled(brute_force(units, offset, length), scale)
+            got = m.lookup(offset * scale, length * scale)
+            assert got == expected, (entries, offset * scale, length * scale)
             named = [o for _, _, o in expected if o is not None]
-            assert m.first(offset, length) == (named[0] if named else None)
-            assert m.objects(offset, length) == list(dict.fromkeys(named))
+            assert m.first(offset * scale, length * scale) == (named[0] if named else None)
+            assert m.objects(offset * scale, length * scale) == list(dict.fromkeys(named))
             best = max(named, key=lambda o: TYPE_RANK[o.type], default=None)
-            assert m.most_specific(offset, length) == best
+            assert m.most_specific(offset * scale, length * scale) == best
             checked += 1
-    assert checked == 6000
+    assert checked == 4500
+
+
+def test_unaligned_requests_on_a_many_bucket_map() -> None:
+    # requests that start and end inside segments, not on unit boundaries
+    rng = random.Random(7)
+    units = random_map(rng, 200) + [entry(i * 3, i * 3 + 2, f(f"/f{i}")) for i in range(60)]
+    scale = 1 << 16
+    entries = [
+        BmapEntry(1, e.start * scale, e.end * scale, e.type, e.device, e.path) for e in units
+    ]
+    m = BlockMap(entries)
+    for _ in range(2000):
+        offset = rng.randrange(220 * scale)
+        length = rng.randint(1, 8 * scale)
+        got = m.lookup(offset, length)
+        # check against the unit-level reference on the enclosing units
+        lo, hi = offset // scale, -(-(offset + length) // scale)
+        ref = scaled(brute_force(units, lo, hi - lo), scale)
+        clipped = [
+            (max(s, offset), min(e, offset + length), o)
+            for s, e, o in ref
+            if s < offset + length and e > offset
+        ]
+        assert got == clipped
