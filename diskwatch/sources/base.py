@@ -25,6 +25,9 @@ class SourceError(OSError):
     def __init__(self, err: int, message: str):
         super().__init__(err, message)
 
+    def __str__(self) -> str:
+        return self.strerror
+
 
 class FastZeroUnsupported(SourceError):
     """zero(..., fast=True) cannot be done faster than writing zeroes."""

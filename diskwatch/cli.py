@@ -1,0 +1,427 @@
+"""Command line: builds the source stack, the server, the sinks, and runs them.
+
+    diskwatch IMAGE [--bmap MAP] [--run CMD] [--headless] ...
+    diskwatch bmap IMAGE -o MAP
+    diskwatch demo [--churn]
+
+Nothing imports this module; it only wires the others together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+
+from . import __version__
+
+log = logging.getLogger("diskwatch")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 1 (2 for usage)."""
+
+
+def _size(text: str) -> int:
+    from .sources import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("source")
+    g.add_argument("-r", "--readonly", action="store_true", help="serve read-only: writes get EPERM")
+    g.add_argument("--snapshot", action="store_true",
+                   help="writes go to a temporary overlay, deleted at exit; the image is never modified")
+    g.add_argument("--xz-max-block", type=_size, default="512M", metavar="SIZE",
+                   help="refuse .xz files with larger blocks (default 512M)")
+    g.add_argument("--xz-cache", type=int, default=8, metavar="N",
+                   help="decompressed xz blocks kept in memory (default 8)")
+    g.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="extra HTTP header (repeatable)")
+    g.add_argument("--user", help="user name for http/ftp/sftp")
+    g.add_argument("--password", help="password for http/ftp/sftp ('-' reads it from stdin)")
+    g.add_argument("--timeout", type=float, default=30.0, help="network timeout, seconds")
+    g.add_argument("--retries", type=int, default=3, help="retries of a failed network read")
+    g.add_argument("--connections", type=int, default=4, help="parallel network connections")
+    g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    g.add_argument("--stream-to", metavar="PATH",
+                   help="turn the client's writes into a byte stream into PATH (FIFO, file, socket)")
+    g.add_argument("--size", type=_size, metavar="SIZE", help="size of the --stream-to disk")
+    g.add_argument("--window", type=_size, default="64M", metavar="SIZE",
+                   help="how far back a --stream-to client may seek (default 64M)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diskwatch",
+        description="Serve a disk image over NBD and watch, live, what the client reads and writes.",
+        epilog="Other commands: 'diskwatch bmap IMAGE -o MAP' (make a block map), "
+               "'diskwatch demo' (boot a tiny Linux guest and watch it).")
+    p.add_argument("source", nargs="?", help="disk image: raw file, .xz file, or http/https/ftp/sftp URL")
+    p.add_argument("--version", action="version", version=f"diskwatch {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
+    _source_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("-U", "--unix", metavar="PATH",
+                   help="listen on a unix socket; '-' makes a private one (default with --run)")
+    g.add_argument("-p", "--port", type=int, help="listen on TCP PORT (0: any free port)")
+    g.add_argument("-i", "--ipaddr", default="127.0.0.1", help="TCP address (default 127.0.0.1)")
+    g.add_argument("-e", "--export-name", default="", help="export name (default: empty)")
+    g.add_argument("--run", metavar="CMD",
+                   help="run CMD with $nbd, $uri, $unixsocket, $port, $exportname set; "
+                        "exit with its status when it exits")
+    g = p.add_argument_group("watching")
+    g.add_argument("--bmap", metavar="MAP",
+                   help="block map naming offsets; generated first if the file does not exist")
+    g.add_argument("--headless", action="store_true", help="no UI: print the trace as text")
+    g.add_argument("--log", metavar="FILE", help="write the text trace to FILE (also with the UI)")
+    g.add_argument("--record", metavar="FILE", help="write every request as JSON lines to FILE")
+    g.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                   help="how libguestfs and the demo run qemu (auto probes KVM)")
+    return p
+
+
+def build_bmap_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diskwatch bmap",
+                                description="Make a block map of a disk image with libguestfs.")
+    p.add_argument("source", help="disk image: raw file, .xz file or URL")
+    p.add_argument("-o", "--output", required=True, help="block map file to write")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    _source_args(p)
+    return p
+
+
+def build_demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diskwatch demo",
+                                description="Build a tiny Linux guest, map it, boot it and watch it.")
+    p.add_argument("--churn", action="store_true",
+                   help="a guest that keeps rewriting log files and re-reading a big file")
+    p.add_argument("--headless", action="store_true", help="text trace instead of the UI")
+    p.add_argument("--cache-dir", default=os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diskwatch"))
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _source_options(args):
+    from .sources import SourceOptions
+    password = args.password
+    if password == "-":
+        password = sys.stdin.readline().rstrip("\n")
+    return SourceOptions(
+        readonly=args.readonly, snapshot=args.snapshot, xz_max_block=args.xz_max_block,
+        xz_cache=args.xz_cache, headers=args.header, user=args.user, password=password,
+        timeout=args.timeout, retries=args.retries, connections=args.connections,
+        insecure=args.insecure, stream_to=args.stream_to, size=args.size, window=args.window)
+
+
+def _open_source(args):
+    from .sources import open_source
+    return open_source(args.source, _source_options(args))
+
+
+# --- progress line for generation in headless mode -------------------------
+
+class ProgressPrinter:
+    """Prints Progress events on stderr: one updating line on a terminal,
+    a line every few seconds otherwise."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._last = 0.0
+
+    def __call__(self, event) -> None:
+        from .events import Message, Progress
+        if isinstance(event, Message) and event.source == "diskwatch":
+            self._clear()
+            print(f"diskwatch: {event.text}", file=self.stream)
+            return
+        if not isinstance(event, Progress):
+            return
+        if event.phase == "done":
+            self._clear()
+            print(f"diskwatch: block map: {event.summary}", file=self.stream)
+            return
+        now = time.monotonic()
+        if now - self._last < (0.1 if self.tty else 5.0):
+            return
+        self._last = now
+        total = f"/{event.total}" if event.total else ""
+        line = (f"block map: {event.phase} {event.done}{total} "
+                f"({event.rate:.0f}/s) {event.current}")
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 1
+            self.stream.write("\r" + line[:width].ljust(width))
+            self.stream.flush()
+        else:
+            print(f"diskwatch: {line}", file=self.stream)
+
+    def _clear(self) -> None:
+        if self.tty:
+            self.stream.write("\r" + " " * (shutil.get_terminal_size().columns - 1) + "\r")
+
+
+def generate_map(source, out_path: str, accel: str, bus=None) -> None:
+    from .bmap.format import write_bmap  # noqa: F401  (fails early if missing)
+    from .bmap.generate import generate_bmap
+    from .events import Bus
+    bus = bus or Bus()
+    printer = ProgressPrinter()
+    bus.on_event(printer)
+    tmp = out_path + ".tmp"
+    try:
+        generate_bmap(source, tmp, bus=bus, accel=accel)
+        os.replace(tmp, out_path)  # never leave a half-written map under the real name
+    finally:
+        bus.unsubscribe(printer)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_map(path: str):
+    from .bmap.index import BlockMap
+    return BlockMap.load(path)
+
+
+# --- serve ------------------------------------------------------------------
+
+def serve(args) -> int:
+    from .events import Bus, RequestBuffer
+    from .server import Server, ServerThread, nbd_uri, private_socket_path
+    from .server.captive import Captive, captive_env
+    from .session import Session
+
+    if args.source is None and not args.stream_to:
+        raise UsageError("no disk image given: diskwatch IMAGE [--run CMD] (see --help)")
+    if args.unix and args.port is not None:
+        raise UsageError("give -U or -p, not both")
+    source = _open_source(args)
+    bus = Bus()
+    blockmap = None
+    if args.bmap:
+        if not os.path.exists(args.bmap):
+            print(f"diskwatch: {args.bmap} does not exist: generating it first", file=sys.stderr)
+            generate_map(source, args.bmap, args.accel)
+        blockmap = load_map(args.bmap)
+
+    server = Server({args.export_name: source}, bus)
+    private_dir = None
+    unix = args.unix
+    if unix is None and args.port is None:
+        unix = "-" if args.run else None
+    if unix == "-":
+        private_dir, unix = private_socket_path()
+    if unix:
+        server.listen_unix(unix)
+        kind, addr = "unix", unix
+    else:
+        port = server.listen_tcp(args.ipaddr, 10809 if args.port is None else args.port)
+        kind, addr = "tcp", (args.ipaddr, port)
+    uri = nbd_uri(kind, addr, args.export_name)
+    t0 = time.monotonic()
+    session = Session(bus=bus, size=source.size, description=source.description, uri=uri,
+                      command=args.run, blockmap=blockmap, started=t0)
+
+    sinks = []
+    files = []
+    buffer = RequestBuffer(limit=500_000)
+    from .trace import JsonlRecorder, TextTrace
+    if args.headless:
+        out = sys.stdout
+        if args.log:
+            out = open(args.log, "w", buffering=1 << 16)
+            files.append(out)
+        sinks.append(TextTrace(out, blockmap, t0))
+    elif args.log:
+        f = open(args.log, "w", buffering=1 << 16)
+        files.append(f)
+        sinks.append(TextTrace(f, blockmap, t0))
+    if args.record:
+        f = open(args.record, "w", buffering=1 << 16)
+        files.append(f)
+        sinks.append(JsonlRecorder(f, blockmap, t0))
+    if sinks:
+        bus.on_requests(buffer)
+
+    thread = ServerThread(server).start()
+    captive = None
+    status = 0
+    try:
+        if args.run:
+            captive = Captive(args.run, captive_env(kind, addr, args.export_name),
+                              capture=not args.headless, bus=bus)
+            session.stop_command = captive.stop
+        else:
+            print(f"diskwatch: serving {source.description} at {uri}", file=sys.stderr)
+
+        if args.headless:
+            status = _run_headless(captive, buffer, sinks, session)
+        else:
+            status = _run_ui(session, captive, buffer, sinks)
+    finally:
+        thread.stop()
+        if captive is not None and captive.running:
+            captive.stop()
+        for s in sinks:
+            s.close()
+        for f in files:
+            f.close()
+        source.close()
+        if private_dir:
+            shutil.rmtree(private_dir, ignore_errors=True)
+        elif unix and os.path.exists(unix):
+            os.unlink(unix)
+    dropped = getattr(buffer, "total_dropped", 0)
+    if dropped:
+        print(f"diskwatch: {dropped} requests were not traced (the trace could not keep up)",
+              file=sys.stderr)
+    return status
+
+
+def _drain(buffer, sinks, now: float) -> None:
+    batch, dropped = buffer.drain()
+    if dropped:
+        buffer.total_dropped = getattr(buffer, "total_dropped", 0) + dropped
+    if batch:
+        for s in sinks:
+            s.feed(batch)
+    for s in sinks:
+        s.tick(now)
+
+
+def _run_headless(captive, buffer, sinks, session) -> int:
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        if captive is not None:
+            captive.on_exit = lambda status: stop.set()
+            captive.start()
+        while not stop.is_set():
+            stop.wait(0.1)  # the trace is written at 10 Hz from aggregated batches
+            _drain(buffer, sinks, time.monotonic())
+        if captive is not None and received:
+            # Interrupted: the command goes too (it may already have the
+            # terminal's SIGINT), then its status is ours.
+            captive.stop()
+        _drain(buffer, sinks, float("inf"))
+        if captive is not None:
+            return captive.wait() or 0
+        return 0
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _run_ui(session, captive, buffer, sinks) -> int:
+    from .ui.app import DiskwatchApp
+    app = DiskwatchApp(session)
+    if captive is not None:
+        def on_exit(status: int) -> None:
+            session.exit_status = status
+        captive.on_exit = on_exit
+    if sinks:
+        # --log beside the UI: drained by a timer thread, not by the UI.
+        stop = threading.Event()
+
+        def pump():
+            while not stop.wait(0.1):
+                _drain(buffer, sinks, time.monotonic())
+            _drain(buffer, sinks, float("inf"))
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+    if captive is not None:
+        captive.start()
+    try:
+        result = app.run()
+    finally:
+        if sinks:
+            stop.set()
+            t.join()
+    if captive is not None:
+        if captive.running:
+            captive.stop()
+        return captive.wait() or 0
+    return result if isinstance(result, int) else 0
+
+
+def bmap_main(argv: list[str]) -> int:
+    args = build_bmap_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    source = _open_source(args)
+    try:
+        generate_map(source, args.output, args.accel)
+    finally:
+        source.close()
+    return 0
+
+
+def demo_main(argv: list[str]) -> int:
+    args = build_demo_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from .demo.run import run_demo
+    return run_demo(args)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="diskwatch: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        if argv and argv[0] == "bmap":
+            return bmap_main(argv[1:])
+        if argv and argv[0] == "demo":
+            return demo_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        _setup_logging(args.verbose)
+        return serve(args)
+    except KeyboardInterrupt:
+        return 130
+    except (UsageError, OSError, ValueError, ImportError) as e:
+        if verbose:
+            raise
+        msg = str(e)
+        if isinstance(e, OSError) and e.strerror:
+            msg = e.strerror + (f": {e.filename}" if e.filename else "")
+        if isinstance(e, ImportError):
+            msg = _import_hint(e)
+        print(f"diskwatch: {msg}", file=sys.stderr)
+        return 1
+
+
+def _import_hint(e: ImportError) -> str:
+    name = getattr(e, "name", "") or ""
+    hints = {
+        "guestfs": "the libguestfs Python module is missing: apt-get install python3-guestfs "
+                   "libguestfs-tools (and use Debian's python3 or a venv made with "
+                   "--system-site-packages)",
+        "nbd": "the libnbd Python module is missing: apt-get install python3-libnbd",
+        "pycurl": "pycurl is missing: apt-get install python3-pycurl",
+        "xz": "python-xz is missing: pip install python-xz",
+        "textual": "textual is missing: pip install textual",
+    }
+    return hints.get(name, f"{e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Captive mode (--run): run a command against the server, exit with its status.
+
+As nbdkit does: the command runs under /bin/sh once the server listens, with
+``$nbd``, ``$uri``, ``$unixsocket``, ``$port`` and ``$exportname`` set; when it
+exits, diskwatch exits with its status (128+N if a signal N killed it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+
+from ..events import Bus, Message
+from . import nbd_uri, qemu_nbd_url
+
+
+def captive_env(kind: str, addr, export: str = "") -> dict[str, str]:
+    """The variables nbdkit sets for --run."""
+    env = {
+        "uri": nbd_uri(kind, addr, export),
+        "nbd": qemu_nbd_url(kind, addr, export),
+        "exportname": export,
+        "unixsocket": addr if kind == "unix" else "",
+        "port": "" if kind == "unix" else str(addr[1]),
+    }
+    return env
+
+
+def exit_status(returncode: int) -> int:
+    """Popen's returncode as a shell reports it."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Captive:
+    """The captive command.
+
+    With ``capture=False`` it shares our terminal and process group, like
+    nbdkit's (so an interactive nbdsh works and Ctrl-C reaches it). With
+    ``capture=True`` (under the UI) it gets its own session, no terminal
+    input, and its output goes line by line to the bus as ``Message`` events
+    so it never scribbles over the screen.
+    """
+
+    def __init__(self, command: str, env: dict[str, str], *, capture: bool = False,
+                 bus: Bus | None = None, on_exit: Callable[[int], None] | None = None):
+        self.command = command
+        self.env = {**os.environ, **env}
+        self.capture = capture
+        self.bus = bus
+        self.on_exit = on_exit
+        self.proc: subprocess.Popen | None = None
+        self.status: int | None = None
+        self._done = threading.Event()
+        self._readers: list[threading.Thread] = []
+
+    def start(self) -> None:
+        kwargs: dict = {}
+        if self.capture:
+            kwargs = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(["/bin/sh", "-c", self.command], env=self.env, **kwargs)
+        if self.capture:
+            for stream, name in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr")):
+                t = threading.Thread(target=self._pump, args=(stream, name), daemon=True,
+                                     name=f"captive-{name}")
+                t.start()
+                self._readers.append(t)
+        threading.Thread(target=self._wait, daemon=True, name="captive-wait").start()
+
+    def _pump(self, stream, name: str) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if self.bus is not None:
+                self.bus.publish(Message(line, source=name))
+        stream.close()
+
+    def _wait(self) -> None:
+        rc = self.proc.wait()
+        for t in self._readers:
+            t.join()  # all output is out before the exit is announced
+        self.status = exit_status(rc)
+        if self.bus is not None:
+            self.bus.publish(Message(f"command exited with status {self.status}", source="exit",
+                                     level="info" if self.status == 0 else "warning",
+                                     status=self.status))
+        self._done.set()
+        if self.on_exit is not None:
+            self.on_exit(self.status)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and not self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._done.wait(timeout)
+        return self.status
+
+    def signal(self, sig: int) -> None:
+        if self.proc is None or self._done.is_set():
+            return
+        try:
+            if self.capture:
+                os.killpg(self.proc.pid, sig)  # its own session: the whole group
+            else:
+                self.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited after ``grace`` seconds."""
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        if self.wait(grace) is None:
+            self.signal(signal.SIGKILL)
+            self.wait()
+        return self.status

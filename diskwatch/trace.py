@@ -1,0 +1,175 @@
+"""Text trace and JSONL recorder: the sinks of --headless and --log/--record.
+
+Both consume drained batches of ``Request`` events (see ``RequestBuffer``);
+nothing here runs in the server's thread.
+
+The text trace writes one line per run: adjacent requests of the same kind
+(offset continuing where the last one ended) merge; with a block map, a run
+is "the same operation on the same object" and the line has bmaplogger's
+form, ``read f /dev/sda1 /Boot/BCD``, followed by the byte ranges it covered.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import IO
+
+from .events import COMMAND_NAMES, Command, Request
+
+# Commands that touch data at an offset (the others are shown once, plainly).
+_RANGED = {Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Command.CACHE}
+MAX_RANGES_SHOWN = 4
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}".replace(".0 ", " ")
+        n /= 1024
+    return str(n)
+
+
+class _Run:
+    __slots__ = ("op", "obj", "start_t", "ranges", "count", "nbytes", "errors")
+
+    def __init__(self, op: int, obj, t: float, offset: int, length: int, err: int):
+        self.op = op
+        self.obj = obj
+        self.start_t = t
+        self.ranges = [[offset, offset + length]]
+        self.count = 1
+        self.nbytes = length
+        self.errors = 1 if err else 0
+
+
+class TextTrace:
+    """Formats request events as text lines, merging runs."""
+
+    def __init__(self, out: IO[str], blockmap=None, t0: float = 0.0, idle_flush: float = 0.5):
+        self.out = out
+        self.blockmap = blockmap
+        self.t0 = t0
+        self.idle_flush = idle_flush
+        self._run: _Run | None = None
+        self._last_t = 0.0
+        self.lines = 0
+
+    def feed(self, batch: list[Request]) -> None:
+        bm = self.blockmap
+        for r in batch:
+            cmd = r.command
+            if cmd == Command.BLOCK_STATUS:
+                # Clients ask before nearly every read (nbdcopy, qemu-img): in
+                # a trace of what the disk does it is noise. --record keeps it.
+                continue
+            if cmd not in _RANGED:
+                # flush, disc, block status: repeats of one kind make one line
+                run = self._run
+                if run is not None and run.op == cmd and run.ranges is None:
+                    run.count += 1
+                    run.errors += 1 if r.error else 0
+                else:
+                    self._emit()
+                    self._run = _Run(cmd, None, r.start, 0, 0, r.error)
+                    self._run.ranges = None
+                self._last_t = r.start
+                continue
+            if bm is not None:
+                for start, end, obj in bm.lookup(r.offset, r.length):
+                    self._add(cmd, obj, r.start, start, end - start, r.error, by_object=True)
+            else:
+                self._add(cmd, None, r.start, r.offset, r.length, r.error, by_object=False)
+            self._last_t = r.start
+
+    def _add(self, cmd, obj, t, offset, length, err, by_object: bool) -> None:
+        run = self._run
+        if run is not None and run.op == cmd and run.ranges is not None:
+            last = run.ranges[-1]
+            if by_object and run.obj == obj:
+                if last[1] == offset:
+                    last[1] = offset + length
+                else:
+                    run.ranges.append([offset, offset + length])
+                run.count += 1
+                run.nbytes += length
+                run.errors += 1 if err else 0
+                return
+            if not by_object and last[1] == offset:
+                last[1] = offset + length
+                run.count += 1
+                run.nbytes += length
+                run.errors += 1 if err else 0
+                return
+        self._emit()
+        self._run = _Run(cmd, obj, t, offset, length, err)
+
+    def tick(self, now: float) -> None:
+        """Called on a timer: a run that has been quiet for a while is written
+        out, so the trace never lags behind a paused guest."""
+        if self._run is not None and now - self._last_t >= self.idle_flush:
+            self._emit()
+
+    def _emit(self) -> None:
+        run = self._run
+        if run is None:
+            return
+        self._run = None
+        op = COMMAND_NAMES[run.op]
+        if run.ranges is None:
+            text = op if run.count == 1 else f"{op} x{run.count}"
+            if run.errors:
+                text += f" ({run.errors} failed)"
+            self._write(run.start_t, text)
+            return
+        shown = ", ".join(f"{s:#x}-{e:#x}" for s, e in run.ranges[:MAX_RANGES_SHOWN])
+        if len(run.ranges) > MAX_RANGES_SHOWN:
+            shown += f", +{len(run.ranges) - MAX_RANGES_SHOWN} more"
+        detail = f"{human_bytes(run.nbytes)}"
+        if run.count > 1:
+            detail += f" in {run.count} requests"
+        if run.errors:
+            detail += f", {run.errors} failed"
+        if self.blockmap is not None:
+            what = str(run.obj) if run.obj is not None else "- (no object: metadata or free space)"
+            text = f"{op} {what}  [{shown}] {detail}"
+        else:
+            text = f"{op} {shown} {detail}"
+        self._write(run.start_t, text)
+
+    def _write(self, t: float, text: str) -> None:
+        self.out.write(f"[{t - self.t0:9.3f}] {text}\n")
+        self.lines += 1
+
+    def close(self) -> None:
+        self._emit()
+        self.out.flush()
+
+
+class JsonlRecorder:
+    """One JSON object per request, for offline analysis (--record)."""
+
+    def __init__(self, out: IO[str], blockmap=None, t0: float = 0.0):
+        self.out = out
+        self.blockmap = blockmap
+        self.t0 = t0
+
+    def feed(self, batch: list[Request]) -> None:
+        bm = self.blockmap
+        write = self.out.write
+        for r in batch:
+            rec = {
+                "t": round(r.start - self.t0, 6), "conn": r.conn, "export": r.export,
+                "op": COMMAND_NAMES[r.command] if r.command < len(COMMAND_NAMES) else r.command,
+                "offset": r.offset, "length": r.length, "flags": r.flags,
+                "duration": round(r.duration, 9), "error": r.error,
+            }
+            if bm is not None and r.command in _RANGED:
+                rec["objects"] = [str(o) if o is not None else None
+                                  for o in bm.objects(r.offset, r.length)]
+            write(json.dumps(rec) + "\n")
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def close(self) -> None:
+        self.out.flush()
