@@ -94,6 +94,7 @@ class DiskwatchApp(App[int | None]):
         self._last_tick = clock()
         self._ticks = 0
         self._quitting = False
+        self._views_ready = False
 
     # -- layout --
 
@@ -112,10 +113,20 @@ class DiskwatchApp(App[int | None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(TopObjects).has_map = self.session.blockmap is not None
+        # Held, not queried: a modal screen may be on top when the timer fires.
+        self.trace_view = self.query_one(TraceView)
+        self.heatmap = self.query_one(Heatmap)
+        self.rates = self.query_one(Rates)
+        self.top = self.query_one(TopObjects)
+        self.status_bar = self.query_one(StatusBar)
+        self.output = self.query_one(CommandOutput)
+        self.bmap_progress = self.query_one(BmapProgress)
+        self.search_input = self.query_one("#search", Input)
+        self._views_ready = True
+        self.top.has_map = self.session.blockmap is not None
         if self.session.command is None:
-            self.query_one(CommandOutput).display = False
-        self.query_one(TraceView).focus()
+            self.output.display = False
+        self.trace_view.focus()
         self._refresh_views(force=True)
         self.set_interval(self.tick, self._on_tick)
 
@@ -134,6 +145,8 @@ class DiskwatchApp(App[int | None]):
     def pump(self) -> None:
         """Drain what came since the last call and repaint (the timer calls it;
         tests may too)."""
+        if not self._views_ready:
+            return
         now = self.clock()
         dt, self._last_tick = now - self._last_tick, now
         if self.session.blockmap is not self.collector.blockmap:
@@ -156,15 +169,15 @@ class DiskwatchApp(App[int | None]):
 
     def _refresh_views(self, force: bool = False) -> None:
         now = self.clock()
-        self.query_one(TraceView).sync()
-        self.query_one(Heatmap).refresh()
-        self.query_one(Rates).update_stats(self.stats, now)
+        self.trace_view.sync()
+        self.heatmap.refresh()
+        self.rates.update_stats(self.stats, now)
         if force or self._ticks % 5 == 0:  # a table of names need not move at 10 Hz
-            self.query_one(TopObjects).update_stats(self.stats, self._object_filter())
+            self.top.update_stats(self.stats, self._object_filter())
         self._refresh_status()
 
     def _refresh_status(self) -> None:
-        self.query_one(StatusBar).show(
+        self.status_bar.show(
             description=self.session.description,
             size=self.session.size,
             elapsed=self.clock() - self.session.started,
@@ -182,8 +195,8 @@ class DiskwatchApp(App[int | None]):
 
     def _set_blockmap(self, blockmap: Any) -> None:
         self.collector.blockmap = blockmap
-        self.query_one(Heatmap).set_blockmap(blockmap)
-        top = self.query_one(TopObjects)
+        self.heatmap.set_blockmap(blockmap)
+        top = self.top
         top.has_map = blockmap is not None
         top.update_stats(self.stats, self._object_filter())
 
@@ -192,9 +205,9 @@ class DiskwatchApp(App[int | None]):
     def handle_event(self, event: object) -> None:
         if isinstance(event, Progress):
             self.progress = event
-            self.query_one(BmapProgress).update_progress(event)
+            self.bmap_progress.update_progress(event)
         elif isinstance(event, Message):
-            output = self.query_one(CommandOutput)
+            output = self.output
             output.display = True
             output.add_message(event)
             if event.source == "exit":
@@ -255,18 +268,18 @@ class DiskwatchApp(App[int | None]):
 
     def _apply_filters(self) -> None:
         self.trace_model.set_filter(self._line_filter())
-        trace = self.query_one(TraceView)
+        trace = self.trace_view
         trace.follow = True
         trace.sync()
         trace.scroll_end(animate=False, immediate=True, x_axis=False)
-        self.query_one(TopObjects).update_stats(self.stats, self._object_filter())
+        self.top.update_stats(self.stats, self._object_filter())
         self._refresh_status()
 
     # -- actions --
 
     def action_pause(self) -> None:
         self.paused = not self.paused
-        trace = self.query_one(TraceView)
+        trace = self.trace_view
         trace.paused = self.paused
         if not self.paused:
             if self.held:
@@ -287,7 +300,7 @@ class DiskwatchApp(App[int | None]):
         self._apply_filters()
 
     def action_search(self) -> None:
-        search = self.query_one("#search", Input)
+        search = self.search_input
         search.value = self.search_text
         search.add_class("-visible")
         search.focus()
@@ -300,15 +313,15 @@ class DiskwatchApp(App[int | None]):
         if event.input.id == "search":
             self.set_search(event.value)
             event.input.remove_class("-visible")
-            self.query_one(TraceView).focus()
+            self.trace_view.focus()
 
     def on_key(self, event: Any) -> None:
-        search = self.query_one("#search", Input)
+        search = self.search_input
         if event.key == "escape" and search.has_focus:
             search.value = ""
             search.remove_class("-visible")
             self.set_search("")
-            self.query_one(TraceView).focus()
+            self.trace_view.focus()
             event.stop()
 
     def action_clear(self) -> None:
@@ -319,16 +332,16 @@ class DiskwatchApp(App[int | None]):
         self._refresh_views(force=True)
 
     def action_sort_top(self) -> None:
-        top = self.query_one(TopObjects)
+        top = self.top
         top.toggle_sort()
         top.update_stats(self.stats, self._object_filter())
 
     def action_toggle(self, panel: str) -> None:
-        widget = self.query_one(f"#{panel}")
+        widget = self.screen_stack[0].query_one(f"#{panel}")
         widget.display = not widget.display
 
     def action_follow(self) -> None:
-        trace = self.query_one(TraceView)
+        trace = self.trace_view
         trace.follow = True
         trace.scroll_end(animate=False, immediate=True, x_axis=False)
 

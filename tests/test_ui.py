@@ -1,0 +1,370 @@
+"""Pilot tests of the Textual UI with real traffic: Debian's libnbd Python
+client against diskwatch's own server, serving a real image file, named
+through a small hand-written block map."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import subprocess
+import threading
+import time
+
+import pytest
+
+from diskwatch.bmap.index import BlockMap
+from diskwatch.events import Bus, ConnectionEvent, Message, Progress
+from diskwatch.server.server import Server, ServerThread
+from diskwatch.session import Session
+from diskwatch.sources.file import FileSource
+from diskwatch.ui.app import DiskwatchApp
+from diskwatch.ui.heatmap import Heatmap
+from diskwatch.ui.output import CommandOutput
+from diskwatch.ui.progress import BmapProgress
+from diskwatch.ui.rates import Rates
+from diskwatch.ui.screens import ConfirmQuit, HelpScreen
+from diskwatch.ui.top import TopObjects
+from diskwatch.ui.trace import TraceView
+
+nbd = pytest.importorskip("nbd", reason="Debian's python3-libnbd is needed (make setup)")
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+PASSWD = 3 * MiB  # 8 KiB
+BUSYBOX = 4 * MiB  # 2 MiB
+LOG = 10 * MiB  # 1 MiB
+BMAP = f"""\
+# a hand-written map of the test image: two partitions, a few files
+1 0 {SIZE:x} v /dev/sda
+1 {MiB:x} {40 * MiB:x} p /dev/sda1
+1 {40 * MiB:x} {SIZE:x} p /dev/sda2
+1 {2 * MiB:x} {2 * MiB + 4096:x} d /dev/sda1 /etc
+1 {PASSWD:x} {PASSWD + 8192:x} f /dev/sda1 /etc/passwd
+1 {BUSYBOX:x} {BUSYBOX + 2 * MiB:x} f /dev/sda1 /bin/busybox
+1 {LOG:x} {LOG + MiB:x} f /dev/sda1 /var/log/boot log.txt
+1 {41 * MiB:x} {45 * MiB:x} f /dev/sda2 /Program Files (x86)/McAfee/log0.txt
+"""
+
+
+def sync(coro_fn):
+    """Run an async test with asyncio.run (no pytest-asyncio needed)."""
+
+    @functools.wraps(coro_fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(coro_fn(*args, **kwargs))
+
+    return wrapper
+
+
+class Served:
+    """A real image served by diskwatch's server in its own thread."""
+
+    def __init__(self, tmp_path, *, blockmap=True, command=None):
+        self.image = tmp_path / "disk.img"
+        with open(self.image, "wb") as f:
+            f.truncate(SIZE)
+            f.seek(PASSWD)
+            f.write(b"root:x:0:0:root:/root:/bin/sh\n".ljust(8192, b"\n"))
+        (tmp_path / "disk.bmap").write_text(BMAP)
+        self.blockmap = BlockMap.load(tmp_path / "disk.bmap")
+        self.bus = Bus()
+        self.server = Server({"": FileSource(str(self.image))}, self.bus)
+        sock = str(tmp_path / "nbd.sock")
+        self.server.listen_unix(sock)
+        self.thread = ServerThread(self.server).start()
+        self.uri = f"nbd+unix:///?socket={sock}"
+        self.session = Session(
+            bus=self.bus, size=SIZE, description="file disk.img", uri=self.uri,
+            command=command, blockmap=self.blockmap if blockmap else None,
+        )
+
+    def client(self):
+        h = nbd.NBD()
+        h.connect_uri(self.uri)
+        return h
+
+    def stop(self):
+        self.thread.stop()
+
+
+@pytest.fixture
+def served(tmp_path):
+    s = Served(tmp_path)
+    yield s
+    s.stop()
+
+
+async def wait_for(pilot, app, condition, timeout=10.0):
+    """Pump the app until condition() holds: the server publishes a batch just
+    after its replies are on their way, so the client can be a moment ahead."""
+    deadline = time.monotonic() + timeout
+    while True:
+        app.pump()
+        if condition():
+            await pilot.pause()
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {condition.__doc__ or condition}")
+        await pilot.pause(0.01)
+
+
+def trace_text(app) -> list[str]:
+    return app.query_one(TraceView).lines_text()
+
+
+@sync
+async def test_trace_names_the_files_a_client_reads(served):
+    app = DiskwatchApp(served.session)
+    async with app.run_test(size=(120, 36)) as pilot:
+        h = served.client()
+        assert h.pread(8192, PASSWD).startswith(b"root:x:0:0")
+        for _ in range(2):
+            h.pread(8192, PASSWD)
+        for i in range(8):
+            h.pread(65536, BUSYBOX + i * 65536)
+        for i in range(5):
+            h.pwrite(b"log line\n".ljust(4096), LOG + i * 4096)
+        h.flush()
+        h.pread(4096, 50 * MiB)  # in sda2, but in no file
+        await wait_for(pilot, app, lambda: app.stats.requests == 3 + 8 + 5 + 1 + 1)
+        lines = trace_text(app)
+        passwd = [ln for ln in lines if "/etc/passwd" in ln]
+        assert len(passwd) == 1 and passwd[0].split()[1] == "read" and passwd[0].endswith("×3")
+        assert any("/bin/busybox" in ln and ln.endswith("×8") for ln in lines)
+        log = [ln for ln in lines if "/var/log/boot log.txt" in ln]
+        assert len(log) == 1 and " write " in log[0] and log[0].endswith("×5")
+        assert any(" flush " in ln for ln in lines)
+        assert lines[-1].split()[1:4] == ["read", "p", "/dev/sda2"]  # newest at the bottom
+        # top objects: busybox read most, the log written most
+        top = app.query_one(TopObjects)
+        app._refresh_views(force=True)
+        await pilot.pause()
+        assert str(top.render()).splitlines()[1].split()[:3] == ["f", "/bin/busybox", "8"]
+        await pilot.press("s")
+        assert "/var/log/boot log.txt" in str(top.render()).splitlines()[1]
+        h.shutdown()
+
+
+@sync
+async def test_heatmap_lights_the_cells_read_and_written(served):
+    app = DiskwatchApp(served.session)
+    async with app.run_test(size=(100, 30)) as pilot:
+        heatmap = app.query_one(Heatmap)
+        heat = app.stats.heat
+        h = served.client()
+        h.pread(8192, PASSWD)
+        h.pwrite(b"x" * 4096, LOG)
+        await wait_for(pilot, app, lambda: app.stats.requests == 2)
+        cs = heat.cell_size
+
+        def cells(offset, length):
+            return list(range(offset // cs, (offset + length - 1) // cs + 1))
+
+        read_cell, write_cell = cells(PASSWD, 8192)[0], cells(LOG, 4096)[0]
+        assert [i for i, v in enumerate(heat.reads) if v] == cells(PASSWD, 8192)
+        assert [i for i, v in enumerate(heat.writes) if v] == cells(LOG, 4096)
+        # lit cells are drawn in another colour than their partition's tint
+        assert heatmap.cell_rgb(read_cell) != heatmap._bases[read_cell]
+        assert heatmap.cell_rgb(read_cell)[1] > heatmap.cell_rgb(read_cell)[0]  # green
+        assert heatmap.cell_rgb(write_cell)[0] > heatmap.cell_rgb(write_cell)[1]  # red
+        # partitions are named in the legend
+        legend = "".join(seg.text for line in heatmap._legend for seg in line)
+        assert "sda1" in legend and "sda2" in legend
+        # the cell under the mouse: its byte range and the file in it
+        region = heatmap.content_region
+        x, y = read_cell % heatmap._cols, read_cell // heatmap._cols // 2
+        await pilot.hover(Heatmap, offset=(x + region.x - heatmap.region.x,
+                                           y + region.y - heatmap.region.y))
+        assert heatmap.cursor is not None
+        start, end = heat.cell_range(heatmap.cursor)
+        assert start <= PASSWD < end
+        info = "".join(s.text for s in heatmap._info_line())
+        assert f"{start:#x}-{end:#x}" in info and "/etc/passwd" in info
+        h.shutdown()
+
+
+@sync
+async def test_counters_match_what_the_client_did(served):
+    app = DiskwatchApp(served.session)
+    async with app.run_test(size=(80, 24)) as pilot:
+        h = served.client()
+        await wait_for(pilot, app, lambda: app.stats.connections == 1)
+        for i in range(20):
+            h.pread(4096, i * 4096)
+        for i in range(7):
+            h.pwrite(b"y" * 512, 20 * MiB + i * 512)
+        h.trim(65536, 30 * MiB)
+        h.zero(65536, 31 * MiB)
+        h.flush()
+        await wait_for(pilot, app, lambda: app.stats.requests == 30)
+        st = app.stats
+        assert (st.ops[0], st.bytes[0]) == (20, 20 * 4096)
+        assert (st.ops[1], st.bytes[1]) == (7, 7 * 512)
+        assert st.ops[3] == 1 and st.ops[4] == 1 and st.ops[6] == 1 and st.errors == 0
+        assert st.latency.median is not None
+        text = str(app.query_one(Rates).query_one("#rates-text").render())
+        assert "Σ   20" in text and "Σ    7" in text and "conn 1" in text
+        assert "trim 1" in text and "zero 1" in text and "flush 1" in text
+        h.shutdown()
+        del h  # closes the connection
+        await wait_for(pilot, app, lambda: app.stats.connections == 0)
+
+
+@sync
+async def test_bindings_filter_pause_search_clear_toggle(served):
+    app = DiskwatchApp(served.session)
+    async with app.run_test(size=(120, 36)) as pilot:
+        h = served.client()
+        h.pread(4096, 2 * MiB)  # the /etc directory
+        h.pread(8192, PASSWD)
+        h.pwrite(b"z" * 4096, LOG)
+        h.pread(512, 0)  # the whole device
+        await wait_for(pilot, app, lambda: app.stats.requests == 4)
+        assert len(trace_text(app)) == 4
+        await pilot.press("f")  # files only
+        assert [ln.split()[2] for ln in trace_text(app)] == ["f", "f"]
+        await pilot.press("f")  # hide directories
+        assert len(trace_text(app)) == 3 and not any("/etc " in ln for ln in trace_text(app))
+        await pilot.press("f", "r")  # all types, reads only
+        assert [ln.split()[1] for ln in trace_text(app)] == ["read"] * 3
+        await pilot.press("r")  # writes only
+        assert [ln.split()[1] for ln in trace_text(app)] == ["write"]
+        await pilot.press("r")  # all again
+        await pilot.press("slash", *"passwd", "enter")
+        assert len(trace_text(app)) == 1 and "/etc/passwd" in trace_text(app)[0]
+        assert "/passwd" in str(app.query_one("#status").render())
+        await pilot.press("slash", "escape")
+        assert len(trace_text(app)) == 4
+
+        await pilot.press("space")  # pause: the trace holds still, counting goes on
+        h.pread(4096, BUSYBOX)
+        await wait_for(pilot, app, lambda: app.stats.requests == 5)
+        assert len(trace_text(app)) == 4 and "PAUSED" in str(app.query_one("#status").render())
+        await pilot.press("space")
+        assert "/bin/busybox" in trace_text(app)[-1]
+
+        for key, panel in (("h", "#heatmap"), ("t", "#top"), ("a", "#rates")):
+            await pilot.press(key)
+            assert not app.query_one(panel).display
+            await pilot.press(key)
+            assert app.query_one(panel).display
+
+        await pilot.press("c")
+        assert trace_text(app) == [] and app.stats.requests == 0 and not app.stats.objects
+
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        h.shutdown()
+        await pilot.press("q")
+    assert app.return_code == 0
+
+
+@sync
+async def test_offsets_without_a_map_then_names_once_it_is_generated(tmp_path):
+    served = Served(tmp_path, blockmap=False)
+    app = DiskwatchApp(served.session)
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            h = served.client()
+            for i in range(4):  # sequential: one line for the run
+                h.pread(4096, PASSWD + i * 4096)
+            await wait_for(pilot, app, lambda: app.stats.requests == 4)
+            assert trace_text(app)[-1].split()[1:3] == ["read", f"@ {PASSWD:#x}-{PASSWD + 16384:#x}"[:1]]
+            assert f"@ {PASSWD:#x}-{PASSWD + 16384:#x}" in trace_text(app)[-1]
+            assert trace_text(app)[-1].endswith("×4")
+            assert "no block map" in str(app.query_one(TopObjects).render())
+
+            # the generator reports progress, then the map appears
+            bar = app.query_one(BmapProgress)
+            assert not bar.display or "-active" not in bar.classes
+            served.bus.publish(Progress("files", "/etc/passwd", 3, 10, 150.0, 0.02))
+            app.pump()
+            await pilot.pause()
+            assert "-active" in bar.classes and "/etc/passwd" in str(
+                bar.query_one("#bmap-detail").render())
+            served.session.blockmap = served.blockmap
+            served.bus.publish(Progress("done", "", 10, 10, 150.0, 0.07,
+                                        summary="1 partition, 3 files in 0.1s"))
+            h.pread(8192, PASSWD)
+            await wait_for(pilot, app, lambda: app.stats.requests == 5)
+            assert "1 partition, 3 files" in str(bar.query_one("#bmap-detail").render())
+            assert "/etc/passwd" in trace_text(app)[-1]
+            app._refresh_views(force=True)
+            assert "/etc/passwd" in str(app.query_one(TopObjects).render())
+            h.shutdown()
+    finally:
+        served.stop()
+
+
+@sync
+async def test_command_output_and_quit_with_its_status(served):
+    served.session.command = "guest --boot"
+    app = DiskwatchApp(served.session)
+    async with app.run_test(size=(100, 30)) as pilot:
+        out = app.query_one(CommandOutput)
+        assert out.display and out.border_subtitle == "running"
+
+        def command_thread():  # the captive command's output comes from another thread
+            served.bus.publish(Message("Booting from Hard Disk...", "stdout"))
+            served.bus.publish(Message("a warning", "stderr"))
+            served.bus.publish(Message("command exited with status 3", "exit", status=3))
+
+        t = threading.Thread(target=command_thread)
+        t.start()
+        t.join()
+        await wait_for(pilot, app, lambda: app.command_status == 3)
+        assert out.lines_seen == 3 and out.border_subtitle == "exit 3"
+        assert "exited 3" in str(app.query_one("#status").render())
+        # the command has exited: no question, and the UI stays open until q
+        assert app.is_running
+        await pilot.press("q")
+    assert app.return_value == 3 and app.return_code == 3
+
+
+@sync
+async def test_quitting_while_the_command_runs_asks_then_stops_it(served):
+    proc = subprocess.Popen(["sleep", "60"])
+    stopped = []
+
+    def stop_command():
+        stopped.append(True)
+        proc.terminate()
+        served.session.exit_status = proc.wait()
+
+    served.session.command = "sleep 60"
+    served.session.stop_command = stop_command
+    app = DiskwatchApp(served.session)
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("q")
+            assert isinstance(app.screen, ConfirmQuit)
+            await pilot.press("n")  # stay
+            assert not isinstance(app.screen, ConfirmQuit) and proc.poll() is None
+            await pilot.press("q")
+            assert isinstance(app.screen, ConfirmQuit)
+            await pilot.press("y")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert stopped == [True] and proc.returncode == -15
+    assert app.return_value == -15 and app.return_code == 143
+
+
+@sync
+async def test_trace_memory_is_bounded_and_folds_repeats(served):
+    app = DiskwatchApp(served.session, trace_cap=50)
+    async with app.run_test(size=(80, 24)) as pilot:
+        h = served.client()
+        for i in range(200):  # alternating objects: no folding, one line each
+            h.pread(512, PASSWD if i % 2 else BUSYBOX)
+        await wait_for(pilot, app, lambda: app.stats.requests == 200)
+        assert len(app.trace_model.lines) == 50 and len(trace_text(app)) == 50
+        assert app.stats.ops[0] == 200  # the aggregates saw everything
+        served.bus.publish(ConnectionEvent(99, True, "test"))
+        await wait_for(pilot, app, lambda: app.stats.connections == 2)
+        h.shutdown()
