@@ -377,17 +377,13 @@ def build_many_files_image(path: Path, work: Path, count: int = 10_000) -> DiskI
 
 def guest_disk(guest: GuestImage) -> DiskImage:
     device = "/dev/sda1"
-    tree_dirs = sorted(
-        {"/".join(p.split("/")[:i]) for p in guest.files for i in range(2, p.count("/") + 1)}
-        | {"/lost+found"}
-    )
     return DiskImage(
         path=guest.path,
         size=guest.size,
         label="dos",
         partitions=[Volume(device, guest.partition_offset, guest.partition_length, "ext4")],
         files={device: dict(guest.files)},
-        dirs={device: tree_dirs},  # directories that hold files (empty ones omitted)
+        dirs={device: list(guest.dirs)},
         guest=guest,
     )
 

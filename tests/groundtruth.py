@@ -8,8 +8,11 @@ files cost a few debugfs runs, not 10,000.
 Ranges are absolute byte ranges on the whole disk, ``(start, end)`` with END
 exclusive, in **whole filesystem blocks**: a file's last, partial block is
 kept whole, because the reader (the kernel, libguestfs) reads whole blocks.
-Only data blocks are listed (debugfs ``blocks``), not extent-tree index
-blocks; adjacent blocks are merged into one range. Empty files and fast
+They come from the extent list (or block map) that debugfs ``stat`` prints,
+in the file's own (logical) order, so reading them in turn gives the file's
+bytes; physically adjacent pieces are merged. Only data blocks are listed:
+extent-tree index blocks (``ETB``) and indirect blocks are metadata and are
+left out unless ``index_blocks=True``. Empty files, inline data and fast
 symlinks have no blocks and map to an empty list.
 """
 
@@ -95,9 +98,7 @@ def ext4_list(image: str | os.PathLike[str], partition_offset: int) -> dict[str,
     entries = {"/": Ext4Entry(2, "d", 0)}
     level = ["/"]
     while level:
-        answers = _debugfs(
-            image, partition_offset, [f"ls -p <{entries[d].inode}>" for d in level]
-        )
+        answers = _debugfs(image, partition_offset, [f"ls -p <{entries[d].inode}>" for d in level])
         next_level = []
         for directory, (_, lines) in zip(level, answers, strict=True):
             for line in lines:
@@ -119,17 +120,39 @@ def ext4_list(image: str | os.PathLike[str], partition_offset: int) -> dict[str,
 
 
 def merge_blocks(
-    blocks: Iterable[int], block_size: int, partition_offset: int
+    runs: Iterable[tuple[int, int]], block_size: int, partition_offset: int
 ) -> list[tuple[int, int]]:
-    """Block numbers -> sorted, merged absolute byte ranges (start, end exclusive)."""
+    """(first block, block count) runs, in order -> absolute byte ranges, adjacent ones merged."""
     ranges: list[tuple[int, int]] = []
-    for b in sorted(set(blocks)):
-        start = partition_offset + b * block_size
+    for first, count in runs:
+        start = partition_offset + first * block_size
+        end = start + count * block_size
         if ranges and ranges[-1][1] == start:
-            ranges[-1] = (ranges[-1][0], start + block_size)
+            ranges[-1] = (ranges[-1][0], end)
         else:
-            ranges.append((start, start + block_size))
+            ranges.append((start, end))
     return ranges
+
+
+# One piece of debugfs stat's EXTENTS/BLOCKS list: "(0-1):2832-2833", "(8):2848",
+# "(ETB0):2849", "(IND):1234". Uninitialised extents carry " [uninit]".
+_PIECE = re.compile(r"\(([^)]*)\):(\d+)(?:-(\d+))?")
+
+
+def _parse_stat_blocks(lines: list[str], index_blocks: bool) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    in_list = False
+    for line in lines:
+        if line.startswith(("EXTENTS:", "BLOCKS:")):
+            in_list = True
+            line = line.split(":", 1)[1]
+        elif not in_list:
+            continue
+        for logical, first, last in _PIECE.findall(line):
+            if not logical[:1].isdigit() and not index_blocks:
+                continue  # ETBn, IND, DIND, TIND: metadata, not the file's bytes
+            runs.append((int(first), int(last or first) - int(first) + 1))
+    return runs
 
 
 def ext4_file_ranges(
@@ -138,8 +161,9 @@ def ext4_file_ranges(
     paths: Iterable[str] | None = None,
     *,
     include_dirs: bool = False,
+    index_blocks: bool = False,
 ) -> dict[str, list[tuple[int, int]]]:
-    """Absolute byte ranges (whole blocks) of each file on the disk image.
+    """Absolute byte ranges (whole blocks, file order) of each file on the disk image.
 
     ``paths`` are paths inside the filesystem; None means every regular file
     (and, with ``include_dirs``, every directory, "/" included). A path that
@@ -154,19 +178,13 @@ def ext4_file_ranges(
         targets = {p: _quote(p) for p in paths}
     if not targets:
         return {}
-    # `stat` fails (to stderr, no output) on a missing path; `blocks` prints
-    # nothing for both a missing and an empty file, so ask for both.
-    commands = []
-    for ref in targets.values():
-        commands += [f"stat {ref}", f"blocks {ref}"]
-    answers = _debugfs(image, partition_offset, commands)
+    answers = _debugfs(image, partition_offset, [f"stat {ref}" for ref in targets.values()])
     result: dict[str, list[tuple[int, int]]] = {}
-    for i, path in enumerate(targets):
-        (_, stat_lines), (_, block_lines) = answers[2 * i], answers[2 * i + 1]
-        if not stat_lines:
+    for path, (_, lines) in zip(targets, answers, strict=True):
+        if not lines:  # debugfs said "File not found" on stderr
             raise KeyError(f"{path}: not found in the ext4 filesystem of {image}")
-        blocks = [int(b) for line in block_lines for b in line.split()]
-        result[path] = merge_blocks(blocks, block_size, partition_offset)
+        runs = _parse_stat_blocks(lines, index_blocks)
+        result[path] = merge_blocks(runs, block_size, partition_offset)
     return result
 
 

@@ -207,6 +207,8 @@ class GuestImage:
     write_counts: dict[str, int]
     #: every regular file in the root filesystem -> size in bytes
     files: dict[str, int]
+    #: every directory (``/`` excluded, ``/lost+found`` included)
+    dirs: list[str] = field(default_factory=list)
     marker: str = MARKER
     device: str = "/dev/sda1"
     fstype: str = "ext4"
@@ -371,6 +373,10 @@ def build_guest_image(
             for p in sorted(tree.rglob("*"))
             if p.is_file() and not p.is_symlink()
         }
+        dirs = sorted(
+            ["/" + os.fspath(p.relative_to(tree)) for p in tree.rglob("*") if p.is_dir()]
+            + ["/lost+found"]
+        )
 
         size = size_mb * MiB
         path.unlink(missing_ok=True)
@@ -393,6 +399,7 @@ def build_guest_image(
         big_file=big_file,
         write_counts=write_counts,
         files=files,
+        dirs=dirs,
         partitions=[Partition("/dev/sda1", offset, length, "ext4")],
     )
 
