@@ -25,7 +25,14 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Ext4Entry", "ext4_block_size", "ext4_file_ranges", "ext4_list", "merge_blocks"]
+__all__ = [
+    "Ext4Entry",
+    "ext4_block_size",
+    "ext4_file_ranges",
+    "ext4_list",
+    "fat_file_ranges",
+    "merge_blocks",
+]
 
 
 @dataclass(frozen=True)
@@ -191,3 +198,48 @@ def ext4_file_ranges(
 def ext4_extent_count(image: str | os.PathLike[str], partition_offset: int, path: str) -> int:
     """How many separate runs of blocks ``path`` occupies (1 = contiguous)."""
     return len(ext4_file_ranges(image, partition_offset, [path])[path])
+
+
+# --------------------------------------------------------------------------
+# FAT (a bonus: mtools' mshowfat lists each file's cluster chain)
+
+_CHAIN = re.compile(r"<(\d+)(?:-(\d+))?>")
+
+
+def fat_file_ranges(
+    image: str | os.PathLike[str], partition_offset: int, paths: Iterable[str]
+) -> dict[str, list[tuple[int, int]]]:
+    """Absolute byte ranges (whole clusters, file order) of FAT files, from ``mshowfat``.
+
+    Same conventions as ``ext4_file_ranges``: whole clusters, END exclusive,
+    adjacent clusters merged. One mshowfat process for all paths.
+    """
+    import struct
+
+    with open(image, "rb") as f:
+        bpb = os.pread(f.fileno(), 64, partition_offset)
+    bps, spc, reserved, nfats, root_entries, fat16_size = struct.unpack_from("<HBHBHxxxH", bpb, 11)
+    fat_size = fat16_size or struct.unpack_from("<I", bpb, 0x24)[0]
+    root_bytes = -(-root_entries * 32 // bps) * bps
+    data_start = (reserved + nfats * fat_size) * bps + root_bytes
+    cluster = spc * bps
+    paths = list(paths)
+    proc = subprocess.run(
+        ["mshowfat", "-i", f"{os.fspath(image)}@@{partition_offset}"] + ["::" + p for p in paths],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
+    )
+    chains: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        head, sep, tail = line.partition(" <")
+        chains[head.removeprefix("::").rstrip()] = sep + tail
+    result: dict[str, list[tuple[int, int]]] = {}
+    for path in paths:
+        if path not in chains:
+            raise KeyError(f"{path}: not found in the FAT filesystem of {image}")
+        runs = [(int(a), int(b or a) - int(a) + 1) for a, b in _CHAIN.findall(chains[path])]
+        result[path] = merge_blocks(
+            ((first - 2, n) for first, n in runs), cluster, partition_offset + data_start
+        )
+    return result

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_images import GUESTFS_ENV, DiskImage, content
-from groundtruth import ext4_file_ranges, ext4_list
+from groundtruth import ext4_file_ranges, ext4_list, fat_file_ranges
 
 from diskwatch.demo.guest import MissingToolError, find_kernel, probe_kvm
 
@@ -302,3 +302,13 @@ def test_probe_kvm_answers_in_time() -> None:
     result = probe_kvm(timeout=8)
     assert isinstance(result, bool)
     assert time.monotonic() - t0 < 15
+
+
+def test_fat_ground_truth_reads_back(gpt_fat_image: DiskImage) -> None:
+    volume = gpt_fat_image.volume("/dev/sda2")
+    files = gpt_fat_image.files["/dev/sda2"]
+    truth = fat_file_ranges(gpt_fat_image.path, volume.offset, files)
+    for path, size in files.items():
+        assert read_ranges(gpt_fat_image.path, truth[path])[:size] == content(path, size), path
+    with pytest.raises(KeyError, match="/nope"):
+        fat_file_ranges(gpt_fat_image.path, volume.offset, ["/nope"])
