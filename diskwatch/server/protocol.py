@@ -145,15 +145,18 @@ STRUCTURED = struct.Struct(">IHHQI")
 _structured_data = struct.Struct(">IHHQIQ")  # header + offset of OFFSET_DATA
 REQUEST_SIZE = REQUEST.size  # 28
 
+# proto.md: FUA "is valid for all commands ... the server MUST accept all
+# commands with this bit set (even by ignoring the bit)"; old qemu sets it on
+# FLUSH. It only has an effect on writes.
 COMMAND_FLAGS_ALLOWED = {
     CMD_READ: CMD_FLAG_FUA | CMD_FLAG_DF,
     CMD_WRITE: CMD_FLAG_FUA,
-    CMD_DISC: 0,
-    CMD_FLUSH: 0,
+    CMD_DISC: CMD_FLAG_FUA,
+    CMD_FLUSH: CMD_FLAG_FUA,
     CMD_TRIM: CMD_FLAG_FUA,
-    CMD_CACHE: 0,
+    CMD_CACHE: CMD_FLAG_FUA,
     CMD_WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-    CMD_BLOCK_STATUS: CMD_FLAG_REQ_ONE,
+    CMD_BLOCK_STATUS: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
 }
 
 
@@ -417,7 +420,8 @@ class ServerConnection:
                 if META_BASE_ALLOCATION not in selected:
                     selected.append(META_BASE_ALLOCATION)
         if option == OPT_SET_META_CONTEXT:
-            self.meta_contexts = {META_ID_BASE_ALLOCATION: c for c in selected}
+            self.meta_contexts = ({META_ID_BASE_ALLOCATION: META_BASE_ALLOCATION}
+                                  if selected else {})
         for c in selected:
             ctx_id = META_ID_BASE_ALLOCATION if option == OPT_SET_META_CONTEXT else 0
             self._reply(option, REP_META_CONTEXT, struct.pack(">I", ctx_id) + c.encode())
