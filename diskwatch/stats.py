@@ -158,7 +158,7 @@ class Heat:
 
     def resize(self, cells: int) -> None:
         """Re-slice the disk into ``cells`` cells, carrying the heat over
-        (each old cell's heat goes to the new cell holding its middle)."""
+        (each new cell takes the hottest old cell it overlaps)."""
         old = getattr(self, "reads", None)
         if old is not None:
             old_size, old_r, old_w = self.cell_size, self.reads, self.writes
@@ -175,13 +175,16 @@ class Heat:
         if old is None:
             return
         cs, last = self.cell_size, self.cells - 1
+        reads, writes, er, ew = self.reads, self.writes, self.ever_read, self.ever_written
         for i in range(len(old_r)):
             if old_r[i] or old_w[i] or old_er[i] or old_ew[i]:
-                j = min(last, (i * old_size + old_size // 2) // cs)
-                self.reads[j] += old_r[i]
-                self.writes[j] += old_w[i]
-                self.ever_read[j] |= old_er[i]
-                self.ever_written[j] |= old_ew[i]
+                first = min(last, i * old_size // cs)
+                end = min(last, ((i + 1) * old_size - 1) // cs)
+                for j in range(first, end + 1):
+                    reads[j] = max(reads[j], old_r[i])
+                    writes[j] = max(writes[j], old_w[i])
+                    er[j] |= old_er[i]
+                    ew[j] |= old_ew[i]
                 self._hot = True
 
     def add(self, offset: int, length: int, is_write: bool) -> None:

@@ -87,9 +87,11 @@ def test_heat_cells_decay_and_resize():
     h.add(50 * MiB, 1, is_write=False)
     h.resize(10)  # carried over to the coarser grid
     assert h.cell_size == 10 * MiB and h.reads[5] == 1.0 and h.ever_read[0] and h.ever_written[9]
+    h.resize(100)  # and to a finer one: every new cell under a hot old one is hot
+    assert [i for i, v in enumerate(h.reads) if v] == list(range(50, 60))
     h.add(200 * MiB, 4096, is_write=False)  # past the end: ignored
     h.clear()
-    assert not any(h.reads) and not any(h.ever_read) and h.cells == 10
+    assert not any(h.reads) and not any(h.ever_read) and h.cells == 100
 
 
 def test_stats_counts_and_attributes(blockmap):

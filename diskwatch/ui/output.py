@@ -15,11 +15,12 @@ STYLES = {"stdout": "#d0d0d0", "stderr": "#ffaf5f", "diskwatch": "#5fafff"}
 
 class CommandOutput(RichLog):
     DEFAULT_CSS = """
-    CommandOutput { height: 8; }
+    CommandOutput { height: 8; overflow-x: hidden; }
     """
 
     def __init__(self, command: str | None = None, **kwargs: Any) -> None:
-        super().__init__(max_lines=2000, wrap=True, markup=False, highlight=False, **kwargs)
+        super().__init__(max_lines=2000, wrap=True, markup=False, highlight=False,
+                         min_width=20, **kwargs)
         self.command = command
         self.exit_status: int | None = None
         self.lines_seen = 0

@@ -21,7 +21,7 @@ class BmapProgress(Vertical):
     BmapProgress.-active { display: block; }
     BmapProgress ProgressBar { width: 1fr; }
     BmapProgress ProgressBar Bar { width: 1fr; }
-    BmapProgress #bmap-detail { height: 1; }
+    BmapProgress #bmap-detail { height: auto; text-wrap: nowrap; }
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -54,7 +54,14 @@ class BmapProgress(Vertical):
             bar.update(total=None)
         line = Text()
         line.append(f"{p.done}" + (f"/{p.total}" if p.total else ""), style="bold")
-        line.append(f"  {p.rate:.0f}/s  {p.elapsed:.0f}s  ", style="#8a8a8a")
-        line.append(p.current or "", style="#e4e4e4")
-        line.truncate(max(10, self.content_region.width or 60), overflow="ellipsis")
+        line.append(f" objects  {p.rate:.0f}/s  {p.elapsed:.0f}s\n", style="#8a8a8a")
+        width = max(20, self.content_region.width)
+        current = p.current or ""
+        if len(current) > width:  # the end of a path says most
+            current = "…" + current[len(current) - width + 1:]
+        line.append(current, style="#e4e4e4")
         detail.update(line)
+
+    def on_resize(self) -> None:
+        if self.last is not None and self.last.phase != "done":
+            self.update_progress(self.last)

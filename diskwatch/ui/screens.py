@@ -48,16 +48,16 @@ HELP = """\
 makes shows up here, named through the block map when there is one.
 
 [b]trace[/b]  newest at the bottom: seconds since start, operation, object
-         ([#5fafff]p[/] partition, [#5fd7d7]l[/] LV, [#d7af5f]d[/] directory, [#e4e4e4]f[/] file, [#808080]v[/] device;
-         [i]@ offsets[/i] where no object covers the bytes), bytes, [#ffd75f]×N[/]
-         when the same object is hit again and again. Scroll up to stop
-         following; End follows again.
+       ([#5fafff]p[/] partition, [#5fd7d7]l[/] LV, [#d7af5f]d[/] directory, [#e4e4e4]f[/] file, [#808080]v[/] device;
+       [i]@ offsets[/i] where no object covers the bytes), bytes, [#ffd75f]×N[/]
+       when the same object is hit again and again. Scroll up to stop
+       following; End follows again.
 [b]disk[/b]   the whole disk, cells in disk order, left to right, top to bottom;
-         [#50eb6e]green[/] = reads, [#ff4632]red[/] = writes, fading over seconds;
-         tinted by partition, lighter where ever touched. Hover or use the
-         arrow keys to see a cell's byte range and objects.
+       [#50eb6e]green[/] = reads, [#ff4632]red[/] = writes, fading over seconds;
+       tinted by partition, lighter where ever touched. Hover or use the
+       arrow keys to see a cell's byte range and objects.
 [b]rates[/b]  ops/s and bytes/s over the last 2 s, latency median and p99,
-         connections, totals, sparklines of the last minute.
+       connections, totals, sparklines of the last minute.
 [b]top[/b]    the objects read (or written: [b]s[/b]) most.
 
 [b]keys[/b]  space pause · f files only / hide dirs · r reads / writes only

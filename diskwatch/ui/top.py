@@ -31,6 +31,7 @@ class TopObjects(Static):
         super().__init__("", **kwargs)
         self.sort = "reads"
         self.has_map = False
+        self._last: tuple[Stats, Callable[[Any], bool] | None] | None = None
 
     def on_mount(self) -> None:
         self._title()
@@ -43,7 +44,12 @@ class TopObjects(Static):
         self.sort = SORTS[(SORTS.index(self.sort) + 1) % len(SORTS)]
         self._title()
 
+    def on_resize(self) -> None:
+        if self._last is not None:
+            self.update_stats(*self._last)
+
     def update_stats(self, stats: Stats, keep: Callable[[Any], bool] | None = None) -> None:
+        self._last = (stats, keep)
         width = max(20, self.content_region.width)
         rows = max(1, self.content_region.height - 1)
         text = Text(no_wrap=True, overflow="crop")
