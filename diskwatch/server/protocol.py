@@ -142,7 +142,7 @@ _opt_reply = struct.Struct(">QIII")
 REQUEST = struct.Struct(">IHHQQI")
 SIMPLE_REPLY = struct.Struct(">IIQ")
 STRUCTURED = struct.Struct(">IHHQI")
-_structured_data = struct.Struct(">IHHQIQ")  # header + offset of OFFSET_DATA
+STRUCTURED_DATA = struct.Struct(">IHHQIQ")  # header + offset of OFFSET_DATA
 REQUEST_SIZE = REQUEST.size  # 28
 
 # proto.md: FUA "is valid for all commands ... the server MUST accept all
@@ -529,7 +529,7 @@ class ServerConnection:
     def read_data_header(self, handle: int, offset: int, length: int, done: bool = True) -> bytes:
         """Header to send before ``length`` bytes of read data at ``offset``."""
         if self.structured:
-            return _structured_data.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
+            return STRUCTURED_DATA.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
                                          REPLY_TYPE_OFFSET_DATA, handle, length + 8, offset)
         return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
 

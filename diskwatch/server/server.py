@@ -305,32 +305,27 @@ class Server:
         cid = conn.cid
         ename = conn.export_name
         structured = proto.structured
-        simple_ok = P.SIMPLE_REPLY.pack
-        pread = os.pread
+        simple_pack = P.SIMPLE_REPLY.pack
+        data_pack = P.STRUCTURED_DATA.pack
+        view_for = src.view_for
+        scan_holes = structured and src.can_extents
         now = monotonic()
         conn.requests += len(reqs)
         for req in reqs:
             cmd, flags, handle, offset, length, pstart, err = req
             if err == 0 and cmd == 0:  # READ: the hot path
-                fd = src.fd_for(offset, length)
                 try:
-                    if structured and length >= HOLE_SCAN_MIN and not flags & P.CMD_FLAG_DF \
-                            and src.can_extents:
-                        self._read_chunks(conn, src, fd, handle, offset, length)
-                    elif fd is not None:
-                        if length >= SENDFILE_MIN:
-                            append(proto.read_data_header(handle, offset, length))
-                            append((fd, offset, length))
-                        else:
-                            data = pread(fd, length, offset)
-                            if len(data) != length:
-                                raise OSError(errno.EIO, "short read")
-                            append(proto.read_data_header(handle, offset, length)
-                                   if structured else simple_ok(0x67446698, 0, handle))
-                            append(data)
+                    if scan_holes and length >= HOLE_SCAN_MIN and not flags & P.CMD_FLAG_DF:
+                        self._read_chunks(conn, src, handle, offset, length)
                     else:
-                        data = src.pread(offset, length)
-                        append(proto.read_data_header(handle, offset, length))
+                        data = view_for(offset, length)
+                        if data is None:
+                            data = src.pread(offset, length)
+                        if structured:
+                            append(data_pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                             P.REPLY_TYPE_OFFSET_DATA, handle, length + 8, offset))
+                        else:
+                            append(simple_pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
                         append(data)
                 except Exception as e:  # noqa: BLE001 - any failure is this request's error
                     err = self._fail(conn, e)
@@ -359,7 +354,7 @@ class Server:
         log.exception("connection %d: unexpected error", conn.cid)
         return P.NBD_EIO
 
-    def _read_chunks(self, conn, src, fd, handle, offset, length) -> None:
+    def _read_chunks(self, conn, src, handle, offset, length) -> None:
         """A structured read: data chunks, and hole chunks for ranges that
         read as zeroes (so the client need not receive them)."""
         proto = conn.proto
@@ -374,10 +369,8 @@ class Server:
                 out.append(proto.read_hole_chunk(handle, pos, n, done))
             else:
                 out.append(proto.read_data_header(handle, pos, n, done))
-                if fd is not None and n >= SENDFILE_MIN:
-                    out.append((fd, pos, n))
-                else:
-                    out.append(src.pread(pos, n))
+                data = src.view_for(pos, n)
+                out.append(data if data is not None else src.pread(pos, n))
             pos += n
 
     def _other(self, conn, src, cmd, flags, handle, offset, length, payload) -> bytes:

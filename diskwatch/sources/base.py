@@ -105,6 +105,11 @@ class Source:
         bare os.pread; None when there is none (the server calls pread)."""
         return None
 
+    def view_for(self, offset: int, length: int):
+        """A zero-copy buffer (memoryview) of [offset, offset+length), for
+        replies sent straight from it; None when there is none."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -165,6 +170,9 @@ class Layer(Source):
 
     def fd_for(self, offset, length):
         return self.inner.fd_for(offset, length)
+
+    def view_for(self, offset, length):
+        return self.inner.view_for(offset, length)
 
     def close(self):
         self.inner.close()

@@ -64,6 +64,12 @@ class Snapshot(Layer):
             return self.inner.fd_for(offset, length)
         return None
 
+    def view_for(self, offset: int, length: int):
+        first = offset // CLUSTER
+        if self.dirty.find(1, first, (offset + length - 1) // CLUSTER + 1) < 0:
+            return self.inner.view_for(offset, length)
+        return None
+
     def pread(self, offset: int, length: int) -> bytes:
         first = offset // CLUSTER
         if self.dirty.find(1, first, (offset + length - 1) // CLUSTER + 1) < 0:
