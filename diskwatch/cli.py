@@ -251,6 +251,11 @@ def serve(args) -> int:
         f = open(args.record, "w", buffering=1 << 16)
         files.append(f)
         sinks.append(JsonlRecorder(f, blockmap, t0))
+    summary = None
+    if args.headless:
+        summary = _Summary(source.size, blockmap)
+        bus.on_event(summary.stats.on_event)
+        sinks.append(summary)
     if sinks:
         bus.on_requests(buffer)
 
@@ -282,11 +287,50 @@ def serve(args) -> int:
             shutil.rmtree(private_dir, ignore_errors=True)
         elif unix and os.path.exists(unix):
             os.unlink(unix)
+    if summary is not None:
+        summary.print(sys.stderr)
     dropped = getattr(buffer, "total_dropped", 0)
     if dropped:
         print(f"diskwatch: {dropped} requests were not traced (the trace could not keep up)",
               file=sys.stderr)
     return status
+
+
+class _Summary:
+    """Headless: the totals printed at exit (the UI shows them live)."""
+
+    def __init__(self, size: int, blockmap):
+        from .stats import Stats
+        self.stats = Stats(size, heat_cells=1)
+        self.blockmap = blockmap
+
+    def feed(self, batch) -> None:
+        self.stats.add(batch, self.blockmap)
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def print(self, out) -> None:
+        from .events import COMMAND_NAMES
+        from .stats import human_bytes, human_duration
+        st = self.stats
+        parts = [f"{st.ops[i]} {name} ({human_bytes(st.bytes[i])})" if name in
+                 ("read", "write", "trim", "zero") else f"{st.ops[i]} {name}"
+                 for i, name in enumerate(COMMAND_NAMES) if st.ops[i]]
+        print(f"diskwatch: {st.requests} requests on {st.connections_total} connections: "
+              + ", ".join(parts) + (f"; {st.errors} failed" if st.errors else ""), file=out)
+        if st.requests:
+            print(f"diskwatch: latency median {human_duration(st.latency.median)}, "
+                  f"p99 {human_duration(st.latency.p99)}", file=out)
+        if self.blockmap is not None:
+            for by in ("reads", "writes"):
+                top = st.top(by, 5)
+                if top:
+                    print(f"diskwatch: most {by}: " + "; ".join(
+                        f"{obj} x{getattr(c, by)}" for obj, c in top), file=out)
 
 
 def _drain(buffer, sinks, now: float) -> None:
