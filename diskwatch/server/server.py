@@ -231,7 +231,10 @@ class Server:
             conn.buf[:end - start] = conn.view[start:end]
             conn.start, conn.end = 0, end - start
         else:
-            # A request larger than the buffer (a big write): grow.
+            # A request larger than the buffer (a big write): grow. A
+            # bytearray cannot resize while a memoryview of it exists, so the
+            # view goes first (it raised BufferError on every 2 MiB write).
+            conn.view.release()
             conn.buf.extend(bytes(len(conn.buf)))
             conn.view = memoryview(conn.buf)
 
