@@ -209,11 +209,17 @@ def serve(args) -> int:
     source = _open_source(args)
     bus = Bus()
     blockmap = None
+    pending_map = None  # a map to generate under the UI, before the command starts
     if args.bmap:
         if not os.path.exists(args.bmap):
-            print(f"diskwatch: {args.bmap} does not exist: generating it first", file=sys.stderr)
-            generate_map(source, args.bmap, args.accel)
-        blockmap = load_map(args.bmap)
+            if args.headless:
+                print(f"diskwatch: {args.bmap} does not exist: generating it first",
+                      file=sys.stderr)
+                generate_map(source, args.bmap, args.accel)
+            else:
+                pending_map = args.bmap
+        if pending_map is None:
+            blockmap = load_map(args.bmap)
 
     server = Server({args.export_name: source}, bus)
     private_dir = None
@@ -273,7 +279,7 @@ def serve(args) -> int:
         if args.headless:
             status = _run_headless(captive, buffer, sinks, session)
         else:
-            status = _run_ui(session, captive, buffer, sinks)
+            status = _run_ui(session, captive, buffer, sinks, source, pending_map, args.accel)
     finally:
         thread.stop()
         if captive is not None and captive.running:
@@ -373,35 +379,54 @@ def _run_headless(captive, buffer, sinks, session) -> int:
             signal.signal(s, h)
 
 
-def _run_ui(session, captive, buffer, sinks) -> int:
+def _run_ui(session, captive, buffer, sinks, source, pending_map, accel) -> int:
+    from .events import Message
     from .ui.app import DiskwatchApp
     app = DiskwatchApp(session)
     if captive is not None:
         def on_exit(status: int) -> None:
             session.exit_status = status
         captive.on_exit = on_exit
+    stop = threading.Event()
+    threads = []
     if sinks:
         # --log beside the UI: drained by a timer thread, not by the UI.
-        stop = threading.Event()
-
         def pump():
             while not stop.wait(0.1):
                 _drain(buffer, sinks, time.monotonic())
             _drain(buffer, sinks, float("inf"))
-        t = threading.Thread(target=pump, daemon=True)
+        threads.append(threading.Thread(target=pump, daemon=True, name="trace-pump"))
+
+    def prepare_and_start():
+        # Under the UI the map is made while the person watches its progress;
+        # the command starts once names are known, so the trace has them all.
+        if pending_map is not None:
+            try:
+                from .bmap.generate import generate_bmap
+                tmp = pending_map + ".tmp"
+                generate_bmap(source, tmp, bus=session.bus, accel=accel)
+                os.replace(tmp, pending_map)
+                session.blockmap = load_map(pending_map)
+            except Exception as e:  # noqa: BLE001 - shown in the UI, the session goes on
+                session.bus.publish(Message(f"block map generation failed: {e}",
+                                            level="error"))
+        if captive is not None and not stop.is_set():
+            captive.start()
+    threads.append(threading.Thread(target=prepare_and_start, daemon=True, name="prepare"))
+    for t in threads:
         t.start()
-    if captive is not None:
-        captive.start()
     try:
         result = app.run()
     finally:
-        if sinks:
-            stop.set()
-            t.join()
+        stop.set()
+        for t in threads:
+            if t.name == "trace-pump":
+                t.join()
     if captive is not None:
         if captive.running:
             captive.stop()
-        return captive.wait() or 0
+        status = captive.wait(0) if captive.proc is not None else None
+        return status if status is not None else (result if isinstance(result, int) else 0)
     return result if isinstance(result, int) else 0
 
 

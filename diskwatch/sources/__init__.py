@@ -83,6 +83,11 @@ def open_source(spec: str | None, opts: SourceOptions) -> Source:
     if opts.readonly:
         if src.can_write:
             src = ReadOnly(src)
+        if "read-only" not in src.description:
+            try:
+                src.description += " (read-only)"
+            except AttributeError:
+                pass  # a layer whose description is computed
     elif opts.snapshot:
         from .snapshot import Snapshot
         src = Snapshot(src)

@@ -187,6 +187,10 @@ class ReadOnly(Layer):
     can_fast_zero = False  # type: ignore[assignment]
     can_fua = False  # type: ignore[assignment]
 
+    @property
+    def description(self):  # type: ignore[override]
+        return f"{self.inner.description} (read-only)"
+
     def pwrite(self, offset, data, fua=False):
         raise SourceError(errno.EPERM, "export is read-only")
 

@@ -49,7 +49,7 @@ class FileSource(Source):
             os.close(self.fd)
             raise SourceError(errno.EINVAL, f"{path}: not a regular file or block device")
         self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size
-        self.description = f"file {path}" + (" (read-only)" if readonly else "")
+        self.description = f"file {path}"
         self.can_write = not readonly
         self.can_flush = True
         self.can_fua = not readonly
