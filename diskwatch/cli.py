@@ -444,8 +444,20 @@ def bmap_main(argv: list[str]) -> int:
 def demo_main(argv: list[str]) -> int:
     args = build_demo_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from .demo.run import run_demo
-    return run_demo(args)
+    from .demo.guest import MissingToolError
+    from .demo.run import prepare_demo
+    try:
+        plan = prepare_demo(args.cache_dir, churn=args.churn, accel=args.accel,
+                            say=lambda text: print(f"diskwatch: {text}", file=sys.stderr))
+    except MissingToolError as e:
+        raise UsageError(str(e)) from None
+    words = [plan.image, "--snapshot", "--bmap", plan.bmap, "--run", plan.command,
+             "--accel", plan.accel]
+    if args.headless:
+        words.append("--headless")
+    if args.verbose:
+        words.append("-v")
+    return serve(build_parser().parse_args(words))
 
 
 def _setup_logging(verbose: bool) -> None:
