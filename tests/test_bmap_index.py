@@ -165,6 +165,10 @@ def test_load_from_file_and_errors_name_the_file(tmp_path: Path) -> None:
     write_bmap(p, small_disk())
     m = BlockMap.load(p)
     assert m.first(3 * MiB + 50 * KiB, 4 * KiB) == f("/Boot/bootmgr.exe.mui")
+    # loading (plain tuples from the parser) indexes exactly like building from entries
+    ref = BlockMap(small_disk())
+    assert len(m) == len(ref) and m.partitions() == ref.partitions()
+    assert m.lookup(0, 64 * MiB) == ref.lookup(0, 64 * MiB)
     bad = tmp_path / "bad.bmap"
     bad.write_bytes(b"1 0 1000 v /dev/sda\n1 0 1000 f /dev/sda1\n")
     with pytest.raises(BmapFormatError, match=r"bad\.bmap:2: missing PATH"):

@@ -16,6 +16,7 @@ entry that comes later in the map.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import os
 from array import array
@@ -23,7 +24,7 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .format import TYPE_RANK, BmapEntry, read_bmap
+from .format import TYPE_RANK, BmapEntry, Record, read_records
 
 __all__ = ["BlockMap", "BmapObject"]
 
@@ -64,27 +65,50 @@ class BlockMap:
     """
 
     def __init__(self, entries: Iterable[BmapEntry], disk: int = 1) -> None:
+        self._build(((e.disk, e.start, e.end, e.type, e.device, e.path) for e in entries), disk)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], disk: int = 1) -> BlockMap:
+        """Read a virt-bmap file (``BmapFormatError`` if malformed) and index it."""
+        self = cls.__new__(cls)
+        # plain tuples straight from the parser: no dataclass per line
+        self._build(read_records(path), disk)
+        return self
+
+    def _build(self, records: Iterable[Record], disk: int) -> None:
+        # A million-range build allocates millions of tuples and objects,
+        # which would set off full garbage collections over and over; none
+        # of it is cyclic garbage, so collection waits until the end.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._build_ungc(records, disk)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _build_ungc(self, records: Iterable[Record], disk: int) -> None:
         interned: dict[tuple[str, str, str | None], BmapObject] = {}
         starts: list[int] = []
         ends: list[int] = []
         objs: list[BmapObject] = []
         partitions: list[tuple[int, int, BmapObject]] = []
-        for e in entries:
-            if e.disk != disk:
+        for rdisk, start, end, type_, device, path in records:
+            if rdisk != disk:
                 continue
-            key = (e.type, e.device, e.path)
+            key = (type_, device, path)
             obj = interned.get(key)
             if obj is None:
-                if e.type not in TYPE_RANK:
-                    raise ValueError(f"unknown block-map type {e.type!r} in {e!r}")
-                obj = interned[key] = BmapObject(e.type, e.device, e.path)
-            if e.end <= e.start:
-                raise ValueError(f"empty or inverted range in {e!r}")
-            starts.append(e.start)
-            ends.append(e.end)
+                if type_ not in TYPE_RANK:
+                    raise ValueError(f"unknown block-map type {type_!r} for {device} {path}")
+                obj = interned[key] = BmapObject(type_, device, path)
+            if type_ in _PARTITION_TYPES:
+                partitions.append((start, end, obj))
+            if end <= start:
+                raise ValueError(f"empty or inverted range {start:#x}-{end:#x} of {obj}")
+            starts.append(start)
+            ends.append(end)
             objs.append(obj)
-            if e.type in _PARTITION_TYPES:
-                partitions.append((e.start, e.end, obj))
 
         self._interned = interned
         self._bounds, self._seg_objs = _flatten(starts, ends, objs)
@@ -97,11 +121,6 @@ class BlockMap:
         partitions.sort(key=lambda p: (p[0], p[2].rank, -p[1]))
         self._partitions = partitions
         self._size_hint = max(ends, default=0)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], disk: int = 1) -> BlockMap:
-        """Read a virt-bmap file (``BmapFormatError`` if malformed) and index it."""
-        return cls(read_bmap(path), disk=disk)
 
     # -- per-request queries (hot path: keep allocation to the result) --
 
