@@ -365,6 +365,18 @@ async def test_trace_memory_is_bounded_and_folds_repeats(served):
         await wait_for(pilot, app, lambda: app.stats.requests == 200)
         assert len(app.trace_model.lines) == 50 and len(trace_text(app)) == 50
         assert app.stats.ops[0] == 200  # the aggregates saw everything
+        # it follows the tail...
+        trace = app.query_one(TraceView)
+        assert trace.max_scroll_y > 0 and trace.scroll_y == trace.max_scroll_y
+        # ...unless scrolled up, until scrolled back to the end
+        await pilot.press("home")
+        await pilot.pause()
+        assert trace.scroll_y == 0
+        h.pread(512, LOG)
+        await wait_for(pilot, app, lambda: app.stats.requests == 201)
+        assert trace.scroll_y == 0 and "/var/log/boot log.txt" in trace_text(app)[-1]
+        await pilot.press("end")
+        await wait_for(pilot, app, lambda: trace.scroll_y == trace.max_scroll_y)
         served.bus.publish(ConnectionEvent(99, True, "test"))
         await wait_for(pilot, app, lambda: app.stats.connections == 2)
         h.shutdown()

@@ -271,7 +271,7 @@ class DiskwatchApp(App[int | None]):
         trace = self.trace_view
         trace.follow = True
         trace.sync()
-        trace.scroll_end(animate=False, immediate=True, x_axis=False)
+        trace.scroll_to_end()
         self.top.update_stats(self.stats, self._object_filter())
         self._refresh_status()
 
@@ -288,7 +288,7 @@ class DiskwatchApp(App[int | None]):
             self.held_count = 0
             trace.follow = True
             self._refresh_views(force=True)
-            trace.scroll_end(animate=False, immediate=True, x_axis=False)
+            trace.scroll_to_end()
         self._refresh_status()
 
     def action_cycle_type(self) -> None:
@@ -343,7 +343,7 @@ class DiskwatchApp(App[int | None]):
     def action_follow(self) -> None:
         trace = self.trace_view
         trace.follow = True
-        trace.scroll_end(animate=False, immediate=True, x_axis=False)
+        trace.scroll_to_end()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

@@ -194,7 +194,7 @@ class TraceView(ScrollView, can_focus=True):
     """Scrollable view of a TraceModel; follows the tail unless scrolled up."""
 
     DEFAULT_CSS = """
-    TraceView { scrollbar-size-vertical: 1; }
+    TraceView { scrollbar-size-vertical: 1; overflow-x: hidden; }
     """
 
     def __init__(self, model: TraceModel, **kwargs: Any) -> None:
@@ -215,15 +215,20 @@ class TraceView(ScrollView, can_focus=True):
         at_end = self.scroll_y >= self.max_scroll_y
         self._version = self.model.version
         self._count = len(self.model.visible)
-        self.virtual_size = Size(self.size.width, self._count)
+        self.virtual_size = Size(self.scrollable_content_region.width, self._count)
         if self.follow and at_end and not self.paused:
-            self.scroll_end(animate=False, immediate=True, x_axis=False)
+            self.scroll_to_end()
         self.refresh()
 
+    def scroll_to_end(self) -> None:
+        # scroll_end() waits for a refresh, and scroll_to() refuses until the
+        # scrollbar exists: set the position itself (it is clamped to the max)
+        self.scroll_target_y = self.scroll_y = self.max_scroll_y
+
     def on_resize(self) -> None:
-        self.virtual_size = Size(self.size.width, len(self.model.visible))
+        self.virtual_size = Size(self.scrollable_content_region.width, len(self.model.visible))
         if self.follow:
-            self.scroll_end(animate=False, immediate=True, x_axis=False)
+            self.scroll_to_end()
 
     def render_line(self, y: int) -> Strip:
         index = int(self.scroll_y) + y
