@@ -1,8 +1,8 @@
 """Captive mode (--run): run a command against the server, exit with its status.
 
 As nbdkit does: the command runs under /bin/sh once the server listens, with
-``$nbd``, ``$uri``, ``$unixsocket``, ``$port`` and ``$exportname`` set; when it
-exits, diskwatch exits with its status (128+N if a signal N killed it).
+``$nbd`` and ``$uri`` (the same URI), ``$unixsocket``, ``$port`` and
+``$exportname`` set; when it exits, diskwatch exits with its status (128+N if a signal N killed it).
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ import threading
 from collections.abc import Callable
 
 from ..events import Bus, Message
-from . import nbd_uri, qemu_nbd_url
+from . import nbd_uri
 
 
 def captive_env(kind: str, addr, export: str = "") -> dict[str, str]:
     """The variables nbdkit sets for --run."""
+    uri = nbd_uri(kind, addr, export)
     env = {
-        "uri": nbd_uri(kind, addr, export),
-        "nbd": qemu_nbd_url(kind, addr, export),
+        "uri": uri,
+        # nbdkit >= 1.24: $nbd is the same URI (qemu, libnbd and libguestfs
+        # all take it; the old nbd:unix:PATH form breaks libnbd's tools).
+        "nbd": uri,
         "exportname": export,
         "unixsocket": addr if kind == "unix" else "",
         "port": "" if kind == "unix" else str(addr[1]),
