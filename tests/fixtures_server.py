@@ -342,3 +342,70 @@ def raw_simple_reply(sock: socket.socket, read_length: int = 0) -> tuple[int, in
     assert magic == P.SIMPLE_REPLY_MAGIC, hex(magic)
     data = recv_exact(sock, read_length) if read_length and not error else b""
     return error, handle, data
+
+
+class Diskwatch:
+    """``diskwatch`` (the installed console script) as a subprocess in its own
+    process group; ``stop()`` (run at teardown) kills the group if it is
+    still there. Output lines are read with a deadline."""
+
+    def __init__(self, args: list[str], cwd: str | None = None, env: dict | None = None):
+        import subprocess as sp
+        self.proc = sp.Popen([DISKWATCH, *args], stdout=sp.PIPE, stderr=sp.PIPE, cwd=cwd,
+                             env=env or SUBPROCESS_ENV, start_new_session=True)
+        self._buf = b""
+
+    def read_line(self, timeout: float = 20.0) -> str:
+        """The next line of stdout (the captive command shares it)."""
+        import select
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no line from diskwatch within {timeout}s: {self._buf!r}")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise AssertionError(f"diskwatch closed stdout: {self._buf!r} "
+                                         f"{self.proc.stderr.read()!r}")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def wait(self, timeout: float = 20.0) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, (self._buf + out).decode(), err.decode()
+
+    def stop(self) -> None:
+        import signal
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        for f in (self.proc.stdout, self.proc.stderr):
+            f.close()
+
+
+@pytest.fixture
+def diskwatch_proc():
+    """Factory: ``diskwatch_proc(args)`` -> Diskwatch, stopped at teardown."""
+    procs: list[Diskwatch] = []
+
+    def start(args: list[str], **kw) -> Diskwatch:
+        d = Diskwatch([str(a) for a in args], **kw)
+        procs.append(d)
+        return d
+
+    yield start
+    for d in procs:
+        d.stop()
+
+
+def run_diskwatch(args: list, timeout: float = 60.0, **kw) -> subprocess.CompletedProcess:
+    """Run the console script to completion."""
+    return subprocess.run([DISKWATCH, *[str(a) for a in args]], capture_output=True, text=True,
+                          timeout=timeout, env=kw.pop("env", SUBPROCESS_ENV), **kw)
