@@ -1,4 +1,4 @@
-"""The NBD transport: asyncio, unix and TCP sockets, many connections.
+"""The NBD transport: non-blocking unix and TCP sockets, many connections.
 
 The protocol logic lives in ``protocol.py``; this module moves bytes. It is
 written for speed: sockets are non-blocking and driven with ``add_reader``,
@@ -15,7 +15,6 @@ whatever order they finish, as NBD allows.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
@@ -23,12 +22,13 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..events import Bus, ConnectionEvent, make_request
 from ..sources.base import EXTENT_HOLE, EXTENT_ZERO, FastZeroUnsupported, Source
 from . import protocol as P
+from .loop import EpollLoop
 
 log = logging.getLogger("diskwatch.server")
 
@@ -89,7 +89,7 @@ class Server:
         self.bus = bus or Bus()
         self.default_export = default_export if default_export is not None else next(iter(exports))
         self.export_infos = {n: export_info(n, s) for n, s in exports.items()}
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop = None  # an EpollLoop, or an asyncio loop: anything with add_reader & co
         self._listeners: list[socket.socket] = []
         self._conns: dict[int, _Conn] = {}
         self._next_cid = 1
@@ -133,8 +133,9 @@ class Server:
         if self.loop is not None:
             self.loop.add_reader(sock.fileno(), self._accept, sock)
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start serving on ``loop`` (call from the loop's thread)."""
+    def attach(self, loop) -> None:
+        """Start serving on ``loop``: an EpollLoop or an asyncio loop (call
+        before the loop runs, or from its thread)."""
         self.loop = loop
         for sock in self._listeners:
             loop.add_reader(sock.fileno(), self._accept, sock)
@@ -526,43 +527,41 @@ _ERROR_TEXT = {
 
 @dataclass
 class ServerThread:
-    """Runs a Server on its own asyncio loop in a daemon thread, so the
-    caller's thread (the UI, a test, the bmap generator) stays free."""
+    """Runs a Server on its own loop (an ``EpollLoop``) in a daemon thread,
+    so the caller's thread (the UI, a test, the bmap generator) stays free."""
 
     server: Server
     thread: threading.Thread | None = None
-    loop: asyncio.AbstractEventLoop | None = None
+    loop: EpollLoop | None = None
 
     def start(self) -> ServerThread:
-        ready = threading.Event()
+        self.loop = EpollLoop()
 
         def run() -> None:
-            loop = asyncio.new_event_loop()
-            self.loop = loop
-            asyncio.set_event_loop(loop)
-            self.server.attach(loop)
-            loop.call_soon(ready.set)
             try:
-                loop.run_forever()
+                self.loop.run_forever()
             finally:
                 self.server.close()
-                loop.close()
+                self.loop.close()
 
+        self.server.attach(self.loop)
         self.thread = threading.Thread(target=run, name="diskwatch-server", daemon=True)
         self.thread.start()
-        ready.wait()
         return self
 
     def call(self, fn, *args):
         """Run fn(*args) on the server's loop and wait for its result."""
-        fut = asyncio.run_coroutine_threadsafe(_acall(fn, *args), self.loop)
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+        self.loop.call_soon_threadsafe(run)
         return fut.result()
 
     def stop(self) -> None:
         if self.loop is not None and self.thread is not None and self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join()
-
-
-async def _acall(fn, *args):
-    return fn(*args)
