@@ -77,15 +77,20 @@ def synthetic_entries(n_ranges: int, seed: int = 1) -> list[BmapEntry]:
     return entries
 
 
-def rate(fn: Callable[[int, int], object], offsets: list[int], length: int) -> float:
-    """Median lookups/s over RUNS runs of fn(offset, length) for each offset."""
-    rates = []
+def rate(fn: Callable[[int, int], object], offsets: list[int], length: int) -> tuple[float, float]:
+    """Median lookups/s over RUNS runs of fn(offset, length), by wall and CPU time.
+
+    CPU time is shown too because these machines are shared: when other
+    processes take the cores, wall-clock rates drop while CPU rates hold.
+    """
+    wall, cpu = [], []
     for _ in range(RUNS):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for off in offsets:
             fn(off, length)
-        rates.append(len(offsets) / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        wall.append(len(offsets) / (time.perf_counter() - t0))
+        cpu.append(len(offsets) / max(time.process_time() - c0, 1e-9))
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main() -> None:
@@ -100,14 +105,14 @@ def main() -> None:
     disk_size = entries[0].end
 
     gc.collect()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     bmap = BlockMap(entries)
-    t_build = time.perf_counter() - t0
+    t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
     print(
         f"map: {len(bmap):,} ranges, {bmap.segment_count:,} segments, "
         f"disk {disk_size / 2**30:.1f} GiB (generated in {t_gen:.1f} s)"
     )
-    print(f"build BlockMap from entries: {t_build:.2f} s")
+    print(f"build BlockMap from entries: {t_build:.2f} s ({c_build:.2f} s CPU)")
 
     if not args.no_file:
         with tempfile.TemporaryDirectory() as tmp:
@@ -118,10 +123,13 @@ def main() -> None:
             mib = os.path.getsize(path) / MiB
             del entries, bmap
             gc.collect()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             bmap = BlockMap.load(path)
-            t_load = time.perf_counter() - t0
-        print(f"write {mib:.0f} MiB virt-bmap file: {t_write:.2f} s; BlockMap.load: {t_load:.2f} s")
+            t_load, c_load = time.perf_counter() - t0, time.process_time() - c0
+        print(
+            f"write {mib:.0f} MiB virt-bmap file: {t_write:.2f} s; "
+            f"BlockMap.load (parse + build): {t_load:.2f} s ({c_load:.2f} s CPU)"
+        )
     else:
         del entries
 
@@ -134,17 +142,20 @@ def main() -> None:
         ("first 4 KiB", bmap.first, 4 * KiB),
         ("first 128 KiB", bmap.first, 128 * KiB),
     ):
-        results[name] = r = rate(fn, offsets, length)
-        print(f"{name:>15}: {r:>12,.0f} lookups/s (median of {RUNS} x {len(offsets):,})")
+        results[name] = r, rc = rate(fn, offsets, length)
+        print(
+            f"{name:>15}: {r:>10,.0f} lookups/s wall, {rc:>10,.0f} /s CPU "
+            f"(median of {RUNS} x {len(offsets):,})"
+        )
     pieces = sum(len(bmap.lookup(o, 128 * KiB)) for o in offsets[:20_000]) / 20_000
     print(f"   (a 128 KiB request averages {pieces:.2f} pieces on this map)")
 
-    small = results["lookup 4 KiB"]
+    small, small_cpu = results["lookup 4 KiB"]
     verdict = "MET" if small >= TARGET else "NOT MET"
     print(
         f"RESULT: {small:,.0f} lookups/s for 4 KiB on {len(bmap):,} ranges "
-        f"(128 KiB: {results['lookup 128 KiB']:,.0f}/s), build {t_build:.2f} s; "
-        f"target {TARGET:,}/s {verdict}"
+        f"({small_cpu:,.0f}/s by CPU time; 128 KiB: {results['lookup 128 KiB'][0]:,.0f}/s), "
+        f"build {t_build:.2f} s; target {TARGET:,}/s (wall clock) {verdict}"
     )
 
 
