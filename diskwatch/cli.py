@@ -35,6 +35,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"not a TCP port: {text!r} (use 1-65535, or 0 for any free port)")
+    return port
+
+
 def _source_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("source")
     g.add_argument("-r", "--readonly", action="store_true", help="serve read-only: writes get EPERM")
@@ -72,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("server")
     g.add_argument("-U", "--unix", metavar="PATH",
                    help="listen on a unix socket; '-' makes a private one (default with --run)")
-    g.add_argument("-p", "--port", type=int, help="listen on TCP PORT (0: any free port)")
+    g.add_argument("-p", "--port", type=_port, help="listen on TCP PORT (0: any free port)")
     g.add_argument("-i", "--ipaddr", default="127.0.0.1", help="TCP address (default 127.0.0.1)")
     g.add_argument("-e", "--export-name", default="", help="export name (default: empty)")
     g.add_argument("--run", metavar="CMD",
@@ -273,12 +284,15 @@ def serve(args) -> int:
             captive = Captive(args.run, captive_env(kind, addr, args.export_name),
                               capture=not args.headless, bus=bus)
             session.stop_command = captive.stop
+            announce = ""
         else:
-            print(f"diskwatch: serving {source.description} at {uri}", file=sys.stderr)
+            announce = f"diskwatch: serving {source.description} at {uri}"
 
         if args.headless:
-            status = _run_headless(captive, buffer, sinks, session)
+            status = _run_headless(captive, buffer, sinks, session, announce)
         else:
+            if announce:
+                print(announce, file=sys.stderr)
             status = _run_ui(session, captive, buffer, sinks, source, pending_map, args.accel)
     finally:
         thread.stop()
@@ -350,7 +364,7 @@ def _drain(buffer, sinks, now: float) -> None:
         s.tick(now)
 
 
-def _run_headless(captive, buffer, sinks, session) -> int:
+def _run_headless(captive, buffer, sinks, session, announce: str = "") -> int:
     stop = threading.Event()
     received: list[int] = []
 
@@ -359,6 +373,10 @@ def _run_headless(captive, buffer, sinks, session) -> int:
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # Said only once Ctrl-C/SIGTERM are handled: a script that signals us as
+    # soon as it reads this line must not kill us before we clean up.
+    if announce:
+        print(announce, file=sys.stderr, flush=True)
     try:
         if captive is not None:
             captive.on_exit = lambda status: stop.set()
