@@ -1,0 +1,142 @@
+"""The command line through the installed console script: signals stop the
+captive command and the server and clean up, the headless trace, and bad
+input gives one clear line and no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+
+import pytest
+from fixtures_server import MiB, run_diskwatch
+
+# A captive command that says where the socket is and its pid, then waits.
+WAITER = 'echo "$unixsocket $$"; exec sleep 1000'
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes (its parent reaps it)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("socket_opt", ["-", "path"])
+def test_signal_stops_command_and_server_and_cleans_up(server_image, diskwatch_proc, tmp_path,
+                                                       sig, socket_opt):
+    unix = "-" if socket_opt == "-" else str(tmp_path / "dw.sock")
+    dw = diskwatch_proc([server_image.path, "-r", "-U", unix, "--headless", "--run", WAITER])
+    sock, pid = dw.read_line().split()
+    pid = int(pid)
+    assert os.path.exists(sock) and pid_alive(pid)
+    # the server answers while the command runs
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(sock)
+        assert s.recv(8) == b"NBDMAGIC"
+    os.kill(dw.proc.pid, sig)
+    status, out, err = dw.wait(timeout=20)
+    assert status != 0
+    assert "Traceback" not in err
+    assert not pid_alive(pid), "the captive command was left running"
+    assert not os.path.exists(sock)
+    if unix == "-":
+        assert not os.path.exists(os.path.dirname(sock))
+
+
+def test_sigterm_without_run(server_image, diskwatch_proc, tmp_path):
+    sock = tmp_path / "plain.sock"
+    dw = diskwatch_proc([server_image.path, "-r", "-U", sock, "--headless"])
+    # the "serving ... at URI" line on stderr tells us it listens
+    line = dw.proc.stderr.readline().decode()
+    assert "serving" in line and str(sock) in line
+    assert sock.exists()
+    os.kill(dw.proc.pid, signal.SIGTERM)
+    status, _, err = dw.wait(timeout=20)
+    assert status == 0
+    assert "Traceback" not in err
+    assert not sock.exists()
+
+
+READER = ("import nbd, sys\n"
+          "h = nbd.NBD(); h.connect_uri(sys.argv[1])\n"
+          "h.pread(4096, 1048576)\n"
+          "h.pwrite(bytes(512), 2 * 1048576)\n"
+          "h.shutdown()\n")
+
+
+def test_headless_log_file(rw_image, tmp_path):
+    log = tmp_path / "trace.log"
+    script = tmp_path / "reader.py"
+    script.write_text(READER)
+    p = run_diskwatch([rw_image, "--headless", "--log", log, "--run",
+                       f'/usr/bin/python3 {script} "$uri"'])
+    assert p.returncode == 0, p.stderr
+    text = log.read_text()
+    assert "read 0x100000-0x101000" in text
+    assert "write 0x200000-0x200200" in text
+    assert "read 0x100000" not in p.stdout  # the trace went to the file
+
+
+def test_headless_trace_on_stdout(server_image, tmp_path):
+    p = run_diskwatch([server_image.path, "-r", "--headless", "--run",
+                       f'/usr/bin/python3 -c "import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]);'
+                       f' h.pread({MiB}, {3 * MiB})" "$uri"'])
+    assert p.returncode == 0, p.stderr
+    assert "read 0x300000-0x400000" in p.stdout
+
+
+def test_record_jsonl(server_image, tmp_path):
+    rec = tmp_path / "rec.jsonl"
+    p = run_diskwatch([server_image.path, "-r", "--headless", "--record", rec, "--run",
+                       '/usr/bin/python3 -c "import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]);'
+                       ' h.pread(4096, 8192)" "$uri"'])
+    assert p.returncode == 0, p.stderr
+    records = [json.loads(line) for line in rec.read_text().splitlines()]
+    assert any(8192 in r.values() and 4096 in r.values() for r in records), records
+
+
+@pytest.mark.parametrize("args,needle,codes", [
+    (["/nonexistent/disk.img"], "no such file", (1,)),
+    (["{tmp}"], ("directory", "not a regular file"), (1,)),
+    (["{img}", "-p", "abc"], "not a TCP port", (2,)),
+    (["{img}", "-p", "70000"], "not a TCP port", (2,)),
+    (["{img}", "-p=-1"], "not a TCP port", (2,)),
+    (["{img}", "--xz-max-block", "12Q"], "not a size", (2,)),
+    (["{img}", "--window", "1.5X"], "not a size", (2,)),
+    (["{img}", "-U", "/nonexistent/dir/s.sock"], "cannot listen", (1,)),
+    (["{img}", "-U", "-", "-p", "0"], "not both", (1, 2)),
+    ([], "no disk image", (1, 2)),
+])
+def test_bad_input_is_one_clear_line(server_image, tmp_path, args, needle, codes):
+    args = [a.format(tmp=tmp_path, img=server_image.path) for a in args]
+    p = run_diskwatch([*args, "-r", "--headless", "--run", "true"], timeout=20)
+    assert p.returncode in codes, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("diskwatch: ")
+    needles = needle if isinstance(needle, tuple) else (needle,)
+    assert any(n in last for n in needles), last
+    # argparse adds its usage above the message; our own errors are one line
+    if p.returncode == 1:
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_port_in_use(server_image):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = run_diskwatch([server_image.path, "-r", "-p", port, "--headless", "--run", "true"])
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        f"diskwatch: cannot listen on 127.0.0.1:{port}: Address already in use"]
