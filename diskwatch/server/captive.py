@@ -32,6 +32,22 @@ def captive_env(kind: str, addr, export: str = "") -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), deepest last."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except (OSError, ValueError):
+            kids = []
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
 def exit_status(returncode: int) -> int:
     """Popen's returncode as a shell reports it."""
     return 128 - returncode if returncode < 0 else returncode
@@ -107,10 +123,17 @@ class Captive:
         try:
             if self.capture:
                 os.killpg(self.proc.pid, sig)  # its own session: the whole group
-            else:
-                self.proc.send_signal(sig)
+                return
         except ProcessLookupError:
-            pass
+            return
+        # Sharing our process group (for the terminal), so no killpg: the
+        # shell and what it started. Signalling only the shell left
+        # `--run 'cmd; sleep 1000'`'s sleep running after SIGTERM.
+        for pid in [*_descendants(self.proc.pid), self.proc.pid]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     def stop(self, grace: float = 5.0) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited after ``grace`` seconds."""
