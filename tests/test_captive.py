@@ -70,7 +70,7 @@ def test_export_name_variable(server_image):
     env = env_lines(p.stdout)
     assert env["exportname"] == "disk0"
     assert env["uri"] == f"nbd+unix:///disk0?socket={env['unixsocket']}"
-    assert p.stdout.splitlines()[-1].strip() == "1" or "1" in p.stdout.splitlines()
+    assert "1" in p.stdout.splitlines()  # nbdinfo saw the export by that name
 
 
 def test_variables_like_nbdkit(server_image):

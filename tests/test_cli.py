@@ -53,6 +53,21 @@ def test_signal_stops_command_and_server_and_cleans_up(server_image, diskwatch_p
         assert not os.path.exists(os.path.dirname(sock))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_what_the_command_started(server_image, diskwatch_proc, sig):
+    """Not only the shell: a child it is waiting for goes too."""
+    dw = diskwatch_proc([server_image.path, "-r", "--headless", "--run",
+                         'sleep 1000 & echo "$unixsocket $!"; wait'])
+    sock, pid = dw.read_line().split()
+    pid = int(pid)
+    assert pid_alive(pid)
+    os.kill(dw.proc.pid, sig)
+    status, _, err = dw.wait(timeout=20)
+    assert status != 0 and "Traceback" not in err
+    assert not pid_alive(pid), "the command's child was left running"
+    assert not os.path.exists(sock)
+
+
 def test_sigterm_without_run(server_image, diskwatch_proc, tmp_path):
     sock = tmp_path / "plain.sock"
     dw = diskwatch_proc([server_image.path, "-r", "-U", sock, "--headless"])
