@@ -14,7 +14,7 @@ import pytest
 from fixtures_images import GUESTFS_ENV, DiskImage, content
 from groundtruth import ext4_file_ranges, ext4_list, fat_file_ranges
 
-from diskwatch.demo.guest import MissingToolError, find_kernel, probe_kvm
+from diskwatch.demo.guest import MissingToolError, build_guest_image, find_kernel, probe_kvm
 
 
 def sfdisk_table(path: Path) -> dict:
@@ -277,6 +277,21 @@ def test_guest_boots_under_tcg(guest_image: DiskImage, tmp_path: Path) -> None:
     assert [f"boot write {i} uptime" in log for i in range(1, n + 1)] == [True] * n
     assert len(log) == guest.files["/var/log/demo.log"], "writes must stay inside the file"
     print(f"guest booted and powered off in {elapsed:.1f} s under TCG")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_guest_with_minimal_initrd_boots(tmp_path: Path) -> None:
+    from fixtures_images import guest_disk
+
+    work = tmp_path / "build"
+    work.mkdir()
+    image = guest_disk(build_guest_image(work / "guest.img", initrd="minimal"))
+    assert image.guest is not None and image.guest.initrd.parent == work
+    console, elapsed, _ = boot(image, tmp_path, timeout=200)
+    assert image.guest.marker in console, console[-2000:]
+    assert "wrote /var/log/demo.log record 5" in console
+    print(f"guest with the minimal initramfs powered off in {elapsed:.1f} s under TCG")
 
 
 @pytest.mark.slow
