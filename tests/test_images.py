@@ -218,6 +218,7 @@ def test_qemu_command_keeps_nbd_for_the_shell(guest_image: DiskImage) -> None:
     assert guest is not None
     argv = guest.qemu_command("/tmp/x,y.img", "tcg")
     assert "file=/tmp/x,,y.img,format=raw,if=virtio" in argv
+    assert "file:/tmp/c.log" in guest.qemu_command(console="file:/tmp/c.log")
     line = guest.qemu_shell_command("$nbd", "kvm")
     assert '"file=$nbd,format=raw,if=virtio"' in line and "-accel kvm" in line
     expanded = subprocess.run(

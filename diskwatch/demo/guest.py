@@ -11,6 +11,7 @@ Debian's kernel and initrd from /boot boot it.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import select
@@ -119,8 +120,6 @@ def make_partition_table(
         [sfdisk, "--quiet", "--no-reread", "--no-tell-kernel", "--wipe", "never", os.fspath(path)],
         input="\n".join(lines) + "\n",
     )
-    import json
-
     table = json.loads(_run([sfdisk, "--json", os.fspath(path)]).stdout)["partitiontable"]
     sector = table.get("sectorsize", SECTOR)
     return [(p["start"] * sector, p["size"] * sector) for p in table["partitions"]]
@@ -287,12 +286,17 @@ class GuestImage:
         accel: str = "tcg",
         *,
         memory_mb: int = 512,
+        console: str = "stdio",
         extra: list[str] | None = None,
     ) -> list[str]:
         """The qemu argv that boots this guest from ``drive`` (default: the image file).
 
         ``drive`` is anything qemu's ``-drive file=`` takes: a path, an NBD URI,
         or a shell variable such as ``$nbd`` (see ``qemu_shell_command``).
+        ``accel`` is ``tcg`` or ``kvm`` (see ``probe_kvm``). ``console`` is the
+        qemu chardev of the guest's serial console: ``stdio`` (qemu's stdout),
+        or ``file:PATH`` when a full-screen UI owns the terminal (qemu puts a
+        terminal on stdin into raw mode).
         """
         qemu = require_tool("qemu-system-x86_64")
         target = os.fspath(drive) if drive is not None else os.fspath(self.path)
@@ -302,7 +306,7 @@ class GuestImage:
             # Debian's initrd unpacks to ~150 MB: 256 MB runs out of memory.
             "-m", str(memory_mb),
             # No floppy, NIC or VGA to probe; the console is the serial port on stdout.
-            "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", "none",
+            "-nodefaults", "-display", "none", "-serial", console, "-monitor", "none",
             "-no-reboot",
             "-kernel", os.fspath(self.kernel),
             "-initrd", os.fspath(self.initrd),
@@ -312,11 +316,16 @@ class GuestImage:
         return argv + list(extra or [])
 
     def qemu_shell_command(
-        self, drive: str = "$nbd", accel: str = "tcg", *, memory_mb: int = 512
+        self,
+        drive: str = "$nbd",
+        accel: str = "tcg",
+        *,
+        memory_mb: int = 512,
+        console: str = "stdio",
     ) -> str:
         """``qemu_command`` as one shell string, for ``--run``; ``$nbd`` stays expandable."""
         words = []
-        for arg in self.qemu_command(drive, accel, memory_mb=memory_mb):
+        for arg in self.qemu_command(drive, accel, memory_mb=memory_mb, console=console):
             if "$" in drive and arg.startswith("file=") and drive in arg:
                 words.append('"' + arg.replace('"', '\\"') + '"')  # let the shell expand $nbd
             else:
@@ -374,6 +383,8 @@ def build_guest_image(
     next to the image as ``PATH.initrd``; the guest boots in about half the time).
     """
     path = Path(path)
+    if not 1 <= writes <= 15:
+        raise ValueError("writes must be 1..15: /var/log/demo.log has 15 record slots")
     if initrd not in ("debian", "minimal"):
         raise ValueError(f"initrd must be 'debian' or 'minimal', not {initrd!r}")
     busybox = require_tool("busybox")
