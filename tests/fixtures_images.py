@@ -384,6 +384,7 @@ def guest_disk(guest: GuestImage) -> DiskImage:
         partitions=[Volume(device, guest.partition_offset, guest.partition_length, "ext4")],
         files={device: dict(guest.files)},
         dirs={device: list(guest.dirs)},
+        symlinks={device: dict(guest.symlinks)},
         guest=guest,
     )
 

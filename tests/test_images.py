@@ -231,6 +231,11 @@ def test_qemu_command_keeps_nbd_for_the_shell(guest_image: DiskImage) -> None:
     assert set(guest.reads) <= set(guest.files) and set(guest.writes) <= set(guest.files)
 
 
+def test_guest_image_contents(guest_image: DiskImage) -> None:
+    assert_ext4_matches(guest_image, "/dev/sda1", check_content=False)
+    assert guest_image.symlinks["/dev/sda1"]["/bin/sh"] == "busybox"
+
+
 def test_missing_kernel_names_the_package(tmp_path: Path) -> None:
     with pytest.raises(MissingToolError, match="apt-get install linux-image-amd64"):
         find_kernel(tmp_path)

@@ -275,6 +275,8 @@ class GuestImage:
     files: dict[str, int]
     #: every directory (``/`` excluded, ``/lost+found`` included)
     dirs: list[str] = field(default_factory=list)
+    #: every symlink (busybox applets) -> its target
+    symlinks: dict[str, str] = field(default_factory=dict)
     marker: str = MARKER
     device: str = "/dev/sda1"
     fstype: str = "ext4"
@@ -464,6 +466,11 @@ def build_guest_image(
             ["/" + os.fspath(p.relative_to(tree)) for p in tree.rglob("*") if p.is_dir()]
             + ["/lost+found"]
         )
+        symlinks = {
+            "/" + os.fspath(p.relative_to(tree)): os.readlink(p)
+            for p in sorted(tree.rglob("*"))
+            if p.is_symlink()
+        }
 
         size = size_mb * MiB
         path.unlink(missing_ok=True)
@@ -487,6 +494,7 @@ def build_guest_image(
         write_counts=write_counts,
         files=files,
         dirs=dirs,
+        symlinks=symlinks,
         partitions=[Partition("/dev/sda1", offset, length, "ext4")],
     )
 
