@@ -400,6 +400,10 @@ def _run_headless(captive, buffer, sinks, session, announce: str = "") -> int:
 def _run_ui(session, captive, buffer, sinks, source, pending_map, accel) -> int:
     from .events import Message
     from .ui.app import DiskwatchApp
+    # The server thread gives up the GIL at every syscall; with the default
+    # 5 ms switch interval the UI thread can then keep it for 5 ms while a
+    # guest waits. A short interval bounds that stall.
+    sys.setswitchinterval(float(os.environ.get("DISKWATCH_SWITCH_INTERVAL", "0.0002")))
     app = DiskwatchApp(session)
     if captive is not None:
         def on_exit(status: int) -> None:

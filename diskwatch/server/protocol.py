@@ -580,8 +580,11 @@ def clip_extents(extents, offset: int, length: int, req_one: bool) -> list[tuple
         pos += n
         if pos >= end:
             break
-    if not out:
-        out.append([length, 0])
+    if pos < end:  # the source said nothing of the tail: call it data
+        if out and out[-1][1] == 0:
+            out[-1][0] += end - pos
+        else:
+            out.append([end - pos, 0])
     if req_one:
         out = out[:1]
     # 32-bit descriptor lengths: a 4 GiB request is split.
