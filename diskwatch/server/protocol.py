@@ -550,10 +550,14 @@ class ServerConnection:
         return b"".join(chunks)
 
 
-def clip_extents(extents, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
+def clip_extents(extents, offset: int, length: int, req_one: bool,
+                 fill: bool = False) -> list[tuple[int, int]]:
     """Turn a source's (offset, length, flags) extents into block-status
     descriptors (length, flags) that start at ``offset``, are contiguous,
-    never go past ``offset + length``, and merge neighbours with equal flags."""
+    never go past ``offset + length``, and merge neighbours with equal flags.
+    Block status may answer for less than was asked; with ``fill`` (a read
+    split into chunks must cover all of it) a tail the source left out is
+    data."""
     out: list[list[int]] = []
     pos = offset
     end = offset + length
@@ -580,7 +584,7 @@ def clip_extents(extents, offset: int, length: int, req_one: bool) -> list[tuple
         pos += n
         if pos >= end:
             break
-    if pos < end:  # the source said nothing of the tail: call it data
+    if fill and pos < end:  # the source said nothing of the tail: call it data
         if out and out[-1][1] == 0:
             out[-1][0] += end - pos
         else:

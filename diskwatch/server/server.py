@@ -363,7 +363,7 @@ class Server:
         read as zeroes (so the client need not receive them)."""
         proto = conn.proto
         exts = src.extents(offset, length)
-        pieces = P.clip_extents(exts, offset, length, False)
+        pieces = P.clip_extents(exts, offset, length, False, fill=True)
         out = conn.out
         pos = offset
         last = len(pieces) - 1
