@@ -584,6 +584,9 @@ def clip_extents(extents, offset: int, length: int, req_one: bool,
         pos += n
         if pos >= end:
             break
+    if not out:
+        out.append([length, 0])
+        pos = end
     if fill and pos < end:  # the source said nothing of the tail: call it data
         if out and out[-1][1] == 0:
             out[-1][0] += end - pos
