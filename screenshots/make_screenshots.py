@@ -145,9 +145,9 @@ async def shoot_boot(guest, bmap, out, size, accel, tmp, *, churn: bool) -> None
         async with app.run_test(size=size) as pilot:
             captive.start()
             if not churn:
-                # mid-boot: init runs busybox and has begun writing its log
-                await until(pilot, app, lambda: any(
-                    o.type == "f" and c.writes for o, c in app.stats.objects.items()), 180)
+                # mid-boot: the kernel has mounted the root and init is running
+                await until(pilot, app, lambda: sum(
+                    c.reads for o, c in app.stats.objects.items() if o.type == "f") >= 3, 180)
                 await pilot.hover("#heatmap", offset=(12, 2))
                 save(app, out, "boot.svg")
                 await until(pilot, app, lambda: session.exit_status is not None, 120)
@@ -156,7 +156,7 @@ async def shoot_boot(guest, bmap, out, size, accel, tmp, *, churn: bool) -> None
                 save(app, out, "exited.svg")
             else:
                 await until(pilot, app, lambda: app.stats.ops[1] >= 40, 180)
-                await pilot.press("s")
+                await pilot.press("f", "s")  # files only, top objects by writes
                 save(app, out, "churn-top-writes.svg")
                 await until(pilot, app, lambda: session.exit_status is not None, 180)
     finally:
