@@ -8,6 +8,8 @@ import os
 import random
 import socket
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -296,3 +298,57 @@ def test_reader_going_away_is_eio(tmp_path):
     assert e.value.errno == errno.EIO and "went away" in str(e.value)
     with pytest.raises(SourceError):
         src.close()
+
+
+# -- through diskwatch: qemu-img convert -n into the stream ----------------------
+
+DISKWATCH = str(Path(sys.executable).with_name("diskwatch"))
+
+
+@pytest.fixture(scope="module")
+def ext4_image(tmp_path_factory) -> Path:
+    """A 40 MiB ext4 image: data at the start, in the middle and zero regions
+    (which qemu-img may skip) up to the end."""
+    d = tmp_path_factory.mktemp("stream-image")
+    tree = d / "tree"
+    rng = random.Random(9)
+    for i in range(8):
+        (tree / f"dir{i}").mkdir(parents=True)
+        (tree / f"dir{i}" / "data.bin").write_bytes(rng.randbytes(rng.randrange(100_000, 2 * MiB)))
+        (tree / f"dir{i}" / "notes.txt").write_text(f"file {i}\n" * 1000)
+    image = d / "disk.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image), "40M"], check=True)
+    return image
+
+
+@pytest.mark.parametrize("qemu_args", [[], ["--target-is-zero"]],
+                         ids=["writes-zeroes", "skips-zeroes"])
+def test_qemu_img_convert_into_the_stream(ext4_image, tmp_path, qemu_args):
+    """md5(stream) == md5(image), also when qemu-img skips the zero regions
+    (--target-is-zero): the gaps and the tail are zero-filled."""
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    reader = FifoReader(fifo)
+    size = ext4_image.stat().st_size
+    cmd = "qemu-img convert -n " + " ".join(qemu_args) + f' {ext4_image} -O raw "$nbd"'
+    r = subprocess.run([DISKWATCH, "--stream-to", str(fifo), "--size", str(size),
+                        "--window", "4M", "--headless", "--log", str(tmp_path / "trace"),
+                        "--run", cmd], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    stream = reader.result()
+    assert len(stream) == size
+    assert hashlib.md5(stream).hexdigest() == hashlib.md5(ext4_image.read_bytes()).hexdigest()
+    assert "write" in (tmp_path / "trace").read_text()
+
+
+def test_stream_into_a_regular_file_without_size(ext4_image, tmp_path):
+    """No --size: a huge virtual disk; the stream ends at the last byte written."""
+    out = tmp_path / "out.raw"
+    out.write_bytes(b"")
+    r = subprocess.run([DISKWATCH, "--stream-to", str(out), "--headless", "--log", os.devnull,
+                        "--run", f'nbdcopy {ext4_image} "$uri"'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    image = ext4_image.read_bytes()
+    assert out.read_bytes() == image[:out.stat().st_size]
+    assert image[out.stat().st_size:] == bytes(len(image) - out.stat().st_size)
