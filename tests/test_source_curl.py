@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -477,3 +478,24 @@ def test_sftp_missing_file(sftp_server, www, monkeypatch):
         CurlSource(url.replace("disk.img", "missing.img"))
     assert e.value.errno == errno.ENOENT
     assert "no such file" in str(e.value) and "\n" not in str(e.value)
+
+
+# -- through diskwatch ------------------------------------------------------------
+
+DISKWATCH = str(Path(sys.executable).with_name("diskwatch"))
+
+
+def test_diskwatch_serves_a_url(nginx, www, tmp_path):
+    out = tmp_path / "copy.raw"
+    r = subprocess.run([DISKWATCH, f"{nginx}/disk.img", "--connections", "4", "--headless",
+                        "--log", str(tmp_path / "trace"), "--run", f'nbdcopy "$uri" {out}'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == original(www)
+
+
+def test_diskwatch_404_is_one_line(nginx):
+    r = subprocess.run([DISKWATCH, f"{nginx}/nope.img", "--headless", "--run", "true"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "404" in r.stderr and "Traceback" not in r.stderr
