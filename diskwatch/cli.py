@@ -437,9 +437,19 @@ def _run_ui(session, captive, buffer, sinks, source, pending_map, accel) -> int:
     threads.append(threading.Thread(target=prepare_and_start, daemon=True, name="prepare"))
     for t in threads:
         t.start()
+
+    def on_signal(signum, frame):
+        # SIGTERM/SIGHUP under the UI: leave as if the person quit (the
+        # command is stopped and the socket removed on the way out). The
+        # handler runs inside the app's loop thread; call_from_thread wants
+        # another thread.
+        threading.Thread(target=app.call_from_thread, args=(app.exit,), daemon=True).start()
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         result = app.run()
     finally:
+        for s, h in old.items():
+            signal.signal(s, h)
         stop.set()
         for t in threads:
             if t.name == "trace-pump":
