@@ -27,10 +27,12 @@ class BmapProgress(Vertical):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.last: Progress | None = None
+        self.bar = ProgressBar(total=None, show_eta=False, id="bmap-bar")
+        self.detail = Static("", id="bmap-detail")
 
     def compose(self) -> ComposeResult:
-        yield ProgressBar(total=None, show_eta=False, id="bmap-bar")
-        yield Static("", id="bmap-detail")
+        yield self.bar
+        yield self.detail
 
     def on_mount(self) -> None:
         self.border_title = "block map"
@@ -38,8 +40,7 @@ class BmapProgress(Vertical):
     def update_progress(self, p: Progress) -> None:
         self.last = p
         self.add_class("-active")
-        bar = self.query_one(ProgressBar)
-        detail = self.query_one("#bmap-detail", Static)
+        bar, detail = self.bar, self.detail
         if p.phase == "done":
             bar.display = False
             self.border_title = "block map ready"

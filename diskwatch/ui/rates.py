@@ -3,6 +3,8 @@ and p99, connections, other commands, totals, sparklines of the last minute."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -26,16 +28,25 @@ class Rates(Vertical):
     Rates #spark-writes > .sparkline--min-color { color: #4a1c1c; }
     """
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # made here, not queried later: the app's timer may run before they mount
+        self.text = Static("", id="rates-text")
+        self.reads = Sparkline([0.0] * 60, id="spark-reads")
+        self.writes = Sparkline([0.0] * 60, id="spark-writes")
+
     def compose(self) -> ComposeResult:
-        yield Static("", id="rates-text")
-        yield Sparkline([0.0] * 60, id="spark-reads")
-        yield Sparkline([0.0] * 60, id="spark-writes")
+        yield self.text
+        yield self.reads
+        yield self.writes
 
     def on_mount(self) -> None:
         self.border_title = "rates"
         self.border_subtitle = "60s: reads / writes"
 
     def update_stats(self, stats: Stats, now: float) -> None:
+        if not (self.text.is_mounted and self.writes.is_mounted):
+            return
         rops, wops, rbytes, wbytes = stats.series.rate(now)
         text = Text()
         for name, style, ops, nbytes, total, total_bytes in (
@@ -65,8 +76,8 @@ class Rates(Vertical):
                 text.append(f"  errors {human_count(stats.errors)}", style="red bold")
             if stats.dropped:
                 text.append(f"  dropped {human_count(stats.dropped)}", style="yellow")
-        self.query_one("#rates-text", Static).update(text)
-        self.query_one("#spark-reads", Sparkline).data = [
+        self.text.update(text)
+        self.reads.data = [
             float(v) for v in stats.series.series(now, "read_ops")]
-        self.query_one("#spark-writes", Sparkline).data = [
+        self.writes.data = [
             float(v) for v in stats.series.series(now, "write_ops")]
