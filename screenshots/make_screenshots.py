@@ -4,18 +4,16 @@
     .venv/bin/python screenshots/make_screenshots.py [--out screenshots] [--size 140x42]
 
 It builds the demo guest (busybox on ext4, Debian's kernel; cached in
-$XDG_CACHE_HOME/diskwatch-screenshots), maps it (``diskwatch.bmap.generate``
-through diskwatch's own server when that is available, with its progress
-captured as the "bmap" shot; otherwise from debugfs's block lists), then
+$XDG_CACHE_HOME/diskwatch-screenshots), maps it (``diskwatch bmap`` when
+``diskwatch.bmap.generate`` exists, otherwise from debugfs's block lists), then
 serves it with diskwatch's server and boots it under qemu (TCG unless KVM
 works) with the Textual app watching, headless, and saves SVGs at moments
 chosen by what the app has seen (not by the clock). Each SVG gets a PNG
 beside it when rsvg-convert (Debian: librsvg2-bin) is installed.
 
 Shots: boot.svg (mid-boot, 140x42), boot-80x24.svg, churn-top-writes.svg
-(the churn guest rewriting logs, top objects by writes), exited.svg (the
-command has exited, its status shown), bmap.svg (map generation, if the
-generator is available).
+(the churn guest rewriting logs, files only, top objects by writes),
+exited.svg (the command has exited, its status shown).
 """
 
 from __future__ import annotations
