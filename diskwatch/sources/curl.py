@@ -78,6 +78,9 @@ class _Transfer:
         self.ranged = ranged
 
     def header(self, line: bytes) -> None:
+        first = line[:1]
+        if first not in b"HCc" or not first:  # only status lines and Content-Range matter
+            return
         if line.startswith(b"HTTP/"):
             # a new response (after a redirect or a 100 Continue): start over
             fields = line.split(None, 2)
@@ -185,6 +188,9 @@ class CurlSource(Source):
         c.setopt(pycurl.LOW_SPEED_LIMIT, 1)
         c.setopt(pycurl.LOW_SPEED_TIME, max(1, math.ceil(self.timeout)))
         c.setopt(pycurl.TCP_KEEPALIVE, 1)
+        # Fewer, larger write callbacks (each one takes the GIL): 16 KiB by
+        # default, 1 MiB reads ~1.5x faster on loopback.
+        c.setopt(pycurl.BUFFERSIZE, 1 << 20)
         if self.headers:
             c.setopt(pycurl.HTTPHEADER, self.headers)
         if self.user is not None:
