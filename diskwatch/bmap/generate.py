@@ -1,0 +1,658 @@
+"""Generate a block map by watching a libguestfs appliance read the disk.
+
+Like virt-bmap, but with no side channel: the disk is served from this
+process (``serve_in_thread``), so every read the appliance makes is seen
+here, and the reads seen while an object is being examined belong to it.
+
+Speed comes from letting the appliance walk many objects in one call
+(``debug sh`` + ``xargs``) while telling the server where each object starts.
+The "marker" export is a tiny ext4 filesystem built here: marker file *K*
+holds the tag ``DWMARKF<K>`` in its only block, marker directory *K* holds an
+entry named ``DWMARKD<K>``. The appliance runs ``cat M0 F0 M1 F1 ...`` (and
+``ls -f`` for directories); reading marker K hits the server at a block whose
+tag names K, and since the appliance reads synchronously and the server
+handles both exports on one thread, every disk read that follows, up to the
+next marker, belongs to object K. Page cache drops (``drop_caches=1``, which
+keeps inodes and dentries) let a pool of markers be reused in rounds.
+
+Metadata: the filesystem is first walked with ``find`` (stat of everything)
+and ``filefrag`` (extent maps), so inode tables, directory blocks and extent
+trees are read before any marker; whatever a file's reads still hit of those
+ranges is removed from the file (counted in ``metadata_bytes_removed``).
+
+Partitions and LVs are mapped by reading, under their own marker window, the
+first and last sector of each linear segment (``dmsetup table`` for LVs),
+instead of reading them whole; a non-linear LV is read whole.
+
+The drives are added as qcow2 overlays made here with ``qemu-img create -u``
+over the NBD URIs: libguestfs's own read-only overlay is made inside
+``add_drive`` while holding the GIL, and its ``qemu-img`` would wait forever
+for this process's server thread. The appliance's writes go to the overlay;
+the exports are read-only anyway.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..events import Bus, Message, Progress
+from ..sources.base import ReadOnly, Source
+from .format import BmapEntry, write_bmap
+
+__all__ = ["GenerateError", "GenerateResult", "Skipped", "choose_accel", "generate_bmap"]
+
+MARKER_BLOCK = 4096
+FILE_POOL = 4096  # marker files: files per round
+DIR_POOL = 1024  # marker directories: directories per round
+PROGRESS_INTERVAL = 0.05  # at most 20 Progress events per second
+MOUNT = "/sysroot"
+MARKER_MOUNT = "/tmp/dwm"
+INSTALL_HINT = "python3-guestfs is missing: apt-get install python3-guestfs libguestfs-tools"
+
+_TAG = re.compile(rb"DWMARK([FD])(\d{8})")
+_NOT_FILESYSTEMS = {"", "unknown", "swap", "LVM2_member", "crypto_LUKS"}
+
+
+class GenerateError(RuntimeError):
+    """Block-map generation failed; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    kind: str  # "filesystem", "file", "directory", "device"
+    device: str
+    path: str
+    reason: str
+
+
+@dataclass
+class GenerateResult:
+    out_path: str
+    accel: str = ""  # "kvm" or "tcg"
+    devices: int = 0
+    partitions: int = 0
+    lvs: int = 0
+    filesystems: int = 0
+    directories: int = 0
+    files: int = 0
+    entries: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    elapsed: float = 0.0
+    #: seconds per phase: probe, markers, launch, devices, metadata, directories, files, write
+    timings: dict[str, float] = field(default_factory=dict)
+    #: bytes a file's reads hit that the metadata walk had read (inode tables, extent trees)
+    metadata_bytes_removed: int = 0
+    #: disk reads outside any object's window inside a walk (should be 0)
+    unattributed_bytes: int = 0
+    #: markers that never reached the server (their object got no reads)
+    missed_markers: int = 0
+
+    @property
+    def objects(self) -> int:
+        return self.devices + self.partitions + self.lvs + self.directories + self.files
+
+    @property
+    def objects_per_second(self) -> float:
+        return self.objects / self.elapsed if self.elapsed > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.devices} devices, {self.partitions} partitions, {self.lvs} LVs, "
+            f"{self.filesystems} filesystems, {self.directories} directories, "
+            f"{self.files} files; {self.entries} ranges written to {self.out_path} "
+            f"in {self.elapsed:.1f} s ({self.objects_per_second:.0f} objects/s, {self.accel})"
+            + (f"; {len(self.skipped)} skipped" if self.skipped else "")
+        )
+
+
+# --------------------------------------------------------------------------
+# KVM or TCG
+
+_probe_cache: dict[float, bool] = {}
+
+
+def _probe_kvm(timeout: float) -> bool:
+    if timeout not in _probe_cache:
+        try:
+            from ..demo.guest import probe_kvm
+        except ImportError:  # the demo package is optional
+            return False
+        _probe_cache[timeout] = probe_kvm(timeout)
+    return _probe_cache[timeout]
+
+
+def choose_accel(accel: str = "auto", timeout: float = 8.0) -> tuple[str, str]:
+    """("kvm"|"tcg", why). "auto" respects LIBGUESTFS_BACKEND_SETTINGS=force_tcg,
+    else probes KVM with a timeout (a guest that hangs counts as no KVM)."""
+    if accel in ("kvm", "tcg"):
+        return accel, f"{accel} (as asked)"
+    if accel != "auto":
+        raise GenerateError(f"unknown accelerator {accel!r}: use auto, kvm or tcg")
+    if "force_tcg" in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", ""):
+        return "tcg", "tcg (LIBGUESTFS_BACKEND_SETTINGS=force_tcg)"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg", "tcg (no usable /dev/kvm)"
+    if _probe_kvm(timeout):
+        return "kvm", "kvm (probe guest booted)"
+    return "tcg", f"tcg (a KVM guest did not boot within {timeout:.0f} s; KVM looks broken here)"
+
+
+# --------------------------------------------------------------------------
+# Marker filesystem
+
+
+def build_marker_fs(path: str, work: str, files: int = FILE_POOL,
+                    dirs: int = DIR_POOL) -> dict[int, tuple[str, int]]:
+    """Make the marker ext4 image at ``path``; return block offset -> ("F"|"D", K)."""
+    mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
+    tree = os.path.join(work, "markers")
+    os.mkdir(tree)
+    for k in range(files):
+        with open(os.path.join(tree, f"f{k:05d}"), "wb") as f:
+            f.write(b"DWMARKF%08d\n" % k)
+    for k in range(dirs):
+        d = os.path.join(tree, f"d{k:05d}")
+        os.mkdir(d)
+        open(os.path.join(d, "DWMARKD%08d" % k), "wb").close()
+    size = (files + dirs) * MARKER_BLOCK * 2 + (files + 2 * dirs) * 512 + (8 << 20)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    proc = subprocess.run(
+        [mkfs, "-q", "-F", "-b", str(MARKER_BLOCK), "-O", "^has_journal,^inline_data",
+         "-N", str(files + 2 * dirs + 64), "-E", "nodiscard", "-L", "dwmarkers", "-d", tree, path],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    shutil.rmtree(tree, ignore_errors=True)
+    if proc.returncode != 0:
+        raise GenerateError(f"mkfs.ext4 failed making the marker filesystem: "
+                            f"{proc.stderr.strip()[-200:]} (apt-get install e2fsprogs)")
+    tags: dict[int, tuple[str, int]] = {}
+    with open(path, "rb") as f:
+        data = f.read()
+    for m in _TAG.finditer(data):
+        tags[m.start() - m.start() % MARKER_BLOCK] = (m.group(1).decode(), int(m.group(2)))
+    found = {t for t in tags.values()}
+    if len(found) != files + dirs:
+        raise GenerateError(f"marker filesystem holds {len(found)} of {files + dirs} markers")
+    return tags
+
+
+# --------------------------------------------------------------------------
+# Watching the server
+
+
+class _Collector:
+    """The request subscriber (server thread): follows markers, files disk reads
+    under the current object."""
+
+    def __init__(self, tags: dict[int, tuple[str, int]], on_marker: Callable[[int], None]):
+        self.tags = tags
+        self.on_marker = on_marker
+        self.kind = ""  # "F" or "D" during a walk; "" outside
+        self.obj = -1  # current object (index in the batch); -1: none yet
+        self.seen = 0  # markers seen in this batch
+        self.reads: list[tuple[int, int, int]] = []  # (obj, offset, length) on the disk
+
+    def reset(self, kind: str, obj: int = -1) -> list[tuple[int, int, int]]:
+        reads, self.reads = self.reads, []
+        self.kind, self.obj, self.seen = kind, obj, 0
+        return reads
+
+    def __call__(self, batch) -> None:
+        for r in batch:
+            if r.command != 0 or r.error:
+                continue
+            if r.export == "marker":
+                if not self.kind:
+                    continue
+                tags = self.tags
+                page = r.offset - r.offset % MARKER_BLOCK
+                end = r.offset + r.length
+                while page < end:
+                    t = tags.get(page)
+                    if t is not None and t[0] == self.kind:
+                        self.obj = t[1]
+                        self.seen += 1
+                        self.on_marker(t[1])
+                    page += MARKER_BLOCK
+            else:
+                self.reads.append((self.obj, r.offset, r.length))
+
+
+class _Progress:
+    def __init__(self, bus: Bus | None, t0: float):
+        self.bus = bus
+        self.t0 = t0
+        self.last = 0.0
+        self.lock = threading.Lock()
+        self.phase = "launch"
+        self.done = 0
+        self.total = 0
+        self.names: list[str] = []
+        self.base = 0
+
+    def marker(self, k: int) -> None:
+        self.publish(self.base + k + 1, self.names[k] if k < len(self.names) else "")
+
+    def publish(self, done: int | None = None, current: str = "", *, phase: str | None = None,
+                force: bool = False, summary: str = "") -> None:
+        if self.bus is None:
+            return
+        now = time.monotonic()
+        with self.lock:
+            if phase is not None:
+                self.phase = phase
+            if done is not None:
+                self.done = done
+            if not force and now - self.last < PROGRESS_INTERVAL:
+                return
+            self.last = now
+            elapsed = now - self.t0
+            ev = Progress(self.phase, current, self.done, max(self.total, self.done),
+                          self.done / elapsed if elapsed > 0 else 0.0, elapsed, summary)
+        self.bus.publish(ev)
+
+
+# --------------------------------------------------------------------------
+# Ranges
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(start, end) pairs -> sorted, with overlapping and adjacent ones merged."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def subtract_ranges(ranges: list[tuple[int, int]],
+                    minus: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+    """Merged ``ranges`` minus merged ``minus``; also the bytes removed."""
+    import bisect
+
+    if not minus:
+        return ranges, 0
+    starts = [s for s, _ in minus]
+    out: list[tuple[int, int]] = []
+    removed = 0
+    for s, e in ranges:
+        i = max(bisect.bisect_right(starts, s) - 1, 0)
+        pos = s
+        while i < len(minus) and minus[i][0] < e:
+            ms, me = minus[i]
+            if me > pos:
+                if ms > pos:
+                    out.append((pos, ms))
+                cut_end = min(me, e)
+                removed += cut_end - max(ms, pos)
+                pos = cut_end
+            i += 1
+        if pos < e:
+            out.append((pos, e))
+    return out, removed
+
+
+# --------------------------------------------------------------------------
+# The generator
+
+
+def _import_guestfs():
+    try:
+        import guestfs
+    except ImportError:
+        raise GenerateError(INSTALL_HINT) from None
+    return guestfs
+
+
+class _Generator:
+    def __init__(self, source: Source, out_path: str, bus: Bus | None, accel: str,
+                 verbose: bool):
+        self.source = source
+        self.out_path = os.fspath(out_path)
+        self.bus = bus
+        self.accel = accel
+        self.verbose = verbose
+        self.t0 = time.monotonic()
+        self.result = GenerateResult(self.out_path)
+        self.entries: list[BmapEntry] = []
+        self.progress = _Progress(bus, self.t0)
+        self.g = None
+        self.rs = None
+        self.work = ""
+
+    # --- helpers ---------------------------------------------------------
+
+    def say(self, text: str, level: str = "info") -> None:
+        if self.bus is not None:
+            self.bus.publish(Message(text, level=level))
+
+    def timed(self, name: str, t: float) -> None:
+        self.result.timings[name] = self.result.timings.get(name, 0.0) + time.monotonic() - t
+
+    def barrier(self) -> None:
+        """Wait until the server thread has published everything it handled."""
+        self.rs.thread.call(lambda: None)
+
+    def sh(self, script: str) -> str:
+        return self.g.debug("sh", [script])
+
+    def sh_bytes(self, script: str) -> bytes:
+        """Run ``script`` and return its stdout as bytes (paths need not be UTF-8)."""
+        out = self.sh(f"{{ {script} ; }} > /tmp/dw.out 2>&1; wc -c < /tmp/dw.out")
+        size = int(out.strip() or 0)
+        data = bytearray()
+        chunk = 3 << 20  # a multiple of 3: base64 pieces concatenate
+        for i in range((size + chunk - 1) // chunk):
+            data += base64.b64decode(self.sh(
+                f"dd if=/tmp/dw.out bs={chunk} skip={i} count=1 status=none | base64 -w0"))
+        return bytes(data)
+
+    def upload(self, data: bytes, name: str) -> str:
+        local = os.path.join(self.work, name)
+        with open(local, "wb") as f:
+            f.write(data)
+        # Not chrooted: the name is a path in the appliance itself.
+        self.g.debug_upload(local, "/tmp/" + name, 0o644)
+        return "/tmp/" + name
+
+    # --- phases ----------------------------------------------------------
+
+    def run(self) -> GenerateResult:
+        guestfs = _import_guestfs()
+        res = self.result
+        t = time.monotonic()
+        res.accel, why = choose_accel(self.accel)
+        self.timed("probe", t)
+        self.say(f"bmap: libguestfs with {why}")
+        self.work = tempfile.mkdtemp(prefix="diskwatch-bmap-")
+        try:
+            t = time.monotonic()
+            marker_img = os.path.join(self.work, "markers.img")
+            tags = build_marker_fs(marker_img, self.work)
+            self.timed("markers", t)
+            self.collector = _Collector(tags, self.progress.marker)
+            from ..server import serve_in_thread
+            from ..sources.file import FileSource
+
+            private = Bus()
+            private.on_requests(self.collector)
+            markers = FileSource(marker_img, readonly=True)
+            src = self.source if not self.source.can_write else ReadOnly(self.source)
+            self.rs = serve_in_thread({"": src, "marker": markers}, private)
+            try:
+                self.g = guestfs.GuestFS(python_return_dict=True)
+                try:
+                    self.launch(guestfs)
+                    self.walk()
+                finally:
+                    try:
+                        self.g.shutdown()
+                    except Exception:  # noqa: BLE001 - best effort at the end
+                        pass
+                    self.g.close()
+            finally:
+                self.rs.stop()
+                markers.close()
+            t = time.monotonic()
+            self.progress.publish(phase="write", force=True)
+            write_bmap(self.out_path, self.entries)
+            res.entries = len(self.entries)
+            self.timed("write", t)
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+        res.elapsed = time.monotonic() - self.t0
+        for s in res.skipped:
+            self.say(f"bmap: skipped {s.kind} {s.device} {s.path}: {s.reason}", "warning")
+        self.say("bmap: " + res.summary())
+        self.progress.publish(res.objects, phase="done", force=True, summary=res.summary())
+        return res
+
+    def launch(self, guestfs) -> None:
+        g = self.g
+        t = time.monotonic()
+        self.progress.publish(0, "appliance", phase="launch", force=True)
+        if self.result.accel == "tcg":
+            g.set_backend("direct")
+            g.set_backend_settings(["force_tcg"])
+        else:
+            settings = [s for s in g.get_backend_settings() if s != "force_tcg"]
+            g.set_backend_settings(settings)
+        for name, size in (("", self.source.size), ("marker", None)):
+            overlay = os.path.join(self.work, f"overlay{len(name)}.qcow2")
+            size = size if size is not None else os.path.getsize(
+                os.path.join(self.work, "markers.img"))
+            proc = subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", self.rs.uri_for(name),
+                 "-F", "raw", overlay, str(size)], capture_output=True, text=True,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                raise GenerateError(f"qemu-img create failed: {proc.stderr.strip()} "
+                                    "(apt-get install qemu-utils)")
+            g.add_drive_opts(overlay, format="qcow2", readonly=False, cachemode="unsafe")
+        try:
+            g.launch()
+        except RuntimeError as e:
+            raise GenerateError(f"libguestfs could not launch its appliance: {e} "
+                                "(try `libguestfs-test-tool`)") from None
+        self.timed("launch", t)
+
+    def walk(self) -> None:
+        g, res = self.g, self.result
+        t = time.monotonic()
+        self.progress.publish(0, "", phase="devices", force=True)
+        devices = g.list_devices()
+        disk, marker_dev = devices[0], devices[-1]
+        self.sh(f"mkdir -p {MARKER_MOUNT} && mount -o ro {marker_dev} {MARKER_MOUNT}"
+                " && for f in /sys/block/*/queue/read_ahead_kb; do echo 0 > $f; done")
+        size = g.blockdev_getsize64(disk)
+        self.entries.append(BmapEntry(1, 0, size, "v", disk))
+        res.devices = 1
+        parts = [p for p in g.list_partitions() if g.part_to_dev(p) == disk]
+        lvs = g.lvs()
+        for dev in parts + lvs:
+            kind = "l" if dev in lvs else "p"
+            try:
+                ranges = self.map_device(dev, kind)
+            except RuntimeError as e:
+                res.skipped.append(Skipped("device", dev, "", str(e)))
+                continue
+            self.entries += [BmapEntry(1, s, e, kind, dev) for s, e in ranges]
+            if kind == "l":
+                res.lvs += 1
+            else:
+                res.partitions += 1
+        self.timed("devices", t)
+        filesystems = g.list_filesystems()
+        for fs in sorted(filesystems):
+            fstype = filesystems[fs]
+            if fs.startswith(marker_dev) or fstype in _NOT_FILESYSTEMS:
+                continue
+            try:
+                g.mount_ro(fs, "/")
+            except RuntimeError as e:
+                res.skipped.append(Skipped("filesystem", fs, "", f"cannot mount {fstype}: {e}"))
+                continue
+            try:
+                res.filesystems += 1
+                self.map_filesystem(fs)
+            finally:
+                g.umount_all()
+
+    def map_device(self, dev: str, kind: str) -> list[tuple[int, int]]:
+        """Byte ranges of a partition or LV: probe each linear segment's ends."""
+        size = self.g.blockdev_getsize64(dev)
+        segments = [(0, size)]
+        if kind == "l":
+            table = self.sh(f"dmsetup table {shlex.quote(dev)}")
+            segments = []
+            for line in table.splitlines():
+                f = line.split()
+                if len(f) >= 3 and f[2] == "linear":
+                    segments.append((int(f[0]) * 512, int(f[1]) * 512))
+                elif f:
+                    segments = []
+                    break
+        dd = "dd of=/dev/null bs=512 count=1 iflag=direct status=none"
+        qdev = shlex.quote(dev)
+        if segments:
+            probes = []
+            for start, length in segments:
+                probes += [f"{dd} if={qdev} skip={start // 512}",
+                           f"{dd} if={qdev} skip={(start + length) // 512 - 1}"]
+            reads = self.watch(" && ".join(probes))
+            if len(reads) == 2 * len(segments):
+                return merge_ranges([(reads[2 * i][1], reads[2 * i + 1][1] + reads[2 * i + 1][2])
+                                     for i in range(len(segments))])
+        # Not linear, or the probes did not come back one read each: read it all.
+        reads = self.watch(f"dd if={qdev} of=/dev/null bs=4M iflag=direct status=none")
+        return merge_ranges([(o, o + n) for _, o, n in reads])
+
+    def watch(self, script: str) -> list[tuple[int, int, int]]:
+        """Run ``script``; return the disk reads it caused."""
+        self.barrier()
+        self.collector.reset("", 0)
+        self.sh(script)
+        self.barrier()
+        return self.collector.reset("")
+
+    def map_filesystem(self, fs: str) -> None:
+        res = self.result
+        # 1. Metadata: stat everything, map every file's extents; none of it
+        # belongs to a file. Inodes, dentries and extent caches stay warm.
+        t = time.monotonic()
+        self.progress.publish(phase="filesystems", current=fs, force=True)
+        listing = self.sh_bytes(
+            f"echo 3 > /proc/sys/vm/drop_caches; cd {MOUNT} && "
+            "find . -xdev -printf '%y %s %p\\0' > /tmp/dw.list; "
+            "find . -xdev -type f -print0 | xargs -0 -r filefrag > /dev/null 2>&1; "
+            "cat /tmp/dw.list")
+        self.barrier()
+        meta = merge_ranges([(o, o + n) for _, o, n in self.collector.reset("")])
+        self.timed("metadata", t)
+        dirs: list[str] = []
+        files: list[str] = []
+        for rec in listing.split(b"\0"):
+            if not rec:
+                continue
+            y, _, rest = rec.partition(b" ")
+            _, _, p = rest.partition(b" ")
+            path = p[1:].decode("utf-8", "surrogateescape") or "/"
+            if y == b"d":
+                dirs.append(path)
+            elif y == b"f":
+                files.append(path)
+        self.progress.total += len(dirs) + len(files)
+
+        t = time.monotonic()
+        self.progress.publish(phase="directories", current=fs, force=True)
+        self.walk_objects(fs, "d", dirs, DIR_POOL, meta)
+        self.timed("directories", t)
+        t = time.monotonic()
+        self.progress.publish(phase="files", current=fs, force=True)
+        self.walk_objects(fs, "f", files, FILE_POOL, meta)
+        self.timed("files", t)
+        res.directories += len(dirs) - sum(1 for s in res.skipped
+                                           if s.kind == "directory" and s.device == fs)
+        res.files += len(files) - sum(1 for s in res.skipped
+                                      if s.kind == "file" and s.device == fs)
+
+    def walk_objects(self, fs: str, kind: str, paths: list[str], pool: int,
+                     meta: list[tuple[int, int]]) -> None:
+        res = self.result
+        tag = "F" if kind == "f" else "D"
+        if kind == "f":
+            # File pages come through the file's own mapping: readahead stays
+            # inside the file, so let it make big requests. Directory blocks
+            # come through the disk's mapping: no readahead there.
+            ra = "for f in /sys/block/*/queue/read_ahead_kb; do echo 4096 > $f; done; " \
+                 f"echo 0 > /sys/block/{os.path.basename(self.g.list_devices()[-1])}" \
+                 "/queue/read_ahead_kb; "
+            tool = "cat --"
+        else:
+            ra = "for f in /sys/block/*/queue/read_ahead_kb; do echo 0 > $f; done; "
+            tool = "ls -f --"
+        for b in range(0, len(paths), pool):
+            batch = paths[b:b + pool]
+            lst = bytearray()
+            for k, p in enumerate(batch):
+                marker = f"{MARKER_MOUNT}/{kind}{k:05d}"
+                lst += marker.encode() + b"\0" + (MOUNT + p).encode("utf-8", "surrogateescape") \
+                    + b"\0"
+            remote = self.upload(bytes(lst), "dw.batch")
+            self.progress.names = batch
+            self.progress.base = self.progress.done
+            self.barrier()
+            self.collector.reset("")
+            self.sh(ra + "echo 1 > /proc/sys/vm/drop_caches")
+            self.barrier()
+            self.collector.reset(tag)
+            errors = self.sh_bytes(f"LC_ALL=C xargs -0 -a {remote} {tool} 2>&1 > /dev/null "
+                                   "; true")
+            self.barrier()
+            seen = self.collector.seen
+            reads = self.collector.reset("")
+            res.missed_markers += len(batch) - seen
+            bad = self._errors(errors, kind)
+            if self.verbose:
+                self.say(f"bmap: batch of {len(batch)} {kind}: {seen} markers, "
+                         f"{len(reads)} reads; {errors[:300]!r}")
+            per: dict[int, list[tuple[int, int]]] = {}
+            for obj, o, n in reads:
+                if obj < 0:
+                    res.unattributed_bytes += n
+                    continue
+                per.setdefault(obj, []).append((o, o + n))
+            for k, p in enumerate(batch):
+                if p in bad:
+                    res.skipped.append(Skipped("file" if kind == "f" else "directory", fs, p,
+                                               bad[p]))
+                    continue
+                ranges = merge_ranges(per.get(k, []))
+                if kind == "f":
+                    ranges, removed = subtract_ranges(ranges, meta)
+                    res.metadata_bytes_removed += removed
+                self.entries += [BmapEntry(1, s, e, kind, fs, p) for s, e in ranges]
+            self.progress.publish(self.progress.base + len(batch), force=True)
+
+    @staticmethod
+    def _errors(output: bytes, kind: str) -> dict[str, str]:
+        """Parse `cat: /sysroot/PATH: REASON` lines into path -> reason."""
+        bad = {}
+        prefix = ("cat: " if kind == "f" else "ls: ").encode()
+        for line in output.splitlines():
+            if not line.startswith(prefix):
+                continue
+            line = line[len(prefix):]
+            if kind == "d" and line.startswith(b"cannot open directory "):
+                line = line[len(b"cannot open directory "):].replace(b"'", b"")
+            path, _, reason = line.rpartition(b": ")
+            path = path.decode("utf-8", "surrogateescape")
+            if path.startswith(MOUNT):
+                bad[path[len(MOUNT):] or "/"] = reason.decode("utf-8", "replace")
+        return bad
+
+
+def generate_bmap(source: Source, out_path: str | os.PathLike[str], *, bus: Bus | None = None,
+                  accel: str = "auto", verbose: bool = False) -> GenerateResult:
+    """Map ``source`` (a whole disk) and write the block map to ``out_path``.
+
+    Publishes ``Progress`` (at most 20 a second) and ``Message`` events on
+    ``bus``. ``accel``: "auto" (probe KVM with a timeout, else TCG), "kvm" or
+    "tcg". Raises ``GenerateError`` with a one-line message when it cannot
+    run at all; unmountable filesystems and unreadable files are skipped and
+    listed in the result."""
+    return _Generator(source, os.fspath(out_path), bus, accel, verbose).run()
