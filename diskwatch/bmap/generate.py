@@ -151,8 +151,9 @@ def choose_accel(accel: str = "auto", timeout: float = 8.0) -> tuple[str, str]:
 # Marker filesystem
 
 
-def build_marker_fs(path: str, work: str, files: int = FILE_POOL,
-                    dirs: int = DIR_POOL) -> dict[int, tuple[str, int]]:
+def build_marker_fs(
+    path: str, work: str, files: int = FILE_POOL, dirs: int = DIR_POOL
+) -> dict[int, tuple[str, int]]:
     """Make the marker ext4 image at ``path``; return block offset -> ("F"|"D", K)."""
     mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
     tree = os.path.join(work, "markers")
@@ -163,7 +164,7 @@ def build_marker_fs(path: str, work: str, files: int = FILE_POOL,
     for k in range(dirs):
         d = os.path.join(tree, f"d{k:05d}")
         os.mkdir(d)
-        open(os.path.join(d, "DWMARKD%08d" % k), "wb").close()
+        open(os.path.join(d, f"DWMARKD{k:08d}"), "wb").close()
     size = (files + dirs) * MARKER_BLOCK * 2 + (files + 2 * dirs) * 512 + (8 << 20)
     with open(path, "wb") as f:
         f.truncate(size)
@@ -174,17 +175,51 @@ def build_marker_fs(path: str, work: str, files: int = FILE_POOL,
     )  # fmt: skip
     shutil.rmtree(tree, ignore_errors=True)
     if proc.returncode != 0:
-        raise GenerateError(f"mkfs.ext4 failed making the marker filesystem: "
-                            f"{proc.stderr.strip()[-200:]} (apt-get install e2fsprogs)")
+        raise GenerateError(
+            f"mkfs.ext4 failed making the marker filesystem: "
+            f"{proc.stderr.strip()[-200:]} (apt-get install e2fsprogs)"
+        )
+    return scan_markers(path, files + dirs)
+
+
+def scan_markers(path: str, count: int) -> dict[int, tuple[str, int]]:
+    """Block offset -> ("F"|"D", K) for every marker tag in the image at ``path``."""
     tags: dict[int, tuple[str, int]] = {}
     with open(path, "rb") as f:
         data = f.read()
     for m in _TAG.finditer(data):
         tags[m.start() - m.start() % MARKER_BLOCK] = (m.group(1).decode(), int(m.group(2)))
-    found = {t for t in tags.values()}
-    if len(found) != files + dirs:
-        raise GenerateError(f"marker filesystem holds {len(found)} of {files + dirs} markers")
+    found = len(set(tags.values()))
+    if found != count:
+        raise GenerateError(f"marker filesystem {path} holds {found} of {count} markers")
     return tags
+
+
+def marker_image(work: str) -> tuple[str, dict[int, tuple[str, int]]]:
+    """The marker image (cached in ~/.cache/diskwatch: it costs seconds to
+    build and never changes) and its tags."""
+    count = FILE_POOL + DIR_POOL
+    cache = os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "diskwatch"
+    )
+    cached = os.path.join(cache, f"markers-v1-{FILE_POOL}-{DIR_POOL}.img")
+    try:
+        return cached, scan_markers(cached, count)
+    except (OSError, GenerateError):
+        pass
+    try:
+        os.makedirs(cache, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="markers-", dir=cache)
+        try:
+            img = os.path.join(tmp, "markers.img")
+            tags = build_marker_fs(img, tmp)
+            os.replace(img, cached)  # atomic: a concurrent builder's copy is as good
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cached, tags
+    except OSError:  # no writable cache: build it for this run only
+        img = os.path.join(work, "markers.img")
+        return img, build_marker_fs(img, work)
 
 
 # --------------------------------------------------------------------------
@@ -244,8 +279,15 @@ class _Progress:
     def marker(self, k: int) -> None:
         self.publish(self.base + k + 1, self.names[k] if k < len(self.names) else "")
 
-    def publish(self, done: int | None = None, current: str = "", *, phase: str | None = None,
-                force: bool = False, summary: str = "") -> None:
+    def publish(
+        self,
+        done: int | None = None,
+        current: str = "",
+        *,
+        phase: str | None = None,
+        force: bool = False,
+        summary: str = "",
+    ) -> None:
         if self.bus is None:
             return
         now = time.monotonic()
@@ -258,8 +300,15 @@ class _Progress:
                 return
             self.last = now
             elapsed = now - self.t0
-            ev = Progress(self.phase, current, self.done, max(self.total, self.done),
-                          self.done / elapsed if elapsed > 0 else 0.0, elapsed, summary)
+            ev = Progress(
+                self.phase,
+                current,
+                self.done,
+                max(self.total, self.done),
+                self.done / elapsed if elapsed > 0 else 0.0,
+                elapsed,
+                summary,
+            )
         self.bus.publish(ev)
 
 
@@ -279,8 +328,9 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def subtract_ranges(ranges: list[tuple[int, int]],
-                    minus: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+def subtract_ranges(
+    ranges: list[tuple[int, int]], minus: list[tuple[int, int]]
+) -> tuple[list[tuple[int, int]], int]:
     """Merged ``ranges`` minus merged ``minus``; also the bytes removed."""
     import bisect
 
@@ -319,8 +369,7 @@ def _import_guestfs():
 
 
 class _Generator:
-    def __init__(self, source: Source, out_path: str, bus: Bus | None, accel: str,
-                 verbose: bool):
+    def __init__(self, source: Source, out_path: str, bus: Bus | None, accel: str, verbose: bool):
         self.source = source
         self.out_path = os.fspath(out_path)
         self.bus = bus
@@ -357,8 +406,9 @@ class _Generator:
         data = bytearray()
         chunk = 3 << 20  # a multiple of 3: base64 pieces concatenate
         for i in range((size + chunk - 1) // chunk):
-            data += base64.b64decode(self.sh(
-                f"dd if=/tmp/dw.out bs={chunk} skip={i} count=1 status=none | base64 -w0"))
+            data += base64.b64decode(
+                self.sh(f"dd if=/tmp/dw.out bs={chunk} skip={i} count=1 status=none | base64 -w0")
+            )
         return bytes(data)
 
     def upload(self, data: bytes, name: str) -> str:
@@ -381,8 +431,8 @@ class _Generator:
         self.work = tempfile.mkdtemp(prefix="diskwatch-bmap-")
         try:
             t = time.monotonic()
-            marker_img = os.path.join(self.work, "markers.img")
-            tags = build_marker_fs(marker_img, self.work)
+            marker_img, tags = marker_image(self.work)
+            self.marker_size = os.path.getsize(marker_img)
             self.timed("markers", t)
             self.collector = _Collector(tags, self.progress.marker)
             from ..server import serve_in_thread
@@ -433,21 +483,22 @@ class _Generator:
             g.set_backend_settings(settings)
         for name, size in (("", self.source.size), ("marker", None)):
             overlay = os.path.join(self.work, f"overlay{len(name)}.qcow2")
-            size = size if size is not None else os.path.getsize(
-                os.path.join(self.work, "markers.img"))
+            size = size if size is not None else self.marker_size
             proc = subprocess.run(
                 ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", self.rs.uri_for(name),
                  "-F", "raw", overlay, str(size)], capture_output=True, text=True,
             )  # fmt: skip
             if proc.returncode != 0:
-                raise GenerateError(f"qemu-img create failed: {proc.stderr.strip()} "
-                                    "(apt-get install qemu-utils)")
+                raise GenerateError(
+                    f"qemu-img create failed: {proc.stderr.strip()} (apt-get install qemu-utils)"
+                )
             g.add_drive_opts(overlay, format="qcow2", readonly=False, cachemode="unsafe")
         try:
             g.launch()
         except RuntimeError as e:
-            raise GenerateError(f"libguestfs could not launch its appliance: {e} "
-                                "(try `libguestfs-test-tool`)") from None
+            raise GenerateError(
+                f"libguestfs could not launch its appliance: {e} (try `libguestfs-test-tool`)"
+            ) from None
         self.timed("launch", t)
 
     def walk(self) -> None:
@@ -456,8 +507,10 @@ class _Generator:
         self.progress.publish(0, "", phase="devices", force=True)
         devices = g.list_devices()
         disk, marker_dev = devices[0], devices[-1]
-        self.sh(f"mkdir -p {MARKER_MOUNT} && mount -o ro {marker_dev} {MARKER_MOUNT}"
-                " && for f in /sys/block/*/queue/read_ahead_kb; do echo 0 > $f; done")
+        self.sh(
+            f"mkdir -p {MARKER_MOUNT} && mount -o ro {marker_dev} {MARKER_MOUNT}"
+            " && for f in /sys/block/*/queue/read_ahead_kb; do echo 0 > $f; done"
+        )
         size = g.blockdev_getsize64(disk)
         self.entries.append(BmapEntry(1, 0, size, "v", disk))
         res.devices = 1
@@ -511,12 +564,18 @@ class _Generator:
         if segments:
             probes = []
             for start, length in segments:
-                probes += [f"{dd} if={qdev} skip={start // 512}",
-                           f"{dd} if={qdev} skip={(start + length) // 512 - 1}"]
+                probes += [
+                    f"{dd} if={qdev} skip={start // 512}",
+                    f"{dd} if={qdev} skip={(start + length) // 512 - 1}",
+                ]
             reads = self.watch(" && ".join(probes))
             if len(reads) == 2 * len(segments):
-                return merge_ranges([(reads[2 * i][1], reads[2 * i + 1][1] + reads[2 * i + 1][2])
-                                     for i in range(len(segments))])
+                return merge_ranges(
+                    [
+                        (reads[2 * i][1], reads[2 * i + 1][1] + reads[2 * i + 1][2])
+                        for i in range(len(segments))
+                    ]
+                )
         # Not linear, or the probes did not come back one read each: read it all.
         reads = self.watch(f"dd if={qdev} of=/dev/null bs=4M iflag=direct status=none")
         return merge_ranges([(o, o + n) for _, o, n in reads])
@@ -539,7 +598,8 @@ class _Generator:
             f"echo 3 > /proc/sys/vm/drop_caches; cd {MOUNT} && "
             "find . -xdev -printf '%y %s %p\\0' > /tmp/dw.list; "
             "find . -xdev -type f -print0 | xargs -0 -r filefrag > /dev/null 2>&1; "
-            "cat /tmp/dw.list")
+            "cat /tmp/dw.list"
+        )
         self.barrier()
         meta = merge_ranges([(o, o + n) for _, o, n in self.collector.reset("")])
         self.timed("metadata", t)
@@ -565,33 +625,37 @@ class _Generator:
         self.progress.publish(phase="files", current=fs, force=True)
         self.walk_objects(fs, "f", files, FILE_POOL, meta)
         self.timed("files", t)
-        res.directories += len(dirs) - sum(1 for s in res.skipped
-                                           if s.kind == "directory" and s.device == fs)
-        res.files += len(files) - sum(1 for s in res.skipped
-                                      if s.kind == "file" and s.device == fs)
+        res.directories += len(dirs) - sum(
+            1 for s in res.skipped if s.kind == "directory" and s.device == fs
+        )
+        res.files += len(files) - sum(1 for s in res.skipped if s.kind == "file" and s.device == fs)
 
-    def walk_objects(self, fs: str, kind: str, paths: list[str], pool: int,
-                     meta: list[tuple[int, int]]) -> None:
+    def walk_objects(
+        self, fs: str, kind: str, paths: list[str], pool: int, meta: list[tuple[int, int]]
+    ) -> None:
         res = self.result
         tag = "F" if kind == "f" else "D"
         if kind == "f":
             # File pages come through the file's own mapping: readahead stays
             # inside the file, so let it make big requests. Directory blocks
             # come through the disk's mapping: no readahead there.
-            ra = "for f in /sys/block/*/queue/read_ahead_kb; do echo 4096 > $f; done; " \
-                 f"echo 0 > /sys/block/{os.path.basename(self.g.list_devices()[-1])}" \
-                 "/queue/read_ahead_kb; "
+            ra = (
+                "for f in /sys/block/*/queue/read_ahead_kb; do echo 4096 > $f; done; "
+                f"echo 0 > /sys/block/{os.path.basename(self.g.list_devices()[-1])}"
+                "/queue/read_ahead_kb; "
+            )
             tool = "cat --"
         else:
             ra = "for f in /sys/block/*/queue/read_ahead_kb; do echo 0 > $f; done; "
             tool = "ls -f --"
         for b in range(0, len(paths), pool):
-            batch = paths[b:b + pool]
+            batch = paths[b : b + pool]
             lst = bytearray()
             for k, p in enumerate(batch):
                 marker = f"{MARKER_MOUNT}/{kind}{k:05d}"
-                lst += marker.encode() + b"\0" + (MOUNT + p).encode("utf-8", "surrogateescape") \
-                    + b"\0"
+                lst += (
+                    marker.encode() + b"\0" + (MOUNT + p).encode("utf-8", "surrogateescape") + b"\0"
+                )
             remote = self.upload(bytes(lst), "dw.batch")
             self.progress.names = batch
             self.progress.base = self.progress.done
@@ -600,16 +664,17 @@ class _Generator:
             self.sh(ra + "echo 1 > /proc/sys/vm/drop_caches")
             self.barrier()
             self.collector.reset(tag)
-            errors = self.sh_bytes(f"LC_ALL=C xargs -0 -a {remote} {tool} 2>&1 > /dev/null "
-                                   "; true")
+            errors = self.sh_bytes(f"LC_ALL=C xargs -0 -a {remote} {tool} 2>&1 > /dev/null ; true")
             self.barrier()
             seen = self.collector.seen
             reads = self.collector.reset("")
             res.missed_markers += len(batch) - seen
             bad = self._errors(errors, kind)
             if self.verbose:
-                self.say(f"bmap: batch of {len(batch)} {kind}: {seen} markers, "
-                         f"{len(reads)} reads; {errors[:300]!r}")
+                self.say(
+                    f"bmap: batch of {len(batch)} {kind}: {seen} markers, "
+                    f"{len(reads)} reads; {errors[:300]!r}"
+                )
             per: dict[int, list[tuple[int, int]]] = {}
             for obj, o, n in reads:
                 if obj < 0:
@@ -618,8 +683,9 @@ class _Generator:
                 per.setdefault(obj, []).append((o, o + n))
             for k, p in enumerate(batch):
                 if p in bad:
-                    res.skipped.append(Skipped("file" if kind == "f" else "directory", fs, p,
-                                               bad[p]))
+                    res.skipped.append(
+                        Skipped("file" if kind == "f" else "directory", fs, p, bad[p])
+                    )
                     continue
                 ranges = merge_ranges(per.get(k, []))
                 if kind == "f":
@@ -636,18 +702,24 @@ class _Generator:
         for line in output.splitlines():
             if not line.startswith(prefix):
                 continue
-            line = line[len(prefix):]
+            line = line[len(prefix) :]
             if kind == "d" and line.startswith(b"cannot open directory "):
-                line = line[len(b"cannot open directory "):].replace(b"'", b"")
+                line = line[len(b"cannot open directory ") :].replace(b"'", b"")
             path, _, reason = line.rpartition(b": ")
             path = path.decode("utf-8", "surrogateescape")
             if path.startswith(MOUNT):
-                bad[path[len(MOUNT):] or "/"] = reason.decode("utf-8", "replace")
+                bad[path[len(MOUNT) :] or "/"] = reason.decode("utf-8", "replace")
         return bad
 
 
-def generate_bmap(source: Source, out_path: str | os.PathLike[str], *, bus: Bus | None = None,
-                  accel: str = "auto", verbose: bool = False) -> GenerateResult:
+def generate_bmap(
+    source: Source,
+    out_path: str | os.PathLike[str],
+    *,
+    bus: Bus | None = None,
+    accel: str = "auto",
+    verbose: bool = False,
+) -> GenerateResult:
     """Map ``source`` (a whole disk) and write the block map to ``out_path``.
 
     Publishes ``Progress`` (at most 20 a second) and ``Message`` events on
