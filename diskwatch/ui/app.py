@@ -6,6 +6,11 @@ and low-rate events to a deque (``StatsCollector``); a timer in the app's
 thread (10 Hz by default) drains both, attributes requests through the block
 map, aggregates, and repaints. No message is posted per request.
 
+Under a flood the repaint, not the counting, is what costs the UI thread
+(and so the server thread, which shares the GIL): the busy panels (trace,
+heatmap, rates) are then repainted at ``BUSY_PAINT`` intervals instead of
+every tick, while the counters are still updated on every tick, exactly.
+
     app = DiskwatchApp(session)      # subscribes to session.bus at once
     status = app.run()               # main thread; returns the command's status
 """
@@ -37,6 +42,10 @@ from .top import TopObjects
 from .trace import TraceLine, TraceModel, TraceView
 
 TYPE_FILTERS = ("all", "files", "no-dirs")
+#: requests per second above which the busy panels repaint less often
+BUSY_RATE = 2000
+#: seconds between repaints of the busy panels when busy
+BUSY_PAINT = 0.25
 OP_FILTERS = ("all", "reads", "writes")
 
 
@@ -93,6 +102,10 @@ class DiskwatchApp(App[int | None]):
         self.progress: Progress | None = None
         self._last_tick = clock()
         self._ticks = 0
+        self._last_top = 0.0
+        self._last_paint = 0.0  # time.monotonic() of the last repaint of the busy panels
+        self._decay_pending = 0.0  # heat decay not applied yet (seconds)
+        self.busy = False  # the request rate is high: repaint less often
         self._quitting = False
         self._views_ready = False
 
@@ -160,9 +173,16 @@ class DiskwatchApp(App[int | None]):
                 self.held.extend(attributed)
             else:
                 self.trace_model.add(attributed)
+        self.busy = len(attributed) > BUSY_RATE * max(dt, self.tick)
+        if not self.paused:  # paused, the heat holds still
+            self._decay_pending += dt
         if not self.paused:
-            self.stats.heat.decay(dt)
-            self._refresh_views()
+            wall = time.monotonic()
+            if not self.busy or wall - self._last_paint >= BUSY_PAINT:
+                self._last_paint = wall
+                self._refresh_views()
+            else:
+                self._refresh_status()
         else:
             self._refresh_status()
         self._ticks += 1
@@ -170,9 +190,14 @@ class DiskwatchApp(App[int | None]):
     def _refresh_views(self, force: bool = False) -> None:
         now = self.clock()
         self.trace_view.sync()
-        self.heatmap.refresh()
+        if self._decay_pending:  # decay is exponential: applying it late is the same
+            self.stats.heat.decay(self._decay_pending)
+            self._decay_pending = 0.0
+        self.heatmap.update()
         self.rates.update_stats(self.stats, now)
-        if force or self._ticks % 5 == 0:  # a table of names need not move at 10 Hz
+        wall = time.monotonic()
+        if force or wall - self._last_top >= 0.5:  # a table of names need not move at 10 Hz
+            self._last_top = wall
             self.top.update_stats(self.stats, self._object_filter())
         self._refresh_status()
 

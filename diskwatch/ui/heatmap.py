@@ -7,6 +7,11 @@ they belong to, a little lighter once they have been touched at all, so
 partition boundaries show and a boot leaves a trail. The last rows are a
 legend of the partitions and a line describing the cell under the mouse or
 the keyboard cursor (its byte range and the objects in it).
+
+Cheap under a flood: heat is quantised to ``LEVELS`` steps per cell, each
+grid row keeps its rendered strip and the levels it was drawn from, and
+``update()`` (the app's timer calls it) re-renders and marks dirty only the
+rows whose levels changed; a still disk costs nothing to repaint.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from rich.segment import Segment
 from rich.style import Style
 from textual import events
 from textual.binding import Binding
+from textual.geometry import Region
 from textual.message import Message
 from textual.strip import Strip
 from textual.widget import Widget
@@ -40,6 +46,23 @@ TINTS: list[tuple[RGB, RGB]] = [
 READ_RGB: RGB = (80, 235, 110)
 WRITE_RGB: RGB = (255, 70, 50)
 CURSOR_RGB: RGB = (255, 255, 255)
+TOUCHED_RGB: RGB = (120, 120, 120)  # mixed into cells touched at all
+
+#: heat is drawn in LEVELS steps of 1 - exp(-heat / 1.5) (0 = cold)
+LEVELS = 24
+_LEVEL_STEPS = 8  # table entries per unit of heat
+_LEVEL_TABLE = bytes(
+    max(1, min(LEVELS, round(LEVELS * (1.0 - math.exp(-((i + 0.5) / _LEVEL_STEPS) / 1.5)))))
+    for i in range(12 * _LEVEL_STEPS)
+)
+_LEVEL_MAX_HEAT = len(_LEVEL_TABLE) / _LEVEL_STEPS
+
+
+def heat_levels(values: list[float]) -> bytes:
+    """Quantise heat values: 0 for exactly cold, else 1..LEVELS."""
+    table, steps, top = _LEVEL_TABLE, _LEVEL_STEPS, _LEVEL_MAX_HEAT
+    return bytes([0 if not v else (table[int(v * steps)] if v < top else LEVELS)
+                  for v in values])
 
 
 def _mix(a: RGB, b: RGB, t: float) -> RGB:
@@ -85,6 +108,17 @@ class Heatmap(Widget, can_focus=True):
         self._partitions: list[tuple[int, int, Any, RGB, RGB]] = []
         self._style_cache: dict[tuple[RGB, RGB], Style] = {}
         self._legend: list[list[Segment]] = []
+        # per cell: index into self._palette (partition tint), and per grid
+        # row the (levels, strip) it was last drawn with
+        self._base_index = b""
+        self._base2 = b""
+        self._palette: list[RGB] = []
+        self._levels: tuple[bytes, bytes, bytes] = (b"", b"", b"")
+        self._row_keys: list[Any] = []
+        self._row_strips: list[Strip | None] = []
+        self._char_cache: dict[tuple[int, int], Segment] = {}
+        self._rgb_cache: dict[int, RGB] = {}
+        self._width = 0
 
     def on_mount(self) -> None:
         self.border_title = "disk"
@@ -120,16 +154,29 @@ class Heatmap(Widget, can_focus=True):
         if self.cursor is not None and self.cursor >= self.heat.cells:
             self.cursor = None
         self.border_subtitle = f"1 cell = {human_bytes(self.heat.cell_size)}"
+        self._invalidate()
 
     def _compute_bases(self) -> list[RGB]:
         heat = self.heat
-        bases = [UNMAPPED] * heat.cells
-        for start, end, _obj, tint, _label in self._partitions:
+        # a byte per cell: 0 unmapped, 1.. a partition's tint, last: past the disk's end
+        palette = [UNMAPPED] + [tint for tint, _label in TINTS] + [EMPTY]
+        index = bytearray(heat.cells)
+        for k, (start, end, _obj, _tint, _label) in enumerate(self._partitions):
             first = start // heat.cell_size
             last = min(heat.cells - 1, (end - 1) // heat.cell_size)
-            for i in range(first, last + 1):
-                bases[i] = tint
-        return bases
+            index[first:last + 1] = bytes([k % len(TINTS) + 1]) * (last + 1 - first)
+        index += bytes([len(palette) - 1]) * max(0, 2 * self._cols * self._grid_rows - heat.cells)
+        self._palette = palette
+        self._base_index = bytes(index)
+        self._base2 = bytes(2 * k for k in index)  # the colour code's base part
+        self._rgb_cache = {}
+        self._char_cache = {}
+        return [palette[k] for k in index[:heat.cells]]
+
+    def _invalidate(self) -> None:
+        """Forget every row's strip (geometry, cursor or map changed)."""
+        self._row_keys = [None] * self._grid_rows
+        self._row_strips = [None] * self._grid_rows
 
     def _legend_lines(self, width: int) -> list[list[Segment]]:
         if not self._partitions:
@@ -158,21 +205,39 @@ class Heatmap(Widget, can_focus=True):
     # -- colours --
 
     def cell_rgb(self, i: int) -> RGB:
+        """The colour cell ``i`` is drawn in now."""
         heat = self.heat
         if i >= heat.cells:
             return EMPTY
-        base = self._bases[i] if i < len(self._bases) else UNMAPPED
-        if heat.ever_read[i] or heat.ever_written[i]:
-            base = _mix(base, (120, 120, 120), 0.18)
-        r = heat.reads[i]
-        w = heat.writes[i]
-        if not r and not w:
-            return base
-        ri = 1.0 - math.exp(-r / 1.5)
-        wi = 1.0 - math.exp(-w / 1.5)
-        a = max(ri, wi)
-        hot = _mix(READ_RGB, WRITE_RGB, wi / (ri + wi))
-        return _mix(base, hot, 0.35 + 0.65 * a)
+        base = self._base_index[i] if i < len(self._base_index) else 0
+        touched = 1 if heat.ever_read[i] or heat.ever_written[i] else 0
+        rl, wl = heat_levels([heat.reads[i], heat.writes[i]])
+        return self._code_rgb(self._code(base, touched, rl, wl))
+
+    @staticmethod
+    def _code(base: int, touched: int, rl: int, wl: int) -> int:
+        return ((base * 2 + touched) * (LEVELS + 1) + rl) * (LEVELS + 1) + wl
+
+    def _code_rgb(self, code: int) -> RGB:
+        rgb = self._rgb_cache.get(code)
+        if rgb is None:
+            rest, wl = divmod(code, LEVELS + 1)
+            rest, rl = divmod(rest, LEVELS + 1)
+            base_i, touched = divmod(rest, 2)
+            base = self._palette[base_i] if base_i < len(self._palette) else UNMAPPED
+            if base is EMPTY:
+                rgb = EMPTY
+            else:
+                if touched:
+                    base = _mix(base, TOUCHED_RGB, 0.18)
+                if not rl and not wl:
+                    rgb = base
+                else:
+                    ri, wi = rl / LEVELS, wl / LEVELS
+                    hot = _mix(READ_RGB, WRITE_RGB, wi / (ri + wi))
+                    rgb = _mix(base, hot, 0.35 + 0.65 * max(ri, wi))
+            self._rgb_cache[code] = rgb
+        return rgb
 
     def _style(self, fg: RGB, bg: RGB) -> Style:
         key = (fg, bg)
@@ -185,23 +250,87 @@ class Heatmap(Widget, can_focus=True):
 
     # -- rendering --
 
+    def _sample(self) -> tuple[bytes, bytes, bytes]:
+        """Per grid cell (the tail past the disk included): touched at all,
+        read levels, write levels."""
+        heat = self.heat
+        n = heat.cells
+        pad = bytes(max(0, 2 * self._cols * self._grid_rows - n))
+        touched = (int.from_bytes(heat.ever_read, "little")
+                   | int.from_bytes(heat.ever_written, "little")).to_bytes(n, "little")
+        return touched + pad, heat_levels(heat.reads) + pad, heat_levels(heat.writes) + pad
+
+    def update(self) -> int:
+        """Re-render the rows whose colours changed since they were drawn and
+        mark only those dirty; returns how many. The app's timer calls it."""
+        if not self.is_mounted or self.heat.cells > 2 * self._cols * self._grid_rows:
+            self.refresh()
+            return -1
+        width = self.content_region.width
+        if width != self._width:
+            self._width = width
+            self._invalidate()
+        touched, rl, wl = self._levels = self._sample()
+        cols = self._cols
+        keys = self._row_keys
+        strips = self._row_strips
+        dirty = []
+        for y in range(self._grid_rows):
+            a, b = 2 * y * cols, (2 * y + 2) * cols
+            key = (touched[a:b], rl[a:b], wl[a:b])
+            if key != keys[y]:
+                keys[y] = key
+                strips[y] = None
+                dirty.append(Region(0, y, width, 1))
+        if dirty:
+            self.refresh(*dirty)
+        return len(dirty)
+
+    def _row_strip(self, y: int, width: int) -> Strip:
+        touched, rl, wl = self._levels
+        bases = self._base2
+        cols = self._cols
+        top0 = 2 * y * cols
+        if len(touched) < top0 + 2 * cols:  # not sampled for this geometry yet
+            touched, rl, wl = self._levels = self._sample()
+        bot0 = top0 + cols
+        L = LEVELS + 1
+        chars = self._char_cache
+        cursor = self.cursor if (self.has_focus or self.mouse_hover) else None
+        segs = []
+        for x in range(min(cols, width)):
+            ti, bi = top0 + x, bot0 + x
+            key = (((bases[ti] + touched[ti]) * L + rl[ti]) * L + wl[ti],
+                   ((bases[bi] + touched[bi]) * L + rl[bi]) * L + wl[bi])
+            if cursor == ti or cursor == bi:
+                top = CURSOR_RGB if cursor == ti else self._code_rgb(key[0])
+                bot = CURSOR_RGB if cursor == bi else self._code_rgb(key[1])
+                segs.append(Segment("▀", self._style(top, bot)))
+                continue
+            seg = chars.get(key)
+            if seg is None:
+                if len(chars) > 8192:
+                    chars.clear()
+                seg = chars[key] = Segment(
+                    "▀", self._style(self._code_rgb(key[0]), self._code_rgb(key[1])))
+            segs.append(seg)
+        used = len(segs)
+        if used < width:
+            segs.append(Segment(" " * (width - used)))
+        return Strip(segs, width)
+
     def render_line(self, y: int) -> Strip:
         width = self.content_region.width
-        cols = self._cols
         if y < self._grid_rows:
-            top0 = 2 * y * cols
-            bot0 = top0 + cols
-            segs = []
-            cursor = self.cursor if (self.has_focus or self.mouse_hover) else None
-            for x in range(min(cols, width)):
-                ti, bi = top0 + x, bot0 + x
-                top, bot = self.cell_rgb(ti), self.cell_rgb(bi)
-                if cursor == ti:
-                    top = CURSOR_RGB
-                elif cursor == bi:
-                    bot = CURSOR_RGB
-                segs.append(Segment("▀", self._style(top, bot)))
-            return Strip(segs).crop_extend(0, width, None)
+            if width != self._width:
+                self._width = width
+                self._invalidate()
+            strip = self._row_strips[y] if y < len(self._row_strips) else None
+            if strip is None:
+                strip = self._row_strip(y, width)
+                if y < len(self._row_strips):
+                    self._row_strips[y] = strip
+            return strip
         y -= self._grid_rows
         if y < len(self._legend):
             return Strip(self._legend[y]).crop_extend(0, width, None)
@@ -243,6 +372,7 @@ class Heatmap(Widget, can_focus=True):
         if index == self.cursor:
             return
         self.cursor = index
+        self._invalidate()
         self.refresh()
         if index is not None:
             start, end = self.heat.cell_range(index)
@@ -264,6 +394,15 @@ class Heatmap(Widget, can_focus=True):
         self.select(self.cell_at(offset.x, offset.y, lower=self.cursor == top))
 
     def on_leave(self) -> None:
+        self._invalidate()
+        self.refresh()
+
+    def on_focus(self) -> None:
+        self._invalidate()
+        self.refresh()
+
+    def on_blur(self) -> None:
+        self._invalidate()
         self.refresh()
 
     def action_move(self, dx: int, dy: int) -> None:

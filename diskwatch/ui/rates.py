@@ -34,6 +34,7 @@ class Rates(Vertical):
         self.text = Static("", id="rates-text")
         self.reads = Sparkline([0.0] * 60, id="spark-reads")
         self.writes = Sparkline([0.0] * 60, id="spark-writes")
+        self._shown: tuple = ()  # what the text shows now: skip repaints that change nothing
 
     def compose(self) -> ComposeResult:
         yield self.text
@@ -76,8 +77,13 @@ class Rates(Vertical):
                 text.append(f"  errors {human_count(stats.errors)}", style="red bold")
             if stats.dropped:
                 text.append(f"  dropped {human_count(stats.dropped)}", style="yellow")
-        self.text.update(text)
-        self.reads.data = [
-            float(v) for v in stats.series.series(now, "read_ops")]
-        self.writes.data = [
-            float(v) for v in stats.series.series(now, "write_ops")]
+        key = (text.plain, tuple(text.spans))
+        if key != self._shown:
+            # a new line (other commands, errors) changes the height: only then a layout
+            layout = not self._shown or text.plain.count("\n") != self._shown[0].count("\n")
+            self._shown = key
+            self.text.update(text, layout=layout)
+        for spark, field in ((self.reads, "read_ops"), (self.writes, "write_ops")):
+            data = [float(v) for v in stats.series.series(now, field)]
+            if data != spark.data:
+                spark.data = data

@@ -17,6 +17,7 @@ class StatusBar(Static):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("", **kwargs)
+        self._shown: tuple = ()
 
     def show(self, *, description: str, size: int, elapsed: float, paused: bool,
              held: int, filters: list[str], command: str) -> None:
@@ -35,4 +36,7 @@ class StatusBar(Static):
         for f in filters:
             text.append(f" {f} ", style="bold #000000 on #87d7af")
             text.append(" ")
-        self.update(text)
+        key = (text.plain, tuple(text.spans))
+        if key != self._shown:  # the clock moves once a second; ticks are 10 Hz
+            self._shown = key
+            self.update(text, layout=False)

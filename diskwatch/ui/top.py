@@ -32,6 +32,7 @@ class TopObjects(Static):
         self.sort = "reads"
         self.has_map = False
         self._last: tuple[Stats, Callable[[Any], bool] | None] | None = None
+        self._shown: tuple = ()
 
     def on_mount(self) -> None:
         self._title()
@@ -55,7 +56,7 @@ class TopObjects(Static):
         text = Text(no_wrap=True, overflow="crop")
         if not self.has_map:
             text.append("no block map: objects appear once one is loaded", style="#8a8a8a")
-            self.update(text)
+            self._show(text)
             return
         top = stats.top(self.sort, rows, keep)
         num_w = 7 if width >= 60 else 6
@@ -82,4 +83,10 @@ class TopObjects(Static):
                 text.append(f" {human_bytes(nbytes):>{num_w}}", style="#8a8a8a")
             if i < len(top) - 1:
                 text.append("\n")
-        self.update(text)
+        self._show(text)
+
+    def _show(self, text: Text) -> None:
+        key = (text.plain, tuple(text.spans))
+        if key != self._shown:  # the table's size is set by the layout, not by its text
+            self._shown = key
+            self.update(text, layout=False)
