@@ -39,6 +39,9 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_server.py
+	$(PY) benchmarks/bench_ui.py
+	$(PY) benchmarks/bench_sources.py
+	$(PY) benchmarks/bench_bmap_lookup.py
 
 lint: setup
 	$(VENV)/bin/ruff check diskwatch tests benchmarks

@@ -218,6 +218,9 @@ def serve(args) -> int:
     if args.unix and args.port is not None:
         raise UsageError("give -U or -p, not both")
     source = _open_source(args)
+    warning = getattr(source, "warning", None)
+    if warning:
+        print(f"diskwatch: {warning}", file=sys.stderr)
     bus = Bus()
     blockmap = None
     pending_map = None  # a map to generate under the UI, before the command starts
@@ -302,6 +305,9 @@ def serve(args) -> int:
             s.close()
         for f in files:
             f.close()
+        abort = getattr(source, "abort", None)
+        if abort is not None and session.interrupted:
+            abort()  # e.g. a stream whose FIFO reader never came: do not wait for one
         source.close()
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)
@@ -370,6 +376,7 @@ def _run_headless(captive, buffer, sinks, session, announce: str = "") -> int:
 
     def on_signal(signum, frame):
         received.append(signum)
+        session.interrupted = True
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -443,6 +450,7 @@ def _run_ui(session, captive, buffer, sinks, source, pending_map, accel) -> int:
         # command is stopped and the socket removed on the way out). The
         # handler runs inside the app's loop thread; call_from_thread wants
         # another thread.
+        session.interrupted = True
         threading.Thread(target=app.call_from_thread, args=(app.exit,), daemon=True).start()
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -24,6 +24,7 @@ class Session:
     blockmap: object | None = None  # a diskwatch.bmap.index.BlockMap once one is loaded
     started: float = field(default_factory=time.monotonic)
     exit_status: int | None = None  # the captive command's, once it exited
+    interrupted: bool = False  # a signal (SIGINT/SIGTERM/SIGHUP) ended the session
     #: stop the captive command (SIGTERM, then SIGKILL after a grace period)
     stop_command: Callable[[], None] = lambda: None
     #: ask everything to shut down (server, command); the UI calls it on quit

@@ -8,9 +8,11 @@ As nbdkit does: the command runs under /bin/sh once the server listens, with
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 
 from ..events import Bus, Message
@@ -46,6 +48,28 @@ def _descendants(pid: int) -> list[int]:
         out.extend(kids)
         todo.extend(kids)
     return out
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie is only waiting for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait (bounded) for a process that is not our child to exit: a pidfd
+    becomes readable when it does."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return  # already gone
+    try:
+        select.select([fd], [], [], max(0.0, timeout))
+    finally:
+        os.close(fd)
 
 
 def exit_status(returncode: int) -> int:
@@ -117,30 +141,43 @@ class Captive:
         self._done.wait(timeout)
         return self.status
 
-    def signal(self, sig: int) -> None:
+    def signal(self, sig: int) -> list[int]:
         if self.proc is None or self._done.is_set():
-            return
+            return []
         try:
             if self.capture:
                 os.killpg(self.proc.pid, sig)  # its own session: the whole group
-                return
+                return []
         except ProcessLookupError:
-            return
+            return []
         # Sharing our process group (for the terminal), so no killpg: the
         # shell and what it started. Signalling only the shell left
         # `--run 'cmd; sleep 1000'`'s sleep running after SIGTERM.
-        for pid in [*_descendants(self.proc.pid), self.proc.pid]:
+        pids = [*_descendants(self.proc.pid), self.proc.pid]
+        for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+        return pids
 
     def stop(self, grace: float = 5.0) -> int | None:
-        """SIGTERM, then SIGKILL if it has not exited after ``grace`` seconds."""
+        """SIGTERM, then SIGKILL if it has not exited after ``grace`` seconds.
+        Returns once the shell and what it started have gone (or been killed)."""
         if self.proc is None:
             return None
-        self.signal(signal.SIGTERM)
+        pids = self.signal(signal.SIGTERM) or []
+        deadline = time.monotonic() + grace
         if self.wait(grace) is None:
-            self.signal(signal.SIGKILL)
+            pids += self.signal(signal.SIGKILL) or []
             self.wait()
+        # The shell is reaped; its children were re-parented: wait until the
+        # signal has taken them too, so nothing outlives diskwatch.
+        for pid in pids:
+            _wait_gone(pid, deadline - time.monotonic())
+            if _running(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         return self.status
