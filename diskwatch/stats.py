@@ -11,14 +11,24 @@ side, never in the server thread.
 from __future__ import annotations
 
 import math
-from collections import deque
+from bisect import bisect_left, bisect_right
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
+from operator import add as _add
+from operator import floordiv, itemgetter
+from operator import sub as _sub
 from typing import Any
 
 from .events import COMMAND_NAMES, Command, ConnectionEvent, Request, RequestBuffer
 
 READ = int(Command.READ)
 WRITE = int(Command.WRITE)
+BLOCK_STATUS = int(Command.BLOCK_STATUS)
+
+# Request fields by position, for C-level map() over a batch
+_COMMAND, _OFFSET, _LENGTH, _START, _DURATION, _ERROR = (
+    itemgetter(i) for i in (2, 3, 4, 6, 7, 8))
 
 #: a piece of a request: (start, end, object or None), as BlockMap.lookup gives it
 Piece = tuple[int, int, Any]
@@ -47,6 +57,27 @@ class LatencyHistogram:
                 i = self.BUCKETS - 1
         self.counts[i] += 1
         self.total += 1
+
+    #: EDGES[i]: the lower bound of bucket i, in seconds (bucket 0 starts at 0)
+    EDGES = [0.0] + [2 ** (i / 4) / 1e6 for i in range(1, 128)]
+
+    def add_many(self, seconds: Iterable[float]) -> None:
+        """``add`` each of them: sorted once, then one bisection per bucket
+        they span instead of a logarithm each (a flood brings thousands a tick)."""
+        values = sorted(seconds)
+        if not values:
+            return
+        edges, counts = self.EDGES, self.counts
+        last = self.BUCKETS - 1
+        i = max(0, bisect_right(edges, values[0]) - 1)
+        done = 0
+        n = len(values)
+        while done < n:
+            end = n if i == last else bisect_left(values, edges[i + 1], done)
+            counts[i] += end - done
+            done = end
+            i += 1
+        self.total += n
 
     def quantile(self, q: float) -> float | None:
         """The q-quantile in seconds (geometric middle of its bucket), None if empty."""
@@ -98,6 +129,20 @@ class RateSeries:
             slot[3] += nbytes
         else:
             slot[0] += 1
+            slot[2] += nbytes
+
+    def add_counts(self, second: int, is_write: bool, ops: int, nbytes: int) -> None:
+        """``ops`` requests of ``nbytes`` in all, in the same whole second."""
+        i = second % self.seconds
+        slot = self._vals[i]
+        if self._sec[i] != second:
+            self._sec[i] = second
+            slot[0] = slot[1] = slot[2] = slot[3] = 0
+        if is_write:
+            slot[1] += ops
+            slot[3] += nbytes
+        else:
+            slot[0] += ops
             slot[2] += nbytes
 
     def at(self, second: int) -> tuple[int, int, int, int]:
@@ -202,6 +247,32 @@ class Heat:
             ever[i] = 1
         self._hot = True
 
+    def add_many(self, offsets: list[int], lengths: list[int], is_write: bool) -> None:
+        """``add`` each (offset, length) pair (lengths > 0): cells are found
+        with C-level map()s and counted once per cell, not once per request."""
+        cs = self.cell_size
+        firsts = list(map(floordiv, offsets, repeat(cs)))
+        lasts = list(map(floordiv, map(_sub, map(_add, offsets, lengths), repeat(1)), repeat(cs)))
+        if firsts == lasts:  # the usual case: each request within one cell
+            counts = Counter(firsts)
+        else:
+            counts = Counter()
+            cells = self.cells
+            for first, last in zip(firsts, lasts, strict=True):
+                if first == last:
+                    counts[first] += 1
+                else:
+                    for i in range(first, min(last, cells - 1) + 1):
+                        counts[i] += 1
+        vals = self.writes if is_write else self.reads
+        ever = self.ever_written if is_write else self.ever_read
+        cells = self.cells
+        for i, k in counts.items():
+            if i < cells:
+                vals[i] += k
+                ever[i] = 1
+        self._hot = True
+
     def decay(self, dt: float) -> None:
         if not self._hot or dt <= 0:
             return
@@ -268,39 +339,79 @@ class Stats:
         self, batch: Sequence[Request], blockmap: Any = None
     ) -> list[tuple[Request, list[Piece] | None]]:
         """Count a batch; returns each request with its pieces from
-        ``blockmap.lookup`` (None without a map) so the trace can reuse them."""
-        ops, nbytes, latency, series, heat = self.ops, self.bytes, self.latency, self.series, self.heat
+        ``blockmap.lookup`` (None without a map) so the trace can reuse them.
+
+        Under a flood this runs for thousands of requests a tick in the thread
+        that shares the GIL with the server, so the counting is done per
+        command over the whole batch with C-level map()/Counter/sorted, not
+        with Python code per request; only attribution is per request."""
+        if not batch:
+            return []
+        commands = Counter(map(_COMMAND, batch))
+        if len(commands) == 1:
+            groups: Iterable[tuple[int, Sequence[Request]]] = ((next(iter(commands)), batch),)
+        else:
+            groups = [(cmd, [r for r in batch if r[2] == cmd]) for cmd in commands]
+        ops, nbytes, series, heat = self.ops, self.bytes, self.series, self.heat
+        for cmd, reqs in groups:
+            lengths = list(map(_LENGTH, reqs))
+            total = sum(lengths)
+            ops[cmd] += len(reqs)
+            nbytes[cmd] += total
+            is_write = cmd != READ
+            if cmd == READ or cmd == WRITE:
+                seconds = list(map(int, map(_START, reqs)))
+                if seconds[0] == seconds[-1] and min(seconds) == max(seconds):
+                    series.add_counts(seconds[0], is_write, len(reqs), total)
+                else:  # the batch straddles a second
+                    per_second: dict[int, list[int]] = {}
+                    for sec, length in zip(seconds, lengths, strict=True):
+                        slot = per_second.get(sec)
+                        if slot is None:
+                            per_second[sec] = [1, length]
+                        else:
+                            slot[0] += 1
+                            slot[1] += length
+                    for sec, (n, b) in per_second.items():
+                        series.add_counts(sec, is_write, n, b)
+            if total and cmd != BLOCK_STATUS:
+                offsets = list(map(_OFFSET, reqs))
+                if 0 in lengths:
+                    pairs = [(o, n) for o, n in zip(offsets, lengths, strict=True) if n]
+                    offsets = [o for o, _ in pairs]
+                    lengths = [n for _, n in pairs]
+                heat.add_many(offsets, lengths, is_write)
+        errors = list(map(_ERROR, batch))
+        self.errors += len(errors) - errors.count(0)
+        self.latency.add_many(map(_DURATION, batch))
+        if blockmap is None:
+            return list(zip(batch, repeat(None)))
+        return self._attribute(batch, blockmap.lookup)
+
+    def _attribute(self, batch: Sequence[Request], lookup: Callable[[int, int], list[Piece]]
+                   ) -> list[tuple[Request, list[Piece] | None]]:
         objects = self.objects
-        lookup = blockmap.lookup if blockmap is not None else None
+        unmapped = self.unmapped
         out: list[tuple[Request, list[Piece] | None]] = []
         append = out.append
         for r in batch:
-            cmd = r.command
-            length = r.length
-            ops[cmd] += 1
-            nbytes[cmd] += length
-            if r.error:
-                self.errors += 1
-            latency.add(r.duration)
-            is_write = cmd != READ
-            if cmd == READ or cmd == WRITE:
-                series.add(r.start, is_write, length)
-            if length and cmd != Command.BLOCK_STATUS:
-                heat.add(r.offset, length, is_write)
-            pieces = None
-            if lookup is not None and length:
-                pieces = lookup(r.offset, length)
-                for start, end, obj in pieces:
-                    c = objects.get(obj) if obj is not None else self.unmapped
-                    if c is None:
-                        c = objects[obj] = ObjectCounts()
-                    c.hits += 1
-                    if cmd == READ:
-                        c.reads += 1
-                        c.read_bytes += end - start
-                    elif cmd == WRITE:
-                        c.writes += 1
-                        c.write_bytes += end - start
+            length = r[4]
+            if not length:
+                append((r, None))
+                continue
+            cmd = r[2]
+            pieces = lookup(r[3], length)
+            for start, end, obj in pieces:
+                c = objects.get(obj) if obj is not None else unmapped
+                if c is None:
+                    c = objects[obj] = ObjectCounts()
+                c.hits += 1
+                if cmd == READ:
+                    c.reads += 1
+                    c.read_bytes += end - start
+                elif cmd == WRITE:
+                    c.writes += 1
+                    c.write_bytes += end - start
             append((r, pieces))
         return out
 

@@ -158,3 +158,38 @@ def test_human_units():
     assert human_count(123_456_789) == "123M"
     assert human_duration(None) == "-" and human_duration(45e-6) == "45µs"
     assert human_duration(0.0123) == "12.3ms" and human_duration(2) == "2.00s"
+
+
+def test_batch_counting_matches_counting_one_by_one():
+    """Stats.add counts a batch with C-level maps; it must agree with the
+    per-request methods (Heat.add, RateSeries.add, LatencyHistogram.add)."""
+    import random
+
+    rnd = random.Random(4)
+    size = 64 * MiB
+    batch = []
+    for i in range(3000):
+        cmd = rnd.choice([Command.READ] * 6 + [Command.WRITE] * 3 + [
+            Command.FLUSH, Command.TRIM, Command.WRITE_ZEROES, Command.BLOCK_STATUS])
+        length = 0 if cmd == Command.FLUSH else rnd.choice([512, 4096, 65536, 3 * MiB])
+        offset = rnd.randrange(0, size + 2 * MiB, 512)  # some past the end
+        duration = rnd.choice([0.0, 3e-7, 2 ** (9 / 4) / 1e6, rnd.uniform(1e-6, 0.05), 5e3])
+        batch.append(req(cmd, offset, length, start=100.0 + i / 1000, duration=duration,
+                         error=5 if i % 97 == 0 else 0))
+    st = Stats(size, heat_cells=100)
+    st.add(batch[:1], None)
+    st.add(batch[1:])  # straddles three seconds, all commands mixed
+    heat, series, latency = Heat(size, 100), RateSeries(60), LatencyHistogram()
+    for r in batch:
+        if r.length and r.command != Command.BLOCK_STATUS:
+            heat.add(r.offset, r.length, r.command != Command.READ)
+        if r.command in (Command.READ, Command.WRITE):
+            series.add(r.start, r.command == Command.WRITE, r.length)
+        latency.add(r.duration)
+    assert st.requests == 3000 and st.errors == sum(1 for r in batch if r.error)
+    assert st.ops[Command.WRITE] == sum(1 for r in batch if r.command == Command.WRITE)
+    assert st.bytes[Command.READ] == sum(r.length for r in batch if r.command == Command.READ)
+    assert st.heat.reads == heat.reads and st.heat.writes == heat.writes
+    assert st.heat.ever_read == heat.ever_read and st.heat.ever_written == heat.ever_written
+    assert [st.series.at(s) for s in range(99, 104)] == [series.at(s) for s in range(99, 104)]
+    assert st.latency.counts == latency.counts and st.latency.total == 3000
