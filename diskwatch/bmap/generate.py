@@ -12,13 +12,18 @@ entry named ``DWMARKD<K>``. The appliance runs ``cat M0 F0 M1 F1 ...`` (and
 ``ls -f`` for directories); reading marker K hits the server at a block whose
 tag names K, and since the appliance reads synchronously and the server
 handles both exports on one thread, every disk read that follows, up to the
-next marker, belongs to object K. Page cache drops (``drop_caches=1``, which
-keeps inodes and dentries) let a pool of markers be reused in rounds.
+next marker, belongs to object K. A pool of markers is reused in rounds: a
+remount of the marker filesystem forgets its cached pages.
 
-Metadata: the filesystem is first walked with ``find`` (stat of everything)
-and ``filefrag`` (extent maps), so inode tables, directory blocks and extent
-trees are read before any marker; whatever a file's reads still hit of those
-ranges is removed from the file (counted in ``metadata_bytes_removed``).
+Metadata: each filesystem is first walked with ``find`` (stat of everything:
+inodes and dentries stay cached), then the disk's page cache is dropped
+(``drop_caches=1`` keeps inodes and dentries) and the directories are read,
+with readahead off; then ``filefrag`` maps every file (extent trees, FAT
+chains) and the files are read, with nothing dropped any more, so a file's
+window holds its data and no metadata. File reads lying wholly inside ranges
+the metadata walks read are counted (``metadata_reread_bytes``), not removed:
+on filesystems with blocks under 4 KiB a small file can share a page with
+metadata.
 
 Partitions and LVs are mapped by reading, under their own marker window, the
 first and last sector of each linear segment (``dmsetup table`` for LVs),
@@ -90,8 +95,11 @@ class GenerateResult:
     elapsed: float = 0.0
     #: seconds per phase: probe, markers, launch, devices, metadata, directories, files, write
     timings: dict[str, float] = field(default_factory=dict)
-    #: bytes a file's reads hit that the metadata walk had read (inode tables, extent trees)
-    metadata_bytes_removed: int = 0
+    #: bytes of file reads that lay wholly in ranges the metadata walk had read
+    #: (re-read metadata, or data sharing a page with metadata); kept in the map
+    metadata_reread_bytes: int = 0
+    #: directories read on their own, after the batch saw none of their blocks
+    directories_alone: int = 0
     #: disk reads outside any object's window inside a walk (should be 0)
     unattributed_bytes: int = 0
     #: markers that never reached the server (their object got no reads)
@@ -328,32 +336,12 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def subtract_ranges(
-    ranges: list[tuple[int, int]], minus: list[tuple[int, int]]
-) -> tuple[list[tuple[int, int]], int]:
-    """Merged ``ranges`` minus merged ``minus``; also the bytes removed."""
+def _inside(merged: list[tuple[int, int]], start: int, end: int) -> bool:
+    """True if [start, end) lies within one range of ``merged`` (sorted, disjoint)."""
     import bisect
 
-    if not minus:
-        return ranges, 0
-    starts = [s for s, _ in minus]
-    out: list[tuple[int, int]] = []
-    removed = 0
-    for s, e in ranges:
-        i = max(bisect.bisect_right(starts, s) - 1, 0)
-        pos = s
-        while i < len(minus) and minus[i][0] < e:
-            ms, me = minus[i]
-            if me > pos:
-                if ms > pos:
-                    out.append((pos, ms))
-                cut_end = min(me, e)
-                removed += cut_end - max(ms, pos)
-                pos = cut_end
-            i += 1
-        if pos < e:
-            out.append((pos, e))
-    return out, removed
+    i = bisect.bisect_right(merged, (start, float("inf"))) - 1
+    return i >= 0 and merged[i][0] <= start and end <= merged[i][1]
 
 
 # --------------------------------------------------------------------------
@@ -507,6 +495,7 @@ class _Generator:
         self.progress.publish(0, "", phase="devices", force=True)
         devices = g.list_devices()
         disk, marker_dev = devices[0], devices[-1]
+        self.marker_dev = marker_dev
         self.sh(
             f"mkdir -p {MARKER_MOUNT} && mount -o ro {marker_dev} {MARKER_MOUNT}"
             " && for f in /sys/block/*/queue/read_ahead_kb; do echo 0 > $f; done"
@@ -590,18 +579,15 @@ class _Generator:
 
     def map_filesystem(self, fs: str) -> None:
         res = self.result
-        # 1. Metadata: stat everything, map every file's extents; none of it
-        # belongs to a file. Inodes, dentries and extent caches stay warm.
+        # 1. Metadata: stat everything (dentries and inodes stay cached from
+        # here on: drop_caches=1 only drops pages).
         t = time.monotonic()
         self.progress.publish(phase="filesystems", current=fs, force=True)
         listing = self.sh_bytes(
-            f"echo 3 > /proc/sys/vm/drop_caches; cd {MOUNT} && "
-            "find . -xdev -printf '%y %s %p\\0' > /tmp/dw.list; "
-            "find . -xdev -type f -print0 | xargs -0 -r filefrag > /dev/null 2>&1; "
-            "cat /tmp/dw.list"
+            f"echo 3 > /proc/sys/vm/drop_caches; cd {MOUNT} && find . -xdev -printf '%y %s %p\\0'"
         )
         self.barrier()
-        meta = merge_ranges([(o, o + n) for _, o, n in self.collector.reset("")])
+        meta = [(o, o + n) for _, o, n in self.collector.reset("")]
         self.timed("metadata", t)
         dirs: list[str] = []
         files: list[str] = []
@@ -617,13 +603,39 @@ class _Generator:
                 files.append(path)
         self.progress.total += len(dirs) + len(files)
 
+        # 2. Directories: their blocks come through the disk's page cache, so
+        # drop it first and turn readahead off (it would read neighbours).
         t = time.monotonic()
         self.progress.publish(phase="directories", current=fs, force=True)
-        self.walk_objects(fs, "d", dirs, DIR_POOL, meta)
+        self.sh(
+            "for f in /sys/block/*/queue/read_ahead_kb; do echo 0 > $f; done; "
+            "echo 1 > /proc/sys/vm/drop_caches"
+        )
+        self.walk_objects(fs, "d", dirs, DIR_POOL, "ls -f --")
         self.timed("directories", t)
+
+        # 3. Extent maps / allocation chains of every file (filefrag), so a
+        # file's window holds its data only; nothing is dropped after this.
         t = time.monotonic()
         self.progress.publish(phase="files", current=fs, force=True)
-        self.walk_objects(fs, "f", files, FILE_POOL, meta)
+        self.barrier()
+        self.collector.reset("")
+        self.sh(
+            f"cd {MOUNT} && find . -xdev -type f -print0 | xargs -0 -r filefrag > /dev/null 2>&1;"
+            " true"
+        )
+        self.barrier()
+        meta += [(o, o + n) for _, o, n in self.collector.reset("")]
+        self.timed("metadata", t)
+
+        # 4. Files: their pages come through their own mapping, where
+        # readahead stays inside the file: let it make big requests.
+        t = time.monotonic()
+        self.sh(
+            "for f in /sys/block/*/queue/read_ahead_kb; do echo 4096 > $f; done; "
+            f"echo 0 > /sys/block/{os.path.basename(self.marker_dev)}/queue/read_ahead_kb"
+        )
+        self.walk_objects(fs, "f", files, FILE_POOL, "cat --", merge_ranges(meta))
         self.timed("files", t)
         res.directories += len(dirs) - sum(
             1 for s in res.skipped if s.kind == "directory" and s.device == fs
@@ -631,23 +643,17 @@ class _Generator:
         res.files += len(files) - sum(1 for s in res.skipped if s.kind == "file" and s.device == fs)
 
     def walk_objects(
-        self, fs: str, kind: str, paths: list[str], pool: int, meta: list[tuple[int, int]]
+        self,
+        fs: str,
+        kind: str,
+        paths: list[str],
+        pool: int,
+        tool: str,
+        meta: list[tuple[int, int]] | None = None,
     ) -> None:
+        """Read ``paths`` with ``tool`` in rounds of ``pool``, a marker before each."""
         res = self.result
         tag = "F" if kind == "f" else "D"
-        if kind == "f":
-            # File pages come through the file's own mapping: readahead stays
-            # inside the file, so let it make big requests. Directory blocks
-            # come through the disk's mapping: no readahead there.
-            ra = (
-                "for f in /sys/block/*/queue/read_ahead_kb; do echo 4096 > $f; done; "
-                f"echo 0 > /sys/block/{os.path.basename(self.g.list_devices()[-1])}"
-                "/queue/read_ahead_kb; "
-            )
-            tool = "cat --"
-        else:
-            ra = "for f in /sys/block/*/queue/read_ahead_kb; do echo 0 > $f; done; "
-            tool = "ls -f --"
         for b in range(0, len(paths), pool):
             batch = paths[b : b + pool]
             lst = bytearray()
@@ -659,9 +665,10 @@ class _Generator:
             remote = self.upload(bytes(lst), "dw.batch")
             self.progress.names = batch
             self.progress.base = self.progress.done
-            self.barrier()
-            self.collector.reset("")
-            self.sh(ra + "echo 1 > /proc/sys/vm/drop_caches")
+            if b:
+                # Markers are used once per round: a remount forgets the
+                # marker filesystem's pages without touching the disk's.
+                self.sh(f"umount {MARKER_MOUNT} && mount -o ro {self.marker_dev} {MARKER_MOUNT}")
             self.barrier()
             self.collector.reset(tag)
             errors = self.sh_bytes(f"LC_ALL=C xargs -0 -a {remote} {tool} 2>&1 > /dev/null ; true")
@@ -671,15 +678,14 @@ class _Generator:
             res.missed_markers += len(batch) - seen
             bad = self._errors(errors, kind)
             if self.verbose:
-                self.say(
-                    f"bmap: batch of {len(batch)} {kind}: {seen} markers, "
-                    f"{len(reads)} reads; {errors[:300]!r}"
-                )
+                self.say(f"bmap: {fs}: {len(batch)} {kind}: {seen} markers, {len(reads)} reads")
             per: dict[int, list[tuple[int, int]]] = {}
             for obj, o, n in reads:
                 if obj < 0:
                     res.unattributed_bytes += n
                     continue
+                if meta and _inside(meta, o, o + n):
+                    res.metadata_reread_bytes += n
                 per.setdefault(obj, []).append((o, o + n))
             for k, p in enumerate(batch):
                 if p in bad:
@@ -688,9 +694,16 @@ class _Generator:
                     )
                     continue
                 ranges = merge_ranges(per.get(k, []))
-                if kind == "f":
-                    ranges, removed = subtract_ranges(ranges, meta)
-                    res.metadata_bytes_removed += removed
+                if not ranges and kind == "d":
+                    # Its blocks shared a page with a directory read before
+                    # it (filesystem blocks < 4 KiB): read it on its own.
+                    reads = self.watch(
+                        "echo 1 > /proc/sys/vm/drop_caches; ls -f -- "
+                        + shlex.quote(MOUNT + p)
+                        + " > /dev/null"
+                    )
+                    ranges = merge_ranges([(o, o + n) for _, o, n in reads])
+                    res.directories_alone += 1
                 self.entries += [BmapEntry(1, s, e, kind, fs, p) for s, e in ranges]
             self.progress.publish(self.progress.base + len(batch), force=True)
 
