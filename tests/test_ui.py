@@ -380,3 +380,38 @@ async def test_trace_memory_is_bounded_and_folds_repeats(served):
         served.bus.publish(ConnectionEvent(99, True, "test"))
         await wait_for(pilot, app, lambda: app.stats.connections == 2)
         h.shutdown()
+
+
+def test_trace_lists_the_newest_requests_of_a_flood_and_says_how_many_it_left_out():
+    """TraceModel is plain Python: a flood of unrelated requests is listed
+    from the newest `per_add` on, after one marker line counting the rest;
+    requests that continue the last line are still folded into it."""
+    from diskwatch.events import make_request
+    from diskwatch.ui.trace import TraceModel
+
+    def req(offset, t, cmd=0):
+        return make_request((1, "", cmd, offset, 4096, 0, 100.0 + t, 1e-4, 0))
+
+    model = TraceModel(started=100.0, cap=5000, per_add=1000)
+    scattered = [(req(((i * 7919) % 9973) * 8192, i / 1e4), None) for i in range(3000)]
+    assert model.add(scattered) == 1001
+    marker, *listed = model.lines
+    assert marker.skipped == 2000 and marker.nbytes == 2000 * 4096 and model.skipped == 2000
+    assert "2,000 requests not listed" in marker.label()
+    assert [ln.start for ln in listed] == [r.offset for r, _ in scattered[2000:]]
+    assert model.requests == 3000
+    # a sequential run continues the last line: folded whole, nothing left out
+    last = listed[-1]
+    run = [(req(last.end + i * 4096, 1 + i / 1e4), None) for i in range(2500)]
+    assert model.add(run) == 0
+    assert model.lines[-1] is last and last.count == 2501 and model.skipped == 2000
+    # with a map, 500 + 2000 hits on two files: the old file's line goes on
+    # counting, the new file's 2000 hits start after a marker for the rest
+    f1, f2 = object(), object()
+    model = TraceModel(per_add=1000)
+    model.add([(req(0, 0), [(0, 4096, f1)])])
+    hits = [(req(0, i), [(0, 4096, f1)]) for i in range(500)]
+    hits += [(req(8192, i), [(8192, 12288, f2)]) for i in range(2000)]
+    model.add(hits)
+    assert [(ln.obj, ln.count, ln.skipped) for ln in model.lines] == [
+        (f1, 501, 0), (None, 1, 1000), (f2, 1000, 0)]

@@ -5,13 +5,21 @@
 operation into one line whose count goes up, and keeps at most ``cap`` lines.
 ``TraceView`` is a line-API scroll view over the model's *visible* lines (the
 ones the current filter lets through); only the rows on screen are rendered.
+
+Under a flood nobody can read thousands of new lines a tick, and making them
+is most of the UI thread's work: ``TraceModel.add`` lists at most ``per_add``
+requests a call (the newest). Older ones that continue the last line are
+still folded into it; the rest become one marker line saying how many
+requests (and bytes) were not listed. Counters elsewhere see every request.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from operator import itemgetter
 from typing import Any
 
 from rich.segment import Segment
@@ -48,6 +56,7 @@ DIM = Style(color="#6c6c6c")
 TIME_STYLE = Style(color="#8a8a8a")
 COUNT_STYLE = Style(color="#ffd75f", bold=True)
 DEVICE_STYLE = Style(color="#8a8a8a")
+SKIP_STYLE = Style(color="#ffd75f", italic=True)
 
 
 @dataclass(slots=True)
@@ -60,12 +69,15 @@ class TraceLine:
     nbytes: int
     count: int = 1
     error: int = 0
+    skipped: int = 0  # a marker line: this many requests were not listed
 
     @property
     def type(self) -> str | None:
         return self.obj.type if self.obj is not None else None
 
     def label(self) -> str:
+        if self.skipped:
+            return f"{self.skipped:,} requests not listed (too many to follow)"
         if self.obj is not None:
             return str(self.obj)
         if self.end <= self.start:
@@ -80,13 +92,15 @@ LineFilter = Callable[[TraceLine], bool] | None
 class TraceModel:
     """Folds attributed requests into lines; bounded memory."""
 
-    def __init__(self, started: float = 0.0, cap: int = 5000) -> None:
+    def __init__(self, started: float = 0.0, cap: int = 5000, per_add: int = 1000) -> None:
         self.started = started
         self.cap = cap
+        self.per_add = per_add
         self.lines: deque[TraceLine] = deque(maxlen=cap)
         self.visible: deque[TraceLine] = deque(maxlen=cap)
         self.filter: LineFilter = None
         self.requests = 0
+        self.skipped = 0  # requests not listed (in marker lines)
         self.version = 0  # bumps whenever lines change, so views know to repaint
 
     def clear(self) -> None:
@@ -106,38 +120,69 @@ class TraceModel:
         if self.filter is None or self.filter(line):
             self.visible.append(line)
 
-    def add(self, attributed: Iterable[tuple[Request, list | None]]) -> int:
+    def add(self, attributed: Sequence[tuple[Request, list | None]]) -> int:
         """Add (request, pieces) pairs as Stats.add returns them; returns how
         many new lines were made (the rest were folded into the last line)."""
+        n = len(attributed)
+        self.requests += n
+        skip = n - self.per_add if self.per_add and n > self.per_add else 0
+        made = self._fold(attributed, 0, skip, listing=False) if skip else 0
+        made += self._fold(attributed, skip, n, listing=True)
+        self.version += 1
+        return made
+
+    def _fold(self, attributed: Sequence[tuple[Request, list | None]], first: int, end: int,
+              listing: bool) -> int:
+        """Fold requests [first, end) into lines. Not listing: fold into the
+        last line while they continue it, then put all the rest in a marker."""
         lines = self.lines
         started = self.started
+        names = COMMAND_NAMES
         made = 0
-        for r, pieces in attributed:
-            self.requests += 1
-            op = COMMAND_NAMES[r.command] if r.command < len(COMMAND_NAMES) else str(r.command)
+        items = islice(attributed, first, end) if first or end < len(attributed) else attributed
+        for k, (r, pieces) in enumerate(items, first):
+            cmd = r[2]
+            op = names[cmd] if cmd < len(names) else str(cmd)
             if pieces is None:
-                pieces = [(r.offset, r.offset + r.length, None)] if r.length else [(0, 0, None)]
-            for start, end, obj in pieces:
+                offset, length = r[3], r[4]
+                pieces = ((offset, offset + length, None),) if length else ((0, 0, None),)
+            for j, (start, end_, obj) in enumerate(pieces):
                 last = lines[-1] if lines else None
                 if last is not None and last.op == op and last.obj == obj and (
                     obj is not None
                     # without an object, fold sequential runs and exact repeats
                     or last.end == start
-                    or (last.start == start and last.end == end)
-                ):
+                    or (last.start == start and last.end == end_)
+                ) and not last.skipped:
                     last.count += 1
-                    last.nbytes += end - start
+                    last.nbytes += end_ - start
                     if obj is None:
-                        last.start = min(last.start, start)
-                        last.end = max(last.end, end)
-                    if r.error:
-                        last.error = r.error
+                        if start < last.start:
+                            last.start = start
+                        if end_ > last.end:
+                            last.end = end_
+                    if r[8]:
+                        last.error = r[8]
                     continue
-                self._push(TraceLine(r.start - started, op, obj, start, end, end - start,
-                                     1, r.error))
+                if not listing:
+                    rest = islice(attributed, k + 1, end)
+                    nbytes = sum(e - s for s, e, _ in pieces[j:]) + sum(
+                        map(itemgetter(4), map(itemgetter(0), rest)))
+                    self._skip(r[6] - started, end - k, nbytes)
+                    return made + 1
+                self._push(TraceLine(r[6] - started, op, obj, start, end_, end_ - start,
+                                     1, r[8]))
                 made += 1
-        self.version += 1
         return made
+
+    def _skip(self, t: float, requests: int, nbytes: int) -> None:
+        self.skipped += requests
+        last = self.lines[-1] if self.lines else None
+        if last is not None and last.skipped:
+            last.skipped += requests
+            last.nbytes += nbytes
+            return
+        self._push(TraceLine(t, "⋯", None, 0, 0, nbytes, 1, 0, requests))
 
 
 def _fit_left(text: str, width: int) -> str:
@@ -178,7 +223,7 @@ def render_trace_line(line: TraceLine, width: int) -> list[Segment]:
             used = len(head) + (len(dev) + 1 if dev else 0) + len(name)
     else:
         name = _fit_left(line.label(), room)
-        segs.append(Segment(name, TYPE_STYLES[None]))
+        segs.append(Segment(name, SKIP_STYLE if line.skipped else TYPE_STYLES[None]))
         used = len(name)
     pad = max(0, room - used) + 1
     segs.append(Segment(" " * pad))
