@@ -609,7 +609,7 @@ class _Generator:
         self.progress.publish(phase="directories", current=fs, force=True)
         self.sh(
             "for f in /sys/block/*/queue/read_ahead_kb; do echo 0 > $f; done; "
-            "echo 1 > /proc/sys/vm/drop_caches"
+            f"echo 1 > /proc/sys/vm/drop_caches; blockdev --flushbufs {shlex.quote(fs)}"
         )
         self.walk_objects(fs, "d", dirs, DIR_POOL, "ls -f --")
         self.timed("directories", t)
@@ -696,9 +696,11 @@ class _Generator:
                 ranges = merge_ranges(per.get(k, []))
                 if not ranges and kind == "d":
                     # Its blocks shared a page with a directory read before
-                    # it (filesystem blocks < 4 KiB): read it on its own.
+                    # it (filesystem blocks < 4 KiB): read it on its own, after
+                    # BLKFLSBUF (which, unlike drop_caches, also drains the
+                    # per-CPU page lists that keep fresh pages in the cache).
                     reads = self.watch(
-                        "echo 1 > /proc/sys/vm/drop_caches; ls -f -- "
+                        f"blockdev --flushbufs {shlex.quote(fs)}; ls -f -- "
                         + shlex.quote(MOUNT + p)
                         + " > /dev/null"
                     )
