@@ -92,8 +92,12 @@ def main() -> int:
                       f"RSS {r['rss0'] // 1024} -> {r['rss1'] // 1024} MiB", flush=True)
         h = statistics.median(r["iops"] for r in res["headless"])
         u = statistics.median(r["iops"] for r in res["ui"])
+        # each round's pair ran back to back: their ratio shows the noise
+        pairs = sorted(ru["iops"] / rh["iops"] for rh, ru in zip(res["headless"], res["ui"],
+                                                                   strict=True))
         print(f"\n4 KiB random reads, QD16: headless {h / 1000:.1f}k IOPS, "
-              f"with the UI {u / 1000:.1f}k IOPS, ratio {u / h:.2f}x (target >= 0.8)")
+              f"with the UI {u / 1000:.1f}k IOPS, ratio {u / h:.2f}x (target >= 0.8); "
+              f"per round {' '.join(f'{p:.2f}' for p in pairs)}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
