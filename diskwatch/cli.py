@@ -157,12 +157,14 @@ class ProgressPrinter:
         if isinstance(event, Message) and event.source == "diskwatch":
             self._clear()
             print(f"diskwatch: {event.text}", file=self.stream)
+            self._said = event.text
             return
         if not isinstance(event, Progress):
             return
         if event.phase == "done":
-            self._clear()
-            print(f"diskwatch: block map: {event.summary}", file=self.stream)
+            if event.summary not in getattr(self, "_said", ""):
+                self._clear()
+                print(f"diskwatch: block map: {event.summary}", file=self.stream)
             return
         now = time.monotonic()
         if now - self._last < (0.1 if self.tty else 5.0):
@@ -184,20 +186,15 @@ class ProgressPrinter:
 
 
 def generate_map(source, out_path: str, accel: str, bus=None) -> None:
-    from .bmap.format import write_bmap  # noqa: F401  (fails early if missing)
     from .bmap.generate import generate_bmap
     from .events import Bus
     bus = bus or Bus()
     printer = ProgressPrinter()
     bus.on_event(printer)
-    tmp = out_path + ".tmp"
     try:
-        generate_bmap(source, tmp, bus=bus, accel=accel)
-        os.replace(tmp, out_path)  # never leave a half-written map under the real name
+        generate_bmap(source, out_path, bus=bus, accel=accel)
     finally:
         bus.unsubscribe(printer)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_map(path: str):
@@ -432,9 +429,7 @@ def _run_ui(session, captive, buffer, sinks, source, pending_map, accel) -> int:
         if pending_map is not None:
             try:
                 from .bmap.generate import generate_bmap
-                tmp = pending_map + ".tmp"
-                generate_bmap(source, tmp, bus=session.bus, accel=accel)
-                os.replace(tmp, pending_map)
+                generate_bmap(source, pending_map, bus=session.bus, accel=accel)
                 session.blockmap = load_map(pending_map)
             except Exception as e:  # noqa: BLE001 - shown in the UI, the session goes on
                 session.bus.publish(Message(f"block map generation failed: {e}",

@@ -447,7 +447,11 @@ class _Generator:
                 markers.close()
             t = time.monotonic()
             self.progress.publish(phase="write", force=True)
-            write_bmap(self.out_path, self.entries)
+            # Written whole, then renamed: a map under the real name is never
+            # half-written (diskwatch --bmap would take it as complete).
+            tmp = self.out_path + ".tmp"
+            write_bmap(tmp, self.entries)
+            os.replace(tmp, self.out_path)
             res.entries = len(self.entries)
             self.timed("write", t)
         finally:
