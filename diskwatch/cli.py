@@ -349,8 +349,10 @@ class _Summary:
             print(f"diskwatch: latency median {human_duration(st.latency.median)}, "
                   f"p99 {human_duration(st.latency.p99)}", file=out)
         if self.blockmap is not None:
+            # Files and directories: what a person looks for (a partition's
+            # own count is its metadata and journal traffic).
             for by in ("reads", "writes"):
-                top = st.top(by, 5)
+                top = st.top(by, 5, keep=lambda obj: obj.type in ("f", "d"))
                 if top:
                     print(f"diskwatch: most {by}: " + "; ".join(
                         f"{obj} x{getattr(c, by)}" for obj, c in top), file=out)
