@@ -312,7 +312,7 @@ class GuestImage:
             "-no-reboot",
             "-kernel", os.fspath(self.kernel),
             "-initrd", os.fspath(self.initrd),
-            "-append", "root=/dev/vda1 rootfstype=ext4 rw console=ttyS0 panic=-1 quiet",
+            "-append", "root=/dev/vda1 rootfstype=ext4 rw console=ttyS0 panic=-1 loglevel=6",
             "-drive", f"file={target.replace(',', ',,')},format=raw,if=virtio",
         ]  # fmt: skip
         return argv + list(extra or [])
