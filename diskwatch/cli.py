@@ -295,9 +295,14 @@ def serve(args) -> int:
                 print(announce, file=sys.stderr)
             status = _run_ui(session, captive, buffer, sinks, source, pending_map, args.accel)
     finally:
+        # Stopping the server first publishes every request it answered
+        # (a client can exit before the server thread has published its last
+        # batch); the last drain then finds them all.
         thread.stop()
         if captive is not None and captive.running:
             captive.stop()
+        if sinks:
+            _drain(buffer, sinks, float("inf"))
         for s in sinks:
             s.close()
         for f in files:
