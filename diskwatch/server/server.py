@@ -4,9 +4,9 @@ The protocol logic lives in ``protocol.py``; this module moves bytes. It is
 written for speed: sockets are non-blocking and driven with ``add_reader``,
 each wake-up reads everything available with one ``recv_into`` into a
 per-connection buffer, parses every complete request in it, carries them out,
-and sends all the replies with one ``sendmsg`` (read data from a file goes
-out with ``os.sendfile``, never copied through Python). Events are published
-once per wake-up, after the replies are on their way.
+and sends all the replies with one ``sendmsg`` (read data of a raw image goes
+out straight from its mmap, never copied through Python). Events are
+published once per wake-up, after the replies are on their way.
 
 Sources that may block (network, decompression) run in worker threads so
 other requests, and other connections, go on; their replies go out in
@@ -16,8 +16,8 @@ whatever order they finish, as NBD allows.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
-import os
 import socket
 import threading
 import time
@@ -33,7 +33,6 @@ from .loop import EpollLoop
 log = logging.getLogger("diskwatch.server")
 
 RECV_BUFFER = 1 << 20  # grows up to a whole maximal write when needed
-SENDFILE_MIN = 64 * 1024  # below this, pread + sendmsg beats a second syscall
 HOLE_SCAN_MIN = 64 * 1024  # structured reads this big are checked for holes
 IOV_MAX = 1024
 monotonic = time.monotonic
@@ -66,7 +65,7 @@ class _Conn:
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
-        self.out: deque = deque()  # bytes/memoryview, or (fd, offset, count) for sendfile
+        self.out: deque = deque()  # bytes and memoryviews, sent in order
         self.writing = False
         self.reading = True
         self.inflight = 0  # requests out in worker threads
@@ -464,22 +463,7 @@ class Server:
         sock = conn.sock
         try:
             while out:
-                item = out[0]
-                if type(item) is tuple:
-                    fd, off, cnt = item
-                    n = os.sendfile(conn.fd, fd, off, cnt)
-                    if n == 0:
-                        raise OSError(errno.EIO, "file ended during sendfile")
-                    if n < cnt:
-                        out[0] = (fd, off + n, cnt - n)
-                        break
-                    out.popleft()
-                    continue
-                iov = []
-                for it in out:
-                    if type(it) is tuple or len(iov) >= IOV_MAX:
-                        break
-                    iov.append(it)
+                iov = list(itertools.islice(out, IOV_MAX))
                 n = sock.sendmsg(iov)
                 for it in iov:
                     ln = len(it)

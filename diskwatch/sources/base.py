@@ -99,12 +99,6 @@ class Source:
         """Prefetch; the default reads and discards."""
         self.pread(offset, length)
 
-    def fd_for(self, offset: int, length: int) -> int | None:
-        """A file descriptor holding this source's bytes [offset, offset+length)
-        at the same offsets, so the server can reply with os.sendfile or a
-        bare os.pread; None when there is none (the server calls pread)."""
-        return None
-
     def view_for(self, offset: int, length: int):
         """A zero-copy buffer (memoryview) of [offset, offset+length), for
         replies sent straight from it; None when there is none."""
@@ -167,9 +161,6 @@ class Layer(Source):
 
     def cache(self, offset, length):
         return self.inner.cache(offset, length)
-
-    def fd_for(self, offset, length):
-        return self.inner.fd_for(offset, length)
 
     def view_for(self, offset, length):
         return self.inner.view_for(offset, length)

@@ -88,9 +88,6 @@ class FileSource(Source):
             # ENXIO: no data at all from 0 (an entirely sparse file): supported.
             return e.errno == errno.ENXIO
 
-    def fd_for(self, offset: int, length: int) -> int:
-        return self.fd
-
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
         if len(data) != length:

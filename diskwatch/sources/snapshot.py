@@ -58,12 +58,6 @@ class Snapshot(Layer):
             pos = run_end
             c = c2
 
-    def fd_for(self, offset: int, length: int):
-        first = offset // CLUSTER
-        if self.dirty.find(1, first, (offset + length - 1) // CLUSTER + 1) < 0:
-            return self.inner.fd_for(offset, length)
-        return None
-
     def view_for(self, offset: int, length: int):
         first = offset // CLUSTER
         if self.dirty.find(1, first, (offset + length - 1) // CLUSTER + 1) < 0:
