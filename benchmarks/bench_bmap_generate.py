@@ -6,7 +6,7 @@ files in 110 directories, ~200 MB of data; or ``--image`` an existing raw
 disk), runs ``generate_bmap`` on it once and prints: objects mapped, total
 time, objects/s over the whole run and over the walk alone (everything after
 the appliance launch), and the time of each phase (probe, markers, launch,
-devices, metadata, directories, files, write). With ``--check`` (the default
+devices, filesystems, metadata, directories, files, shutdown, write). With ``--check`` (the default
 for the built image) it also measures accuracy against debugfs: worst
 per-file byte precision and recall.
 
@@ -99,6 +99,9 @@ def main() -> int:
         print(f"diagnostics:      missed markers {res.missed_markers}, unattributed "
               f"{res.unattributed_bytes} B, metadata re-read {res.metadata_reread_bytes} B, "
               f"directories read alone {res.directories_alone}")  # fmt: skip
+        print(f"files by extents: {res.files_by_extents} read many to a window, "
+              f"{res.files_alone} read alone; unmatched {res.unmatched_bytes} B, "
+              f"unseen {res.unseen_bytes} B")  # fmt: skip
         if image is not None and not args.no_check:
             p, r, n = accuracy(image, read_bmap(out))
             print(f"accuracy:         {n} files vs debugfs: worst precision {p:.4f}, "

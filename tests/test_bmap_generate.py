@@ -18,9 +18,12 @@ from diskwatch.bmap.generate import (
     GenerateError,
     _Generator,
     _inside,
+    attribute,
     choose_accel,
     generate_bmap,
     merge_ranges,
+    parse_filefrag,
+    to_disk,
 )
 from diskwatch.events import Bus, Message, Progress
 from diskwatch.sources.file import FileSource
@@ -43,6 +46,59 @@ def test_inside():
     assert _inside(merged, 0, 100) and _inside(merged, 250, 260)
     assert not _inside(merged, 90, 110) and not _inside(merged, 150, 160)
     assert not _inside(merged, 299, 301) and not _inside([], 0, 1)
+
+
+FILEFRAG = b"""Filesystem type is: ef53
+File size of /sysroot/a b is 1037 (8 block of 512 bytes)
+ ext:     logical_offset:        physical_offset: length:   expected: flags:
+   0:        0..       7:     108872..    108879:      8:             last,eof
+/sysroot/a b: 1 extent found
+File size of /sysroot/frag is 9000 (24 blocks of 512 bytes)
+ ext:     logical_offset:        physical_offset: length:   expected: flags:
+   0:        0..       7:        100..       107:      8:
+   1:        8..      23:        200..       215:     16:        108: last,eof
+/sysroot/frag: 2 extents found
+File size of /sysroot/empty is 0 (0 blocks of 512 bytes)
+/sysroot/empty: 0 extents found
+File size of /sysroot/inline is 60 (1 block of 512 bytes)
+ ext:     logical_offset:        physical_offset: length:   expected: flags:
+   0:        0..       0:          0..         0:      1:             not_aligned,inline,last,eof
+/sysroot/inline: 1 extent found
+Filesystem type is: 4d44
+File size of /sysroot/fat is 9000 (18 blocks of 512 bytes)
+/sysroot/fat: 1 extent found
+"""
+
+
+def test_parse_filefrag_gives_extents_in_bytes_and_none_when_unknown():
+    paths = [b"/sysroot/a b", b"/sysroot/gone", b"/sysroot/frag", b"/sysroot/empty",
+             b"/sysroot/inline", b"/sysroot/fat"]  # fmt: skip
+    assert parse_filefrag(FILEFRAG, paths) == [
+        [(108872 * 512, 108880 * 512)],
+        None,  # filefrag failed on it: not in the output
+        [(100 * 512, 108 * 512), (200 * 512, 216 * 512)],
+        [],
+        None,  # inline data: not where the physical offset says
+        None,  # no extent table (FIBMAP fallback, vfat)
+    ]
+
+
+def test_to_disk_through_linear_segments():
+    segments = [(0, 1 << 20, 8192), (8192, 0, 8192)]  # device start, disk start, length
+    assert to_disk([(0, 4096), (6144, 10240)], segments) == [
+        (0, 2048),
+        (1 << 20, (1 << 20) + 4096),
+        ((1 << 20) + 6144, (1 << 20) + 8192),
+    ]
+    assert to_disk([(16000, 17000)], segments) is None
+
+
+def test_attribute_cuts_reads_to_each_files_extents():
+    extents = [(0, 120, 0), (140, 2000, 1), (2500, 4500, 2)]
+    per, unmatched = attribute([(100, 50), (1000, 3000), (5000, 10)], extents)
+    assert per == {0: [(100, 120)], 1: [(140, 150), (1000, 2000)], 2: [(2500, 4000)]}
+    assert unmatched == 20 + 500 + 10
+    assert attribute([], extents) == ({}, 0)
 
 
 def test_error_lines_name_the_skipped_objects():
@@ -188,8 +244,10 @@ def test_every_file_and_directory_is_in_the_map(request, which):
     assert res.files == sum(len(f) for f in gen.image.files.values())
     assert res.filesystems == len(gen.image.files)
     assert res.missed_markers == 0 and res.unattributed_bytes == 0
+    assert res.unmatched_bytes == 0 and res.unseen_bytes == 0
     print(f"\n{which}: metadata re-read {res.metadata_reread_bytes} bytes, "
-          f"{res.directories_alone} directories read alone")  # fmt: skip
+          f"{res.directories_alone} directories read alone, {res.files_by_extents} files "
+          f"told apart by extents, {res.files_alone} read alone")  # fmt: skip
     assert not res.skipped
 
 
