@@ -2,8 +2,10 @@
 """diskwatch vs nbdkit, side by side, in the same run.
 
 fio's nbd engine over a unix socket, on the same image, against:
-  - diskwatch IMAGE -r --headless (events on: the trace sink is subscribed
-    and writes to /dev/null)
+  - diskwatch IMAGE -r --headless: events on, the text trace (a line per
+    request that is not adjacent to the last) written to /dev/null
+  - diskwatch IMAGE -r --headless --no-trace: events on, aggregated into the
+    exit summary (what the UI and --headless --no-trace consume)
   - Debian's nbdkit file plugin (nbdkit -r -U SOCK file IMAGE)
 Jobs: 4 KiB random reads at queue depth 16, 256 KiB sequential reads at
 depth 8. Servers alternate (A B A B ...) so machine noise hits both; the
@@ -47,17 +49,17 @@ def wait_for_socket(path: str, proc: subprocess.Popen, deadline: float = 20.0) -
         time.sleep(0.02)
 
 
-def start_server(kind: str, image: str, sock: str, ui: bool = False) -> subprocess.Popen:
+KINDS = ("diskwatch", "dw-summary", "nbdkit")
+
+
+def start_server(kind: str, image: str, sock: str) -> subprocess.Popen:
     if kind == "nbdkit":
         cmd = ["nbdkit", "-f", "-r", "-U", sock, "file", image]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     else:
-        cmd = diskwatch_cmd() + [image, "-r", "-U", sock]
-        if ui:
-            # The UI needs a terminal: run it inside a detached tmux session.
-            raise SystemExit("--ui is run by bench_ui.py")
-        cmd += ["--headless"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        cmd = diskwatch_cmd() + [image, "-r", "-U", sock, "--headless"]
+        if kind == "dw-summary":
+            cmd.append("--no-trace")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_socket(sock, proc)
     return proc
 
@@ -116,7 +118,7 @@ def main() -> int:
         for jobname in args.jobs.split(","):
             job = JOBS[jobname]
             for rnd in range(args.rounds):
-                order = ("diskwatch", "nbdkit") if rnd % 2 == 0 else ("nbdkit", "diskwatch")
+                order = KINDS if rnd % 2 == 0 else KINDS[::-1]
                 for kind in order:
                     sock = os.path.join(tmp, f"{kind}-{jobname}-{rnd}.sock")
                     proc = start_server(kind, image, sock)
@@ -128,22 +130,22 @@ def main() -> int:
                     finally:
                         stop_server(proc)
                     results.setdefault(jobname, {}).setdefault(kind, []).append(r)
-                    print(f"  {jobname:18} round {rnd + 1} {kind:9} "
+                    print(f"  {jobname:18} round {rnd + 1} {kind:10} "
                           f"{r['iops'] / 1000:7.1f}k IOPS {r['bw'] / 1e9:6.2f} GB/s "
                           f"{r['cpu_us']:6.2f} server CPU us/request", flush=True)
         print()
-        print(f"{'job':18} {'diskwatch':>20} {'nbdkit':>20} {'ratio':>7}   "
-              f"server CPU per request (diskwatch/nbdkit)")
+        print(f"{'job':18} {'server':12} {'median':>14} {'ratio to nbdkit':>16}   "
+              f"server CPU per request")
         for jobname, by in results.items():
             key = "iops" if "4k" in jobname else "bw"
-            dw = statistics.median(r[key] for r in by["diskwatch"])
             nk = statistics.median(r[key] for r in by["nbdkit"])
-            fmt = (lambda v: f"{v / 1000:.1f}k IOPS") if key == "iops" else \
-                  (lambda v: f"{v / 1e9:.2f} GB/s")
-            cdw = statistics.median(r["cpu_us"] for r in by["diskwatch"])
             cnk = statistics.median(r["cpu_us"] for r in by["nbdkit"])
-            print(f"{jobname:18} {fmt(dw):>20} {fmt(nk):>20} {dw / nk:7.2f}x   "
-                  f"{cdw:.2f} us / {cnk:.2f} us = {cdw / cnk:.2f}x")
+            for kind in KINDS:
+                v = statistics.median(r[key] for r in by[kind])
+                c = statistics.median(r["cpu_us"] for r in by[kind])
+                shown = f"{v / 1000:.1f}k IOPS" if key == "iops" else f"{v / 1e9:.2f} GB/s"
+                print(f"{jobname:18} {kind:12} {shown:>14} {v / nk:15.2f}x   "
+                      f"{c:.2f} us ({c / cnk:.2f}x nbdkit's)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

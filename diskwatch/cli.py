@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bmap", metavar="MAP",
                    help="block map naming offsets; generated first if the file does not exist")
     g.add_argument("--headless", action="store_true", help="no UI: print the trace as text")
+    g.add_argument("--no-trace", action="store_true",
+                   help="with --headless: print only the summary at exit (no line per request)")
     g.add_argument("--log", metavar="FILE", help="write the text trace to FILE (also with the UI)")
     g.add_argument("--record", metavar="FILE", help="write every request as JSON lines to FILE")
     g.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
@@ -254,7 +256,7 @@ def serve(args) -> int:
     files = []
     buffer = RequestBuffer(limit=500_000)
     from .trace import JsonlRecorder, TextTrace
-    if args.headless:
+    if args.headless and not (args.no_trace and not args.log):
         out = sys.stdout
         if args.log:
             out = open(args.log, "w", buffering=1 << 16)
@@ -276,6 +278,10 @@ def serve(args) -> int:
     if sinks:
         bus.on_requests(buffer)
 
+    # The server thread gives up the GIL at every syscall; with the default
+    # 5 ms switch interval the consumer thread (UI, trace writer) can then
+    # keep it for 5 ms while a guest waits. A short interval bounds that stall.
+    sys.setswitchinterval(float(os.environ.get("DISKWATCH_SWITCH_INTERVAL", "0.0002")))
     thread = ServerThread(server).start()
     captive = None
     status = 0
@@ -411,10 +417,6 @@ def _run_headless(captive, buffer, sinks, session, announce: str = "") -> int:
 def _run_ui(session, captive, buffer, sinks, source, pending_map, accel) -> int:
     from .events import Message
     from .ui.app import DiskwatchApp
-    # The server thread gives up the GIL at every syscall; with the default
-    # 5 ms switch interval the UI thread can then keep it for 5 ms while a
-    # guest waits. A short interval bounds that stall.
-    sys.setswitchinterval(float(os.environ.get("DISKWATCH_SWITCH_INTERVAL", "0.0002")))
     app = DiskwatchApp(session)
     if captive is not None:
         def on_exit(status: int) -> None:

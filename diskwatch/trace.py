@@ -12,6 +12,7 @@ form, ``read f /dev/sda1 /Boot/BCD``, followed by the byte ranges it covered.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import IO
 
 from .events import COMMAND_NAMES, Command, Request
@@ -21,6 +22,7 @@ _RANGED = {Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Comm
 MAX_RANGES_SHOWN = 4
 
 
+@lru_cache(maxsize=4096)  # request sizes repeat: 4 KiB, 64 KiB, 256 KiB...
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -53,9 +55,22 @@ class TextTrace:
         self._run: _Run | None = None
         self._last_t = 0.0
         self.lines = 0
+        self._pending: list[str] = []  # written once per batch, not once per line
 
     def feed(self, batch: list[Request]) -> None:
         bm = self.blockmap
+        try:
+            self._feed(batch, bm)
+        finally:
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            self.out.write("".join(self._pending))
+            self.lines += len(self._pending)
+            self._pending.clear()
+
+    def _feed(self, batch: list[Request], bm) -> None:
         for r in batch:
             cmd = r.command
             if cmd == Command.BLOCK_STATUS:
@@ -108,6 +123,7 @@ class TextTrace:
         out, so the trace never lags behind a paused guest."""
         if self._run is not None and now - self._last_t >= self.idle_flush:
             self._emit()
+            self._flush_pending()
 
     def _emit(self) -> None:
         run = self._run
@@ -121,8 +137,12 @@ class TextTrace:
                 text += f" ({run.errors} failed)"
             self._write(run.start_t, text)
             return
-        shown = ", ".join(f"{s:#x}-{e:#x}" for s, e in run.ranges[:MAX_RANGES_SHOWN])
-        if len(run.ranges) > MAX_RANGES_SHOWN:
+        ranges = run.ranges
+        if len(ranges) == 1:
+            shown = f"{ranges[0][0]:#x}-{ranges[0][1]:#x}"
+        else:
+            shown = ", ".join(f"{s:#x}-{e:#x}" for s, e in ranges[:MAX_RANGES_SHOWN])
+        if len(ranges) > MAX_RANGES_SHOWN:
             shown += f", +{len(run.ranges) - MAX_RANGES_SHOWN} more"
         detail = f"{human_bytes(run.nbytes)}"
         if run.count > 1:
@@ -137,11 +157,11 @@ class TextTrace:
         self._write(run.start_t, text)
 
     def _write(self, t: float, text: str) -> None:
-        self.out.write(f"[{t - self.t0:9.3f}] {text}\n")
-        self.lines += 1
+        self._pending.append(f"[{t - self.t0:9.3f}] {text}\n")
 
     def close(self) -> None:
         self._emit()
+        self._flush_pending()
         self.out.flush()
 
 
