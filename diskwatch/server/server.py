@@ -101,13 +101,7 @@ class Server:
 
     def listen_unix(self, path: str) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-        except OSError as e:
-            sock.close()
-            raise OSError(e.errno, f"cannot listen on {path}: {e.strerror}") from None
-        sock.listen(128)
-        self._add_listener(sock)
+        self._listen(sock, path, path)
         self.addresses.append(("unix", path))
 
     def listen_tcp(self, host: str, port: int) -> int:
@@ -115,16 +109,19 @@ class Server:
         family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listen(sock, addr, f"{host}:{port}")
+        bound = sock.getsockname()[1]
+        self.addresses.append(("tcp", (host, bound)))
+        return bound
+
+    def _listen(self, sock: socket.socket, addr, label: str) -> None:
         try:
             sock.bind(addr)
         except OSError as e:
             sock.close()
-            raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+            raise OSError(e.errno, f"cannot listen on {label}: {e.strerror}") from None
         sock.listen(128)
         self._add_listener(sock)
-        bound = sock.getsockname()[1]
-        self.addresses.append(("tcp", (host, bound)))
-        return bound
 
     def _add_listener(self, sock: socket.socket) -> None:
         sock.setblocking(False)
