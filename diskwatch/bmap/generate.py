@@ -157,17 +157,12 @@ class GenerateResult:
 # --------------------------------------------------------------------------
 # KVM or TCG
 
-_probe_cache: dict[float, bool] = {}
-
-
 def _probe_kvm(timeout: float) -> bool:
-    if timeout not in _probe_cache:
-        try:
-            from ..demo.guest import probe_kvm
-        except ImportError:  # the demo package is optional
-            return False
-        _probe_cache[timeout] = probe_kvm(timeout)
-    return _probe_cache[timeout]
+    try:
+        from ..demo.guest import probe_kvm
+    except ImportError:  # the demo package is optional
+        return False
+    return probe_kvm(timeout)  # its answer is kept on disk for this boot of the host
 
 
 def choose_accel(accel: str = "auto", timeout: float = 8.0) -> tuple[str, str]:
@@ -183,7 +178,8 @@ def choose_accel(accel: str = "auto", timeout: float = 8.0) -> tuple[str, str]:
         return "tcg", "tcg (no usable /dev/kvm)"
     if _probe_kvm(timeout):
         return "kvm", "kvm (probe guest booted)"
-    return "tcg", f"tcg (a KVM guest did not boot within {timeout:.0f} s; KVM looks broken here)"
+    return "tcg", ("tcg (a KVM guest did not boot within the probe's time; KVM looks broken "
+                   "here; the answer is kept until the host reboots)")
 
 
 # --------------------------------------------------------------------------

@@ -516,7 +516,23 @@ def _is_static_elf(path: str) -> bool:
 # KVM probe
 
 
-def probe_kvm(timeout: float = 10.0, boot: str | os.PathLike[str] = "/boot") -> bool:
+def _probe_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "diskwatch" / "kvm-probe"
+
+
+def _probe_key(qemu: str, kernel: Path) -> str:
+    """What the answer depends on: this boot of the host, this qemu, this kernel."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = "?"
+    st = os.stat(qemu)
+    return f"{boot_id} {qemu}:{st.st_mtime_ns} {kernel}"
+
+
+def probe_kvm(timeout: float = 10.0, boot: str | os.PathLike[str] = "/boot",
+              *, use_cache: bool = True) -> bool:
     """True if a KVM guest really runs here, decided within ``timeout`` seconds.
 
     /dev/kvm existing is not enough, nor is a guest that runs BIOS code: on
@@ -541,6 +557,17 @@ def probe_kvm(timeout: float = 10.0, boot: str | os.PathLike[str] = "/boot") -> 
         "-monitor", "none", "-serial", "stdio", "-no-reboot", "-kernel", os.fspath(kernel),
         "-append", "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1",
     ]  # fmt: skip
+    # The answer holds until the host reboots or qemu changes: a machine
+    # where KVM hangs pays the timeout once, not at every map and demo.
+    key = _probe_key(qemu, kernel)
+    cache = _probe_cache_path()
+    if use_cache:
+        try:
+            cached_key, _, answer = cache.read_text().rpartition("\t")
+            if cached_key == key:
+                return answer.strip() == "1"
+        except OSError:
+            pass
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -548,13 +575,19 @@ def probe_kvm(timeout: float = 10.0, boot: str | os.PathLike[str] = "/boot") -> 
     except OSError:
         return False
     try:
-        return _wait_for(proc, b"Linux version", timeout)
+        works = _wait_for(proc, b"Linux version", timeout)
     finally:
         proc.kill()
         try:
             proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             pass  # stuck in the host kernel; it has been killed, do not wait on it
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(f"{key}\t{int(works)}\n")
+    except OSError:
+        pass  # no cache: probe again next time
+    return works
 
 
 def _wait_for(proc: subprocess.Popen[bytes], needle: bytes, timeout: float) -> bool:
