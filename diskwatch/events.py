@@ -31,10 +31,14 @@ class Command(IntEnum):
     CACHE = 5
     WRITE_ZEROES = 6
     BLOCK_STATUS = 7
+    #: not an NBD command: what the server publishes for a command number it
+    #: does not know (it answered EINVAL), so consumers index tables safely
+    UNKNOWN = 8
 
 
 #: short lower-case names used in traces, indexed by command number
-COMMAND_NAMES = ("read", "write", "disc", "flush", "trim", "cache", "zero", "block_status")
+COMMAND_NAMES = ("read", "write", "disc", "flush", "trim", "cache", "zero", "block_status",
+                 "unknown")
 
 
 class Request(NamedTuple):

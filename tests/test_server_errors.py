@@ -35,8 +35,10 @@ def no_loop_errors(caplog):
     """An exception escaping a callback of the server's loop is a bug even if
     the client saw nothing (asyncio logs it and carries on)."""
     caplog.set_level(logging.ERROR, logger="asyncio")
+    caplog.set_level(logging.ERROR, logger="diskwatch.server")
     yield
-    bad = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    bad = [r for r in caplog.records if r.name in ("asyncio", "diskwatch.server")
+           and r.levelno >= logging.ERROR]
     assert not bad, bad[0].getMessage()
 
 
@@ -152,6 +154,41 @@ def test_unknown_command_gets_einval_and_the_session_goes_on(ro_server, server_i
         assert raw_simple_reply(s)[:2] == (P.NBD_EINVAL, 1)
         err, handle, data = raw_simple_reply(s, 512)
         assert (err, handle, data) == (0, 2, read_at(server_image.path, 0, 512))
+
+
+def test_unknown_command_event_is_safe_for_every_consumer(ro_server):
+    """The event of an unknown command must not break the stats or the trace."""
+    import io
+
+    from diskwatch.events import COMMAND_NAMES, Command
+    from diskwatch.stats import Stats
+    from diskwatch.trace import JsonlRecorder, TextTrace
+    with ro_server.connect_raw() as s:
+        raw_handshake(s)
+        s.sendall(raw_request(9, 0, 512, handle=1) + raw_request(0xFFFF, 0, 512, handle=2))
+        assert raw_simple_reply(s)[:2] == (P.NBD_EINVAL, 1)
+        assert raw_simple_reply(s)[:2] == (P.NBD_EINVAL, 2)
+    ro_server.events.wait_for(lambda log: sum(1 for e in log.requests if e.error) >= 2)
+    events = [e for e in ro_server.events.requests if e.error]
+    assert {e.command for e in events} == {Command.UNKNOWN}
+    stats = Stats(IMAGE_SIZE)
+    stats.add(events)
+    assert stats.ops[Command.UNKNOWN] == 2 and stats.errors == 2
+    out = io.StringIO()
+    trace = TextTrace(out)
+    trace.feed(events)
+    trace.close()
+    assert COMMAND_NAMES[Command.UNKNOWN] in out.getvalue()
+    JsonlRecorder(io.StringIO()).feed(events)
+
+
+def test_connect_and_close_at_once_many_times(ro_server, server_image, bystander):
+    """Peers that go before the greeting is sent: the server thread survives."""
+    for _ in range(500):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(ro_server.socket_path)
+        s.close()
+    still_serves(ro_server, server_image.path, bystander)
 
 
 def test_structured_error_chunk_on_the_wire(ro_server):

@@ -10,10 +10,13 @@ This loop does only what the server needs; the server's own thread runs it.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import threading
 from collections import deque
+
+log = logging.getLogger("diskwatch.server")
 
 _IN = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
@@ -29,6 +32,7 @@ class EpollLoop:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ep.register(self._wake_r, select.EPOLLIN)
         self._running = False
+        self._closed = False
         self._thread: threading.Thread | None = None
 
     def _update(self, fd: int) -> None:
@@ -68,14 +72,13 @@ class EpollLoop:
         return found
 
     def call_soon_threadsafe(self, callback, *args) -> None:
+        if self._closed:
+            return  # a worker finishing after the server stopped: nobody to tell
         self._calls.append((callback, args))
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already
-
-    def call_soon(self, callback, *args) -> None:
-        self.call_soon_threadsafe(callback, *args)
 
     def stop(self) -> None:
         self._running = False
@@ -96,17 +99,25 @@ class EpollLoop:
             except InterruptedError:
                 continue
             for fd, ev in events:
-                if fd == wake:
-                    self._run_calls()
-                    continue
-                if ev & _IN:
-                    r = readers.get(fd)
-                    if r is not None:
-                        r[0](*r[1])
-                if ev & _OUT:
-                    w = writers.get(fd)
-                    if w is not None:
-                        w[0](*w[1])
+                # A failing callback is a bug in one connection's handling:
+                # it is logged and the loop, with every other connection,
+                # goes on (as asyncio's does).
+                try:
+                    if fd == wake:
+                        self._run_calls()
+                        continue
+                    if ev & _IN:
+                        r = readers.get(fd)
+                        if r is not None:
+                            r[0](*r[1])
+                    if ev & _OUT:
+                        w = writers.get(fd)
+                        if w is not None:
+                            w[0](*w[1])
+                except Exception:  # noqa: BLE001
+                    log.exception("error in a callback for fd %d", fd)
+                    self.remove_reader(fd)
+                    self.remove_writer(fd)
 
     def _run_calls(self) -> None:
         try:
@@ -120,6 +131,7 @@ class EpollLoop:
             cb(*args)
 
     def close(self) -> None:
+        self._closed = True
         self._ep.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -84,6 +84,7 @@ CMD_TRIM = 4
 CMD_CACHE = 5
 CMD_WRITE_ZEROES = 6
 CMD_BLOCK_STATUS = 7
+CMD_UNKNOWN = 8  # not on the wire: what parse_requests reports for a command it does not know
 
 # command flags
 CMD_FLAG_FUA = 1 << 0
@@ -481,6 +482,8 @@ class ServerConnection:
                     err = NBD_EINVAL
             else:
                 err = self._validate_other(cmd, flags, offset, length)
+                if cmd > CMD_BLOCK_STATUS:
+                    cmd = CMD_UNKNOWN  # answered EINVAL; events carry one "unknown" value
             append((cmd, flags, handle, offset, length, pstart, err))
         return start
 

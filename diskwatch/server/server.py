@@ -175,9 +175,11 @@ class Server:
             conn = _Conn(self, sock, cid, peer)
             self._conns[cid] = conn
             self.total_connections += 1
+            # Registered before the greeting is sent: a peer already gone
+            # makes _send close the connection, which then unregisters it.
+            self.loop.add_reader(conn.fd, self._on_readable, conn)
             conn.out.append(conn.proto.data_to_send())
             self._send(conn)
-            self.loop.add_reader(conn.fd, self._on_readable, conn)
 
     def _close(self, conn: _Conn) -> None:
         if conn.closed:
