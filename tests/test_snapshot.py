@@ -136,3 +136,47 @@ def test_cli_snapshot_leaves_the_image_byte_identical(rw_image, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "writes seen" in p.stdout
     assert md5(rw_image) == before
+
+
+def test_zeroing_whole_clusters_writes_no_zeroes_to_the_overlay(tmp_path):
+    """A guest discarding its disk must not fill /tmp with zeroes."""
+    import os
+
+    from diskwatch.sources.file import FileSource
+    from diskwatch.sources.snapshot import Snapshot
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(64 * CLUSTER + 1000))  # a partial cluster at the end
+    with Snapshot(FileSource(str(img), readonly=True), tmpdir=str(tmp_path)) as snap:
+        offset, end = 100, snap.size  # unaligned start, up to the very end
+        snap.zero(offset, end - offset)
+        assert snap.pread(0, offset) == img.read_bytes()[:offset]
+        assert snap.pread(offset, end - offset) == bytes(end - offset)
+        # Only the first, partial cluster was written; the rest are holes.
+        assert os.fstat(snap.overlay_fd).st_blocks * 512 <= 2 * CLUSTER
+
+
+def test_concurrent_writes_into_one_cluster_both_survive(tmp_path):
+    """Over a blocking source requests run in worker threads: two copy-ups of
+    the same cluster must not undo each other's write."""
+    import os
+    import threading
+
+    from diskwatch.sources.file import FileSource
+    from diskwatch.sources.snapshot import Snapshot
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(16 * CLUSTER))
+    with Snapshot(FileSource(str(img), readonly=True), tmpdir=str(tmp_path)) as snap:
+        for rnd in range(20):
+            base = (rnd % 16) * CLUSTER
+            barrier = threading.Barrier(8)
+
+            def write(i, base=base, barrier=barrier):
+                barrier.wait()
+                snap.pwrite(base + i * 4096, bytes([i + 1]) * 4096)
+            threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for i in range(8):
+                assert snap.pread(base + i * 4096, 4096) == bytes([i + 1]) * 4096, (rnd, i)

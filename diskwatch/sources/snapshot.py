@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import threading
 
 from .base import EXTENT_HOLE, EXTENT_ZERO, Layer, Source, SourceError
 
@@ -26,6 +27,9 @@ class Snapshot(Layer):
         os.ftruncate(fd, inner.size)
         self.nclusters = (inner.size + CLUSTER - 1) // CLUSTER
         self.dirty = bytearray(self.nclusters)
+        # Writes may come from several worker threads (over a blocking
+        # source): two copy-ups of one cluster must not undo each other.
+        self._lock = threading.Lock()
 
     # A snapshot accepts writes whatever the source below can do.
     can_write = True  # type: ignore[assignment]
@@ -90,6 +94,11 @@ class Snapshot(Layer):
         length = len(data)
         if offset + length > self.inner.size:
             raise SourceError(errno.ENOSPC, "write past the end of the disk")
+        with self._lock:
+            self._write(offset, data)
+
+    def _write(self, offset: int, data) -> None:
+        length = len(data)
         self._ensure(offset, length)
         view = memoryview(data)
         pos = offset
@@ -107,13 +116,37 @@ class Snapshot(Layer):
         self.zero(offset, length)
 
     def zero(self, offset, length, may_trim=False, fua=False, fast=False):
+        """Whole clusters become holes in the overlay (a guest discarding its
+        whole disk must not write gigabytes of zeroes to /tmp); the partial
+        clusters at the edges get zeroes written."""
+        from .file import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+        end = offset + length
+        if end > self.inner.size:
+            raise SourceError(errno.ENOSPC, "zero past the end of the disk")
+        first_full = -(-offset // CLUSTER)
+        last_full = end // CLUSTER if end < self.inner.size else self.nclusters
+        with self._lock:
+            if first_full >= last_full:
+                self._write_zeroes(offset, end)
+                return
+            hole_start = first_full * CLUSTER
+            hole_end = min(last_full * CLUSTER, self.inner.size)
+            self._write_zeroes(offset, hole_start)
+            try:
+                fallocate(self.overlay_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                          hole_start, hole_end - hole_start)
+                self.dirty[first_full:last_full] = b"\x01" * (last_full - first_full)
+            except OSError:
+                self._write_zeroes(hole_start, hole_end)  # no hole punching here
+            self._write_zeroes(hole_end, end)
+
+    def _write_zeroes(self, start: int, end: int) -> None:
         chunk = 1 << 20
-        zeroes = bytes(min(chunk, length))
-        while length > 0:
-            n = min(chunk, length)
-            self.pwrite(offset, zeroes[:n])
-            offset += n
-            length -= n
+        zeroes = bytes(min(chunk, max(end - start, 0)))
+        while start < end:
+            n = min(chunk, end - start)
+            self._write(start, zeroes[:n])
+            start += n
 
     def extents(self, offset: int, length: int):
         out = []
