@@ -301,6 +301,9 @@ def serve(args) -> int:
                 print(announce, file=sys.stderr)
             status = _run_ui(session, captive, buffer, sinks, source, pending_map, args.accel)
     finally:
+        abort = getattr(source, "abort", None)
+        if abort is not None and session.interrupted:
+            abort()  # e.g. a stream whose FIFO reader never came: do not wait for one
         # Stopping the server first publishes every request it answered
         # (a client can exit before the server thread has published its last
         # batch); the last drain then finds them all.
@@ -313,9 +316,6 @@ def serve(args) -> int:
             s.close()
         for f in files:
             f.close()
-        abort = getattr(source, "abort", None)
-        if abort is not None and session.interrupted:
-            abort()  # e.g. a stream whose FIFO reader never came: do not wait for one
         source.close()
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)

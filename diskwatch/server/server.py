@@ -146,7 +146,10 @@ class Server:
         for conn in list(self._conns.values()):
             self._close(conn)
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # Queued requests are dropped; running ones finish before the
+            # sources are closed under them (a network read is bounded by its
+            # timeout; a stream waiting for its reader by the caller's abort).
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     @property
