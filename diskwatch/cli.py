@@ -19,11 +19,12 @@ import threading
 import time
 
 from . import __version__
+from .errors import DiskwatchError
 
 log = logging.getLogger("diskwatch")
 
 
-class UsageError(Exception):
+class UsageError(DiskwatchError):
     """Bad input: printed as one line, exit status 1 (2 for usage)."""
 
 
@@ -488,13 +489,9 @@ def bmap_main(argv: list[str]) -> int:
 def demo_main(argv: list[str]) -> int:
     args = build_demo_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from .demo.guest import MissingToolError
     from .demo.run import prepare_demo
-    try:
-        plan = prepare_demo(args.cache_dir, churn=args.churn, accel=args.accel,
-                            say=lambda text: print(f"diskwatch: {text}", file=sys.stderr))
-    except MissingToolError as e:
-        raise UsageError(str(e)) from None
+    plan = prepare_demo(args.cache_dir, churn=args.churn, accel=args.accel,
+                        say=lambda text: print(f"diskwatch: {text}", file=sys.stderr))
     words = [plan.image, "--snapshot", "--bmap", plan.bmap, "--run", plan.command,
              "--accel", plan.accel]
     if args.headless:
@@ -522,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     except KeyboardInterrupt:
         return 130
-    except (UsageError, OSError, ValueError, ImportError) as e:
+    except (DiskwatchError, OSError, ValueError, ImportError) as e:
         if verbose:
             raise
         msg = str(e)

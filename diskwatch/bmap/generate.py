@@ -63,6 +63,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..errors import DiskwatchError
 from ..events import Bus, Message, Progress
 from ..sources.base import ReadOnly, Source
 from .format import BmapEntry, write_bmap
@@ -89,7 +90,7 @@ _TAG = re.compile(rb"DWMARK([FD])(\d{8})")
 _NOT_FILESYSTEMS = {"", "unknown", "swap", "LVM2_member", "crypto_LUKS"}
 
 
-class GenerateError(RuntimeError):
+class GenerateError(DiskwatchError, RuntimeError):
     """Block-map generation failed; the message says what to do."""
 
 

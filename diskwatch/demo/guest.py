@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..errors import DiskwatchError
+
 __all__ = [
     "GuestImage",
     "MissingToolError",
@@ -60,7 +62,7 @@ TOOL_PACKAGES = {
 _SBIN = ("/usr/sbin", "/sbin")
 
 
-class MissingToolError(RuntimeError):
+class MissingToolError(DiskwatchError, RuntimeError):
     """A program or file the guest needs is missing; the message names the Debian package."""
 
 
