@@ -10,6 +10,7 @@ Nothing imports this module; it only wires the others together.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -217,118 +218,123 @@ def serve(args) -> int:
         raise UsageError("no disk image given: diskwatch IMAGE [--run CMD] (see --help)")
     if args.unix and args.port is not None:
         raise UsageError("give -U or -p, not both")
-    source = _open_source(args)
-    warning = getattr(source, "warning", None)
-    if warning:
-        print(f"diskwatch: {warning}", file=sys.stderr)
-    bus = Bus()
-    blockmap = None
-    pending_map = None  # a map to generate under the UI, before the command starts
-    if args.bmap:
-        if not os.path.exists(args.bmap):
-            if args.headless:
-                print(f"diskwatch: {args.bmap} does not exist: generating it first",
-                      file=sys.stderr)
-                generate_map(source, args.bmap, args.accel)
-            else:
-                pending_map = args.bmap
-        if pending_map is None:
-            blockmap = load_map(args.bmap)
+    # Whatever fails from here on (a port in use, a bad map), what was made
+    # so far is undone: the source closed (a stream's FIFO removed), the log
+    # files closed, the socket and its private directory removed.
+    with contextlib.ExitStack() as undo:
+        source = _open_source(args)
 
-    server = Server({args.export_name: source}, bus)
-    private_dir = None
-    unix = args.unix
-    if unix is None and args.port is None:
-        unix = "-" if args.run else None
-    if unix == "-":
-        private_dir, unix = private_socket_path()
-    if unix:
-        server.listen_unix(unix)
-        kind, addr = "unix", unix
-    else:
-        port = server.listen_tcp(args.ipaddr, 10809 if args.port is None else args.port)
-        kind, addr = "tcp", (args.ipaddr, port)
-    uri = nbd_uri(kind, addr, args.export_name)
-    t0 = time.monotonic()
-    session = Session(bus=bus, size=source.size, description=source.description, uri=uri,
-                      command=args.run, blockmap=blockmap, started=t0)
+        def close_source(exc_type, exc, tb) -> None:
+            if exc_type is not None and hasattr(source, "abort"):
+                source.abort()  # failing: a stream must not wait for a reader
+            source.close()
+        undo.push(close_source)
+        warning = getattr(source, "warning", None)
+        if warning:
+            print(f"diskwatch: {warning}", file=sys.stderr)
+        bus = Bus()
+        blockmap = None
+        pending_map = None  # a map to generate under the UI, before the command starts
+        if args.bmap:
+            if not os.path.exists(args.bmap):
+                if args.headless:
+                    print(f"diskwatch: {args.bmap} does not exist: generating it first",
+                          file=sys.stderr)
+                    generate_map(source, args.bmap, args.accel)
+                else:
+                    pending_map = args.bmap
+            if pending_map is None:
+                blockmap = load_map(args.bmap)
 
-    sinks = []
-    files = []
-    buffer = RequestBuffer(limit=500_000)
-    from .trace import JsonlRecorder, TextTrace
-    if args.headless and not (args.no_trace and not args.log):
-        out = sys.stdout
+        server = Server({args.export_name: source}, bus)
+        unix = args.unix
+        if unix is None and args.port is None:
+            unix = "-" if args.run else None
+        if unix == "-":
+            private_dir, unix = private_socket_path()
+            undo.callback(shutil.rmtree, private_dir, ignore_errors=True)
+        if unix:
+            server.listen_unix(unix)
+            undo.callback(_unlink_quietly, unix)
+            kind, addr = "unix", unix
+        else:
+            port = server.listen_tcp(args.ipaddr, 10809 if args.port is None else args.port)
+            kind, addr = "tcp", (args.ipaddr, port)
+        uri = nbd_uri(kind, addr, args.export_name)
+        t0 = time.monotonic()
+        session = Session(bus=bus, size=source.size, description=source.description, uri=uri,
+                          command=args.run, blockmap=blockmap, started=t0)
+
+        sinks = []
+        buffer = RequestBuffer(limit=500_000)
+        from .trace import JsonlRecorder, TextTrace
+
+        def open_log(path):
+            return undo.enter_context(open(path, "w", buffering=1 << 16))
         if args.log:
-            out = open(args.log, "w", buffering=1 << 16)
-            files.append(out)
-        sinks.append(TextTrace(out, blockmap, t0))
-    elif args.log:
-        f = open(args.log, "w", buffering=1 << 16)
-        files.append(f)
-        sinks.append(TextTrace(f, blockmap, t0))
-    if args.record:
-        f = open(args.record, "w", buffering=1 << 16)
-        files.append(f)
-        sinks.append(JsonlRecorder(f, blockmap, t0))
-    summary = None
-    if args.headless:
-        summary = _Summary(source.size, blockmap)
-        bus.on_event(summary.stats.on_event)
-        sinks.append(summary)
-    if sinks:
-        bus.on_requests(buffer)
-
-    # The server thread gives up the GIL at every syscall; with the default
-    # 5 ms switch interval the consumer thread (UI, trace writer) can then
-    # keep it for 5 ms while a guest waits. A short interval bounds that stall.
-    sys.setswitchinterval(float(os.environ.get("DISKWATCH_SWITCH_INTERVAL", "0.0002")))
-    thread = ServerThread(server).start()
-    captive = None
-    status = 0
-    try:
-        if args.run:
-            captive = Captive(args.run, captive_env(kind, addr, args.export_name),
-                              capture=not args.headless, bus=bus)
-            session.stop_command = captive.stop
-            announce = ""
-        else:
-            announce = f"diskwatch: serving {source.description} at {uri}"
-
+            sinks.append(TextTrace(open_log(args.log), blockmap, t0))
+        elif args.headless and not args.no_trace:
+            sinks.append(TextTrace(sys.stdout, blockmap, t0))
+        if args.record:
+            sinks.append(JsonlRecorder(open_log(args.record), blockmap, t0))
+        summary = None
         if args.headless:
-            status = _run_headless(captive, buffer, sinks, session, announce)
-        else:
-            if announce:
-                print(announce, file=sys.stderr)
-            status = _run_ui(session, captive, buffer, sinks, source, pending_map, args.accel)
-    finally:
-        abort = getattr(source, "abort", None)
-        if abort is not None and session.interrupted:
-            abort()  # e.g. a stream whose FIFO reader never came: do not wait for one
-        # Stopping the server first publishes every request it answered
-        # (a client can exit before the server thread has published its last
-        # batch); the last drain then finds them all.
-        thread.stop()
-        if captive is not None and captive.running:
-            captive.stop()
+            summary = _Summary(source.size, blockmap)
+            bus.on_event(summary.stats.on_event)
+            sinks.append(summary)
         if sinks:
-            _drain(buffer, sinks, float("inf"))
-        for s in sinks:
-            s.close()
-        for f in files:
-            f.close()
-        source.close()
-        if private_dir:
-            shutil.rmtree(private_dir, ignore_errors=True)
-        elif unix and os.path.exists(unix):
-            os.unlink(unix)
+            bus.on_requests(buffer)
+
+        # The server thread gives up the GIL at every syscall; with the default
+        # 5 ms switch interval the consumer thread (UI, trace writer) can then
+        # keep it for 5 ms while a guest waits. A short interval bounds that stall.
+        sys.setswitchinterval(float(os.environ.get("DISKWATCH_SWITCH_INTERVAL", "0.0002")))
+        thread = ServerThread(server).start()
+        captive = None
+        status = 0
+        try:
+            if args.run:
+                captive = Captive(args.run, captive_env(kind, addr, args.export_name),
+                                  capture=not args.headless, bus=bus)
+                session.stop_command = captive.stop
+                announce = ""
+            else:
+                announce = f"diskwatch: serving {source.description} at {uri}"
+
+            if args.headless:
+                status = _run_headless(captive, buffer, sinks, session, announce)
+            else:
+                if announce:
+                    print(announce, file=sys.stderr)
+                status = _run_ui(session, captive, buffer, sinks, source, pending_map,
+                                 args.accel)
+        finally:
+            abort = getattr(source, "abort", None)
+            if abort is not None and session.interrupted:
+                abort()  # e.g. a stream whose FIFO reader never came: do not wait for one
+            # Stopping the server first publishes every request it answered
+            # (a client can exit before the server thread has published its last
+            # batch); the last drain then finds them all.
+            thread.stop()
+            if captive is not None and captive.running:
+                captive.stop()
+            if sinks:
+                _drain(buffer, sinks, float("inf"))
+            for s in sinks:
+                s.close()
     if summary is not None:
         summary.print(sys.stderr)
-    dropped = getattr(buffer, "total_dropped", 0)
-    if dropped:
-        print(f"diskwatch: {dropped} requests were not traced (the trace could not keep up)",
-              file=sys.stderr)
+    if buffer.total_dropped:
+        print(f"diskwatch: {buffer.total_dropped} requests were not traced (the trace could "
+              "not keep up)", file=sys.stderr)
     return status
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class _Summary:
@@ -371,9 +377,7 @@ class _Summary:
 
 
 def _drain(buffer, sinks, now: float) -> None:
-    batch, dropped = buffer.drain()
-    if dropped:
-        buffer.total_dropped = getattr(buffer, "total_dropped", 0) + dropped
+    batch, _ = buffer.drain()
     if batch:
         for s in sinks:
             s.feed(batch)

@@ -142,6 +142,7 @@ class RequestBuffer:
         self.limit = limit
         self._items: list[Request] = []
         self._dropped = 0
+        self.total_dropped = 0  # over the buffer's life
         self._lock = threading.Lock()
 
     def __call__(self, batch: list[Request]) -> None:
@@ -158,4 +159,5 @@ class RequestBuffer:
         with self._lock:
             items, self._items = self._items, []
             dropped, self._dropped = self._dropped, 0
+        self.total_dropped += dropped
         return items, dropped

@@ -155,3 +155,28 @@ def test_port_in_use(server_image):
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [
         f"diskwatch: cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_an_early_failure_leaves_nothing_behind(tmp_path):
+    """The port is taken: the FIFO --stream-to made, the log file handle and
+    everything else are undone, with one clear line."""
+    import socket as _socket
+    taken = _socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    fifo = tmp_path / "out.fifo"
+    try:
+        p = run_diskwatch(["--stream-to", fifo, "--size", "1M", "-p", str(port), "--headless",
+                           "--log", tmp_path / "trace.log"], timeout=20)
+    finally:
+        taken.close()
+    assert p.returncode == 1 and "cannot listen" in p.stderr and "Traceback" not in p.stderr
+    assert not fifo.exists()
+
+
+def test_snapshot_and_stream_to_are_refused(tmp_path):
+    p = run_diskwatch(["--stream-to", tmp_path / "s", "--snapshot", "--headless", "--run", "true"],
+                      timeout=20)
+    assert p.returncode == 1 and "do not go together" in p.stderr
+    assert not (tmp_path / "s").exists()

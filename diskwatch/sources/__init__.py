@@ -60,6 +60,9 @@ def open_source(spec: str | None, opts: SourceOptions) -> Source:
     """The source for ``spec`` with its layers. Raises SourceError with a
     message a person can act on."""
     src: Source
+    if opts.stream_to and opts.snapshot:
+        raise SourceError(errno.EINVAL, "--snapshot and --stream-to do not go together: a "
+                          "stream is written once, in order; there is nothing to overlay")
     if opts.stream_to:
         from .stream import StreamSource
         kw = {"window": opts.window}
