@@ -225,9 +225,17 @@ def serve(args) -> int:
         source = _open_source(args)
 
         def close_source(exc_type, exc, tb) -> None:
-            if exc_type is not None and hasattr(source, "abort"):
-                source.abort()  # failing: a stream must not wait for a reader
-            source.close()
+            if exc_type is None:
+                source.close()
+                return
+            # Failing: a stream must not wait for a reader, and the error that
+            # stopped us is the one to tell, not the abandoned stream's.
+            if hasattr(source, "abort"):
+                source.abort()
+            try:
+                source.close()
+            except OSError:
+                pass
         undo.push(close_source)
         warning = getattr(source, "warning", None)
         if warning:
