@@ -332,3 +332,32 @@ def test_many_broken_connections_in_a_row(ro_server, server_image, bystander):
     still_serves(ro_server, server_image.path, bystander)
     # only the bystander is left (closes are seen when the loop next polls)
     wait_until(lambda: ro_server.running.server.connections == 1, what="connections to close")
+
+
+def test_a_client_that_does_not_read_its_replies_is_paused(ro_server, server_image, bystander):
+    """Back-pressure: requests pile up, replies cannot go out, the server stops
+    reading that connection (memory bounded) and resumes once it drains."""
+    n, size = 1500, 256 * 1024
+    server = ro_server.running.server
+    with ro_server.connect_raw(timeout=20) as s:
+        raw_handshake(s)
+        reqs = b"".join(raw_request(P.CMD_READ, (i * size) % (IMAGE_SIZE - size), size, handle=i)
+                        for i in range(n))
+        s.setblocking(False)
+        sent = 0
+        while sent < len(reqs):  # send until the server stops taking requests
+            try:
+                sent += s.send(reqs[sent:])
+            except BlockingIOError:
+                break
+        wait_until(lambda: any(c.paused for c in list(server._conns.values())),
+                   what="the connection to be paused")
+        still_serves(ro_server, server_image.path, bystander)  # the others go on
+        s.settimeout(20)
+        s.sendall(reqs[sent:])
+        for i in range(n):
+            err, handle, data = raw_simple_reply(s, size)
+            assert err == 0 and handle == i
+            off = (i * size) % (IMAGE_SIZE - size)
+            if i % 100 == 0:
+                assert data == read_at(server_image.path, off, size)

@@ -35,6 +35,8 @@ log = logging.getLogger("diskwatch.server")
 RECV_BUFFER = 1 << 20  # grows up to a whole maximal write when needed
 HOLE_SCAN_MIN = 64 * 1024  # structured reads this big are checked for holes
 IOV_MAX = 1024
+BACKLOG_ITEMS = 1024  # queued reply pieces before the byte count is checked
+BACKLOG_BYTES = 64 * 1024 * 1024  # queued reply bytes that stop reading a connection
 monotonic = time.monotonic
 
 
@@ -68,6 +70,7 @@ class _Conn:
         self.out: deque = deque()  # bytes and memoryviews, sent in order
         self.writing = False
         self.reading = True
+        self.paused = False  # not read from while its replies drain (back-pressure)
         self.inflight = 0  # requests out in worker threads
         self.closing = False  # after DISC or EOF: close once replies are out
         self.closed = False
@@ -492,6 +495,17 @@ class Server:
         elif not out and conn.writing:
             conn.writing = False
             self.loop.remove_writer(conn.fd)
+        # Back-pressure: a client that sends requests without reading the
+        # replies is not read from until they drain (memory stays bounded).
+        if conn.paused:
+            if len(out) < BACKLOG_ITEMS // 2:
+                conn.paused = False
+                if conn.reading:
+                    self.loop.add_reader(conn.fd, self._on_readable, conn)
+        elif len(out) > BACKLOG_ITEMS and conn.reading and (
+                len(out) > 64 * BACKLOG_ITEMS or sum(map(len, out)) > BACKLOG_BYTES):
+            conn.paused = True
+            self.loop.remove_reader(conn.fd)
 
     def _on_writable(self, conn: _Conn) -> None:
         self._send(conn)
