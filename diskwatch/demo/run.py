@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from .guest import GuestImage, build_guest_image, find_kernel, probe_kvm, require_tool
+from .guest import GuestImage, build_guest_image, find_kernel, require_tool
 
 CACHE_FORMAT = 1
 
@@ -42,13 +42,14 @@ def _load_cached(meta: Path, image: Path) -> GuestImage | None:
 
 
 def choose_accel(accel: str, say: Callable[[str], None]) -> str:
-    if accel != "auto":
-        return accel
-    if probe_kvm(timeout=10.0):
-        say("KVM works here: the guest runs with -accel kvm")
-        return "kvm"
-    say("KVM is missing or hangs here: the guest runs under TCG (slower; about 15 s to boot)")
-    return "tcg"
+    """The same decision as the block-map generator's (one probe, one rule)."""
+    from ..bmap.generate import choose_accel as decide
+    chosen, why = decide(accel)
+    if chosen == "kvm":
+        say(f"the guest runs with -accel kvm: {why}")
+    else:
+        say(f"the guest runs under TCG (slower; about 15-25 s to boot): {why}")
+    return chosen
 
 
 def prepare_demo(cache_dir: str, *, churn: bool = False, accel: str = "auto",
