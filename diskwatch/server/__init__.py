@@ -24,15 +24,6 @@ def nbd_uri(kind: str, addr, export: str = "") -> str:
     return f"nbd://{host}:{port}/{name}"
 
 
-def qemu_nbd_url(kind: str, addr, export: str = "") -> str:
-    """The old qemu form (nbd:unix:PATH[:exportname=E]) nbdkit puts in $nbd."""
-    suffix = f":exportname={export}" if export else ""
-    if kind == "unix":
-        return f"nbd:unix:{addr}{suffix}"
-    host, port = addr
-    return f"nbd:{host}:{port}{suffix}"
-
-
 @dataclass
 class RunningServer:
     """A Server serving from its own thread; what tests and the bmap
@@ -95,4 +86,4 @@ def serve_in_thread(exports: dict[str, Source], bus: Bus | None = None, *,
 
 
 __all__ = ["Server", "ServerThread", "RunningServer", "serve_in_thread", "nbd_uri",
-           "qemu_nbd_url", "private_socket_path"]
+           "private_socket_path"]

@@ -217,20 +217,6 @@ CLOSED = "closed"
 
 
 @dataclass
-class ParsedRequest:
-    """A request the transport must carry out (used by unit tests; the hot
-    path passes the same fields as a tuple)."""
-
-    command: int
-    flags: int
-    handle: int
-    offset: int
-    length: int
-    payload: memoryview | None = None
-    error: int = 0  # when set, reply with this NBD error and do nothing
-
-
-@dataclass
 class ServerConnection:
     """One NBD connection, server side, without I/O.
 

@@ -97,15 +97,12 @@ class Server:
         self._next_cid = 1
         self._pool: ThreadPoolExecutor | None = None
         self._workers = workers
-        self.addresses: list[tuple[str, object]] = []  # ("unix", path) / ("tcp", (host, port))
-        self.total_connections = 0
 
     # --- listening ---------------------------------------------------------
 
     def listen_unix(self, path: str) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listen(sock, path, path)
-        self.addresses.append(("unix", path))
 
     def listen_tcp(self, host: str, port: int) -> int:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -113,9 +110,7 @@ class Server:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listen(sock, addr, f"{host}:{port}")
-        bound = sock.getsockname()[1]
-        self.addresses.append(("tcp", (host, bound)))
-        return bound
+        return sock.getsockname()[1]
 
     def _listen(self, sock: socket.socket, addr, label: str) -> None:
         try:
@@ -180,7 +175,6 @@ class Server:
             self._next_cid += 1
             conn = _Conn(self, sock, cid, peer)
             self._conns[cid] = conn
-            self.total_connections += 1
             # Registered before the greeting is sent: a peer already gone
             # makes _send close the connection, which then unregisters it.
             self.loop.add_reader(conn.fd, self._on_readable, conn)
