@@ -202,18 +202,21 @@ class XzSource(Source):
             # Another thread is decompressing this block: wait for it, then
             # look again (it may have failed, or already been evicted).
             event.wait()
+        data = None
         try:
             data = self._decompress(self.blocks[index])
         finally:
             with self._lock:
+                # Cached in the same locked step that ends the loading, so a
+                # waiter always finds the block (no second decompression).
+                if data is not None:
+                    self._cache[index] = data
+                    self._cache.move_to_end(index)
+                    while len(self._cache) > self.cache_blocks:
+                        self._cache.popitem(last=False)
+                        self.evictions += 1
                 del self._loading[index]
             event.set()
-        with self._lock:
-            self._cache[index] = data
-            self._cache.move_to_end(index)
-            while len(self._cache) > self.cache_blocks:
-                self._cache.popitem(last=False)
-                self.evictions += 1
         return data
 
     @property
