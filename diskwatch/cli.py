@@ -468,7 +468,9 @@ def _run_ui(session, captive, buffer, sinks, source, pending_map, accel) -> int:
         # handler runs inside the app's loop thread; call_from_thread wants
         # another thread.
         session.interrupted = True
-        threading.Thread(target=app.call_from_thread, args=(app.exit,), daemon=True).start()
+        if app.is_running:
+            threading.Thread(target=app.call_from_thread, args=(app.exit,), daemon=True).start()
+        # else: the app has not mounted yet; it sees session.interrupted then.
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         result = app.run()

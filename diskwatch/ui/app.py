@@ -142,6 +142,8 @@ class DiskwatchApp(App[int | None]):
         self.trace_view.focus()
         self._refresh_views(force=True)
         self.set_interval(self.tick, self._on_tick)
+        if self.session.interrupted:  # a signal came before the app was running
+            self.exit()
 
     def on_resize(self) -> None:
         self.screen.set_class(self.size.width < 100, "-narrow")
