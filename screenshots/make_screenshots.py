@@ -143,9 +143,10 @@ async def shoot_boot(guest, bmap, out, size, accel, tmp, *, churn: bool) -> None
         async with app.run_test(size=size) as pilot:
             captive.start()
             if not churn:
-                # mid-boot: the kernel has mounted the root and init is running
-                await until(pilot, app, lambda: sum(
-                    c.reads for o, c in app.stats.objects.items() if o.type == "f") >= 3, 180)
+                # mid-boot: the kernel has mounted the root and started init
+                # (a moment later, under a quiet machine, init is all done)
+                await until(pilot, app, lambda: any(
+                    o.type == "f" and o.path == "/sbin/init" for o in app.stats.objects), 180)
                 await pilot.hover("#heatmap", offset=(12, 2))
                 save(app, out, "boot.svg")
                 await until(pilot, app, lambda: session.exit_status is not None, 120)
