@@ -118,18 +118,7 @@ class RateSeries:
         self._vals = [[0, 0, 0, 0] for _ in range(seconds)]
 
     def add(self, t: float, is_write: bool, nbytes: int) -> None:
-        s = int(t)
-        i = s % self.seconds
-        slot = self._vals[i]
-        if self._sec[i] != s:
-            self._sec[i] = s
-            slot[0] = slot[1] = slot[2] = slot[3] = 0
-        if is_write:
-            slot[1] += 1
-            slot[3] += nbytes
-        else:
-            slot[0] += 1
-            slot[2] += nbytes
+        self.add_counts(int(t), is_write, 1, nbytes)
 
     def add_counts(self, second: int, is_write: bool, ops: int, nbytes: int) -> None:
         """``ops`` requests of ``nbytes`` in all, in the same whole second."""

@@ -264,3 +264,15 @@ def write_bmap(
         dest.writelines(format_entry(e).decode(_ENCODING, _ERRORS) for e in ordered)
         return
     dest.writelines(format_entry(e) for e in ordered)  # type: ignore[arg-type]
+
+
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """(start, end) pairs -> sorted, with overlapping and adjacent ones merged."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from ..errors import DiskwatchError
 from ..events import Bus, Message, Progress
 from ..sources.base import ReadOnly, Source
-from .format import BmapEntry, write_bmap
+from .format import BmapEntry, merge_ranges, write_bmap
 
 __all__ = ["GenerateError", "GenerateResult", "Skipped", "choose_accel", "generate_bmap"]
 
@@ -353,18 +353,6 @@ class _Progress:
 
 # --------------------------------------------------------------------------
 # Ranges
-
-
-def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(start, end) pairs -> sorted, with overlapping and adjacent ones merged."""
-    out: list[tuple[int, int]] = []
-    for s, e in sorted(ranges):
-        if out and s <= out[-1][1]:
-            if e > out[-1][1]:
-                out[-1] = (out[-1][0], e)
-        else:
-            out.append((s, e))
-    return out
 
 
 def _inside(merged: list[tuple[int, int]], start: int, end: int) -> bool:

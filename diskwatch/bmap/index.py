@@ -24,7 +24,7 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .format import TYPE_RANK, BmapEntry, Record, read_records
+from .format import TYPE_RANK, BmapEntry, Record, merge_ranges, read_records
 
 __all__ = ["BlockMap", "BmapObject"]
 
@@ -214,17 +214,9 @@ class BlockMap:
             return []
         starts = self._entry_starts
         ends = self._entry_ends
-        found = sorted(
+        return merge_ranges(
             (starts[i], ends[i]) for i, o in enumerate(self._entry_objs) if o is interned
         )
-        merged: list[tuple[int, int]] = []
-        for s, e in found:
-            if merged and s <= merged[-1][1]:
-                if e > merged[-1][1]:
-                    merged[-1] = (merged[-1][0], e)
-            else:
-                merged.append((s, e))
-        return merged
 
     def __len__(self) -> int:
         """Number of entries (ranges) in the map for this disk."""
