@@ -9,15 +9,9 @@ from rich.text import Text
 from textual.widgets import Static
 
 from ..stats import Stats, human_bytes
-from .trace import TYPE_STYLES
+from .trace import TYPE_STYLES, fit_left
 
 SORTS = ("reads", "writes")
-
-
-def _fit_left(text: str, width: int) -> str:
-    if len(text) <= width:
-        return text
-    return "…" + text[len(text) - max(1, width) + 1:]
 
 
 class TopObjects(Static):
@@ -73,7 +67,7 @@ class TopObjects(Static):
             style = TYPE_STYLES.get(obj.type, TYPE_STYLES[None])
             name = obj.device if obj.path is None else obj.path
             text.append(f"{obj.type} ", style=style)
-            text.append(f"{_fit_left(name, name_w):<{name_w}} ", style=style)
+            text.append(f"{fit_left(name, name_w):<{name_w}} ", style=style)
             text.append(f"{c.reads:>{num_w},} ",
                         style="#5fd787 bold" if self.sort == "reads" else "#5fd787")
             text.append(f"{c.writes:>{num_w},}",

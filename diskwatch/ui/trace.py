@@ -185,7 +185,7 @@ class TraceModel:
         self._push(TraceLine(t, "⋯", None, 0, 0, nbytes, 1, 0, requests))
 
 
-def _fit_left(text: str, width: int) -> str:
+def fit_left(text: str, width: int) -> str:
     """Trim from the left (paths are most telling at their end)."""
     if width <= 0:
         return ""
@@ -210,19 +210,19 @@ def render_trace_line(line: TraceLine, width: int) -> list[Segment]:
         dev = obj.device
         path = obj.path
         if path is None:
-            name = _fit_left(dev, room - len(head))
+            name = fit_left(dev, room - len(head))
             segs += [Segment(head, type_style), Segment(name, type_style)]
             used = len(head) + len(name)
         else:
             dev = dev if len(dev) + 1 + len(head) < room // 2 else ""
-            name = _fit_left(path, room - len(head) - (len(dev) + 1 if dev else 0))
+            name = fit_left(path, room - len(head) - (len(dev) + 1 if dev else 0))
             segs.append(Segment(head, type_style))
             if dev:
                 segs.append(Segment(dev + " ", DEVICE_STYLE))
             segs.append(Segment(name, type_style))
             used = len(head) + (len(dev) + 1 if dev else 0) + len(name)
     else:
-        name = _fit_left(line.label(), room)
+        name = fit_left(line.label(), room)
         segs.append(Segment(name, SKIP_STYLE if line.skipped else TYPE_STYLES[None]))
         used = len(name)
     pad = max(0, room - used) + 1
