@@ -211,6 +211,7 @@ def load_map(path: str):
 def serve(args) -> int:
     from .events import Bus, RequestBuffer
     from .server import Server, ServerThread, nbd_uri, private_socket_path
+    from .server.activation import activated_sockets, describe
     from .server.captive import Captive, captive_env
     from .session import Session
 
@@ -218,6 +219,28 @@ def serve(args) -> int:
         raise UsageError("no disk image given: diskwatch IMAGE [--run CMD] (see --help)")
     if args.unix and args.port is not None:
         raise UsageError("give -U or -p, not both")
+    # Taken first, whatever happens next: the variables must not reach a
+    # captive command, and the fds must not leak into it.
+    activated = activated_sockets()
+    if activated and (args.unix or args.port is not None):
+        raise UsageError("started with sockets (socket activation, LISTEN_FDS): "
+                         "-U and -p do not apply")
+    # Under socket activation stdout is the starter's (nbdcopy ... - writes
+    # the image there): the trace goes to stderr. Without a terminal nobody
+    # sees a UI: headless, said once.
+    trace_out = sys.stderr if activated else sys.stdout
+    if not args.headless:
+        if activated:
+            why = "started by socket activation"
+        elif not sys.stdout.isatty():
+            why = "stdout is not a terminal"
+        else:
+            why = ""
+        if why:
+            print(f"diskwatch: {why}: running headless (trace on "
+                  f"{'stderr' if activated else 'stdout'}; --no-trace for the summary only)",
+                  file=sys.stderr)
+            args.headless = True
     # Whatever fails from here on (a port in use, a bad map), what was made
     # so far is undone: the source closed (a stream's FIFO removed), the log
     # files closed, the socket and its private directory removed.
@@ -256,12 +279,17 @@ def serve(args) -> int:
 
         server = Server({args.export_name: source}, bus)
         unix = args.unix
-        if unix is None and args.port is None:
+        if unix is None and args.port is None and not activated:
             unix = "-" if args.run else None
         if unix == "-":
             private_dir, unix = private_socket_path()
             undo.callback(shutil.rmtree, private_dir, ignore_errors=True)
-        if unix:
+        if activated:
+            # The socket is the starter's to remove (systemd, libnbd).
+            for sock in activated:
+                server.add_listener(sock)
+            kind, addr = describe(activated[0])
+        elif unix:
             server.listen_unix(unix)
             undo.callback(_unlink_quietly, unix)
             kind, addr = "unix", unix
@@ -282,7 +310,7 @@ def serve(args) -> int:
         if args.log:
             sinks.append(TextTrace(open_log(args.log), blockmap, t0))
         elif args.headless and not args.no_trace:
-            sinks.append(TextTrace(sys.stdout, blockmap, t0))
+            sinks.append(TextTrace(trace_out, blockmap, t0))
         if args.record:
             sinks.append(JsonlRecorder(open_log(args.record), blockmap, t0))
         summary = None

@@ -119,9 +119,10 @@ class Server:
             sock.close()
             raise OSError(e.errno, f"cannot listen on {label}: {e.strerror}") from None
         sock.listen(128)
-        self._add_listener(sock)
+        self.add_listener(sock)
 
-    def _add_listener(self, sock: socket.socket) -> None:
+    def add_listener(self, sock: socket.socket) -> None:
+        """Serve on a socket that already listens (one given by socket activation)."""
         sock.setblocking(False)
         self._listeners.append(sock)
         if self.loop is not None:
