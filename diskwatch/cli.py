@@ -21,6 +21,7 @@ import time
 
 from . import __version__
 from .errors import DiskwatchError
+from .text import SafeFormatter, safe_text
 
 log = logging.getLogger("diskwatch")
 
@@ -160,7 +161,7 @@ class ProgressPrinter:
         from .events import Message, Progress
         if isinstance(event, Message) and event.source == "diskwatch":
             self._clear()
-            print(f"diskwatch: {event.text}", file=self.stream)
+            print(f"diskwatch: {safe_text(event.text)}", file=self.stream)
             self._said = event.text
             return
         if not isinstance(event, Progress):
@@ -168,15 +169,15 @@ class ProgressPrinter:
         if event.phase == "done":
             if event.summary not in getattr(self, "_said", ""):
                 self._clear()
-                print(f"diskwatch: block map: {event.summary}", file=self.stream)
+                print(f"diskwatch: block map: {safe_text(event.summary)}", file=self.stream)
             return
         now = time.monotonic()
         if now - self._last < (0.1 if self.tty else 5.0):
             return
         self._last = now
         total = f"/{event.total}" if event.total else ""
-        line = (f"block map: {event.phase} {event.done}{total} "
-                f"({event.rate:.0f}/s) {event.current}")
+        line = safe_text(f"block map: {event.phase} {event.done}{total} "
+                         f"({event.rate:.0f}/s) {event.current}")
         if self.tty:
             width = shutil.get_terminal_size().columns - 1
             self.stream.write("\r" + line[:width].ljust(width))
@@ -262,7 +263,7 @@ def serve(args) -> int:
         undo.push(close_source)
         warning = getattr(source, "warning", None)
         if warning:
-            print(f"diskwatch: {warning}", file=sys.stderr)
+            print(f"diskwatch: {safe_text(warning)}", file=sys.stderr)
         bus = Bus()
         blockmap = None
         pending_map = None  # a map to generate under the UI, before the command starts
@@ -335,7 +336,7 @@ def serve(args) -> int:
                 session.stop_command = captive.stop
                 announce = ""
             else:
-                announce = f"diskwatch: serving {source.description} at {uri}"
+                announce = safe_text(f"diskwatch: serving {source.description} at {uri}")
 
             if args.headless:
                 status = _run_headless(captive, buffer, sinks, session, announce)
@@ -409,7 +410,7 @@ class _Summary:
                 top = st.top(by, 5, keep=lambda obj: obj.type in ("f", "d"))
                 if top:
                     print(f"diskwatch: most {by}: " + "; ".join(
-                        f"{obj} x{getattr(c, by)}" for obj, c in top), file=out)
+                        f"{safe_text(str(obj))} x{getattr(c, by)}" for obj, c in top), file=out)
 
 
 def _drain(buffer, sinks, now: float) -> None:
@@ -544,8 +545,9 @@ def demo_main(argv: list[str]) -> int:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="diskwatch: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(SafeFormatter("diskwatch: %(message)s"))  # messages quote names
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -569,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             msg = e.strerror + (f": {e.filename}" if e.filename else "")
         if isinstance(e, ImportError):
             msg = _import_hint(e)
-        print(f"diskwatch: {msg}", file=sys.stderr)
+        print(f"diskwatch: {safe_text(msg)}", file=sys.stderr)  # may quote a URL or a name
         return 1
 
 

@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import IO
 
 from .events import COMMAND_NAMES, Command, Request
+from .text import safe_text
 
 # Commands that touch data at an offset (the others are shown once, plainly).
 _RANGED = {Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Command.CACHE}
@@ -150,7 +151,9 @@ class TextTrace:
         if run.errors:
             detail += f", {run.errors} failed"
         if self.blockmap is not None:
-            what = str(run.obj) if run.obj is not None else "- (no object: metadata or free space)"
+            # the guest named its files: a name must not steer the terminal
+            what = (safe_text(str(run.obj)) if run.obj is not None
+                    else "- (no object: metadata or free space)")
             text = f"{op} {what}  [{shown}] {detail}"
         else:
             text = f"{op} {shown} {detail}"

@@ -7,6 +7,7 @@ As nbdkit does: the command runs under /bin/sh once the server listens, with
 
 from __future__ import annotations
 
+import codecs
 import os
 import select
 import signal
@@ -17,6 +18,9 @@ from collections.abc import Callable
 
 from ..events import Bus, Message
 from . import nbd_uri
+
+#: the longest line of the command's output passed on in one piece
+MAX_LINE = 64 * 1024
 
 
 def captive_env(kind: str, addr, export: str = "") -> dict[str, str]:
@@ -114,8 +118,13 @@ class Captive:
         threading.Thread(target=self._wait, daemon=True, name="captive-wait").start()
 
     def _pump(self, stream, name: str) -> None:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        # A console that never sends a newline must not grow a line without
+        # bound: longer lines arrive in pieces (a UTF-8 character cut between
+        # two pieces is decoded whole). The text is the guest's: the UI makes
+        # it safe to show (diskwatch.text.TerminalText).
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        for raw in iter(lambda: stream.readline(MAX_LINE), b""):
+            line = decoder.decode(raw).rstrip("\r\n")
             if self.bus is not None:
                 self.bus.publish(Message(line, source=name))
         stream.close()

@@ -29,6 +29,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 
 from ..stats import Heat, human_bytes
+from ..text import safe_text
 
 RGB = tuple[int, int, int]
 
@@ -184,9 +185,9 @@ class Heatmap(Widget, can_focus=True):
         lines: list[list[Segment]] = [[]]
         used = 0
         for start, end, obj, tint, label in self._partitions:
-            name = obj.device.removeprefix("/dev/")
+            name = safe_text(obj.device.removeprefix("/dev/"))
             if obj.path is not None:
-                name += f" {obj.path}"
+                name += f" {safe_text(obj.path)}"
             text = f"{name} {human_bytes(end - start)}"
             item = len(text) + 3
             if used and used + item > width:
@@ -349,7 +350,7 @@ class Heatmap(Widget, can_focus=True):
             segs.append(Segment("no object" if self.blockmap is not None else "(no block map)", dim))
         else:
             best = sorted(objs, key=lambda o: -o.rank)
-            segs.append(Segment(str(best[0]), Style(color="#e4e4e4", bold=True)))
+            segs.append(Segment(safe_text(str(best[0])), Style(color="#e4e4e4", bold=True)))
             if len(best) > 1:
                 segs.append(Segment(f" +{len(best) - 1} more", dim))
         return segs

@@ -9,6 +9,7 @@ from rich.text import Text
 from textual.widgets import RichLog
 
 from ..events import Message
+from ..text import TerminalText, safe_text
 
 STYLES = {"stdout": "#d0d0d0", "stderr": "#ffaf5f", "diskwatch": "#5fafff"}
 
@@ -24,9 +25,11 @@ class CommandOutput(RichLog):
         self.command = command
         self.exit_status: int | None = None
         self.lines_seen = 0
+        # the command's output is a terminal's: colours kept, the rest made text
+        self._decoders = {"stdout": TerminalText(), "stderr": TerminalText()}
 
     def on_mount(self) -> None:
-        self.border_title = f"$ {self.command}" if self.command else "messages"
+        self.border_title = f"$ {safe_text(self.command)}" if self.command else "messages"
         self.border_subtitle = "running" if self.command else ""
 
     def add_message(self, m: Message) -> None:
@@ -35,7 +38,7 @@ class CommandOutput(RichLog):
             self.exit_status = m.status
             ok = m.status == 0
             self.border_subtitle = f"exit {m.status}"
-            self.write(Text(m.text or f"command exited with status {m.status}",
+            self.write(Text(safe_text(m.text or f"command exited with status {m.status}"),
                             style="bold #5fd787" if ok else "bold #ff5f5f"))
             return
         style = STYLES.get(m.source, "#d0d0d0")
@@ -43,5 +46,12 @@ class CommandOutput(RichLog):
             style = "bold #ff5f5f"
         elif m.level == "warning" and m.source == "diskwatch":
             style = "#ffd75f"
-        prefix = "" if m.source in ("stdout", "diskwatch") else f"{m.source}: "
-        self.write(Text(prefix + m.text.rstrip("\n"), style=style))
+        decoder = self._decoders.get(m.source)
+        if decoder is not None:
+            text = decoder.line(m.text.rstrip("\n"), style)
+            if m.source == "stderr":
+                text = Text("stderr: ", style=style) + text
+        else:  # diskwatch's own messages (they may quote names and URLs)
+            prefix = "" if m.source == "diskwatch" else f"{safe_text(m.source)}: "
+            text = Text(prefix + safe_text(m.text.rstrip("\n")), style=style)
+        self.write(text)

@@ -11,6 +11,7 @@ from textual.containers import Vertical
 from textual.widgets import ProgressBar, Static
 
 from ..events import Progress
+from ..text import safe_text
 
 
 class BmapProgress(Vertical):
@@ -44,11 +45,11 @@ class BmapProgress(Vertical):
         if p.phase == "done":
             bar.display = False
             self.border_title = "block map ready"
-            detail.update(Text(p.summary or f"{p.done} objects in {p.elapsed:.1f}s",
+            detail.update(Text(safe_text(p.summary or f"{p.done} objects in {p.elapsed:.1f}s"),
                                style="#5fd787"))
             return
         bar.display = True
-        self.border_title = f"block map: {p.phase}"
+        self.border_title = f"block map: {safe_text(p.phase)}"
         if p.total:
             bar.update(total=p.total, progress=p.done)
         else:
@@ -57,7 +58,7 @@ class BmapProgress(Vertical):
         line.append(f"{p.done}" + (f"/{p.total}" if p.total else ""), style="bold")
         line.append(f" objects  {p.rate:.0f}/s  {p.elapsed:.0f}s\n", style="#8a8a8a")
         width = max(20, self.content_region.width)
-        current = p.current or ""
+        current = safe_text(p.current or "")  # a path in the guest
         if len(current) > width:  # the end of a path says most
             current = "…" + current[len(current) - width + 1:]
         line.append(current, style="#e4e4e4")

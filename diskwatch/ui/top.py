@@ -9,6 +9,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from ..stats import Stats, human_bytes
+from ..text import safe_text
 from .trace import TYPE_STYLES, fit_left
 
 SORTS = ("reads", "writes")
@@ -65,7 +66,7 @@ class TopObjects(Static):
                         style="#6c6c6c")
         for i, (obj, c) in enumerate(top):
             style = TYPE_STYLES.get(obj.type, TYPE_STYLES[None])
-            name = obj.device if obj.path is None else obj.path
+            name = safe_text(obj.device if obj.path is None else obj.path)
             text.append(f"{obj.type} ", style=style)
             text.append(f"{fit_left(name, name_w):<{name_w}} ", style=style)
             text.append(f"{c.reads:>{num_w},} ",

@@ -30,6 +30,7 @@ from textual.strip import Strip
 
 from ..events import COMMAND_NAMES, Request
 from ..stats import human_bytes
+from ..text import safe_text
 
 READ, WRITE = 0, 1
 
@@ -79,7 +80,7 @@ class TraceLine:
         if self.skipped:
             return f"{self.skipped:,} requests not listed (too many to follow)"
         if self.obj is not None:
-            return str(self.obj)
+            return safe_text(str(self.obj))
         if self.end <= self.start:
             return ""
         return f"@ {self.start:#x}-{self.end:#x}"
@@ -207,8 +208,8 @@ def render_trace_line(line: TraceLine, width: int) -> list[Segment]:
     if obj is not None:
         type_style = TYPE_STYLES.get(obj.type, DIM)
         head = f"{obj.type} "
-        dev = obj.device
-        path = obj.path
+        dev = safe_text(obj.device)  # names come from the guest's filesystem
+        path = obj.path if obj.path is None else safe_text(obj.path)
         if path is None:
             name = fit_left(dev, room - len(head))
             segs += [Segment(head, type_style), Segment(name, type_style)]
