@@ -25,6 +25,10 @@ from .text import SafeFormatter, safe_text
 
 log = logging.getLogger("diskwatch")
 
+# Kept in step with diskwatch.sources.qemu.FORMATS (imported lazily there).
+FORMATS = ("raw", "qcow2", "qcow", "vmdk", "vhdx", "vdi", "vpc", "qed", "parallels", "bochs",
+           "cloop", "dmg")
+
 
 class UsageError(DiskwatchError):
     """Bad input: printed as one line, exit status 1 (2 for usage)."""
@@ -54,6 +58,10 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-r", "--readonly", action="store_true", help="serve read-only: writes get EPERM")
     g.add_argument("--snapshot", action="store_true",
                    help="writes go to a temporary overlay, deleted at exit; the image is never modified")
+    g.add_argument("-f", "--format", choices=FORMATS, metavar="FMT",
+                   help="image format (raw, qcow2, vmdk, vhdx, vdi, vpc, qed...); default: "
+                        "qemu probes, and a format other than raw is used only when the file's "
+                        "name says it (.qcow2, .vmdk...)")
     g.add_argument("--xz-max-block", type=_size, default="512M", metavar="SIZE",
                    help="refuse .xz files with larger blocks (default 512M)")
     g.add_argument("--xz-cache", type=int, default=8, metavar="N",
@@ -79,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a disk image over NBD and watch, live, what the client reads and writes.",
         epilog="Other commands: 'diskwatch bmap IMAGE -o MAP' (make a block map), "
                "'diskwatch demo' (boot a tiny Linux guest and watch it).")
-    p.add_argument("source", nargs="?", help="disk image: raw file, .xz file, or http/https/ftp/sftp URL")
+    p.add_argument("source", nargs="?",
+                   help="disk image (raw, qcow2, vmdk, vdi, vhdx... or .xz), an http/https/ftp/"
+                        "sftp URL, or an NBD server to watch (nbd://HOST[:PORT]/EXPORT, "
+                        "nbd+unix:///EXPORT?socket=PATH, nbds://...)")
     p.add_argument("--version", action="version", version=f"diskwatch {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
     _source_args(p)
@@ -138,7 +149,8 @@ def _source_options(args):
         readonly=args.readonly, snapshot=args.snapshot, xz_max_block=args.xz_max_block,
         xz_cache=args.xz_cache, headers=args.header, user=args.user, password=password,
         timeout=args.timeout, retries=args.retries, connections=args.connections,
-        insecure=args.insecure, stream_to=args.stream_to, size=args.size, window=args.window)
+        insecure=args.insecure, stream_to=args.stream_to, size=args.size, window=args.window,
+        format=args.format)
 
 
 def _open_source(args):

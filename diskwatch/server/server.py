@@ -71,11 +71,14 @@ class _Conn:
         self.writing = False
         self.reading = True
         self.paused = False  # not read from while its replies drain (back-pressure)
+        self.held = False  # not read from while parsed requests wait to be issued
         self.inflight = 0  # requests out in worker threads
         self.closing = False  # after DISC or EOF: close once replies are out
         self.closed = False
         self.requests = 0
         self.source: Source | None = None
+        self.aio = None  # the source's asynchronous way in, when it has one
+        self.waiting: deque = deque()  # parsed requests beyond the in-flight window
         self.export_name = ""
         self.events: list = []
 
@@ -97,6 +100,10 @@ class Server:
         self._next_cid = 1
         self._pool: ThreadPoolExecutor | None = None
         self._workers = workers
+        # Sources the loop drives asynchronously (an upstream NBD server):
+        # one engine per source, attached with the loop.
+        self._aios = {id(a): a for a in (s.aio for s in exports.values()) if a is not None}
+        self._async_ready: dict[int, _Conn] = {}  # connections with replies to send
 
     # --- listening ---------------------------------------------------------
 
@@ -134,6 +141,8 @@ class Server:
         self.loop = loop
         for sock in self._listeners:
             loop.add_reader(sock.fileno(), self._accept, sock)
+        for aio in self._aios.values():
+            aio.attach(loop, self._flush_async)
 
     def close(self) -> None:
         """Stop listening and drop every connection (from the loop's thread)."""
@@ -238,6 +247,13 @@ class Server:
             conn.buf.extend(bytes(len(conn.buf)))
             conn.view = memoryview(conn.buf)
 
+    def _apply_reading(self, conn: _Conn) -> None:
+        """Watch the socket for requests unless closing, paused or held."""
+        if conn.reading and not conn.paused and not conn.held:
+            self.loop.add_reader(conn.fd, self._on_readable, conn)
+        else:
+            self.loop.remove_reader(conn.fd)
+
     def _stop_reading(self, conn: _Conn) -> None:
         if conn.reading:
             conn.reading = False
@@ -261,6 +277,7 @@ class Server:
         if proto.phase == P.TRANSMISSION:
             conn.export_name = proto.export.name
             conn.source = self.sources[proto.export.name]
+            conn.aio = conn.source.aio
             self.bus.publish(ConnectionEvent(conn.cid, True, conn.peer, conn.export_name))
             left = proto.take_leftover()
             if left:
@@ -282,7 +299,9 @@ class Server:
             # Carry out what was parsed before the bad request, then close.
             conn.closing = True
         src = conn.source
-        if src.blocking:
+        if conn.aio is not None:
+            self._dispatch_async(conn, reqs)
+        elif src.blocking:
             self._dispatch_blocking(conn, reqs)
         else:
             self._execute(conn, reqs)
@@ -456,6 +475,84 @@ class Server:
         self.bus.publish_requests([event])
         self._maybe_close(conn)
 
+    # --- asynchronous sources (driven from this loop) -----------------------
+
+    def _dispatch_async(self, conn: _Conn, reqs: list) -> None:
+        """Issue requests to an asynchronous source. At most ASYNC_WINDOW per
+        connection are in flight (so at most that many read buffers exist);
+        the rest wait, parsed, and the connection is not read from until
+        they are issued."""
+        now = monotonic()
+        conn.requests += len(reqs)
+        waiting = conn.waiting
+        for req in reqs:
+            if req[6] == 0 and req[0] == P.CMD_WRITE:
+                # The receive buffer is reused: a write keeps its own payload.
+                pstart = req[5]
+                req = (*req[:5], bytes(conn.view[pstart:pstart + req[4]]), 0)
+            waiting.append((req, now))
+        self._issue_async(conn)
+
+    def _issue_async(self, conn: _Conn) -> None:
+        waiting = conn.waiting
+        aio = conn.aio
+        proto = conn.proto
+        while waiting and conn.inflight < ASYNC_WINDOW and not conn.paused:
+            (cmd, flags, handle, offset, length, payload, err), now = waiting.popleft()
+            if err:
+                conn.out.append(proto.reply_error(handle, err, _ERROR_TEXT.get(err, "")))
+                conn.events.append(make_request((conn.cid, conn.export_name, cmd, offset,
+                                                 length, flags, now, monotonic() - now, err)))
+                continue
+            if cmd == P.CMD_DISC:
+                conn.closing = True
+                self._stop_reading(conn)
+                waiting.clear()
+                conn.events.append(make_request((conn.cid, conn.export_name, cmd, offset,
+                                                 length, flags, now, 0.0, 0)))
+                break
+            conn.inflight += 1
+            done = _AsyncReply(self, conn, cmd, flags, handle, offset, length, now)
+            fua = bool(flags & P.CMD_FLAG_FUA)
+            if cmd == P.CMD_READ:
+                aio.pread(offset, length, done)
+            elif cmd == P.CMD_WRITE:
+                aio.pwrite(offset, payload, fua, done)
+            elif cmd == P.CMD_FLUSH:
+                aio.flush(done)
+            elif cmd == P.CMD_TRIM:
+                aio.trim(offset, length, fua, done)
+            elif cmd == P.CMD_WRITE_ZEROES:
+                aio.zero(offset, length, not flags & P.CMD_FLAG_NO_HOLE, fua,
+                         bool(flags & P.CMD_FLAG_FAST_ZERO), done)
+            elif cmd == P.CMD_CACHE:
+                aio.cache(offset, length, done)
+            elif cmd == P.CMD_BLOCK_STATUS:
+                done.length = min(length, 1 << 30)
+                aio.extents(offset, done.length, done)
+            else:
+                done(None, OSError(errno.EINVAL, "unknown command"))
+        # Not read from while requests wait; read again once they are issued.
+        held = bool(waiting)
+        if held != conn.held:
+            conn.held = held
+            self._apply_reading(conn)
+
+    def _flush_async(self) -> None:
+        """After a batch of completions: send the replies, publish the events,
+        issue what waited."""
+        ready, self._async_ready = self._async_ready, {}
+        for conn in ready.values():
+            if conn.closed:
+                continue
+            if conn.waiting:
+                self._issue_async(conn)
+            self._send(conn)
+            if conn.events:
+                events, conn.events = conn.events, []
+                self.bus.publish_requests(events)
+            self._maybe_close(conn)
+
     # --- sending -----------------------------------------------------------
 
     def _send(self, conn: _Conn) -> None:
@@ -495,8 +592,7 @@ class Server:
         if conn.paused:
             if len(out) < BACKLOG_ITEMS // 2:
                 conn.paused = False
-                if conn.reading:
-                    self.loop.add_reader(conn.fd, self._on_readable, conn)
+                self._apply_reading(conn)
         elif len(out) > BACKLOG_ITEMS and conn.reading and (
                 len(out) > 64 * BACKLOG_ITEMS or sum(map(len, out)) > BACKLOG_BYTES):
             conn.paused = True
@@ -504,11 +600,63 @@ class Server:
 
     def _on_writable(self, conn: _Conn) -> None:
         self._send(conn)
+        if conn.waiting and not conn.paused and not conn.closed:
+            self._issue_async(conn)  # held back while the replies drained
+            self._send(conn)
         self._maybe_close(conn)
 
     def _maybe_close(self, conn: _Conn) -> None:
-        if conn.closing and not conn.closed and not conn.out and conn.inflight == 0:
+        if (conn.closing and not conn.closed and not conn.out and conn.inflight == 0
+                and not conn.waiting):
             self._close(conn)
+
+
+ASYNC_WINDOW = 64  # requests in flight per connection to an asynchronous source
+
+
+class _AsyncReply:
+    """The completion of one request to an asynchronous source: queues its
+    reply and its event (sent by ``_flush_async`` after the batch)."""
+
+    __slots__ = ("server", "conn", "cmd", "flags", "handle", "offset", "length", "start")
+
+    def __init__(self, server, conn, cmd, flags, handle, offset, length, start):
+        self.server = server
+        self.conn = conn
+        self.cmd = cmd
+        self.flags = flags
+        self.handle = handle
+        self.offset = offset
+        self.length = length
+        self.start = start
+
+    def __call__(self, result, error) -> None:
+        conn = self.conn
+        conn.inflight -= 1
+        if conn.closed:
+            return
+        proto = conn.proto
+        cmd = self.cmd
+        err = 0
+        if error is not None:
+            if isinstance(error, FastZeroUnsupported):
+                err = P.NBD_ENOTSUP
+            else:
+                err = P.wire_error(error.errno) if isinstance(error, OSError) else P.NBD_EIO
+            conn.out.append(proto.reply_error(self.handle, err, str(error)))
+        elif cmd == P.CMD_READ:
+            conn.out.append(proto.read_data_header(self.handle, self.offset, self.length))
+            conn.out.append(result)
+        elif cmd == P.CMD_BLOCK_STATUS:
+            conn.out.append(proto.reply_block_status(self.handle, P.clip_extents(
+                result, self.offset, self.length, bool(self.flags & P.CMD_FLAG_REQ_ONE))))
+        else:
+            conn.out.append(proto.reply_header(self.handle))
+        now = monotonic()
+        conn.events.append(make_request((conn.cid, conn.export_name, cmd, self.offset,
+                                         self.length, self.flags, self.start,
+                                         now - self.start, err)))
+        self.server._async_ready[conn.cid] = conn
 
 
 _ERROR_TEXT = {

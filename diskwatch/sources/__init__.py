@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from .base import Layer, ReadOnly, Source, SourceError
+from .nbd import is_nbd_url
 
 URL_SCHEMES = ("http://", "https://", "ftp://", "ftps://", "sftp://")
 XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -42,6 +43,7 @@ class SourceOptions:
     stream_to: str | None = None
     size: int | None = None
     window: int = 64 * 1024 * 1024
+    format: str | None = None  # --format: None probes (see sources/qemu.py for the rule)
 
 
 def is_url(spec: str) -> bool:
@@ -71,18 +73,34 @@ def open_source(spec: str | None, opts: SourceOptions) -> Source:
         src = StreamSource(opts.stream_to, **kw)
     elif spec is None:
         raise SourceError(errno.EINVAL, "no disk image given (a file, .xz file or URL)")
+    elif is_nbd_url(spec):
+        from .nbd import NbdSource
+        src = NbdSource(spec, readonly=opts.readonly or opts.snapshot)
     elif is_url(spec):
         from .curl import CurlSource
         src = CurlSource(spec, headers=tuple(opts.headers), user=opts.user,
                          password=opts.password, timeout=opts.timeout, retries=opts.retries,
                          connections=opts.connections, insecure=opts.insecure)
-    elif os.path.isfile(spec) and _looks_xz(spec):
+    elif opts.format is None and os.path.isfile(spec) and _looks_xz(spec):
         from .xz import XzSource
         src = XzSource(spec, max_block=opts.xz_max_block, cache_blocks=opts.xz_cache)
     else:
-        from .file import FileSource
-        # --snapshot never writes the image, so the file is opened read-only.
-        src = FileSource(spec, readonly=opts.readonly or opts.snapshot)
+        fmt, warning = "raw", None
+        if os.path.isfile(spec):
+            from .qemu import choose_format
+            fmt, warning = choose_format(spec, opts.format)
+        elif opts.format not in (None, "raw"):
+            raise SourceError(errno.EINVAL, f"{spec}: --format {opts.format} needs an "
+                              "image file")
+        # --snapshot never writes the image, so it is opened read-only.
+        if fmt == "raw":
+            from .file import FileSource
+            src = FileSource(spec, readonly=opts.readonly or opts.snapshot)
+        else:
+            from .qemu import QemuSource
+            src = QemuSource(spec, fmt, readonly=opts.readonly or opts.snapshot)
+        if warning:
+            src.warning = warning
     if opts.readonly:
         if src.can_write:
             src = ReadOnly(src)

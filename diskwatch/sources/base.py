@@ -61,6 +61,11 @@ class Source:
     can_multi_conn: bool = True
     #: reads of zeroed/trimmed ranges are guaranteed to return zeroes
     is_rotational: bool = False
+    #: an asynchronous way in for the server's loop (``sources.nbd.NbdAio``:
+    #: attach(loop, completed), pread(offset, length, done), ...), or None.
+    #: A layer hides it unless it passes every call through unchanged, so a
+    #: snapshot or error layer is never bypassed.
+    aio = None
 
     def pread(self, offset: int, length: int) -> bytes:
         raise SourceError(errno.EIO, f"{type(self).__name__} cannot read")
@@ -177,6 +182,9 @@ class ReadOnly(Layer):
     can_zero = False  # type: ignore[assignment]
     can_fast_zero = False  # type: ignore[assignment]
     can_fua = False  # type: ignore[assignment]
+    # The server refuses writes to a read-only export before they reach a
+    # source, so reads may take the inner source's asynchronous way.
+    aio = property(lambda self: self.inner.aio)  # type: ignore[assignment]
 
     @property
     def description(self):  # type: ignore[override]
