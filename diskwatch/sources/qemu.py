@@ -185,9 +185,9 @@ class QemuDaemon:
         return f"nbd+unix:///disk?socket={urllib.parse.quote(self.socket_path)}"
 
     def _read_stderr(self) -> None:
-        # TODO(safetext): pass these lines through diskwatch/text.py once it lands.
+        from ..text import safe_text
         for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
+            line = safe_text(raw.decode(errors="replace").rstrip())
             if line:
                 self.stderr_tail.append(line)
                 log.warning("qemu-storage-daemon: %s", line)

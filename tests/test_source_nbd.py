@@ -1,0 +1,174 @@
+"""Issue 11: diskwatch as a transparent tap in front of an NBD server.
+
+Upstreams are real servers: nbdkit's memory plugin and qemu-nbd on a qcow2.
+Clients are nbdcopy, nbdinfo, fio (randrw with verify) and libnbd's Python
+module. The upstream is killed under a client and brought back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures_server import wait_until
+
+from diskwatch.events import Bus
+from diskwatch.server import serve_in_thread
+from diskwatch.sources.nbd import NbdSource
+
+DISKWATCH = str(Path(sys.executable).with_name("diskwatch"))
+MiB = 1024 * 1024
+FLAGS = ("is_read_only", "can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero",
+         "can_cache", "can_multi_conn", "export-size")
+
+
+class Upstream:
+    """A server diskwatch watches: started, killed and started again on the
+    same unix socket."""
+
+    def __init__(self, argv_for, sock: Path):
+        self.argv_for = argv_for
+        self.sock = sock
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def start(self) -> Upstream:
+        if self.sock.exists():
+            self.sock.unlink()  # a killed server leaves its socket behind
+        self.proc = subprocess.Popen(self.argv_for(str(self.sock)), stdin=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        wait_until(lambda: self.sock.exists() or self.proc.poll() is not None,
+                   what="the upstream's socket")
+        assert self.proc.poll() is None, self.proc.stderr.read()
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def nbdkit_memory(tmp_path):
+    up = Upstream(lambda sock: ["nbdkit", "-f", "-U", sock, "memory", "64M"],
+                  tmp_path / "nbdkit.sock").start()
+    yield up
+    up.kill()
+
+
+@pytest.fixture
+def qemu_nbd_qcow2(tmp_path):
+    image = tmp_path / "up.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 1M 3M", str(image)], check=True,
+                   capture_output=True)
+    up = Upstream(lambda sock: ["qemu-nbd", "-t", "-f", "qcow2", "-k", sock, "-e", "4",
+                                "--discard=unmap", str(image)], tmp_path / "qemu-nbd.sock").start()
+    up.image = image
+    yield up
+    up.stop()
+
+
+def nbdinfo(uri: str) -> dict:
+    r = subprocess.run(["nbdinfo", "--json", uri], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout)["exports"][0]
+
+
+def diskwatch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([DISKWATCH, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("upstream", ["nbdkit_memory", "qemu_nbd_qcow2"])
+def test_the_tap_offers_what_the_upstream_offers(request, upstream):
+    up = request.getfixturevalue(upstream)
+    direct = nbdinfo(up.uri)
+    r = diskwatch(up.uri, "--headless", "--no-trace", "--run", 'nbdinfo --json "$uri"')
+    assert r.returncode == 0, r.stderr
+    tapped = json.loads(r.stdout)["exports"][0]
+    assert {k: tapped[k] for k in FLAGS} == {k: direct[k] for k in FLAGS}
+    assert tapped["contexts"] == ["base:allocation"]
+
+
+def test_nbdcopy_in_and_out_and_fio_verify_through_the_tap(nbdkit_memory, tmp_path):
+    data = tmp_path / "in.img"
+    data.write_bytes(os.urandom(8 * MiB) + bytes(24 * MiB) + os.urandom(32 * MiB))
+    out = tmp_path / "out.img"
+    fio = ("fio --name=dw --ioengine=nbd --uri=\"$uri\" --rw=randrw --bs=4k --size=8M "
+           "--offset=8M --iodepth=16 --verify=crc32c --do_verify=1 --verify_fatal=1 "
+           "--verify_state_save=0 --randrepeat=1 --output-format=json >fio.json")
+    r = subprocess.run([DISKWATCH, nbdkit_memory.uri, "--headless", "--no-trace", "--run",
+                        f'nbdcopy {data} "$uri" && nbdcopy "$uri" {out} && {fio}'],
+                       capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert md5(out) == md5(data)
+    report = (tmp_path / "fio.json").read_text()
+    job = json.loads(report[report.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0
+    assert "failed" not in r.stderr
+
+
+def test_nbdcopy_out_of_qemu_nbd_matches_qemu_img_convert(qemu_nbd_qcow2, tmp_path):
+    out = tmp_path / "out.raw"
+    expected = tmp_path / "expected.raw"
+    r = diskwatch(qemu_nbd_qcow2.uri, "-r", "--headless", "--no-trace",
+                  "--run", f'nbdcopy "$uri" {out}')
+    assert r.returncode == 0, r.stderr
+    qemu_nbd_qcow2.stop()  # qemu-nbd holds the image's write lock
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(qemu_nbd_qcow2.image),
+                    str(expected)], check=True)
+    assert md5(out) == md5(expected)
+
+
+def test_upstream_killed_mid_run_is_eio_then_recovered(nbdkit_memory, caplog):
+    nbd = pytest.importorskip("nbd")
+    src = NbdSource(nbdkit_memory.uri)
+    bus = Bus()
+    try:
+        with serve_in_thread({"": src}, bus) as running:
+            h = nbd.NBD()
+            h.connect_uri(running.uri)
+            h.pwrite(b"before" * 100, 0)
+            nbdkit_memory.kill()
+            with pytest.raises(nbd.Error) as e:
+                h.pread(600, 0)
+            assert e.value.errnum == 5  # EIO, and the client's connection stays up
+            nbdkit_memory.start()
+            # Reconnection runs with backoff in the background: poll until a
+            # read succeeds again (the new nbdkit's disk is empty).
+            def readable() -> bool:
+                try:
+                    return h.pread(600, 0) == bytes(600)
+                except nbd.Error:
+                    return False
+            wait_until(readable, timeout=20, what="reads through the tap again")
+            h.pwrite(b"after", 0)
+            assert h.pread(5, 0) == b"after"
+            h.shutdown()
+    finally:
+        src.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("connection lost" in m for m in messages) == 1, messages
+    assert any("reconnected" in m for m in messages)
+
+
+def test_an_unreachable_upstream_is_one_line(tmp_path):
+    r = diskwatch(f"nbd+unix:///?socket={tmp_path}/nothing.sock", "--headless", "--run", "true")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "cannot connect" in r.stderr, r.stderr
