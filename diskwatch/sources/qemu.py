@@ -190,7 +190,9 @@ class QemuDaemon:
             line = safe_text(raw.decode(errors="replace").rstrip())
             if line:
                 self.stderr_tail.append(line)
-                log.warning("qemu-storage-daemon: %s", line)
+                # qemu names itself; while we stop it, its complaints about
+                # connections we close are expected.
+                log.log(logging.DEBUG if self.stopping else logging.WARNING, "%s", line)
         status = self.proc.wait()
         self.exit_status = status
         if self.serving and not self.stopping:
@@ -261,6 +263,7 @@ class QemuSource(NbdSource):
         return super().reconnect()
 
     def close(self) -> None:
+        self.daemon.stopping = True
         try:
             super().close()
         finally:

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""A qcow2 through diskwatch vs qemu-nbd directly, side by side, in one run.
+
+fio's nbd engine over a unix socket reads the same qcow2 (random data,
+converted from raw by qemu-img) from:
+  - qemu-nbd -r -f qcow2 (the reference: the guest talking to qemu directly)
+  - diskwatch IMAGE.qcow2 -r --headless --no-trace (diskwatch's private
+    qemu-storage-daemon read with libnbd's asynchronous calls)
+  - diskwatch nbd+unix://qemu-nbd -r --headless --no-trace (the tap in front
+    of a running qemu-nbd: two servers in the path)
+Jobs: 4 KiB random reads at queue depth 16, 256 KiB sequential reads at
+depth 8. Servers alternate so machine noise hits all; medians compared.
+
+    .venv/bin/python benchmarks/bench_formats.py [--rounds 3] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_server import (  # noqa: E402
+    JOBS,
+    cpu_seconds,
+    diskwatch_cmd,
+    make_image,
+    run_fio,
+    stop_server,
+    wait_for_socket,
+)
+
+KINDS = ("qemu-nbd", "diskwatch", "tap")
+
+
+def start(kind: str, image: str, sock: str, tmp: str) -> list[subprocess.Popen]:
+    """The servers for one kind; the last one is what fio talks to."""
+    procs = []
+    qsock = sock + ".qemu"
+    if kind in ("qemu-nbd", "tap"):
+        qemu = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "0", "-f", "qcow2",
+                                 "-k", sock if kind == "qemu-nbd" else qsock, image],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_socket(sock if kind == "qemu-nbd" else qsock, qemu)
+        procs.append(qemu)
+    if kind != "qemu-nbd":
+        src = image if kind == "diskwatch" else f"nbd+unix:///?socket={qsock}"
+        dw = subprocess.Popen(diskwatch_cmd() + [src, "-r", "-U", sock, "--headless",
+                                                 "--no-trace"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_socket(sock, dw)
+        procs.append(dw)
+    return procs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--size-mb", type=int, default=512)
+    ap.add_argument("--jobs", default=",".join(JOBS))
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    args = ap.parse_args()
+    kinds = args.kinds.split(",")
+    for tool in ("fio", "qemu-nbd", "qemu-img", "qemu-storage-daemon"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: apt-get install fio qemu-utils "
+                             "qemu-system-common")
+    tmp = tempfile.mkdtemp(prefix="diskwatch-bench-formats-")
+    try:
+        raw = os.path.join(tmp, "disk.img")
+        make_image(raw, args.size_mb << 20)
+        image = os.path.join(tmp, "disk.qcow2")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, image],
+                       check=True)
+        os.unlink(raw)
+        subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)  # warm the cache
+        size = args.size_mb << 20
+        results: dict = {}
+        for jobname in args.jobs.split(","):
+            job = JOBS[jobname]
+            for rnd in range(args.rounds):
+                order = kinds if rnd % 2 == 0 else kinds[::-1]
+                for kind in order:
+                    sock = os.path.join(tmp, f"{kind}-{jobname}-{rnd}.sock")
+                    procs = start(kind, image, sock, tmp)
+                    try:
+                        cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+                        r = run_fio(f"nbd+unix:///?socket={sock}", job, args.seconds, size)
+                        ios = r["iops"] * args.seconds
+                        r["cpu_us"] = (sum(cpu_seconds(p.pid) for p in procs) - cpu0) / ios * 1e6
+                    finally:
+                        for p in reversed(procs):
+                            stop_server(p)
+                    results.setdefault(jobname, {}).setdefault(kind, []).append(r)
+                    print(f"  {jobname:18} round {rnd + 1} {kind:10} "
+                          f"{r['iops'] / 1000:7.1f}k IOPS {r['bw'] / 1e9:6.2f} GB/s "
+                          f"{r['cpu_us']:6.2f} servers' CPU us/request", flush=True)
+        print()
+        print(f"{'job':18} {'server':12} {'median':>14} {'ratio to qemu-nbd':>18}   "
+              "servers' CPU per request")
+        for jobname, by in results.items():
+            key = "iops" if "4k" in jobname else "bw"
+            ref = statistics.median(r[key] for r in by["qemu-nbd"])
+            cref = statistics.median(r["cpu_us"] for r in by["qemu-nbd"])
+            for kind in kinds:
+                v = statistics.median(r[key] for r in by[kind])
+                c = statistics.median(r["cpu_us"] for r in by[kind])
+                shown = f"{v / 1000:.1f}k IOPS" if key == "iops" else f"{v / 1e9:.2f} GB/s"
+                print(f"{jobname:18} {kind:12} {shown:>14} {v / ref:17.2f}x   "
+                      f"{c:.2f} us ({c / cref:.2f}x qemu-nbd's)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
