@@ -74,6 +74,13 @@ class ConnectionEvent:
 
 
 @dataclass(frozen=True)
+class Dropped:
+    """Requests a consumer's bounded buffer could not hold (counted, not queued)."""
+
+    count: int
+
+
+@dataclass(frozen=True)
 class Progress:
     """Progress of a long job (block-map generation)."""
 

@@ -1,17 +1,173 @@
-"""What a running diskwatch is, as the sinks and the UI see it.
+"""What a running diskwatch is, and the one loop that feeds its sinks.
 
-The CLI builds a ``Session`` (source, server, captive command, block map) and
-hands it to a sink (headless trace) or to the Textual app. Sinks and the UI
-only read it and call its few control methods; they never import the CLI.
+    server thread --batches--> RequestBuffer (bounded, counts drops)
+                  --events---> deque (bounded)
+                                  |
+    Pump.run_once(now), ~10 Hz, in ONE consumer thread (the headless loop
+    or the UI's timer): drain both, look every request up in the block map
+    ONCE, then for each sink: on_event(...), feed(batch, pieces), tick(now)
+
+A replay (diskwatch/replay.py) drives the same ``Pump`` from a recording
+instead of a live server, so sinks never know which it is.
+
+``Session`` is what sinks and the UI read (size, description, command, map,
+the pump) and the few controls they call (stop the command, shut down).
+The runner (diskwatch/runner.py) builds it; nothing here imports the server.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any, Protocol, runtime_checkable
 
-from .events import Bus
+from .events import Bus, Dropped, Request, RequestBuffer
+
+#: a piece of a request: (start, end, object or None), as BlockMap.lookup gives it
+Piece = tuple[int, int, Any]
+#: per request of a batch, its pieces (None: no length, or no map)
+Pieces = Sequence[list[Piece] | None]
+
+_OFFSET, _LENGTH = itemgetter(3), itemgetter(4)
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Something that consumes the request stream, in the pump's thread.
+
+    ``feed(batch, pieces)``: requests in the order the server published them;
+    ``pieces`` is None when there is no block map, else a list parallel to
+    ``batch`` of ``BlockMap.lookup`` results (None for requests without a
+    length). The lookup is done once, by the pump, for every sink.
+    ``on_event(event)``: a ``ConnectionEvent``, ``Message``, ``Progress`` or
+    ``Dropped`` (requests the pump's buffer could not hold), before the
+    requests drained in the same round.
+    ``tick(now)``: after every round, even an empty one (``now`` on the
+    clock of ``Request.start``; ``float('inf')`` on the last round): a sink
+    that holds text back writes it out when things go quiet.
+    ``close()``: once, after the last round: write out and flush.
+
+    A sink must not block: it runs in the thread that also drains the
+    buffer. Sinks that need every request whatever the pump does (the
+    recorder) subscribe to the bus themselves, and are still closed here.
+    """
+
+    def feed(self, batch: Sequence[Request], pieces: Pieces | None) -> None: ...
+
+    def on_event(self, event: object) -> None: ...
+
+    def tick(self, now: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LiveFeed:
+    """What a live server hands the pump: its request batches, through a
+    bounded ``RequestBuffer`` (``limit`` requests, about 240 bytes each;
+    more are dropped and counted), and its low-rate events, through a deque
+    of at most 10 000 (connections, command output, map progress)."""
+
+    def __init__(self, bus: Bus, limit: int = 500_000) -> None:
+        self.bus = bus
+        self.buffer = RequestBuffer(limit)
+        self.events: deque[object] = deque(maxlen=10_000)
+        bus.on_requests(self.buffer)
+        bus.on_event(self.events.append)
+
+    def take(self, now: float) -> tuple[list[object], list[Request], int]:
+        """Events, requests and the count of dropped requests since the last call."""
+        events = []
+        pop = self.events.popleft
+        while self.events:
+            events.append(pop())
+        batch, dropped = self.buffer.drain()
+        return events, batch, dropped
+
+    @property
+    def total_dropped(self) -> int:
+        return self.buffer.total_dropped
+
+    def close(self) -> None:
+        self.bus.unsubscribe(self.buffer)
+        self.bus.unsubscribe(self.events.append)
+
+
+class Feed(Protocol):
+    """Where the pump's requests come from: a live server or a recording."""
+
+    def take(self, now: float) -> tuple[list[object], list[Request], int]: ...
+
+    def close(self) -> None: ...
+
+
+class Pump:
+    """The one drain loop: ``run_once`` drains the feed, looks each request
+    up once in the current block map, and hands the result to every sink."""
+
+    def __init__(self, feed: Feed, blockmap: Callable[[], Any] = lambda: None) -> None:
+        self.feed = feed
+        self.blockmap = blockmap  # called each round: a map may arrive mid-session
+        self.sinks: list[Sink] = []
+        self.requests = 0
+        self.dropped = 0
+        self.closed = False
+
+    def add(self, sink: Sink) -> Sink:
+        self.sinks.append(sink)
+        return sink
+
+    def remove(self, sink: Sink) -> None:
+        if sink in self.sinks:
+            self.sinks.remove(sink)
+
+    def run_once(self, now: float) -> int:
+        """One round; returns how many requests it fed."""
+        events, batch, dropped = self.feed.take(now)
+        sinks = self.sinks
+        if dropped:
+            self.dropped += dropped
+            events.append(Dropped(dropped))
+        for event in events:
+            for s in sinks:
+                s.on_event(event)
+        if batch:
+            self.requests += len(batch)
+            pieces = self.look_up(batch)
+            for s in sinks:
+                s.feed(batch, pieces)
+        for s in sinks:
+            s.tick(now)
+        return len(batch)
+
+    def look_up(self, batch: Sequence[Request]) -> Pieces | None:
+        bm = self.blockmap()
+        if bm is None:
+            return None
+        # C-level map: lookup gives [] for a request without a length
+        return list(map(bm.lookup, map(_OFFSET, batch), map(_LENGTH, batch)))
+
+    def close(self) -> None:
+        """The last round (everything still buffered), then every sink's close.
+        The first sink error is raised once all were closed."""
+        if self.closed:
+            return
+        self.closed = True
+        first: BaseException | None = None
+        try:
+            self.run_once(float("inf"))
+        except Exception as e:  # noqa: BLE001 - close the sinks first, then raise
+            first = e
+        for s in self.sinks:
+            try:
+                s.close()
+            except Exception as e:  # noqa: BLE001
+                first = first or e
+        self.feed.close()
+        if first is not None:
+            raise first
 
 
 @dataclass
@@ -29,6 +185,15 @@ class Session:
     stop_command: Callable[[], None] = lambda: None
     #: ask everything to shut down (server, command); the UI calls it on quit
     shutdown: Callable[[], None] = lambda: None
+    #: the drain loop; by default fed live from ``bus`` (subscribed at once,
+    #: so requests made before a consumer starts are not lost)
+    pump: Pump | None = None
+    #: a replay's controls (diskwatch.replay.Player), None when live
+    player: Any = None
+
+    def __post_init__(self) -> None:
+        if self.pump is None:
+            self.pump = Pump(LiveFeed(self.bus), lambda: self.blockmap)
 
     @property
     def command_running(self) -> bool:

@@ -1,18 +1,16 @@
 """Aggregates of the request stream, shared by the Textual UI and headless mode.
 
-Threading: the server thread only appends batches to a ``RequestBuffer`` (and
-low-rate events to a deque); everything in this module except
-``StatsCollector.on_requests``/``on_event`` runs in the *consumer's* thread
-(the UI's timer, or the headless loop), so the aggregates themselves need no
-locks. Attribution through the block map also happens here, on the consumer
-side, never in the server thread.
+Threading: everything here runs in the *consumer's* thread (the session's
+pump: the UI's timer, or the headless loop), so the aggregates need no
+locks. The pump looks requests up in the block map once and hands the
+pieces to ``Stats.add``; nothing here runs in the server thread.
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from operator import add as _add
@@ -20,7 +18,7 @@ from operator import floordiv, itemgetter
 from operator import sub as _sub
 from typing import Any
 
-from .events import COMMAND_NAMES, Command, ConnectionEvent, Request, RequestBuffer
+from .events import COMMAND_NAMES, Command, ConnectionEvent, Dropped, Request
 
 READ = int(Command.READ)
 WRITE = int(Command.WRITE)
@@ -317,7 +315,9 @@ class Stats:
         return sum(self.ops)
 
     def on_event(self, event: object) -> None:
-        if isinstance(event, ConnectionEvent):
+        if isinstance(event, Dropped):
+            self.dropped += event.count
+        elif isinstance(event, ConnectionEvent):
             if event.opened:
                 self.connections += 1
                 self.connections_total += 1
@@ -325,10 +325,13 @@ class Stats:
                 self.connections -= 1
 
     def add(
-        self, batch: Sequence[Request], blockmap: Any = None
+        self, batch: Sequence[Request], blockmap: Any = None,
+        pieces: Sequence[list[Piece] | None] | None = None,
     ) -> list[tuple[Request, list[Piece] | None]]:
-        """Count a batch; returns each request with its pieces from
-        ``blockmap.lookup`` (None without a map) so the trace can reuse them.
+        """Count a batch; returns each request with its pieces (None without a
+        map) so the trace can reuse them. ``pieces``: the batch already looked
+        up (what the session's pump hands its sinks); else ``blockmap.lookup``
+        is called here.
 
         Under a flood this runs for thousands of requests a tick in the thread
         that shares the GIL with the server, so the counting is done per
@@ -373,24 +376,22 @@ class Stats:
         errors = list(map(_ERROR, batch))
         self.errors += len(errors) - errors.count(0)
         self.latency.add_many(map(_DURATION, batch))
-        if blockmap is None:
-            return list(zip(batch, repeat(None)))
-        return self._attribute(batch, blockmap.lookup)
+        if pieces is None:
+            if blockmap is None:
+                return list(zip(batch, repeat(None)))
+            pieces = list(map(blockmap.lookup, map(_OFFSET, batch), map(_LENGTH, batch)))
+        self._attribute(batch, pieces)
+        return list(zip(batch, pieces, strict=True))
 
-    def _attribute(self, batch: Sequence[Request], lookup: Callable[[int, int], list[Piece]]
-                   ) -> list[tuple[Request, list[Piece] | None]]:
+    def _attribute(self, batch: Sequence[Request], pieces: Sequence[list[Piece] | None]
+                   ) -> None:
         objects = self.objects
         unmapped = self.unmapped
-        out: list[tuple[Request, list[Piece] | None]] = []
-        append = out.append
-        for r in batch:
-            length = r[4]
-            if not length:
-                append((r, None))
+        for r, looked_up in zip(batch, pieces, strict=True):
+            if not looked_up:
                 continue
             cmd = r[2]
-            pieces = lookup(r[3], length)
-            for start, end, obj in pieces:
+            for start, end, obj in looked_up:
                 c = objects.get(obj) if obj is not None else unmapped
                 if c is None:
                     c = objects[obj] = ObjectCounts()
@@ -401,8 +402,6 @@ class Stats:
                 elif cmd == WRITE:
                     c.writes += 1
                     c.write_bytes += end - start
-            append((r, pieces))
-        return out
 
     def top(self, by: str = "reads", n: int = 10,
             keep: Callable[[Any], bool] | None = None) -> list[tuple[Any, ObjectCounts]]:
@@ -415,40 +414,6 @@ class Stats:
         items = [(o, c) for o, c in items if getattr(c, by)]
         items.sort(key=lambda oc: (-getattr(oc[1], by), -getattr(oc[1], bytes_key), str(oc[0])))
         return items[:n]
-
-
-class StatsCollector:
-    """The thread boundary: subscribe it to a Bus; call ``poll()`` from one
-    consumer thread (a UI timer at 10-20 Hz, or the headless loop).
-
-    The server thread only runs ``on_requests`` (an append under a lock) and
-    ``on_event`` (a deque append, atomic in CPython)."""
-
-    def __init__(self, bus: Any, size: int, blockmap: Any = None,
-                 heat_cells: int = 1024, buffer_limit: int = 200_000) -> None:
-        self.bus = bus
-        self.stats = Stats(size, heat_cells)
-        self.blockmap = blockmap
-        self.buffer = RequestBuffer(buffer_limit)
-        self.events: deque[object] = deque(maxlen=10_000)
-        bus.on_requests(self.buffer)
-        bus.on_event(self.events.append)
-
-    def close(self) -> None:
-        self.bus.unsubscribe(self.buffer)
-        self.bus.unsubscribe(self.events.append)
-
-    def poll(self) -> tuple[list[tuple[Request, list[Piece] | None]], list[object]]:
-        """Drain and aggregate; returns the attributed requests and the
-        other events that came since the last poll, in order."""
-        events = []
-        while self.events:
-            ev = self.events.popleft()
-            self.stats.on_event(ev)
-            events.append(ev)
-        batch, dropped = self.buffer.drain()
-        self.stats.dropped += dropped
-        return self.stats.add(batch, self.blockmap), events
 
 
 def human_bytes(n: float) -> str:

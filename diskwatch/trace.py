@@ -1,21 +1,30 @@
-"""Text trace and JSONL recorder: the sinks of --headless and --log/--record.
+"""Text sinks of --headless and --log: the trace and the exit summary.
 
-Both consume drained batches of ``Request`` events (see ``RequestBuffer``);
-nothing here runs in the server's thread.
+Both are ``Sink``s (diskwatch/session.py): the session's pump feeds them
+drained batches with the block map already looked up; nothing here runs in
+the server's thread.
 
 The text trace writes one line per run: adjacent requests of the same kind
 (offset continuing where the last one ended) merge; with a block map, a run
 is "the same operation on the same object" and the line has bmaplogger's
 form, ``read f /dev/sda1 /Boot/BCD``, followed by the byte ranges it covered.
+A run also ends when the next request comes ``idle_flush`` seconds (by the
+requests' own clock) after the last one, so where lines break depends on the
+requests alone, not on when the pump ran: a replayed recording prints the
+same lines as the live run did. Lines are written to the file as they are
+made (each batch, and a quiet run after ``2 * idle_flush``), so
+``tail -f`` on a --log file follows the session.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import IO
 
 from .events import COMMAND_NAMES, Command, Request
+from .session import Pieces
 from .text import safe_text
 
 # Commands that touch data at an offset (the others are shown once, plainly).
@@ -57,23 +66,35 @@ class TextTrace:
         self._last_t = 0.0
         self.lines = 0
         self._pending: list[str] = []  # written once per batch, not once per line
+        self.named = blockmap is not None  # lines name objects (a map is, or was, in use)
 
-    def feed(self, batch: list[Request]) -> None:
-        bm = self.blockmap
+    def feed(self, batch: Sequence[Request], pieces: Pieces | None = None) -> None:
+        """``pieces``: the batch looked up in the map (the pump does it once
+        for all sinks); without it, ``blockmap`` is looked up here, if any."""
+        if pieces is None and self.blockmap is not None:
+            lookup = self.blockmap.lookup
+            pieces = [lookup(r.offset, r.length) for r in batch]
         try:
-            self._feed(batch, bm)
+            self._feed(batch, pieces)
         finally:
             self._flush_pending()
+
+    def on_event(self, event: object) -> None:
+        pass
 
     def _flush_pending(self) -> None:
         if self._pending:
             self.out.write("".join(self._pending))
             self.lines += len(self._pending)
             self._pending.clear()
+            self.out.flush()  # a --log file is followed with tail -f
 
-    def _feed(self, batch: list[Request], bm) -> None:
-        for r in batch:
+    def _feed(self, batch: Sequence[Request], pieces: Pieces | None) -> None:
+        idle = self.idle_flush
+        for i, r in enumerate(batch):
             cmd = r.command
+            if self._run is not None and r.start - self._last_t >= idle:
+                self._emit()  # quiet for a while: a new line, whatever comes
             if cmd == Command.BLOCK_STATUS:
                 # Clients ask before nearly every read (nbdcopy, qemu-img): in
                 # a trace of what the disk does it is noise. --record keeps it.
@@ -90,8 +111,9 @@ class TextTrace:
                     self._run.ranges = None
                 self._last_t = r.start
                 continue
-            if bm is not None:
-                for start, end, obj in bm.lookup(r.offset, r.length):
+            if pieces is not None:
+                self.named = True
+                for start, end, obj in pieces[i]:
                     self._add(cmd, obj, r.start, start, end - start, r.error, by_object=True)
             else:
                 self._add(cmd, None, r.start, r.offset, r.length, r.error, by_object=False)
@@ -121,8 +143,10 @@ class TextTrace:
 
     def tick(self, now: float) -> None:
         """Called on a timer: a run that has been quiet for a while is written
-        out, so the trace never lags behind a paused guest."""
-        if self._run is not None and now - self._last_t >= self.idle_flush:
+        out, so the trace never lags behind a paused guest. Twice the split
+        gap: a request already running when the tick comes may still
+        continue the run, and its line must be the one a replay prints."""
+        if self._run is not None and now - self._last_t >= 2 * self.idle_flush:
             self._emit()
             self._flush_pending()
 
@@ -150,7 +174,7 @@ class TextTrace:
             detail += f" in {run.count} requests"
         if run.errors:
             detail += f", {run.errors} failed"
-        if self.blockmap is not None:
+        if self.named:
             # the guest named its files: a name must not steer the terminal
             what = (safe_text(str(run.obj)) if run.obj is not None
                     else "- (no object: metadata or free space)")
@@ -168,6 +192,50 @@ class TextTrace:
         self.out.flush()
 
 
+class Summary:
+    """Headless: the totals printed at exit (the UI shows them live)."""
+
+    def __init__(self, size: int) -> None:
+        from .stats import Stats
+        self.stats = Stats(size, heat_cells=1)
+        self.named = False
+
+    def feed(self, batch: Sequence[Request], pieces: Pieces | None) -> None:
+        self.stats.add(batch, pieces=pieces)
+        if pieces is not None:
+            self.named = True
+
+    def on_event(self, event: object) -> None:
+        self.stats.on_event(event)
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def print(self, out: IO[str]) -> None:
+        from .stats import human_bytes as short_bytes
+        from .stats import human_duration
+        st = self.stats
+        parts = [f"{st.ops[i]} {name} ({short_bytes(st.bytes[i])})" if name in
+                 ("read", "write", "trim", "zero") else f"{st.ops[i]} {name}"
+                 for i, name in enumerate(COMMAND_NAMES) if st.ops[i]]
+        print(f"diskwatch: {st.requests} requests on {st.connections_total} connections: "
+              + ", ".join(parts) + (f"; {st.errors} failed" if st.errors else ""), file=out)
+        if st.requests:
+            print(f"diskwatch: latency median {human_duration(st.latency.median)}, "
+                  f"p99 {human_duration(st.latency.p99)}", file=out)
+        if self.named:
+            # Files and directories: what a person looks for (a partition's
+            # own count is its metadata and journal traffic).
+            for by in ("reads", "writes"):
+                top = st.top(by, 5, keep=lambda obj: obj.type in ("f", "d"))
+                if top:
+                    print(f"diskwatch: most {by}: " + "; ".join(
+                        f"{safe_text(str(obj))} x{getattr(c, by)}" for obj, c in top), file=out)
+
+
 class JsonlRecorder:
     """One JSON object per request, for offline analysis (--record)."""
 
@@ -176,7 +244,7 @@ class JsonlRecorder:
         self.blockmap = blockmap
         self.t0 = t0
 
-    def feed(self, batch: list[Request]) -> None:
+    def feed(self, batch: Sequence[Request], pieces: Pieces | None = None) -> None:
         bm = self.blockmap
         write = self.out.write
         for r in batch:
@@ -191,8 +259,11 @@ class JsonlRecorder:
                                   for o in bm.objects(r.offset, r.length)]
             write(json.dumps(rec) + "\n")
 
-    def tick(self, now: float) -> None:
+    def on_event(self, event: object) -> None:
         pass
+
+    def tick(self, now: float) -> None:
+        self.out.flush()
 
     def close(self) -> None:
         self.out.flush()

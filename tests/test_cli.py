@@ -102,6 +102,32 @@ def test_headless_log_file(rw_image, tmp_path):
     assert "read 0x100000" not in p.stdout  # the trace went to the file
 
 
+def test_log_file_is_written_as_the_client_goes(rw_image, diskwatch_proc, tmp_path):
+    """`tail -f trace.log` follows a session: lines are in the file while the
+    server still runs, not at exit."""
+    import time
+
+    nbd = pytest.importorskip("nbd")
+    log = tmp_path / "trace.log"
+    sock = tmp_path / "dw.sock"
+    dw = diskwatch_proc([rw_image, "-U", sock, "--headless", "--no-trace", "--log", log])
+    assert "serving" in dw.proc.stderr.readline().decode()
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///?socket={sock}")
+    h.pread(4096, MiB)
+    h.pwrite(bytes(512), 2 * MiB)
+    deadline = time.monotonic() + 20
+    want = ("read 0x100000-0x101000", "write 0x200000-0x200200")
+    # The write ends the read's line at once; the write's own line comes once
+    # the client has been quiet for a moment.
+    while not all(w in log.read_text() for w in want):
+        assert time.monotonic() < deadline, f"not in the log yet: {log.read_text()!r}"
+        assert dw.proc.poll() is None
+        time.sleep(0.05)
+    assert dw.proc.poll() is None  # still serving: the lines came as it went
+    h.shutdown()
+
+
 def test_headless_trace_on_stdout(server_image, tmp_path):
     p = run_diskwatch([server_image.path, "-r", "--headless", "--run",
                        f'/usr/bin/python3 -c "import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]);'

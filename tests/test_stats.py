@@ -13,7 +13,6 @@ from diskwatch.stats import (
     LatencyHistogram,
     RateSeries,
     Stats,
-    StatsCollector,
     human_bytes,
     human_count,
     human_duration,
@@ -128,9 +127,32 @@ def test_stats_counts_and_attributes(blockmap):
     assert st.requests == 0 and not st.objects and not any(st.heat.reads)
 
 
-def test_collector_is_the_thread_boundary(blockmap):
+def test_pump_is_the_thread_boundary(blockmap):
+    """The session's pump: the server thread only fills a bounded buffer;
+    the pump drains it, looks each request up once and feeds every sink."""
+    from diskwatch.session import LiveFeed, Pump
+
+    class Seen:
+        def __init__(self):
+            self.batches, self.events, self.ticks, self.closed = [], [], [], False
+
+        def feed(self, batch, pieces):
+            self.batches.append((batch, pieces))
+
+        def on_event(self, event):
+            self.events.append(event)
+
+        def tick(self, now):
+            self.ticks.append(now)
+
+        def close(self):
+            self.closed = True
+
     bus = Bus()
-    col = StatsCollector(bus, 64 * MiB, blockmap, buffer_limit=1000)
+    feed = LiveFeed(bus, limit=1000)
+    pump = Pump(feed, lambda: blockmap)
+    a, b = pump.add(Seen()), pump.add(Seen())
+    stats = Stats(64 * MiB)
 
     def server_thread():
         bus.publish(ConnectionEvent(1, True, "unix"))
@@ -141,14 +163,20 @@ def test_collector_is_the_thread_boundary(blockmap):
     t = threading.Thread(target=server_thread)
     t.start()
     t.join()
-    attributed, events = col.poll()
+    assert pump.run_once(200.0) == 1000
     # the buffer holds 1000: the rest were dropped and counted, not queued
-    assert len(attributed) == 1000 and col.stats.dropped == 500
-    assert [type(e).__name__ for e in events] == ["ConnectionEvent", "Message"]
-    assert col.stats.connections == 1 and col.stats.connections_total == 1
-    col.stats.on_event(ConnectionEvent(1, False, "unix"))
-    assert col.stats.connections == 0
-    col.close()
+    assert pump.dropped == 500 and feed.total_dropped == 500
+    assert [type(e).__name__ for e in a.events] == ["ConnectionEvent", "Message", "Dropped"]
+    (batch, pieces), = a.batches
+    assert b.batches[0][1] is pieces  # one lookup, shared by every sink
+    assert pieces[0] == blockmap.lookup(3 * MiB, 4096)
+    for e in a.events:
+        stats.on_event(e)
+    stats.add(batch, pieces=pieces)
+    assert stats.dropped == 500 and stats.connections == 1
+    assert stats.objects[pieces[0][0][2]].reads == 1000
+    pump.close()
+    assert a.closed and b.closed and a.ticks == [200.0, float("inf")]
     assert not bus.has_request_subscribers
 
 

@@ -2,9 +2,11 @@
 command output, refreshed from aggregates on a timer.
 
 Threads: the server thread only appends request batches to a bounded buffer
-and low-rate events to a deque (``StatsCollector``); a timer in the app's
-thread (10 Hz by default) drains both, attributes requests through the block
-map, aggregates, and repaints. No message is posted per request.
+and low-rate events to a deque (the session's ``LiveFeed``); a timer in the
+app's thread (10 Hz by default) runs the session's pump, which drains both,
+looks requests up in the block map once and feeds every sink: the app's own
+(counters, trace lines) and any other (--log). No message is posted per
+request. A replay drives the same pump from a recording.
 
 Under a flood the repaint, not the counting, is what costs the UI thread
 (and so the server thread, which shares the GIL): the busy panels (trace,
@@ -30,8 +32,8 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 
 from ..events import ConnectionEvent, Message, Progress
-from ..session import Session
-from ..stats import StatsCollector
+from ..session import Pieces, Session
+from ..stats import Stats
 from .heatmap import Heatmap
 from .output import CommandOutput
 from .progress import BmapProgress
@@ -88,9 +90,13 @@ class DiskwatchApp(App[int | None]):
         self.session = session
         self.clock = clock
         self.tick = tick
-        # Subscribe now, not on mount: requests made before the first frame count.
-        self.collector = StatsCollector(session.bus, session.size, session.blockmap)
-        self.stats = self.collector.stats
+        self.stats = Stats(session.size)
+        self._blockmap = session.blockmap  # the one the heatmap and top table know
+        self._fed = 0  # requests fed in the current pump round
+        # Fed by the session's pump (subscribed to the bus when the session
+        # was made): requests made before the first frame count.
+        self.sink = _AppSink(self)
+        session.pump.add(self.sink)
         self.trace_model = TraceModel(started=session.started, cap=trace_cap)
         self.paused = False
         self.held: deque[tuple[Any, Any]] = deque(maxlen=50_000)
@@ -150,7 +156,7 @@ class DiskwatchApp(App[int | None]):
         self.screen.set_class(self.size.height < 30, "-short")
 
     def on_unmount(self) -> None:
-        self.collector.close()
+        self.session.pump.remove(self.sink)
 
     # -- the timer: drain, aggregate, repaint --
 
@@ -164,18 +170,11 @@ class DiskwatchApp(App[int | None]):
             return
         now = self.clock()
         dt, self._last_tick = now - self._last_tick, now
-        if self.session.blockmap is not self.collector.blockmap:
+        if self.session.blockmap is not self._blockmap:
             self._set_blockmap(self.session.blockmap)
-        attributed, events = self.collector.poll()
-        for event in events:
-            self.handle_event(event)
-        if attributed:
-            if self.paused:
-                self.held_count += len(attributed)
-                self.held.extend(attributed)
-            else:
-                self.trace_model.add(attributed)
-        self.busy = len(attributed) > BUSY_RATE * max(dt, self.tick)
+        self._fed = 0
+        self.session.pump.run_once(now)  # calls add_requests() and handle_event() below
+        self.busy = self._fed > BUSY_RATE * max(dt, self.tick)
         if not self.paused:  # paused, the heat holds still
             self._decay_pending += dt
         if not self.paused:
@@ -220,8 +219,17 @@ class DiskwatchApp(App[int | None]):
         status = self.exit_status
         return "command running" if status is None else f"command exited {status}"
 
+    def add_requests(self, batch: Any, pieces: Pieces | None) -> None:
+        attributed = self.stats.add(batch, pieces=pieces)
+        self._fed += len(attributed)
+        if self.paused:
+            self.held_count += len(attributed)
+            self.held.extend(attributed)
+        else:
+            self.trace_model.add(attributed)
+
     def _set_blockmap(self, blockmap: Any) -> None:
-        self.collector.blockmap = blockmap
+        self._blockmap = blockmap
         self.heatmap.set_blockmap(blockmap)
         top = self.top
         top.has_map = blockmap is not None
@@ -230,6 +238,7 @@ class DiskwatchApp(App[int | None]):
     # -- events other than requests (drained on the timer, in this thread) --
 
     def handle_event(self, event: object) -> None:
+        self.stats.on_event(event)
         if isinstance(event, Progress):
             self.progress = event
             self.bmap_progress.update_progress(event)
@@ -438,3 +447,23 @@ class DiskwatchApp(App[int | None]):
             yield SystemCommand(f"Toggle {name}", f"Show or hide the {name} panel",
                                 lambda p=panel: self.action_toggle(p))
         yield SystemCommand("Help", "What the views show", self.action_help)
+
+
+class _AppSink:
+    """The app as one of the session's sinks (runs in the app's thread: the
+    pump is run by the app's timer)."""
+
+    def __init__(self, app: DiskwatchApp) -> None:
+        self.app = app
+
+    def feed(self, batch: Any, pieces: Pieces | None) -> None:
+        self.app.add_requests(batch, pieces)
+
+    def on_event(self, event: object) -> None:
+        self.app.handle_event(event)
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -144,7 +144,7 @@ class TraceModel:
         for k, (r, pieces) in enumerate(items, first):
             cmd = r[2]
             op = names[cmd] if cmd < len(names) else str(cmd)
-            if pieces is None:
+            if not pieces:  # no map, or no length
                 offset, length = r[3], r[4]
                 pieces = ((offset, offset + length, None),) if length else ((0, 0, None),)
             for j, (start, end_, obj) in enumerate(pieces):

@@ -1,0 +1,431 @@
+"""The session runner: owns the source, the server, the map and the sinks.
+
+    config = RunConfig(source=..., headless=True, log="trace.log", ...)
+    status = Runner(config, open_source).run()
+
+``Runner.run`` opens the source, decides about the map (load it, generate
+it first headless, or generate it under the UI while the person watches),
+binds, builds the sinks, starts the server thread and the captive command,
+runs ``run_session`` (headless or UI: they differ only in which sinks the
+pump feeds and who calls it) and tears everything down. Whatever fails
+early (a port in use, a bad map) undoes what was made so far and reports
+the first error, not the ones the undoing causes.
+
+``run_session`` is shared with replay (diskwatch/replay.py): one signal
+handling, one drain loop (the session's ``Pump``), ``--headless`` or the UI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from .errors import DiskwatchError
+from .events import Message, Progress
+from .session import Session
+from .text import safe_text
+
+
+class UsageError(DiskwatchError):
+    """Bad input: printed as one line, exit status 1 (2 for usage)."""
+
+
+@dataclass
+class RunConfig:
+    """What to serve and how to watch it (the CLI fills it from its arguments)."""
+
+    source: str | None = None  # image path or URL (None with --stream-to)
+    stream_to: str | None = None
+    unix: str | None = None  # socket path, "-" for a private one
+    port: int | None = None
+    ipaddr: str = "127.0.0.1"
+    export_name: str = ""
+    run: str | None = None  # the captive command
+    bmap: str | None = None
+    headless: bool = False
+    no_trace: bool = False
+    log: str | None = None
+    record: str | None = None
+    accel: str = "auto"
+    #: extra sinks to feed (later: metrics), each made from the session
+    extra_sinks: list[Callable[[Session], Any]] = field(default_factory=list)
+
+
+# --- block maps ---------------------------------------------------------------
+
+class ProgressPrinter:
+    """Prints Progress events on stderr: one updating line on a terminal,
+    a line every few seconds otherwise."""
+
+    def __init__(self, stream: IO[str] = sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._last = 0.0
+        self._said = ""
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, Message) and event.source == "diskwatch":
+            self._clear()
+            print(f"diskwatch: {safe_text(event.text)}", file=self.stream)
+            self._said = event.text
+            return
+        if not isinstance(event, Progress):
+            return
+        if event.phase == "done":
+            if event.summary not in self._said:
+                self._clear()
+                print(f"diskwatch: block map: {safe_text(event.summary)}", file=self.stream)
+            return
+        now = time.monotonic()
+        if now - self._last < (0.1 if self.tty else 5.0):
+            return
+        self._last = now
+        total = f"/{event.total}" if event.total else ""
+        line = safe_text(f"block map: {event.phase} {event.done}{total} "
+                         f"({event.rate:.0f}/s) {event.current}")
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 1
+            self.stream.write("\r" + line[:width].ljust(width))
+            self.stream.flush()
+        else:
+            print(f"diskwatch: {line}", file=self.stream)
+
+    def _clear(self) -> None:
+        if self.tty:
+            self.stream.write("\r" + " " * (shutil.get_terminal_size().columns - 1) + "\r")
+
+
+def generate_map(source, out_path: str, accel: str, bus=None) -> None:
+    from .bmap.generate import generate_bmap
+    from .events import Bus
+    bus = bus or Bus()
+    printer = ProgressPrinter()
+    bus.on_event(printer)
+    try:
+        generate_bmap(source, out_path, bus=bus, accel=accel)
+    finally:
+        bus.unsubscribe(printer)
+
+
+def load_map(path: str):
+    from .bmap.index import BlockMap
+    return BlockMap.load(path)
+
+
+# --- running a session: signals and the one drain loop --------------------------
+
+#: seconds between rounds of the pump (the trace is written at 10 Hz from
+#: aggregated batches; the UI's timer has the same period)
+TICK = 0.1
+
+
+@contextlib.contextmanager
+def signals_handled(on_signal: Callable[[int], None], signums=(signal.SIGINT, signal.SIGTERM,
+                                                               signal.SIGHUP)) -> Iterator[None]:
+    old = {s: signal.signal(s, lambda signum, frame: on_signal(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_session(session: Session, *, headless: bool, captive=None, announce: str = "",
+                prepare: Callable[[], None] | None = None,
+                clock: Callable[[], float] = time.monotonic) -> int:
+    """Run until the captive command exits, a signal comes, or (UI) the
+    person quits; returns the exit status. ``prepare`` runs in a thread
+    before the command starts (under the UI: generating a pending map).
+    The caller closes the session's pump (its last round, then the sinks)
+    once nothing publishes any more."""
+    if headless:
+        return _run_headless(session, captive, announce, prepare, clock)
+    if announce:
+        print(announce, file=sys.stderr)
+    return _run_ui(session, captive, prepare)
+
+
+def _run_headless(session: Session, captive, announce: str, prepare, clock) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int) -> None:
+        session.interrupted = True
+        stop.set()
+
+    with signals_handled(on_signal):
+        # Said only once Ctrl-C/SIGTERM are handled: a script that signals us
+        # as soon as it reads this line must not kill us before we clean up.
+        if announce:
+            print(announce, file=sys.stderr, flush=True)
+        if prepare is not None:
+            prepare()
+        if captive is not None:
+            captive.on_exit = lambda status: stop.set()
+            captive.start()
+        session.shutdown = stop.set
+        pump = session.pump
+        while not stop.is_set():
+            stop.wait(TICK)
+            pump.run_once(clock())
+        if captive is not None and session.interrupted:
+            # Interrupted: the command goes too (it may already have the
+            # terminal's SIGINT), then its status is ours.
+            captive.stop()
+        if captive is not None:
+            return captive.wait() or 0
+        return 0
+
+
+def _run_ui(session: Session, captive, prepare) -> int:
+    from .ui.app import DiskwatchApp
+    app = DiskwatchApp(session)
+    if captive is not None:
+        def on_exit(status: int) -> None:
+            session.exit_status = status
+        captive.on_exit = on_exit
+    stop = threading.Event()
+
+    def prepare_and_start() -> None:
+        # Under the UI the map is made while the person watches its progress;
+        # the command starts once names are known, so the trace has them all.
+        if prepare is not None:
+            prepare()
+        if captive is not None and not stop.is_set():
+            captive.start()
+    thread = threading.Thread(target=prepare_and_start, daemon=True, name="prepare")
+    thread.start()
+
+    def on_signal(signum: int) -> None:
+        # SIGTERM/SIGHUP under the UI: leave as if the person quit (the
+        # command is stopped and the socket removed on the way out). The
+        # handler runs inside the app's loop thread; call_from_thread wants
+        # another thread.
+        session.interrupted = True
+        if app.is_running:
+            threading.Thread(target=app.call_from_thread, args=(app.exit,), daemon=True).start()
+        # else: the app has not mounted yet; it sees session.interrupted then.
+    try:
+        with signals_handled(on_signal, (signal.SIGTERM, signal.SIGHUP)):
+            result = app.run()
+    finally:
+        stop.set()
+    if captive is not None:
+        if captive.running:
+            captive.stop()
+        status = captive.wait(0) if captive.proc is not None else None
+        return status if status is not None else (result if isinstance(result, int) else 0)
+    return result if isinstance(result, int) else 0
+
+
+# --- the live runner --------------------------------------------------------------
+
+class Runner:
+    """Serves ``config.source`` and watches it; see the module docstring."""
+
+    def __init__(self, config: RunConfig, open_source: Callable[[], Any]):
+        self.config = config
+        self.open_source = open_source
+        self.summary = None
+        self.pump = None
+        self.activated: list = []  # sockets passed by socket activation
+        self.trace_out: IO[str] = sys.stdout
+
+    def run(self) -> int:
+        from .server import Server, ServerThread, nbd_uri, private_socket_path
+        from .server.activation import activated_sockets
+        from .server.captive import Captive, captive_env
+        cfg = self.config
+        if cfg.source is None and not cfg.stream_to:
+            raise UsageError("no disk image given: diskwatch IMAGE [--run CMD] (see --help)")
+        if cfg.unix and cfg.port is not None:
+            raise UsageError("give -U or -p, not both")
+        # Taken first, whatever happens next: the variables must not reach a
+        # captive command, and the fds must not leak into it.
+        self.activated = activated = activated_sockets()
+        if activated and (cfg.unix or cfg.port is not None):
+            raise UsageError("started with sockets (socket activation, LISTEN_FDS): "
+                             "-U and -p do not apply")
+        # Under socket activation stdout is the starter's (nbdcopy ... - writes
+        # the image there): the trace goes to stderr. Without a terminal nobody
+        # sees a UI: headless, said once.
+        self.trace_out = sys.stderr if activated else sys.stdout
+        if not cfg.headless:
+            if activated:
+                why = "started by socket activation"
+            elif not sys.stdout.isatty():
+                why = "stdout is not a terminal"
+            else:
+                why = ""
+            if why:
+                print(f"diskwatch: {why}: running headless (trace on "
+                      f"{'stderr' if activated else 'stdout'}; --no-trace for the summary only)",
+                      file=sys.stderr)
+                cfg.headless = True
+        # Whatever fails from here on (a port in use, a bad map), what was made
+        # so far is undone: the source closed (a stream's FIFO removed), the log
+        # files closed, the socket and its private directory removed.
+        with contextlib.ExitStack() as undo:
+            source = self.open_source()
+            undo.push(_source_closer(source))
+            warning = getattr(source, "warning", None)
+            if warning:
+                print(f"diskwatch: {safe_text(warning)}", file=sys.stderr)
+            blockmap, pending_map = self._decide_map(source)
+
+            from .events import Bus
+            bus = Bus()
+            server = Server({cfg.export_name: source}, bus)
+            kind, addr = self._bind(server, undo, private_socket_path)
+            uri = nbd_uri(kind, addr, cfg.export_name)
+            session = Session(bus=bus, size=source.size, description=source.description,
+                              uri=uri, command=cfg.run, blockmap=blockmap)
+            self.pump = pump = session.pump
+            self._add_sinks(session, source, undo)
+            # The pump closes the sinks (after its last round) before their
+            # files are closed; failing early, its own errors are not the story.
+            undo.push(_closer(pump.close))
+
+            # The server thread gives up the GIL at every syscall; with the default
+            # 5 ms switch interval the consumer thread (UI, trace writer) can then
+            # keep it for 5 ms while a guest waits. A short interval bounds that stall.
+            sys.setswitchinterval(float(os.environ.get("DISKWATCH_SWITCH_INTERVAL", "0.0002")))
+            thread = ServerThread(server).start()
+            captive = None
+            try:
+                if cfg.run:
+                    captive = Captive(cfg.run, captive_env(kind, addr, cfg.export_name),
+                                      capture=not cfg.headless, bus=bus)
+                    session.stop_command = captive.stop
+                    announce = ""
+                else:
+                    announce = safe_text(f"diskwatch: serving {source.description} at {uri}")
+                prepare = None
+                if pending_map is not None:
+                    def prepare() -> None:
+                        self._generate_under_ui(session, source, pending_map)
+                status = run_session(session, headless=cfg.headless, captive=captive,
+                                     announce=announce, prepare=prepare)
+            finally:
+                abort = getattr(source, "abort", None)
+                if abort is not None and session.interrupted:
+                    abort()  # e.g. a stream whose FIFO reader never came: do not wait for one
+                # Stopping the server first publishes every request it answered
+                # (a client can exit before the server thread has published its
+                # last batch); the pump's last round then finds them all.
+                thread.stop()
+                if captive is not None and captive.running:
+                    captive.stop()
+                pump.close()
+        if self.summary is not None:
+            self.summary.print(sys.stderr)
+        dropped = pump.feed.total_dropped
+        if dropped:
+            print(f"diskwatch: {dropped} requests were not traced (the trace could "
+                  "not keep up)", file=sys.stderr)
+        return status
+
+    def _decide_map(self, source):
+        cfg = self.config
+        blockmap = None
+        pending_map = None  # a map to generate under the UI, before the command starts
+        if cfg.bmap:
+            if not os.path.exists(cfg.bmap):
+                if cfg.headless:
+                    print(f"diskwatch: {cfg.bmap} does not exist: generating it first",
+                          file=sys.stderr)
+                    generate_map(source, cfg.bmap, cfg.accel)
+                else:
+                    pending_map = cfg.bmap
+            if pending_map is None:
+                blockmap = load_map(cfg.bmap)
+        return blockmap, pending_map
+
+    def _bind(self, server, undo: contextlib.ExitStack, private_socket_path):
+        from .server.activation import describe
+        cfg = self.config
+        if self.activated:
+            # The socket is the starter's to remove (systemd, libnbd).
+            for sock in self.activated:
+                server.add_listener(sock)
+            return describe(self.activated[0])
+        unix = cfg.unix
+        if unix is None and cfg.port is None:
+            unix = "-" if cfg.run else None
+        if unix == "-":
+            private_dir, unix = private_socket_path()
+            undo.callback(shutil.rmtree, private_dir, ignore_errors=True)
+        if unix:
+            server.listen_unix(unix)
+            undo.callback(_unlink_quietly, unix)
+            return "unix", unix
+        port = server.listen_tcp(cfg.ipaddr, 10809 if cfg.port is None else cfg.port)
+        return "tcp", (cfg.ipaddr, port)
+
+    def _add_sinks(self, session: Session, source, undo: contextlib.ExitStack) -> None:
+        from .trace import JsonlRecorder, Summary, TextTrace
+        cfg = self.config
+        pump = session.pump
+
+        def open_log(path: str):
+            return undo.enter_context(open(path, "w", buffering=1 << 16))
+        if cfg.log:
+            pump.add(TextTrace(open_log(cfg.log), session.blockmap, session.started))
+        elif cfg.headless and not cfg.no_trace:
+            pump.add(TextTrace(self.trace_out, session.blockmap, session.started))
+        if cfg.record:
+            pump.add(JsonlRecorder(open_log(cfg.record), session.blockmap, session.started))
+        if cfg.headless:
+            self.summary = pump.add(Summary(source.size))
+        for make in cfg.extra_sinks:
+            pump.add(make(session))
+
+    def _generate_under_ui(self, session: Session, source, path: str) -> None:
+        try:
+            from .bmap.generate import generate_bmap
+            generate_bmap(source, path, bus=session.bus, accel=self.config.accel)
+            session.blockmap = load_map(path)
+        except Exception as e:  # noqa: BLE001 - shown in the UI, the session goes on
+            session.bus.publish(Message(f"block map generation failed: {e}", level="error"))
+
+
+def _closer(close: Callable[[], None]):
+    def close_quietly_if_failing(exc_type, exc, tb) -> None:
+        if exc_type is None:
+            close()
+            return
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
+    return close_quietly_if_failing
+
+
+def _source_closer(source):
+    def close_source(exc_type, exc, tb) -> None:
+        if exc_type is None:
+            source.close()
+            return
+        # Failing: a stream must not wait for a reader, and the error that
+        # stopped us is the one to tell, not the abandoned stream's.
+        if hasattr(source, "abort"):
+            source.abort()
+        try:
+            source.close()
+        except OSError:
+            pass
+    return close_source
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
