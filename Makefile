@@ -6,7 +6,7 @@ PY        := $(VENV)/bin/python
 # Debian's interpreter: it is the one that imports guestfs and nbd.
 SYSPY     ?= /usr/bin/python3
 APT_PKGS  := python3 python3-venv python3-dev python3-guestfs python3-libnbd python3-pycurl \
-             libguestfs-tools qemu-utils qemu-system-x86 qemu-system-common nbdkit libnbd-bin fio \
+             libguestfs-tools qemu-utils qemu-system-x86 qemu-system-common nbdkit nbd-server libnbd-bin fio \
              fdisk mtools dosfstools e2fsprogs xz-utils busybox-static linux-image-amd64 \
              nginx-light openssh-server openssh-client tmux librsvg2-bin systemd
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diskwatch",
         description="Serve a disk image over NBD and watch, live, what the client reads and writes.",
         epilog="Other commands: 'diskwatch bmap IMAGE -o MAP' (make a block map), "
-               "'diskwatch demo' (boot a tiny Linux guest and watch it).")
+               "'diskwatch demo' (boot a tiny Linux guest and watch it), "
+               "'diskwatch report FILE' (what a recording read and wrote; --svg draws it).")
     p.add_argument("source", nargs="?",
                    help="disk image (raw, qcow2, vmdk, vdi, vhdx... or .xz), an http/https/ftp/"
                         "sftp URL, or an NBD server to watch (nbd://HOST[:PORT]/EXPORT, "
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             return bmap_main(argv[1:])
         if argv and argv[0] == "demo":
             return demo_main(argv[1:])
+        if argv and argv[0] == "report":
+            from .report.command import report_main
+            return report_main(argv[1:])
         args = build_parser().parse_args(argv)
         _setup_logging(args.verbose)
         return serve(args)

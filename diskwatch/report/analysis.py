@@ -1,0 +1,377 @@
+"""What a recording says, in the terms a person acts on.
+
+``analyse(recording, blockmap)`` makes one pass over the requests and keeps,
+per block-map object, what was read and written, when it was first touched
+and when it was written (for churn); per directory the same summed over its
+subtree; per object type the request latencies. ``compare(a, b)`` sets two
+analyses side by side.
+
+Definitions (the text, the JSON and the tests use these and no others):
+
+- *read*: NBD_CMD_READ. *written*: WRITE, WRITE_ZEROES and TRIM (each
+  changes what the disk holds). CACHE and BLOCK_STATUS touch no data and
+  count only in the per-command totals; FLUSH and DISC have no range.
+- A request spanning several objects counts once for each, with the bytes
+  of its piece inside each (as ``Stats`` counts them live).
+- *write burst*: writes to one object less than ``BURST_GAP`` apart are one
+  burst (one append is often a few requests); *churn* is an object written
+  in at least ``CHURN_MIN_BURSTS`` bursts; its *period* is the median time
+  between bursts, its *rate* bursts per minute from first to last.
+- *unmapped*: bytes no block-map range covers. *Partition only*: bytes whose
+  most specific object is a partition, LV or disk (filesystem metadata,
+  journal, free space: named by no file or directory).
+- Latency rows are per (type of the most specific object of the request,
+  command); percentiles are exact (nearest rank) over the recording.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..bmap.format import TYPE_RANK
+from ..events import COMMAND_NAMES, Command
+from .inputs import Recording
+
+BURST_GAP = 0.1  # seconds
+CHURN_MIN_BURSTS = 3
+
+#: what a block-map type is called in reports; None: no object covers the bytes
+TYPE_NAMES = {"f": "file", "d": "directory", "l": "lv", "p": "partition", "v": "disk",
+              None: "unmapped"}
+
+_READ = int(Command.READ)
+_WRITTEN = frozenset((int(Command.WRITE), int(Command.WRITE_ZEROES), int(Command.TRIM)))
+_RANGED = _WRITTEN | {_READ}
+
+
+@dataclass(slots=True)
+class Traffic:
+    """Reads and writes of one object (or one directory's subtree)."""
+
+    reads: int = 0
+    read_bytes: int = 0
+    writes: int = 0
+    write_bytes: int = 0
+
+    @property
+    def requests(self) -> int:
+        return self.reads + self.writes
+
+    @property
+    def bytes(self) -> int:
+        return self.read_bytes + self.write_bytes
+
+    def add(self, other: Traffic) -> None:
+        self.reads += other.reads
+        self.read_bytes += other.read_bytes
+        self.writes += other.writes
+        self.write_bytes += other.write_bytes
+
+    def as_dict(self) -> dict[str, int]:
+        return {"reads": self.reads, "read_bytes": self.read_bytes,
+                "writes": self.writes, "write_bytes": self.write_bytes}
+
+
+@dataclass(slots=True)
+class ObjectTraffic(Traffic):
+    """An object's traffic plus when: first access, and each write burst's start."""
+
+    first_t: float = 0.0
+    first_op: str = ""
+    first_read_t: float | None = None
+    last_write_t: float = -math.inf
+    bursts: array = field(default_factory=lambda: array("d"))
+
+
+@dataclass
+class Churn:
+    name: str
+    type: str
+    bursts: int
+    writes: int
+    write_bytes: int
+    first_t: float
+    last_t: float
+    period: float | None  # median seconds between bursts
+    per_minute: float | None  # bursts per minute between the first and the last
+
+
+@dataclass
+class LatencyRow:
+    type: str  # TYPE_NAMES value, or "-" for commands without a range
+    op: str
+    count: int
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+
+@dataclass
+class Analysis:
+    source: str
+    origin: str
+    timed: bool
+    size: int
+    mapped: bool
+    requests: int = 0
+    errors: int = 0
+    duration: float = 0.0  # from the recording's start to the end of the last request
+    by_command: dict[str, list[int]] = field(default_factory=dict)  # name -> [requests, bytes]
+    read_bytes: int = 0
+    write_bytes: int = 0
+    objects: dict[Any, ObjectTraffic] = field(default_factory=dict)
+    dirs: dict[tuple[str, str], Traffic] = field(default_factory=dict)
+    unmapped: Traffic = field(default_factory=Traffic)
+    partition_only: Traffic = field(default_factory=Traffic)
+    latencies: dict[tuple[str, str], array] = field(default_factory=dict)
+    truncated: bool = False
+
+    # -- views --
+
+    def top_files(self, by: str = "bytes", n: int = 10) -> list[tuple[str, ObjectTraffic]]:
+        """Files (type f) with the most ``by`` (a Traffic attribute), most first."""
+        items = [(str(o), t) for o, t in self.objects.items()
+                 if o.type == "f" and getattr(t, by)]
+        items.sort(key=lambda it: (-getattr(it[1], by), -it[1].bytes, it[0]))
+        return items[:n]
+
+    def top_dirs(self, by: str = "bytes", n: int = 10) -> list[tuple[str, Traffic]]:
+        """Directories by their subtree's ``by`` (the root of a filesystem left out)."""
+        items = [(f"d {dev} {path}", t) for (dev, path), t in self.dirs.items()
+                 if path != "/" and getattr(t, by)]
+        items.sort(key=lambda it: (-getattr(it[1], by), -it[1].bytes, it[0]))
+        return items[:n]
+
+    def churn(self, n: int | None = None) -> list[Churn]:
+        """Files and directories written in CHURN_MIN_BURSTS bursts or more,
+        most bursts first."""
+        rows = []
+        for obj, t in self.objects.items():
+            if obj.type not in "fd" or len(t.bursts) < CHURN_MIN_BURSTS:
+                continue
+            starts = t.bursts
+            gaps = sorted(b - a for a, b in zip(starts, starts[1:], strict=False))
+            span = starts[-1] - starts[0]
+            rows.append(Churn(
+                name=str(obj), type=TYPE_NAMES[obj.type], bursts=len(starts), writes=t.writes,
+                write_bytes=t.write_bytes, first_t=starts[0], last_t=starts[-1],
+                period=gaps[len(gaps) // 2] if gaps else None,
+                per_minute=(len(starts) - 1) * 60 / span if span > 0 else None))
+        rows.sort(key=lambda c: (-c.bursts, -c.writes, c.name))
+        return rows if n is None else rows[:n]
+
+    def timeline(self) -> list[tuple[float, str, str]]:
+        """(time, "read"/"write", name) of each file and directory's first
+        access, in order."""
+        rows = [(t.first_t, t.first_op, str(o)) for o, t in self.objects.items()
+                if o.type in "fd"]
+        rows.sort()
+        return rows
+
+    def latency_rows(self) -> list[LatencyRow]:
+        rows = []
+        for (type_, op), values in self.latencies.items():
+            s = sorted(values)
+            rows.append(LatencyRow(type_, op, len(s), _rank(s, 0.5), _rank(s, 0.9),
+                                   _rank(s, 0.99), s[-1]))
+        order = list(TYPE_NAMES.values()) + ["-"]
+        rows.sort(key=lambda r: (order.index(r.type) if r.type in order else 99, r.op))
+        return rows
+
+    def first_reads(self) -> dict[str, float]:
+        """File name -> time of its first read."""
+        return {str(o): t.first_read_t for o, t in self.objects.items()
+                if o.type == "f" and t.first_read_t is not None}
+
+    def traffic_by_name(self) -> dict[str, Traffic]:
+        out: dict[str, Traffic] = {str(o): t for o, t in self.objects.items() if o.type in "fd"}
+        return out
+
+
+def _rank(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least q of them at or below."""
+    k = max(0, math.ceil(q * len(sorted_values)) - 1)
+    return sorted_values[k]
+
+
+def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST_GAP) -> Analysis:
+    """One pass over the recording's requests (see the module's definitions)."""
+    a = Analysis(source=recording.source, origin=recording.origin, timed=recording.timed,
+                 size=recording.disk_size(), mapped=blockmap is not None,
+                 truncated=recording.truncated)
+    by_command = {name: [0, 0] for name in COMMAND_NAMES}
+    objects = a.objects
+    latencies = a.latencies
+    unmapped, partition_only = a.unmapped, a.partition_only
+    lookup = blockmap.lookup if blockmap is not None else None
+    end = 0.0
+    for r in recording.requests:
+        cmd = r.command
+        name = COMMAND_NAMES[cmd] if 0 <= cmd < len(COMMAND_NAMES) else "unknown"
+        counts = by_command[name]
+        counts[0] += 1
+        counts[1] += r.length
+        a.requests += 1
+        if r.error:
+            a.errors += 1
+        t = r.start
+        if t + r.duration > end:
+            end = t + r.duration
+        if cmd not in _RANGED or not r.length:
+            _latency(latencies, "-", name, r.duration)
+            continue
+        is_read = cmd == _READ
+        if is_read:
+            a.read_bytes += r.length
+        else:
+            a.write_bytes += r.length
+        if lookup is None:
+            _latency(latencies, "all", name, r.duration)
+            continue
+        best_rank = -1
+        best_type = None
+        for start, stop, obj in lookup(r.offset, r.length):
+            n = stop - start
+            if obj is None:
+                _count(unmapped, is_read, n)
+                continue
+            rank = TYPE_RANK[obj.type]
+            if rank > best_rank:
+                best_rank, best_type = rank, obj.type
+            if rank <= TYPE_RANK["l"]:
+                _count(partition_only, is_read, n)
+            ot = objects.get(obj)
+            if ot is None:
+                ot = objects[obj] = ObjectTraffic(first_t=t, first_op="read" if is_read
+                                                  else "write")
+            if is_read:
+                ot.reads += 1
+                ot.read_bytes += n
+                if ot.first_read_t is None:
+                    ot.first_read_t = t
+            else:
+                ot.writes += 1
+                ot.write_bytes += n
+                if t - ot.last_write_t >= burst_gap:
+                    ot.bursts.append(t)
+                ot.last_write_t = t
+        _latency(latencies, TYPE_NAMES[best_type], name, r.duration)
+    a.duration = end
+    a.by_command = {k: v for k, v in by_command.items() if v[0]}
+    a.dirs = _subtrees(objects)
+    return a
+
+
+def _count(t: Traffic, is_read: bool, n: int) -> None:
+    if is_read:
+        t.reads += 1
+        t.read_bytes += n
+    else:
+        t.writes += 1
+        t.write_bytes += n
+
+
+def _latency(latencies: dict, type_: str, op: str, seconds: float) -> None:
+    values = latencies.get((type_, op))
+    if values is None:
+        values = latencies[(type_, op)] = array("d")
+    values.append(seconds)
+
+
+def _subtrees(objects: dict[Any, ObjectTraffic]) -> dict[tuple[str, str], Traffic]:
+    """Each directory's traffic summed over everything under it (its own
+    blocks included)."""
+    dirs: dict[tuple[str, str], Traffic] = {}
+    for obj, t in objects.items():
+        if obj.type not in "fd" or not obj.path:
+            continue
+        path = obj.path.rstrip("/") or "/"
+        chain = [path] if obj.type == "d" else []
+        while path != "/":
+            path = path.rsplit("/", 1)[0] or "/"
+            chain.append(path)
+        for p in chain:
+            d = dirs.get((obj.device, p))
+            if d is None:
+                d = dirs[(obj.device, p)] = Traffic()
+            d.add(t)
+    return dirs
+
+
+# --- two recordings ---------------------------------------------------------------------
+
+
+@dataclass
+class Change:
+    name: str
+    a: Traffic
+    b: Traffic
+
+    @property
+    def delta_bytes(self) -> int:
+        return self.b.bytes - self.a.bytes
+
+
+@dataclass
+class Milestone:
+    name: str
+    a: float | None  # time of the first read in A, None if A never read it
+    b: float | None
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.a is None or self.b is None else self.b - self.a
+
+
+@dataclass
+class Comparison:
+    a: Analysis
+    b: Analysis
+    only_a: list[tuple[str, Traffic]]
+    only_b: list[tuple[str, Traffic]]
+    changed: list[Change]
+    milestones: list[Milestone]
+
+
+def compare(a: Analysis, b: Analysis, milestones: Iterable[str] = ()) -> Comparison:
+    """What B touched that A did not (and back), what changed most, and when
+    each run first read the files both read (or the named ``milestones``:
+    paths or full names, matched against file names)."""
+    ta, tb = a.traffic_by_name(), b.traffic_by_name()
+    only_a = sorted(((n, t) for n, t in ta.items() if n not in tb), key=_by_bytes)
+    only_b = sorted(((n, t) for n, t in tb.items() if n not in ta), key=_by_bytes)
+    changed = [Change(n, ta[n], tb[n]) for n in ta.keys() & tb.keys()]
+    changed = [c for c in changed if c.a.bytes != c.b.bytes or c.a.requests != c.b.requests]
+    changed.sort(key=lambda c: (-abs(c.delta_bytes), c.name))
+    fa, fb = a.first_reads(), b.first_reads()
+    wanted = list(milestones)
+    if wanted:
+        rows = []
+        for want in wanted:
+            name = _match_name(want, fa.keys() | fb.keys()) or want
+            rows.append(Milestone(name, fa.get(name), fb.get(name)))
+    else:
+        rows = [Milestone(n, fa[n], fb[n]) for n in fa.keys() & fb.keys()]
+        rows.sort(key=lambda m: (m.a, m.name))
+    return Comparison(a, b, only_a, only_b, changed, rows)
+
+
+def _by_bytes(item: tuple[str, Traffic]) -> tuple[int, int, str]:
+    return (-item[1].bytes, -item[1].requests, item[0])
+
+
+def _match_name(want: str, names: Iterable[str]) -> str | None:
+    """A full name ("f /dev/sda1 /etc/motd") or a path ("/etc/motd") -> the
+    file's full name, if one matches."""
+    names = sorted(names)
+    if want in names:
+        return want
+    for n in names:
+        if n.split(" ", 2)[-1] == want:
+            return n
+    return None

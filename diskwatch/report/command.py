@@ -1,0 +1,103 @@
+"""``diskwatch report``: the command line of the report package.
+
+    diskwatch report FILE [--bmap MAP] [--json] [--svg OUT] [--png OUT]
+    diskwatch report A --against B [--bmap MAP] [--against-bmap MAP]
+    diskwatch report --from nbd-trdump|nbdkit-log|jsonl FILE ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+from .inputs import KINDS
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diskwatch report",
+        description="What a recorded session read and wrote: top files and directories, "
+                    "churn, first accesses, unmapped bytes, latency; compare two; draw one.")
+    p.add_argument("file", help="a recording (diskwatch --record), or another server's log "
+                                "(see --from)")
+    p.add_argument("--bmap", metavar="MAP", help="block map naming the recording's offsets")
+    p.add_argument("--from", dest="kind", choices=KINDS, default="auto",
+                   help="what FILE is: diskwatch's recording, its JSON lines, nbd-server's "
+                        "transaction log (nbd-trdump), nbdkit's log filter output "
+                        "(default: decided by its first bytes)")
+    p.add_argument("--against", metavar="B", help="compare with this recording: what B "
+                                                  "touched that FILE did not, and back")
+    p.add_argument("--against-bmap", metavar="MAP", help="block map of B (default: --bmap)")
+    p.add_argument("--against-from", choices=KINDS, default="auto", help="what B is")
+    p.add_argument("--milestone", action="append", default=[], metavar="PATH",
+                   help="with --against: compare the time of the first read of this file "
+                        "(repeatable; default: every file both read)")
+    p.add_argument("--json", action="store_true",
+                   help="JSON for scripts (schema diskwatch-report/1 or diskwatch-compare/1)")
+    p.add_argument("--svg", metavar="OUT", help="draw offset over time, with partitions, the "
+                                                "busiest files and throughput, into OUT")
+    p.add_argument("--png", metavar="OUT", help="the same picture as PNG (needs rsvg-convert)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="rows per table (default 10)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def report_main(argv: list[str]) -> int:
+    from ..bmap.index import BlockMap
+    from .analysis import analyse, compare
+    from .inputs import open_input
+    from .render import compare_json, report_json, write_compare_text, write_json, write_text
+
+    args = build_report_parser().parse_args(argv)
+    recording = open_input(args.file, args.kind)
+    blockmap = BlockMap.load(args.bmap) if args.bmap else None
+    analysis = analyse(recording, blockmap)
+    out = sys.stdout
+    if args.against:
+        other = open_input(args.against, args.against_from)
+        other_map = BlockMap.load(args.against_bmap) if args.against_bmap else blockmap
+        comparison = compare(analysis, analyse(other, other_map), args.milestone)
+        if args.json:
+            write_json(compare_json(comparison), out)
+        else:
+            write_compare_text(comparison, out, args.top)
+    elif args.json:
+        write_json(report_json(analysis), out)
+    elif not (args.svg or args.png):
+        write_text(analysis, out, args.top)
+    if args.svg or args.png:
+        draw(recording, analysis, blockmap, args.svg, args.png)
+    return 0
+
+
+def draw(recording, analysis, blockmap, svg_path: str | None, png_path: str | None) -> None:
+    from ..trace import human_bytes
+    from .svg import PictureBins, render_svg, write_png
+
+    bins = PictureBins(recording.disk_size(), width=0.05 if recording.timed else 1.0)
+    bins.add_requests(recording.requests)
+    files = []
+    if blockmap is not None:
+        busiest = sorted(((o, t.bytes) for o, t in analysis.objects.items() if o.type == "f"),
+                         key=lambda ob: (-ob[1], str(ob[0])))
+        files = busiest[:6]
+    span = f"{analysis.duration:.1f} s" if recording.timed else "no times"
+    title = (f"{recording.source}: {analysis.requests} requests, {span}, "
+             f"read {human_bytes(analysis.read_bytes)}, "
+             f"written {human_bytes(analysis.write_bytes)}")
+    text = render_svg(bins, title=title, blockmap=blockmap, files=files, timed=recording.timed)
+    if svg_path:
+        _write_text_file(svg_path, text)
+    if png_path:
+        with tempfile.TemporaryDirectory(prefix="diskwatch-png-") as tmp:
+            src = svg_path or os.path.join(tmp, "picture.svg")
+            if not svg_path:
+                _write_text_file(src, text)
+            write_png(src, png_path)
+
+
+def _write_text_file(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8", errors="replace") as f:
+        f.write(text)

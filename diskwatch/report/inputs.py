@@ -1,0 +1,95 @@
+"""A recording, whatever wrote it: requests plus what is known of their origin.
+
+``open_input(path, kind)`` reads any kind the report knows; ``kind="auto"``
+looks at the file's first bytes. The rest of the report package only ever
+sees a ``Recording``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import DiskwatchError
+from ..events import Request
+
+#: what ``--from`` accepts; "auto" decides by the file's first bytes
+KINDS = ("auto", "diskwatch", "jsonl", "nbd-trdump", "nbdkit-log")
+
+
+@dataclass
+class Recording:
+    """Requests of one session, ``start`` in seconds from the recording's start.
+
+    ``timed`` is False when the source logs no times (nbd-server): then
+    ``start`` is the request's position, 0, 1, 2..., and pictures and
+    timelines say "request #" instead of seconds."""
+
+    requests: Sequence[Request]
+    source: str = ""  # what was served, or which log this came from
+    size: int | None = None  # bytes of the disk, when known
+    origin: str = "diskwatch"  # one of KINDS but "auto"
+    timed: bool = True
+    path: str = ""
+    truncated: bool = False  # the file ended inside a record (a crash, a copy mid-write)
+    bmap_hash: str | None = None  # the block map the recorder named requests with, if any
+
+    @property
+    def time_unit(self) -> str:
+        return "s" if self.timed else "request #"
+
+    def disk_size(self) -> int:
+        """The disk's size if known, else the end of the furthest request."""
+        if self.size:
+            return self.size
+        return max((r.offset + r.length for r in self.requests), default=0)
+
+
+def sniff(path: str) -> str:
+    """The kind of a file, by its first bytes."""
+    from .importers import NBD_REQUEST_MAGIC, NBD_TRACELOG_MAGIC
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if len(head) >= 4 and int.from_bytes(head[:4], "big") in (NBD_REQUEST_MAGIC,
+                                                               NBD_TRACELOG_MAGIC):
+        return "nbd-trdump"
+    if head[:1] == b"{":
+        return "jsonl"
+    if len(head) >= 11 and head[:4].isdigit() and head[4:5] == b"-" and head[10:11] == b" ":
+        return "nbdkit-log"
+    if not head:
+        raise DiskwatchError(f"{path}: empty file: nothing to report")
+    return "diskwatch"
+
+
+def open_input(path: str, kind: str = "auto") -> Recording:
+    """Read a recording or a foreign log into memory."""
+    from . import importers
+    if kind == "auto":
+        kind = sniff(path)
+    if kind == "nbd-trdump":
+        return importers.read_nbd_trdump(path)
+    if kind == "nbdkit-log":
+        return importers.read_nbdkit_log(path)
+    if kind == "jsonl":
+        return importers.read_jsonl(path)
+    if kind == "diskwatch":
+        return read_diskwatch_recording(path)
+    raise DiskwatchError(f"unknown input kind {kind!r}: use one of {', '.join(KINDS)}")
+
+
+def read_diskwatch_recording(path: str) -> Recording:
+    """A file written by ``diskwatch --record``, through diskwatch.record's reader."""
+    try:
+        from ..record import open_recording  # type: ignore[attr-defined]
+    except ImportError:
+        raise DiskwatchError(
+            f"{path}: not a file the report can read (JSON lines, nbd-server transaction "
+            "log or nbdkit log); say which with --from") from None
+    header, batches = open_recording(path)
+    requests: list[Request] = []
+    for batch in batches:
+        requests.extend(batch)
+    return Recording(requests=requests, source=getattr(header, "source", "") or path,
+                     size=getattr(header, "size", None), origin="diskwatch", timed=True,
+                     path=path, bmap_hash=getattr(header, "bmap_hash", None))

@@ -1,0 +1,284 @@
+"""Analyses as text for a person and as JSON for scripts.
+
+JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
+
+    {"schema": "diskwatch-report/1",
+     "source": str, "origin": "diskwatch"|"jsonl"|"nbd-trdump"|"nbdkit-log",
+     "timed": bool,          # false: times are request positions (0, 1, 2...), not seconds
+     "size": int,            # bytes of the disk (or the furthest request's end)
+     "mapped": bool,         # a block map named the requests
+     "truncated": bool,      # the file ended inside a record
+     "requests": int, "errors": int, "duration": float,
+     "read_bytes": int, "write_bytes": int,
+     "commands": {NAME: {"requests": int, "bytes": int}},          # read, write, flush, zero...
+     "objects": [OBJECT],        # every file and directory touched, most bytes first
+     "directories": [SUBTREE],   # every directory, traffic summed over its subtree
+     "churn": [CHURN],           # most write bursts first
+     "timeline": [{"t": float, "op": "read"|"write", "name": str}],  # first access, in order
+     "unmapped": TRAFFIC,        # bytes no range of the map covers
+     "partition_only": TRAFFIC,  # bytes named only by a partition/LV/disk (metadata, free space)
+     "latency": [{"type": str, "op": str, "count": int,
+                  "p50": float, "p90": float, "p99": float, "max": float}]}   # seconds
+    TRAFFIC = {"reads": int, "read_bytes": int, "writes": int, "write_bytes": int}
+    OBJECT  = TRAFFIC + {"name": str, "type": "f"|"d", "device": str, "path": str,
+                         "first_t": float, "first_op": str, "first_read_t": float|null}
+    SUBTREE = TRAFFIC + {"device": str, "path": str}
+    CHURN   = {"name": str, "type": str, "bursts": int, "writes": int, "write_bytes": int,
+               "first_t": float, "last_t": float, "period": float|null, "per_minute": float|null}
+
+``diskwatch report A --against B --json`` gives ``diskwatch-compare/1``::
+
+    {"schema": "diskwatch-compare/1",
+     "a": SUMMARY, "b": SUMMARY,     # SUMMARY: the report's top-level scalars above
+     "only_a": [TRAFFIC + {"name"}], "only_b": [TRAFFIC + {"name"}],
+     "changed": [{"name": str, "a": TRAFFIC, "b": TRAFFIC, "delta_bytes": int}],
+     "milestones": [{"name": str, "a": float|null, "b": float|null, "delta": float|null}]}
+
+Names in JSON are the block map's, unchanged (JSON escapes what it must);
+in text every name goes through ``printable`` first: a file name from a
+guest must not be able to move the cursor or retitle the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Any
+
+from ..trace import human_bytes
+from .analysis import Analysis, Comparison, Traffic
+
+SCHEMA = "diskwatch-report/1"
+COMPARE_SCHEMA = "diskwatch-compare/1"
+
+
+def printable(text: str) -> str:
+    """Control characters (C0, DEL, C1) and undecodable bytes as visible escapes."""
+    # TODO: use diskwatch/text.py's safe-text function once it is on main
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if o < 0x20 or 0x7F <= o < 0xA0:
+            out.append(f"\\x{o:02x}")
+        elif 0xDC80 <= o <= 0xDCFF:  # surrogateescape'd byte
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif o in (0x200E, 0x200F) or 0x202A <= o <= 0x202E or 0x2066 <= o <= 0x2069:
+            out.append(f"\\u{o:04x}")  # bidi overrides can reorder what follows
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _when(t: float | None, timed: bool) -> str:
+    if t is None:
+        return "-"
+    return f"{t:8.3f} s" if timed else f"#{int(t):<8d}"
+
+
+def _dur(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _traffic_cols(t: Traffic) -> str:
+    return (f"{human_bytes(t.read_bytes):>10} {t.reads:>7}  "
+            f"{human_bytes(t.write_bytes):>10} {t.writes:>7}")
+
+
+_TRAFFIC_HEAD = f"{'read':>10} {'reqs':>7}  {'written':>10} {'reqs':>7}"
+
+
+def write_text(a: Analysis, out: IO[str], top: int = 10) -> None:
+    w = out.write
+    w(f"diskwatch report: {printable(a.source)}\n")
+    if a.truncated:
+        w("  (the file ends inside a record: a crash or a copy mid-write; read up to there)\n")
+    span = (f"{a.duration:.2f} s" if a.timed
+            else "no times in this log: positions are request order")
+    cmds = ", ".join(f"{name} {n}" + (f" ({human_bytes(b)})" if name in ("read", "write") else "")
+                     for name, (n, b) in a.by_command.items())
+    w(f"  {a.requests} requests, {span}: {cmds}" + (f"; {a.errors} failed" if a.errors else "")
+      + "\n")
+    w(f"  disk {human_bytes(a.size)}; read {human_bytes(a.read_bytes)}, "
+      f"written {human_bytes(a.write_bytes)}\n")
+    if not a.mapped:
+        w("  no block map: give --bmap MAP to name files, directories and partitions\n")
+    else:
+        _top_tables(a, w, top)
+        _churn(a, w, top)
+        _timeline(a, w, top)
+        _coverage(a, w)
+    _latency(a, w)
+
+
+def _top_tables(a: Analysis, w, top: int) -> None:
+    for title, rows in (
+        ("Files, most bytes read", a.top_files("read_bytes", top)),
+        ("Files, most bytes written", a.top_files("write_bytes", top)),
+        ("Files, most requests", a.top_files("requests", top)),
+        ("Directories (whole subtree), most bytes read", a.top_dirs("read_bytes", top)),
+        ("Directories (whole subtree), most bytes written", a.top_dirs("write_bytes", top)),
+    ):
+        w(f"\n{title}\n")
+        if not rows:
+            w("  (none)\n")
+            continue
+        w(f"  {_TRAFFIC_HEAD}  name\n")
+        for name, t in rows:
+            w(f"  {_traffic_cols(t)}  {printable(name)}\n")
+
+
+def _churn(a: Analysis, w, top: int) -> None:
+    rows = a.churn(top)
+    w(f"\nChurn: files and directories written again and again (write bursts; "
+      f"{len(a.churn())} in all)\n")
+    if not rows:
+        w("  (none written in 3 bursts or more)\n")
+        return
+    unit = "s" if a.timed else "req"
+    w(f"  {'bursts':>6} {'writes':>7} {'written':>10} {'every':>10} {'per min':>8}  name\n")
+    for c in rows:
+        every = f"{c.period:.3f} {unit}" if c.period is not None else "-"
+        rate = f"{c.per_minute:.1f}" if c.per_minute is not None and a.timed else "-"
+        w(f"  {c.bursts:>6} {c.writes:>7} {human_bytes(c.write_bytes):>10} {every:>10} "
+          f"{rate:>8}  {printable(c.name)}\n")
+
+
+def _timeline(a: Analysis, w, top: int) -> None:
+    rows = a.timeline()
+    limit = max(top * 4, 20)
+    w(f"\nFirst access: what was touched, in order ({len(rows)} files and directories"
+      + (f", the first {limit}" if len(rows) > limit else "") + ")\n")
+    for t, op, name in rows[:limit]:
+        w(f"  {_when(t, a.timed)}  {op:<5}  {printable(name)}\n")
+
+
+def _coverage(a: Analysis, w) -> None:
+    w("\nBytes the map does not name\n")
+    w(f"  {_TRAFFIC_HEAD}\n")
+    w(f"  {_traffic_cols(a.unmapped)}  not covered by any range of the map\n")
+    w(f"  {_traffic_cols(a.partition_only)}  named only by a partition/LV/disk "
+      "(filesystem metadata, journal, free space)\n")
+
+
+def _latency(a: Analysis, w) -> None:
+    rows = a.latency_rows()
+    if not rows:
+        return
+    if not any(r.max for r in rows):
+        w("\nLatency: not in this log (it has no times)\n")
+        return
+    w("\nLatency per object type (most specific object of each request)\n")
+    w(f"  {'type':<10} {'op':<12} {'count':>7} {'p50':>9} {'p90':>9} {'p99':>9} {'max':>9}\n")
+    for r in rows:
+        w(f"  {r.type:<10} {r.op:<12} {r.count:>7} {_dur(r.p50):>9} {_dur(r.p90):>9} "
+          f"{_dur(r.p99):>9} {_dur(r.max):>9}\n")
+
+
+# --- JSON ------------------------------------------------------------------------------
+
+
+def _summary(a: Analysis) -> dict[str, Any]:
+    return {"source": a.source, "origin": a.origin, "timed": a.timed, "size": a.size,
+            "mapped": a.mapped, "truncated": a.truncated, "requests": a.requests,
+            "errors": a.errors, "duration": a.duration, "read_bytes": a.read_bytes,
+            "write_bytes": a.write_bytes}
+
+
+def report_json(a: Analysis) -> dict[str, Any]:
+    objects = []
+    for obj, t in sorted(((o, t) for o, t in a.objects.items() if o.type in "fd"),
+                         key=lambda ot: (-ot[1].bytes, str(ot[0]))):
+        objects.append({"name": str(obj), "type": obj.type, "device": obj.device,
+                        "path": obj.path, **t.as_dict(), "first_t": t.first_t,
+                        "first_op": t.first_op, "first_read_t": t.first_read_t})
+    dirs = [{"device": dev, "path": path, **t.as_dict()}
+            for (dev, path), t in sorted(a.dirs.items(), key=lambda kv: (-kv[1].bytes, kv[0]))]
+    return {
+        "schema": SCHEMA, **_summary(a),
+        "commands": {name: {"requests": n, "bytes": b} for name, (n, b) in a.by_command.items()},
+        "objects": objects,
+        "directories": dirs,
+        "churn": [vars(c) for c in a.churn()],
+        "timeline": [{"t": t, "op": op, "name": name} for t, op, name in a.timeline()],
+        "unmapped": a.unmapped.as_dict(),
+        "partition_only": a.partition_only.as_dict(),
+        "latency": [vars(r) for r in a.latency_rows()],
+    }
+
+
+def compare_json(c: Comparison) -> dict[str, Any]:
+    return {
+        "schema": COMPARE_SCHEMA, "a": _summary(c.a), "b": _summary(c.b),
+        "only_a": [{"name": n, **t.as_dict()} for n, t in c.only_a],
+        "only_b": [{"name": n, **t.as_dict()} for n, t in c.only_b],
+        "changed": [{"name": ch.name, "a": ch.a.as_dict(), "b": ch.b.as_dict(),
+                     "delta_bytes": ch.delta_bytes} for ch in c.changed],
+        "milestones": [{"name": m.name, "a": m.a, "b": m.b, "delta": m.delta}
+                       for m in c.milestones],
+    }
+
+
+def write_json(doc: dict[str, Any], out: IO[str]) -> None:
+    json.dump(doc, out, indent=1)
+    out.write("\n")
+
+
+# --- comparison as text ------------------------------------------------------------------
+
+
+def _ratio(a: float, b: float) -> str:
+    if a == 0:
+        return "-" if b == 0 else "new"
+    return f"{b / a:.2f}x"
+
+
+def write_compare_text(c: Comparison, out: IO[str], top: int = 10) -> None:
+    w = out.write
+    a, b = c.a, c.b
+    w(f"diskwatch compare\n  A: {printable(a.source)}\n  B: {printable(b.source)}\n\n")
+    w(f"  {'':<16} {'A':>12} {'B':>12} {'B/A':>8}\n")
+    for label, x, y, fmt in (
+        ("requests", a.requests, b.requests, str),
+        ("bytes read", a.read_bytes, b.read_bytes, human_bytes),
+        ("bytes written", a.write_bytes, b.write_bytes, human_bytes),
+        ("failed", a.errors, b.errors, str),
+    ):
+        w(f"  {label:<16} {fmt(x):>12} {fmt(y):>12} {_ratio(x, y):>8}\n")
+    if a.timed and b.timed:
+        w(f"  {'duration':<16} {a.duration:>10.2f} s {b.duration:>10.2f} s "
+          f"{_ratio(a.duration, b.duration):>8}\n")
+    if not (a.mapped and b.mapped):
+        w("\n  no block map for both: give --bmap (and --against-bmap) to compare objects\n")
+        return
+    for title, rows in (("Touched by B only", c.only_b), ("Touched by A only", c.only_a)):
+        total = Traffic()
+        for _, t in rows:
+            total.add(t)
+        w(f"\n{title}: {len(rows)} files and directories, {human_bytes(total.read_bytes)} "
+          f"read, {human_bytes(total.write_bytes)} written\n")
+        if rows:
+            w(f"  {_TRAFFIC_HEAD}  name\n")
+        for name, t in rows[:top]:
+            w(f"  {_traffic_cols(t)}  {printable(name)}\n")
+    w(f"\nChanged most (bytes read + written, B - A; {len(c.changed)} changed)\n")
+    for ch in c.changed[:top]:
+        sign = "+" if ch.delta_bytes >= 0 else "-"
+        w(f"  {sign}{human_bytes(abs(ch.delta_bytes)):>10}  A {human_bytes(ch.a.bytes):>10} "
+          f"in {ch.a.requests:>5}  B {human_bytes(ch.b.bytes):>10} in {ch.b.requests:>5}  "
+          f"{printable(ch.name)}\n")
+    rows = c.milestones
+    w(f"\nMilestones: first read of the same file ({len(rows)})\n")
+    if rows:
+        w(f"  {'A':>10}  {'B':>10}  {'B - A':>10}  name\n")
+    shown = rows if len(rows) <= top else rows[: top // 2] + [None] + rows[-(top - top // 2):]
+    for m in shown:
+        if m is None:
+            w(f"  {'...':>10}\n")
+            continue
+        delta = "-" if m.delta is None else (f"{m.delta:+.3f} s" if a.timed and b.timed
+                                            else f"{m.delta:+.0f}")
+        w(f"  {_when(m.a, a.timed):>10}  {_when(m.b, b.timed):>10}  {delta:>10}  "
+          f"{printable(m.name)}\n")

@@ -1,0 +1,346 @@
+"""One picture of a session: where on the disk, when, read or written.
+
+seekwatcher and iowatcher draw blktrace this way: time across, disk offset
+down, reads and writes in two colours, and under it the throughput. Here
+the partitions are bands with their names, and the busiest files are marked
+where they lie, so the picture says *what* was read, not only where.
+
+The picture is hand-written SVG (no plotting library: a few hundred lines
+of text need none). Its size is bounded whatever the recording's length:
+requests are binned into at most ``cols`` x ``rows`` cells (``PictureBins``),
+and each row of cells becomes one path per colour and shade, so a million
+requests cost no more elements than a thousand.
+
+    +--------------------------------------------------------------+
+    | title, legend                                                 |
+    | offset |  cells: reads (blue), writes (red)      | partition  |
+    | axis   |  over partition bands and file bands    | and file   |
+    |        |                                          | labels    |
+    |        +------------------------------------------+           |
+    |        |  throughput: read and write, MiB/s       |           |
+    |        +------------------------------------------+           |
+    |           time axis (s, or request # without times)          |
+    +--------------------------------------------------------------+
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from array import array
+from collections.abc import Iterable
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from ..errors import DiskwatchError
+from ..events import Command, Request
+from ..trace import human_bytes
+from .render import printable
+
+READ_COLOUR = "#2166ac"
+WRITE_COLOUR = "#d6402b"
+FILE_BAND_COLOUR = "#f2b701"
+PARTITION_FILLS = ("#eef2f6", "#e3e9ef")
+SHADES = (0.35, 0.55, 0.78, 1.0)  # opacity by how many requests a cell holds (log scale)
+
+_READ = int(Command.READ)
+_WRITTEN = frozenset((int(Command.WRITE), int(Command.WRITE_ZEROES), int(Command.TRIM)))
+
+
+class PictureBins:
+    """Requests counted per (time column, offset row), bounded in memory.
+
+    Columns start ``width`` seconds wide; when a request falls beyond the
+    last column, neighbouring columns are merged pairwise (the width
+    doubles), so any duration fits in ``cols`` columns without knowing it
+    in advance. That is what lets the UI keep one of these for a live
+    session and save it at any moment."""
+
+    def __init__(self, size: int, rows: int = 150, cols: int = 200, width: float = 0.05):
+        self.size = max(1, size)
+        self.rows = rows
+        self.cols = cols
+        self.width = width
+        # per column: request counts per row, and bytes for the throughput panel
+        self.reads = [array("I", bytes(4 * rows)) for _ in range(cols)]
+        self.writes = [array("I", bytes(4 * rows)) for _ in range(cols)]
+        self.read_bytes = array("Q", bytes(8 * cols))
+        self.write_bytes = array("Q", bytes(8 * cols))
+        self.used = 0  # columns in use (index of the last touched column + 1)
+
+    def add(self, t: float, command: int, offset: int, length: int) -> None:
+        if command == _READ:
+            grid, nbytes = self.reads, self.read_bytes
+        elif command in _WRITTEN:
+            grid, nbytes = self.writes, self.write_bytes
+        else:
+            return
+        if length <= 0 or t < 0:
+            return
+        col = int(t / self.width)
+        while col >= self.cols:
+            self._halve()
+            col = int(t / self.width)
+        if col >= self.used:
+            self.used = col + 1
+        nbytes[col] += length
+        rows, size = self.rows, self.size
+        first = offset * rows // size
+        if first >= rows:
+            return
+        last = min(rows - 1, (offset + length - 1) * rows // size)
+        cells = grid[col]
+        for row in range(first, last + 1):
+            cells[row] += 1
+
+    def add_requests(self, requests: Iterable[Request]) -> None:
+        add = self.add
+        for r in requests:
+            add(r.start, r.command, r.offset, r.length)
+
+    def _halve(self) -> None:
+        half = self.cols // 2
+        for grid in (self.reads, self.writes):
+            for i in range(half):
+                a, b = grid[2 * i], grid[2 * i + 1]
+                grid[i] = array("I", (x + y for x, y in zip(a, b, strict=True)))
+            for i in range(half, self.cols):
+                grid[i] = array("I", bytes(4 * self.rows))
+        for series in (self.read_bytes, self.write_bytes):
+            for i in range(half):
+                series[i] = series[2 * i] + series[2 * i + 1]
+            for i in range(half, self.cols):
+                series[i] = 0
+        self.width *= 2
+        self.used = (self.used + 1) // 2
+
+
+# --- drawing -----------------------------------------------------------------------------
+
+W, H = 1100, 700
+LEFT, RIGHT, TOP = 78, 250, 56
+MAIN_H, GAP, RATE_H = 430, 34, 110
+PLOT_W = W - LEFT - RIGHT
+
+
+def _nice_step(span: float, ticks: int) -> float:
+    raw = span / max(1, ticks)
+    if raw <= 0:
+        return 1.0
+    mag = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 5, 10):
+        if raw <= m * mag:
+            return m * mag
+    return 10 * mag
+
+
+def _byte_step(size: int, ticks: int) -> int:
+    raw = size / max(1, ticks)
+    step = 1
+    while step * 2 <= raw or step < 512:
+        step *= 2
+    return step
+
+
+def _t(text: str) -> str:
+    return escape(printable(text))
+
+
+def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
+               files: Iterable[tuple[Any, int]] = (), timed: bool = True,
+               max_files: int = 6) -> str:
+    """The picture as SVG text. ``files``: (block-map object, bytes) of the
+    busiest files, most first; the first ``max_files`` are marked."""
+    out: list[str] = []
+    o = out.append
+    used = max(1, bins.used)
+    span = used * bins.width
+    cw = PLOT_W / used  # column width in pixels
+    rh = MAIN_H / bins.rows
+    rate_top = TOP + MAIN_H + GAP
+
+    def y_of(offset: int) -> float:
+        return TOP + min(1.0, offset / bins.size) * MAIN_H
+
+    o(f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+      f'viewBox="0 0 {W} {H}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" '
+      f'font-size="12">')
+    o(f'<rect width="{W}" height="{H}" fill="white"/>')
+    o(f'<text id="title" x="{LEFT}" y="22" font-size="15" font-weight="bold">{_t(title)}</text>')
+    lx = LEFT
+    for label, colour in (("read", READ_COLOUR), ("written", WRITE_COLOUR),
+                          ("busiest files", FILE_BAND_COLOUR)):
+        o(f'<rect class="legend" x="{lx}" y="32" width="12" height="12" fill="{colour}"/>'
+          f'<text x="{lx + 17}" y="42">{label}</text>')
+        lx += 30 + 8 * len(label)
+
+    # partitions: bands behind everything, names at the right
+    o('<g id="partitions">')
+    labels: list[tuple[float, str, str, str]] = []  # (y, text, class, colour)
+    if blockmap is not None:
+        parts = [(s, e, obj) for s, e, obj in blockmap.partitions() if obj.type in "pl"]
+        for i, (start, end, obj) in enumerate(parts):
+            y0, y1 = y_of(start), y_of(end)
+            o(f'<rect class="partition" data-name={quoteattr(printable(str(obj)))} '
+              f'x="{LEFT}" y="{y0:.2f}" width="{PLOT_W}" height="{max(0.5, y1 - y0):.2f}" '
+              f'fill="{PARTITION_FILLS[i % 2]}"><title>{_t(str(obj))}</title></rect>')
+            labels.append(((y0 + y1) / 2, f"{obj.type} {obj.device}", "partition-label", "#555"))
+    o("</g>")
+
+    # busiest files: translucent bands where their blocks lie
+    o('<g id="files">')
+    for obj, nbytes in list(files)[:max_files]:
+        ranges = _merge_for_pixels(blockmap.ranges_of(obj), bins.size / MAIN_H)
+        if not ranges:
+            continue
+        name = obj.path or str(obj)
+        d = "".join(f"M{LEFT},{y_of(s):.2f}h{PLOT_W}v{max(1.2, y_of(e) - y_of(s)):.2f}"
+                    f"h-{PLOT_W}z" for s, e in ranges[:64])
+        o(f'<path class="file-band" data-name={quoteattr(printable(str(obj)))} d="{d}" '
+          f'fill="{FILE_BAND_COLOUR}" fill-opacity="0.28"><title>{_t(str(obj))} '
+          f'({human_bytes(nbytes)})</title></path>')
+        s, e = ranges[0]
+        labels.append(((y_of(s) + y_of(e)) / 2, f"{name} ({human_bytes(nbytes)})",
+                       "file-label", "#8a6100"))
+    o("</g>")
+
+    # the cells: one path per row, colour and shade
+    o('<g id="requests">')
+    peak = max((max(c) for grid in (bins.reads, bins.writes) for c in grid[:used]), default=0)
+    for grid, colour, cls in ((bins.reads, READ_COLOUR, "reads"),
+                              (bins.writes, WRITE_COLOUR, "writes")):
+        o(f'<g class="{cls}" fill="{colour}">')
+        for row in range(bins.rows):
+            runs: dict[int, list[str]] = {}
+            col = 0
+            while col < used:
+                level = _shade(grid[col][row], peak)
+                if level < 0:
+                    col += 1
+                    continue
+                start = col
+                while col + 1 < used and _shade(grid[col + 1][row], peak) == level:
+                    col += 1
+                col += 1
+                x = LEFT + start * cw
+                runs.setdefault(level, []).append(
+                    f"M{x:.1f},{TOP + row * rh:.1f}h{(col - start) * cw:.1f}v{rh:.1f}"
+                    f"h{-(col - start) * cw:.1f}z")
+            for level, parts in runs.items():
+                o(f'<path fill-opacity="{SHADES[level]}" d="{"".join(parts)}"/>')
+        o("</g>")
+    o("</g>")
+
+    # frames and axes
+    o(f'<rect x="{LEFT}" y="{TOP}" width="{PLOT_W}" height="{MAIN_H}" fill="none" '
+      f'stroke="#333"/>')
+    o('<g id="offset-axis" class="axis">')
+    step = _byte_step(bins.size, 8)
+    off = 0
+    while off <= bins.size:
+        y = y_of(off)
+        o(f'<line x1="{LEFT - 5}" y1="{y:.1f}" x2="{LEFT}" y2="{y:.1f}" stroke="#333"/>'
+          f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{human_bytes(off)}</text>')
+        off += step
+    o(f'<text transform="translate(16,{TOP + MAIN_H / 2}) rotate(-90)" text-anchor="middle">'
+      f'disk offset</text>')
+    o("</g>")
+
+    _labels(o, labels)
+
+    # throughput panel
+    o(f'<g id="throughput"><rect x="{LEFT}" y="{rate_top}" width="{PLOT_W}" '
+      f'height="{RATE_H}" fill="none" stroke="#333"/>')
+    per = bins.width if timed else bins.width  # seconds (or requests) per column
+    unit = "/s" if timed else " per request"
+    series = [(bins.read_bytes, READ_COLOUR, "read-rate"),
+              (bins.write_bytes, WRITE_COLOUR, "write-rate")]
+    top_rate = max((max(s[:used]) for s, _, _ in series), default=0) / per
+    if top_rate > 0:
+        for s, colour, cls in series:
+            pts = []
+            for col in range(used):
+                y = rate_top + RATE_H - (s[col] / per) / top_rate * RATE_H
+                pts.append(f"{LEFT + col * cw:.1f},{y:.1f} {LEFT + (col + 1) * cw:.1f},{y:.1f}")
+            o(f'<polyline class="{cls}" fill="none" stroke="{colour}" stroke-width="1.3" '
+              f'points="{" ".join(pts)}"/>')
+    for frac in (0.0, 0.5, 1.0):
+        y = rate_top + RATE_H - frac * RATE_H
+        o(f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">'
+          f'{human_bytes(int(top_rate * frac))}{unit}</text>')
+    o(f'<text transform="translate(16,{rate_top + RATE_H / 2}) rotate(-90)" '
+      f'text-anchor="middle">throughput</text></g>')
+
+    # time axis, under both panels
+    o('<g id="time-axis" class="axis">')
+    tstep = _nice_step(span, 10)
+    bottom = rate_top + RATE_H
+    k = 0
+    while k * tstep <= span + 1e-9:
+        x = LEFT + k * tstep / span * PLOT_W
+        label = f"{k * tstep:g}"
+        for y0 in (TOP + MAIN_H, bottom):
+            o(f'<line x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y0 + 5}" stroke="#333"/>')
+        o(f'<text x="{x:.1f}" y="{bottom + 18}" text-anchor="middle">{label}</text>')
+        k += 1
+    o(f'<text x="{LEFT + PLOT_W / 2}" y="{bottom + 36}" text-anchor="middle">'
+      f'{"time (s)" if timed else "request # (this log has no times)"}</text>')
+    o("</g>")
+    o("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _shade(count: int, peak: int) -> int:
+    if count <= 0:
+        return -1
+    if peak <= 1:
+        return len(SHADES) - 1
+    level = int(math.log(count) / math.log(peak) * len(SHADES))
+    return min(len(SHADES) - 1, level)
+
+
+def _merge_for_pixels(ranges: list[tuple[int, int]], bytes_per_px: float
+                      ) -> list[tuple[int, int]]:
+    """Merge ranges closer than a pixel: a fragmented file is a few bands, not thousands."""
+    out: list[tuple[int, int]] = []
+    for s, e in ranges:
+        if out and s - out[-1][1] < bytes_per_px:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _labels(o, labels: list[tuple[float, str, str, str]]) -> None:
+    """Names at the right of the plot, pushed apart so none overlap, each
+    with a leader to where it belongs."""
+    o('<g id="labels">')
+    labels.sort()
+    placed: list[float] = []
+    for y, _, _, _ in labels:
+        placed.append(max(y, placed[-1] + 13) if placed else max(y, TOP + 6))
+    # if the stack ran off the bottom, push it back up
+    overflow = (placed[-1] - (TOP + MAIN_H)) if placed else 0
+    if overflow > 0:
+        placed = [p - overflow for p in placed]
+        for i in range(len(placed) - 2, -1, -1):
+            placed[i] = min(placed[i], placed[i + 1] - 13)
+    x = LEFT + PLOT_W
+    for (y, text, cls, colour), ly in zip(labels, placed, strict=True):
+        shown = text if len(text) <= 34 else "…" + text[-33:]
+        o(f'<line x1="{x}" y1="{y:.1f}" x2="{x + 12}" y2="{ly:.1f}" stroke="{colour}" '
+          f'stroke-width="0.8"/><text class="{cls}" x="{x + 15}" y="{ly + 4:.1f}" '
+          f'fill="{colour}">{_t(shown)}</text>')
+    o("</g>")
+
+
+def write_png(svg_path: str, png_path: str) -> None:
+    """Convert with rsvg-convert (librsvg2-bin)."""
+    tool = shutil.which("rsvg-convert")
+    if tool is None:
+        raise DiskwatchError("--png needs rsvg-convert: apt-get install librsvg2-bin")
+    r = subprocess.run([tool, "-b", "white", "-o", png_path, svg_path],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise DiskwatchError(f"rsvg-convert failed: {r.stderr.strip() or r.returncode}")
