@@ -13,8 +13,9 @@ Definitions (the text, the JSON and the tests use these and no others):
   count only in the per-command totals; FLUSH and DISC have no range.
 - A request spanning several objects counts once for each, with the bytes
   of its piece inside each (as ``Stats`` counts them live).
-- *write burst*: writes to one object less than ``BURST_GAP`` apart are one
-  burst (one append is often a few requests); *churn* is an object written
+- *write burst*: writes to one object with no FLUSH between them and less
+  than ``BURST_GAP`` apart are one burst (one append is often a few
+  requests at once; a flush, as ``sync`` sends, ends it); *churn* is an object written
   in at least ``CHURN_MIN_BURSTS`` bursts; its *period* is the median time
   between bursts, its *rate* bursts per minute from first to last.
 - *unmapped*: bytes no block-map range covers. *Partition only*: bytes whose
@@ -36,7 +37,7 @@ from ..bmap.format import TYPE_RANK
 from ..events import COMMAND_NAMES, Command
 from .inputs import Recording
 
-BURST_GAP = 0.1  # seconds
+BURST_GAP = 0.02  # seconds: requests of one append arrive together
 CHURN_MIN_BURSTS = 3
 
 #: what a block-map type is called in reports; None: no object covers the bytes
@@ -84,6 +85,7 @@ class ObjectTraffic(Traffic):
     first_op: str = ""
     first_read_t: float | None = None
     last_write_t: float = -math.inf
+    last_write_flushes: int = -1  # flushes seen before its last write
     bursts: array = field(default_factory=lambda: array("d"))
 
 
@@ -210,6 +212,8 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     unmapped, partition_only = a.unmapped, a.partition_only
     lookup = blockmap.lookup if blockmap is not None else None
     end = 0.0
+    flushes = 0
+    flush = int(Command.FLUSH)
     for r in recording.requests:
         cmd = r.command
         name = COMMAND_NAMES[cmd] if 0 <= cmd < len(COMMAND_NAMES) else "unknown"
@@ -222,6 +226,8 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
         t = r.start
         if t + r.duration > end:
             end = t + r.duration
+        if cmd == flush:
+            flushes += 1
         if cmd not in _RANGED or not r.length:
             _latency(latencies, "-", name, r.duration)
             continue
@@ -257,9 +263,10 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
             else:
                 ot.writes += 1
                 ot.write_bytes += n
-                if t - ot.last_write_t >= burst_gap:
+                if t - ot.last_write_t > burst_gap or ot.last_write_flushes != flushes:
                     ot.bursts.append(t)
                 ot.last_write_t = t
+                ot.last_write_flushes = flushes
         _latency(latencies, TYPE_NAMES[best_type], name, r.duration)
     a.duration = end
     a.by_command = {k: v for k, v in by_command.items() if v[0]}

@@ -68,6 +68,10 @@ class PictureBins:
         self.read_bytes = array("Q", bytes(8 * cols))
         self.write_bytes = array("Q", bytes(8 * cols))
         self.used = 0  # columns in use (index of the last touched column + 1)
+        #: time of column 0: the first request's whole second (a boot's
+        #: kernel may run for seconds before it touches the disk; that is
+        #: not worth half the picture)
+        self.origin: float | None = None
 
     def add(self, t: float, command: int, offset: int, length: int) -> None:
         if command == _READ:
@@ -76,8 +80,11 @@ class PictureBins:
             grid, nbytes = self.writes, self.write_bytes
         else:
             return
-        if length <= 0 or t < 0:
+        if length <= 0:
             return
+        if self.origin is None:
+            self.origin = float(math.floor(t))
+        t = max(0.0, t - self.origin)  # requests of other connections may come a bit earlier
         col = int(t / self.width)
         while col >= self.cols:
             self._halve()
@@ -119,7 +126,7 @@ class PictureBins:
 # --- drawing -----------------------------------------------------------------------------
 
 W, H = 1100, 700
-LEFT, RIGHT, TOP = 78, 250, 56
+LEFT, RIGHT, TOP = 92, 250, 56
 MAIN_H, GAP, RATE_H = 430, 34, 110
 PLOT_W = W - LEFT - RIGHT
 
@@ -243,7 +250,7 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
         o(f'<line x1="{LEFT - 5}" y1="{y:.1f}" x2="{LEFT}" y2="{y:.1f}" stroke="#333"/>'
           f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{human_bytes(off)}</text>')
         off += step
-    o(f'<text transform="translate(16,{TOP + MAIN_H / 2}) rotate(-90)" text-anchor="middle">'
+    o(f'<text transform="translate(14,{TOP + MAIN_H / 2}) rotate(-90)" text-anchor="middle">'
       f'disk offset</text>')
     o("</g>")
 
@@ -269,16 +276,17 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
         y = rate_top + RATE_H - frac * RATE_H
         o(f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">'
           f'{human_bytes(int(top_rate * frac))}{unit}</text>')
-    o(f'<text transform="translate(16,{rate_top + RATE_H / 2}) rotate(-90)" '
+    o(f'<text transform="translate(14,{rate_top + RATE_H / 2}) rotate(-90)" '
       f'text-anchor="middle">throughput</text></g>')
 
     # time axis, under both panels
     o('<g id="time-axis" class="axis">')
     tstep = _nice_step(span, 10)
     bottom = rate_top + RATE_H
-    k = 0
-    while k * tstep <= span + 1e-9:
-        x = LEFT + k * tstep / span * PLOT_W
+    origin = bins.origin or 0.0
+    k = math.ceil(origin / tstep - 1e-9)
+    while k * tstep <= origin + span + 1e-9:
+        x = LEFT + (k * tstep - origin) / span * PLOT_W
         label = f"{k * tstep:g}"
         for y0 in (TOP + MAIN_H, bottom):
             o(f'<line x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y0 + 5}" stroke="#333"/>')

@@ -1,0 +1,201 @@
+"""Issue 12, items 4-6 as plain unit tests: the report's definitions on a
+known map and known requests (the guest boots in test_report_guest.py show
+the same on real sessions)."""
+
+from __future__ import annotations
+
+import json
+import random
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from diskwatch.bmap.format import BmapEntry
+from diskwatch.bmap.index import BlockMap
+from diskwatch.events import Command, make_request
+from diskwatch.report.analysis import analyse, compare
+from diskwatch.report.inputs import Recording
+from diskwatch.report.render import (
+    compare_json,
+    printable,
+    report_json,
+    write_compare_text,
+    write_text,
+)
+from diskwatch.report.svg import PictureBins, render_svg
+
+MiB = 1 << 20
+R, W, FLUSH = int(Command.READ), int(Command.WRITE), int(Command.FLUSH)
+EVIL = "/tmp/\x1b]0;pwned\x07\x1b[2J"
+
+
+def entries():
+    e = BmapEntry
+    return [
+        e(1, 0, 64 * MiB, "v", "/dev/sda"),
+        e(1, MiB, 60 * MiB, "p", "/dev/sda1"),
+        e(1, 2 * MiB, 2 * MiB + 4096, "d", "/dev/sda1", "/"),
+        e(1, 3 * MiB, 3 * MiB + 4096, "d", "/dev/sda1", "/var/log"),
+        e(1, 4 * MiB, 4 * MiB + 65536, "f", "/dev/sda1", "/var/log/a.log"),
+        e(1, 10 * MiB, 12 * MiB, "f", "/dev/sda1", "/bin/busybox"),
+        e(1, 20 * MiB, 21 * MiB, "f", "/dev/sda1", "/bin/busybox"),
+        e(1, 30 * MiB, 30 * MiB + 4096, "f", "/dev/sda1", "/etc/motd"),
+        e(1, 31 * MiB, 31 * MiB + 4096, "f", "/dev/sda1", EVIL),
+    ]
+
+
+def req(t, cmd, offset, length, duration=0.001, error=0):
+    return make_request((1, "", cmd, offset, length, 0, t, duration, error))
+
+
+def boot(extra_delay=0.0, antivirus=False):
+    """A boot: busybox read in two extents, motd, a log appended 4 times
+    (each append two requests 10 ms apart and the directory between: one burst), metadata, a flush,
+    and a write where the map has nothing. With ``antivirus``, every file
+    is read once more, plus a signature file, and things take longer."""
+    d = extra_delay
+    reqs = [
+        req(0.0, R, 2 * MiB, 4096),                      # the root directory
+        req(0.1 + d, R, 10 * MiB, 2 * MiB, 0.010),     # busybox, first extent
+        req(0.2 + d, R, 20 * MiB, MiB, 0.020),         # busybox, second extent
+        req(0.5 + 2 * d, R, 30 * MiB, 4096, 0.002),    # motd
+        req(0.6 + 2 * d, R, MiB + 4096, 4096),         # partition metadata (superblock...)
+        req(0.7 + 2 * d, R, 31 * MiB, 4096),           # the file with an evil name
+    ]
+    for i in range(4):
+        t = 1.0 + i + 2 * d
+        reqs += [req(t, W, 4 * MiB + i * 512, 512), req(t + 0.005, W, 3 * MiB, 4096)]
+        reqs += [req(t + 0.01, W, 4 * MiB + i * 512, 512)]
+    reqs += [req(5.0 + 2 * d, FLUSH, 0, 0), req(5.1 + 2 * d, W, 62 * MiB, 8192)]
+    if antivirus:
+        reqs += [req(5.5 + 2 * d, R, 10 * MiB, 2 * MiB), req(5.6 + 2 * d, R, 40 * MiB, 4096)]
+    reqs.sort(key=lambda r: r.start)
+    return Recording(requests=reqs, source="test boot", size=64 * MiB)
+
+
+@pytest.fixture(scope="module")
+def blockmap():
+    return BlockMap(entries())
+
+
+def test_top_churn_timeline_unmapped_and_latency(blockmap):
+    a = analyse(boot(), blockmap)
+    assert a.requests == 20 and a.by_command["flush"] == [1, 0]
+    top = a.top_files("read_bytes", 3)
+    assert [n for n, _ in top] == ["f /dev/sda1 /bin/busybox", "f /dev/sda1 /etc/motd",
+                                   f"f /dev/sda1 {EVIL}"]
+    assert top[0][1].read_bytes == 3 * MiB and top[0][1].reads == 2
+    # the log: 8 write requests in 4 bursts, one a second
+    (churn_log, churn_dir) = a.churn()
+    assert churn_log.name == "f /dev/sda1 /var/log/a.log"
+    assert (churn_log.bursts, churn_log.writes, churn_log.write_bytes) == (4, 8, 4096)
+    assert churn_log.period == pytest.approx(1.0) and churn_log.per_minute == pytest.approx(60)
+    assert churn_dir.name == "d /dev/sda1 /var/log" and churn_dir.bursts == 4
+    # directories sum their subtree (the filesystem's root left out)
+    dirs = dict(a.top_dirs("write_bytes"))
+    assert dirs["d /dev/sda1 /var/log"].write_bytes == 4096 + 4 * 4096
+    assert dirs["d /dev/sda1 /var"].write_bytes == 4096 + 4 * 4096
+    assert dict(a.top_dirs("read_bytes"))["d /dev/sda1 /bin"].read_bytes == 3 * MiB
+    # first access, in order
+    assert [(t, op, n.split(" ", 2)[2]) for t, op, n in a.timeline()] == [
+        (0.0, "read", "/"), (0.1, "read", "/bin/busybox"), (0.5, "read", "/etc/motd"),
+        (0.7, "read", EVIL), (1.0, "write", "/var/log/a.log"), (1.005, "write", "/var/log")]
+    # the 8 KiB write past the partition's end: only the disk (v) covers it
+    assert a.unmapped.write_bytes == 0
+    assert a.partition_only.read_bytes == 4096 and a.partition_only.write_bytes == 8192
+    lat = {(r.type, r.op): r for r in a.latency_rows()}
+    assert lat[("file", "read")].count == 4
+    assert lat[("file", "read")].p50 == pytest.approx(0.002)
+    assert lat[("file", "read")].max == pytest.approx(0.020)
+    assert lat[("-", "flush")].count == 1
+
+
+def test_text_and_json(blockmap, tmp_path):
+    import io
+    a = analyse(boot(), blockmap)
+    buf = io.StringIO()
+    write_text(a, buf)
+    text = buf.getvalue()
+    assert "\x1b" not in text and "\x07" not in text
+    assert printable(EVIL) in text
+    for title in ("Files, most bytes read", "Churn", "First access", "does not name", "Latency"):
+        assert title in text
+    churn_part = text.split("Churn")[1].split("\n")
+    assert "/var/log/a.log" in churn_part[2]  # the first row under the heading
+    doc = json.loads(json.dumps(report_json(a)))
+    assert doc["schema"] == "diskwatch-report/1"
+    assert doc["objects"][0]["name"] == "f /dev/sda1 /bin/busybox"
+    assert doc["churn"][0]["bursts"] == 4
+    assert doc["timeline"][1] == {"t": 0.1, "op": "read", "name": "f /dev/sda1 /bin/busybox"}
+    assert any(o["path"] == EVIL for o in doc["objects"])  # JSON keeps names as they are
+
+
+def test_without_a_map_the_totals_and_latency_remain():
+    import io
+    a = analyse(boot(), None)
+    buf = io.StringIO()
+    write_text(a, buf)
+    assert "give --bmap" in buf.getvalue()
+    assert a.read_bytes == 4096 * 4 + 3 * MiB and not a.objects
+
+
+def test_compare_shows_what_the_other_run_touched_and_how_late(blockmap):
+    e = entries() + [BmapEntry(1, 40 * MiB, 40 * MiB + 4096, "f", "/dev/sda1",
+                               "/av/signatures.db")]
+    bm_b = BlockMap(e)
+    c = compare(analyse(boot(), blockmap), analyse(boot(0.5, antivirus=True), bm_b))
+    assert [n for n, _ in c.only_b] == ["f /dev/sda1 /av/signatures.db"]
+    assert c.only_a == []
+    assert c.changed[0].name == "f /dev/sda1 /bin/busybox"
+    assert c.changed[0].delta_bytes == 2 * MiB
+    ms = {m.name: m for m in c.milestones}
+    assert ms["f /dev/sda1 /etc/motd"].delta == pytest.approx(1.0)
+    assert ms["f /dev/sda1 /bin/busybox"].delta == pytest.approx(0.5)
+    named = compare(c.a, c.b, ["/etc/motd"])
+    assert [m.name for m in named.milestones] == ["f /dev/sda1 /etc/motd"]
+    import io
+    buf = io.StringIO()
+    write_compare_text(c, buf)
+    assert "Touched by B only: 1 files" in buf.getvalue()
+    assert compare_json(c)["only_b"][0]["name"] == "f /dev/sda1 /av/signatures.db"
+
+
+def test_svg_is_a_document_with_axes_partitions_and_a_labelled_file(blockmap):
+    rec = boot()
+    a = analyse(rec, blockmap)
+    bins = PictureBins(rec.disk_size())
+    bins.add_requests(rec.requests)
+    files = sorted(((o, t.bytes) for o, t in a.objects.items() if o.type == "f"),
+                   key=lambda ob: -ob[1])
+    svg = render_svg(bins, title=f"boot {EVIL}", blockmap=blockmap, files=files)
+    root = ET.fromstring(svg)  # well-formed, whatever the names held
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    time_ticks = [t.text for t in root.findall("s:g[@id='time-axis']/s:text", ns)]
+    assert "0" in time_ticks and "5" in time_ticks and "time (s)" in time_ticks
+    offset_ticks = [t.text for t in root.findall("s:g[@id='offset-axis']/s:text", ns)]
+    assert "0 B" in offset_ticks and "64 MiB" in offset_ticks
+    parts = root.findall(".//s:rect[@class='partition']", ns)
+    assert [p.get("data-name") for p in parts] == ["p /dev/sda1"]
+    labels = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")
+              if t.get("class") == "file-label"]
+    assert any(label.startswith("/bin/busybox") for label in labels), labels
+    bands = {p.get("data-name") for p in root.findall(".//s:path[@class='file-band']", ns)}
+    assert "f /dev/sda1 /bin/busybox" in bands
+    assert root.find(".//s:g[@class='reads']/s:path", ns) is not None
+    assert root.find(".//s:g[@class='writes']/s:path", ns) is not None
+    assert root.find(".//s:polyline[@class='read-rate']", ns) is not None
+    assert "\x1b" not in svg
+
+
+def test_svg_size_is_bounded_whatever_the_number_of_requests():
+    rnd = random.Random(1)
+    size = 8 << 30
+    bins = PictureBins(size)
+    for i in range(200_000):  # random reads and writes over the whole disk, 20 minutes
+        bins.add(i * 0.006, R if i % 3 else W, rnd.randrange(size // 4096) * 4096, 4096)
+    assert bins.width > 1.0 and bins.used <= bins.cols
+    svg = render_svg(bins, title="flood")
+    root = ET.fromstring(svg)
+    elements = sum(1 for _ in root.iter())
+    assert elements < 2 * bins.rows * 4 + 400
+    assert len(svg) < 3_000_000
