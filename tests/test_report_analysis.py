@@ -17,12 +17,12 @@ from diskwatch.report.analysis import analyse, compare
 from diskwatch.report.inputs import Recording
 from diskwatch.report.render import (
     compare_json,
-    printable,
     report_json,
     write_compare_text,
     write_text,
 )
 from diskwatch.report.svg import PictureBins, render_svg
+from diskwatch.text import safe_text
 
 MiB = 1 << 20
 R, W, FLUSH = int(Command.READ), int(Command.WRITE), int(Command.FLUSH)
@@ -117,7 +117,7 @@ def test_text_and_json(blockmap, tmp_path):
     write_text(a, buf)
     text = buf.getvalue()
     assert "\x1b" not in text and "\x07" not in text
-    assert printable(EVIL) in text
+    assert safe_text(EVIL) in text
     for title in ("Files, most bytes read", "Churn", "First access", "does not name", "Latency"):
         assert title in text
     churn_part = text.split("Churn")[1].split("\n")

@@ -35,8 +35,8 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
      "milestones": [{"name": str, "a": float|null, "b": float|null, "delta": float|null}]}
 
 Names in JSON are the block map's, unchanged (JSON escapes what it must);
-in text every name goes through ``printable`` first: a file name from a
-guest must not be able to move the cursor or retitle the terminal.
+in text and SVG every name goes through ``safe_text`` (diskwatch/text.py)
+first: a file name from a guest must not be able to move the cursor or retitle the terminal.
 """
 
 from __future__ import annotations
@@ -44,28 +44,12 @@ from __future__ import annotations
 import json
 from typing import IO, Any
 
+from ..text import safe_text
 from ..trace import human_bytes
 from .analysis import Analysis, Comparison, Traffic
 
 SCHEMA = "diskwatch-report/1"
 COMPARE_SCHEMA = "diskwatch-compare/1"
-
-
-def printable(text: str) -> str:
-    """Control characters (C0, DEL, C1) and undecodable bytes as visible escapes."""
-    # TODO: use diskwatch/text.py's safe-text function once it is on main
-    out = []
-    for ch in text:
-        o = ord(ch)
-        if o < 0x20 or 0x7F <= o < 0xA0:
-            out.append(f"\\x{o:02x}")
-        elif 0xDC80 <= o <= 0xDCFF:  # surrogateescape'd byte
-            out.append(f"\\x{o - 0xDC00:02x}")
-        elif o in (0x200E, 0x200F) or 0x202A <= o <= 0x202E or 0x2066 <= o <= 0x2069:
-            out.append(f"\\u{o:04x}")  # bidi overrides can reorder what follows
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def _when(t: float | None, timed: bool) -> str:
@@ -92,7 +76,7 @@ _TRAFFIC_HEAD = f"{'read':>10} {'reqs':>7}  {'written':>10} {'reqs':>7}"
 
 def write_text(a: Analysis, out: IO[str], top: int = 10) -> None:
     w = out.write
-    w(f"diskwatch report: {printable(a.source)}\n")
+    w(f"diskwatch report: {safe_text(a.source)}\n")
     if a.truncated:
         w("  (the file ends inside a record: a crash or a copy mid-write; read up to there)\n")
     span = (f"{a.duration:.2f} s" if a.timed
@@ -127,7 +111,7 @@ def _top_tables(a: Analysis, w, top: int) -> None:
             continue
         w(f"  {_TRAFFIC_HEAD}  name\n")
         for name, t in rows:
-            w(f"  {_traffic_cols(t)}  {printable(name)}\n")
+            w(f"  {_traffic_cols(t)}  {safe_text(name)}\n")
 
 
 def _churn(a: Analysis, w, top: int) -> None:
@@ -143,7 +127,7 @@ def _churn(a: Analysis, w, top: int) -> None:
         every = f"{c.period:.3f} {unit}" if c.period is not None else "-"
         rate = f"{c.per_minute:.1f}" if c.per_minute is not None and a.timed else "-"
         w(f"  {c.bursts:>6} {c.writes:>7} {human_bytes(c.write_bytes):>10} {every:>10} "
-          f"{rate:>8}  {printable(c.name)}\n")
+          f"{rate:>8}  {safe_text(c.name)}\n")
 
 
 def _timeline(a: Analysis, w, top: int) -> None:
@@ -152,7 +136,7 @@ def _timeline(a: Analysis, w, top: int) -> None:
     w(f"\nFirst access: what was touched, in order ({len(rows)} files and directories"
       + (f", the first {limit}" if len(rows) > limit else "") + ")\n")
     for t, op, name in rows[:limit]:
-        w(f"  {_when(t, a.timed)}  {op:<5}  {printable(name)}\n")
+        w(f"  {_when(t, a.timed)}  {op:<5}  {safe_text(name)}\n")
 
 
 def _coverage(a: Analysis, w) -> None:
@@ -238,7 +222,7 @@ def _ratio(a: float, b: float) -> str:
 def write_compare_text(c: Comparison, out: IO[str], top: int = 10) -> None:
     w = out.write
     a, b = c.a, c.b
-    w(f"diskwatch compare\n  A: {printable(a.source)}\n  B: {printable(b.source)}\n\n")
+    w(f"diskwatch compare\n  A: {safe_text(a.source)}\n  B: {safe_text(b.source)}\n\n")
     w(f"  {'':<16} {'A':>12} {'B':>12} {'B/A':>8}\n")
     for label, x, y, fmt in (
         ("requests", a.requests, b.requests, str),
@@ -262,13 +246,13 @@ def write_compare_text(c: Comparison, out: IO[str], top: int = 10) -> None:
         if rows:
             w(f"  {_TRAFFIC_HEAD}  name\n")
         for name, t in rows[:top]:
-            w(f"  {_traffic_cols(t)}  {printable(name)}\n")
+            w(f"  {_traffic_cols(t)}  {safe_text(name)}\n")
     w(f"\nChanged most (bytes read + written, B - A; {len(c.changed)} changed)\n")
     for ch in c.changed[:top]:
         sign = "+" if ch.delta_bytes >= 0 else "-"
         w(f"  {sign}{human_bytes(abs(ch.delta_bytes)):>10}  A {human_bytes(ch.a.bytes):>10} "
           f"in {ch.a.requests:>5}  B {human_bytes(ch.b.bytes):>10} in {ch.b.requests:>5}  "
-          f"{printable(ch.name)}\n")
+          f"{safe_text(ch.name)}\n")
     rows = c.milestones
     w(f"\nMilestones: first read of the same file ({len(rows)})\n")
     if rows:
@@ -281,4 +265,4 @@ def write_compare_text(c: Comparison, out: IO[str], top: int = 10) -> None:
         delta = "-" if m.delta is None else (f"{m.delta:+.3f} s" if a.timed and b.timed
                                             else f"{m.delta:+.0f}")
         w(f"  {_when(m.a, a.timed):>10}  {_when(m.b, b.timed):>10}  {delta:>10}  "
-          f"{printable(m.name)}\n")
+          f"{safe_text(m.name)}\n")

@@ -35,8 +35,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from ..errors import DiskwatchError
 from ..events import Command, Request
+from ..text import safe_text
 from ..trace import human_bytes
-from .render import printable
 
 READ_COLOUR = "#2166ac"
 WRITE_COLOUR = "#d6402b"
@@ -151,7 +151,7 @@ def _byte_step(size: int, ticks: int) -> int:
 
 
 def _t(text: str) -> str:
-    return escape(printable(text))
+    return escape(safe_text(text))
 
 
 def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
@@ -189,7 +189,7 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
         parts = [(s, e, obj) for s, e, obj in blockmap.partitions() if obj.type in "pl"]
         for i, (start, end, obj) in enumerate(parts):
             y0, y1 = y_of(start), y_of(end)
-            o(f'<rect class="partition" data-name={quoteattr(printable(str(obj)))} '
+            o(f'<rect class="partition" data-name={quoteattr(safe_text(str(obj)))} '
               f'x="{LEFT}" y="{y0:.2f}" width="{PLOT_W}" height="{max(0.5, y1 - y0):.2f}" '
               f'fill="{PARTITION_FILLS[i % 2]}"><title>{_t(str(obj))}</title></rect>')
             labels.append(((y0 + y1) / 2, f"{obj.type} {obj.device}", "partition-label", "#555"))
@@ -204,7 +204,7 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
         name = obj.path or str(obj)
         d = "".join(f"M{LEFT},{y_of(s):.2f}h{PLOT_W}v{max(1.2, y_of(e) - y_of(s)):.2f}"
                     f"h-{PLOT_W}z" for s, e in ranges[:64])
-        o(f'<path class="file-band" data-name={quoteattr(printable(str(obj)))} d="{d}" '
+        o(f'<path class="file-band" data-name={quoteattr(safe_text(str(obj)))} d="{d}" '
           f'fill="{FILE_BAND_COLOUR}" fill-opacity="0.28"><title>{_t(str(obj))} '
           f'({human_bytes(nbytes)})</title></path>')
         s, e = ranges[0]
