@@ -219,3 +219,28 @@ def test_daemon_death_is_eio_with_its_status(guest_formats):
     finally:
         src.close()
     assert not os.path.exists(daemon.dir)
+
+
+@pytest.mark.slow
+def test_the_guest_boots_from_its_qcow2_with_the_same_names(guest_image, guest_formats, tmp_path):
+    """The block map is made from the qcow2 itself (libguestfs reading
+    through diskwatch's private qemu), then the guest boots from the qcow2
+    under --snapshot and the trace names what it really reads and writes."""
+    guest = guest_image.guest
+    image, _ = guest_formats["qcow2-compressed"]
+    bmap = tmp_path / "guest.bmap"
+    r = diskwatch("bmap", str(image), "-r", "-o", str(bmap), "--accel", "tcg", timeout=600)
+    assert r.returncode == 0, r.stderr
+    trace = tmp_path / "boot.trace"
+    before = md5_file(image)
+    command = guest.qemu_shell_command("$nbd", "tcg")
+    r = diskwatch(str(image), "--snapshot", "--bmap", str(bmap), "--headless",
+                  "--log", str(trace), "--run", command, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert guest.marker in r.stdout, r.stdout[-2000:]
+    text = trace.read_text()
+    for path in guest.reads:
+        assert f"read f /dev/sda1 {path} " in text, f"{path} not in the trace:\n{text[:3000]}"
+    assert len([ln for ln in text.splitlines() if "] write f /dev/sda1 /var/log/demo.log " in ln]) \
+        >= guest.write_counts["/var/log/demo.log"], text[-3000:]
+    assert md5_file(image) == before

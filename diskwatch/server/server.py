@@ -532,6 +532,7 @@ class Server:
                 aio.extents(offset, done.length, done)
             else:
                 done(None, OSError(errno.EINVAL, "unknown command"))
+        aio.issued()
         # Not read from while requests wait; read again once they are issued.
         held = bool(waiting)
         if held != conn.held:

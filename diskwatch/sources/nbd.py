@@ -477,27 +477,39 @@ class NbdAio:
             call()
         except self.nbd.Error as e:
             self._pending.pop(self._next_id, None)
-            if self.h is not None and (self.h.aio_is_dead() or self.h.aio_is_closed()):
-                self._lost(e.string)
-                done(None, self.source.outage.error())
-            else:
-                done(None, _os_error(e, self.source.label))
-            return
+            self._issue_failed(done, e)
+
+    def _issue_failed(self, done, e) -> None:
+        if self.h is not None and (self.h.aio_is_dead() or self.h.aio_is_closed()):
+            self._lost(e.string)
+            done(None, self.source.outage.error())
+        else:
+            done(None, _os_error(e, self.source.label))
+
+    def issued(self) -> None:
+        """After a batch of requests: watch for writability if libnbd could
+        not send them all at once (asked once per batch, not per request)."""
         if not self._writing:
             self._update()
 
     def pread(self, offset: int, length: int, done) -> None:
-        if self._down(done):
+        # The hot path: no wrapper, libnbd reads straight into a bytearray.
+        h = self.h
+        if h is None:
+            self._down(done)
             return
         data = bytearray(length)
-        buf = self.nbd.Buffer.from_buffer(data)
         cb = self._completion(done, data)
-        self._issue(done, lambda: self.h.aio_pread(buf, offset, completion=cb))
+        try:
+            h.aio_pread(data, offset, completion=cb)
+        except self.nbd.Error as e:
+            self._pending.pop(self._next_id, None)
+            self._issue_failed(done, e)
 
     def pwrite(self, offset: int, data, fua: bool, done) -> None:
         if self._down(done):
             return
-        buf = self.nbd.Buffer.from_buffer(bytearray(data))
+        buf = bytes(data)  # libnbd sends from it until the command completes
         flags = self.nbd.CMD_FLAG_FUA if fua and self.source.can_fua else 0
         cb = self._completion(done, None)
         self._issue(done, lambda: self.h.aio_pwrite(buf, offset, completion=cb, flags=flags))
