@@ -31,6 +31,7 @@ from itertools import repeat
 from operator import itemgetter
 
 from ..events import COMMAND_NAMES, Command, ConnectionEvent, Request
+from ..text import safe_text
 from .topn import WIDTH, TopSeries
 
 #: the data operations object metrics count, by their ``op`` label
@@ -61,15 +62,11 @@ _EXPORT, _COMMAND, _LENGTH, _DURATION, _ERROR = (itemgetter(i) for i in (1, 2, 4
 
 
 def label_text(text: str) -> str:
-    """Guest text (a path, a device name) as a label value: printable, with
-    control characters and undecodable bytes escaped, at most MAX_LABEL long."""
-    # TODO: diskwatch/text.py (helper "safetext") once it is on main
-    if not (text.isprintable() and len(text) <= MAX_LABEL):
-        text = "".join(c if c.isprintable() else
-                       (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
-                       for c in text)
-        if len(text) > MAX_LABEL:
-            text = text[:MAX_LABEL - 1] + "…"
+    """Guest text (a path, a device name) as a label value: controls and
+    undecodable bytes escaped (``safe_text``), at most MAX_LABEL long."""
+    text = safe_text(text)
+    if len(text) > MAX_LABEL:
+        text = text[:MAX_LABEL - 1] + "…"
     return text
 
 
