@@ -96,9 +96,11 @@ def _family(name: str) -> Family:
 
 
 def _object_samples(requests: Family, nbytes: Family, key: tuple[str, ...],
-                    counts: list[int]) -> None:
+                    counts: list[int], every_op: bool = False) -> None:
     for i, op in enumerate(OPS):
-        if counts[i] or counts[i + 4]:  # ops a key never saw make no series
+        # A top-N member has a series per op from the moment it is one, at 0
+        # (so the first increase counts); a partition only for ops it saw.
+        if every_op or counts[i] or counts[i + 4]:
             requests.samples.append(((*key, op), counts[i]))
             nbytes.samples.append(((*key, op), counts[i + 4]))
 
@@ -134,6 +136,6 @@ def families(snap: Snapshot) -> Iterator[Family]:
             req = f[f"diskwatch_{prefix}_requests_total"]
             nbytes = f[f"diskwatch_{prefix}_bytes_total"]
             for (partition, name), counts in members.items():
-                _object_samples(req, nbytes, (partition, name), counts)
-            _object_samples(req, nbytes, ("", OTHER), other)
+                _object_samples(req, nbytes, (partition, name), counts, every_op=True)
+            _object_samples(req, nbytes, ("", OTHER), other, every_op=True)
     yield from f.values()
