@@ -106,7 +106,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--record", metavar="FILE", help="write every request as JSON lines to FILE")
     g.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                    help="how libguestfs and the demo run qemu (auto probes KVM)")
+    g = p.add_argument_group("monitoring (daemon mode: --headless --no-trace --metrics PORT)")
+    g.add_argument("--metrics", metavar="[ADDR:]PORT",
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics (ADDR "
+                        "127.0.0.1 by default; PORT 0: any free port, printed)")
+    g.add_argument("--otlp", metavar="URL",
+                   help="export the same metrics by OTLP/HTTP to URL (e.g. "
+                        "http://localhost:4318) every $OTEL_METRIC_EXPORT_INTERVAL ms (60000); "
+                        "needs pip install 'diskwatch[otlp]'")
+    g.add_argument("--metrics-top", type=_top, default=20, metavar="N",
+                   help="files and top-level directories with their own series: the N "
+                        "busiest (default 20, at most 500); the rest are counted as 'other'")
+    g.add_argument("--metrics-refresh", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="how often the busiest files are chosen again (default 10)")
     return p
+
+
+def _top(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 500:
+        raise argparse.ArgumentTypeError(f"expected 1 to 500, not {text!r}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds (0 < s <= 3600), not {text!r}")
+    return v
 
 
 def build_bmap_parser() -> argparse.ArgumentParser:
@@ -158,10 +191,19 @@ def run_config(args) -> RunConfig:
         source=args.source, stream_to=args.stream_to, unix=args.unix, port=args.port,
         ipaddr=args.ipaddr, export_name=args.export_name, run=args.run, bmap=args.bmap,
         headless=args.headless, no_trace=args.no_trace, log=args.log, record=args.record,
-        accel=args.accel)
+        accel=args.accel, metrics=args.metrics, otlp=args.otlp, metrics_top=args.metrics_top,
+        metrics_refresh=args.metrics_refresh)
 
 
 def serve(args) -> int:
+    # Bad monitoring settings are told before anything starts.
+    if args.metrics is not None:
+        from .metrics.prometheus import parse_address
+        parse_address(args.metrics)
+    if args.otlp:
+        from .metrics.otlp import export_interval, metrics_url
+        metrics_url(args.otlp)
+        export_interval()
     return Runner(run_config(args), lambda: _open_source(args)).run()
 
 
@@ -192,6 +234,15 @@ def demo_main(argv: list[str]) -> int:
 
 
 def _setup_logging(verbose: bool) -> None:
+    from .journal import JournalHandler, stderr_is_journal, use_journal
+    if stderr_is_journal():
+        # Under systemd: structured entries (PRIORITY, CODE_*, DISKWATCH_*)
+        # by the journal's native protocol; the journal filters by priority.
+        journal = JournalHandler()
+        use_journal(journal)
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                            handlers=[journal])
+        return
     handler = logging.StreamHandler()
     handler.setFormatter(SafeFormatter("diskwatch: %(message)s"))  # messages quote names
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])

@@ -94,3 +94,24 @@ class JournalHandler(logging.Handler):
     def close(self) -> None:
         self.sock.close()
         super().close()
+
+
+_journal: JournalHandler | None = None
+_log = logging.getLogger("diskwatch")
+
+
+def use_journal(handler: JournalHandler | None) -> None:
+    """Send ``notice``s to the journal (the CLI does when stderr is the journal)."""
+    global _journal
+    _journal = handler
+
+
+def notice(text: str, priority: str = "info", **fields: object) -> None:
+    """A line for the operator: on stderr as ``diskwatch: TEXT``, or, under
+    systemd, one journal entry with ``fields`` (``DISKWATCH_*``) beside it."""
+    if _journal is not None:
+        level = logging.WARNING if priority == "warning" else logging.INFO
+        _log.log(level, "%s", text, extra={"journal": fields})
+        return
+    from .text import safe_text
+    print(f"diskwatch: {safe_text(text)}", file=sys.stderr, flush=True)

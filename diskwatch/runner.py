@@ -55,6 +55,11 @@ class RunConfig:
     log: str | None = None
     record: str | None = None
     accel: str = "auto"
+    #: --metrics [ADDR:]PORT (Prometheus endpoint), --otlp URL, and their knobs
+    metrics: str | None = None
+    otlp: str | None = None
+    metrics_top: int = 20
+    metrics_refresh: float = 10.0
     #: extra sinks to feed (later: metrics), each made from the session
     extra_sinks: list[Callable[[Session], Any]] = field(default_factory=list)
 
@@ -140,23 +145,45 @@ def signals_handled(on_signal: Callable[[int], None], signums=(signal.SIGINT, si
 
 def run_session(session: Session, *, headless: bool, captive=None, announce: str = "",
                 prepare: Callable[[], None] | None = None,
-                clock: Callable[[], float] = time.monotonic) -> int:
+                clock: Callable[[], float] = time.monotonic,
+                on_reload: Callable[[], None] | None = None) -> int:
     """Run until the captive command exits, a signal comes, or (UI) the
     person quits; returns the exit status. ``prepare`` runs in a thread
     before the command starts (under the UI: generating a pending map).
+    Headless with no controlling terminal (a service), SIGHUP calls
+    ``on_reload`` in the pump's thread instead of ending the session.
     The caller closes the session's pump (its last round, then the sinks)
     once nothing publishes any more."""
     if headless:
-        return _run_headless(session, captive, announce, prepare, clock)
+        return _run_headless(session, captive, announce, prepare, clock, on_reload)
     if announce:
         print(announce, file=sys.stderr)
     return _run_ui(session, captive, prepare)
 
 
-def _run_headless(session: Session, captive, announce: str, prepare, clock) -> int:
+def has_controlling_terminal() -> bool:
+    """A hangup (SIGHUP) can only come from a controlling terminal; a service
+    (systemd, setsid) has none, and there SIGHUP means "reload", as daemons
+    take it."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _run_headless(session: Session, captive, announce: str, prepare, clock,
+                  on_reload: Callable[[], None] | None = None) -> int:
     stop = threading.Event()
+    reload = threading.Event()
+    if on_reload is not None and has_controlling_terminal():
+        on_reload = None  # SIGHUP is the terminal hanging up: end, as before
 
     def on_signal(signum: int) -> None:
+        if signum == signal.SIGHUP and on_reload is not None:
+            reload.set()  # done by the loop below, in the pump's thread
+            return
         session.interrupted = True
         stop.set()
 
@@ -174,6 +201,9 @@ def _run_headless(session: Session, captive, announce: str, prepare, clock) -> i
         pump = session.pump
         while not stop.is_set():
             stop.wait(TICK)
+            if reload.is_set():
+                reload.clear()
+                on_reload()
             pump.run_once(clock())
         if captive is not None and session.interrupted:
             # Interrupted: the command goes too (it may already have the
@@ -237,6 +267,8 @@ class Runner:
         self.pump = None
         self.activated: list = []  # sockets passed by socket activation
         self.trace_out: IO[str] = sys.stdout
+        self.logs: list = []  # ReopenableFiles of --log/--record (SIGHUP reopens them)
+        self.metrics = None  # the MetricsSink, with --metrics or --otlp
 
     def run(self) -> int:
         from .server import Server, ServerThread, nbd_uri, private_socket_path
@@ -312,7 +344,8 @@ class Runner:
                     def prepare() -> None:
                         self._generate_under_ui(session, source, pending_map)
                 status = run_session(session, headless=cfg.headless, captive=captive,
-                                     announce=announce, prepare=prepare)
+                                     announce=announce, prepare=prepare,
+                                     on_reload=lambda: self.reload(session))
             finally:
                 abort = getattr(source, "abort", None)
                 if abort is not None and session.interrupted:
@@ -370,12 +403,15 @@ class Runner:
         return "tcp", (cfg.ipaddr, port)
 
     def _add_sinks(self, session: Session, source, undo: contextlib.ExitStack) -> None:
+        from .logfile import ReopenableFile
         from .trace import JsonlRecorder, Summary, TextTrace
         cfg = self.config
         pump = session.pump
 
         def open_log(path: str):
-            return undo.enter_context(open(path, "w", buffering=1 << 16))
+            f = undo.enter_context(ReopenableFile(path))
+            self.logs.append(f)
+            return f
         if cfg.log:
             pump.add(TextTrace(open_log(cfg.log), session.blockmap, session.started))
         elif cfg.headless and not cfg.no_trace:
@@ -384,8 +420,60 @@ class Runner:
             pump.add(JsonlRecorder(open_log(cfg.record), session.blockmap, session.started))
         if cfg.headless:
             self.summary = pump.add(Summary(source.size))
+        if cfg.metrics is not None or cfg.otlp:
+            self._add_metrics(session, source, undo)
         for make in cfg.extra_sinks:
             pump.add(make(session))
+
+    def _add_metrics(self, session: Session, source, undo: contextlib.ExitStack) -> None:
+        from .journal import notice
+        from .metrics import MetricsSink
+        cfg = self.config
+        self.metrics = sink = session.pump.add(MetricsSink(
+            {cfg.export_name: source.size}, top=cfg.metrics_top, refresh=cfg.metrics_refresh))
+        if cfg.metrics is not None:
+            from .metrics.prometheus import MetricsServer, parse_address
+            server = MetricsServer(sink, *parse_address(cfg.metrics))
+            undo.callback(server.close)
+            notice(f"metrics at {server.url}", DISKWATCH_EVENT="metrics",
+                   DISKWATCH_METRICS_URL=server.url)
+        if cfg.otlp:
+            from .metrics.otlp import OtlpExporter, export_interval
+            exporter = OtlpExporter(sink, cfg.otlp, interval=export_interval())
+            # Pushed before the pump's close: runs after it, so the final
+            # export has the final counts.
+            undo.push(_closer(exporter.close))
+            notice(f"metrics to OTLP {exporter.url} every {exporter.interval:g}s",
+                   DISKWATCH_EVENT="otlp", DISKWATCH_OTLP_URL=exporter.url)
+
+    def reload(self, session: Session) -> None:
+        """SIGHUP (a service): reopen the log files (logrotate moved them) and
+        read the block map again (it was remade). A failure is told and the
+        old file or map is kept."""
+        from .journal import notice
+        for f in self.logs:
+            try:
+                f.reopen()
+            except OSError as e:
+                notice(f"SIGHUP: cannot reopen {f.path}: {e.strerror}; still writing the old "
+                       "file", DISKWATCH_EVENT="reload-failed", priority="warning")
+        what = f"reopened {len(self.logs)} log file(s)" if self.logs else ""
+        path = self.config.bmap
+        if path and session.blockmap is not None:
+            try:
+                blockmap = load_map(path)
+            except (OSError, ValueError) as e:
+                notice(f"SIGHUP: block map {path} not reloaded: {e}; the old one stays",
+                       DISKWATCH_EVENT="reload-failed", priority="warning")
+            else:
+                session.blockmap = blockmap  # the pump looks requests up in it from now on
+                for sink in session.pump.sinks:
+                    if hasattr(sink, "blockmap"):
+                        sink.blockmap = blockmap
+                if self.metrics is not None:
+                    self.metrics.forget_names()
+                what = ", ".join(filter(None, (what, f"reloaded the block map {path}")))
+        notice(f"SIGHUP: {what or 'nothing to reload'}", DISKWATCH_EVENT="reload")
 
     def _generate_under_ui(self, session: Session, source, path: str) -> None:
         try:

@@ -139,19 +139,34 @@ def write_map(path: Path, files: dict = FILES, partitions=(("/dev/sda1", P1),
     return path
 
 
+def delta(after: dict, before: dict, name: str, **labels) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
 def test_scrape_shows_exactly_what_a_libnbd_client_did(rw_image, tmp_path, diskwatch_metrics):
     bmap = write_map(tmp_path / "disk.bmap")
     dw = diskwatch_metrics([rw_image, "--bmap", bmap, "--metrics", "0",
                             "--metrics-refresh", "0.2"])
     assert dw.url.startswith("http://127.0.0.1:")  # loopback unless told otherwise
     h = nbd_handle(dw.uri, strict=False)
-    before = scrape(dw.url)
-    assert value(before, "diskwatch_connections", export="") == 1
-    reads = [(FILES["/var/lib/db/data"][0] + i * 64 * KiB, 64 * KiB) for i in range(40)]
+    db, log_off = FILES["/var/lib/db/data"][0], FILES["/var/log/app.log"][0]
+    # Files and directories are top-N series: one touch each makes them
+    # members (their series appear, at 0, at the next refresh); from then on
+    # they count exactly. Partitions and exports count exactly from the start.
+    h.pread(4096, db)
+    h.pwrite(b"w" * 4096, log_off)
+    key = ("diskwatch_file_requests_total", ("op", "write"), ("partition", "/dev/sda1"),
+           ("path", "/var/log/app.log"))
+    s0 = scrape_until(dw.url, lambda s: key in s)
+    assert value(s0, "diskwatch_connections", export="") == 1
+    assert value(s0, "diskwatch_requests_total", export="", command="read") == 1
+    assert value(s0, "diskwatch_partition_bytes_total", partition="/dev/sda1",
+                 op="write") == 4096
+
+    reads = [(db + i * 64 * KiB, 64 * KiB) for i in range(40)]
     reads += [(FILES["/vmlinuz"][0], 512 * KiB), (P2[0], 4 * KiB), (0, 512)]
     for off, ln in reads:
         h.pread(ln, off)
-    log_off = FILES["/var/log/app.log"][0]
     for i in range(25):  # log churn: 4 KiB appended, again and again
         h.pwrite(b"x" * 4096, log_off + i * 4096)
     h.flush()
@@ -159,57 +174,52 @@ def test_scrape_shows_exactly_what_a_libnbd_client_did(rw_image, tmp_path, diskw
     with pytest.raises(Exception):  # noqa: B017 - libnbd's error type; the errno is what counts
         h.pwrite(b"y" * 4096, 32 * MiB)  # past the end: ENOSPC from the server
     read_bytes = sum(ln for _, ln in reads)
-
-    def done(s):
-        return value(s, "diskwatch_requests_total", export="", command="trim") == 1
-    s = scrape_until(dw.url, done)
-    assert value(s, "diskwatch_requests_total", export="", command="read") == len(reads)
-    assert value(s, "diskwatch_bytes_total", export="", command="read") == read_bytes
-    assert value(s, "diskwatch_requests_total", export="", command="write") == 26
-    assert value(s, "diskwatch_bytes_total", export="", command="write") == 26 * 4096
-    assert value(s, "diskwatch_requests_total", export="", command="flush") == 1
-    assert value(s, "diskwatch_bytes_total", export="", command="trim") == 64 * KiB
+    s = scrape_until(dw.url, lambda s: value(
+        s, "diskwatch_requests_total", export="", command="trim") == 1)
+    d = {name: lambda name=name, **kw: delta(s, s0, name, **kw) for name in (
+        "diskwatch_requests_total", "diskwatch_bytes_total", "diskwatch_errors_total",
+        "diskwatch_partition_bytes_total", "diskwatch_partition_requests_total",
+        "diskwatch_directory_bytes_total", "diskwatch_directory_requests_total",
+        "diskwatch_file_bytes_total", "diskwatch_file_requests_total",
+        "diskwatch_request_duration_seconds_count")}
+    assert d["diskwatch_requests_total"](export="", command="read") == len(reads)
+    assert d["diskwatch_bytes_total"](export="", command="read") == read_bytes
+    assert d["diskwatch_requests_total"](export="", command="write") == 26
+    assert d["diskwatch_bytes_total"](export="", command="write") == 26 * 4096
+    assert d["diskwatch_requests_total"](export="", command="flush") == 1
+    assert d["diskwatch_bytes_total"](export="", command="trim") == 64 * KiB
     assert value(s, "diskwatch_errors_total", export="", command="write", errno="ENOSPC") == 1
     assert sum(v for k, v in s.items() if k[0] == "diskwatch_errors_total") == 1
     assert value(s, "diskwatch_request_duration_seconds_count", export="",
-                 command="read") == len(reads)
+                 command="read") == len(reads) + 1
     assert value(s, "diskwatch_request_duration_seconds_bucket", export="", command="read",
-                 le="+Inf") == len(reads)
+                 le="+Inf") == len(reads) + 1
     assert len([k for k in s if k[0] == "diskwatch_request_duration_seconds_bucket"
                 and ("command", "read") in k]) == len(LATENCY_BOUNDS) + 1
     assert value(s, "diskwatch_export_size_bytes", export="") == 32 * MiB
-    # with the block map: per partition, per top-level directory
-    assert value(s, "diskwatch_partition_bytes_total", partition="/dev/sda1",
-                 op="read") == read_bytes - 4 * KiB - 512
-    assert value(s, "diskwatch_partition_bytes_total", partition="/dev/sda2",
-                 op="read") == 4 * KiB
-    assert value(s, "diskwatch_partition_requests_total", partition="/dev/sda2", op="trim") == 1
-    assert value(s, "diskwatch_partition_bytes_total", partition="/dev/sda1",
-                 op="write") == 25 * 4096
-    assert value(s, "diskwatch_directory_bytes_total", partition="/dev/sda1", directory="/var",
-                 op="read") == 40 * 64 * KiB
-    assert value(s, "diskwatch_directory_requests_total", partition="/dev/sda1",
-                 directory="/var", op="write") == 25
-    # the files: the log becomes a member (its series appear, from 0) at the
-    # next refresh; from then on it counts exactly what it gets
-    key = ("diskwatch_file_requests_total", ("op", "write"), ("partition", "/dev/sda1"),
-           ("path", "/var/log/app.log"))
-    s = scrape_until(dw.url, lambda s: key in s)
-    base = s[key]
-    for i in range(10):
-        h.pwrite(b"z" * 4096, log_off + i * 4096)
-    s = scrape_until(dw.url, lambda s: value(
-        s, "diskwatch_requests_total", export="", command="write") == 36)
-    assert s[key] == base + 10
-    assert value(s, "diskwatch_file_bytes_total", partition="/dev/sda1",
-                 path="/var/log/app.log", op="write") == (base + 10) * 4096
+    # with the block map: per partition...
+    assert d["diskwatch_partition_bytes_total"](partition="/dev/sda1",
+                                                op="read") == read_bytes - 4 * KiB - 512
+    assert d["diskwatch_partition_bytes_total"](partition="/dev/sda2", op="read") == 4 * KiB
+    assert d["diskwatch_partition_requests_total"](partition="/dev/sda2", op="trim") == 1
+    assert d["diskwatch_partition_bytes_total"](partition="/dev/sda1", op="write") == 25 * 4096
+    # the 512 bytes at 0 are the partition table: the whole device's, no partition's
+    assert d["diskwatch_partition_bytes_total"](partition="/dev/sda", op="read") == 512
+    # ...per top-level directory...
+    assert d["diskwatch_directory_bytes_total"](partition="/dev/sda1", directory="/var",
+                                                op="read") == 40 * 64 * KiB
+    assert d["diskwatch_directory_requests_total"](partition="/dev/sda1", directory="/var",
+                                                   op="write") == 25
+    # ...and per file
+    assert d["diskwatch_file_requests_total"](partition="/dev/sda1", path="/var/log/app.log",
+                                              op="write") == 25
+    assert d["diskwatch_file_bytes_total"](partition="/dev/sda1", path="/var/lib/db/data",
+                                           op="read") == 40 * 64 * KiB
     h.shutdown()
-    h.close()
     s = scrape_until(dw.url, lambda s: value(s, "diskwatch_connections", export="") == 0)
     assert value(s, "diskwatch_connections_opened_total", export="") == 1
     status, err = dw.stop()
     assert status == 0 and "Traceback" not in err
-
 
 
 def test_metrics_address_forms_and_bad_values(server_image, tmp_path, diskwatch_metrics):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
 
-from ..events import COMMAND_NAMES, Command, ConnectionEvent, Request
+from ..events import COMMAND_NAMES, Command, ConnectionEvent, Dropped, Request
 from ..text import safe_text
 from .topn import WIDTH, TopSeries
 
@@ -164,9 +164,9 @@ class MetricsSink:
                     counters.connections_total += 1
                 elif counters.connections > 0:
                     counters.connections -= 1
-        elif type(event).__name__ == "Dropped":  # events.Dropped: the pump's buffer was full
+        elif isinstance(event, Dropped):  # the pump's buffer was full: not counted
             with self._lock:
-                self.dropped += event.count  # type: ignore[attr-defined]
+                self.dropped += event.count
 
     def tick(self, now: float) -> None:
         with self._lock:

@@ -46,6 +46,20 @@ def metrics_url(endpoint: str) -> str:
     return endpoint
 
 
+def export_interval() -> float:
+    """Seconds between exports: OTEL_METRIC_EXPORT_INTERVAL (milliseconds, as
+    the OpenTelemetry SDKs read it), 60 s by default as there."""
+    import os
+    text = os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "60000")
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = -1
+    if ms <= 0:
+        raise OtlpError(f"OTEL_METRIC_EXPORT_INTERVAL={text!r}: expected milliseconds > 0")
+    return ms / 1000
+
+
 def _unit(name: str) -> str:
     for word, unit in _UNITS.items():
         if word in name:
