@@ -1,0 +1,186 @@
+"""Daemon mode: diskwatch run the way contrib/systemd runs it (socket
+activation, no terminal, stderr into the journal), structured journal
+entries, and SIGHUP reopening log files and reloading the block map."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import struct
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from fixtures_server import DISKWATCH, SUBPROCESS_ENV, MiB, nbd_handle, wait_until
+
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
+KiB = 1024
+FILE_AT = (4 * MiB, 256 * KiB)  # the one file of the test maps
+
+
+def write_map(path: Path, name: str) -> None:
+    tmp = path.with_suffix(".new")
+    tmp.write_text(f"1 {MiB:x} {30 * MiB:x} p /dev/sda1\n"
+                   f"1 {FILE_AT[0]:x} {sum(FILE_AT):x} f /dev/sda1 {name}\n")
+    os.replace(tmp, path)  # as a map generator would: the old map or the new, never half
+
+
+def parse_entries(data: bytes) -> dict[str, str]:
+    """One datagram of the journal's native protocol -> fields."""
+    fields = {}
+    pos = 0
+    while pos < len(data):
+        nl = data.index(b"\n", pos)
+        line = data[pos:nl]
+        if b"=" in line:
+            name, _, value = line.partition(b"=")
+            pos = nl + 1
+        else:  # NAME\n, 64-bit length, value, \n
+            name = line
+            (n,) = struct.unpack("<Q", data[nl + 1:nl + 9])
+            value = data[nl + 9:nl + 9 + n]
+            assert data[nl + 9 + n:nl + 10 + n] == b"\n"
+            pos = nl + 10 + n
+        fields[name.decode()] = value.decode()
+    return fields
+
+
+class Journal:
+    """A datagram socket standing in for /run/systemd/journal/socket."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.entries: list[dict[str, str]] = []
+
+    def wait_for(self, **want) -> dict[str, str]:
+        deadline = time.monotonic() + 30
+        while True:
+            for e in self.entries:
+                if all(e.get(k) == v for k, v in want.items()):
+                    return e
+            left = deadline - time.monotonic()
+            assert left > 0, f"no journal entry with {want}: {self.entries}"
+            self.sock.settimeout(left)
+            self.entries.append(parse_entries(self.sock.recv(1 << 20)))
+
+
+def unit_command(image: Path, extra: str) -> list[str]:
+    """ExecStart of contrib/systemd/diskwatch@.service with DISKWATCH_ARGS
+    expanded as systemd expands an unbraced $VAR (split on whitespace)."""
+    unit = (CONTRIB / "systemd" / "diskwatch@.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1)
+    words = shlex.split(exec_start.replace("/usr/local/bin/diskwatch", DISKWATCH))
+    i = words.index("$DISKWATCH_ARGS")
+    return words[:i] + [str(image), *extra.split()] + words[i + 1:]
+
+
+def test_the_unit_under_socket_activation_logs_structured_entries(rw_image, tmp_path):
+    """As systemd runs diskwatch@guest.service: started at the first connection
+    with the socket, no terminal, stderr into the journal (JOURNAL_STREAM):
+    notices arrive as structured entries; SIGHUP reloads, SIGTERM stops."""
+    journal = Journal(tmp_path / "journal.sock")
+    sock = tmp_path / "guest1.sock"
+    stderr_file = tmp_path / "stderr"
+    with open(stderr_file, "wb") as err:
+        st = os.fstat(err.fileno())
+        cmd = ["systemd-socket-activate", "-l", str(sock),
+               "-E", f"JOURNAL_STREAM={st.st_dev}:{st.st_ino}",
+               "-E", f"DISKWATCH_JOURNAL_SOCKET={journal.path}",
+               *[f"-E{n}" for n in ("PATH", "PYTHONPATH") if n in SUBPROCESS_ENV],
+               *unit_command(rw_image, "--metrics 0")]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                env=SUBPROCESS_ENV, start_new_session=True)
+    try:
+        wait_until(sock.exists, 20, "the activation socket")
+        # the first connection starts diskwatch
+        r = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"],
+                           capture_output=True, text=True, timeout=30, env=SUBPROCESS_ENV)
+        assert r.returncode == 0 and int(r.stdout) == 32 * MiB, r.stderr
+        entry = journal.wait_for(DISKWATCH_EVENT="metrics")
+        assert entry["SYSLOG_IDENTIFIER"] == "diskwatch" and entry["PRIORITY"] == "6"
+        assert entry["MESSAGE"] == f"metrics at {entry['DISKWATCH_METRICS_URL']}"
+        assert entry["CODE_FUNC"] and entry["CODE_LINE"].isdigit()
+        text = urllib.request.urlopen(entry["DISKWATCH_METRICS_URL"], timeout=10).read()
+        assert b'diskwatch_export_size_bytes{export=""} 3.3554432e+07' in text
+        wait_until(lambda: b"serving" in stderr_file.read_bytes(), 20, "the serving line")
+        proc.send_signal(signal.SIGHUP)  # systemctl reload
+        entry = journal.wait_for(DISKWATCH_EVENT="reload")
+        assert entry["MESSAGE"] == "SIGHUP: nothing to reload"
+        assert proc.poll() is None, "SIGHUP must not stop a service"
+        proc.send_signal(signal.SIGTERM)  # systemctl stop
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        journal.sock.close()
+    err_text = stderr_file.read_text()
+    assert "requests on 1 connections" in err_text  # the summary, on the journal stream
+    assert "Traceback" not in err_text
+
+
+def test_sighup_reopens_the_log_and_reloads_the_map(rw_image, tmp_path):
+    bmap = tmp_path / "disk.bmap"
+    write_map(bmap, "/old/name")
+    log = tmp_path / "trace.log"
+    sock = tmp_path / "dw.sock"
+    proc = subprocess.Popen(
+        [DISKWATCH, str(rw_image), "-U", str(sock), "--headless", "--no-trace", "--bmap",
+         str(bmap), "--log", str(log), "--metrics", "0", "--metrics-refresh", "0.2"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=SUBPROCESS_ENV, start_new_session=True)  # no controlling terminal: a service
+    err = b""
+
+    def wait_stderr(pattern: bytes) -> re.Match:
+        nonlocal err
+        deadline = time.monotonic() + 30
+        while (m := re.search(pattern, err)) is None:
+            assert time.monotonic() < deadline, err
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            assert chunk, err
+            err += chunk
+        return m
+    try:
+        url = wait_stderr(rb"metrics at (\S+)").group(1).decode()
+        wait_stderr(rb"serving ")
+        h = nbd_handle(f"nbd+unix:///?socket={sock}")
+        h.pread(64 * KiB, FILE_AT[0])
+        wait_until(lambda: "read f /dev/sda1 /old/name" in log.read_text(), 20,
+                   "the read in the trace")
+        wait_until(lambda: b'path="/old/name"' in urllib.request.urlopen(url).read(), 20,
+                   "the file in the metrics")
+        # logrotate: the log is renamed, then SIGHUP; the map was remade meanwhile
+        rotated = tmp_path / "trace.log.1"
+        os.rename(log, rotated)
+        write_map(bmap, "/new/name")
+        proc.send_signal(signal.SIGHUP)
+        wait_stderr(rb"SIGHUP: reopened 1 log file\(s\), reloaded the block map")
+        assert log.exists()
+        h.pwrite(b"n" * 4096, FILE_AT[0])
+        wait_until(lambda: "write f /dev/sda1 /new/name" in log.read_text(), 20,
+                   "the write in the new log, with the new name")
+        old = rotated.read_text()
+        assert "/old/name" in old and "/new/name" not in old and "write" not in old
+        wait_until(lambda: b'path="/new/name"' in urllib.request.urlopen(url).read(), 20,
+                   "the new name in the metrics")
+        # a map that no longer parses: told, and the old one stays
+        bmap.write_text("this is not a block map\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_stderr(rb"not reloaded: .*the old one stays")
+        h.pread(4096, FILE_AT[0] + 8192)
+        wait_until(lambda: "read f /dev/sda1 /new/name" in log.read_text(), 20,
+                   "names from the kept map")
+        h.shutdown()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()
