@@ -71,6 +71,9 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=_size, metavar="SIZE", help="size of the --stream-to disk")
     g.add_argument("--window", type=_size, default="64M", metavar="SIZE",
                    help="how far back a --stream-to client may seek (default 64M)")
+    g.add_argument("--inject-errors", action="append", default=[], metavar="RULE",
+                   help="make source calls fail, for testing (repeatable), e.g. "
+                        "'rate=0.1,errno=EIO,ops=pread,range=1M-2M'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +179,7 @@ def _source_options(args):
         xz_cache=args.xz_cache, headers=args.header, user=args.user, password=password,
         timeout=args.timeout, retries=args.retries, connections=args.connections,
         insecure=args.insecure, stream_to=args.stream_to, size=args.size, window=args.window,
-        format=args.format)
+        format=args.format, inject_errors=args.inject_errors)
 
 
 def _open_source(args):

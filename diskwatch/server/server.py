@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..events import Bus, ConnectionEvent, make_request
-from ..sources.base import EXTENT_HOLE, EXTENT_ZERO, FastZeroUnsupported, Source
+from ..sources.base import EXTENT_ZERO, FastZeroUnsupported, Source
 from . import protocol as P
 from .loop import EpollLoop
 
@@ -343,6 +343,8 @@ class Server:
                         data = view_for(offset, length)
                         if data is None:
                             data = src.pread(offset, length)
+                            if len(data) != length:
+                                raise _short_read(offset, length, data)
                         if structured:
                             append(data_pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
                                              P.REPLY_TYPE_OFFSET_DATA, handle, length + 8, offset))
@@ -378,22 +380,33 @@ class Server:
 
     def _read_chunks(self, conn, src, handle, offset, length) -> None:
         """A structured read: data chunks, and hole chunks for ranges that
-        read as zeroes (so the client need not receive them)."""
+        read as zeroes (so the client need not receive them).
+
+        Every piece is read before anything is queued: once a chunk header
+        is out its payload must follow (proto.md: the server "MUST still
+        complete the transmission of any current chunk"), so a read that
+        fails half-way must leave nothing behind but the error reply."""
         proto = conn.proto
         exts = src.extents(offset, length)
         pieces = P.clip_extents(exts, offset, length, False, fill=True)
-        out = conn.out
+        chunks = []
+        append = chunks.append
         pos = offset
         last = len(pieces) - 1
         for i, (n, f) in enumerate(pieces):
             done = i == last
-            if f & (EXTENT_HOLE | EXTENT_ZERO) == EXTENT_HOLE | EXTENT_ZERO or f & EXTENT_ZERO:
-                out.append(proto.read_hole_chunk(handle, pos, n, done))
+            if f & EXTENT_ZERO:
+                append(proto.read_hole_chunk(handle, pos, n, done))
             else:
-                out.append(proto.read_data_header(handle, pos, n, done))
                 data = src.view_for(pos, n)
-                out.append(data if data is not None else src.pread(pos, n))
+                if data is None:
+                    data = src.pread(pos, n)
+                    if len(data) != n:
+                        raise _short_read(pos, n, data)
+                append(proto.read_data_header(handle, pos, n, done))
+                append(data)
             pos += n
+        conn.out.extend(chunks)
 
     def _other(self, conn, src, cmd, flags, handle, offset, length, payload) -> bytes:
         """Everything but READ and DISC; returns the reply bytes."""
@@ -452,6 +465,8 @@ class Server:
             try:
                 if cmd == P.CMD_READ:
                     data = src.pread(offset, length)
+                    if len(data) != length:
+                        raise _short_read(offset, length, data)
                     replies = [proto.read_data_header(handle, offset, length), data]
                 else:
                     replies = [self._other(conn, src, cmd, flags, handle, offset, length,
@@ -610,6 +625,12 @@ class Server:
         if (conn.closing and not conn.closed and not conn.out and conn.inflight == 0
                 and not conn.waiting):
             self._close(conn)
+
+
+def _short_read(offset: int, length: int, data) -> OSError:
+    """A source that returned fewer bytes than asked: an EIO for that read
+    (sending them would put the reply stream out of step)."""
+    return OSError(errno.EIO, f"source returned {len(data)} of {length} bytes at {offset}")
 
 
 ASYNC_WINDOW = 64  # requests in flight per connection to an asynchronous source

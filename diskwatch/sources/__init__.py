@@ -44,6 +44,8 @@ class SourceOptions:
     size: int | None = None
     window: int = 64 * 1024 * 1024
     format: str | None = None  # --format: None probes (see sources/qemu.py for the rule)
+    #: --inject-errors rules (sources/errors.py), applied over the source itself
+    inject_errors: list[str] = field(default_factory=list)
 
 
 def is_url(spec: str) -> bool:
@@ -101,6 +103,14 @@ def open_source(spec: str | None, opts: SourceOptions) -> Source:
             src = QemuSource(spec, fmt, readonly=opts.readonly or opts.snapshot)
         if warning:
             src.warning = warning
+    if opts.inject_errors:
+        from .errors import ErrorInjection, parse_error_rule
+        try:
+            rules = [parse_error_rule(r) for r in opts.inject_errors]
+        except ValueError as e:
+            src.close()
+            raise SourceError(errno.EINVAL, str(e)) from None
+        src = ErrorInjection(src, rules)
     if opts.readonly:
         if src.can_write:
             src = ReadOnly(src)
