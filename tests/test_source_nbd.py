@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,20 @@ class Upstream:
             self.sock.unlink()  # a killed server leaves its socket behind
         self.proc = subprocess.Popen(self.argv_for(str(self.sock)), stdin=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
-        wait_until(lambda: self.sock.exists() or self.proc.poll() is not None,
+        # The socket file exists from bind(), before listen(): wait until a
+        # connection is accepted.
+        wait_until(lambda: self._accepts() or self.proc.poll() is not None,
                    what="the upstream's socket")
         assert self.proc.poll() is None, self.proc.stderr.read()
         return self
+
+    def _accepts(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(self.sock))
+            except OSError:
+                return False
+        return True
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
