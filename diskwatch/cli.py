@@ -61,7 +61,8 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="extra HTTP header (repeatable)")
     g.add_argument("--user", help="user name for http/ftp/sftp")
-    g.add_argument("--password", help="password for http/ftp/sftp ('-' reads it from stdin)")
+    g.add_argument("--password", help="password for http/ftp/sftp: '-' reads it from stdin, "
+                                      "'+FILE' from FILE (other users see a command line)")
     g.add_argument("--timeout", type=float, default=30.0, help="network timeout, seconds")
     g.add_argument("--retries", type=int, default=3, help="retries of a failed network read")
     g.add_argument("--connections", type=int, default=4, help="parallel network connections")
@@ -174,6 +175,13 @@ def _source_options(args):
     password = args.password
     if password == "-":
         password = sys.stdin.readline().rstrip("\n")
+    elif password is not None and password.startswith("+"):  # nbdkit's +FILE
+        try:
+            with open(password[1:]) as f:
+                password = f.readline().rstrip("\n")
+        except OSError as e:
+            raise DiskwatchError(f"--password {password}: cannot read {password[1:]}: "
+                             f"{e.strerror}") from None
     return SourceOptions(
         readonly=args.readonly, snapshot=args.snapshot, xz_max_block=args.xz_max_block,
         xz_cache=args.xz_cache, headers=args.header, user=args.user, password=password,

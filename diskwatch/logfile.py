@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import IO
 
+from .files import open_output
+
 
 class ReopenableFile:
     """Enough of a text file for the trace and the recorder: write, flush, close."""
@@ -18,7 +20,8 @@ class ReopenableFile:
     def __init__(self, path: str, buffering: int = 1 << 16) -> None:
         self.path = path
         self.buffering = buffering
-        self._file: IO[str] = open(path, "w", buffering=buffering)
+        # never through a symbolic link someone planted (files.py)
+        self._file: IO[str] = open_output(path, buffering=buffering)
 
     def write(self, text: str) -> int:
         return self._file.write(text)
@@ -27,7 +30,7 @@ class ReopenableFile:
         self._file.flush()
 
     def reopen(self) -> None:
-        new = open(self.path, "a", buffering=self.buffering)
+        new = open_output(self.path, append=True, buffering=self.buffering)
         old, self._file = self._file, new
         old.close()  # flushes what was written before the signal into the old file
 

@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DiskwatchError
 from ..events import Bus, Message, Progress
+from ..files import refuse_symlink, replace_atomically
 from ..sources.base import ReadOnly, Source
 from .format import BmapEntry, merge_ranges, write_bmap
 
@@ -560,10 +561,10 @@ class _Generator:
             t = time.monotonic()
             self.progress.publish(phase="write", force=True)
             # Written whole, then renamed: a map under the real name is never
-            # half-written (diskwatch --bmap would take it as complete).
-            tmp = self.out_path + ".tmp"
-            write_bmap(tmp, self.entries)
-            os.replace(tmp, self.out_path)
+            # half-written (diskwatch --bmap would take it as complete), and
+            # never written through a link someone planted (files.py).
+            with replace_atomically(self.out_path) as f:
+                write_bmap(f, self.entries)
             res.entries = len(self.entries)
             self.timed("write", t)
         finally:
@@ -988,4 +989,6 @@ def generate_bmap(
     "tcg". Raises ``GenerateError`` with a one-line message when it cannot
     run at all; unmountable filesystems and unreadable files are skipped and
     listed in the result."""
-    return _Generator(source, os.fspath(out_path), bus, accel, verbose).run()
+    out_path = os.fspath(out_path)
+    refuse_symlink(out_path)  # said now, not after minutes of mapping
+    return _Generator(source, out_path, bus, accel, verbose).run()

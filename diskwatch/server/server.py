@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import os
 import socket
 import threading
 import time
@@ -125,6 +126,10 @@ class Server:
         except OSError as e:
             sock.close()
             raise OSError(e.errno, f"cannot listen on {label}: {e.strerror}") from None
+        if sock.family == socket.AF_UNIX:
+            # Only our user may connect. Between bind and listen a connect is
+            # refused, so there is no window with the umask's wider mode.
+            os.chmod(addr, 0o600)
         sock.listen(128)
         self.add_listener(sock)
 
