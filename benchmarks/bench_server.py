@@ -6,12 +6,17 @@ fio's nbd engine over a unix socket, on the same image, against:
     request that is not adjacent to the last) written to /dev/null
   - diskwatch IMAGE -r --headless --no-trace: events on, aggregated into the
     exit summary (what the UI and --headless --no-trace consume)
+  - diskwatch IMAGE -r --headless --no-trace --record FILE: the same, and
+    every request recorded (diskwatch/record.py); its ratio to the one
+    above is what recording costs, and the recording is read back to count
+    the requests it holds against fio's and the drops it reports
   - Debian's nbdkit file plugin (nbdkit -r -U SOCK file IMAGE)
 Jobs: 4 KiB random reads at queue depth 16, 256 KiB sequential reads at
 depth 8. Servers alternate (A B A B ...) so machine noise hits both; the
 median of the rounds is compared. Prints both figures and the ratio.
 
-    .venv/bin/python benchmarks/bench_server.py [--rounds 3] [--seconds 5] [--ui]
+    .venv/bin/python benchmarks/bench_server.py [--rounds 3] [--seconds 5]
+        [--kinds diskwatch,dw-summary,dw-record,nbdkit]
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def wait_for_socket(path: str, proc: subprocess.Popen, deadline: float = 20.0) -
         time.sleep(0.02)
 
 
-KINDS = ("diskwatch", "dw-summary", "nbdkit")
+KINDS = ("diskwatch", "dw-summary", "dw-record", "nbdkit")
 
 
 def start_server(kind: str, image: str, sock: str) -> subprocess.Popen:
@@ -57,8 +62,10 @@ def start_server(kind: str, image: str, sock: str) -> subprocess.Popen:
         cmd = ["nbdkit", "-f", "-r", "-U", sock, "file", image]
     else:
         cmd = diskwatch_cmd() + [image, "-r", "-U", sock, "--headless"]
-        if kind == "dw-summary":
+        if kind in ("dw-summary", "dw-record"):
             cmd.append("--no-trace")
+        if kind == "dw-record":
+            cmd += ["--record", sock + ".rec"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_socket(sock, proc)
     return proc
@@ -86,7 +93,20 @@ def run_fio(uri: str, job: dict, seconds: int, size: int) -> dict:
            "--time_based", f"--size={size}", "--output-format=json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     r = json.loads(out[out.index("{"):])["jobs"][0]["read"]
-    return {"iops": r["iops"], "bw": r["bw_bytes"]}
+    return {"iops": r["iops"], "bw": r["bw_bytes"], "ios": r["total_ios"]}
+
+
+def read_back(path: str) -> dict:
+    """What a recording holds: reads recorded, drops reported, bytes a request."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from diskwatch.record import open_recording
+    rec = open_recording(path)
+    cols = rec.columns()
+    reads = cols.command.tolist().count(0)
+    size = os.path.getsize(path)
+    os.unlink(path)
+    return {"recorded": reads, "dropped": rec.header.dropped, "complete": rec.complete,
+            "bytes_per_request": size / max(1, len(cols))}
 
 
 def make_image(path: str, size: int) -> None:
@@ -103,6 +123,7 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=1024)
     ap.add_argument("--image", help="use this image instead of a fresh random one")
     ap.add_argument("--jobs", default=",".join(JOBS))
+    ap.add_argument("--kinds", default=",".join(KINDS), help="servers to run (nbdkit always)")
     args = ap.parse_args()
     for tool in ("fio", "nbdkit"):
         if shutil.which(tool) is None:
@@ -115,10 +136,11 @@ def main() -> int:
         size = os.path.getsize(image)
         subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)  # warm the cache
         results: dict = {}
+        kinds = tuple(k for k in KINDS if k in args.kinds.split(",") or k == "nbdkit")
         for jobname in args.jobs.split(","):
             job = JOBS[jobname]
             for rnd in range(args.rounds):
-                order = KINDS if rnd % 2 == 0 else KINDS[::-1]
+                order = kinds if rnd % 2 == 0 else kinds[::-1]
                 for kind in order:
                     sock = os.path.join(tmp, f"{kind}-{jobname}-{rnd}.sock")
                     proc = start_server(kind, image, sock)
@@ -129,6 +151,8 @@ def main() -> int:
                         r["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) / ios * 1e6
                     finally:
                         stop_server(proc)
+                    if kind == "dw-record":
+                        r.update(read_back(sock + ".rec"))
                     results.setdefault(jobname, {}).setdefault(kind, []).append(r)
                     print(f"  {jobname:18} round {rnd + 1} {kind:10} "
                           f"{r['iops'] / 1000:7.1f}k IOPS {r['bw'] / 1e9:6.2f} GB/s "
@@ -140,12 +164,25 @@ def main() -> int:
             key = "iops" if "4k" in jobname else "bw"
             nk = statistics.median(r[key] for r in by["nbdkit"])
             cnk = statistics.median(r["cpu_us"] for r in by["nbdkit"])
-            for kind in KINDS:
+            for kind in kinds:
                 v = statistics.median(r[key] for r in by[kind])
                 c = statistics.median(r["cpu_us"] for r in by[kind])
                 shown = f"{v / 1000:.1f}k IOPS" if key == "iops" else f"{v / 1e9:.2f} GB/s"
                 print(f"{jobname:18} {kind:12} {shown:>14} {v / nk:15.2f}x   "
                       f"{c:.2f} us ({c / cnk:.2f}x nbdkit's)")
+        if "dw-record" in kinds and "dw-summary" in kinds:
+            print()
+            print("recording (--record vs the same run without it):")
+            for jobname, by in results.items():
+                key = "iops" if "4k" in jobname else "bw"
+                ratio = (statistics.median(r[key] for r in by["dw-record"])
+                         / statistics.median(r[key] for r in by["dw-summary"]))
+                lost = sum(r["ios"] - r["recorded"] for r in by["dw-record"])
+                dropped = sum(r["dropped"] or 0 for r in by["dw-record"])
+                per = statistics.median(r["bytes_per_request"] for r in by["dw-record"])
+                print(f"{jobname:18} throughput {ratio:.2f}x without; dropped {dropped}; "
+                      f"fio's reads not in the recording {lost}; {per:.1f} bytes a request; "
+                      f"closed cleanly {all(r['complete'] for r in by['dw-record'])}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-trace", action="store_true",
                    help="with --headless: print only the summary at exit (no line per request)")
     g.add_argument("--log", metavar="FILE", help="write the text trace to FILE (also with the UI)")
-    g.add_argument("--record", metavar="FILE", help="write every request as JSON lines to FILE")
+    g.add_argument("--record", metavar="FILE",
+                   help="record every request to FILE (replay it: diskwatch replay FILE)")
     g.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                    help="how libguestfs and the demo run qemu (auto probes KVM)")
     g = p.add_argument_group("monitoring (daemon mode: --headless --no-trace --metrics PORT)")

@@ -265,6 +265,7 @@ class Runner:
         self.open_source = open_source
         self.summary = None
         self.pump = None
+        self.recorder = None  # the Recorder, with --record
         self.activated: list = []  # sockets passed by socket activation
         self.trace_out: IO[str] = sys.stdout
         self.logs: list = []  # ReopenableFiles of --log/--record (SIGHUP reopens them)
@@ -320,10 +321,12 @@ class Runner:
             session = Session(bus=bus, size=source.size, description=source.description,
                               uri=uri, command=cfg.run, blockmap=blockmap)
             self.pump = pump = session.pump
-            self._add_sinks(session, source, undo)
             # The pump closes the sinks (after its last round) before their
-            # files are closed; failing early, its own errors are not the story.
+            # files are closed and what they feed (metrics endpoints) stops;
+            # failing early, its own errors are not the story.
+            after_pump = undo.enter_context(contextlib.ExitStack())
             undo.push(_closer(pump.close))
+            self._add_sinks(session, source, after_pump)
 
             # The server thread gives up the GIL at every syscall; with the default
             # 5 ms switch interval the consumer thread (UI, trace writer) can then
@@ -363,6 +366,9 @@ class Runner:
         if dropped:
             print(f"diskwatch: {dropped} requests were not traced (the trace could "
                   "not keep up)", file=sys.stderr)
+        if self.recorder is not None and self.recorder.dropped:
+            print(f"diskwatch: {self.recorder.dropped} requests were not recorded (the "
+                  "recorder could not keep up)", file=sys.stderr)
         return status
 
     def _decide_map(self, source):
@@ -403,8 +409,10 @@ class Runner:
         return "tcp", (cfg.ipaddr, port)
 
     def _add_sinks(self, session: Session, source, undo: contextlib.ExitStack) -> None:
+        """Sinks into the pump; what they open goes on ``undo``, which is
+        unwound after the pump has closed them."""
         from .logfile import ReopenableFile
-        from .trace import JsonlRecorder, Summary, TextTrace
+        from .trace import Summary, TextTrace
         cfg = self.config
         pump = session.pump
 
@@ -417,7 +425,16 @@ class Runner:
         elif cfg.headless and not cfg.no_trace:
             pump.add(TextTrace(self.trace_out, session.blockmap, session.started))
         if cfg.record:
-            pump.add(JsonlRecorder(open_log(cfg.record), session.blockmap, session.started))
+            from .record import Recorder, RecordingHeader, map_identity
+            header = RecordingHeader(
+                source=source.description, size=source.size, exports=[cfg.export_name],
+                command=cfg.run, bmap=map_identity(cfg.bmap) if session.blockmap else None,
+                started_wall=time.time() - (time.monotonic() - session.started),
+                started_monotonic=session.started)
+            self.recorder = Recorder(cfg.record, header)
+            undo.callback(self.recorder.close)  # failing early (else the pump closed it)
+            self.logs.append(self.recorder)
+            pump.add(self.recorder.attach(session.bus))
         if cfg.headless:
             self.summary = pump.add(Summary(source.size))
         if cfg.metrics is not None or cfg.otlp:
@@ -472,6 +489,9 @@ class Runner:
                         sink.blockmap = blockmap
                 if self.metrics is not None:
                     self.metrics.forget_names()
+                if self.recorder is not None:
+                    from .record import map_identity
+                    self.recorder.set_meta(bmap=map_identity(path))
                 what = ", ".join(filter(None, (what, f"reloaded the block map {path}")))
         notice(f"SIGHUP: {what or 'nothing to reload'}", DISKWATCH_EVENT="reload")
 
@@ -480,6 +500,9 @@ class Runner:
             from .bmap.generate import generate_bmap
             generate_bmap(source, path, bus=session.bus, accel=self.config.accel)
             session.blockmap = load_map(path)
+            if self.recorder is not None:
+                from .record import map_identity
+                self.recorder.set_meta(bmap=map_identity(path))
         except Exception as e:  # noqa: BLE001 - shown in the UI, the session goes on
             session.bus.publish(Message(f"block map generation failed: {e}", level="error"))
 

@@ -18,7 +18,6 @@ made (each batch, and a quiet run after ``2 * idle_flush``), so
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import IO
@@ -234,36 +233,3 @@ class Summary:
                 if top:
                     print(f"diskwatch: most {by}: " + "; ".join(
                         f"{safe_text(str(obj))} x{getattr(c, by)}" for obj, c in top), file=out)
-
-
-class JsonlRecorder:
-    """One JSON object per request, for offline analysis (--record)."""
-
-    def __init__(self, out: IO[str], blockmap=None, t0: float = 0.0):
-        self.out = out
-        self.blockmap = blockmap
-        self.t0 = t0
-
-    def feed(self, batch: Sequence[Request], pieces: Pieces | None = None) -> None:
-        bm = self.blockmap
-        write = self.out.write
-        for r in batch:
-            rec = {
-                "t": round(r.start - self.t0, 6), "conn": r.conn, "export": r.export,
-                "op": COMMAND_NAMES[r.command] if r.command < len(COMMAND_NAMES) else r.command,
-                "offset": r.offset, "length": r.length, "flags": r.flags,
-                "duration": round(r.duration, 9), "error": r.error,
-            }
-            if bm is not None and r.command in _RANGED:
-                rec["objects"] = [str(o) if o is not None else None
-                                  for o in bm.objects(r.offset, r.length)]
-            write(json.dumps(rec) + "\n")
-
-    def on_event(self, event: object) -> None:
-        pass
-
-    def tick(self, now: float) -> None:
-        self.out.flush()
-
-    def close(self) -> None:
-        self.out.flush()
