@@ -60,6 +60,7 @@ for 16 bytes. Parquet would add pyarrow (~100 MB) for the same columns.
 Reading:
 
     rec = open_recording("boot.dwrec")        # RecordingError if it is not one
+    header, batches = rec                       # (it unpacks, too)
     rec.header.source, rec.header.bmap          # the header, META applied
     for batch in rec.batches():                 # lists of events.Request,
         ...                                     # start = seconds since the start
@@ -127,6 +128,10 @@ class RecordingHeader:
     requests: int | None = None
     dropped: int | None = None
     extra: dict = field(default_factory=dict)  # keys this version does not know
+
+    @property
+    def bmap_hash(self) -> str | None:
+        return self.bmap.get("sha256") if self.bmap else None
 
     def update(self, fields: dict) -> None:
         known = set(self.__dataclass_fields__) - {"extra"}
@@ -472,6 +477,10 @@ class Recording:
             except zstandard.ZstdError as e:
                 raise RecordingError(f"{self.path}: a damaged chunk ({e})") from None
         return data
+
+    def __iter__(self) -> Iterator[Any]:
+        """``header, batches = open_recording(path)`` also works."""
+        return iter((self.header, self.batches()))
 
     @property
     def complete(self) -> bool:

@@ -169,3 +169,30 @@ def test_a_torn_or_foreign_file(server_image, tmp_path):
     (tmp_path / "magic.dwrec").write_bytes(MAGIC)
     with pytest.raises(RecordingError, match="no header"):
         open_recording(str(tmp_path / "magic.dwrec"))
+
+
+def test_reopen_after_logrotate_starts_a_recording_of_its_own(tmp_path):
+    """SIGHUP (diskwatch as a service) reopens --record: the moved file keeps
+    what came before, the new one starts with the header."""
+    from diskwatch.events import make_request
+    from diskwatch.record import Recorder, RecordingHeader
+
+    path = tmp_path / "svc.dwrec"
+    rec = Recorder(str(path), RecordingHeader(source="file x", size=1 << 20,
+                                              started_monotonic=100.0))
+
+    def reads(offsets):
+        return [make_request((1, "", 0, o, 512, 0, 100.5, 1e-5, 0)) for o in offsets]
+    rec.feed(reads([0, 512]), None)
+    rec.flush()
+    os.rename(path, tmp_path / "svc.dwrec.1")
+    rec.feed(reads([1024]), None)
+    rec.reopen()
+    rec.feed(reads([4096]), None)
+    rec.close()
+    old = open_recording(str(tmp_path / "svc.dwrec.1"))
+    new = open_recording(str(path))
+    assert [q.offset for q in old.requests()] == [0, 512, 1024] and not old.complete
+    assert [q.offset for q in new.requests()] == [4096] and new.complete
+    assert new.header.source == "file x" and new.header.requests == 4
+    assert next(new.requests()).start == 0.5
