@@ -93,6 +93,7 @@ import zstandard
 from . import __version__
 from .errors import DiskwatchError
 from .events import ConnectionEvent, Dropped, Message, Request, make_request
+from .files import open_output
 
 MAGIC = b"DWREC01\n"
 FORMAT = 1
@@ -236,7 +237,8 @@ class Recorder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.header = header
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self._file = open_output(path, binary=True, buffering=0)  # never through a link
+        self._fd = self._file.fileno()
         self._write_head()
 
     def _write_head(self) -> None:
@@ -250,10 +252,10 @@ class Recorder:
         recording of its own."""
         with self._lock:
             self._flush_locked()
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-            old, self._fd = self._fd, fd
-            os.close(old)
-            if os.fstat(fd).st_size == 0:
+            new = open_output(self.path, binary=True, append=True, buffering=0)
+            old, self._file, self._fd = self._file, new, new.fileno()
+            old.close()
+            if os.fstat(self._fd).st_size == 0:
                 self._write_head()
 
     def attach(self, bus: Any) -> Recorder:
@@ -347,7 +349,7 @@ class Recorder:
             self.set_meta(ended_wall=time.time(), requests=self.requests, dropped=self.dropped)
             self.flush()
         finally:
-            os.close(self._fd)
+            self._file.close()
             self._fd = -1
 
 
