@@ -54,15 +54,26 @@ def md5(path: Path) -> str:
                           check=True).stdout.split()[0]
 
 
-def test_headless_boot_names_the_files_the_guest_touches(guest_image, guest_map, tmp_path):
+@pytest.fixture(scope="session")
+def headless_boot(guest_image, guest_map, tmp_path_factory):
+    """The demo guest booted once, headless, with --log and --record: the
+    headless test checks the trace, the report tests read the recording."""
     guest = guest_image.guest
-    trace = tmp_path / "boot.trace"
+    work = tmp_path_factory.mktemp("headless-boot")
+    trace, record = work / "boot.trace", work / "boot.rec"
     before = md5(guest_image.path)
     # `; exit 7` after qemu: the command's status must come back as ours.
     command = guest.qemu_shell_command("$nbd", "tcg") + "; exit 7"
     r = subprocess.run([DISKWATCH, str(guest_image.path), "--snapshot", "--bmap", str(guest_map),
-                        "--headless", "--log", str(trace), "--run", command],
+                        "--headless", "--log", str(trace), "--record", str(record),
+                        "--run", command],
                        capture_output=True, text=True, timeout=BOOT_TIMEOUT)
+    return r, trace, record, before
+
+
+def test_headless_boot_names_the_files_the_guest_touches(guest_image, headless_boot):
+    guest = guest_image.guest
+    r, trace, _, before = headless_boot
     assert r.returncode == 7, r.stderr[-2000:]
     console = r.stdout
     assert guest.marker in console, console[-2000:]
@@ -81,9 +92,10 @@ def test_headless_boot_names_the_files_the_guest_touches(guest_image, guest_map,
     assert md5(guest_image.path) == before
 
 
-def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44)):
+def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record=None):
     """Boot under the real app (server thread + captive command with captured
-    output), wait for the command to exit, then call check(app)."""
+    output), wait for the command to exit, then call check(app). ``record``:
+    a list that gets every request, from the captive command's start."""
     from diskwatch.bmap.index import BlockMap
     from diskwatch.events import Bus
     from diskwatch.server import serve_in_thread
@@ -99,6 +111,8 @@ def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44)):
                       uri=running.uri, command=command, blockmap=BlockMap.load(bmap))
     captive = Captive(command, captive_env("unix", running.socket_path), capture=True, bus=bus)
     session.stop_command = captive.stop
+    if record is not None:
+        bus.on_requests(record.extend)  # in the server's thread: one list append per batch
 
     def on_exit(status):
         session.exit_status = status
@@ -156,12 +170,14 @@ def test_ui_shows_the_boot_in_trace_and_top_objects(guest_image, guest_map):
     assert str(top_written) == "f /dev/sda1 /var/log/demo.log"
 
 
-def test_churn_ranks_the_log_files_and_the_rescanned_file_first(churn_guest_image, churn_map):
+@pytest.fixture(scope="session")
+def churn_boot(churn_guest_image, churn_map):
+    """The churn guest booted once under the UI: what the view showed, and
+    every request (the report tests read them as a recording)."""
     from diskwatch.ui.top import TopObjects
     guest = churn_guest_image.guest
     logs = {p for p in guest.writes if p.startswith("/var/log/av/")}
-    assert len(logs) >= 2
-    seen = {}
+    seen = {"logs": logs, "requests": [], "t0": time.monotonic()}
 
     async def check(app, pilot):
         top = app.query_one(TopObjects)
@@ -172,9 +188,17 @@ def test_churn_ranks_the_log_files_and_the_rescanned_file_first(churn_guest_imag
         await pilot.pause()
         seen["reads_view"] = str(top.render()).splitlines()
 
-    status, code = _run_ui(churn_guest_image.path, churn_map,
-                           guest.qemu_shell_command("$nbd", "tcg"), check)
-    assert status == 0
+    seen["status"], _ = _run_ui(churn_guest_image.path, churn_map,
+                                guest.qemu_shell_command("$nbd", "tcg"), check,
+                                record=seen["requests"])
+    return seen
+
+
+def test_churn_ranks_the_log_files_and_the_rescanned_file_first(churn_guest_image, churn_boot):
+    guest = churn_guest_image.guest
+    seen, logs = churn_boot, churn_boot["logs"]
+    assert len(logs) >= 2
+    assert seen["status"] == 0
     # The most read object, by bytes, is the file the loop re-reads.
     assert str(seen["reads"][0][0]) == f"f /dev/sda1 {guest.big_file}"
     # The most written objects are the churned log files.
@@ -189,3 +213,81 @@ def test_demo_command_reports_a_missing_piece_with_its_package(tmp_path):
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 1
     assert "qemu-system-x86" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- issue 12: report and compare on the same boots (no boot of their own) ---
+
+
+def _report(*args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([DISKWATCH, "report", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def _churn_recording(churn_boot, path: Path) -> Path:
+    """The churn boot's requests, written as diskwatch records them."""
+    from diskwatch.trace import JsonlRecorder
+    with open(path, "w") as f:
+        recorder = JsonlRecorder(f, None, churn_boot["t0"])
+        recorder.feed(churn_boot["requests"])
+        recorder.close()
+    return path
+
+
+def test_report_names_what_the_demo_boot_read_first_and_rewrote(guest_image, guest_map,
+                                                                headless_boot, tmp_path):
+    import json
+    import xml.etree.ElementTree as ET
+    guest = guest_image.guest
+    r, _, record, _ = headless_boot
+    assert r.returncode == 7, r.stderr[-2000:]
+    doc = json.loads(_report(str(record), "--bmap", str(guest_map), "--json").stdout)
+    assert doc["requests"] > 50 and doc["mapped"] and doc["unmapped"]["read_bytes"] == 0
+    files = [t["name"].split(" ", 2)[2] for t in doc["timeline"] if t["name"].startswith("f ")]
+    # the kernel runs /sbin/init before anything else is read; every file
+    # the init script reads is in the timeline
+    assert files[0] == "/sbin/init", files
+    assert set(guest.reads) <= set(files)
+    # the log the guest appends to (a record and a sync each time) is the churn
+    (churn,) = [c for c in doc["churn"] if c["type"] == "file"]
+    assert churn["name"] == "f /dev/sda1 /var/log/demo.log"
+    assert churn["bursts"] == guest.write_counts["/var/log/demo.log"]
+    text = _report(str(record), "--bmap", str(guest_map)).stdout
+    assert "Files, most bytes read" in text and "f /dev/sda1 /bin/busybox" in text
+    svg, png = tmp_path / "boot.svg", tmp_path / "boot.png"
+    _report(str(record), "--bmap", str(guest_map), "--svg", str(svg), "--png", str(png))
+    root = ET.parse(svg).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    assert [e.get("data-name") for e in root.iter(ns + "rect")
+            if e.get("class") == "partition"] == ["p /dev/sda1"]
+    labels = [e.text for e in root.iter(ns + "text") if e.get("class") == "file-label"]
+    assert any(label.startswith("/bin/busybox") for label in labels), labels
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_and_compare_show_the_churn_guests_extra_files(churn_guest_image, churn_map,
+                                                              guest_map, headless_boot,
+                                                              churn_boot, tmp_path):
+    import json
+    guest = churn_guest_image.guest
+    logs = churn_boot["logs"]
+    assert churn_boot["status"] == 0
+    churn_rec = _churn_recording(churn_boot, tmp_path / "churn.jsonl")
+    doc = json.loads(_report(str(churn_rec), "--bmap", str(churn_map), "--json").stdout)
+    # the churned logs top the churn list, each with as many bursts as the
+    # guest's loop wrote records
+    top = doc["churn"][:len(logs)]
+    assert {c["name"].split(" ", 2)[2] for c in top} == logs
+    for c in top:
+        assert c["bursts"] == guest.write_counts[c["name"].split(" ", 2)[2]]
+    assert doc["objects"][0]["name"] == f"f /dev/sda1 {guest.big_file}"
+    _, _, demo_rec, _ = headless_boot
+    cmp = json.loads(_report(str(demo_rec), "--bmap", str(guest_map), "--against",
+                             str(churn_rec), "--against-bmap", str(churn_map), "--json").stdout)
+    only_churn = {o["name"].split(" ", 2)[2] for o in cmp["only_b"]}
+    assert logs | {guest.big_file, "/var/log/av"} <= only_churn
+    # the churn guest reads every file the demo guest reads
+    assert [o for o in cmp["only_a"] if o["name"].startswith("f ")] == []
+    milestones = {m["name"]: m for m in cmp["milestones"]}
+    assert milestones["f /dev/sda1 /sbin/init"]["a"] is not None
+    assert milestones["f /dev/sda1 /sbin/init"]["b"] is not None

@@ -415,3 +415,35 @@ def test_trace_lists_the_newest_requests_of_a_flood_and_says_how_many_it_left_ou
     model.add(hits)
     assert [(ln.obj, ln.count, ln.skipped) for ln in model.lines] == [
         (f1, 501, 0), (None, 1, 1000), (f2, 1000, 0)]
+
+
+@sync
+async def test_p_saves_a_picture_of_what_has_been_seen(served, tmp_path):
+    """The p key writes the report's picture of the session so far: the
+    partitions, the busiest file marked, reads and writes drawn."""
+    import xml.etree.ElementTree as ET
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    app = DiskwatchApp(served.session, picture_dir=str(pictures))
+    async with app.run_test(size=(120, 36)) as pilot:
+        h = served.client()
+        for i in range(8):
+            h.pread(65536, BUSYBOX + i * 65536)
+        h.pwrite(b"x" * 4096, LOG)
+        await wait_for(pilot, app, lambda: app.stats.requests == 9)
+        await pilot.press("p")
+        await pilot.pause()
+        (saved,) = pictures.iterdir()
+        root = ET.parse(saved).getroot()
+        ns = "{http://www.w3.org/2000/svg}"
+        parts = [e.get("data-name") for e in root.iter(ns + "rect")
+                 if e.get("class") == "partition"]
+        assert parts == ["p /dev/sda1", "p /dev/sda2"]
+        labels = [e.text for e in root.iter(ns + "text") if e.get("class") == "file-label"]
+        assert labels[0].startswith("/bin/busybox"), labels
+        assert any(g.get("class") == "reads" and len(g) for g in root.iter(ns + "g"))
+        assert any(g.get("class") == "writes" and len(g) for g in root.iter(ns + "g"))
+        await pilot.press("p")  # a second save in the same second gets its own name
+        await pilot.pause()
+        assert len(list(pictures.iterdir())) == 2
+        h.shutdown()

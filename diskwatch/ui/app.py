@@ -19,6 +19,7 @@ every tick, while the counters are still updated on every tick, exactly.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -32,6 +33,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 
 from ..events import ConnectionEvent, Message, Progress
+from ..report.svg import PictureBins, render_svg
 from ..session import Pieces, Session
 from ..stats import Stats
 from .heatmap import Heatmap
@@ -75,6 +77,7 @@ class DiskwatchApp(App[int | None]):
         Binding("o", "toggle('output')", "Output", show=False),
         Binding("a", "toggle('rates')", "Rates", show=False),
         Binding("end", "follow", "Follow", show=False),
+        Binding("p", "save_picture", "Picture", show=False),
         Binding("question_mark", "help", "Help"),
     ]
 
@@ -85,9 +88,15 @@ class DiskwatchApp(App[int | None]):
         clock: Callable[[], float] = time.monotonic,
         tick: float = 0.1,
         trace_cap: int = 5000,
+        picture_dir: str = ".",
     ) -> None:
         super().__init__()
         self.session = session
+        # Offset x time of everything seen, bounded (binned), for the p key:
+        # the picture `diskwatch report --svg` draws, of the session so far.
+        self.picture = PictureBins(session.size)
+        self.picture_dir = picture_dir
+        session.pump.add(self.picture)
         self.clock = clock
         self.tick = tick
         self.stats = Stats(session.size)
@@ -157,6 +166,7 @@ class DiskwatchApp(App[int | None]):
 
     def on_unmount(self) -> None:
         self.session.pump.remove(self.sink)
+        self.session.pump.remove(self.picture)
 
     # -- the timer: drain, aggregate, repaint --
 
@@ -383,6 +393,33 @@ class DiskwatchApp(App[int | None]):
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
+
+    def action_save_picture(self) -> str | None:
+        """Save what has been seen so far as an SVG in ``picture_dir``
+        (offset over time, partitions, the busiest files, throughput)."""
+        stats = self.stats
+        files = sorted(((o, c.read_bytes + c.write_bytes) for o, c in stats.objects.items()
+                        if getattr(o, "type", None) == "f"), key=lambda ob: (-ob[1], str(ob[0])))
+        title = (f"{self.session.description}: {stats.requests} requests, "
+                 f"{self.clock() - self.session.started:.0f} s")
+        svg = render_svg(self.picture, title=title, blockmap=self.session.blockmap,
+                         files=files[:6])
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for n in range(100):
+            name = f"diskwatch-{stamp}{f'-{n}' if n else ''}.svg"
+            path = os.path.join(self.picture_dir, name)
+            try:
+                with open(path, "x", encoding="utf-8", errors="replace") as f:
+                    f.write(svg)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                self.notify(f"could not save the picture: {e.strerror}: {path}",
+                            severity="error")
+                return None
+            self.notify(f"picture saved: {path}")
+            return path
+        return None
 
     # -- quitting --
 
