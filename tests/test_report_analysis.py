@@ -199,3 +199,20 @@ def test_svg_size_is_bounded_whatever_the_number_of_requests():
     elements = sum(1 for _ in root.iter())
     assert elements < 2 * bins.rows * 4 + 400
     assert len(svg) < 3_000_000
+
+
+def test_svg_cuts_a_long_idle_stretch_out_of_the_time_axis():
+    """A boot's firmware and kernel time (no disk requests) is a labelled
+    break, not three quarters of the picture."""
+    bins = PictureBins(64 * MiB)
+    bins.add(0.2, R, 0, 512)  # qemu probes the disk as it starts
+    for i in range(40):  # then, 30 s later, the boot reads
+        bins.add(30.0 + i * 0.05, R, 10 * MiB + i * 65536, 65536)
+    root = ET.fromstring(render_svg(bins, title="boot"))
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    (label,) = root.findall(".//s:text[@class='time-break-label']", ns)
+    idle = float(label.text.split()[0])
+    assert 28 <= idle <= 30
+    ticks = [float(t.text) for t in root.findall("s:g[@id='time-axis']/s:text", ns)
+             if t.text.replace(".", "").isdigit()]
+    assert ticks[0] == 0 and 30 in ticks and 31 in ticks and not any(5 <= t <= 25 for t in ticks)

@@ -61,7 +61,7 @@ class PictureBins:
     in advance. That is what lets the UI keep one of these for a live
     session and save it at any moment."""
 
-    def __init__(self, size: int, rows: int = 150, cols: int = 200, width: float = 0.05):
+    def __init__(self, size: int, rows: int = 150, cols: int = 320, width: float = 0.05):
         self.size = max(1, size)
         self.rows = rows
         self.cols = cols
@@ -218,8 +218,8 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
     out: list[str] = []
     o = out.append
     used = max(1, bins.used)
-    span = used * bins.width
-    cw = PLOT_W / used  # column width in pixels
+    scale = _TimeScale(bins, used)
+    x_of = scale.x
     rh = MAIN_H / bins.rows
     rate_top = TOP + MAIN_H + GAP
 
@@ -286,10 +286,10 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
                 while col + 1 < used and _shade(grid[col + 1][row], peak) == level:
                     col += 1
                 col += 1
-                x = LEFT + start * cw
+                x = x_of(start)
+                w = x_of(col) - x
                 runs.setdefault(level, []).append(
-                    f"M{x:.1f},{TOP + row * rh:.1f}h{(col - start) * cw:.1f}v{rh:.1f}"
-                    f"h{-(col - start) * cw:.1f}z")
+                    f"M{x:.1f},{TOP + row * rh:.1f}h{w:.1f}v{rh:.1f}h{-w:.1f}z")
             for level, parts in runs.items():
                 o(f'<path fill-opacity="{SHADES[level]}" d="{"".join(parts)}"/>')
         o("</g>")
@@ -323,9 +323,9 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
     if top_rate > 0:
         for s, colour, cls in series:
             pts = []
-            for col in range(used):
+            for col in scale.visible_columns():
                 y = rate_top + RATE_H - (s[col] / per) / top_rate * RATE_H
-                pts.append(f"{LEFT + col * cw:.1f},{y:.1f} {LEFT + (col + 1) * cw:.1f},{y:.1f}")
+                pts.append(f"{x_of(col):.1f},{y:.1f} {x_of(col + 1):.1f},{y:.1f}")
             o(f'<polyline class="{cls}" fill="none" stroke="{colour}" stroke-width="1.3" '
               f'points="{" ".join(pts)}"/>')
     for frac in (0.0, 0.5, 1.0):
@@ -337,22 +337,97 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
 
     # time axis, under both panels
     o('<g id="time-axis" class="axis">')
-    tstep = _nice_step(span, 10)
     bottom = rate_top + RATE_H
     origin = bins.origin or 0.0
-    k = math.ceil(origin / tstep - 1e-9)
-    while k * tstep <= origin + span + 1e-9:
-        x = LEFT + (k * tstep - origin) / span * PLOT_W
-        label = f"{k * tstep:g}"
-        for y0 in (TOP + MAIN_H, bottom):
-            o(f'<line x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y0 + 5}" stroke="#333"/>')
-        o(f'<text x="{x:.1f}" y="{bottom + 18}" text-anchor="middle">{label}</text>')
-        k += 1
+    tstep = _nice_step(scale.shown * bins.width, 10)
+    for c0, c1 in scale.segments():
+        t0 = origin + c0 * bins.width
+        k = math.ceil(t0 / tstep - 1e-9)
+        while k * tstep <= origin + c1 * bins.width + 1e-9:
+            x = x_of(c0 + (k * tstep - t0) / bins.width)
+            for y0 in (TOP + MAIN_H, bottom):
+                o(f'<line x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y0 + 5}" stroke="#333"/>')
+            o(f'<text x="{x:.1f}" y="{bottom + 18}" text-anchor="middle">{k * tstep:g}</text>')
+            k += 1
     o(f'<text x="{LEFT + PLOT_W / 2}" y="{bottom + 36}" text-anchor="middle">'
       f'{"time (s)" if timed else "request # (this log has no times)"}</text>')
     o("</g>")
+    # where idle time was cut out: a gap in both panels, saying how long
+    o('<g id="time-breaks">')
+    for c0, c1 in scale.breaks:
+        x0, x1 = x_of(c0), x_of(c1)
+        idle = (c1 - c0) * bins.width
+        idle_text = f"{idle:.0f} s idle" if timed else f"{idle:.0f} requests"
+        for y0, h in ((TOP, MAIN_H), (rate_top, RATE_H)):
+            o(f'<rect class="time-break" x="{x0 + 3:.1f}" y="{y0 - 4}" '
+              f'width="{x1 - x0 - 6:.1f}" height="{h + 8}" fill="white"/>'
+              f'<path d="M{x0 + 1:.1f},{y0 + h + 6}l6,-12M{x1 - 7:.1f},{y0 + h + 6}l6,-12" '
+              f'stroke="#333"/>')
+        o(f'<text class="time-break-label" transform="translate({(x0 + x1) / 2 + 4:.1f},'
+          f'{TOP + MAIN_H / 2}) rotate(-90)" text-anchor="middle" fill="#555">'
+          f'{escape(idle_text)}</text>')
+    o("</g>")
     o("</svg>")
     return "\n".join(out) + "\n"
+
+
+class _TimeScale:
+    """Column -> x, with long idle stretches cut out of the time axis.
+
+    A boot reads its disk for seconds after tens of seconds in firmware and
+    kernel; drawn to scale, the reading is a sliver at the right. An idle
+    run of at least an eighth of the columns (and ``MIN_BREAK`` of them)
+    becomes a ``BREAK_PX`` gap, labelled with how long it was."""
+
+    BREAK_PX = 24
+    MIN_BREAK = 8  # columns
+    MAX_BREAKS = 3
+
+    def __init__(self, bins: PictureBins, used: int) -> None:
+        idle = [not (bins.read_bytes[c] or bins.write_bytes[c]) for c in range(used)]
+        # Only stretches of a quarter of the whole: a churn's pauses between
+        # bursts are its rhythm, and stay.
+        longest = max(self.MIN_BREAK, used // 4)
+        runs: list[tuple[int, int]] = []
+        c = 0
+        while c < used:
+            if idle[c]:
+                start = c
+                while c < used and idle[c]:
+                    c += 1
+                if c - start >= longest and c < used:
+                    runs.append((start, c))
+            else:
+                c += 1
+        runs.sort(key=lambda r: r[0] - r[1])
+        self.breaks: list[tuple[int, int]] = sorted(runs[:self.MAX_BREAKS])
+        self.used = used
+        self.shown = used - sum(e - s for s, e in self.breaks)
+        self.cw = (PLOT_W - self.BREAK_PX * len(self.breaks)) / max(1, self.shown)
+
+    def x(self, col: float) -> float:
+        x, prev = float(LEFT), 0
+        for start, end in self.breaks:
+            if col <= start:
+                break
+            if col < end:  # inside a break: across its gap
+                return x + (start - prev) * self.cw + self.BREAK_PX * (col - start) / (end - start)
+            x += (start - prev) * self.cw + self.BREAK_PX
+            prev = end
+        return x + (col - prev) * self.cw
+
+    def segments(self) -> list[tuple[int, int]]:
+        """The column ranges drawn to scale, between the breaks."""
+        out, prev = [], 0
+        for start, end in self.breaks:
+            out.append((prev, start))
+            prev = end
+        out.append((prev, self.used))
+        return out
+
+    def visible_columns(self) -> Iterable[int]:
+        for c0, c1 in self.segments():
+            yield from range(c0, c1)
 
 
 def _shade(count: int, peak: int) -> int:
