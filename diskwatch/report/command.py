@@ -52,12 +52,14 @@ def report_main(argv: list[str]) -> int:
 
     args = build_report_parser().parse_args(argv)
     recording = open_input(args.file, args.kind)
-    blockmap = BlockMap.load(args.bmap) if args.bmap else None
+    bmap_path = choose_map(recording, args.bmap)
+    blockmap = BlockMap.load(bmap_path) if bmap_path else None
     analysis = analyse(recording, blockmap)
     out = sys.stdout
     if args.against:
         other = open_input(args.against, args.against_from)
-        other_map = BlockMap.load(args.against_bmap) if args.against_bmap else blockmap
+        other_path = choose_map(other, args.against_bmap or args.bmap)
+        other_map = BlockMap.load(other_path) if other_path else None
         comparison = compare(analysis, analyse(other, other_map), args.milestone)
         if args.json:
             write_json(compare_json(comparison), out)
@@ -70,6 +72,29 @@ def report_main(argv: list[str]) -> int:
     if args.svg or args.png:
         draw(recording, analysis, blockmap, args.svg, args.png)
     return 0
+
+
+def choose_map(recording, given: str | None) -> str | None:
+    """The block map to name ``recording`` with: the one given (with a
+    warning if the recording was made with another), else the one recorded
+    with it if that file is still there, unchanged."""
+    recorded, digest = recording.bmap_path, recording.bmap_hash
+    if not digest:
+        return given
+    try:
+        from ..record import map_identity
+    except ImportError:
+        return given
+    if given:
+        if map_identity(given)["sha256"] != digest:
+            print(f"diskwatch: {given} is not the block map {recording.path} was recorded "
+                  "with (another SHA-256): names may not match", file=sys.stderr)
+        return given
+    if recorded and os.path.isfile(recorded) and map_identity(recorded)["sha256"] == digest:
+        print(f"diskwatch: naming with the block map it was recorded with: {recorded}",
+              file=sys.stderr)
+        return recorded
+    return None
 
 
 def draw(recording, analysis, blockmap, svg_path: str | None, png_path: str | None) -> None:

@@ -32,7 +32,8 @@ class Recording:
     timed: bool = True
     path: str = ""
     truncated: bool = False  # the file ended inside a record (a crash, a copy mid-write)
-    bmap_hash: str | None = None  # the block map the recorder named requests with, if any
+    bmap_hash: str | None = None  # SHA-256 of the block map in use when recorded, if any
+    bmap_path: str | None = None  # and where that map was
 
     @property
     def time_unit(self) -> str:
@@ -53,6 +54,8 @@ def sniff(path: str) -> str:
     if len(head) >= 4 and int.from_bytes(head[:4], "big") in (NBD_REQUEST_MAGIC,
                                                                NBD_TRACELOG_MAGIC):
         return "nbd-trdump"
+    if head.startswith(b"DWREC"):
+        return "diskwatch"
     if head[:1] == b"{":
         return "jsonl"
     if len(head) >= 11 and head[:4].isdigit() and head[4:5] == b"-" and head[10:11] == b" ":
@@ -81,15 +84,18 @@ def open_input(path: str, kind: str = "auto") -> Recording:
 def read_diskwatch_recording(path: str) -> Recording:
     """A file written by ``diskwatch --record``, through diskwatch.record's reader."""
     try:
-        from ..record import open_recording  # type: ignore[attr-defined]
+        from ..record import open_recording
     except ImportError:
         raise DiskwatchError(
             f"{path}: not a file the report can read (JSON lines, nbd-server transaction "
             "log or nbdkit log); say which with --from") from None
-    header, batches = open_recording(path)
+    rec = open_recording(path)
+    header = rec.header
     requests: list[Request] = []
-    for batch in batches:
+    for batch in rec.batches():
         requests.extend(batch)
-    return Recording(requests=requests, source=getattr(header, "source", "") or path,
-                     size=getattr(header, "size", None), origin="diskwatch", timed=True,
-                     path=path, bmap_hash=getattr(header, "bmap_hash", None))
+    bmap = header.bmap or {}
+    return Recording(requests=requests, source=header.source or path, size=header.size or None,
+                     origin="diskwatch", timed=True, path=path,
+                     truncated=rec.truncated or not rec.complete,
+                     bmap_hash=bmap.get("sha256"), bmap_path=bmap.get("path"))

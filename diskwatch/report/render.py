@@ -7,7 +7,7 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
      "timed": bool,          # false: times are request positions (0, 1, 2...), not seconds
      "size": int,            # bytes of the disk (or the furthest request's end)
      "mapped": bool,         # a block map named the requests
-     "truncated": bool,      # the file ended inside a record
+     "truncated": bool,      # the file was cut short (crash, kill -9, still being written)
      "requests": int, "errors": int, "duration": float,
      "read_bytes": int, "write_bytes": int,
      "commands": {NAME: {"requests": int, "bytes": int}},          # read, write, flush, zero...
@@ -78,7 +78,8 @@ def write_text(a: Analysis, out: IO[str], top: int = 10) -> None:
     w = out.write
     w(f"diskwatch report: {safe_text(a.source)}\n")
     if a.truncated:
-        w("  (the file ends inside a record: a crash or a copy mid-write; read up to there)\n")
+        w("  (the file was cut short: a crash, kill -9, or still being written; "
+          "read up to its end)\n")
     span = (f"{a.duration:.2f} s" if a.timed
             else "no times in this log: positions are request order")
     cmds = ", ".join(f"{name} {n}" + (f" ({human_bytes(b)})" if name in ("read", "write") else "")
