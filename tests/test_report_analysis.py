@@ -137,6 +137,11 @@ def test_without_a_map_the_totals_and_latency_remain():
     write_text(a, buf)
     assert "give --bmap" in buf.getvalue()
     assert a.read_bytes == 4096 * 4 + 3 * MiB and not a.objects
+    # busy places by 1 MiB region: busybox's first extent (2 MiB read from 10 MiB) leads
+    (start, end, t), *_ = a.top_regions("bytes")
+    assert (start, end, t.read_bytes, t.reads) == (10 * MiB, 11 * MiB, 2 * MiB, 1)
+    assert "0xa00000-0xb00000" in buf.getvalue()
+    assert report_json(a)["regions"][0]["start"] == 10 * MiB
 
 
 def test_compare_shows_what_the_other_run_touched_and_how_late(blockmap):

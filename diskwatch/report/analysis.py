@@ -18,6 +18,7 @@ Definitions (the text, the JSON and the tests use these and no others):
   requests at once; a flush, as ``sync`` sends, ends it); *churn* is an object written
   in at least ``CHURN_MIN_BURSTS`` bursts; its *period* is the median time
   between bursts, its *rate* bursts per minute from first to last.
+- Without a map, requests count in the 1 MiB region where they start.
 - *unmapped*: bytes no block-map range covers. *Partition only*: bytes whose
   most specific object is a partition, LV or disk (filesystem metadata,
   journal, free space: named by no file or directory).
@@ -37,6 +38,7 @@ from ..bmap.format import TYPE_RANK
 from ..events import COMMAND_NAMES, Command
 from .inputs import Recording
 
+REGION_SHIFT = 20  # 1 MiB regions name the busy places when there is no map
 BURST_GAP = 0.02  # seconds: requests of one append arrive together
 CHURN_MIN_BURSTS = 3
 
@@ -132,6 +134,9 @@ class Analysis:
     partition_only: Traffic = field(default_factory=Traffic)
     latencies: dict[tuple[str, str], array] = field(default_factory=dict)
     truncated: bool = False
+    #: without a map: traffic per REGION_SHIFT-aligned region (its index),
+    #: counted where each request starts
+    regions: dict[int, Traffic] = field(default_factory=dict)
 
     # -- views --
 
@@ -148,6 +153,12 @@ class Analysis:
                  if path != "/" and getattr(t, by)]
         items.sort(key=lambda it: (-getattr(it[1], by), -it[1].bytes, it[0]))
         return items[:n]
+
+    def top_regions(self, by: str = "bytes", n: int = 10) -> list[tuple[int, int, Traffic]]:
+        """(start, end, traffic) of the busiest regions (without a map), most first."""
+        items = sorted(((i, t) for i, t in self.regions.items() if getattr(t, by)),
+                       key=lambda it: (-getattr(it[1], by), it[0]))
+        return [(i << REGION_SHIFT, (i + 1) << REGION_SHIFT, t) for i, t in items[:n]]
 
     def churn(self, n: int | None = None) -> list[Churn]:
         """Files and directories written in CHURN_MIN_BURSTS bursts or more,
@@ -210,6 +221,7 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     objects = a.objects
     latencies = a.latencies
     unmapped, partition_only = a.unmapped, a.partition_only
+    regions = a.regions
     lookup = blockmap.lookup if blockmap is not None else None
     end = 0.0
     flushes = 0
@@ -238,6 +250,10 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
             a.write_bytes += r.length
         if lookup is None:
             _latency(latencies, "all", name, r.duration)
+            region = regions.get(r.offset >> REGION_SHIFT)
+            if region is None:
+                region = regions[r.offset >> REGION_SHIFT] = Traffic()
+            _count(region, is_read, r.length)
             continue
         best_rank = -1
         best_type = None

@@ -18,7 +18,9 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
      "unmapped": TRAFFIC,        # bytes no range of the map covers
      "partition_only": TRAFFIC,  # bytes named only by a partition/LV/disk (metadata, free space)
      "latency": [{"type": str, "op": str, "count": int,
-                  "p50": float, "p90": float, "p99": float, "max": float}]}   # seconds
+                  "p50": float, "p90": float, "p99": float, "max": float}],  # seconds
+     "regions": [TRAFFIC + {"start": int, "end": int}]}   # without a map: 1 MiB regions,
+                                                          # where requests start, most bytes first
     TRAFFIC = {"reads": int, "read_bytes": int, "writes": int, "write_bytes": int}
     OBJECT  = TRAFFIC + {"name": str, "type": "f"|"d", "device": str, "path": str,
                          "first_t": float, "first_op": str, "first_read_t": float|null}
@@ -90,6 +92,7 @@ def write_text(a: Analysis, out: IO[str], top: int = 10) -> None:
       f"written {human_bytes(a.write_bytes)}\n")
     if not a.mapped:
         w("  no block map: give --bmap MAP to name files, directories and partitions\n")
+        _regions(a, w, top)
     else:
         _top_tables(a, w, top)
         _churn(a, w, top)
@@ -113,6 +116,17 @@ def _top_tables(a: Analysis, w, top: int) -> None:
         w(f"  {_TRAFFIC_HEAD}  name\n")
         for name, t in rows:
             w(f"  {_traffic_cols(t)}  {safe_text(name)}\n")
+
+
+def _regions(a: Analysis, w, top: int) -> None:
+    for title, by in (("Busiest 1 MiB regions, by bytes", "bytes"),
+                      ("Busiest 1 MiB regions, by requests", "requests")):
+        rows = a.top_regions(by, top)
+        if not rows:
+            continue
+        w(f"\n{title}\n  {_TRAFFIC_HEAD}  region\n")
+        for start, end, t in rows:
+            w(f"  {_traffic_cols(t)}  {start:#x}-{end:#x}\n")
 
 
 def _churn(a: Analysis, w, top: int) -> None:
@@ -191,6 +205,8 @@ def report_json(a: Analysis) -> dict[str, Any]:
         "unmapped": a.unmapped.as_dict(),
         "partition_only": a.partition_only.as_dict(),
         "latency": [vars(r) for r in a.latency_rows()],
+        "regions": [{"start": start, "end": end, **t.as_dict()}
+                    for start, end, t in a.top_regions("bytes", len(a.regions))],
     }
 
 
