@@ -225,12 +225,18 @@ def _report(*args: str) -> subprocess.CompletedProcess:
 
 
 def _churn_recording(churn_boot, path: Path) -> Path:
-    """The churn boot's requests, written as diskwatch records them."""
-    from diskwatch.trace import JsonlRecorder
+    """The churn boot's requests as JSON lines (the format --record wrote
+    before recordings had their own; the report reads both)."""
+    import json
+
+    from diskwatch.events import COMMAND_NAMES
+    t0 = churn_boot["t0"]
     with open(path, "w") as f:
-        recorder = JsonlRecorder(f, None, churn_boot["t0"])
-        recorder.feed(churn_boot["requests"])
-        recorder.close()
+        for r in churn_boot["requests"]:
+            f.write(json.dumps({"t": r.start - t0, "conn": r.conn, "export": r.export,
+                                "op": COMMAND_NAMES[r.command], "offset": r.offset,
+                                "length": r.length, "flags": r.flags,
+                                "duration": r.duration, "error": r.error}) + "\n")
     return path
 
 

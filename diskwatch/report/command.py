@@ -124,5 +124,6 @@ def draw(recording, analysis, blockmap, svg_path: str | None, png_path: str | No
 
 
 def _write_text_file(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8", errors="replace") as f:
-        f.write(text)
+    from ..files import replace_atomically
+    with replace_atomically(path) as f:  # never half-written, never through a planted link
+        f.write(text.encode("utf-8", errors="replace"))

@@ -475,11 +475,15 @@ def _labels(o, labels: list[tuple[float, str, str, str]]) -> None:
 
 
 def write_png(svg_path: str, png_path: str) -> None:
-    """Convert with rsvg-convert (librsvg2-bin)."""
+    """Convert with rsvg-convert (librsvg2-bin); the PNG is written as the
+    SVG is (all at once, never through a planted link)."""
+    from ..files import replace_atomically
     tool = shutil.which("rsvg-convert")
     if tool is None:
         raise DiskwatchError("--png needs rsvg-convert: apt-get install librsvg2-bin")
-    r = subprocess.run([tool, "-b", "white", "-o", png_path, svg_path],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise DiskwatchError(f"rsvg-convert failed: {r.stderr.strip() or r.returncode}")
+    r = subprocess.run([tool, "-b", "white", svg_path], capture_output=True)
+    if r.returncode != 0 or not r.stdout:
+        raise DiskwatchError("rsvg-convert failed: "
+                             + (r.stderr.decode(errors="replace").strip() or str(r.returncode)))
+    with replace_atomically(png_path) as f:
+        f.write(r.stdout)
