@@ -221,3 +221,35 @@ def test_svg_cuts_a_long_idle_stretch_out_of_the_time_axis():
     ticks = [float(t.text) for t in root.findall("s:g[@id='time-axis']/s:text", ns)
              if t.text.replace(".", "").isdigit()]
     assert ticks[0] == 0 and 30 in ticks and 31 in ticks and not any(5 <= t <= 25 for t in ticks)
+
+
+def test_the_command_writes_text_json_svg_and_png(tmp_path, capsys):
+    """`diskwatch report` end to end on a JSON-lines recording and a map file."""
+    from diskwatch.bmap.format import write_bmap
+    from diskwatch.cli import main
+    from diskwatch.events import COMMAND_NAMES
+    bmap = tmp_path / "disk.bmap"
+    write_bmap(bmap, entries())
+    rec = tmp_path / "boot.jsonl"
+    with open(rec, "w") as f:
+        for r in boot().requests:
+            f.write(json.dumps({"t": r.start, "conn": 1, "export": "", "op": COMMAND_NAMES[r.command],
+                                "offset": r.offset, "length": r.length, "flags": 0,
+                                "duration": r.duration, "error": 0}) + "\n")
+    assert main(["report", str(rec), "--bmap", str(bmap)]) == 0
+    text = capsys.readouterr().out
+    assert "Churn" in text and "\x1b" not in text
+    assert main(["report", str(rec), "--bmap", str(bmap), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["churn"][0]["name"].endswith("/var/log/a.log")
+    svg, png = tmp_path / "p.svg", tmp_path / "p.png"
+    assert main(["report", str(rec), "--bmap", str(bmap), "--svg", str(svg), "--png", str(png)]) == 0
+    assert ET.parse(svg).getroot().tag == "{http://www.w3.org/2000/svg}svg"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    planted = tmp_path / "planted.svg"
+    planted.symlink_to(tmp_path / "victim")
+    assert main(["report", str(rec), "--svg", str(planted)]) == 1
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and err.count("\n") == 1
+    assert not (tmp_path / "victim").exists()
+    assert main(["report", str(tmp_path / "missing.rec")]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
