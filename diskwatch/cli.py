@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record every request to FILE (replay it: diskwatch replay FILE)")
     g.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                    help="how libguestfs and the demo run qemu (auto probes KVM)")
+    _method_arg(g)
     g = p.add_argument_group("monitoring (daemon mode: --headless --no-trace --metrics PORT)")
     g.add_argument("--metrics", metavar="[ADDR:]PORT",
                    help="serve Prometheus metrics on http://ADDR:PORT/metrics (ADDR "
@@ -147,13 +148,22 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _method_arg(p) -> None:
+    p.add_argument("--method", choices=("auto", "metadata", "watch"), default="auto",
+                   help="how a missing block map is made: metadata (partition tables and "
+                        "filesystem structures, exact, no appliance), watch (a libguestfs "
+                        "appliance's reads), auto (metadata, and watch for what it cannot read; "
+                        "the default)")
+
+
 def build_bmap_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diskwatch bmap",
-                                description="Make a block map of a disk image with libguestfs.")
+                                description="Make a block map of a disk image.")
     p.add_argument("source", help="disk image: raw file, .xz file or URL")
     p.add_argument("-o", "--output", required=True, help="block map file to write")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    _method_arg(p)
     _source_args(p)
     return p
 
@@ -203,7 +213,7 @@ def run_config(args) -> RunConfig:
         source=args.source, stream_to=args.stream_to, unix=args.unix, port=args.port,
         ipaddr=args.ipaddr, export_name=args.export_name, run=args.run, bmap=args.bmap,
         headless=args.headless, no_trace=args.no_trace, log=args.log, record=args.record,
-        accel=args.accel, metrics=args.metrics, otlp=args.otlp, metrics_top=args.metrics_top,
+        accel=args.accel, method=args.method, metrics=args.metrics, otlp=args.otlp, metrics_top=args.metrics_top,
         metrics_refresh=args.metrics_refresh)
 
 
@@ -224,7 +234,7 @@ def bmap_main(argv: list[str]) -> int:
     _setup_logging(args.verbose)
     source = _open_source(args)
     try:
-        generate_map(source, args.output, args.accel)
+        generate_map(source, args.output, args.accel, method=args.method)
     finally:
         source.close()
     return 0
@@ -290,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _import_hint(e: ImportError) -> str:
     name = getattr(e, "name", "") or ""
+    if name == "guestfs":  # not installed, or installed but invisible to this Python
+        from .bmap.generate import _guestfs_hint
+        return _guestfs_hint(e)
     hints = {
+        "pytsk3": "pytsk3 (The Sleuth Kit) is missing: pip install pytsk3",
         "guestfs": "the libguestfs Python module is missing: apt-get install python3-guestfs "
                    "libguestfs-tools (and use Debian's python3 or a venv made with "
                    "--system-site-packages)",

@@ -55,6 +55,7 @@ class RunConfig:
     log: str | None = None
     record: str | None = None
     accel: str = "auto"
+    method: str = "auto"  # how a missing block map is made (bmap/make.py)
     #: --metrics [ADDR:]PORT (Prometheus endpoint), --otlp URL, and their knobs
     metrics: str | None = None
     otlp: str | None = None
@@ -108,14 +109,14 @@ class ProgressPrinter:
             self.stream.write("\r" + " " * (shutil.get_terminal_size().columns - 1) + "\r")
 
 
-def generate_map(source, out_path: str, accel: str, bus=None) -> None:
-    from .bmap.generate import generate_bmap
+def generate_map(source, out_path: str, accel: str, bus=None, method: str = "auto") -> None:
+    from .bmap.make import make_bmap
     from .events import Bus
     bus = bus or Bus()
     printer = ProgressPrinter()
     bus.on_event(printer)
     try:
-        generate_bmap(source, out_path, bus=bus, accel=accel)
+        make_bmap(source, out_path, method=method, bus=bus, accel=accel)
     finally:
         bus.unsubscribe(printer)
 
@@ -380,7 +381,7 @@ class Runner:
                 if cfg.headless:
                     print(f"diskwatch: {cfg.bmap} does not exist: generating it first",
                           file=sys.stderr)
-                    generate_map(source, cfg.bmap, cfg.accel)
+                    generate_map(source, cfg.bmap, cfg.accel, method=cfg.method)
                 else:
                     pending_map = cfg.bmap
             if pending_map is None:
@@ -497,8 +498,9 @@ class Runner:
 
     def _generate_under_ui(self, session: Session, source, path: str) -> None:
         try:
-            from .bmap.generate import generate_bmap
-            generate_bmap(source, path, bus=session.bus, accel=self.config.accel)
+            from .bmap.make import make_bmap
+            make_bmap(source, path, method=self.config.method, bus=session.bus,
+                      accel=self.config.accel)
             session.blockmap = load_map(path)
             if self.recorder is not None:
                 from .record import map_identity

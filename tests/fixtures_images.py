@@ -69,6 +69,8 @@ class DiskImage:
     symlinks: dict[str, dict[str, str]] = field(default_factory=dict)
     fragmented: tuple[str, str] | None = None
     guest: GuestImage | None = None
+    #: device -> the partition made in a file of its own (NTFS: ntfsinfo reads it)
+    partition_images: dict[str, Path] = field(default_factory=dict)
 
     def volume(self, device: str) -> Volume:
         for v in self.partitions:
@@ -429,3 +431,157 @@ def churn_guest_image(tmp_path_factory: pytest.TempPathFactory) -> DiskImage:
     """The churn guest: also rewrites /var/log/av/*.log and re-reads a 4 MiB file, 30 passes."""
     work = tmp_path_factory.mktemp("churn-guest")
     return guest_disk(build_guest_image(work / "churn-guest.img", churn=True))
+
+
+# --------------------------------------------------------------------------
+# NTFS: a Windows-like disk (two NTFS partitions on MBR)
+
+NTFS_SYSTEM_FILES = {
+    "/bootmgr": 400 * 1024,
+    "/Boot/BCD": 24 * 1024,
+    "/Boot/en-US/bootmgr.exe.mui": 80 * 1024,
+    "/Boot/Fonts/wgl4_boot.ttf": 45 * 1024,
+}
+NTFS_C_FILES = {
+    "/pagefile.sys": 6 * MiB,
+    "/Windows/System32/config/SYSTEM": 1536 * 1024,
+    "/Windows/System32/config/SOFTWARE": 2 * MiB,
+    "/Windows/System32/config/SAM": 256 * 1024,
+    "/Windows/System32/config/SECURITY": 256 * 1024,
+    "/Windows/System32/config/DEFAULT": 384 * 1024,
+    "/Windows/System32/drivers/ntfs.sys": 1200 * 1024,
+    "/Windows/System32/drivers/disk.sys": 60 * 1024,
+    "/Windows/System32/drivers/etc/hosts": 824,
+    "/Windows/System32/kernel32.dll": 700 * 1024,
+    "/Windows/System32/ntdll.dll": 1300 * 1024,
+    "/Windows/System32/user32.dll": 800 * 1024,
+    "/Windows/System32/winload.exe": 500 * 1024,
+    "/Windows/Logs/CBS/CBS.log": 90 * 1024,
+    "/Windows/Logs/DISM/dism.log": 33 * 1024,
+    "/Windows/Fonts/arial.ttf": 360 * 1024,
+    "/Program Files/Common Files/System/ole db/oledb32.dll": 600 * 1024,
+    "/Program Files/Internet Explorer/iexplore.exe": 700 * 1024,
+    "/Users/Public/Documents/Résumé final.docx": 40 * 1024,
+    "/Users/Public/Documents/Über Straße.txt": 9000,
+    "/Users/Public/日本語のファイル.txt": 12000,
+    "/ProgramData/Microsoft/Windows/Start Menu/desktop.ini": 1200,
+}
+#: written interleaved, 16 KiB at a time, so each is split into many runs
+NTFS_FRAGMENTED = [f"/Windows/Temp/interleaved{i}.tmp" for i in range(4)]
+NTFS_RESIDENT = "/Windows/win.ini"  # 92 bytes: stays in its MFT record
+NTFS_SPARSE = "/Windows/sparse.dat"  # 4 KiB, a 4 MiB hole, 4 KiB
+NTFS_COMPRESSED = "/Windows/Compressed/setup.log"  # in a directory with the compressed attribute
+NTFS_ADS = ("/Users/Public/Documents/Résumé final.docx", "Zone.Identifier")
+
+
+def _ntfs_partition(path: Path, size: int, label: str, start_sector: int) -> None:
+    mkntfs = require_tool("mkntfs")
+    _make_image_file(path, size)
+    subprocess.run(
+        [mkntfs, "-q", "-F", "-f", "-L", label, "-p", str(start_sector), "-H", "255", "-S", "63",
+         os.fspath(path)], check=True, capture_output=True,
+    )  # fmt: skip
+
+
+def _fill_ntfs(part: Path, mnt: Path, fill) -> None:
+    """Mount ``part`` with ntfs-3g (FUSE), run ``fill(mountpoint)``, unmount."""
+    ntfs3g = require_tool("ntfs-3g")
+    mnt.mkdir(exist_ok=True)
+    proc = subprocess.run([ntfs3g, "-o", "compression", os.fspath(part), os.fspath(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"ntfs-3g cannot mount (is /dev/fuse usable?): {proc.stderr.strip()}")
+    try:
+        fill(mnt)
+    finally:
+        subprocess.run(["umount", os.fspath(mnt)], check=True, capture_output=True)
+
+
+def _copy_into(disk: Path, part: Path, offset: int) -> None:
+    """Copy a partition image into the disk image at ``offset``, keeping holes."""
+    chunk = 1 << 20
+    zero = bytes(chunk)
+    with open(part, "rb") as src, open(disk, "r+b") as dst:
+        pos = 0
+        while True:
+            data = src.read(chunk)
+            if not data:
+                break
+            if data != zero[: len(data)]:
+                os.pwrite(dst.fileno(), data, offset + pos)
+            pos += len(data)
+
+
+def build_ntfs_image(path: Path, work: Path) -> DiskImage:
+    """MBR disk: /dev/sda1 "System Reserved" (NTFS, 24 MiB, boot files) and
+    /dev/sda2 "C:" (NTFS) with a Windows-like tree, interleaved (fragmented)
+    files, a resident file, a sparse file, a compressed file, an alternate
+    data stream, and names with spaces, accents and Japanese. Each partition
+    is made in its own file (kept: ``ntfsinfo`` reads them for the ground
+    truth) and copied into the disk."""
+    size = 96 * MiB
+    _make_image_file(path, size)
+    (p1, l1), (p2, l2) = make_partition_table(path, "dos", [(24 * MiB, "7"), (None, "7")])
+    sysres, cdrive = work / "sysres.ntfs", work / "c.ntfs"
+    _ntfs_partition(sysres, l1, "System Reserved", p1 // 512)
+    _ntfs_partition(cdrive, l2, "Windows", p2 // 512)
+
+    def fill_system(root: Path) -> None:
+        write_tree(root, NTFS_SYSTEM_FILES)
+
+    def fill_c(root: Path) -> None:
+        write_tree(root, NTFS_C_FILES)
+        (root / "Windows/Temp").mkdir(parents=True, exist_ok=True)
+        handles = [open(root / p.lstrip("/"), "wb") for p in NTFS_FRAGMENTED]
+        for i in range(24):
+            for k, h in enumerate(handles):
+                h.write(content(f"{NTFS_FRAGMENTED[k]}{i}", 16 * 1024))
+                h.flush()
+        for h in handles:
+            h.close()
+        (root / NTFS_RESIDENT.lstrip("/")).write_bytes(b"; for 16-bit app support\r\n" * 3 + b"\r\n")
+        with open(root / NTFS_SPARSE.lstrip("/"), "wb") as f:
+            f.write(content(NTFS_SPARSE, 4096))
+            f.seek(4 * MiB + 4096)
+            f.write(content(NTFS_SPARSE + "2", 4096))
+        comp = root / os.path.dirname(NTFS_COMPRESSED).lstrip("/")
+        comp.mkdir(parents=True)
+        os.setxattr(comp, "system.ntfs_attrib_be", (0x800).to_bytes(4, "big"))
+        (comp / os.path.basename(NTFS_COMPRESSED)).write_bytes(
+            b"".join(b"%06d setup: installing component %d ... ok\n" % (i, i % 97)
+                     for i in range(8000)))
+        file, stream = NTFS_ADS
+        os.setxattr(root / file.lstrip("/"), f"user.{stream}",
+                    b"[ZoneTransfer]\r\nZoneId=3\r\n" + content(stream, 6000))
+
+    _fill_ntfs(sysres, work / "mnt1", fill_system)
+    _fill_ntfs(cdrive, work / "mnt2", fill_c)
+    _copy_into(path, sysres, p1)
+    _copy_into(path, cdrive, p2)
+    c_files = dict(NTFS_C_FILES)
+    for p in NTFS_FRAGMENTED:
+        c_files[p] = 24 * 16 * 1024
+    c_files[NTFS_RESIDENT] = 92
+    c_files[NTFS_SPARSE] = 4 * MiB + 8192
+    c_files[NTFS_COMPRESSED] = 8000 * 43
+    c_dirs = sorted({"/".join(p.split("/")[:i]) for p in c_files for i in range(2, p.count("/") + 1)})
+    s_dirs = sorted({"/".join(p.split("/")[:i]) for p in NTFS_SYSTEM_FILES
+                     for i in range(2, p.count("/") + 1)})
+    return DiskImage(
+        path=path,
+        size=size,
+        label="dos",
+        partitions=[Volume("/dev/sda1", p1, l1, "ntfs"), Volume("/dev/sda2", p2, l2, "ntfs")],
+        files={"/dev/sda1": dict(sorted(NTFS_SYSTEM_FILES.items())),
+               "/dev/sda2": dict(sorted(c_files.items()))},
+        dirs={"/dev/sda1": s_dirs, "/dev/sda2": c_dirs},
+        symlinks={"/dev/sda1": {}, "/dev/sda2": {}},
+        fragmented=("/dev/sda2", NTFS_FRAGMENTED[0]),
+        partition_images={"/dev/sda1": sysres, "/dev/sda2": cdrive},
+    )
+
+
+@pytest.fixture(scope="session")
+def ntfs_image(tmp_path_factory: pytest.TempPathFactory) -> DiskImage:
+    work = tmp_path_factory.mktemp("ntfs")
+    return build_ntfs_image(work / "ntfs.img", work)

@@ -243,3 +243,88 @@ def fat_file_ranges(
             ((first - 2, n) for first, n in runs), cluster, partition_offset + data_start
         )
     return result
+
+
+# --------------------------------------------------------------------------
+# NTFS: ntfsinfo (ntfs-3g) dumps every attribute of a file with its runlist
+
+_NTFS_ATTR = re.compile(r"^Dumping attribute (\$\w+) \(0x[0-9a-f]+\) from mft record (\d+)")
+_NTFS_RUN = re.compile(r"^\s+0x[0-9a-f]+\s+(0x[0-9a-f]+|<HOLE>)\s+(0x[0-9a-f]+)\s*$")
+
+
+def _ntfsinfo(image: str | os.PathLike[str], *args: str) -> list[str]:
+    proc = subprocess.run(["ntfsinfo", *args, os.fspath(image)], capture_output=True, text=True,
+                          errors="surrogateescape")
+    if proc.returncode != 0:
+        raise RuntimeError(f"ntfsinfo {' '.join(args)} failed: {proc.stderr.strip()[-300:]}")
+    return proc.stdout.splitlines()
+
+
+def _ntfs_attributes(lines: list[str]) -> list[dict]:
+    """Each attribute ntfsinfo -v dumped: type, record, name, resident, runs (LCN, count)."""
+    attrs: list[dict] = []
+    for line in lines:
+        m = _NTFS_ATTR.match(line)
+        if m:
+            attrs.append({"type": m.group(1), "record": int(m.group(2)), "name": "",
+                          "resident": None, "runs": []})
+            continue
+        if not attrs:
+            continue
+        a = attrs[-1]
+        s = line.strip()
+        if s.startswith("Resident:"):
+            a["resident"] = s.split()[-1] == "Yes"
+        elif s.startswith("Attribute name:"):
+            a["name"] = s.split(":", 1)[1].strip().strip("'")
+        else:
+            r = _NTFS_RUN.match(line)
+            if r and r.group(1) != "<HOLE>":
+                a["runs"].append((int(r.group(1), 16), int(r.group(2), 16)))
+    return attrs
+
+
+def ntfs_object_ranges(
+    image: str | os.PathLike[str], partition_offset: int, paths: Iterable[str]
+) -> dict[str, list[tuple[int, int]]]:
+    """Absolute byte ranges of NTFS files from ``ntfsinfo -v -F`` on the
+    partition's own image, by object: ``PATH`` (its unnamed data and every
+    other non-resident attribute; its MFT record when its data is resident)
+    and ``PATH:STREAM`` for each named data stream. Sparse runs (holes) are
+    not ranges; compressed files are their allocated clusters."""
+    info = _ntfsinfo(image, "-m")
+    cluster = record = 0
+    for line in info:
+        s = line.strip()
+        if s.startswith("Cluster Size:"):
+            cluster = int(s.split()[-1])
+        elif s.startswith("MFT Record Size:"):
+            record = int(s.split()[-1])
+    mft_runs = [r for a in _ntfs_attributes(_ntfsinfo(image, "-v", "-i", "0"))
+                if a["type"] == "$DATA" and not a["name"] for r in a["runs"]]
+
+    def record_range(n: int) -> list[tuple[int, int]]:
+        pos = n * record
+        for lcn, count in mft_runs:
+            if pos < count * cluster:
+                start = partition_offset + lcn * cluster + pos
+                return [(start, start + record)]
+            pos -= count * cluster
+        raise RuntimeError(f"MFT record {n} lies beyond $MFT's runs")
+
+    result: dict[str, list[tuple[int, int]]] = {}
+    for path in paths:
+        attrs = _ntfs_attributes(_ntfsinfo(image, "-v", "-F", path))
+        if not attrs:
+            raise KeyError(f"{path}: not found in the NTFS filesystem of {image}")
+        objects: dict[str, list[tuple[int, int]]] = {path: []}
+        for a in attrs:
+            key = f"{path}:{a['name']}" if a["type"] == "$DATA" and a["name"] else path
+            if a["resident"]:
+                if a["type"] == "$DATA":  # its bytes are in its MFT record
+                    objects.setdefault(key, []).extend(record_range(a["record"]))
+                continue
+            objects.setdefault(key, []).extend(merge_blocks(a["runs"], cluster, partition_offset))
+        for key, ranges in objects.items():
+            result[key] = sorted(ranges)
+    return result

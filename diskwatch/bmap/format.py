@@ -245,7 +245,9 @@ def format_entry(e: BmapEntry) -> bytes:
 
 
 def write_bmap(
-    dest: str | os.PathLike[str] | BinaryIO | TextIO, entries: Iterable[BmapEntry]
+    dest: str | os.PathLike[str] | BinaryIO | TextIO,
+    entries: Iterable[BmapEntry],
+    header: Iterable[str] = (),
 ) -> None:
     """Write entries sorted by disk, start, then type (v before f), virt-bmap style.
 
@@ -254,15 +256,22 @@ def write_bmap(
     hold non-UTF-8 bytes). The sort is stable, so entries with the same
     start and type (one range shared by hard links, say) keep their order,
     which matters because the index lets the later of two equal entries win.
+
+    ``header`` lines are written first as ``# `` comments (readers skip
+    lines starting with ``#``); a newline inside one is replaced by a space.
     """
     ordered = sorted(entries, key=_sort_key)
+    head = [("# " + line.replace("\n", " ") + "\n").encode(_ENCODING, _ERRORS) for line in header]
     if isinstance(dest, (str, os.PathLike)):
         with open(dest, "wb") as f:
+            f.writelines(head)
             f.writelines(format_entry(e) for e in ordered)
         return
     if isinstance(dest, io.TextIOBase):
+        dest.writelines(h.decode(_ENCODING, _ERRORS) for h in head)
         dest.writelines(format_entry(e).decode(_ENCODING, _ERRORS) for e in ordered)
         return
+    dest.writelines(head)  # type: ignore[arg-type]
     dest.writelines(format_entry(e) for e in ordered)  # type: ignore[arg-type]
 
 

@@ -1,0 +1,160 @@
+"""Make a block map by either method, or both: ``diskwatch bmap --method``.
+
+- ``metadata``: partition tables, LVM metadata and filesystem structures
+  read through the source (``metadata.py``). Exact, no appliance, a second or
+  two. Filesystems The Sleuth Kit cannot read (xfs, btrfs, ...) are left
+  unmapped, with a warning.
+- ``watch``: virt-bmap's way (``generate.py``): a libguestfs appliance reads
+  every object through diskwatch's own server. Refuses NTFS.
+- ``auto`` (the default): metadata wherever it can, and the watch method for
+  the filesystems it cannot read (and LVs that are not linear), in the same
+  run. Without libguestfs those are left unmapped, with a warning saying why.
+
+The map's header comment says which method mapped which filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from ..errors import DiskwatchError
+from ..events import Bus, Message, Progress
+from ..files import refuse_symlink, replace_atomically
+from ..sources.base import Source
+from .format import BmapEntry, write_bmap
+
+__all__ = ["METHODS", "MakeResult", "make_bmap"]
+
+METHODS = ("auto", "metadata", "watch")
+
+
+@dataclass
+class MakeResult:
+    out_path: str
+    method: str
+    entries: int = 0
+    #: device -> "metadata", "watch", "none (why)"
+    methods: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    objects: int = 0
+    elapsed: float = 0.0
+    summary: str = ""
+
+
+def make_bmap(
+    source: Source,
+    out_path: str | os.PathLike[str],
+    *,
+    method: str = "auto",
+    bus: Bus | None = None,
+    accel: str = "auto",
+    verbose: bool = False,
+) -> MakeResult:
+    """Map ``source`` (a whole disk) by ``method`` and write the map to
+    ``out_path`` (whole, then renamed). Progress and warnings go to ``bus``."""
+    if method not in METHODS:
+        raise DiskwatchError(f"unknown block-map method {method!r}: use auto, metadata or watch")
+    out_path = os.fspath(out_path)
+    refuse_symlink(out_path)  # said now, not after the mapping
+    t0 = time.monotonic()
+    result = MakeResult(out_path, method)
+
+    def say(text: str, level: str = "info") -> None:
+        if bus is not None:
+            bus.publish(Message(text, level=level))
+
+    if method == "watch":
+        from .generate import generate_bmap
+
+        res = generate_bmap(source, out_path, bus=bus, accel=accel, verbose=verbose)
+        result.entries, result.objects = res.entries, res.objects
+        result.elapsed = time.monotonic() - t0
+        result.summary = res.summary()
+        return result
+
+    from .metadata import map_metadata
+
+    meta = map_metadata(source, bus=bus, done_event=False)
+    entries: list[BmapEntry] = meta.entries
+    result.objects = meta.objects
+    result.warnings += meta.warnings
+    for w in meta.warnings:
+        say(f"bmap: {w}", "warning")
+    header = [f"diskwatch block map of {source.description or 'a disk'} ({source.size} bytes), "
+              f"method {method}"]
+    watch = {f.device: f for f in meta.for_watch()}
+    for f in meta.filesystems:
+        if f.method == "metadata":
+            result.methods[f.device] = "metadata"
+            header.append(f"{f.device} {f.fstype}: metadata (The Sleuth Kit): {f.directories} "
+                          f"directories, {f.files} files, {f.metadata_objects} structures"
+                          + (f"; {f.warning}" if f.warning else ""))
+        elif f.method == "none" and f.fstype:
+            result.methods[f.device] = f"none ({f.fstype})"
+            header.append(f"{f.device} {f.fstype}: nothing to map"
+                          + (f"; {f.warning}" if f.warning else ""))
+        elif f.method == "none" and f.warning:
+            result.methods[f.device] = "none"
+            header.append(f"{f.device}: not mapped: {f.warning}")
+    if watch and method == "metadata":
+        for dev, f in watch.items():
+            why = (f"{dev} {f.fstype or 'LV'}: not mapped: the metadata method cannot read it "
+                   "(--method auto maps it with libguestfs)")
+            result.methods[dev] = "none"
+            result.warnings.append(why)
+            header.append(why)
+            say(f"bmap: {why}", "warning")
+    elif watch:
+        from .generate import GenerateError, guestfs_problem, watch_entries
+
+        problem = guestfs_problem()
+        if problem:
+            for dev, f in watch.items():
+                why = f"{dev} {f.fstype or 'LV'}: not mapped: the watch method needs libguestfs: {problem}"
+                result.methods[dev] = "none"
+                result.warnings.append(why)
+                header.append(why)
+                say(f"bmap: {why}", "warning")
+        else:
+            say("bmap: watch method for " + ", ".join(
+                f"{d} ({f.fstype or 'LV'})" for d, f in watch.items()))
+            try:
+                more, res = watch_entries(source, set(watch), bus=bus, accel=accel,
+                                          verbose=verbose)
+            except GenerateError as e:
+                for dev in watch:
+                    result.methods[dev] = "none"
+                    header.append(f"{dev}: not mapped: the watch method failed: {e}")
+                result.warnings.append(f"the watch method failed: {e}")
+                say(f"bmap: the watch method failed: {e}", "warning")
+            else:
+                entries += more
+                result.objects += res.directories + res.files
+                skipped = {s.device for s in res.skipped if s.kind == "filesystem"}
+                for dev, f in watch.items():
+                    done = dev not in skipped
+                    result.methods[dev] = "watch" if done else "none"
+                    header.append(f"{dev} {f.fstype or 'LV'}: "
+                                  + (f"watch (libguestfs appliance, {res.accel})" if done
+                                     else "not mapped (the watch method could not mount it)"))
+                for s in res.skipped:
+                    result.warnings.append(f"skipped {s.kind} {s.device} {s.path}: {s.reason}")
+    header.append("names starting with $ in a filesystem's root are its structures: NTFS's own "
+                  "system files; for ext2/3/4 and FAT diskwatch's names ($Journal, $InodeTable, "
+                  "$FAT1...); PATH:STREAM is a named data stream, PATH:$extents a file's "
+                  "extent-tree blocks")
+    # Whole, then renamed over the name, never through a planted link (files.py).
+    with replace_atomically(out_path) as f:
+        write_bmap(f, entries, header=header)
+    result.entries = len(entries)
+    result.elapsed = time.monotonic() - t0
+    rate = result.objects / result.elapsed if result.elapsed > 0 else 0.0
+    by = ", ".join(f"{d} {m}" for d, m in result.methods.items())
+    result.summary = (f"{result.objects} objects, {result.entries} ranges written to {out_path} "
+                      f"in {result.elapsed:.2f} s ({rate:.0f} objects/s; {by})")
+    if bus is not None:
+        bus.publish(Progress("done", "", result.objects, result.objects, rate, result.elapsed,
+                             result.summary))
+    return result

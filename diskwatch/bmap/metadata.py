@@ -1,0 +1,754 @@
+"""Block maps from filesystem metadata: partition tables and filesystem
+structures read directly through a Source, with The Sleuth Kit (pytsk3).
+
+Why this and not the watch method (``generate.py``) first: it is exact (a
+file's ranges are its runs, as the filesystem records them, not the reads an
+appliance happened to make), needs no appliance (a map in a second or two
+instead of a 15-40 s launch under TCG), and it can name what no file read
+ever shows: the filesystem's own metadata.
+
+pytsk3 is the PyPI wheel (it bundles a current TSK, 4.15, and installs in any
+venv, so the method works without Debian's modules); the image is read
+through diskwatch's own ``Source`` (``_VolumeImg`` is a TSK external image
+whose reads call ``Source.pread``), so an xz image, a URL, a snapshot overlay
+or the live served source are mapped the same way, with no copy.
+
+What is named (all as ``f`` lines, so every virt-bmap-format reader keeps
+working):
+
+- every regular file and directory, under its path; a file with hard links
+  under the smallest of its paths (the same one every run);
+- NTFS: the filesystem's own system files under their own names (``/$MFT``,
+  ``/$MFTMirr``, ``/$LogFile``, ``/$Bitmap``, ``/$Boot``, ``/$Secure``,
+  ``/$UpCase``, ``/$Extend/$UsnJrnl``...). A named data stream (an
+  alternate data stream) is its own object ``PATH:STREAM``
+  (``/$Extend/$UsnJrnl:$J``, ``/$Secure:$SDS``, ``/doc.txt:Zone.Identifier``);
+  the other attributes of a file (index allocation, attribute list, bitmap)
+  belong to the file itself. A resident file (its data inside its MFT
+  record) maps to the bytes of that record; a sparse file to its allocated
+  runs only; a compressed file to its allocated clusters.
+- ext2/3/4: diskwatch's names, ``$`` first, in the root (none of them exists
+  as a real file there in practice): ``/$Superblock`` (the primary and every
+  backup), ``/$GroupDescriptors`` (with the reserved GDT blocks),
+  ``/$BlockBitmap``, ``/$InodeBitmap``, ``/$InodeTable``, ``/$Journal``
+  (inode 8, or the journal inode the superblock names). A file's extent-tree
+  or indirect blocks are ``PATH:$extents`` (the file's data stays exactly its
+  data, as debugfs lists it). Inline data maps to the bytes of the inode.
+- FAT12/16/32, exFAT: ``/$BootSector`` (the reserved sectors: boot sector,
+  FSInfo, backup), ``/$FAT1``, ``/$FAT2``...; the root directory (FAT12/16's
+  fixed region, FAT32's cluster chain) is the directory ``/``.
+
+Object names of files are what the filesystem holds (UTF-8, undecodable
+bytes kept with surrogateescape); a name may hold any character but a
+newline, which the format cannot carry (such a file is skipped and counted).
+
+The mapper is a function of the source as it is now: ``map_metadata(source)``
+returns entries and touches nothing else, so it can run again on a live
+source at any time. A filesystem that cannot be read (corrupt, caught
+mid-update by a live remap, truncated) gives what could be read and a
+one-line warning naming the volume; it never raises.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import DiskwatchError
+from ..events import Bus, Progress
+from ..sources.base import Source
+from .format import BmapEntry, merge_ranges
+from .volumes import Volume, VolumeSource, find_volumes, read_at
+
+__all__ = [
+    "FilesystemReport",
+    "MetadataError",
+    "MetadataResult",
+    "map_metadata",
+    "probe_signature",
+]
+
+PROGRESS_INTERVAL = 0.05  # at most 20 Progress events a second
+#: filesystems (from their signature) the watch method may read where TSK cannot
+WATCH_ONLY = frozenset({"xfs", "btrfs", "f2fs", "jfs", "reiserfs", "nilfs2", "bcachefs", "ufs2"})
+#: not filesystems: nothing to map inside
+NOT_FILESYSTEMS = frozenset({"swap", "LVM2_member", "crypto_LUKS", "extended"})
+
+
+class MetadataError(DiskwatchError, RuntimeError):
+    """The metadata method cannot run at all (pytsk3 missing)."""
+
+
+def _import_tsk():
+    try:
+        import pytsk3
+    except ImportError as e:
+        raise MetadataError(
+            f"pytsk3 (The Sleuth Kit) cannot be imported ({e}): pip install pytsk3"
+        ) from None
+    return pytsk3
+
+
+@dataclass
+class FilesystemReport:
+    """What became of one volume."""
+
+    device: str
+    fstype: str  # "ntfs", "ext4", "fat32", "xfs" (signature), "" unknown
+    method: str  # "metadata", "watch" (to be done by it), "none"
+    files: int = 0
+    directories: int = 0
+    metadata_objects: int = 0  # named filesystem structures
+    skipped: int = 0  # objects that could not be named (newline in the name)
+    warning: str = ""
+
+
+@dataclass
+class MetadataResult:
+    entries: list[BmapEntry] = field(default_factory=list)
+    volumes: list[Volume] = field(default_factory=list)
+    filesystems: list[FilesystemReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def objects(self) -> int:
+        return 1 + len(self.volumes) + sum(
+            f.files + f.directories + f.metadata_objects for f in self.filesystems
+        )
+
+    def for_watch(self) -> list[FilesystemReport]:
+        return [f for f in self.filesystems if f.method == "watch"]
+
+    def summary(self) -> str:
+        mapped = [f for f in self.filesystems if f.method == "metadata"]
+        files = sum(f.files for f in mapped)
+        dirs = sum(f.directories for f in mapped)
+        rate = self.objects / self.elapsed if self.elapsed > 0 else 0.0
+        return (
+            f"{len(self.volumes)} volumes, {len(mapped)} filesystems by metadata, "
+            f"{dirs} directories, {files} files in {self.elapsed:.2f} s ({rate:.0f} objects/s)"
+        )
+
+
+# --------------------------------------------------------------------------
+# Signatures (what a volume holds when TSK cannot say)
+
+
+def probe_signature(vol: Source) -> str:
+    """The filesystem (or other content) a volume's signature names; "" if none."""
+    head = read_at(vol, 0, 70 * 1024)
+    if len(head) < 512:
+        return ""
+
+    def at(off: int, magic: bytes) -> bool:
+        return head[off : off + len(magic)] == magic
+
+    if at(3, b"NTFS    "):
+        return "ntfs"
+    if at(3, b"EXFAT   "):
+        return "exfat"
+    if at(1024 + 56, b"\x53\xef"):
+        return "ext4"
+    if at(0, b"XFSB"):
+        return "xfs"
+    if at(65536 + 64, b"_BHRfS_M"):
+        return "btrfs"
+    if at(1024, b"\x10\x20\xf5\xf2"):
+        return "f2fs"
+    if at(32768, b"JFS1"):
+        return "jfs"
+    if at(65536 + 52, b"ReIsEr"):
+        return "reiserfs"
+    if at(4096 - 10, b"SWAPSPACE2") or at(4096 - 10, b"SWAP-SPACE"):
+        return "swap"
+    if at(0, b"LUKS\xba\xbe"):
+        return "crypto_LUKS"
+    if at(1024, b"H+") or at(1024, b"HX"):
+        return "hfsplus"
+    if at(32769, b"CD001"):
+        return "iso9660"
+    if at(54, b"FAT1") or at(82, b"FAT32   "):
+        return "vfat"
+    return ""
+
+
+# --------------------------------------------------------------------------
+# TSK over a Source
+
+
+def _volume_img(pytsk3, source: Source):
+    """A TSK image whose reads go to ``source.pread`` (short past its end)."""
+
+    class _VolumeImg(pytsk3.Img_Info):
+        def __init__(self, src: Source):
+            self._src = src
+            self._size = src.size
+            super().__init__(url="", type=pytsk3.TSK_IMG_TYPE_EXTERNAL)
+
+        def close(self) -> None:
+            pass
+
+        def read(self, offset: int, size: int) -> bytes:
+            return read_at(self._src, offset, size)
+
+        def get_size(self) -> int:
+            return self._size
+
+    return _VolumeImg(source)
+
+
+class _Publisher:
+    """Progress events, at most 20 a second (and the forced ones)."""
+
+    def __init__(self, bus: Bus | None, t0: float):
+        self.bus = bus
+        self.t0 = t0
+        self.last = 0.0
+        self.done = 0
+        self.total = 0
+
+    def publish(self, phase: str, current: str = "", *, force: bool = False,
+                summary: str = "") -> None:
+        if self.bus is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < PROGRESS_INTERVAL:
+            return
+        self.last = now
+        elapsed = now - self.t0
+        self.bus.publish(Progress(phase, current, self.done, max(self.total, self.done),
+                                  self.done / elapsed if elapsed > 0 else 0.0, elapsed, summary))
+
+
+# --------------------------------------------------------------------------
+# One filesystem
+
+
+class _Filesystem:
+    """Walks one filesystem with TSK; appends entries for its objects."""
+
+    def __init__(self, pytsk3, fs, vol: Volume, vsrc: Source, report: FilesystemReport,
+                 entries: list[BmapEntry], progress: _Publisher,
+                 cancelled: Callable[[], bool]):
+        self.tsk = pytsk3
+        self.fs = fs
+        self.vol = vol
+        self.vsrc = vsrc
+        self.report = report
+        self.entries = entries
+        self.progress = progress
+        self.cancelled = cancelled
+        self.block = fs.info.block_size
+        self.device = vol.device
+        ftype = int(fs.info.ftype)
+        self.is_ntfs = bool(ftype & int(pytsk3.TSK_FS_TYPE_NTFS_DETECT))
+        self.is_ext = bool(ftype & int(pytsk3.TSK_FS_TYPE_EXT_DETECT))
+        self.is_fat = bool(ftype & int(pytsk3.TSK_FS_TYPE_FAT_DETECT)) or bool(
+            ftype & int(pytsk3.TSK_FS_TYPE_EXFAT))
+        #: inode -> [smallest path so far, ranges by object suffix]
+        self.files: dict[int, list] = {}
+        self.seen_dirs: set[int] = set()
+        self.errors = 0
+        self.first_error = ""
+        self._record_locator: Callable[[int], list[tuple[int, int]]] | None = None
+        self._locator_ready = False
+
+    # --- helpers ---
+
+    def add(self, path: str, ranges: list[tuple[int, int]], kind: str = "f") -> None:
+        """Volume byte ranges -> disk entries of ``path``."""
+        if "\n" in path:
+            self.report.skipped += 1
+            return
+        dev = self.device
+        out = self.entries
+        for s, e in merge_ranges(ranges):
+            for ds, de in self.vol.to_disk(s, e):
+                out.append(BmapEntry(1, ds, de, kind, dev, path))
+
+    def error(self, what: str, e: BaseException) -> None:
+        self.errors += 1
+        if not self.first_error:
+            self.first_error = f"{what}: {e}".replace("\n", " ")[:200]
+
+    def runs(self, attr) -> list[tuple[int, int]]:
+        """Allocated runs of a non-resident attribute, as volume byte ranges."""
+        tsk, bs = self.tsk, self.block
+        skip = int(tsk.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(tsk.TSK_FS_ATTR_RUN_FLAG_FILLER)
+        out = []
+        for run in attr:
+            if int(run.flags) & skip or run.len == 0:
+                continue
+            out.append((run.addr * bs, (run.addr + run.len) * bs))
+        return out
+
+    def record_bytes(self, inode: int) -> list[tuple[int, int]]:
+        """Volume byte range of the MFT record / inode that holds ``inode``."""
+        if not self._locator_ready:
+            self._locator_ready = True
+            try:
+                self._record_locator = (
+                    self._ntfs_locator() if self.is_ntfs else self._ext_locator() if self.is_ext
+                    else None)
+            except (OSError, ValueError, struct.error) as e:
+                self.error("record locator", e)
+        if self._record_locator is None:
+            return []
+        try:
+            return self._record_locator(inode)
+        except (OSError, ValueError, IndexError, struct.error) as e:
+            self.error(f"record of inode {inode}", e)
+            return []
+
+    def _ntfs_locator(self) -> Callable[[int], list[tuple[int, int]]]:
+        boot = read_at(self.vsrc, 0, 512)
+        bps, spc = struct.unpack_from("<HB", boot, 11)
+        (cpr,) = struct.unpack_from("<b", boot, 0x40)
+        rec = cpr * bps * spc if cpr > 0 else 1 << -cpr
+        mft = self.fs.open_meta(inode=0)
+        runs: list[tuple[int, int]] = []  # $MFT's data, in file order
+        for attr in mft:
+            if int(attr.info.type) == int(self.tsk.TSK_FS_ATTR_TYPE_NTFS_DATA) and not attr.info.name:
+                runs = [(r.addr * self.block, r.len * self.block) for r in attr]
+
+        def locate(inode: int) -> list[tuple[int, int]]:
+            pos = inode * rec
+            for start, length in runs:
+                if pos < length:
+                    return [(start + pos, start + pos + rec)]
+                pos -= length
+            return []
+
+        return locate
+
+    def _ext_locator(self) -> Callable[[int], list[tuple[int, int]]]:
+        sb = Ext4Layout(self.vsrc)
+
+        def locate(inode: int) -> list[tuple[int, int]]:
+            start = sb.inode_offset(inode)
+            return [(start, start + sb.inode_size)]
+
+        return locate
+
+    # --- the walk ---
+
+    def map(self) -> None:
+        self.map_structures()
+        root = self.fs.info.root_inum
+        try:
+            self.add_object(root, "/", is_dir=True)
+        except (OSError, RuntimeError) as e:
+            self.error("/", e)
+        stack = [(root, "/")]
+        self.seen_dirs.add(root)
+        tsk = self.tsk
+        dir_type = int(tsk.TSK_FS_META_TYPE_DIR)
+        reg_type = int(tsk.TSK_FS_META_TYPE_REG)
+        virt_type = int(tsk.TSK_FS_META_TYPE_VIRT)
+        name_alloc = int(tsk.TSK_FS_NAME_FLAG_ALLOC)
+        progress = self.progress
+        while stack:
+            if self.cancelled():
+                raise _Cancelled
+            inode, path = stack.pop()
+            progress.publish("files", f"{self.device} {path}")
+            try:
+                directory = self.fs.open_dir(inode=inode)
+                listing = []
+                for entry in directory:
+                    name = entry.info.name
+                    meta = entry.info.meta
+                    if meta is None or not int(name.flags) & name_alloc:
+                        continue
+                    raw = name.name
+                    if raw in (b".", b".."):
+                        continue
+                    listing.append((raw, int(meta.addr), int(meta.type)))
+            except (OSError, RuntimeError) as e:
+                self.error(path, e)
+                continue
+            prefix = path if path.endswith("/") else path + "/"
+            for raw, addr, mtype in listing:
+                child = prefix + raw.decode("utf-8", "surrogateescape")
+                if mtype == virt_type or (path == "/" and raw == b"$OrphanFiles"):
+                    if self.is_fat and raw.startswith(b"$FAT"):
+                        self.add_virtual(addr, child)
+                    continue
+                if mtype == dir_type:
+                    if addr in self.seen_dirs:
+                        continue  # a loop (corrupt) or a second name of a directory
+                    self.seen_dirs.add(addr)
+                    try:
+                        self.add_object(addr, child, is_dir=True)
+                    except (OSError, RuntimeError) as e:
+                        self.error(child, e)
+                    stack.append((addr, child))
+                elif mtype == reg_type:
+                    known = self.files.get(addr)
+                    if known is not None:
+                        if child < known[0]:
+                            known[0] = child  # hard link: the smallest path names it
+                        continue
+                    try:
+                        self.add_object(addr, child, is_dir=False)
+                    except (OSError, RuntimeError) as e:
+                        self.error(child, e)
+        for path, pieces in self.files.values():
+            for suffix, ranges in pieces:
+                self.add(path + suffix, ranges)
+
+    def add_object(self, inode: int, path: str, is_dir: bool) -> None:
+        """A file's or directory's ranges by attribute: the unnamed data (and
+        every other attribute) under its path, named streams as PATH:NAME."""
+        tsk = self.tsk
+        f = self.fs.open_meta(inode=inode)
+        res = int(tsk.TSK_FS_ATTR_RES)
+        nonres = int(tsk.TSK_FS_ATTR_NONRES)
+        data_types = (int(tsk.TSK_FS_ATTR_TYPE_NTFS_DATA), int(tsk.TSK_FS_ATTR_TYPE_DEFAULT))
+        index_types = (int(tsk.TSK_FS_ATTR_TYPE_UNIX_EXTENT), int(tsk.TSK_FS_ATTR_TYPE_UNIX_INDIR))
+        idxroot = int(tsk.TSK_FS_ATTR_TYPE_NTFS_IDXROOT)
+        pieces: dict[str, list[tuple[int, int]]] = {}
+        own: list[tuple[int, int]] = []
+        resident_data = False  # the unnamed data (a tiny directory's index) is in the record
+        for attr in f:
+            info = attr.info
+            atype = int(info.type)
+            flags = int(info.flags)
+            name = info.name
+            if atype in data_types and name and name != b"$Data":
+                suffix = ":" + name.decode("utf-8", "surrogateescape")
+            elif atype in index_types:
+                suffix = ":$extents"
+            else:
+                suffix = ""
+            if flags & nonres:
+                ranges = self.runs(attr)
+                if suffix:
+                    pieces.setdefault(suffix, []).extend(ranges)
+                else:
+                    own.extend(ranges)
+            elif flags & res and (atype in data_types or (is_dir and atype == idxroot)):
+                # Data inside the MFT record / inode: those bytes are it.
+                if suffix:
+                    pieces.setdefault(suffix, []).extend(self.record_bytes(inode))
+                else:
+                    resident_data = True
+        if resident_data and (not is_dir or not own):
+            own += self.record_bytes(inode)
+        if is_dir:
+            self.report.directories += 1
+            self.add(path, own, "d")
+            for suffix, ranges in pieces.items():
+                self.add(path + suffix, ranges)
+        else:
+            if self.is_ntfs and path.startswith("/$") and (
+                    path.count("/") == 1 or path.startswith("/$Extend/")):
+                self.report.metadata_objects += 1  # NTFS's own system files
+            else:
+                self.report.files += 1
+            self.files[inode] = [path, [("", own), *pieces.items()]]
+        self.progress.done += 1
+
+    def add_virtual(self, inode: int, path: str) -> None:
+        """TSK's virtual FAT files ($FAT1, $FAT2): the FAT copies."""
+        try:
+            f = self.fs.open_meta(inode=inode)
+            ranges = []
+            for attr in f:
+                if int(attr.info.flags) & int(self.tsk.TSK_FS_ATTR_NONRES):
+                    ranges += self.runs(attr)
+        except (OSError, RuntimeError) as e:
+            self.error(path, e)
+            return
+        if ranges:
+            self.add(path, ranges)
+            self.report.metadata_objects += 1
+
+    # --- filesystem structures ---
+
+    def map_structures(self) -> None:
+        try:
+            if self.is_ext:
+                self.map_ext_structures()
+            elif self.is_fat:
+                self.map_fat_structures()
+        except (OSError, ValueError, struct.error, RuntimeError) as e:
+            self.error("filesystem structures", e)
+
+    def map_ext_structures(self) -> None:
+        layout = Ext4Layout(self.vsrc)
+        for name, ranges in layout.structures().items():
+            if ranges:
+                self.add(name, ranges)
+                self.report.metadata_objects += 1
+        journal = int(self.fs.info.journ_inum)
+        if journal:
+            f = self.fs.open_meta(inode=journal)
+            ranges = []
+            for attr in f:
+                if int(attr.info.flags) & int(self.tsk.TSK_FS_ATTR_NONRES):
+                    ranges += self.runs(attr)
+            if ranges:
+                self.add("/$Journal", ranges)
+                self.report.metadata_objects += 1
+
+    def map_fat_structures(self) -> None:
+        boot = read_at(self.vsrc, 0, 512)
+        if boot[3:11] == b"EXFAT   ":
+            (fat_off, fat_len) = struct.unpack_from("<II", boot, 80)
+            (shift,) = struct.unpack_from("<B", boot, 108)
+            nfats = boot[110]
+            sector = 1 << shift
+            self.add("/$BootSector", [(0, 24 * sector)])
+            for i in range(nfats):
+                start = (fat_off + i * fat_len) * sector
+                self.add(f"/$FAT{i + 1}", [(start, start + fat_len * sector)])
+            self.report.metadata_objects += 1 + nfats
+            self._fat_done = True
+            return
+        bps, _, reserved, _ = struct.unpack_from("<HBHB", boot, 11)
+        self.add("/$BootSector", [(0, reserved * bps)])
+        self.report.metadata_objects += 1
+
+
+# --------------------------------------------------------------------------
+# ext2/3/4 layout (TSK does not expose the group descriptors)
+
+
+class Ext4Layout:
+    """Superblock and group descriptors: where the per-group structures lie."""
+
+    def __init__(self, vol: Source):
+        sb = read_at(vol, 1024, 1024)
+        if len(sb) < 1024 or sb[56:58] != b"\x53\xef":
+            raise ValueError("no ext2/3/4 superblock")
+        (self.inodes_count, blocks_lo, _, _, _, self.first_data_block, log_bs, _,
+         self.blocks_per_group, _, self.inodes_per_group) = struct.unpack_from("<11I", sb, 0)
+        self.block = 1024 << log_bs
+        (self.inode_size,) = struct.unpack_from("<H", sb, 88)
+        self.compat, self.incompat, self.ro_compat = struct.unpack_from("<III", sb, 92)
+        (self.reserved_gdt,) = struct.unpack_from("<H", sb, 206)
+        (desc_size,) = struct.unpack_from("<H", sb, 254)
+        (self.first_meta_bg,) = struct.unpack_from("<I", sb, 260)
+        (blocks_hi,) = struct.unpack_from("<I", sb, 336)
+        self.backup_bgs = struct.unpack_from("<II", sb, 0x24C)
+        self.is64 = bool(self.incompat & 0x80)
+        self.desc_size = desc_size if self.is64 and desc_size >= 64 else 32
+        self.blocks = blocks_lo | (blocks_hi << 32 if self.is64 else 0)
+        if self.inode_size == 0 or self.blocks_per_group == 0 or self.inodes_per_group == 0:
+            raise ValueError("ext superblock with zero sizes")
+        self.groups = -(-(self.blocks - self.first_data_block) // self.blocks_per_group)
+        self.vol = vol
+        self._descs: bytes | None = None
+
+    def has_super(self, g: int) -> bool:
+        if g == 0:
+            return True
+        if self.compat & 0x200:  # sparse_super2
+            return g in self.backup_bgs
+        if not self.ro_compat & 0x1:  # no sparse_super: every group
+            return True
+        for base in (3, 5, 7):
+            n = base
+            while n < g:
+                n *= base
+            if n == g:
+                return True
+        return g == 1
+
+    def group_start(self, g: int) -> int:
+        return self.first_data_block + g * self.blocks_per_group
+
+    def desc_blocks(self) -> list[int]:
+        """Block numbers of the primary group descriptor table, in order."""
+        per_block = self.block // self.desc_size
+        count = -(-self.groups // per_block)
+        if not self.incompat & 0x10:  # no meta_bg
+            return [self.first_data_block + 1 + i for i in range(count)]
+        out = [self.first_data_block + 1 + i for i in range(min(count, self.first_meta_bg))]
+        for m in range(self.first_meta_bg, count):
+            g = m * per_block
+            out.append(self.group_start(g) + (1 if self.has_super(g) else 0))
+        return out
+
+    def descriptors(self) -> bytes:
+        if self._descs is None:
+            data = bytearray()
+            for b in self.desc_blocks():
+                data += read_at(self.vol, b * self.block, self.block)
+            self._descs = bytes(data)
+        return self._descs
+
+    def group_desc(self, g: int) -> tuple[int, int, int]:
+        """(block bitmap, inode bitmap, inode table) block numbers of group g."""
+        d = self.descriptors()
+        off = g * self.desc_size
+        bb, ib, it = struct.unpack_from("<III", d, off)
+        if self.desc_size >= 64:
+            bbh, ibh, ith = struct.unpack_from("<III", d, off + 0x20)
+            bb, ib, it = bb | bbh << 32, ib | ibh << 32, it | ith << 32
+        return bb, ib, it
+
+    def inode_offset(self, inode: int) -> int:
+        g, index = divmod(inode - 1, self.inodes_per_group)
+        return self.group_desc(g)[2] * self.block + index * self.inode_size
+
+    def structures(self) -> dict[str, list[tuple[int, int]]]:
+        bs = self.block
+        sb: list[tuple[int, int]] = [(1024, 2048)]
+        gdt: list[tuple[int, int]] = []
+        bbm: list[tuple[int, int]] = []
+        ibm: list[tuple[int, int]] = []
+        itab: list[tuple[int, int]] = []
+        per_block = bs // self.desc_size
+        gdt_count = -(-self.groups // per_block)
+        meta_bg = bool(self.incompat & 0x10)
+        table_blocks = -(-self.inodes_per_group * self.inode_size // bs)
+        descs = self.descriptors()
+        for b in self.desc_blocks():
+            gdt.append((b * bs, (b + 1) * bs))
+        if not meta_bg and self.reserved_gdt:
+            first = self.first_data_block + 1 + gdt_count
+            gdt.append((first * bs, (first + self.reserved_gdt) * bs))
+        for g in range(self.groups):
+            start = self.group_start(g)
+            if g and self.has_super(g):
+                sb.append((start * bs, start * bs + max(bs, 1024)))
+                if not meta_bg:
+                    n = gdt_count + self.reserved_gdt
+                    gdt.append(((start + 1) * bs, (start + 1 + n) * bs))
+            if (g + 1) * self.desc_size > len(descs):
+                break
+            bb, ib, it = self.group_desc(g)
+            if bb:
+                bbm.append((bb * bs, (bb + 1) * bs))
+            if ib:
+                ibm.append((ib * bs, (ib + 1) * bs))
+            if it:
+                itab.append((it * bs, (it + table_blocks) * bs))
+        if meta_bg:
+            for m in range(self.first_meta_bg, gdt_count):
+                for g in (m * per_block + 1, (m + 1) * per_block - 1):
+                    if g < self.groups:
+                        b = self.group_start(g) + (1 if self.has_super(g) else 0)
+                        gdt.append((b * bs, (b + 1) * bs))
+        return {"/$Superblock": sb, "/$GroupDescriptors": gdt, "/$BlockBitmap": bbm,
+                "/$InodeBitmap": ibm, "/$InodeTable": itab}
+
+
+# --------------------------------------------------------------------------
+# The whole disk
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def map_metadata(
+    source: Source,
+    *,
+    disk: str = "/dev/sda",
+    bus: Bus | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    done_event: bool = True,
+) -> MetadataResult:
+    """Map ``source`` (a whole disk) from its partition tables and filesystem
+    metadata. Returns the entries (whole disk, partitions, LVs, directories,
+    files, filesystem structures) and a report per volume; volumes whose
+    filesystem TSK cannot read but whose signature names one are marked
+    ``method="watch"`` (the caller decides). Publishes ``Progress`` on
+    ``bus`` (phase "files", current directory, objects done, rate).
+    ``cancelled`` is polled between directories: when it returns True the
+    walk stops and ``MetadataError`` is raised. Never raises for bad
+    metadata: the volume's report and ``warnings`` say what could not be read.
+    ``done_event``: publish the final Progress (phase "done", with the
+    summary); a caller that goes on working after this says False.
+    """
+    pytsk3 = _import_tsk()
+    t0 = time.monotonic()
+    progress = _Publisher(bus, t0)
+    cancelled = cancelled or (lambda: False)
+    result = MetadataResult()
+    progress.publish("devices", disk, force=True)
+    result.entries.append(BmapEntry(1, 0, source.size, "v", disk))
+    volumes, warnings = find_volumes(source, disk)
+    result.volumes = volumes
+    result.warnings += warnings
+    for v in volumes:
+        if v.kind != "v":
+            for s, e in v.disk_ranges():
+                result.entries.append(BmapEntry(1, s, e, v.kind, v.device))
+        if any(d + n > source.size for _, d, n in v.segments):
+            result.warnings.append(
+                f"{v.device}: ends past the end of the disk ({source.size} bytes; a truncated "
+                "image?): what lies beyond cannot be read")
+    progress.done = 1 + len(volumes)
+    lock = threading.Lock()  # TSK objects are used by one thread at a time
+    with lock:
+        for v in volumes:
+            report = _map_volume(pytsk3, source, v, result.entries, progress, cancelled)
+            result.filesystems.append(report)
+            if report.warning:
+                result.warnings.append(report.warning)
+    result.elapsed = time.monotonic() - t0
+    if done_event:
+        progress.publish("done", "", force=True, summary=result.summary())
+    return result
+
+
+def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
+                progress: _Publisher, cancelled: Callable[[], bool]) -> FilesystemReport:
+    if not v.segments:
+        return FilesystemReport(v.device, "", "watch" if v.kind == "l" else "none",
+                                warning="; ".join(v.notes))
+    vsrc = VolumeSource(source, v)
+    try:
+        signature = probe_signature(vsrc)
+    except OSError as e:
+        return FilesystemReport(v.device, "", "none", warning=f"{v.device}: cannot be read ({e})")
+    if v.type_hint == "LVM2_member" or signature in NOT_FILESYSTEMS:
+        return FilesystemReport(v.device, v.type_hint or signature, "none")
+    if signature in WATCH_ONLY:
+        return FilesystemReport(v.device, signature, "watch")
+    report = FilesystemReport(v.device, signature, "metadata")
+    try:
+        img = _volume_img(pytsk3, vsrc)
+        fs = pytsk3.FS_Info(img, offset=0)
+    except OSError as e:
+        if not signature:
+            report.method = "none"  # nothing there we know of (empty, or unknown)
+            if v.kind == "v":
+                return report
+            report.warning = f"{v.device}: no filesystem TSK can read (and no known signature)"
+            return report
+        report.method = "none"
+        report.warning = f"{v.device}: {signature} filesystem cannot be read: " + (
+            str(e).replace("\n", " ").strip()[:160])
+        return report
+    report.fstype = _tsk_name(pytsk3, int(fs.info.ftype)) or signature
+    progress.publish("files", f"{v.device} /", force=True)
+    walker = _Filesystem(pytsk3, fs, v, vsrc, report, entries, progress, cancelled)
+    start = len(entries)
+    try:
+        walker.map()
+    except _Cancelled:
+        del entries[start:]
+        raise MetadataError("block-map generation cancelled") from None
+    except Exception as e:  # noqa: BLE001 - TSK on bad metadata: keep what was mapped
+        walker.error("walk", e)
+    if walker.errors:
+        report.warning = (f"{v.device}: {report.fstype} partly mapped: {walker.errors} objects "
+                          f"could not be read (first: {walker.first_error})")
+    return report
+
+
+def _tsk_name(pytsk3, ftype: int) -> str:
+    for name in ("NTFS", "EXT2", "EXT3", "EXT4", "FAT12", "FAT16", "FAT32", "EXFAT", "HFS",
+                 "ISO9660", "FFS1", "FFS1B", "FFS2", "APFS", "YAFFS2"):
+        if ftype == int(getattr(pytsk3, "TSK_FS_TYPE_" + name)):
+            return name.lower()
+    return ""
