@@ -83,13 +83,27 @@ class MetadataError(DiskwatchError, RuntimeError):
 
 
 def _import_tsk():
+    global _RUN_SKIP, _ATTR_RES, _ATTR_NONRES, _DATA_TYPES, _INDEX_TYPES, _IDXROOT
     try:
         import pytsk3
     except ImportError as e:
         raise MetadataError(
             f"pytsk3 (The Sleuth Kit) cannot be imported ({e}): pip install pytsk3"
         ) from None
+    # Plain ints, looked up once: the per-object loop compares them thousands of times.
+    _RUN_SKIP = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER)
+    _ATTR_RES = int(pytsk3.TSK_FS_ATTR_RES)
+    _ATTR_NONRES = int(pytsk3.TSK_FS_ATTR_NONRES)
+    _DATA_TYPES = (int(pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA), int(pytsk3.TSK_FS_ATTR_TYPE_DEFAULT))
+    _INDEX_TYPES = (int(pytsk3.TSK_FS_ATTR_TYPE_UNIX_EXTENT),
+                    int(pytsk3.TSK_FS_ATTR_TYPE_UNIX_INDIR))
+    _IDXROOT = int(pytsk3.TSK_FS_ATTR_TYPE_NTFS_IDXROOT)
     return pytsk3
+
+
+_RUN_SKIP = _ATTR_RES = _ATTR_NONRES = _IDXROOT = 0
+_DATA_TYPES: tuple[int, ...] = ()
+_INDEX_TYPES: tuple[int, ...] = ()
 
 
 @dataclass
@@ -244,6 +258,9 @@ class _Filesystem:
         self.cancelled = cancelled
         self.block = fs.info.block_size
         self.device = vol.device
+        segs = vol.segments
+        #: volume offset -> disk offset, when that is one addition
+        self.shift: int | None = segs[0][1] if len(segs) == 1 and segs[0][0] == 0 else None
         ftype = int(fs.info.ftype)
         self.is_ntfs = bool(ftype & int(pytsk3.TSK_FS_TYPE_NTFS_DETECT))
         self.is_ext = bool(ftype & int(pytsk3.TSK_FS_TYPE_EXT_DETECT))
@@ -265,8 +282,15 @@ class _Filesystem:
             self.report.skipped += 1
             return
         dev = self.device
+        if len(ranges) > 1:
+            ranges = merge_ranges(ranges)
+        shift = self.shift
+        if shift is not None:  # a partition: one segment (the common case, kept lean)
+            self.entries += [BmapEntry(1, s + shift, e + shift, kind, dev, path)
+                             for s, e in ranges if e > s]
+            return
         out = self.entries
-        for s, e in merge_ranges(ranges):
+        for s, e in ranges:
             for ds, de in self.vol.to_disk(s, e):
                 out.append(BmapEntry(1, ds, de, kind, dev, path))
 
@@ -277,8 +301,7 @@ class _Filesystem:
 
     def runs(self, attr) -> list[tuple[int, int]]:
         """Allocated runs of a non-resident attribute, as volume byte ranges."""
-        tsk, bs = self.tsk, self.block
-        skip = int(tsk.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(tsk.TSK_FS_ATTR_RUN_FLAG_FILLER)
+        bs, skip = self.block, _RUN_SKIP
         out = []
         for run in attr:
             if int(run.flags) & skip or run.len == 0:
@@ -360,14 +383,17 @@ class _Filesystem:
                 directory = self.fs.open_dir(inode=inode)
                 listing = []
                 for entry in directory:
-                    name = entry.info.name
-                    meta = entry.info.meta
-                    if meta is None or not int(name.flags) & name_alloc:
+                    info = entry.info
+                    meta = info.meta
+                    if meta is None:
+                        continue
+                    name = info.name
+                    if not int(name.flags) & name_alloc:
                         continue
                     raw = name.name
-                    if raw in (b".", b".."):
+                    if raw == b"." or raw == b"..":
                         continue
-                    listing.append((raw, int(meta.addr), int(meta.type)))
+                    listing.append((raw, meta.addr, int(meta.type)))
             except (OSError, RuntimeError) as e:
                 self.error(path, e)
                 continue
@@ -404,13 +430,9 @@ class _Filesystem:
     def add_object(self, inode: int, path: str, is_dir: bool) -> None:
         """A file's or directory's ranges by attribute: the unnamed data (and
         every other attribute) under its path, named streams as PATH:NAME."""
-        tsk = self.tsk
         f = self.fs.open_meta(inode=inode)
-        res = int(tsk.TSK_FS_ATTR_RES)
-        nonres = int(tsk.TSK_FS_ATTR_NONRES)
-        data_types = (int(tsk.TSK_FS_ATTR_TYPE_NTFS_DATA), int(tsk.TSK_FS_ATTR_TYPE_DEFAULT))
-        index_types = (int(tsk.TSK_FS_ATTR_TYPE_UNIX_EXTENT), int(tsk.TSK_FS_ATTR_TYPE_UNIX_INDIR))
-        idxroot = int(tsk.TSK_FS_ATTR_TYPE_NTFS_IDXROOT)
+        res, nonres, data_types, index_types, idxroot = _ATTR_RES, _ATTR_NONRES, _DATA_TYPES, \
+            _INDEX_TYPES, _IDXROOT
         pieces: dict[str, list[tuple[int, int]]] = {}
         own: list[tuple[int, int]] = []
         resident_data = False  # the unnamed data (a tiny directory's index) is in the record

@@ -1,7 +1,8 @@
 """`diskwatch demo`: build the demo guest once, then hand the CLI what to run.
 
-The image and its block map live in a cache directory, so the second run
-starts at once. The guest is served with --snapshot: its writes (the log file
+The image lives in a cache directory, so the second run starts at once; its
+block map is made again each run from the filesystem metadata (well under a
+second). The guest is served with --snapshot: its writes (the log file
 churn) never change the cached image, and the cached map stays true.
 """
 
@@ -75,6 +76,10 @@ def prepare_demo(cache_dir: str, *, churn: bool = False, accel: str = "auto",
         guest.path = image
         with open(meta, "wb") as f:
             pickle.dump(((CACHE_FORMAT, __version__), guest), f)
+    # The block map is made afresh each run, from the image's metadata, under
+    # the UI: it takes well under a second, so the guest starts booting as soon
+    # as the UI is up (and a map cached by an older diskwatch is not reused).
+    bmap.unlink(missing_ok=True)
     accel = choose_accel(accel, say)
     command = guest.qemu_shell_command("$nbd", accel)
     return DemoPlan(str(image), str(bmap), command, accel, guest)
