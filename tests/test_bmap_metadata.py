@@ -181,8 +181,10 @@ def test_ntfs_directories_are_mapped(ntfs_meta, ntfs_image):
 
 @pytest.mark.parametrize(
     "which, device",
-    [("ext4_meta", "/dev/sda1"), ("gpt_meta", "/dev/sda1"), ("lvm_meta", "/dev/vg0/data"),
-     ("lvm_meta", "/dev/vg0/logs")],
+    [("ext4_meta", "/dev/sda1"), ("gpt_meta", "/dev/sda1"),
+     # the LVM image is built with libguestfs (a launch): slow
+     pytest.param("lvm_meta", "/dev/vg0/data", marks=pytest.mark.slow),
+     pytest.param("lvm_meta", "/dev/vg0/logs", marks=pytest.mark.slow)],
 )
 def test_ext4_files_match_debugfs(request, which, device):
     mapped = request.getfixturevalue(which)
@@ -209,7 +211,8 @@ def test_fat_files_match_mtools(gpt_meta):
     check(gpt_meta, "/dev/sda2", truth, "fat")
 
 
-@pytest.mark.parametrize("which", ["ext4_meta", "gpt_meta", "lvm_meta", "ntfs_meta"])
+@pytest.mark.parametrize("which", ["ext4_meta", "gpt_meta", "ntfs_meta",
+                                   pytest.param("lvm_meta", marks=pytest.mark.slow)])
 def test_every_file_directory_and_volume_is_mapped(request, which):
     mapped = request.getfixturevalue(which)
     image = mapped.image
@@ -411,3 +414,64 @@ def test_cli_auto_without_libguestfs_maps_the_rest_and_says_why(fat_and_xfs_disk
     line = [x for x in out.read_text().splitlines() if x.startswith("# /dev/sda2")]
     assert line and "the watch method needs libguestfs: python3-guestfs is" in line[0], line
     assert "/dev/sda1 metadata" in proc.stderr
+
+
+# --------------------------------------------------------------------------
+# ext4 file kinds: hard links, inline data (a whole-disk filesystem)
+
+
+def test_ext4_hard_links_and_inline_data(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "b").mkdir(parents=True)
+    (tree / "a").mkdir()
+    (tree / "b" / "second name").write_bytes(os.urandom(9000))
+    os.link(tree / "b" / "second name", tree / "a" / "first name")
+    (tree / "tiny.txt").write_bytes(b"tiny\n")
+    img = tmp_path / "fs.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "inline_data", "-d", str(tree), str(img), "8M"],
+                   check=True, capture_output=True)
+    mapped = Mapped(None, img)
+    # One path per range, the same one every run: the smallest.
+    assert mapped.ranges("/dev/sda", "/a/first name")
+    assert not mapped.ranges("/dev/sda", "/b/second name")
+    assert Mapped(None, img).ranges("/dev/sda", "/a/first name") == mapped.ranges(
+        "/dev/sda", "/a/first name")
+    # Inline data: the file is the bytes of its inode (debugfs says where).
+    ((_, lines),) = _debugfs(img, 0, ["imap /tiny.txt"])
+    m = re.search(r"located at block (\d+), offset (0x[0-9a-f]+)", "\n".join(lines))
+    bs = ext4_block_size(img, 0)
+    ((_, stats),) = _debugfs(img, 0, ["stats"])
+    inode_size = int(re.search(r"Inode size:\s+(\d+)", "\n".join(stats)).group(1))
+    start = int(m.group(1)) * bs + int(m.group(2), 16)
+    assert mapped.ranges("/dev/sda", "/tiny.txt") == [(start, start + inode_size)]
+
+
+def test_logical_partitions_are_named_as_linux_names_them(tmp_path):
+    """DOS extended partition: logical partitions are /dev/sda5, /dev/sda6 in
+    the order of the EBR chain (sfdisk's own numbering says where)."""
+    import json
+
+    img = tmp_path / "ext.img"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    layout = "label: dos\n,16M,c\n,,5\n,12M,c\n,,83\n"
+    subprocess.run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(img)], input=layout,
+                   text=True, check=True, capture_output=True)
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(img)], capture_output=True,
+                                      text=True, check=True).stdout)["partitiontable"]
+    want = {}
+    for p in table["partitions"]:
+        number = int(p["node"].rsplit("img", 1)[1])
+        if p["type"] != "5":
+            want[f"/dev/sda{number}"] = (p["start"] * 512, (p["start"] + p["size"]) * 512)
+    assert set(want) == {"/dev/sda1", "/dev/sda5", "/dev/sda6"}
+    s5, e5 = want["/dev/sda5"]
+    subprocess.run(["mkfs.vfat", "--offset", str(s5 // 512), str(img), str((e5 - s5) // 1024)],
+                   check=True, capture_output=True)
+    subprocess.run(["mcopy", "-i", f"{img}@@{s5}", "/etc/hostname", "::in-logical.txt"],
+                   check=True, capture_output=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+    mapped = Mapped(None, img)
+    got = {k[1]: sorted(v) for k, v in mapped.by_object.items() if k[0] == "p"}
+    assert got == {dev: [r] for dev, r in want.items()}
+    assert mapped.ranges("/dev/sda5", "/IN-LOGICAL.TXT") or mapped.ranges(
+        "/dev/sda5", "/in-logical.txt")

@@ -433,6 +433,7 @@ class _Filesystem:
         f = self.fs.open_meta(inode=inode)
         res, nonres, data_types, index_types, idxroot = _ATTR_RES, _ATTR_NONRES, _DATA_TYPES, \
             _INDEX_TYPES, _IDXROOT
+        ntfs = self.is_ntfs
         pieces: dict[str, list[tuple[int, int]]] = {}
         own: list[tuple[int, int]] = []
         resident_data = False  # the unnamed data (a tiny directory's index) is in the record
@@ -441,7 +442,8 @@ class _Filesystem:
             atype = int(info.type)
             flags = int(info.flags)
             name = info.name
-            if atype in data_types and name and name != b"$Data":
+            if ntfs and atype in data_types and name and name != b"$Data":
+                # a named stream (TSK names ext4's inline data "DATA": not one)
                 suffix = ":" + name.decode("utf-8", "surrogateescape")
             elif atype in index_types:
                 suffix = ":$extents"

@@ -203,7 +203,7 @@ def find_volumes(source: Source, disk: str = "/dev/sda") -> tuple[list[Volume], 
             if parts is None:
                 warnings.append(f"{disk}: protective MBR but no GPT header")
                 parts = []
-        elif _plausible_dos(entries, source.size):
+        elif _plausible_dos(mbr, entries, source.size):
             parts = _parse_dos(source, disk, mbr, warnings)
     if parts is None:
         gpt = _parse_gpt(source, disk, warnings)  # a GPT whose protective MBR was wiped
@@ -221,9 +221,12 @@ def find_volumes(source: Source, disk: str = "/dev/sda") -> tuple[list[Volume], 
     return volumes, warnings
 
 
-def _plausible_dos(entries: list[tuple[int, int, int]], size: int) -> bool:
+def _plausible_dos(mbr: bytes, entries: list[tuple[int, int, int]], size: int) -> bool:
     """A FAT or NTFS boot sector also ends in 55 AA; its "entries" are code
-    and BPB bytes. Real entries have types and fit the disk (roughly)."""
+    and BPB bytes. Real entries have a boot flag of 0 or 0x80 (Linux's test),
+    types, and fit the disk (roughly)."""
+    if any(mbr[446 + 16 * i] not in (0, 0x80) for i in range(4)):
+        return False
     used = [(t, lba, n) for t, lba, n in entries if t and n]
     if not used:
         return False
