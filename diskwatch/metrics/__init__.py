@@ -135,7 +135,7 @@ def families(snap: Snapshot) -> Iterator[Family]:
                 ("file", snap.files, snap.files_other)):
             req = f[f"diskwatch_{prefix}_requests_total"]
             nbytes = f[f"diskwatch_{prefix}_bytes_total"]
-            for (partition, name), counts in members.items():
-                _object_samples(req, nbytes, (partition, name), counts, every_op=True)
+            for key, counts in members.items():
+                _object_samples(req, nbytes, tuple(key.split("\0", 1)), counts, every_op=True)
             _object_samples(req, nbytes, ("", OTHER), other, every_op=True)
     yield from f.values()

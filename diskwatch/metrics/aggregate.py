@@ -23,11 +23,11 @@ What is counted (the exported names are in ``diskwatch.metrics``):
 from __future__ import annotations
 
 import threading
-from bisect import bisect_left
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress
 from operator import itemgetter
 
 from ..events import COMMAND_NAMES, Command, ConnectionEvent, Dropped, Request
@@ -59,6 +59,23 @@ MAX_LABEL = 256
 MAX_ROUTES = 1_000_000
 
 _EXPORT, _COMMAND, _LENGTH, _DURATION, _ERROR = (itemgetter(i) for i in (1, 2, 4, 7, 8))
+_FIRST = itemgetter(0)  # a request's first piece
+_OBJECT = itemgetter(2)  # a piece's object
+_PARTITION, _DIRECTORY, _FILE = (itemgetter(i) for i in range(3))  # of a route
+
+
+def _by_command(reqs: Sequence[Request], pieces: Sequence | None = None) -> list[tuple]:
+    """[(command, its requests[, their pieces])]: one group in the usual batch."""
+    commands = Counter(map(_COMMAND, reqs))
+    if not commands:
+        return []
+    if len(commands) == 1:
+        cmd = next(iter(commands))
+        return [(cmd, reqs)] if pieces is None else [(cmd, reqs, pieces)]
+    if pieces is None:
+        return [(cmd, [r for r in reqs if r[2] == cmd]) for cmd in commands]
+    return [(cmd, [r for r in reqs if r[2] == cmd],
+             [p for r, p in zip(reqs, pieces, strict=True) if r[2] == cmd]) for cmd in commands]
 
 
 def label_text(text: str) -> str:
@@ -118,9 +135,9 @@ class Snapshot:
     dropped: int
     mapped: bool  # a block map named the requests (object metrics are meaningful)
     partitions: dict[str, list[int]]  # label -> [requests per op..., bytes per op...]
-    directories: dict[tuple[str, str], list[int]]  # (partition, directory) -> counts
+    directories: dict[str, list[int]]  # "partition\0directory" -> counts
     directories_other: list[int]
-    files: dict[tuple[str, str], list[int]]  # (partition, path) -> counts
+    files: dict[str, list[int]]  # "partition\0path" -> counts
     files_other: list[int]
 
 
@@ -137,7 +154,8 @@ class MetricsSink:
         tracked = tracked or max(1024, 50 * top)
         self.directories = TopSeries(top, tracked, refresh, half_life=6 * refresh)
         self.files = TopSeries(top, tracked, refresh, half_life=6 * refresh)
-        self._routes: dict[object, tuple[list[int], tuple | None, tuple | None]] = {}
+        self._routes: dict[int, tuple[str, str | None, str | None]] = {}  # by id(object)
+        self._route_objects: list = []
 
     # --- the Sink protocol (the pump's thread) ---------------------------------
 
@@ -147,13 +165,15 @@ class MetricsSink:
         with self._lock:
             names = set(map(_EXPORT, batch))
             if len(names) == 1:
-                self._count(self._export(names.pop()), batch)
+                groups = _by_command(batch, pieces)
+                self._count(self._export(names.pop()), batch, groups)
             else:
+                groups = None
                 for name in names:
                     self._count(self._export(name), [r for r in batch if r[1] == name])
             if pieces is not None:
                 self.mapped = True
-                self._attribute(batch, pieces)
+                self._attribute(batch, pieces, groups)
 
     def on_event(self, event: object) -> None:
         if isinstance(event, ConnectionEvent):
@@ -180,6 +200,7 @@ class MetricsSink:
         """A new block map: names are looked up again (counters stay)."""
         with self._lock:
             self._routes.clear()
+            self._route_objects.clear()
 
     # --- counting ------------------------------------------------------------
 
@@ -189,76 +210,141 @@ class MetricsSink:
             c = self._exports[name] = ExportCounters()
         return c
 
-    def _count(self, c: ExportCounters, reqs: Sequence[Request]) -> None:
-        commands = Counter(map(_COMMAND, reqs))
-        if len(commands) == 1:
-            groups = ((next(iter(commands)), reqs),)
-        else:
-            groups = tuple((cmd, [r for r in reqs if r[2] == cmd]) for cmd in commands)
-        for cmd, rs in groups:
+    def _count(self, c: ExportCounters, reqs: Sequence[Request], groups=None) -> None:
+        for cmd, rs, *_ in groups or _by_command(reqs):
             c.ops[cmd] += len(rs)
             c.bytes[cmd] += sum(map(_LENGTH, rs))
-            durations = list(map(_DURATION, rs))
+            # Sorted once (C), then one bisection per bucket edge: not one
+            # Python-level call per request (a flood brings thousands a round).
+            durations = sorted(map(_DURATION, rs))
             c.seconds[cmd] += sum(durations)
             buckets = c.buckets[cmd]
             if buckets is None:
                 buckets = c.buckets[cmd] = [0] * (len(LATENCY_BOUNDS) + 1)
-            for i, n in Counter(map(bisect_left, repeat(LATENCY_BOUNDS), durations)).items():
-                buckets[i] += n
+            below = 0
+            for i, bound in enumerate(LATENCY_BOUNDS):
+                upto = bisect_right(durations, bound, below)  # le="bound": d <= bound
+                buckets[i] += upto - below
+                below = upto
+            buckets[-1] += len(durations) - below
         errors = list(map(_ERROR, reqs))
         if errors.count(0) != len(errors):
             for r in reqs:
                 if r[8]:
                     c.errors[(r[2], ERRNO_NAMES.get(r[8], OTHER))] += 1
 
-    def _attribute(self, batch: Sequence[Request], pieces) -> None:
-        """Per request and piece: partition, top-level directory and file."""
+    def _attribute(self, batch: Sequence[Request], pieces, groups=None) -> None:
+        """Partition, top-level directory and file of every request's pieces.
+
+        The usual request lies in one object (one piece): those are counted
+        with C-level passes over the batch (map, Counter, compress), so the
+        cost per request does not depend on how many distinct files a round
+        touches. Requests spanning several objects take a Python loop."""
+        try:
+            sizes = list(map(len, pieces))
+        except TypeError:  # None for a request without a length
+            pieces = [ps or () for ps in pieces]
+            sizes = list(map(len, pieces))
+        if sizes.count(1) == len(sizes):
+            groups = groups or _by_command(batch, pieces)
+        else:
+            single = [n == 1 for n in sizes]
+            several = [(r, ps) for r, ps, one in zip(batch, pieces, single, strict=True)
+                       if not one and ps]
+            if several:
+                self._attribute_pieces(several)
+            groups = _by_command(list(compress(batch, single)), list(compress(pieces, single)))
+        for cmd, reqs, pcs in groups:
+            op = _OP_OF_COMMAND[cmd]
+            if op >= 0:
+                self._attribute_single(op, list(map(_OBJECT, map(_FIRST, pcs))),
+                                       list(map(_LENGTH, reqs)))
+
+    def _attribute_single(self, op: int, objs: list, lengths: list[int]) -> None:
+        """Requests of one op, each inside one object (``objs[i]``)."""
         routes = self._routes
-        route_of = self._route
+        ids = list(map(id, objs))  # the map's objects are interned: id is cheap and exact
+        rts = list(map(routes.get, ids))
+        if None in rts:
+            route = self._route
+            rts = [r if r is not None else route(o) for r, o in zip(rts, objs, strict=True)]
+        length = lengths[0] if min(lengths) == max(lengths) else None
+        bop = op + 4
+        labels = list(map(_PARTITION, rts))
+        parts = self._partitions
+        if length is not None:
+            for label, n in Counter(labels).items():
+                p = parts[label]
+                p[op] += n
+                p[bop] += n * length
+        else:
+            per: dict[str, list[int]] = {}
+            for label, ln in zip(labels, lengths, strict=True):
+                c = per.get(label)
+                if c is None:
+                    per[label] = [1, ln]
+                else:
+                    c[0] += 1
+                    c[1] += ln
+            for label, (n, nbytes) in per.items():
+                p = parts[label]
+                p[op] += n
+                p[bop] += nbytes
+        for top, keys in ((self.directories, list(map(_DIRECTORY, rts))),
+                          (self.files, list(map(_FILE, rts)))):
+            top.add_requests(op, keys, lengths, length)
+
+    def _attribute_pieces(self, items: list) -> None:
+        """Requests spanning several objects: a Python loop. A request counts
+        once for each file it touches, and once for a partition or directory
+        however many of its pieces in a row lie there."""
+        routes = self._routes
+        parts = self._partitions
         op_of = _OP_OF_COMMAND
-        dirs: dict[tuple, list[int]] = {}
-        files: dict[tuple, list[int]] = {}
-        for r, ps in zip(batch, pieces, strict=True):
-            if not ps:
-                continue
+        dirs: dict[str, list[int]] = {}
+        files: dict[str, list[int]] = {}
+        for r, ps in items:
             op = op_of[r[2]]
             if op < 0:
                 continue
             bop = op + 4
             last_part = last_dir = None
             for start, end, obj in ps:
-                route = routes.get(obj)
+                route = routes.get(id(obj))
                 if route is None:
-                    route = route_of(obj)
-                part, dkey, fkey = route
+                    route = self._route(obj)
+                label, dkey, fkey = route
                 n = end - start
-                if part is not last_part:  # a request counts once per object
-                    part[op] += 1
-                    last_part = part
-                part[bop] += n
-                if dkey is not None:
-                    c = dirs.get(dkey)
+                p = parts[label]
+                if label != last_part:
+                    p[op] += 1
+                    last_part = label
+                p[bop] += n
+                if dkey is None:
+                    continue
+                c = dirs.get(dkey)
+                if c is None:
+                    c = dirs[dkey] = [0] * WIDTH
+                if dkey != last_dir:
+                    c[op] += 1
+                    last_dir = dkey
+                c[bop] += n
+                if fkey is not None:  # neighbouring pieces never share an object
+                    c = files.get(fkey)
                     if c is None:
-                        c = dirs[dkey] = [0] * WIDTH
-                    if dkey != last_dir:  # equal keys of two files of one directory
-                        c[op] += 1
-                        last_dir = dkey
+                        c = files[fkey] = [0] * WIDTH
+                    c[op] += 1
                     c[bop] += n
-                    if fkey is not None:
-                        c = files.get(fkey)
-                        if c is None:
-                            c = files[fkey] = [0] * WIDTH
-                        c[op] += 1  # neighbouring pieces never share an object
-                        c[bop] += n
         if dirs:
             self.directories.add(dirs)
         if files:
             self.files.add(files)
 
-    def _route(self, obj) -> tuple[list[int], tuple | None, tuple | None]:
-        """(partition counters, directory key, file key) of a map object."""
+    def _route(self, obj) -> tuple[str, str | None, str | None]:
+        """(partition label, directory key, file key) of a map object."""
         if len(self._routes) >= MAX_ROUTES:
             self._routes.clear()
+            self._route_objects.clear()
         dkey = fkey = None
         if obj is None:
             label = UNMAPPED
@@ -270,15 +356,19 @@ class MetricsSink:
                 # "/var/log/x" and "d /var" -> "/var"; "/vmlinuz" and "d /" -> "/"
                 top = "/" + parts[1] if len(parts) > 2 or (obj.type == "d" and
                                                            len(parts) == 2) else "/"
-                dkey = (label, label_text(top))
+                # Keys are strings, "partition\0name" (label_text escapes any
+                # NUL): a str caches its hash, a tuple hashes again each time.
+                dkey = f"{label}\0{label_text(top)}"
                 if obj.type == "f":
-                    fkey = (label, label_text(path))
-        part = self._partitions.get(label)
-        if part is None:
+                    fkey = f"{label}\0{label_text(path)}"
+        if label not in self._partitions:
             if len(self._partitions) >= MAX_PARTITIONS and label != UNMAPPED:
                 label = OTHER
-            part = self._partitions.setdefault(label, [0] * WIDTH)
-        route = self._routes[obj] = (part, dkey, fkey)
+            self._partitions.setdefault(label, [0] * WIDTH)
+        # Keyed by id: the object stays alive in the map as long as the map
+        # does, and a new map (SIGHUP) clears the table (forget_names).
+        route = self._routes[id(obj)] = (label, dkey, fkey)
+        self._route_objects.append(obj)  # keeps the ids valid until the table is cleared
         return route
 
     # --- for the exporters (any thread) ----------------------------------------

@@ -7,13 +7,14 @@ keeps a series for at most ``exposed`` keys at a time; every other key's
 traffic is added to one "other" series. Which keys are exposed is decided by
 a heavy-hitters sketch:
 
-    sketch: key -> weight (requests), at most ``tracked`` keys, Misra-Gries:
-            when a batch leaves more than ``tracked`` keys, the
-            (tracked+1)-th largest weight is subtracted from all and the keys
-            at or below zero are dropped. A key whose share of the requests
-            is above 1/(tracked+1) is never dropped; a weight is an
-            underestimate by at most total/(tracked+1). Weights halve every
-            ``half_life`` seconds, so "busiest" means lately.
+    sketch: key -> weight (requests), Misra-Gries: once it holds 16*``tracked``
+            keys, the (tracked+1)-th largest weight is subtracted from all and
+            the keys at or below zero are dropped (back to at most
+            ``tracked``). Each such step removes at least tracked+1 times what
+            it subtracts, so a weight is an underestimate by at most
+            total/(tracked+1), and a key with a larger share of the requests
+            is never dropped. Weights halve every ``half_life`` seconds, so
+            "busiest" means lately.
 
     members: the exposed keys, recomputed every ``refresh`` seconds: a member
             stays while it is among the 2*``exposed`` heaviest (hysteresis:
@@ -28,13 +29,15 @@ handles). So sum(rate(members)) + rate(other) is the rate of all keys, and
 ``retired`` (counts of members that left; not exported) keeps the totals
 checkable: members + other + retired == everything counted.
 
-Memory: O(tracked + keys in one batch); series: at most ``exposed`` + 1
+Memory: O(16 * tracked + keys in one batch); series: at most ``exposed`` + 1
 keys, times the values per key.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import Counter
+from itertools import compress
 from operator import itemgetter
 
 #: counters per key: requests per op, then bytes per op (ops: see aggregate.OPS)
@@ -60,11 +63,56 @@ class TopSeries:
         self.tracked = tracked
         self.refresh = refresh
         self.half_life = half_life
-        self.sketch: dict[object, float] = {}
+        self.sketch: Counter = Counter()  # key -> weight
+        # Shrunk back to ``tracked`` once it holds this many: rarely, not per
+        # batch (a shrink sorts the weights; its cost per new key is the same
+        # whatever the threshold, and a guest touching fewer distinct keys
+        # between decays never pays it). 16 * 1024 keys: about 2 MB.
+        self._shrink_at = 16 * tracked
         self.members: dict[object, list[int]] = {}
         self.other = [0] * WIDTH
         self.retired = [0] * WIDTH
         self._last_refresh: float | None = None
+
+    def add_requests(self, op: int, keys: list, lengths: list[int], length: int | None) -> None:
+        """Count requests of one op: ``keys[i]`` is request i's key (None: it
+        has none), ``lengths[i]`` its bytes; ``length`` is their common
+        length, or None when they differ. One C-level counting pass over the
+        batch (into the sketch); the Python work is per member (at most
+        ``exposed``), not per key or per request."""
+        keyless = keys.count(None)
+        keyed = len(keys) - keyless
+        if not keyed:
+            return
+        sketch = self.sketch
+        members = self.members
+        # A member's requests in this batch: how much its weight grows (the
+        # sketch counts one per request, exactly, even on decayed weights).
+        before = [(k, m, sketch.get(k, 0.0)) for k, m in members.items()]
+        sketch.update(keys)
+        if keyless:
+            del sketch[None]
+        present = [(k, m, n) for k, m, w in before if (n := round(sketch.get(k, 0.0) - w))]
+        bop = op + 4
+        member_bytes: dict = {}
+        if length is None and present:
+            member_bytes = dict.fromkeys((k for k, _, _ in present), 0)
+            for k, ln in zip(keys, lengths, strict=True):
+                if k in member_bytes:
+                    member_bytes[k] += ln
+        in_members = bytes_in_members = 0
+        for k, m, n in present:
+            nbytes = n * length if length is not None else member_bytes[k]
+            m[op] += n
+            m[bop] += nbytes
+            in_members += n
+            bytes_in_members += nbytes
+        total_bytes = keyed * length if length is not None else (
+            sum(compress(lengths, keys)) if keyless else sum(lengths))
+        self.other[op] += keyed - in_members
+        self.other[bop] += total_bytes - bytes_in_members
+        if len(sketch) > self._shrink_at:
+            self._shrink()
 
     def add(self, counts: dict[object, list[int]]) -> None:
         """Count a batch: key -> [requests per op..., bytes per op...]."""
@@ -76,12 +124,13 @@ class TopSeries:
             m = members.get(key)
             add_into(m if m is not None else other, c)
             sketch[key] = get(key, 0.0) + (c[0] + c[1] + c[2] + c[3])
-        if len(sketch) > self.tracked:
+        if len(sketch) > self._shrink_at:
             self._shrink()
 
     def _shrink(self) -> None:
-        floor = heapq.nlargest(self.tracked + 1, self.sketch.values())[-1]
-        self.sketch = {k: w - floor for k, w in self.sketch.items() if w > floor}
+        weights = sorted(self.sketch.values())
+        floor = weights[-(self.tracked + 1)]
+        self.sketch = Counter({k: w - floor for k, w in self.sketch.items() if w > floor})
 
     def tick(self, now: float) -> bool:
         """Decay and recompute the members every ``refresh`` seconds; True if
@@ -97,7 +146,8 @@ class TopSeries:
         self._last_refresh = now
         factor = 0.5 ** ((now - last) / self.half_life) if self.half_life > 0 else 1.0
         if factor < 1.0:
-            self.sketch = {k: w * factor for k, w in self.sketch.items() if w * factor >= 1e-3}
+            self.sketch = Counter({k: w * factor for k, w in self.sketch.items()
+                                   if w * factor >= 1e-3})
         self.update_members()
         return True
 
