@@ -21,19 +21,6 @@ from .text import SafeFormatter, safe_text
 
 log = logging.getLogger("diskwatch")
 
-# Kept in step with diskwatch.sources.qemu.FORMATS (imported lazily there).
-FORMATS = ("raw", "qcow2", "qcow", "vmdk", "vhdx", "vdi", "vpc", "qed", "parallels", "bochs",
-           "cloop", "dmg")
-
-
-def _size(text: str) -> int:
-    from .sources import parse_size
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -46,35 +33,50 @@ def _port(text: str) -> int:
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
+    """The source options: the stack's own, then one group per source plugin
+    of the registry (sources/registry.py), built from its declarations."""
+    from .sources import builtin  # noqa: F401 - registers the built-in sources
+    from .sources.registry import REGISTRY
+    REGISTRY.load_entry_points()
     g = p.add_argument_group("source")
     g.add_argument("-r", "--readonly", action="store_true", help="serve read-only: writes get EPERM")
     g.add_argument("--snapshot", action="store_true",
                    help="writes go to a temporary overlay, deleted at exit; the image is never modified")
-    g.add_argument("-f", "--format", choices=FORMATS, metavar="FMT",
-                   help="image format (raw, qcow2, vmdk, vhdx, vdi, vpc, qed...); default: "
-                        "qemu probes, and a format other than raw is used only when the file's "
-                        "name says it (.qcow2, .vmdk...)")
-    g.add_argument("--xz-max-block", type=_size, default="512M", metavar="SIZE",
-                   help="refuse .xz files with larger blocks (default 512M)")
-    g.add_argument("--xz-cache", type=int, default=8, metavar="N",
-                   help="decompressed xz blocks kept in memory (default 8)")
-    g.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
-                   help="extra HTTP header (repeatable)")
-    g.add_argument("--user", help="user name for http/ftp/sftp")
-    g.add_argument("--password", help="password for http/ftp/sftp: '-' reads it from stdin, "
-                                      "'+FILE' from FILE (other users see a command line)")
-    g.add_argument("--timeout", type=float, default=30.0, help="network timeout, seconds")
-    g.add_argument("--retries", type=int, default=3, help="retries of a failed network read")
-    g.add_argument("--connections", type=int, default=4, help="parallel network connections")
-    g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
-    g.add_argument("--stream-to", metavar="PATH",
-                   help="turn the client's writes into a byte stream into PATH (FIFO, file, socket)")
-    g.add_argument("--size", type=_size, metavar="SIZE", help="size of the --stream-to disk")
-    g.add_argument("--window", type=_size, default="64M", metavar="SIZE",
-                   help="how far back a --stream-to client may seek (default 64M)")
     g.add_argument("--inject-errors", action="append", default=[], metavar="RULE",
                    help="make source calls fail, for testing (repeatable), e.g. "
                         "'rate=0.1,errno=EIO,ops=pread,range=1M-2M'")
+    layers = "; ".join(f"{lp.name}{':' + lp.args if lp.args else ''}: {lp.summary}"
+                       for lp in REGISTRY.layers.values())
+    g.add_argument("--filter", action="append", default=[], metavar="NAME[:ARGS]",
+                   dest="filters",
+                   help="add a layer over the source (repeatable; the first given is the "
+                        f"innermost; -r and --snapshot go over them all). Layers: {layers}")
+    g.add_argument("--plugin", action="append", default=[], metavar="MODULE:CLASS",
+                   help="load a source plugin from outside diskwatch (a Source subclass, "
+                        "the module on PYTHONPATH); its options appear in --help after it")
+    for plugin in REGISTRY.sources:
+        if not plugin.options:
+            continue
+        group = p.add_argument_group(f"source: {plugin.name}", plugin.summary)
+        for opt in plugin.options:
+            kw = {"help": opt.help, "dest": opt.key}
+            for name in ("type", "metavar", "action", "choices"):
+                if getattr(opt, name) is not None:
+                    kw[name] = getattr(opt, name)
+            if opt.default is not None:
+                kw["default"] = opt.default
+            group.add_argument(*(f for f in (opt.short, opt.flag) if f), **kw)
+
+
+def load_plugins(argv: list[str]) -> None:
+    """--plugin MODULE:CLASS is loaded before the parser is built, so the
+    plugin's options are known to it."""
+    from .sources.registry import REGISTRY
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    for path in known.plugin:
+        REGISTRY.load_plugin(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +185,8 @@ def build_demo_parser() -> argparse.ArgumentParser:
 
 def _source_options(args):
     from .sources import SourceOptions
-    password = args.password
+    from .sources.registry import REGISTRY
+    password = getattr(args, "password", None)
     if password == "-":
         password = sys.stdin.readline().rstrip("\n")
     elif password is not None and password.startswith("+"):  # nbdkit's +FILE
@@ -192,13 +195,20 @@ def _source_options(args):
                 password = f.readline().rstrip("\n")
         except OSError as e:
             raise DiskwatchError(f"--password {password}: cannot read {password[1:]}: "
-                             f"{e.strerror}") from None
-    return SourceOptions(
-        readonly=args.readonly, snapshot=args.snapshot, xz_max_block=args.xz_max_block,
-        xz_cache=args.xz_cache, headers=args.header, user=args.user, password=password,
-        timeout=args.timeout, retries=args.retries, connections=args.connections,
-        insecure=args.insecure, stream_to=args.stream_to, size=args.size, window=args.window,
-        format=args.format, inject_errors=args.inject_errors)
+                                 f"{e.strerror}") from None
+    args.password = password
+    opts = SourceOptions(readonly=args.readonly, snapshot=args.snapshot,
+                         inject_errors=args.inject_errors, filters=args.filters)
+    # Every plugin's options, by the key it declared: the built-in ones are
+    # fields of SourceOptions, the others go to opts.extra.
+    for _, opt in REGISTRY.options():
+        value = getattr(args, opt.key, None)
+        if opt.key in SourceOptions.__dataclass_fields__:
+            if value is not None:
+                setattr(opts, opt.key, value)
+        else:
+            opts.extra[opt.key] = value
+    return opts
 
 
 def _open_source(args):
@@ -230,6 +240,7 @@ def serve(args) -> int:
 
 
 def bmap_main(argv: list[str]) -> int:
+    load_plugins(argv)
     args = build_bmap_parser().parse_args(argv)
     _setup_logging(args.verbose)
     source = _open_source(args)
@@ -281,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "report":
             from .report.command import report_main
             return report_main(argv[1:])
+        load_plugins(argv)
         args = build_parser().parse_args(argv)
         _setup_logging(args.verbose)
         return serve(args)

@@ -309,7 +309,7 @@ class Runner:
         with contextlib.ExitStack() as undo:
             source = self.open_source()
             undo.push(_source_closer(source))
-            warning = getattr(source, "warning", None)
+            warning = source.warning
             if warning:
                 print(f"diskwatch: {safe_text(warning)}", file=sys.stderr)
             blockmap, pending_map = self._decide_map(source)
@@ -351,9 +351,8 @@ class Runner:
                                      announce=announce, prepare=prepare,
                                      on_reload=lambda: self.reload(session))
             finally:
-                abort = getattr(source, "abort", None)
-                if abort is not None and session.interrupted:
-                    abort()  # e.g. a stream whose FIFO reader never came: do not wait for one
+                if session.interrupted:
+                    source.abort()  # e.g. a stream whose FIFO reader never came: do not wait for one
                 # Stopping the server first publishes every request it answered
                 # (a client can exit before the server thread has published its
                 # last batch); the pump's last round then finds them all.
@@ -528,8 +527,7 @@ def _source_closer(source):
             return
         # Failing: a stream must not wait for a reader, and the error that
         # stopped us is the one to tell, not the abandoned stream's.
-        if hasattr(source, "abort"):
-            source.abort()
+        source.abort()
         try:
             source.close()
         except OSError:

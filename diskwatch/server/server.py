@@ -105,6 +105,10 @@ class Server:
         # one engine per source, attached with the loop.
         self._aios = {id(a): a for a in (s.aio for s in exports.values()) if a is not None}
         self._async_ready: dict[int, _Conn] = {}  # connections with replies to send
+        # Watch layers (sources/watch.py) in the stacks: what they saw is
+        # published after each batch of the server's own requests.
+        self._watchers = [layer for s in exports.values() for layer in _stack(s)
+                          if hasattr(type(layer), "take_events")]
 
     # --- listening ---------------------------------------------------------
 
@@ -210,6 +214,8 @@ class Server:
         if conn.events:
             self.bus.publish_requests(conn.events)
             conn.events = []
+        if self._watchers:
+            self._publish_watched()
         if conn.export_name or conn.source is not None:
             self.bus.publish(ConnectionEvent(conn.cid, False, conn.peer, conn.export_name,
                                              conn.requests))
@@ -316,6 +322,8 @@ class Server:
         if conn.events:
             events, conn.events = conn.events, []
             self.bus.publish_requests(events)
+        if self._watchers:
+            self._publish_watched()
         self._maybe_close(conn)
 
     # --- carrying out requests --------------------------------------------
@@ -493,6 +501,8 @@ class Server:
         conn.out.extend(replies)
         self._send(conn)
         self.bus.publish_requests([event])
+        if self._watchers:
+            self._publish_watched()
         self._maybe_close(conn)
 
     # --- asynchronous sources (driven from this loop) -----------------------
@@ -572,7 +582,15 @@ class Server:
             if conn.events:
                 events, conn.events = conn.events, []
                 self.bus.publish_requests(events)
+        if self._watchers:
+            self._publish_watched()
             self._maybe_close(conn)
+
+    def _publish_watched(self) -> None:
+        for layer in self._watchers:
+            events = layer.take_events()
+            if events:
+                self.bus.publish_requests(events)
 
     # --- sending -----------------------------------------------------------
 
@@ -636,6 +654,13 @@ def _short_read(offset: int, length: int, data) -> OSError:
     """A source that returned fewer bytes than asked: an EIO for that read
     (sending them would put the reply stream out of step)."""
     return OSError(errno.EIO, f"source returned {len(data)} of {length} bytes at {offset}")
+
+
+def _stack(source: Source):
+    """A source and every layer below it."""
+    while source is not None:
+        yield source
+        source = vars(source).get("inner")
 
 
 ASYNC_WINDOW = 64  # requests in flight per connection to an asynchronous source

@@ -1,19 +1,18 @@
 """Sources: what holds the bytes diskwatch serves. ``open_source`` builds the
-stack from the command line's words: the source itself (file, xz, URL,
-stream) and the layers over it (read-only, snapshot)."""
+stack from the command line's words: the source a plugin of the registry
+claims (file, qemu's formats, xz, URL, NBD server, stream, or one from
+outside the package) and the layers over it (errors, --filter layers,
+read-only, snapshot)."""
 
 from __future__ import annotations
 
-import errno
-import os
 import re
 from dataclasses import dataclass, field
 
 from .base import Layer, ReadOnly, Source, SourceError
-from .nbd import is_nbd_url
+from .registry import REGISTRY, LayerPlugin, Option, SourcePlugin, register_layer, register_source
 
 URL_SCHEMES = ("http://", "https://", "ftp://", "ftps://", "sftp://")
-XZ_MAGIC = b"\xfd7zXZ\x00"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b?)\s*$", re.I)
 
@@ -29,6 +28,10 @@ def parse_size(text: str) -> int:
 
 @dataclass
 class SourceOptions:
+    """What the command line says about the source and its layers. Options
+    of plugins from outside the package are in ``extra``; a source reads
+    any option as ``options.get(key)``."""
+
     readonly: bool = False
     snapshot: bool = False
     xz_max_block: int = 512 * 1024 * 1024
@@ -46,84 +49,52 @@ class SourceOptions:
     format: str | None = None  # --format: None probes (see sources/qemu.py for the rule)
     #: --inject-errors rules (sources/errors.py), applied over the source itself
     inject_errors: list[str] = field(default_factory=list)
+    #: --filter NAME[:ARGS] layers, innermost first (see sources/registry.py)
+    filters: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    memo: dict = field(default_factory=dict, repr=False)  # answers worth asking once
+
+    def get(self, key: str, default=None):
+        if key in self.__dataclass_fields__ and key not in ("extra", "memo"):
+            return getattr(self, key)
+        return self.extra.get(key, default)
 
 
 def is_url(spec: str) -> bool:
     return spec.lower().startswith(URL_SCHEMES)
 
 
-def _looks_xz(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(6) == XZ_MAGIC
-    except OSError:
-        return path.endswith(".xz")
-
-
 def open_source(spec: str | None, opts: SourceOptions) -> Source:
-    """The source for ``spec`` with its layers. Raises SourceError with a
+    """The source for ``spec`` with its layers: the plugin that claims it
+    (sources/registry.py), then --inject-errors, the --filter layers in
+    order, then -r or --snapshot outermost. Raises SourceError with a
     message a person can act on."""
-    src: Source
-    if opts.stream_to and opts.snapshot:
-        raise SourceError(errno.EINVAL, "--snapshot and --stream-to do not go together: a "
-                          "stream is written once, in order; there is nothing to overlay")
-    if opts.stream_to:
-        from .stream import StreamSource
-        kw = {"window": opts.window}
-        if opts.size is not None:
-            kw["size"] = opts.size
-        src = StreamSource(opts.stream_to, **kw)
-    elif spec is None:
-        raise SourceError(errno.EINVAL, "no disk image given (a file, .xz file or URL)")
-    elif is_nbd_url(spec):
-        from .nbd import NbdSource
-        src = NbdSource(spec, readonly=opts.readonly or opts.snapshot)
-    elif is_url(spec):
-        from .curl import CurlSource
-        src = CurlSource(spec, headers=tuple(opts.headers), user=opts.user,
-                         password=opts.password, timeout=opts.timeout, retries=opts.retries,
-                         connections=opts.connections, insecure=opts.insecure)
-    elif opts.format is None and os.path.isfile(spec) and _looks_xz(spec):
-        from .xz import XzSource
-        src = XzSource(spec, max_block=opts.xz_max_block, cache_blocks=opts.xz_cache)
-    else:
-        fmt, warning = "raw", None
-        if os.path.isfile(spec):
-            from .qemu import choose_format
-            fmt, warning = choose_format(spec, opts.format)
-        elif opts.format not in (None, "raw"):
-            raise SourceError(errno.EINVAL, f"{spec}: --format {opts.format} needs an "
-                              "image file")
-        # --snapshot never writes the image, so it is opened read-only.
-        if fmt == "raw":
-            from .file import FileSource
-            src = FileSource(spec, readonly=opts.readonly or opts.snapshot)
-        else:
-            from .qemu import QemuSource
-            src = QemuSource(spec, fmt, readonly=opts.readonly or opts.snapshot)
-        if warning:
-            src.warning = warning
-    if opts.inject_errors:
-        from .errors import ErrorInjection, parse_error_rule
-        try:
-            rules = [parse_error_rule(r) for r in opts.inject_errors]
-        except ValueError as e:
-            src.close()
-            raise SourceError(errno.EINVAL, str(e)) from None
-        src = ErrorInjection(src, rules)
-    if opts.readonly:
-        if src.can_write:
-            src = ReadOnly(src)
-        if "read-only" not in src.description:
-            try:
-                src.description += " (read-only)"
-            except AttributeError:
-                pass  # a layer whose description is computed
-    elif opts.snapshot:
-        from .snapshot import Snapshot
-        src = Snapshot(src)
+    from . import builtin  # noqa: F401 - registers the built-in sources and layers
+    REGISTRY.load_entry_points()
+    plugin = REGISTRY.choose(spec, opts)
+    layers = [(REGISTRY.layer(name), args) for name, _, args in
+              (f.partition(":") for f in opts.filters)]
+    src = plugin.open_source(spec, opts)
+    try:
+        if opts.inject_errors:
+            src = REGISTRY.layer("errors").apply(src, ";".join(opts.inject_errors), opts)
+        for layer, args in layers:
+            src = layer.apply(src, args, opts)
+        if opts.readonly:
+            src = REGISTRY.layer("readonly").apply(src, "", opts)
+            if "read-only" not in src.description:
+                try:
+                    src.description += " (read-only)"
+                except AttributeError:
+                    pass  # a layer whose description is computed
+        elif opts.snapshot:
+            src = REGISTRY.layer("snapshot").apply(src, "", opts)
+    except BaseException:
+        src.close()
+        raise
     return src
 
 
 __all__ = ["Source", "Layer", "ReadOnly", "SourceError", "SourceOptions", "open_source",
-           "parse_size", "is_url"]
+           "parse_size", "is_url", "REGISTRY", "Option", "SourcePlugin", "LayerPlugin",
+           "register_source", "register_layer"]

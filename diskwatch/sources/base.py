@@ -66,6 +66,12 @@ class Source:
     #: A layer hides it unless it passes every call through unchanged, so a
     #: snapshot or error layer is never bypassed.
     aio = None
+    #: said once to the person when the source is opened (e.g. "this raw image
+    #: looks like a qcow2 inside"), or None
+    warning: str | None = None
+    #: nbdkit's thread model, declared by the source's plugin (registry.py):
+    #: "parallel", "serialize_requests" or "serialize_all"
+    thread_model: str = "parallel"
 
     def pread(self, offset: int, length: int) -> bytes:
         raise SourceError(errno.EIO, f"{type(self).__name__} cannot read")
@@ -109,6 +115,11 @@ class Source:
         replies sent straight from it; None when there is none."""
         return None
 
+    def abort(self) -> None:
+        """Stop waiting for anything outside (a stream's reader that never
+        comes): called from another thread when diskwatch is interrupted or
+        fails while starting, before close()."""
+
     def close(self) -> None:
         pass
 
@@ -145,6 +156,11 @@ class Layer(Source):
     can_extents = property(lambda self: self.inner.can_extents)  # type: ignore[assignment]
     can_cache = property(lambda self: self.inner.can_cache)  # type: ignore[assignment]
     can_multi_conn = property(lambda self: self.inner.can_multi_conn)  # type: ignore[assignment]
+    warning = property(lambda self: self.inner.warning)  # type: ignore[assignment]
+    thread_model = property(lambda self: self.inner.thread_model)  # type: ignore[assignment]
+
+    def abort(self) -> None:
+        self.inner.abort()
 
     def pread(self, offset, length):
         return self.inner.pread(offset, length)
