@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-p", "--port", type=_port, help="listen on TCP PORT (0: any free port)")
     g.add_argument("-i", "--ipaddr", default="127.0.0.1", help="TCP address (default 127.0.0.1)")
     g.add_argument("-e", "--export-name", default="", help="export name (default: empty)")
+    g.add_argument("--tls", choices=("off", "on", "require"), default="off",
+                   help="TLS as nbdkit: 'on' lets clients upgrade (STARTTLS), "
+                        "'require' refuses them anything else (default off)")
+    g.add_argument("--tls-certificates", metavar="DIR",
+                   help="ca-cert.pem, server-cert.pem, server-key.pem (nbdkit's and qemu's layout)")
+    g.add_argument("--tls-psk", metavar="FILE",
+                   help="pre-shared keys, 'username:hexkey' lines (psktool -u USER -p FILE)")
+    g.add_argument("--tls-verify-peer", action="store_true",
+                   help="clients must show a certificate signed by DIR/ca-cert.pem")
     g.add_argument("--run", metavar="CMD",
                    help="run CMD with $nbd, $uri, $unixsocket, $port, $exportname set; "
                         "exit with its status when it exits")
@@ -222,6 +231,8 @@ def run_config(args) -> RunConfig:
     return RunConfig(
         source=args.source, stream_to=args.stream_to, unix=args.unix, port=args.port,
         ipaddr=args.ipaddr, export_name=args.export_name, run=args.run, bmap=args.bmap,
+        tls=args.tls, tls_certificates=args.tls_certificates, tls_psk=args.tls_psk,
+        tls_verify_peer=args.tls_verify_peer,
         headless=args.headless, no_trace=args.no_trace, log=args.log, record=args.record,
         accel=args.accel, method=args.method, metrics=args.metrics, otlp=args.otlp, metrics_top=args.metrics_top,
         metrics_refresh=args.metrics_refresh)

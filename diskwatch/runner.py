@@ -48,6 +48,11 @@ class RunConfig:
     port: int | None = None
     ipaddr: str = "127.0.0.1"
     export_name: str = ""
+    #: --tls off|on|require and its credentials (server/tls.py)
+    tls: str = "off"
+    tls_certificates: str | None = None
+    tls_psk: str | None = None
+    tls_verify_peer: bool = False
     run: str | None = None  # the captive command
     bmap: str | None = None
     headless: bool = False
@@ -287,6 +292,9 @@ class Runner:
         if activated and (cfg.unix or cfg.port is not None):
             raise UsageError("started with sockets (socket activation, LISTEN_FDS): "
                              "-U and -p do not apply")
+        # Bad TLS settings are told before anything starts.
+        from .server.tls import make_tls
+        tls = make_tls(cfg.tls, cfg.tls_certificates, cfg.tls_psk, cfg.tls_verify_peer)
         # Under socket activation stdout is the starter's (nbdcopy ... - writes
         # the image there): the trace goes to stderr. Without a terminal nobody
         # sees a UI: headless, said once.
@@ -316,9 +324,9 @@ class Runner:
 
             from .events import Bus
             bus = Bus()
-            server = Server({cfg.export_name: source}, bus)
+            server = Server({cfg.export_name: source}, bus, tls=tls)
             kind, addr = self._bind(server, undo, private_socket_path)
-            uri = nbd_uri(kind, addr, cfg.export_name)
+            uri = nbd_uri(kind, addr, cfg.export_name, tls is not None)
             session = Session(bus=bus, size=source.size, description=source.description,
                               uri=uri, command=cfg.run, blockmap=blockmap)
             self.pump = pump = session.pump
@@ -337,7 +345,8 @@ class Runner:
             captive = None
             try:
                 if cfg.run:
-                    captive = Captive(cfg.run, captive_env(kind, addr, cfg.export_name),
+                    captive = Captive(cfg.run, captive_env(kind, addr, cfg.export_name,
+                                                           tls is not None),
                                       capture=not cfg.headless, bus=bus)
                     session.stop_command = captive.stop
                     announce = ""

@@ -13,15 +13,17 @@ from ..sources.base import Source
 from .server import Server, ServerThread
 
 
-def nbd_uri(kind: str, addr, export: str = "") -> str:
-    """The NBD URI (as qemu, libnbd and libguestfs take it) for an address."""
+def nbd_uri(kind: str, addr, export: str = "", tls: bool = False) -> str:
+    """The NBD URI (as qemu, libnbd and libguestfs take it) for an address;
+    with ``tls``, the nbds scheme (as nbdkit's $uri under --tls)."""
     name = urllib.parse.quote(export)
+    scheme = "nbds" if tls else "nbd"
     if kind == "unix":
-        return f"nbd+unix:///{name}?socket={urllib.parse.quote(addr)}"
+        return f"{scheme}+unix:///{name}?socket={urllib.parse.quote(addr)}"
     host, port = addr
     if ":" in host:
         host = f"[{host}]"
-    return f"nbd://{host}:{port}/{name}"
+    return f"{scheme}://{host}:{port}/{name}"
 
 
 @dataclass
@@ -39,13 +41,13 @@ class RunningServer:
     @property
     def uri(self) -> str:
         if self.socket_path:
-            return nbd_uri("unix", self.socket_path, self.export)
-        return nbd_uri("tcp", ("127.0.0.1", self.port), self.export)
+            return nbd_uri("unix", self.socket_path, self.export, self.server.tls is not None)
+        return nbd_uri("tcp", ("127.0.0.1", self.port), self.export, self.server.tls is not None)
 
     def uri_for(self, export: str) -> str:
         if self.socket_path:
-            return nbd_uri("unix", self.socket_path, export)
-        return nbd_uri("tcp", ("127.0.0.1", self.port), export)
+            return nbd_uri("unix", self.socket_path, export, self.server.tls is not None)
+        return nbd_uri("tcp", ("127.0.0.1", self.port), export, self.server.tls is not None)
 
     def stop(self) -> None:
         self.thread.stop()
@@ -69,10 +71,11 @@ def private_socket_path() -> tuple[str, str]:
 
 def serve_in_thread(exports: dict[str, Source], bus: Bus | None = None, *,
                     unix_path: str | None = None, tcp_port: int | None = None,
-                    tcp_host: str = "127.0.0.1") -> RunningServer:
+                    tcp_host: str = "127.0.0.1", tls=None) -> RunningServer:
     """Start serving ``exports`` from a background thread. With neither
-    ``unix_path`` nor ``tcp_port``, a private unix socket is made."""
-    server = Server(exports, bus)
+    ``unix_path`` nor ``tcp_port``, a private unix socket is made. ``tls``:
+    a tls.TLSConfig (see make_tls)."""
+    server = Server(exports, bus, tls=tls)
     private = None
     port = None
     if unix_path is None and tcp_port is None:

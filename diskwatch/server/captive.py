@@ -23,9 +23,10 @@ from . import nbd_uri
 MAX_LINE = 64 * 1024
 
 
-def captive_env(kind: str, addr, export: str = "") -> dict[str, str]:
-    """The variables nbdkit sets for --run."""
-    uri = nbd_uri(kind, addr, export)
+def captive_env(kind: str, addr, export: str = "", tls: bool = False) -> dict[str, str]:
+    """The variables nbdkit sets for --run (under TLS the URIs are nbds:
+    the command adds its credentials, e.g. libnbd's ``tls-certificates=DIR``)."""
+    uri = nbd_uri(kind, addr, export, tls)
     env = {
         "uri": uri,
         # nbdkit >= 1.24: $nbd is the same URI (qemu, libnbd and libguestfs

@@ -224,6 +224,13 @@ class ServerConnection:
     When ``phase`` becomes TRANSMISSION, ``export`` is chosen and the
     transport switches to ``parse_requests`` on its buffer (any bytes left
     over from the handshake are returned by ``take_leftover``).
+
+    TLS (``tls`` "on" or "require", see server/tls.py): when a STARTTLS is
+    accepted, ``starttls`` becomes true and nothing more is parsed; the
+    transport sends what is queued (the ACK, in the clear), then calls
+    ``start_tls()``, which returns the bytes received past the option (the
+    start of the client's TLS handshake, if it did not wait) and carries on
+    with option haggling over TLS.
     """
 
     exports: dict[str, Export]
@@ -234,6 +241,9 @@ class ServerConnection:
     no_zeroes: bool = False
     meta_contexts: dict[int, str] = field(default_factory=dict)
     close_reason: str = ""
+    tls: str = "off"  # "off", "on" (the client may upgrade), "require" (it must)
+    tls_active: bool = False
+    starttls: bool = False  # STARTTLS acknowledged: the transport must switch now
     _in: bytearray = field(default_factory=bytearray)
     _out: list[bytes] = field(default_factory=list)
 
@@ -246,6 +256,16 @@ class ServerConnection:
         data = b"".join(self._out)
         self._out.clear()
         return data
+
+    def start_tls(self) -> bytes:
+        """The transport now speaks TLS: options go on over it. Nothing
+        negotiated in the clear is kept (a man in the middle could have
+        chosen it). Returns the bytes received after the STARTTLS option."""
+        self.starttls = False
+        self.tls_active = True
+        self.structured = False
+        self.meta_contexts = {}
+        return self.take_leftover()
 
     def take_leftover(self) -> bytes:
         data = bytes(self._in)
@@ -262,7 +282,7 @@ class ServerConnection:
             self._in += data
             return
         self._in += data
-        while self.phase not in (TRANSMISSION, CLOSED):
+        while self.phase not in (TRANSMISSION, CLOSED) and not self.starttls:
             if self.phase == HANDSHAKE_FLAGS:
                 if len(self._in) < 4:
                     return
@@ -272,6 +292,11 @@ class ServerConnection:
                     self._close(f"unknown client flags {cflags:#x}")
                     return
                 self.no_zeroes = bool(cflags & FLAG_C_NO_ZEROES)
+                if self.tls == "require" and not cflags & FLAG_C_FIXED_NEWSTYLE:
+                    # proto.md: without fixed newstyle there is no TLS
+                    self._close("TLS is required and the client cannot start it "
+                                "(no fixed newstyle)")
+                    return
                 self.phase = OPTIONS
             elif self.phase == OPTIONS:
                 if len(self._in) < _opt_header.size:
@@ -296,6 +321,14 @@ class ServerConnection:
         self._reply(option, rtype, message.encode()[:MAX_STRING])
 
     def _option(self, option: int, data: bytes) -> None:
+        if (self.tls == "require" and not self.tls_active
+                and option not in (OPT_STARTTLS, OPT_ABORT)):
+            if option == OPT_EXPORT_NAME:  # it cannot be refused: the session ends
+                self._close("TLS is required: the client chose an export without it")
+            else:
+                self._error(option, REP_ERR_TLS_REQD,
+                            "TLS is required: send NBD_OPT_STARTTLS first")
+            return
         if option == OPT_EXPORT_NAME:
             name = data.decode("utf-8", "replace")
             exp = self._find_export(name)
@@ -330,7 +363,15 @@ class ServerConnection:
         elif option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
             self._meta_context(option, data)
         elif option == OPT_STARTTLS:
-            self._error(option, REP_ERR_POLICY, "TLS is not supported by diskwatch")
+            if self.tls == "off":
+                self._error(option, REP_ERR_POLICY, "TLS is off (diskwatch --tls=on)")
+            elif self.tls_active:
+                self._error(option, REP_ERR_INVALID, "TLS is already active")
+            elif data:
+                self._error(option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            else:
+                self._reply(option, REP_ACK)
+                self.starttls = True
         else:
             self._error(option, REP_ERR_UNSUP, f"option {option} is not supported")
 

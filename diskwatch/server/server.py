@@ -63,7 +63,9 @@ class _Conn:
         self.fd = sock.fileno()
         self.cid = cid
         self.peer = peer
-        self.proto = P.ServerConnection(server.export_infos, default_export=server.default_export)
+        self.proto = P.ServerConnection(server.export_infos, default_export=server.default_export,
+                                        tls=server.tls.mode if server.tls else "off")
+        self.tls = None  # the TLSSocket once STARTTLS is done (then also self.sock)
         self.buf = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buf)
         self.start = 0
@@ -88,11 +90,12 @@ class Server:
     """Serves one or more exports (name -> Source) to NBD clients."""
 
     def __init__(self, exports: dict[str, Source], bus: Bus | None = None, *,
-                 default_export: str | None = None, workers: int = 8):
+                 default_export: str | None = None, workers: int = 8, tls=None):
         if not exports:
             raise ValueError("no exports")
         self.sources = exports
         self.bus = bus or Bus()
+        self.tls = tls  # a tls.TLSConfig, or None
         self.default_export = default_export if default_export is not None else next(iter(exports))
         self.export_infos = {n: export_info(n, s) for n, s in exports.items()}
         self.loop = None  # an EpollLoop, or an asyncio loop: anything with add_reader & co
@@ -228,8 +231,12 @@ class Server:
         try:
             n = conn.sock.recv_into(conn.view[end:])
         except (BlockingIOError, InterruptedError):
+            if conn.tls is not None and conn.tls.pending:
+                self._send(conn)  # a handshake message the socket did not take at once
             return
-        except OSError:
+        except OSError as e:
+            if conn.tls is not None:
+                log.info("connection %d: TLS: %s", conn.cid, e)
             self._close(conn)
             return
         if n == 0:
@@ -244,6 +251,19 @@ class Server:
             self._handshake(conn)
         else:
             self._transmission(conn)
+        if conn.tls is not None:
+            self._read_tls_buffered(conn)
+
+    def _read_tls_buffered(self, conn: _Conn) -> None:
+        """TLS may hold decrypted input the loop cannot see (a full receive
+        buffer stopped the read): read it as if the socket were readable."""
+        if (conn.tls.buffered and conn.reading and not conn.paused and not conn.held
+                and not conn.closed):
+            self.loop.call_soon_threadsafe(self._on_readable_if_open, conn)
+
+    def _on_readable_if_open(self, conn: _Conn) -> None:
+        if not conn.closed and conn.reading and not conn.paused and not conn.held:
+            self._on_readable(conn)
 
     def _make_room(self, conn: _Conn) -> None:
         start, end = conn.start, conn.end
@@ -262,6 +282,8 @@ class Server:
         """Watch the socket for requests unless closing, paused or held."""
         if conn.reading and not conn.paused and not conn.held:
             self.loop.add_reader(conn.fd, self._on_readable, conn)
+            if conn.tls is not None:
+                self._read_tls_buffered(conn)
         else:
             self.loop.remove_reader(conn.fd)
 
@@ -277,6 +299,9 @@ class Server:
         data = proto.data_to_send()
         if data:
             conn.out.append(data)
+        if proto.starttls:
+            self._start_tls(conn)
+            return
         if proto.phase == P.CLOSED:
             if proto.close_reason:
                 log.info("connection %d: %s", conn.cid, proto.close_reason)
@@ -299,6 +324,24 @@ class Server:
                 self._transmission(conn)
             return
         self._send(conn)
+
+    def _start_tls(self, conn: _Conn) -> None:
+        """STARTTLS was acknowledged: the ACK goes out in the clear, then the
+        connection speaks TLS (the handshake is driven by the next reads)."""
+        from .tls import TLSSocket
+        self._send(conn)
+        if conn.closed:
+            return
+        if conn.out:
+            # 20 bytes that a fresh socket did not take: the client is not
+            # reading its replies. It cannot be switched half-way: close.
+            log.info("connection %d: STARTTLS: the client does not read the replies", conn.cid)
+            self._close(conn)
+            return
+        received = conn.proto.start_tls()
+        conn.sock = conn.tls = TLSSocket(conn.sock, self.tls.context, received)
+        if received:
+            self.loop.call_soon_threadsafe(self._on_readable_if_open, conn)
 
     def _transmission(self, conn: _Conn) -> None:
         reqs: list = []
@@ -597,7 +640,10 @@ class Server:
     def _send(self, conn: _Conn) -> None:
         out = conn.out
         sock = conn.sock
+        tls = conn.tls
         try:
+            if tls is not None:
+                tls.flush()  # ciphertext left from the handshake or an earlier send
             while out:
                 iov = list(itertools.islice(out, IOV_MAX))
                 n = sock.sendmsg(iov)
@@ -620,10 +666,11 @@ class Server:
             out.clear()
             self._close(conn)
             return
-        if out and not conn.writing:
+        busy = bool(out) or (tls is not None and tls.pending)
+        if busy and not conn.writing:
             conn.writing = True
             self.loop.add_writer(conn.fd, self._on_writable, conn)
-        elif not out and conn.writing:
+        elif not busy and conn.writing:
             conn.writing = False
             self.loop.remove_writer(conn.fd)
         # Back-pressure: a client that sends requests without reading the
@@ -646,7 +693,7 @@ class Server:
 
     def _maybe_close(self, conn: _Conn) -> None:
         if (conn.closing and not conn.closed and not conn.out and conn.inflight == 0
-                and not conn.waiting):
+                and not conn.waiting and not (conn.tls is not None and conn.tls.pending)):
             self._close(conn)
 
 

@@ -1,0 +1,349 @@
+"""TLS for the NBD server, as nbdkit and qemu-nbd do it.
+
+``--tls=on`` lets a client upgrade with ``NBD_OPT_STARTTLS`` (and serves
+plain clients too: the spec's SELECTIVETLS with no TLS-only export);
+``--tls=require`` is FORCEDTLS: every option but STARTTLS and ABORT gets
+``NBD_REP_ERR_TLS_REQD``, and ``NBD_OPT_EXPORT_NAME`` before TLS ends the
+session. Credentials: ``--tls-certificates DIR`` in nbdkit's and qemu's
+layout (``server-cert.pem``, ``server-key.pem``, and ``ca-cert.pem`` to
+check client certificates with ``--tls-verify-peer``), or ``--tls-psk FILE``
+in psktool's format (``username:hexkey`` lines).
+
+The protocol stays sans-IO and the transport stays an epoll loop: once the
+STARTTLS acknowledgement is sent, the connection's socket is replaced by a
+``TLSSocket`` with the same two calls the transport makes (``recv_into``,
+``sendmsg``) over an ``ssl.SSLObject`` and two ``MemoryBIO``s. The handshake
+is driven by those calls, never blocking; decrypted bytes go straight into
+the connection's receive buffer; replies are encrypted in pieces of at most
+``SEND_CHUNK`` bytes, so at most that much ciphertext waits per connection
+(read data from an mmap is copied once, by the encryption).
+
+What the loop cannot see: plaintext or ciphertext TLS already holds in
+memory (a socket read can bring several records; the receive buffer may fill
+before they are all decrypted). ``buffered`` says so, and the transport asks
+for another read itself.
+
+PSK: Python's ssl module has no PSK callbacks before 3.13. On older Pythons
+``_set_psk_server_callback`` installs OpenSSL's ``SSL_CTX_set_psk_server_callback``
+through ctypes on the context's ``SSL_CTX``, found in the ``PySSLContext``
+object (its first field); the pointer is checked against the context's
+options before anything uses it, and the libssl called is the one
+``_ssl`` itself loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import ssl
+import sys
+from dataclasses import dataclass
+
+from ..errors import DiskwatchError
+
+__all__ = ["TLSConfig", "TLSError", "TLSSocket", "load_psk_file", "make_tls"]
+
+TLS_MODES = ("off", "on", "require")
+SEND_CHUNK = 1 << 20  # plaintext encrypted per send call: bounds the ciphertext waiting
+RECV_CHUNK = 1 << 18  # ciphertext read from the socket at once
+
+
+class TLSError(DiskwatchError):
+    """TLS cannot be set up as asked (missing or bad credentials)."""
+
+
+@dataclass
+class TLSConfig:
+    mode: str  # "on" or "require"
+    context: ssl.SSLContext
+    description: str  # e.g. "certificates /etc/pki/nbd, client certificates checked"
+
+
+def make_tls(mode: str, certificates: str | None = None, psk: str | None = None,
+             verify_peer: bool = False) -> TLSConfig | None:
+    """The server's TLS setup from the command line's options (None: off)."""
+    if mode not in TLS_MODES:
+        raise TLSError(f"--tls={mode}: use off, on or require")
+    if mode == "off":
+        if certificates or psk or verify_peer:
+            raise TLSError("--tls-certificates, --tls-psk and --tls-verify-peer need "
+                           "--tls=on or --tls=require")
+        return None
+    if bool(certificates) == bool(psk):
+        raise TLSError(f"--tls={mode} needs --tls-certificates DIR or --tls-psk FILE "
+                       "(one of them)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # proto.md: 1.2 or later only
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    if certificates:
+        _load_certificates(ctx, certificates, verify_peer)
+        what = f"certificates in {certificates}"
+        if verify_peer:
+            what += ", client certificates checked"
+    else:
+        if verify_peer:
+            raise TLSError("--tls-verify-peer checks client certificates: it needs "
+                           "--tls-certificates DIR, not --tls-psk")
+        keys = load_psk_file(psk)
+        _set_psk_server_callback(ctx, keys)
+        what = f"pre-shared keys from {psk} ({len(keys)} user{'s' if len(keys) != 1 else ''})"
+    return TLSConfig(mode, ctx, what)
+
+
+def _load_certificates(ctx: ssl.SSLContext, directory: str, verify_peer: bool) -> None:
+    def need(name: str) -> str:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise TLSError(f"--tls-certificates {directory}: no {name} there (nbdkit's and "
+                           "qemu's layout: ca-cert.pem, server-cert.pem, server-key.pem)")
+        return path
+
+    cert, key = need("server-cert.pem"), need("server-key.pem")
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise TLSError(f"--tls-certificates {directory}: server-cert.pem and server-key.pem "
+                       f"cannot be used: {e.reason or e}") from None
+    if verify_peer:
+        ca = need("ca-cert.pem")
+        try:
+            ctx.load_verify_locations(ca)
+        except ssl.SSLError as e:
+            raise TLSError(f"--tls-certificates {directory}: ca-cert.pem cannot be used: "
+                           f"{e.reason or e}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+
+
+_PSK_LINE = re.compile(r"([^:\s]+):([0-9a-fA-F]+)")
+
+
+def load_psk_file(path: str) -> dict[bytes, bytes]:
+    """psktool's file: ``username:hexkey`` per line -> {username: key}."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise TLSError(f"--tls-psk {path}: {e.strerror}") from None
+    keys: dict[bytes, bytes] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        m = _PSK_LINE.fullmatch(line.strip())
+        if m is None or len(m[2]) % 2:
+            raise TLSError(f"--tls-psk {path}:{n}: not 'username:hexkey' (psktool's format)")
+        keys[m[1].encode()] = bytes.fromhex(m[2])
+    if not keys:
+        raise TLSError(f"--tls-psk {path}: no keys in it (make one: psktool -u USER -p {path})")
+    return keys
+
+
+# --- PSK through OpenSSL's own callback ------------------------------------------
+
+_PSK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_void_p, ctypes.c_char_p,
+                                 ctypes.POINTER(ctypes.c_ubyte), ctypes.c_uint)
+_keep_alive: list = []  # ctypes callbacks must outlive the contexts that call them
+
+
+def _libssl() -> ctypes.CDLL:
+    """The libssl that ``_ssl`` loaded (the same instance: its SSL_CTX is ours)."""
+    import _ssl  # noqa: F401 - loaded first, so its libssl is mapped
+    with open("/proc/self/maps") as f:
+        for line in f:
+            path = line.split()[-1]
+            if "/libssl.so" in path:
+                return ctypes.CDLL(path)
+    raise TLSError("--tls-psk: Python's ssl module does not use a shared libssl here "
+                   "(use --tls-certificates, or Python 3.13 or later)")
+
+
+def _ssl_ctx_pointer(ctx: ssl.SSLContext, lib: ctypes.CDLL) -> int:
+    """The SSL_CTX* of an ssl.SSLContext: the first field after PyObject_HEAD,
+    checked: OpenSSL must report the options Python set on it."""
+    ptr = ctypes.c_void_p.from_address(id(ctx) + sys.getsizeof(object())).value
+    get_options = lib.SSL_CTX_get_options
+    get_options.restype = ctypes.c_uint64
+    get_options.argtypes = [ctypes.c_void_p]
+    if not ptr or get_options(ptr) != ctx.options:
+        raise TLSError("--tls-psk: cannot reach OpenSSL's context from this Python "
+                       "(use --tls-certificates, or Python 3.13 or later)")
+    return ptr
+
+
+def _set_psk_server_callback(ctx: ssl.SSLContext, keys: dict[bytes, bytes]) -> None:
+    def lookup(identity: bytes | None) -> bytes | None:
+        return keys.get(identity or b"")
+
+    if hasattr(ctx, "set_psk_server_callback"):  # Python 3.13+
+        ctx.set_psk_server_callback(lambda identity: lookup(
+            identity.encode() if isinstance(identity, str) else identity) or b"")
+        ctx.set_ciphers("PSK:ECDHE-PSK:DHE-PSK")  # TLS 1.2 PSK suites; 1.3 takes the PSK as is
+        return
+    lib = _libssl()
+    ptr = _ssl_ctx_pointer(ctx, lib)
+    ctx.set_ciphers("PSK:ECDHE-PSK:DHE-PSK")
+
+    def callback(ssl_ptr, identity, psk, max_len):
+        key = lookup(identity)
+        if key is None or len(key) > max_len:
+            return 0  # unknown user: the handshake fails
+        ctypes.memmove(psk, key, len(key))
+        return len(key)
+
+    cb = _PSK_CALLBACK(callback)
+    _keep_alive.append(cb)
+    setter = lib.SSL_CTX_set_psk_server_callback
+    setter.restype = None
+    setter.argtypes = [ctypes.c_void_p, _PSK_CALLBACK]
+    setter(ptr, cb)
+
+
+# --- the connection ---------------------------------------------------------------
+
+class TLSSocket:
+    """A connected, non-blocking socket seen through TLS: ``recv_into`` and
+    ``sendmsg`` as the transport uses them on a plain socket."""
+
+    def __init__(self, sock, context: ssl.SSLContext, received: bytes = b"") -> None:
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        if received:  # bytes read past STARTTLS: the start of the client's handshake
+            self.incoming.write(received)
+        self.handshake_done = False
+        self.eof = False
+        self._out = bytearray()  # ciphertext the socket did not take yet
+        self._out_pos = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def family(self):
+        return self.sock.family
+
+    @property
+    def pending(self) -> bool:
+        """Ciphertext waits for the socket (the transport watches for writability)."""
+        return self._out_pos < len(self._out) or self.outgoing.pending > 0
+
+    @property
+    def buffered(self) -> bool:
+        """TLS holds input the loop cannot see (the transport reads again)."""
+        return self.handshake_done and (self.obj.pending() > 0 or self.incoming.pending > 0)
+
+    # --- reading ---------------------------------------------------------
+
+    def _fill(self) -> bool:
+        """Ciphertext from the socket into TLS; False if the socket had none."""
+        if self.eof:
+            return False
+        try:
+            data = self.sock.recv(RECV_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not data:
+            self.eof = True
+            self.incoming.write_eof()
+            return True
+        self.incoming.write(data)
+        return True
+
+    def _handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                self.flush()
+                if not self._fill():
+                    raise BlockingIOError from None
+                if self.eof and not self.incoming.pending:
+                    raise ConnectionResetError("the client left during the TLS handshake") \
+                        from None
+                continue
+            self.handshake_done = True
+            self.flush()
+            return
+
+    def recv_into(self, view) -> int:
+        """Decrypted bytes into ``view``; 0 at the end of the stream; raises
+        BlockingIOError when nothing can be had without waiting."""
+        if not self.handshake_done:
+            self._handshake()
+        want = len(view)
+        total = 0
+        ended = False
+        read = self.obj.read
+        while total < want:
+            try:
+                n = read(want - total, view[total:])
+            except ssl.SSLWantReadError:
+                if not self._fill():
+                    break
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                ended = True  # close_notify, or the socket closed under TLS
+                break
+            if n == 0:
+                ended = True
+                break
+            total += n
+        if self.outgoing.pending:  # TLS 1.3 answers some records (key updates)
+            self.flush()
+        if total == 0 and not ended:
+            raise BlockingIOError
+        return total
+
+    # --- writing ---------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Send waiting ciphertext; True if some is still waiting."""
+        if self.outgoing.pending:
+            if self._out_pos:
+                del self._out[:self._out_pos]
+                self._out_pos = 0
+            self._out += self.outgoing.read()
+        out = self._out
+        while self._out_pos < len(out):
+            try:
+                self._out_pos += self.sock.send(memoryview(out)[self._out_pos:])
+            except (BlockingIOError, InterruptedError):
+                return True
+        out.clear()
+        self._out_pos = 0
+        return False
+
+    def sendmsg(self, iov) -> int:
+        """Encrypt from ``iov`` (at most SEND_CHUNK bytes) and send; returns the
+        plaintext bytes taken. Raises BlockingIOError while earlier ciphertext
+        still waits for the socket."""
+        if self.flush():
+            raise BlockingIOError
+        taken = 0
+        write = self.obj.write
+        for item in iov:
+            n = len(item)
+            if n == 0:
+                continue
+            room = SEND_CHUNK - taken
+            if n > room:
+                taken += write(memoryview(item)[:room])
+                break
+            taken += write(item)
+            if taken >= SEND_CHUNK:
+                break
+        self.flush()
+        return taken
+
+    def close(self) -> None:
+        try:
+            if self.handshake_done:
+                self.obj.unwrap()  # close_notify; the reply is not waited for
+        except (ssl.SSLError, OSError):
+            pass
+        try:
+            self.flush()
+        except OSError:
+            pass
+        self.sock.close()
