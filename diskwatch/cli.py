@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a disk image over NBD and watch, live, what the client reads and writes.",
         epilog="Other commands: 'diskwatch bmap IMAGE -o MAP' (make a block map), "
                "'diskwatch demo' (boot a tiny Linux guest and watch it), "
-               "'diskwatch report FILE' (what a recording read and wrote; --svg draws it).")
+               "'diskwatch report FILE' (what a recording read and wrote; --svg draws it), "
+               "'diskwatch import nbd-trdump|nbdkit-log LOG -o REC' (another server's log "
+               "as a recording).")
     p.add_argument("source", nargs="?",
                    help="disk image (raw, qcow2, vmdk, vdi, vhdx... or .xz), an http/https/ftp/"
                         "sftp URL, or an NBD server to watch (nbd://HOST[:PORT]/EXPORT, "
@@ -303,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "report":
             from .report.command import report_main
             return report_main(argv[1:])
+        if argv and argv[0] == "import":
+            from .report.command import import_main
+            return import_main(argv[1:])
         load_plugins(argv)
         args = build_parser().parse_args(argv)
         _setup_logging(args.verbose)

@@ -255,8 +255,10 @@ def test_report_names_what_the_demo_boot_read_first_and_rewrote(guest_image, gue
     import json
     import xml.etree.ElementTree as ET
     guest = guest_image.guest
+    from diskwatch.report.inputs import sniff
     r, _, record, _ = headless_boot
     assert r.returncode == 7, r.stderr[-2000:]
+    assert sniff(str(record)) == "diskwatch"  # --record's own format, read by record.py
     doc = json.loads(_report(str(record), "--bmap", str(guest_map), "--json").stdout)
     assert doc["requests"] > 50 and doc["mapped"] and doc["unmapped"]["read_bytes"] == 0
     files = [t["name"].split(" ", 2)[2] for t in doc["timeline"] if t["name"].startswith("f ")]

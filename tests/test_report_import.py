@@ -77,6 +77,18 @@ def imported(recording):
     return [(r.command, r.offset, r.length, r.flags, r.error) for r in recording.requests]
 
 
+def import_as_recording(log: Path, kind: str, tmp_path: Path):
+    """`diskwatch import KIND LOG -o REC`, read back: the same requests, to the bit."""
+    from diskwatch.cli import main
+    out = tmp_path / f"{kind}.rec"
+    assert main(["import", kind, str(log), "-o", str(out)]) == 0
+    assert sniff(str(out)) == "diskwatch"
+    original, again = open_input(str(log), kind), open_input(str(out))
+    assert [tuple(r) for r in again.requests] == [tuple(r) for r in original.requests]
+    assert (again.origin, again.timed, again.source) == (kind, original.timed, original.source)
+    return again
+
+
 @pytest.fixture
 def disk(tmp_path: Path) -> Path:
     path = tmp_path / "disk.img"
@@ -148,6 +160,7 @@ def test_nbd_server_transaction_log_imports_the_requests_sent(disk, tmp_path):
     dump = subprocess.run(["nbd-trdump"], stdin=open(log, "rb"), capture_output=True,
                           text=True).stdout
     assert dump.count("\n> ") + dump.startswith("> ") == len(rec.requests)
+    import_as_recording(log, "nbd-trdump", tmp_path)
 
 
 def test_nbdkit_log_filter_imports_the_requests_sent(disk, tmp_path):
@@ -184,6 +197,7 @@ def test_nbdkit_log_filter_imports_the_requests_sent(disk, tmp_path):
     starts = [r.start for r in rec.requests]
     assert starts[0] == 0.0 and starts == sorted(starts)
     assert all(r.duration >= 0 for r in rec.requests)
+    import_as_recording(log, "nbdkit-log", tmp_path)
 
 
 def test_imported_log_reports_through_the_command(disk, tmp_path):

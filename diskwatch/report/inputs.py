@@ -95,7 +95,9 @@ def read_diskwatch_recording(path: str) -> Recording:
     for batch in rec.batches():
         requests.extend(batch)
     bmap = header.bmap or {}
+    # an imported log keeps what it was, and whether it had times
     return Recording(requests=requests, source=header.source or path, size=header.size or None,
-                     origin="diskwatch", timed=True, path=path,
+                     origin=header.extra.get("imported_from", "diskwatch"),
+                     timed=bool(header.extra.get("timed", True)), path=path,
                      truncated=rec.truncated or not rec.complete,
                      bmap_hash=bmap.get("sha256"), bmap_path=bmap.get("path"))
