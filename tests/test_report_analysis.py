@@ -253,3 +253,26 @@ def test_the_command_writes_text_json_svg_and_png(tmp_path, capsys):
     assert not (tmp_path / "victim").exists()
     assert main(["report", str(tmp_path / "missing.rec")]) == 1
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_churn_puts_the_guests_files_before_the_filesystems_structures():
+    """Every sync commits the journal, so it churns more than any file: it is
+    listed after the files that cause it, in its own table."""
+    import io
+    bm = BlockMap(entries() + [BmapEntry(1, 50 * MiB, 51 * MiB, "f", "/dev/sda1", "/$Journal")])
+    reqs = []
+    for i in range(4):
+        reqs += [req(1.0 + i, W, 4 * MiB + i * 512, 512), req(1.001 + i, FLUSH, 0, 0)]
+        reqs += [req(1.002 + i, W, 50 * MiB + i * 8192, 8192), req(1.003 + i, FLUSH, 0, 0)]
+        reqs += [req(1.004 + i, W, 50 * MiB + i * 8192 + 4096, 4096), req(1.005 + i, FLUSH, 0, 0)]
+    a = analyse(Recording(requests=reqs, source="sync", size=64 * MiB), bm)
+    rows = a.churn()
+    assert [(c.name, c.bursts, c.fs_structure) for c in rows if c.type == "file"] == [
+        ("f /dev/sda1 /var/log/a.log", 4, False), ("f /dev/sda1 /$Journal", 8, True)]
+    assert rows[-1].name == "f /dev/sda1 /$Journal"
+    buf = io.StringIO()
+    write_text(a, buf)
+    text = buf.getvalue()
+    assert text.index("/var/log/a.log", text.index("Churn")) < text.index(
+        "The filesystem's own structures") < text.index("/$Journal", text.index("Churn"))
+    assert report_json(a)["churn"][-1]["fs_structure"] is True

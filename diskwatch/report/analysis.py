@@ -91,10 +91,20 @@ class ObjectTraffic(Traffic):
     bursts: array = field(default_factory=lambda: array("d"))
 
 
+def is_fs_structure(obj: Any) -> bool:
+    """The filesystem's own structures, as the metadata mapper names them:
+    ``/$Journal``, ``/$MFT``, ``/$Extend/$UsnJrnl:$J``, ``PATH:$extents``.
+    They churn because files are written (every sync commits the journal):
+    the report shows them apart, so the files that cause it come first."""
+    path = getattr(obj, "path", None) or ""
+    return path.startswith("/$") or ":$" in path
+
+
 @dataclass
 class Churn:
     name: str
     type: str
+    fs_structure: bool  # the filesystem's own (is_fs_structure), not a file of the guest's
     bursts: int
     writes: int
     write_bytes: int
@@ -161,8 +171,9 @@ class Analysis:
         return [(i << REGION_SHIFT, (i + 1) << REGION_SHIFT, t) for i, t in items[:n]]
 
     def churn(self, n: int | None = None) -> list[Churn]:
-        """Files and directories written in CHURN_MIN_BURSTS bursts or more,
-        most bursts first."""
+        """Files and directories written in CHURN_MIN_BURSTS bursts or more:
+        the guest's own first, then the filesystem's structures; most
+        bursts first in each."""
         rows = []
         for obj, t in self.objects.items():
             if obj.type not in "fd" or len(t.bursts) < CHURN_MIN_BURSTS:
@@ -171,11 +182,12 @@ class Analysis:
             gaps = sorted(b - a for a, b in zip(starts, starts[1:], strict=False))
             span = starts[-1] - starts[0]
             rows.append(Churn(
-                name=str(obj), type=TYPE_NAMES[obj.type], bursts=len(starts), writes=t.writes,
+                name=str(obj), type=TYPE_NAMES[obj.type], fs_structure=is_fs_structure(obj),
+                bursts=len(starts), writes=t.writes,
                 write_bytes=t.write_bytes, first_t=starts[0], last_t=starts[-1],
                 period=gaps[len(gaps) // 2] if gaps else None,
                 per_minute=(len(starts) - 1) * 60 / span if span > 0 else None))
-        rows.sort(key=lambda c: (-c.bursts, -c.writes, c.name))
+        rows.sort(key=lambda c: (c.fs_structure, -c.bursts, -c.writes, c.name))
         return rows if n is None else rows[:n]
 
     def timeline(self) -> list[tuple[float, str, str]]:

@@ -25,8 +25,10 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
     OBJECT  = TRAFFIC + {"name": str, "type": "f"|"d", "device": str, "path": str,
                          "first_t": float, "first_op": str, "first_read_t": float|null}
     SUBTREE = TRAFFIC + {"device": str, "path": str}
-    CHURN   = {"name": str, "type": str, "bursts": int, "writes": int, "write_bytes": int,
+    CHURN   = {"name": str, "type": str, "fs_structure": bool,   # /$Journal, /$MFT, PATH:$extents
+               "bursts": int, "writes": int, "write_bytes": int,
                "first_t": float, "last_t": float, "period": float|null, "per_minute": float|null}
+    # churn: the guest's files and directories first, then the filesystem's structures
 
 ``diskwatch report A --against B --json`` gives ``diskwatch-compare/1``::
 
@@ -130,12 +132,22 @@ def _regions(a: Analysis, w, top: int) -> None:
 
 
 def _churn(a: Analysis, w, top: int) -> None:
-    rows = a.churn(top)
+    every_row = a.churn()
+    files = [c for c in every_row if not c.fs_structure]
+    structures = [c for c in every_row if c.fs_structure]
     w(f"\nChurn: files and directories written again and again (write bursts; "
-      f"{len(a.churn())} in all)\n")
-    if not rows:
+      f"{len(files)} in all)\n")
+    if not files:
         w("  (none written in 3 bursts or more)\n")
-        return
+    else:
+        _churn_rows(a, w, files[:top])
+    if structures:
+        w(f"\nThe filesystem's own structures written again and again ({len(structures)}; "
+          "a consequence of the writes above)\n")
+        _churn_rows(a, w, structures[:top])
+
+
+def _churn_rows(a: Analysis, w, rows) -> None:
     unit = "s" if a.timed else "req"
     w(f"  {'bursts':>6} {'writes':>7} {'written':>10} {'every':>10} {'per min':>8}  name\n")
     for c in rows:
