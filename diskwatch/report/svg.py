@@ -253,7 +253,7 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
 
     # busiest files: translucent bands where their blocks lie
     o('<g id="files">')
-    for obj, nbytes in list(files)[:max_files]:
+    for obj, nbytes in list(files)[:max_files] if blockmap is not None else ():
         ranges = _merge_for_pixels(blockmap.ranges_of(obj), bins.size / MAIN_H)
         if not ranges:
             continue
@@ -315,7 +315,7 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
     # throughput panel
     o(f'<g id="throughput"><rect x="{LEFT}" y="{rate_top}" width="{PLOT_W}" '
       f'height="{RATE_H}" fill="none" stroke="#333"/>')
-    per = bins.width if timed else bins.width  # seconds (or requests) per column
+    per = bins.width  # seconds (or, without times, requests) per column
     unit = "/s" if timed else " per request"
     series = [(bins.read_bytes, READ_COLOUR, "read-rate"),
               (bins.write_bytes, WRITE_COLOUR, "write-rate")]
