@@ -102,10 +102,12 @@ def test_headless_boot_names_the_files_the_guest_touches(guest_image, headless_b
     assert md5(guest_image.path) == before
 
 
-def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record=None):
+def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record=None,
+            sinks=()):
     """Boot under the real app (server thread + captive command with captured
     output), wait for the command to exit, then call check(app). ``record``:
-    a list that gets every request, from the captive command's start."""
+    a list that gets every request, from the captive command's start;
+    ``sinks``: more sinks for the session's pump, beside the app."""
     from diskwatch.bmap.index import BlockMap
     from diskwatch.events import Bus
     from diskwatch.server import serve_in_thread
@@ -123,6 +125,8 @@ def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record
     session.stop_command = captive.stop
     if record is not None:
         bus.on_requests(record.extend)  # in the server's thread: one list append per batch
+    for sink in sinks:
+        session.pump.add(sink)
 
     def on_exit(status):
         session.exit_status = status
@@ -182,14 +186,22 @@ def test_ui_shows_the_boot_in_trace_and_top_objects(guest_image, guest_map):
 
 @pytest.fixture(scope="session")
 def churn_boot(churn_guest_image, churn_map):
-    """The churn guest booted once under the UI: what the view showed, and
-    every request (the report tests read them as a recording)."""
+    """The churn guest booted once under the UI: what the view showed, every
+    request (the report tests read them as a recording), and a scrape of
+    --metrics' endpoint fed by the same pump (issue 13)."""
+    from fixtures_metrics import scrape
+
+    from diskwatch.metrics import MetricsSink
+    from diskwatch.metrics.prometheus import MetricsServer
     from diskwatch.ui.top import TopObjects
     guest = churn_guest_image.guest
     logs = {p for p in guest.writes if p.startswith("/var/log/av/")}
     seen = {"logs": logs, "requests": [], "t0": time.monotonic()}
+    metrics = MetricsSink({"": churn_guest_image.size}, top=20, refresh=1.0)
+    endpoint = MetricsServer(metrics, "127.0.0.1", 0)
 
     async def check(app, pilot):
+        seen["metrics"] = scrape(endpoint.url)
         top = app.query_one(TopObjects)
         seen["reads"] = app.stats.top("read_bytes", 1, keep=is_file)
         seen["writes"] = app.stats.top("writes", len(logs), keep=is_file)
@@ -198,9 +210,12 @@ def churn_boot(churn_guest_image, churn_map):
         await pilot.pause()
         seen["reads_view"] = str(top.render()).splitlines()
 
-    seen["status"], _ = _run_ui(churn_guest_image.path, churn_map,
-                                guest.qemu_shell_command("$nbd", "tcg"), check,
-                                record=seen["requests"])
+    try:
+        seen["status"], _ = _run_ui(churn_guest_image.path, churn_map,
+                                    guest.qemu_shell_command("$nbd", "tcg"), check,
+                                    record=seen["requests"], sinks=[metrics])
+    finally:
+        endpoint.close()
     return seen
 
 
@@ -215,6 +230,25 @@ def test_churn_ranks_the_log_files_and_the_rescanned_file_first(churn_guest_imag
     assert {str(o).split(" ", 2)[2] for o, _ in seen["writes"]} == logs
     # And the top-objects view, files only, shows the big file in its first rows.
     assert any(guest.big_file in row for row in seen["reads_view"][:4]), seen["reads_view"]
+
+
+def test_churn_logs_are_the_most_written_files_in_the_metrics(churn_boot):
+    """The same boot as Prometheus sees it: the churned logs lead the file
+    series by writes (beside the filesystem's own structures, which the
+    metadata map names /$Journal, /$InodeTable...), and the series stay
+    within the top-N bound."""
+    logs = churn_boot["logs"]
+    samples = churn_boot["metrics"]
+    writes = sorted(((v, dict(k[1:])["path"]) for k, v in samples.items()
+                     if k[0] == "diskwatch_file_requests_total" and ("op", "write") in k
+                     and dict(k[1:])["path"] != "other"
+                     and not dict(k[1:])["path"].startswith("/$")), reverse=True)
+    most_written = {path for _, path in writes[:len(logs) + 1]}
+    assert logs <= most_written, writes[:10]
+    assert all(v > 0 for v, p in writes if p in logs)
+    file_series = [k for k in samples if k[0].startswith("diskwatch_file_")]
+    assert len(file_series) <= (20 + 1) * 2 * 4
+    assert samples[("diskwatch_requests_total", ("command", "write"), ("export", ""))] > 0
 
 
 def test_demo_command_reports_a_missing_piece_with_its_package(tmp_path):
