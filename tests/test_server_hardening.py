@@ -9,12 +9,14 @@ import errno
 import logging
 import socket
 import struct
+import threading
 
 import pytest
 from fixtures_server import (
     HOLE1,
     RANDOM,
     EventLog,
+    MiB,
     Served,
     nbd_handle,
     raw_handshake,
@@ -22,6 +24,7 @@ from fixtures_server import (
     raw_simple_reply,
     read_at,
     recv_exact,
+    recv_until_closed,
 )
 
 from diskwatch.events import Bus
@@ -178,3 +181,70 @@ def test_short_read_from_a_source_is_eio_not_a_desync(server_image, serve_source
     assert raw_simple_reply(s, 4096) == (P.NBD_EIO, 3, b"")
     assert raw_simple_reply(s) == (0, 4, b"")
     s.close()
+
+
+# --- 2. hangs ---------------------------------------------------------------------
+
+def test_disc_with_unknown_flags_gets_no_reply_and_closes(ro_server):
+    s = ro_server.connect_raw()
+    raw_handshake(s)
+    s.sendall(raw_request(P.CMD_DISC, 0, 0, handle=5, flags=0x8000))
+    assert recv_until_closed(s) == b""  # no reply, and the server closed
+    s.close()
+
+
+def test_a_failing_callback_closes_the_socket(serve_source, server_image, caplog):
+    """A bug while serving one connection (here: a subscriber that raises on
+    the connection event) closes that connection: the peer sees EOF instead
+    of waiting forever, and other connections go on."""
+    served = serve_source(ReadOnly(FileSource(str(server_image.path), readonly=True)))
+
+    def broken(event):
+        if getattr(event, "opened", False) and event.conn == 1:
+            raise RuntimeError("subscriber bug")
+    served.running.server.bus.on_event(broken)
+    s = served.connect_raw()
+    with pytest.raises((EOFError, AssertionError)):
+        raw_handshake(s)  # the GO reply never completes: the socket closes
+    s.close()
+    h = nbd_handle(served.uri)  # connection 2 is served
+    assert h.pread(4096, RANDOM[0]) == read_at(server_image.path, RANDOM[0], 4096)
+    h.shutdown()
+    assert any("internal error" in r.getMessage() for r in caplog.records)
+    caplog.clear()  # the logged error is this test's point
+
+
+class SlowZero(Layer):
+    """zero() blocks until released (a block device zeroing gigabytes)."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def zero(self, offset, length, may_trim=False, fua=False, fast=False):
+        self.entered.set()
+        self.release.wait(20)
+        return self.inner.zero(offset, length, may_trim, fua, fast)
+
+
+@pytest.mark.parametrize("cmd", [P.CMD_WRITE_ZEROES, P.CMD_TRIM])
+def test_a_big_zero_does_not_stall_other_connections(serve_source, rw_image, cmd):
+    src = SlowZero(FileSource(str(rw_image)))
+    if cmd == P.CMD_TRIM:
+        src.trim = lambda offset, length, fua=False: src.zero(offset, length)
+    served = serve_source(src)
+    a = served.connect_raw()
+    raw_handshake(a)
+    a.sendall(raw_request(cmd, 0, 16 * MiB, handle=1))
+    assert src.entered.wait(10)
+    # while the zero runs, another connection is served (every read times out)
+    b = served.connect_raw(timeout=5)
+    raw_handshake(b)
+    b.sendall(raw_request(P.CMD_READ, RANDOM[0], 4096, handle=2))
+    assert raw_simple_reply(b, 4096) == (0, 2, read_at(rw_image, RANDOM[0], 4096))
+    b.close()
+    src.release.set()
+    assert raw_simple_reply(a) == (0, 1, b"")
+    assert read_at(rw_image, 0, 4096) == bytes(4096)
+    a.close()

@@ -79,6 +79,10 @@ class EpollLoop:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already
+        except OSError:
+            if not self._closed:
+                raise
+            # closed by the loop's thread between the check above and now
 
     def stop(self) -> None:
         self._running = False
@@ -101,7 +105,8 @@ class EpollLoop:
             for fd, ev in events:
                 # A failing callback is a bug in one connection's handling:
                 # it is logged and the loop, with every other connection,
-                # goes on (as asyncio's does).
+                # goes on (as asyncio's does). The server's own callbacks
+                # close their connection before an exception gets here.
                 try:
                     if fd == wake:
                         self._run_calls()
@@ -128,7 +133,10 @@ class EpollLoop:
         calls = self._calls
         while calls:
             cb, args = calls.popleft()
-            cb(*args)
+            try:
+                cb(*args)
+            except Exception:  # noqa: BLE001 - one failing call must not drop the rest
+                log.exception("error in a call_soon_threadsafe callback")
 
     def close(self) -> None:
         self._closed = True

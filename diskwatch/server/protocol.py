@@ -516,11 +516,15 @@ class ServerConnection:
 
     def _validate_other(self, cmd: int, flags: int, offset: int, length: int) -> int:
         exp = self.export
+        if cmd == CMD_DISC:
+            # Never answered, whatever its flags: the spec allows no reply to
+            # DISC, and a client that sent it has stopped reading.
+            return 0
         if cmd not in COMMAND_FLAGS_ALLOWED:
             return NBD_EINVAL
         if flags & ~COMMAND_FLAGS_ALLOWED[cmd]:
             return NBD_EINVAL
-        if cmd in (CMD_DISC, CMD_FLUSH):
+        if cmd == CMD_FLUSH:
             return 0
         if length == 0:
             return NBD_EINVAL

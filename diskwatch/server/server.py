@@ -38,6 +38,11 @@ HOLE_SCAN_MIN = 64 * 1024  # structured reads this big are checked for holes
 IOV_MAX = 1024
 BACKLOG_ITEMS = 1024  # queued reply pieces before the byte count is checked
 BACKLOG_BYTES = 64 * 1024 * 1024  # queued reply bytes that stop reading a connection
+#: zero, trim and cache requests longer than this run in a worker thread
+INLINE_MAX = 4 * 1024 * 1024
+_OFFLOADED = (P.CMD_TRIM, P.CMD_WRITE_ZEROES, P.CMD_CACHE)
+#: NBD_CMD_CACHE prefetches at most this much of its range (it is a hint)
+CACHE_MAX = 64 * 1024 * 1024
 monotonic = time.monotonic
 
 
@@ -224,6 +229,23 @@ class Server:
                                              conn.requests))
 
     def _on_readable(self, conn: _Conn) -> None:
+        try:
+            self._readable(conn)
+        except Exception:  # noqa: BLE001 - a bug in one connection closes that one
+            self._crashed(conn)
+
+    def _crashed(self, conn: _Conn) -> None:
+        """An unexpected exception while serving ``conn``: log it and close
+        the socket, so the peer sees the end instead of waiting forever."""
+        log.exception("connection %d: internal error: closing it", conn.cid)
+        conn.out.clear()
+        try:
+            self._close(conn)
+        except Exception:  # noqa: BLE001 - a failing subscriber must not keep it open
+            log.exception("connection %d: error while closing", conn.cid)
+            conn.sock.close()
+
+    def _readable(self, conn: _Conn) -> None:
         end = conn.end
         if end == len(conn.buf):
             self._make_room(conn)
@@ -416,6 +438,13 @@ class Server:
                     self._stop_reading(conn)
                     eappend(make_request((cid, ename, cmd, offset, length, flags, now, 0.0, 0)))
                     break
+                if length > INLINE_MAX and cmd in _OFFLOADED:
+                    # A big zero, trim or cache may be thousands of writes (a
+                    # block device with no fast zeroing): done in a worker so
+                    # the loop, and every other connection, go on.
+                    conn.requests -= 1  # counted again by the blocking path
+                    self._dispatch_blocking(conn, [req])
+                    continue
                 try:
                     reply = self._other(conn, src, cmd, flags, handle, offset, length,
                                         view[pstart:pstart + length] if pstart >= 0 else None)
@@ -481,7 +510,8 @@ class Server:
             except FastZeroUnsupported:
                 return proto.reply_error(handle, P.NBD_ENOTSUP, "fast zero not supported")
         elif cmd == P.CMD_CACHE:
-            src.cache(offset, length)
+            # Advisory: a bounded prefetch of the start is all a source does.
+            src.cache(offset, min(length, CACHE_MAX))
         elif cmd == P.CMD_BLOCK_STATUS:
             # Ask for a bounded window: the client only needs the start.
             want = min(length, 1 << 30)
@@ -540,13 +570,16 @@ class Server:
         conn.inflight -= 1
         if conn.closed or fut.cancelled():
             return
-        replies, event = fut.result()
-        conn.out.extend(replies)
-        self._send(conn)
-        self.bus.publish_requests([event])
-        if self._watchers:
-            self._publish_watched()
-        self._maybe_close(conn)
+        try:
+            replies, event = fut.result()
+            conn.out.extend(replies)
+            self._send(conn)
+            self.bus.publish_requests([event])
+            if self._watchers:
+                self._publish_watched()
+            self._maybe_close(conn)
+        except Exception:  # noqa: BLE001
+            self._crashed(conn)
 
     # --- asynchronous sources (driven from this loop) -----------------------
 
@@ -619,15 +652,18 @@ class Server:
         for conn in ready.values():
             if conn.closed:
                 continue
-            if conn.waiting:
-                self._issue_async(conn)
-            self._send(conn)
-            if conn.events:
-                events, conn.events = conn.events, []
-                self.bus.publish_requests(events)
+            try:
+                if conn.waiting:
+                    self._issue_async(conn)
+                self._send(conn)
+                if conn.events:
+                    events, conn.events = conn.events, []
+                    self.bus.publish_requests(events)
+                self._maybe_close(conn)
+            except Exception:  # noqa: BLE001
+                self._crashed(conn)
         if self._watchers:
             self._publish_watched()
-            self._maybe_close(conn)
 
     def _publish_watched(self) -> None:
         for layer in self._watchers:
@@ -685,6 +721,12 @@ class Server:
             self.loop.remove_reader(conn.fd)
 
     def _on_writable(self, conn: _Conn) -> None:
+        try:
+            self._writable(conn)
+        except Exception:  # noqa: BLE001
+            self._crashed(conn)
+
+    def _writable(self, conn: _Conn) -> None:
         self._send(conn)
         if conn.waiting and not conn.paused and not conn.closed:
             self._issue_async(conn)  # held back while the replies drained

@@ -107,8 +107,9 @@ class Source:
         return [(offset, length, 0)]
 
     def cache(self, offset: int, length: int) -> None:
-        """Prefetch; the default reads and discards."""
-        self.pread(offset, length)
+        """Prefetch, if the source has a cheap way to (posix_fadvise, its own
+        block cache). CACHE is advisory; the default does nothing, since
+        reading and discarding costs what the client's read would."""
 
     def view_for(self, offset: int, length: int):
         """A zero-copy buffer (memoryview) of [offset, offset+length), for
