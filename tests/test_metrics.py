@@ -164,6 +164,8 @@ def test_series_stay_bounded_with_100000_files_touched(tmp_path, diskwatch_metri
     assert len(file_series) <= (top + 1) * per_key, len(file_series)
     assert len(dir_series) <= (top + 1) * per_key, len(dir_series)
     assert len(s) <= series_bound(top), (len(s), series_bound(top))
+    print(f"\n100,000 files touched: {len(file_series)} file series, {len(dir_series)} "
+          f"directory series, {len(s)} in all (bound {series_bound(top)})")
     # the churned logs are found among 100,000 files read once each
     def log_series(s):
         return [("diskwatch_file_requests_total", ("op", "write"), ("partition", "/dev/sda1"),

@@ -80,6 +80,10 @@ class OtlpExporter:
         except ImportError as e:
             raise OtlpError("--otlp needs the OpenTelemetry SDK and OTLP exporter: "
                             "pip install 'diskwatch[otlp]'") from e
+        # The SDK logs every failed attempt and retry (with the whole urllib3
+        # error); diskwatch says it once per outage instead (-v shows them).
+        logging.getLogger("opentelemetry").setLevel(
+            logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL)
         self.sink = sink
         self.url = metrics_url(endpoint)
         self.interval = interval
@@ -91,6 +95,7 @@ class OtlpExporter:
         self._stop = threading.Event()
         self.exports = 0
         self.failures = 0
+        self._failing = False  # told once per outage
         self._thread = threading.Thread(target=self._run, name="diskwatch-otlp", daemon=True)
         self._thread.start()
 
@@ -104,10 +109,14 @@ class OtlpExporter:
         ok = result == MetricExportResult.SUCCESS
         if ok:
             self.exports += 1
+            if self._failing:
+                self._failing = False
+                log.warning("--otlp: exporting to %s again", self.url)
         else:
             self.failures += 1
-            if self.failures == 1:
-                log.warning("--otlp: export to %s failed (will retry every %gs)",
+            if not self._failing:
+                self._failing = True
+                log.warning("--otlp: export to %s failed; trying again every %gs",
                             self.url, self.interval)
         return ok
 
