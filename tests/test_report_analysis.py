@@ -274,5 +274,9 @@ def test_churn_puts_the_guests_files_before_the_filesystems_structures():
     write_text(a, buf)
     text = buf.getvalue()
     assert text.index("/var/log/a.log", text.index("Churn")) < text.index(
-        "The filesystem's own structures") < text.index("/$Journal", text.index("Churn"))
+        "The filesystem's own structures written again") < text.index("/$Journal", text.index("Churn"))
     assert report_json(a)["churn"][-1]["fs_structure"] is True
+    # and in the top tables: the guest's files, then the structures in their own
+    assert [n for n, _ in a.top_files("write_bytes")] == ["f /dev/sda1 /var/log/a.log"]
+    assert [n for n, _ in a.top_files("write_bytes", fs_structures=True)] == [
+        "f /dev/sda1 /$Journal"]

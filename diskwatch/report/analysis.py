@@ -150,10 +150,12 @@ class Analysis:
 
     # -- views --
 
-    def top_files(self, by: str = "bytes", n: int = 10) -> list[tuple[str, ObjectTraffic]]:
-        """Files (type f) with the most ``by`` (a Traffic attribute), most first."""
+    def top_files(self, by: str = "bytes", n: int = 10, fs_structures: bool = False
+                  ) -> list[tuple[str, ObjectTraffic]]:
+        """Files (type f) with the most ``by`` (a Traffic attribute), most
+        first: the guest's files, or (``fs_structures``) the filesystem's own."""
         items = [(str(o), t) for o, t in self.objects.items()
-                 if o.type == "f" and getattr(t, by)]
+                 if o.type == "f" and getattr(t, by) and is_fs_structure(o) == fs_structures]
         items.sort(key=lambda it: (-getattr(it[1], by), -it[1].bytes, it[0]))
         return items[:n]
 

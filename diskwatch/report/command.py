@@ -144,15 +144,11 @@ def choose_map(recording, given: str | None) -> str | None:
 
 def draw(recording, analysis, blockmap, svg_path: str | None, png_path: str | None) -> None:
     from ..trace import human_bytes
-    from .svg import PictureBins, render_svg, write_png
+    from .svg import PictureBins, busiest_files, render_svg, write_png
 
     bins = PictureBins(recording.disk_size(), width=0.05 if recording.timed else 1.0)
     bins.add_requests(recording.requests)
-    files = []
-    if blockmap is not None:
-        busiest = sorted(((o, t.bytes) for o, t in analysis.objects.items() if o.type == "f"),
-                         key=lambda ob: (-ob[1], str(ob[0])))
-        files = busiest[:6]
+    files = busiest_files((o, t.bytes) for o, t in analysis.objects.items())
     span = f"{analysis.duration:.1f} s" if recording.timed else "no times"
     title = (f"{recording.source}: {analysis.requests} requests, {span}, "
              f"read {human_bytes(analysis.read_bytes)}, "

@@ -23,6 +23,7 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
                                                           # where requests start, most bytes first
     TRAFFIC = {"reads": int, "read_bytes": int, "writes": int, "write_bytes": int}
     OBJECT  = TRAFFIC + {"name": str, "type": "f"|"d", "device": str, "path": str,
+                         "fs_structure": bool,   # /$Journal, /$MFT, PATH:$extents
                          "first_t": float, "first_op": str, "first_read_t": float|null}
     SUBTREE = TRAFFIC + {"device": str, "path": str}
     CHURN   = {"name": str, "type": str, "fs_structure": bool,   # /$Journal, /$MFT, PATH:$extents
@@ -50,7 +51,7 @@ from typing import IO, Any
 
 from ..text import safe_text
 from ..trace import human_bytes
-from .analysis import Analysis, Comparison, Traffic
+from .analysis import Analysis, Comparison, Traffic, is_fs_structure
 
 SCHEMA = "diskwatch-report/1"
 COMPARE_SCHEMA = "diskwatch-compare/1"
@@ -110,7 +111,11 @@ def _top_tables(a: Analysis, w, top: int) -> None:
         ("Files, most requests", a.top_files("requests", top)),
         ("Directories (whole subtree), most bytes read", a.top_dirs("read_bytes", top)),
         ("Directories (whole subtree), most bytes written", a.top_dirs("write_bytes", top)),
+        ("The filesystem's own structures (/$Journal, /$MFT...), most bytes",
+         a.top_files("bytes", top, fs_structures=True)),
     ):
+        if not rows and "own structures" in title:
+            continue
         w(f"\n{title}\n")
         if not rows:
             w("  (none)\n")
@@ -203,7 +208,7 @@ def report_json(a: Analysis) -> dict[str, Any]:
     for obj, t in sorted(((o, t) for o, t in a.objects.items() if o.type in "fd"),
                          key=lambda ot: (-ot[1].bytes, str(ot[0]))):
         objects.append({"name": str(obj), "type": obj.type, "device": obj.device,
-                        "path": obj.path, **t.as_dict(), "first_t": t.first_t,
+                        "path": obj.path, "fs_structure": is_fs_structure(obj), **t.as_dict(), "first_t": t.first_t,
                         "first_op": t.first_op, "first_read_t": t.first_read_t})
     dirs = [{"device": dev, "path": path, **t.as_dict()}
             for (dev, path), t in sorted(a.dirs.items(), key=lambda kv: (-kv[1].bytes, kv[0]))]

@@ -179,6 +179,20 @@ class PictureBins:
         self.used = (self.used + 1) // 2
 
 
+def busiest_files(traffic: Iterable[tuple[Any, int]], n: int = 6) -> list[tuple[Any, int]]:
+    """The files to mark, from (object, bytes) pairs: the guest's busiest
+    files, and the busiest of the filesystem's own structures (/$Journal)
+    as the last of them, so that what the guest did is named first."""
+    from .analysis import is_fs_structure
+    files = sorted(((o, b) for o, b in traffic if getattr(o, "type", None) == "f" and b),
+                   key=lambda ob: (-ob[1], str(ob[0])))
+    guest = [ob for ob in files if not is_fs_structure(ob[0])]
+    structures = [ob for ob in files if is_fs_structure(ob[0])]
+    if not structures:
+        return guest[:n]
+    return guest[:n - 1] + structures[:1]
+
+
 # --- drawing -----------------------------------------------------------------------------
 
 W, H = 1100, 700

@@ -33,7 +33,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 
 from ..events import ConnectionEvent, Message, Progress
-from ..report.svg import PictureBins, render_svg
+from ..report.svg import PictureBins, busiest_files, render_svg
 from ..session import Pieces, Session
 from ..stats import Stats
 from .heatmap import Heatmap
@@ -398,12 +398,11 @@ class DiskwatchApp(App[int | None]):
         """Save what has been seen so far as an SVG in ``picture_dir``
         (offset over time, partitions, the busiest files, throughput)."""
         stats = self.stats
-        files = sorted(((o, c.read_bytes + c.write_bytes) for o, c in stats.objects.items()
-                        if getattr(o, "type", None) == "f"), key=lambda ob: (-ob[1], str(ob[0])))
+        files = busiest_files((o, c.read_bytes + c.write_bytes) for o, c in stats.objects.items())
         title = (f"{self.session.description}: {stats.requests} requests, "
                  f"{self.clock() - self.session.started:.0f} s")
         svg = render_svg(self.picture, title=title, blockmap=self.session.blockmap,
-                         files=files[:6])
+                         files=files)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for n in range(100):
             name = f"diskwatch-{stamp}{f'-{n}' if n else ''}.svg"
