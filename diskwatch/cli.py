@@ -3,6 +3,7 @@
     diskwatch IMAGE [--bmap MAP] [--run CMD] [--headless] ...
     diskwatch bmap IMAGE -o MAP
     diskwatch demo [--churn]
+    diskwatch replay FILE [--bmap MAP] [--speed N] [--headless]
 
 Nothing imports this module; it only turns words into a RunConfig.
 """
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a disk image over NBD and watch, live, what the client reads and writes.",
         epilog="Other commands: 'diskwatch bmap IMAGE -o MAP' (make a block map), "
                "'diskwatch demo' (boot a tiny Linux guest and watch it), "
+               "'diskwatch replay FILE' (play a --record FILE again), "
                "'diskwatch report FILE' (what a recording read and wrote; --svg draws it), "
                "'diskwatch import nbd-trdump|nbdkit-log LOG -o REC' (another server's log "
                "as a recording).")
@@ -302,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             return bmap_main(argv[1:])
         if argv and argv[0] == "demo":
             return demo_main(argv[1:])
+        if argv and argv[0] == "replay":
+            _setup_logging("-v" in argv)
+            from .replay import replay_main
+            return replay_main(argv[1:])
         if argv and argv[0] == "report":
             from .report.command import report_main
             return report_main(argv[1:])

@@ -152,19 +152,20 @@ def signals_handled(on_signal: Callable[[int], None], signums=(signal.SIGINT, si
 def run_session(session: Session, *, headless: bool, captive=None, announce: str = "",
                 prepare: Callable[[], None] | None = None,
                 clock: Callable[[], float] = time.monotonic,
-                on_reload: Callable[[], None] | None = None) -> int:
+                on_reload: Callable[[], None] | None = None, app: Any = None) -> int:
     """Run until the captive command exits, a signal comes, or (UI) the
     person quits; returns the exit status. ``prepare`` runs in a thread
     before the command starts (under the UI: generating a pending map).
     Headless with no controlling terminal (a service), SIGHUP calls
     ``on_reload`` in the pump's thread instead of ending the session.
+    ``app``: the Textual app to run (default: a ``DiskwatchApp`` of the session).
     The caller closes the session's pump (its last round, then the sinks)
     once nothing publishes any more."""
     if headless:
         return _run_headless(session, captive, announce, prepare, clock, on_reload)
     if announce:
         print(announce, file=sys.stderr)
-    return _run_ui(session, captive, prepare)
+    return _run_ui(session, captive, prepare, app)
 
 
 def has_controlling_terminal() -> bool:
@@ -220,9 +221,10 @@ def _run_headless(session: Session, captive, announce: str, prepare, clock,
         return 0
 
 
-def _run_ui(session: Session, captive, prepare) -> int:
-    from .ui.app import DiskwatchApp
-    app = DiskwatchApp(session)
+def _run_ui(session: Session, captive, prepare, app=None) -> int:
+    if app is None:
+        from .ui.app import DiskwatchApp
+        app = DiskwatchApp(session)
     if captive is not None:
         def on_exit(status: int) -> None:
             session.exit_status = status

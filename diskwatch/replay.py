@@ -1,0 +1,302 @@
+"""``diskwatch replay FILE``: a recording played into the same sinks as a live
+session (the UI, the text trace, the summary).
+
+    diskwatch replay boot.dwrec [--bmap MAP] [--speed N] [--headless]
+
+The ``Player`` is the pump's feed (diskwatch/session.py): instead of draining
+a server's buffer, ``take(now)`` hands out the recorded requests and events
+whose time has come on a virtual clock that can run at any speed, stop, and
+jump. Requests keep the order the live sinks saw them in, so a replayed text
+trace has the same lines as the live one. Headless without ``--speed`` the
+recording is played as fast as it can be read, the pump's rounds advancing
+the virtual clock request by request (never past one a live pump could not
+have reached), so where lines break does not depend on how fast it went.
+
+The map: ``--bmap MAP`` names the requests, even a map made after the
+recording (a note says when it is not the one recorded with); without it,
+the map the recording was made with, if its file is still there unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import accumulate, repeat
+from operator import sub
+
+from .events import Bus, Request
+from .record import Recording, map_identity, open_recording
+from .session import Pump, Session
+from .text import safe_text
+
+#: seconds of quiet before a request that make it the start of a burst
+BURST_GAP = 1.0
+#: requests one round hands the sinks at most (a seek far ahead takes a few rounds)
+MAX_BATCH = 50_000
+SPEEDS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Player:
+    """A recording on a virtual clock: the pump's ``Feed`` for a replay.
+
+    Times are seconds since the recording's start. ``now()`` runs at
+    ``speed`` times the wall clock from where the last seek or resume left
+    it, stops when paused, and stops at the end. ``seek(t)`` moves it; going
+    back restarts the feed from the beginning (sinks that count must start
+    over: ``generation`` goes up, and ``seek`` says so)."""
+
+    def __init__(self, recording: Recording, *, speed: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.recording = recording
+        self.columns = cols = recording.columns()
+        self.times = array("d", map(sub, cols.start, repeat(cols.t0)))
+        # requests keep the order sinks saw them in, which is not strictly by
+        # start time across connections: bisect on the running maximum
+        self.reach = list(accumulate(self.times, max))
+        self.events = sorted(recording.events(), key=lambda te: te[0])
+        self.event_times = [t for t, _ in self.events]
+        last_request = max((t + d for t, d in zip(self.times, cols.duration, strict=True)),
+                           default=0.0)
+        self.duration = max(last_request, self.event_times[-1] if self.events else 0.0)
+        times = self.times
+        self.bursts = [times[0]] if times else []
+        self.bursts += [times[j] for j in range(1, len(times))
+                        if times[j] - self.reach[j - 1] >= BURST_GAP]
+        self.clock = clock
+        self.speed = speed
+        self.paused = False
+        self.generation = 0  # bumps when a seek goes back
+        self._pos = 0.0
+        self._anchor = clock()
+        self._cursor = 0  # next request to hand out
+        self._ecursor = 0  # next event
+        self.delivered = 0.0  # the virtual time the last take reached
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    # -- the clock --
+
+    def now(self) -> float:
+        if self.paused:
+            return self._pos
+        return min(self.duration, self._pos + (self.clock() - self._anchor) * self.speed)
+
+    def _rebase(self, pos: float) -> None:
+        self._pos = min(max(0.0, pos), self.duration)
+        self._anchor = self.clock()
+
+    def pause(self) -> None:
+        self._rebase(self.now())
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.finished and self.now() >= self.duration:
+            self.seek(0.0)  # played to the end: play again
+        self._rebase(self._pos)
+        self.paused = False
+
+    def toggle_pause(self) -> None:
+        self.resume() if self.paused else self.pause()
+
+    def set_speed(self, speed: float) -> None:
+        self._rebase(self.now())
+        self.speed = speed
+
+    def faster(self) -> None:
+        i = bisect_right(SPEEDS, self.speed)
+        self.set_speed(SPEEDS[min(i, len(SPEEDS) - 1)])
+
+    def slower(self) -> None:
+        i = bisect_left(SPEEDS, self.speed) - 1
+        self.set_speed(SPEEDS[max(i, 0)])
+
+    def seek(self, t: float) -> bool:
+        """Move the clock to ``t``; True if it went back (start counting over)."""
+        back = t < self.delivered
+        if back:
+            self._cursor = self._ecursor = 0
+            self.delivered = 0.0
+            self.generation += 1
+        self._rebase(t)
+        return back
+
+    def next_burst(self) -> float | None:
+        """The start of the next burst of requests after now, or None."""
+        now = self.now()
+        i = bisect_right(self.bursts, now + 1e-9)
+        if i < len(self.bursts):
+            return self.bursts[i]
+        return None
+
+    @property
+    def finished(self) -> bool:
+        return self._cursor >= len(self.times) and self._ecursor >= len(self.events)
+
+    def next_time(self) -> float:
+        """How far a round may go when playing as fast as possible: up to
+        the ``MAX_BATCH``-th request still to come (or to the end)."""
+        if self._cursor >= len(self.reach):
+            return self.duration
+        return self.reach[min(self._cursor + MAX_BATCH, len(self.reach)) - 1]
+
+    # -- the pump's feed --
+
+    def take(self, now: float) -> tuple[list[object], list[Request], int]:
+        ev_end = bisect_right(self.event_times, now, self._ecursor)
+        events = [e for _, e in self.events[self._ecursor:ev_end]]
+        self._ecursor = ev_end
+        end = min(bisect_right(self.reach, now, self._cursor), self._cursor + MAX_BATCH)
+        batch = self.columns.requests(self._cursor, end)
+        self._cursor = end
+        self.delivered = max(self.delivered, now if now != math.inf else self.duration)
+        return events, batch, 0
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def total_dropped(self) -> int:
+        return 0
+
+    def density(self, bins: int) -> list[int]:
+        """Requests per slice of the timeline, ``bins`` slices (the time bar)."""
+        counts = [0] * max(1, bins)
+        if not self.times or self.duration <= 0:
+            return counts
+        scale = bins / self.duration
+        last = bins - 1
+        for t in self.times:
+            counts[min(last, int(t * scale))] += 1
+        return counts
+
+
+# --- the command ------------------------------------------------------------------
+
+@dataclass
+class ReplayConfig:
+    path: str
+    bmap: str | None = None
+    speed: float | None = None  # None: 1x under the UI, as fast as possible headless
+    headless: bool = False
+    no_trace: bool = False
+    log: str | None = None
+
+
+def choose_map(recording: Recording, path: str | None, say: Callable[[str], None]):
+    """The block map to name the replay with (see the module docstring)."""
+    from .runner import load_map
+    recorded = recording.header.bmap
+    if path:
+        if recorded and recorded.get("sha256") != map_identity(path)["sha256"]:
+            say(f"{path} is not the map the recording was made with (made since?): "
+                "names are what it says")
+        return load_map(path)
+    if recorded:
+        try:
+            same = map_identity(recorded["path"])["sha256"] == recorded.get("sha256")
+        except OSError:
+            same = False
+        if same:
+            return load_map(recorded["path"])
+        say(f"recorded with the map {recorded['path']}, which is gone or changed: "
+            "give --bmap MAP to name files")
+    return None
+
+
+def replay(cfg: ReplayConfig) -> int:
+    import contextlib
+
+    from .files import open_output
+    from .runner import signals_handled
+    from .trace import Summary, TextTrace
+
+    def say(text: str) -> None:
+        print(f"diskwatch: {safe_text(text)}", file=sys.stderr)
+
+    recording = open_recording(cfg.path)
+    header = recording.header
+    if not recording.complete:
+        say(f"{cfg.path} was cut short (a crash or kill?): replaying what it holds")
+    blockmap = choose_map(recording, cfg.bmap, say)
+    speed = cfg.speed if cfg.speed is not None else 1.0
+    player = Player(recording, speed=speed)
+    fast = cfg.headless and cfg.speed is None
+    session = Session(bus=Bus(), size=header.size, started=0.0, blockmap=blockmap,
+                      description=f"replay of {header.source}", pump=Pump(player),
+                      player=player)
+    pump = session.pump
+    pump.blockmap = lambda: session.blockmap
+    summary = None
+    with contextlib.ExitStack() as files:
+        if cfg.log:
+            out = files.enter_context(open_output(cfg.log))
+            pump.add(TextTrace(out, blockmap, 0.0))
+        elif cfg.headless and not cfg.no_trace:
+            pump.add(TextTrace(sys.stdout, blockmap, 0.0))
+        if cfg.headless:
+            summary = pump.add(Summary(header.size))
+        try:
+            if not cfg.headless:
+                from .runner import run_session
+                from .ui.replay import ReplayApp
+                return run_session(session, headless=False, app=ReplayApp(session))
+            stop = threading.Event()
+
+            def on_signal(signum: int) -> None:
+                session.interrupted = True
+                stop.set()
+            with signals_handled(on_signal):
+                while not player.finished and not stop.is_set():
+                    if fast:
+                        pump.run_once(player.next_time())
+                    else:
+                        stop.wait(0.1)
+                        pump.run_once(player.now())
+        finally:
+            pump.close()
+    if summary is not None:
+        summary.print(sys.stderr)
+    return 130 if session.interrupted else 0
+
+
+def replay_main(argv: list[str]) -> int:
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="diskwatch replay",
+        description="Play a recording (diskwatch --record FILE) in the UI as if live, or "
+                    "print its trace.")
+    p.add_argument("file", help="the recording")
+    p.add_argument("--bmap", metavar="MAP",
+                   help="block map naming the offsets (default: the one recorded with, if "
+                        "unchanged); a map made after the recording works too")
+    p.add_argument("--speed", type=_speed, metavar="N",
+                   help="play N times as fast (default 1; headless: as fast as it reads)")
+    p.add_argument("--headless", action="store_true", help="no UI: print the trace as text")
+    p.add_argument("--no-trace", action="store_true",
+                   help="with --headless: print only the summary")
+    p.add_argument("--log", metavar="FILE", help="write the text trace to FILE")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    return replay(ReplayConfig(path=args.file, bmap=args.bmap, speed=args.speed,
+                               headless=args.headless, no_trace=args.no_trace, log=args.log))
+
+
+def _speed(text: str) -> float:
+    import argparse
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not 0 < v <= 10_000:
+        raise argparse.ArgumentTypeError(f"not a speed: {text!r} (e.g. 0.5, 1, 8)")
+    return v
+
+
+__all__ = ["Player", "ReplayConfig", "replay", "replay_main", "choose_map", "BURST_GAP"]
