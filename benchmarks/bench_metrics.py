@@ -157,8 +157,14 @@ def main() -> int:
             ratios = []
             base = {"metrics": "headless", "map+metrics": "map"}.get(k)
             if base in med:
-                ratios.append(f"{med[k] / med[base]:.3f}x {base}'s IOPS, "
-                              f"{cpu[k] / cpu[base]:.3f}x its CPU per request")
+                # Ratios within each round (the two ran next to each other, under
+                # the same load), then their median: steadier on a busy machine.
+                iops_r = statistics.median(a["iops"] / b["iops"]
+                                           for a, b in zip(results[k], results[base], strict=True))
+                cpu_r = statistics.median(a["cpu_us"] / b["cpu_us"]
+                                          for a, b in zip(results[k], results[base], strict=True))
+                ratios.append(f"{iops_r:.3f}x {base}'s IOPS, {cpu_r:.3f}x its CPU per request "
+                              "(median of per-round ratios)")
             if k != "nbdkit" and "nbdkit" in med:
                 ratios.append(f"{med[k] / med['nbdkit']:.2f}x nbdkit")
             print(f"{k:14} {med[k] / 1000:9.1f}k {cpu[k]:10.2f}   " + ", ".join(ratios))

@@ -151,7 +151,7 @@ class MetricsSink:
         self.dropped = 0
         self.mapped = False
         self._partitions: dict[str, list[int]] = {}
-        tracked = tracked or max(1024, 50 * top)
+        tracked = tracked or max(1024, 8 * top)  # sketch keys: 16x this at most
         self.directories = TopSeries(top, tracked, refresh, half_life=6 * refresh)
         self.files = TopSeries(top, tracked, refresh, half_life=6 * refresh)
         self._routes: dict[int, tuple[str, str | None, str | None]] = {}  # by id(object)
@@ -239,22 +239,21 @@ class MetricsSink:
         The usual request lies in one object (one piece): those are counted
         with C-level passes over the batch (map, Counter, compress), so the
         cost per request does not depend on how many distinct files a round
-        touches. Requests spanning several objects take a Python loop."""
+        touches. Requests spanning several objects are first folded, in a
+        Python loop, into items of the same form."""
         try:
             sizes = list(map(len, pieces))
         except TypeError:  # None for a request without a length
             pieces = [ps or () for ps in pieces]
             sizes = list(map(len, pieces))
-        if sizes.count(1) == len(sizes):
-            groups = groups or _by_command(batch, pieces)
-        else:
-            single = [n == 1 for n in sizes]
-            several = [(r, ps) for r, ps, one in zip(batch, pieces, single, strict=True)
-                       if not one and ps]
-            if several:
-                self._attribute_pieces(several)
-            groups = _by_command(list(compress(batch, single)), list(compress(pieces, single)))
-        for cmd, reqs, pcs in groups:
+        if sizes.count(1) != len(sizes):
+            several = list(map((1).__lt__, sizes))
+            if any(several):
+                self._attribute_pieces(list(compress(batch, several)),
+                                       list(compress(pieces, several)))
+            single = list(map((1).__eq__, sizes))
+            batch, pieces, groups = list(compress(batch, single)), list(compress(pieces, single)), None
+        for cmd, reqs, pcs in groups or _by_command(batch, pieces):
             op = _OP_OF_COMMAND[cmd]
             if op >= 0:
                 self._attribute_single(op, list(map(_OBJECT, map(_FIRST, pcs))),
@@ -269,45 +268,54 @@ class MetricsSink:
             route = self._route
             rts = [r if r is not None else route(o) for r, o in zip(rts, objs, strict=True)]
         length = lengths[0] if min(lengths) == max(lengths) else None
-        bop = op + 4
-        labels = list(map(_PARTITION, rts))
+        self._add_partitions(op, list(map(_PARTITION, rts)), lengths, length)
+        self.directories.add_requests(op, list(map(_DIRECTORY, rts)), lengths, length)
+        self.files.add_requests(op, list(map(_FILE, rts)), lengths, length)
+
+    def _add_partitions(self, op: int, labels: list[str], lengths: list[int],
+                        length: int | None) -> None:
         parts = self._partitions
+        bop = op + 4
         if length is not None:
-            for label, n in Counter(labels).items():
+            first = labels[0]
+            # one partition in the whole batch (the usual case): one C-level count
+            counted = ({first: len(labels)} if labels.count(first) == len(labels)
+                       else Counter(labels))
+            for label, n in counted.items():
                 p = parts[label]
                 p[op] += n
                 p[bop] += n * length
-        else:
-            per: dict[str, list[int]] = {}
-            for label, ln in zip(labels, lengths, strict=True):
-                c = per.get(label)
-                if c is None:
-                    per[label] = [1, ln]
-                else:
-                    c[0] += 1
-                    c[1] += ln
-            for label, (n, nbytes) in per.items():
-                p = parts[label]
-                p[op] += n
-                p[bop] += nbytes
-        for top, keys in ((self.directories, list(map(_DIRECTORY, rts))),
-                          (self.files, list(map(_FILE, rts)))):
-            top.add_requests(op, keys, lengths, length)
+            return
+        per: dict[str, list[int]] = {}
+        for label, ln in zip(labels, lengths, strict=True):
+            c = per.get(label)
+            if c is None:
+                per[label] = [1, ln]
+            else:
+                c[0] += 1
+                c[1] += ln
+        for label, (n, nbytes) in per.items():
+            p = parts[label]
+            p[op] += n
+            p[bop] += nbytes
 
-    def _attribute_pieces(self, items: list) -> None:
-        """Requests spanning several objects: a Python loop. A request counts
-        once for each file it touches, and once for a partition or directory
-        however many of its pieces in a row lie there."""
+    def _attribute_pieces(self, reqs: list, pieces: list) -> None:
+        """Requests spanning several objects, folded into one item per file
+        and one per run of pieces in a partition or directory (its bytes
+        summed): a request counts once for each file it touches, and once
+        for a partition or directory however many of its pieces in a row
+        lie there."""
         routes = self._routes
-        parts = self._partitions
         op_of = _OP_OF_COMMAND
-        dirs: dict[str, list[int]] = {}
-        files: dict[str, list[int]] = {}
-        for r, ps in items:
+        items: dict[int, tuple[list, ...]] = {}  # op -> labels, their lengths, dirs, ..., files
+        for r, ps in zip(reqs, pieces, strict=True):
             op = op_of[r[2]]
             if op < 0:
                 continue
-            bop = op + 4
+            lists = items.get(op)
+            if lists is None:
+                lists = items[op] = ([], [], [], [], [], [])
+            labels, plens, dkeys, dlens, fkeys, flens = lists
             last_part = last_dir = None
             for start, end, obj in ps:
                 route = routes.get(id(obj))
@@ -315,30 +323,28 @@ class MetricsSink:
                     route = self._route(obj)
                 label, dkey, fkey = route
                 n = end - start
-                p = parts[label]
-                if label != last_part:
-                    p[op] += 1
+                if label == last_part:
+                    plens[-1] += n
+                else:
+                    labels.append(label)
+                    plens.append(n)
                     last_part = label
-                p[bop] += n
-                if dkey is None:
-                    continue
-                c = dirs.get(dkey)
-                if c is None:
-                    c = dirs[dkey] = [0] * WIDTH
-                if dkey != last_dir:
-                    c[op] += 1
-                    last_dir = dkey
-                c[bop] += n
-                if fkey is not None:  # neighbouring pieces never share an object
-                    c = files.get(fkey)
-                    if c is None:
-                        c = files[fkey] = [0] * WIDTH
-                    c[op] += 1
-                    c[bop] += n
-        if dirs:
-            self.directories.add(dirs)
-        if files:
-            self.files.add(files)
+                if dkey is not None:
+                    if dkey == last_dir:
+                        dlens[-1] += n
+                    else:
+                        dkeys.append(dkey)
+                        dlens.append(n)
+                        last_dir = dkey
+                    if fkey is not None:  # neighbouring pieces never share an object
+                        fkeys.append(fkey)
+                        flens.append(n)
+        for op, (labels, plens, dkeys, dlens, fkeys, flens) in items.items():
+            self._add_partitions(op, labels, plens, None)
+            if dkeys:
+                self.directories.add_requests(op, dkeys, dlens, None)
+            if fkeys:
+                self.files.add_requests(op, fkeys, flens, None)
 
     def _route(self, obj) -> tuple[str, str | None, str | None]:
         """(partition label, directory key, file key) of a map object."""
