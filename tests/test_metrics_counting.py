@@ -16,6 +16,15 @@ def counts(reads: int = 0, writes: int = 0, size: int = 4096) -> list[int]:
     return c
 
 
+def add(top: TopSeries, batch: dict[str, list[int]]) -> None:
+    """A batch of 4 KiB requests, key -> counts(reads, writes), as the sink
+    hands them: one call per op, one key per request."""
+    for op in (0, 1):
+        keys = [k for k, c in batch.items() for _ in range(c[op])]
+        if keys:
+            top.add_requests(op, keys, [4096] * len(keys), 4096)
+
+
 def totals(top: TopSeries) -> list[int]:
     out = list(top.other)
     for c in [*top.members.values(), top.retired]:
@@ -39,7 +48,7 @@ def test_heavy_keys_are_found_among_100000_light_ones_and_counting_is_exact():
             for i, v in enumerate(counts(r, w)):
                 c[i] += v
                 expected[i] += v
-        top.add(batch)
+        add(top, batch)
         assert len(top.sketch) <= 16 * top.tracked
         now += 0.1
         top.tick(now)
@@ -51,11 +60,11 @@ def test_heavy_keys_are_found_among_100000_light_ones_and_counting_is_exact():
 
 def test_a_member_counts_exactly_what_it_gets_while_it_is_one():
     top = TopSeries(exposed=2, tracked=16, refresh=1.0)
-    top.add({"a": counts(writes=50), "b": counts(writes=20), "c": counts(reads=1)})
+    add(top, {"a": counts(writes=50), "b": counts(writes=20), "c": counts(reads=1)})
     top.tick(0.0)
     top.tick(1.0)  # membership decided: the two heaviest
     assert set(top.members) == {"a", "b"}
-    top.add({"a": counts(writes=7), "c": counts(reads=3)})
+    add(top, {"a": counts(writes=7), "c": counts(reads=3)})
     assert top.members["a"][1] == 7 and top.members["a"][5] == 7 * 4096
     assert top.other[0] == 1 + 3  # c, before and after
     assert top.other[1] == 70  # a and b before they were members
@@ -63,17 +72,17 @@ def test_a_member_counts_exactly_what_it_gets_while_it_is_one():
 
 def test_members_stay_while_near_the_top_and_leave_when_cold():
     top = TopSeries(exposed=2, tracked=64, refresh=1.0, half_life=1.0)
-    top.add({"a": counts(writes=100), "b": counts(writes=90), "c": counts(writes=80)})
+    add(top, {"a": counts(writes=100), "b": counts(writes=90), "c": counts(writes=80)})
     top.tick(0.0)
     top.tick(1.0)
     assert set(top.members) == {"a", "b"}
     # c overtakes b a little: b is still among the 2*2 heaviest, it stays
-    top.add({"c": counts(writes=30)})
+    add(top, {"c": counts(writes=30)})
     top.tick(2.0)
     assert set(top.members) == {"a", "b"}
     # a and b go quiet for long; new keys take over and the old ones retire
     for t in range(3, 40):
-        top.add({f"n{t % 4}": counts(writes=100)})
+        add(top, {f"n{t % 4}": counts(writes=100)})
         top.tick(float(t))
     assert "a" not in top.members and "b" not in top.members
     assert top.retired[1] >= 0 and len(top.members) == 2
@@ -81,7 +90,7 @@ def test_members_stay_while_near_the_top_and_leave_when_cold():
 
 def test_the_last_round_at_exit_changes_nothing():
     top = TopSeries(exposed=2, tracked=16, refresh=1.0)
-    top.add({"a": counts(writes=5)})
+    add(top, {"a": counts(writes=5)})
     top.tick(0.0)
     top.tick(1.0)
     before = dict(top.members)

@@ -17,7 +17,8 @@ What is counted (the exported names are in ``diskwatch.metrics``):
 - with a block map, per op (read, write, trim, zero): requests and bytes
   per partition (at most ``MAX_PARTITIONS``, then "other"), per top-level
   directory and per file (each a ``TopSeries``: the ``top`` busiest, then
-  "other"). A request counts once for each object it touches.
+  "other"). A request counts once for each file it touches, and once for a
+  partition or directory per run of its pieces there.
 """
 
 from __future__ import annotations

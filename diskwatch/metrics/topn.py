@@ -42,7 +42,6 @@ from operator import itemgetter
 
 #: counters per key: requests per op, then bytes per op (ops: see aggregate.OPS)
 WIDTH = 8
-REQUESTS = slice(0, 4)
 
 _weight = itemgetter(1)
 
@@ -111,19 +110,6 @@ class TopSeries:
             sum(compress(lengths, keys)) if keyless else sum(lengths))
         self.other[op] += keyed - in_members
         self.other[bop] += total_bytes - bytes_in_members
-        if len(sketch) > self._shrink_at:
-            self._shrink()
-
-    def add(self, counts: dict[object, list[int]]) -> None:
-        """Count a batch: key -> [requests per op..., bytes per op...]."""
-        members = self.members
-        sketch = self.sketch
-        other = self.other
-        get = sketch.get
-        for key, c in counts.items():
-            m = members.get(key)
-            add_into(m if m is not None else other, c)
-            sketch[key] = get(key, 0.0) + (c[0] + c[1] + c[2] + c[3])
         if len(sketch) > self._shrink_at:
             self._shrink()
 
