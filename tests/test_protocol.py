@@ -521,7 +521,7 @@ def test_validation(cmd, offset, length, expected):
 
 def test_too_large_read_is_eoverflow_with_structured_replies():
     c = in_transmission(structured=True)
-    assert error_of(c, request(P.CMD_READ, 0, P.MAX_PAYLOAD + 1)) == P.NBD_EOVERFLOW
+    assert error_of(c, request(P.CMD_READ, 0, P.MAX_ACCEPTED + 1)) == P.NBD_EOVERFLOW
 
 
 def test_write_past_end_is_enospc():
@@ -537,7 +537,7 @@ def test_zero_length_write_is_invalid():
 
 def test_too_large_write_payload_is_skipped_with_einval():
     c = in_transmission()
-    length = P.MAX_PAYLOAD + 4096
+    length = P.MAX_ACCEPTED + 4096
     data = request(P.CMD_WRITE, 0, length, handle=7, payload=bytes(length)) + request(
         P.CMD_READ, 0, 512, handle=8)
     new_start, out, _ = parse(c, data)
@@ -545,10 +545,113 @@ def test_too_large_write_payload_is_skipped_with_einval():
     assert [(r[2], r[6]) for r in out] == [(7, P.NBD_EINVAL), (8, 0)]
 
 
-def test_write_too_large_to_skip_is_a_protocol_error():
+def test_a_huge_write_is_skipped_as_it_arrives():
+    """A 4 GiB write's payload is thrown away piece by piece: the parser
+    never waits for it whole (memory), and the session stays in step."""
     c = in_transmission()
-    with pytest.raises(P.ProtocolError, match="too large"):
-        parse(c, request(P.CMD_WRITE, 0, P.MAX_SKIP + 1))
+    length = 0xFFFFFFFF
+    buf = bytearray(request(P.CMD_WRITE, 0, length, handle=7) + bytes(1000))
+    out: list = []
+    start = c.parse_requests(buf, 0, len(buf), out)
+    assert start == len(buf) and [(r[2], r[6]) for r in out] == [(7, P.NBD_EINVAL)]
+    assert c.skip == length - 1000
+    c.skip = 10  # as if the rest had come
+    buf = bytearray(bytes(10) + request(P.CMD_READ, 0, 512, handle=8))
+    out = []
+    assert c.parse_requests(buf, 0, len(buf), out) == len(buf)
+    assert [(r[2], r[6]) for r in out] == [(8, 0)] and c.skip == 0
+
+
+def big_export_conn(**export_kw) -> P.ServerConnection:
+    kw = dict(name="", size=1 << 30, readonly=False, can_fua=True)
+    kw.update(export_kw)
+    c = P.ServerConnection({"": P.Export(**kw)})
+    c.data_to_send()
+    c.receive_data(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES))
+    assert send_option(c, P.OPT_GO, name_and_requests(""))[-1][1] == P.REP_ACK
+    return c
+
+
+def test_a_write_up_to_64_mib_is_accepted():
+    c = big_export_conn()
+    length = P.MAX_ACCEPTED
+    out = parse(c, request(P.CMD_WRITE, 0, length, payload=bytes(length)))[1]
+    assert out[0][6] == 0
+    assert error_of(c, request(P.CMD_READ, 0, length)) == 0
+    assert error_of(c, request(P.CMD_READ, 0, length + 1)) == P.NBD_EINVAL
+
+
+# --- spec corners the hardening review found -------------------------------------
+
+def test_failed_set_meta_context_clears_the_contexts():
+    c = new_conn()
+    send_option(c, P.OPT_STRUCTURED_REPLY)
+    replies = send_option(c, P.OPT_SET_META_CONTEXT, meta_request("", P.META_BASE_ALLOCATION))
+    assert replies[0][1] == P.REP_META_CONTEXT and c.meta_contexts
+    replies = send_option(c, P.OPT_SET_META_CONTEXT, meta_request("no-such-export",
+                                                                  P.META_BASE_ALLOCATION))
+    assert replies[-1][1] == P.REP_ERR_UNKNOWN
+    assert c.meta_contexts == {}
+    send_option(c, P.OPT_GO, name_and_requests(""))
+    assert error_of(c, request(P.CMD_BLOCK_STATUS, 0, 512)) == P.NBD_EINVAL
+
+
+def test_block_status_only_on_the_export_the_context_was_set_for():
+    c = new_conn()
+    send_option(c, P.OPT_STRUCTURED_REPLY)
+    send_option(c, P.OPT_SET_META_CONTEXT, meta_request("plain", P.META_BASE_ALLOCATION))
+    assert send_option(c, P.OPT_GO, name_and_requests(""))[-1][1] == P.REP_ACK
+    assert error_of(c, request(P.CMD_BLOCK_STATUS, 0, 512)) == P.NBD_EINVAL
+    # the same export by its default name ("") works
+    c = new_conn()
+    send_option(c, P.OPT_STRUCTURED_REPLY)
+    send_option(c, P.OPT_SET_META_CONTEXT, meta_request("", P.META_BASE_ALLOCATION))
+    send_option(c, P.OPT_GO, name_and_requests(""))
+    assert error_of(c, request(P.CMD_BLOCK_STATUS, 0, 512)) == 0
+
+
+@pytest.mark.parametrize("cmd,length,payload", [
+    (P.CMD_READ, 512, b""), (P.CMD_FLUSH, 0, b""), (P.CMD_CACHE, 512, b"")])
+def test_fua_where_not_advertised_is_einval(cmd, length, payload):
+    c = in_transmission("ro")  # read-only: SEND_FUA is not advertised
+    assert not P.Export(name="ro", size=1).transmission_flags(False) & P.TF_SEND_FUA
+    assert error_of(c, request(cmd, 0, length, flags=P.CMD_FLAG_FUA, payload=payload)) == \
+        P.NBD_EINVAL
+    assert error_of(c, request(cmd, 0, length, payload=payload)) == 0
+
+
+def test_requests_below_the_minimum_block_size_are_einval():
+    c = big_export_conn(block_size=(512, 4096, P.MAX_PAYLOAD))
+    assert error_of(c, request(P.CMD_READ, 512, 1024)) == 0
+    for cmd, off, n in ((P.CMD_READ, 1, 512), (P.CMD_READ, 0, 100),
+                        (P.CMD_WRITE_ZEROES, 0, 513), (P.CMD_TRIM, 10, 512)):
+        assert error_of(c, request(cmd, off, n)) == P.NBD_EINVAL, (cmd, off, n)
+    assert error_of(c, request(P.CMD_WRITE, 3, 512, payload=bytes(512))) == P.NBD_EINVAL
+    assert error_of(c, request(P.CMD_FLUSH, 0, 0)) == 0
+
+
+def test_export_name_clients_are_not_held_to_a_block_size_they_never_saw():
+    c = P.ServerConnection({"": P.Export(name="", size=1 << 20,
+                                          block_size=(512, 4096, P.MAX_PAYLOAD))})
+    c.data_to_send()
+    c.receive_data(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES)
+                   + option(P.OPT_EXPORT_NAME, b""))
+    assert c.phase == P.TRANSMISSION
+    assert error_of(c, request(P.CMD_READ, 1, 100)) == 0
+
+
+def test_error_messages_are_never_cut_inside_a_character():
+    c = in_transmission(structured=True)
+    reply = c.reply_error(5, P.NBD_EIO, "é" * P.MAX_STRING)  # 2 bytes each
+    (mlen,) = struct.unpack_from(">H", reply, 24)
+    msg = reply[26:26 + mlen]
+    assert mlen <= P.MAX_STRING and msg.decode("utf-8") == "é" * (mlen // 2)
+    c = new_conn()
+    name = "€" * 3000  # 3 bytes each: the error text is over MAX_STRING
+    replies = send_option(c, P.OPT_INFO, name_and_requests(name))
+    assert replies[-1][1] == P.REP_ERR_UNKNOWN or replies[-1][1] == P.REP_ERR_INVALID
+    replies[-1][2].decode("utf-8")  # whole characters only
+    assert P.utf8_prefix("a€", 3) == b"a"
 
 
 @pytest.mark.parametrize("cmd,payload", [
@@ -602,10 +705,13 @@ def test_write_zeroes_flags():
         assert error_of(c, request(P.CMD_WRITE_ZEROES, 0, 512, flags=flags)) == 0
 
 
-def test_fast_zero_without_support_is_enotsup():
+def test_fast_zero_without_support_is_einval():
+    """proto.md: FAST_ZERO only if NBD_FLAG_SEND_FAST_ZERO was advertised;
+    otherwise it is an unknown flag (EINVAL). ENOTSUP is for an advertised
+    fast zero that cannot be done fast this time."""
     c = in_transmission("plain")
     assert error_of(c, request(P.CMD_WRITE_ZEROES, 0, 512, flags=P.CMD_FLAG_FAST_ZERO)) == \
-        P.NBD_ENOTSUP
+        P.NBD_EINVAL
     assert error_of(c, request(P.CMD_WRITE_ZEROES, 0, 512)) == 0
 
 

@@ -248,3 +248,91 @@ def test_a_big_zero_does_not_stall_other_connections(serve_source, rw_image, cmd
     assert raw_simple_reply(a) == (0, 1, b"")
     assert read_at(rw_image, 0, 4096) == bytes(4096)
     a.close()
+
+
+# --- 3. spec corners over real sockets ----------------------------------------------
+
+class HeldReads(Layer):
+    """A blocking source whose reads wait until released."""
+
+    blocking = True  # type: ignore[assignment]
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def pread(self, offset, length):
+        self.entered.release()
+        self.release.wait(20)
+        return self.inner.pread(offset, length)
+
+    def view_for(self, offset, length):
+        return None
+
+
+def test_requests_not_started_at_shutdown_get_eshutdown(serve_source, server_image):
+    src = HeldReads(ReadOnly(FileSource(str(server_image.path), readonly=True)))
+    served = serve_source(src)
+    workers = 8  # Server's default pool
+    s = served.connect_raw(timeout=10)
+    raw_handshake(s)
+    s.sendall(b"".join(raw_request(P.CMD_READ, i * 4096, 4096, handle=100 + i)
+                       for i in range(workers + 4)))
+    for _ in range(workers):
+        assert src.entered.acquire(timeout=10)
+    stopper = threading.Thread(target=served.running.stop)
+    stopper.start()
+    try:
+        got = [raw_simple_reply(s) for _ in range(4)]
+        assert sorted(got) == [(P.NBD_ESHUTDOWN, 100 + workers + i, b"") for i in range(4)]
+        assert recv_until_closed(s) == b""  # the running ones cannot be answered
+    finally:
+        src.release.set()
+        stopper.join(20)
+    s.close()
+
+
+def test_export_name_client_may_write_and_read_64_mib(serve, tmp_path):
+    """A client that negotiated with NBD_OPT_EXPORT_NAME never saw the 32 MiB
+    maximum; like nbdkit, requests up to 64 MiB are served."""
+    img = tmp_path / "big.img"
+    with open(img, "wb") as f:
+        f.truncate(80 * MiB)
+    served = serve(img)
+    s = served.connect_raw(timeout=30)
+    recv_exact(s, 18)
+    s.sendall(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES)
+              + struct.pack(">QII", P.IHAVEOPT, P.OPT_EXPORT_NAME, 0))
+    size, _tflags = struct.unpack(">QH", recv_exact(s, 10))
+    assert size == 80 * MiB
+    data = random_bytes(48 * MiB)
+    s.sendall(raw_request(P.CMD_WRITE, 4096, len(data), handle=1, payload=data))
+    assert raw_simple_reply(s) == (0, 1, b"")
+    s.sendall(raw_request(P.CMD_READ, 4096, len(data), handle=2))
+    assert raw_simple_reply(s, len(data)) == (0, 2, data)
+    s.sendall(raw_request(P.CMD_READ, 0, P.MAX_ACCEPTED + 4096, handle=3))
+    assert raw_simple_reply(s) == (P.NBD_EINVAL, 3, b"")
+    s.close()
+    assert read_at(img, 4096, len(data)) == data
+    # the receive buffer went back to its usual size after the big write
+    conns = served.running.server._conns
+    assert all(len(c.buf) <= 1 << 20 for c in conns.values())
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_libnbd_without_strictness_may_use_64_mib(serve, tmp_path, structured):
+    img = tmp_path / "big.img"
+    with open(img, "wb") as f:
+        f.truncate(80 * MiB)
+    served = serve(img)
+    h = nbd_handle(served.uri, strict=False, structured=structured)
+    data = random_bytes(P.MAX_ACCEPTED)
+    h.pwrite(data, 0)
+    assert h.pread(len(data), 0) == data
+    h.shutdown()
+
+
+def random_bytes(n: int) -> bytes:
+    import random
+    return random.Random(n).randbytes(n)

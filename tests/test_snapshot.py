@@ -148,11 +148,32 @@ def test_zeroing_whole_clusters_writes_no_zeroes_to_the_overlay(tmp_path):
     img.write_bytes(os.urandom(64 * CLUSTER + 1000))  # a partial cluster at the end
     with Snapshot(FileSource(str(img), readonly=True), tmpdir=str(tmp_path)) as snap:
         offset, end = 100, snap.size  # unaligned start, up to the very end
-        snap.zero(offset, end - offset)
+        snap.zero(offset, end - offset, may_trim=True)
         assert snap.pread(0, offset) == img.read_bytes()[:offset]
         assert snap.pread(offset, end - offset) == bytes(end - offset)
         # Only the first, partial cluster was written; the rest are holes.
         assert os.fstat(snap.overlay_fd).st_blocks * 512 <= 2 * CLUSTER
+
+
+def test_zeroing_with_no_hole_punches_no_hole(tmp_path):
+    """NBD_CMD_FLAG_NO_HOLE (zero with may_trim false): the zeroed clusters
+    stay allocated in the overlay (before: holes were punched anyway)."""
+    import os
+
+    from diskwatch.sources.file import FileSource
+    from diskwatch.sources.snapshot import Snapshot
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(64 * CLUSTER))
+    with Snapshot(FileSource(str(img), readonly=True), tmpdir=str(tmp_path)) as snap:
+        snap.pwrite(0, os.urandom(32 * CLUSTER))
+        allocated = os.fstat(snap.overlay_fd).st_blocks
+        assert allocated * 512 >= 32 * CLUSTER
+        snap.zero(0, 32 * CLUSTER, may_trim=False)
+        assert snap.pread(0, 32 * CLUSTER) == bytes(32 * CLUSTER)
+        assert os.fstat(snap.overlay_fd).st_blocks >= allocated
+        snap.trim(0, 32 * CLUSTER)  # trim may punch
+        assert os.fstat(snap.overlay_fd).st_blocks < allocated
+        assert snap.pread(0, 32 * CLUSTER) == bytes(32 * CLUSTER)
 
 
 def test_concurrent_writes_into_one_cluster_both_survive(tmp_path):

@@ -128,11 +128,13 @@ def wire_error(err: int | None) -> int:
 META_BASE_ALLOCATION = "base:allocation"
 META_ID_BASE_ALLOCATION = 1
 
-#: largest request payload (read reply or write) we accept, and advertise
+#: largest payload (read reply or write) advertised in NBD_INFO_BLOCK_SIZE
 MAX_PAYLOAD = 32 * 1024 * 1024
-#: an over-large write's payload up to this size is read and thrown away, so
-#: the connection survives the EINVAL; beyond it the connection is closed
-MAX_SKIP = 64 * 1024 * 1024
+#: largest payload accepted: clients that negotiate with NBD_OPT_EXPORT_NAME
+#: never learn MAX_PAYLOAD and some send more; nbdkit accepts up to 64 MiB.
+#: A write beyond it is refused with EINVAL and its payload skipped as it
+#: arrives (never buffered), so the connection stays in step.
+MAX_ACCEPTED = 64 * 1024 * 1024
 #: an option longer than this closes the connection (nothing legitimate is)
 MAX_OPTION_LENGTH = 64 * 1024
 MAX_STRING = 4096
@@ -145,6 +147,9 @@ SIMPLE_REPLY = struct.Struct(">IIQ")
 STRUCTURED = struct.Struct(">IHHQI")
 STRUCTURED_DATA = struct.Struct(">IHHQIQ")  # header + offset of OFFSET_DATA
 REQUEST_SIZE = REQUEST.size  # 28
+#: what parse_requests counts for a request besides its payload: the tuple,
+#: its event and its reply header (Python objects, a few hundred bytes)
+REQUEST_COST = 512
 
 # proto.md: FUA "is valid for all commands ... the server MUST accept all
 # commands with this bit set (even by ignoring the bit)"; old qemu sets it on
@@ -159,6 +164,15 @@ COMMAND_FLAGS_ALLOWED = {
     CMD_WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
     CMD_BLOCK_STATUS: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
 }
+
+
+def utf8_prefix(text: str, limit: int = MAX_STRING) -> bytes:
+    """``text`` in UTF-8, cut to at most ``limit`` bytes, never inside a
+    character (a client decoding the message must not choke on it)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return data
+    return data[:limit].decode("utf-8", "ignore").encode()
 
 
 class ProtocolError(Exception):
@@ -244,8 +258,16 @@ class ServerConnection:
     tls: str = "off"  # "off", "on" (the client may upgrade), "require" (it must)
     tls_active: bool = False
     starttls: bool = False  # STARTTLS acknowledged: the transport must switch now
+    #: the export the last SET_META_CONTEXT named: BLOCK_STATUS is only
+    #: valid if transmission is on that export (proto.md)
+    meta_export: str | None = None
+    #: bytes of an over-large write's payload still to be thrown away
+    skip: int = 0
     _in: bytearray = field(default_factory=bytearray)
     _out: list[bytes] = field(default_factory=list)
+    #: command -> flags allowed on this export (set on entering transmission)
+    _allowed: dict[int, int] = field(default_factory=dict)
+    _align: int = 0  # minimum block size - 1, when advertised and above 1
 
     def __post_init__(self) -> None:
         self._out.append(_greeting.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
@@ -318,7 +340,7 @@ class ServerConnection:
         self._out.append(_opt_reply.pack(OPT_REPLY_MAGIC, option, rtype, len(data)) + data)
 
     def _error(self, option: int, rtype: int, message: str) -> None:
-        self._reply(option, rtype, message.encode()[:MAX_STRING])
+        self._reply(option, rtype, utf8_prefix(message))
 
     def _option(self, option: int, data: bytes) -> None:
         if (self.tls == "require" and not self.tls_active
@@ -339,7 +361,7 @@ class ServerConnection:
             self._out.append(struct.pack(">QH", exp.size, exp.transmission_flags(self.structured)))
             if not self.no_zeroes:
                 self._out.append(bytes(124))
-            self._enter_transmission(exp)
+            self._enter_transmission(exp, block_size_sent=False)
         elif option == OPT_ABORT:
             self._reply(option, REP_ACK)
             self._close("client aborted the handshake")
@@ -350,7 +372,7 @@ class ServerConnection:
             for exp in self.exports.values():
                 name = exp.name.encode()
                 self._reply(option, REP_SERVER, struct.pack(">I", len(name)) + name
-                            + exp.description.encode()[:MAX_STRING])
+                            + utf8_prefix(exp.description))
             self._reply(option, REP_ACK)
         elif option in (OPT_INFO, OPT_GO):
             self._info_or_go(option, data)
@@ -403,7 +425,7 @@ class ServerConnection:
             self._reply(option, REP_INFO, struct.pack(">H", INFO_NAME) + exp.name.encode())
         if INFO_DESCRIPTION in requests and exp.description:
             self._reply(option, REP_INFO, struct.pack(">H", INFO_DESCRIPTION)
-                        + exp.description.encode()[:MAX_STRING])
+                        + utf8_prefix(exp.description))
         # Always sent: clients that ignore it lose nothing, and those that
         # honour it align their requests (nbdkit does the same).
         mn, pref, mx = exp.block_size
@@ -413,6 +435,10 @@ class ServerConnection:
             self._enter_transmission(exp)
 
     def _meta_context(self, option: int, data: bytes) -> None:
+        if option == OPT_SET_META_CONTEXT:
+            # proto.md: a failed SET_META_CONTEXT leaves no context selected
+            self.meta_contexts = {}
+            self.meta_export = None
         if not self.structured:
             self._error(option, REP_ERR_INVALID, "negotiate structured replies first")
             return
@@ -450,19 +476,39 @@ class ServerConnection:
         if option == OPT_SET_META_CONTEXT:
             self.meta_contexts = ({META_ID_BASE_ALLOCATION: META_BASE_ALLOCATION}
                                   if selected else {})
+            self.meta_export = self._find_export(name).name
         for c in selected:
             ctx_id = META_ID_BASE_ALLOCATION if option == OPT_SET_META_CONTEXT else 0
             self._reply(option, REP_META_CONTEXT, struct.pack(">I", ctx_id) + c.encode())
         self._reply(option, REP_ACK)
 
-    def _enter_transmission(self, exp: Export) -> None:
+    def _enter_transmission(self, exp: Export, block_size_sent: bool = True) -> None:
         self.export = exp
         self.phase = TRANSMISSION
         # Transmission flags were computed with the final structured state.
+        if self.meta_export != exp.name:
+            self.meta_contexts = {}  # set for another export: BLOCK_STATUS is EINVAL
+        # Flags the client may set are those the transmission flags allow
+        # (proto.md: FUA only "provided NBD_FLAG_SEND_FUA has been
+        # negotiated"; DF only with structured replies; FAST_ZERO only with
+        # SEND_FAST_ZERO). nbdkit answers the others EINVAL, as we do.
+        tflags = exp.transmission_flags(self.structured)
+        fua = CMD_FLAG_FUA if tflags & TF_SEND_FUA else 0
+        self._allowed = {cmd: f & ~CMD_FLAG_FUA | (f & fua)
+                         for cmd, f in COMMAND_FLAGS_ALLOWED.items()}
+        if not self.structured:
+            self._allowed[CMD_READ] &= ~CMD_FLAG_DF
+        if not tflags & TF_SEND_FAST_ZERO:
+            self._allowed[CMD_WRITE_ZEROES] &= ~CMD_FLAG_FAST_ZERO
+        # A minimum block size the client was told (NBD_INFO_BLOCK_SIZE) is
+        # enforced, as nbdkit does; with EXPORT_NAME it never heard of one.
+        mn = exp.block_size[0]
+        self._align = mn - 1 if block_size_sent and mn > 1 and not mn & (mn - 1) else 0
 
     # --- transmission ------------------------------------------------------
 
-    def parse_requests(self, buf, start: int, end: int, out: list) -> int:
+    def parse_requests(self, buf, start: int, end: int, out: list,
+                       budget: int = 1 << 62) -> int:
         """Parse complete requests from ``buf[start:end]`` into ``out``.
 
         Appends tuples ``(command, flags, handle, offset, length, payload_start,
@@ -470,22 +516,42 @@ class ServerConnection:
         (-1 when none) and ``error`` is an NBD error to reply with instead of
         doing the request (0 when the request is valid). Returns the new
         start: bytes of an incomplete request stay in the buffer.
-        Raises ProtocolError when the connection must close (bad magic, a
-        write payload too large to skip).
+
+        ``budget`` bounds what one call lets loose: parsing stops once the
+        requests parsed would move that many bytes (read and write lengths,
+        plus REQUEST_COST each), after at least one request; the rest stays
+        in the buffer for the transport to parse when replies have drained.
+        Raises ProtocolError when the connection must close (bad magic).
         """
+        if self.skip:  # the rest of an over-large write's payload
+            n = min(self.skip, end - start)
+            self.skip -= n
+            start += n
+            if self.skip:
+                return start
         exp = self.export
         size = exp.size
         readonly = exp.readonly
         unpack = REQUEST.unpack_from
-        allowed = COMMAND_FLAGS_ALLOWED
+        allowed = self._allowed or COMMAND_FLAGS_ALLOWED
+        align = self._align
         append = out.append
-        while end - start >= REQUEST_SIZE:
+        cost = 0
+        while end - start >= REQUEST_SIZE and cost < budget:
             magic, flags, cmd, handle, offset, length = unpack(buf, start)
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#x}")
             if cmd == CMD_WRITE:
-                if length > MAX_SKIP:
-                    raise ProtocolError(f"write of {length} bytes is too large to skip")
+                if length > MAX_ACCEPTED:
+                    # Refused, and its payload thrown away as it comes.
+                    start += REQUEST_SIZE
+                    n = min(length, end - start)
+                    start += n
+                    self.skip = length - n
+                    append((cmd, flags, handle, offset, length, -1, NBD_EINVAL))
+                    if self.skip:
+                        return start
+                    continue
                 if end - start < REQUEST_SIZE + length:
                     return start  # wait for the whole payload
                 pstart = start + REQUEST_SIZE
@@ -498,19 +564,22 @@ class ServerConnection:
             if cmd == CMD_READ or cmd == CMD_WRITE:
                 if flags & ~allowed[cmd]:
                     err = NBD_EINVAL
-                elif length == 0 or length > MAX_PAYLOAD:
+                elif length == 0 or length > MAX_ACCEPTED:
                     err = NBD_EOVERFLOW if (length and self.structured and cmd == CMD_READ) \
                         else NBD_EINVAL
                 elif offset + length > size:
                     err = NBD_ENOSPC if cmd == CMD_WRITE else NBD_EINVAL
                 elif cmd == CMD_WRITE and readonly:
                     err = NBD_EPERM
-                elif flags & CMD_FLAG_DF and not self.structured:
+                elif (offset | length) & align:
                     err = NBD_EINVAL
+                else:
+                    cost += length
             else:
                 err = self._validate_other(cmd, flags, offset, length)
                 if cmd > CMD_BLOCK_STATUS:
                     cmd = CMD_UNKNOWN  # answered EINVAL; events carry one "unknown" value
+            cost += REQUEST_COST
             append((cmd, flags, handle, offset, length, pstart, err))
         return start
 
@@ -520,9 +589,10 @@ class ServerConnection:
             # Never answered, whatever its flags: the spec allows no reply to
             # DISC, and a client that sent it has stopped reading.
             return 0
-        if cmd not in COMMAND_FLAGS_ALLOWED:
+        allowed = self._allowed or COMMAND_FLAGS_ALLOWED
+        if cmd not in allowed:
             return NBD_EINVAL
-        if flags & ~COMMAND_FLAGS_ALLOWED[cmd]:
+        if flags & ~allowed[cmd]:
             return NBD_EINVAL
         if cmd == CMD_FLUSH:
             return 0
@@ -530,13 +600,13 @@ class ServerConnection:
             return NBD_EINVAL
         if offset + length > exp.size:
             return NBD_ENOSPC if cmd == CMD_WRITE_ZEROES else NBD_EINVAL
+        if (offset | length) & self._align:
+            return NBD_EINVAL
         if cmd in (CMD_TRIM, CMD_WRITE_ZEROES):
             if exp.readonly:
                 return NBD_EPERM
             if cmd == CMD_TRIM and not exp.can_trim:
                 return NBD_EINVAL
-            if flags & CMD_FLAG_FAST_ZERO and not exp.can_fast_zero:
-                return NBD_ENOTSUP
         if cmd == CMD_BLOCK_STATUS and not self.meta_contexts:
             return NBD_EINVAL
         return 0
@@ -555,7 +625,7 @@ class ServerConnection:
     def reply_error(self, handle: int, error: int, message: str = "") -> bytes:
         if not self.structured:
             return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
-        msg = message.encode()[:MAX_STRING]
+        msg = utf8_prefix(message)
         return (STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR,
                                 handle, 6 + len(msg))
                 + struct.pack(">IH", error, len(msg)) + msg)

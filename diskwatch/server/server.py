@@ -87,6 +87,7 @@ class _Conn:
         self.source: Source | None = None
         self.aio = None  # the source's asynchronous way in, when it has one
         self.waiting: deque = deque()  # parsed requests beyond the in-flight window
+        self.futures: dict = {}  # requests in worker threads: future -> handle
         self.export_name = ""
         self.events: list = []
 
@@ -169,6 +170,10 @@ class Server:
             sock.close()
         self._listeners.clear()
         for conn in list(self._conns.values()):
+            try:
+                self._refuse_pending(conn)
+            except Exception:  # noqa: BLE001 - closing goes on whatever happens
+                log.exception("connection %d: error while shutting down", conn.cid)
             self._close(conn)
         if self._pool is not None:
             # Queued requests are dropped; running ones finish before the
@@ -176,6 +181,42 @@ class Server:
             # timeout; a stream waiting for its reader by the caller's abort).
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+    def _refuse_pending(self, conn: _Conn) -> None:
+        """At shutdown: requests received but not started get NBD_ESHUTDOWN
+        (proto.md), sent as far as the socket takes them without waiting.
+        Requests already running cannot be answered: the socket closes."""
+        if conn.closed or conn.source is None:
+            return
+        proto = conn.proto
+        handles = []
+        for fut, handle in list(conn.futures.items()):
+            if fut.cancel():
+                handles.append(handle)
+        for (cmd, _flags, handle, *_rest), _now in conn.waiting:
+            if cmd != P.CMD_DISC:
+                handles.append(handle)
+        conn.waiting.clear()
+        if not conn.closing:
+            reqs: list = []
+            try:
+                proto.parse_requests(conn.buf, conn.start, conn.end, reqs)
+            except P.ProtocolError:
+                pass
+            handles.extend(r[2] for r in reqs if r[0] != P.CMD_DISC)
+        if not handles:
+            return
+        for handle in handles:
+            conn.out.append(proto.reply_error(handle, P.NBD_ESHUTDOWN, "server is shutting down"))
+        try:
+            while conn.out:
+                n = conn.sock.send(conn.out[0])
+                if n < len(conn.out[0]):
+                    break  # the peer is not reading: what is left is lost
+                conn.out.popleft()
+        except OSError:
+            pass
+        conn.out.clear()
 
     @property
     def connections(self) -> int:
@@ -293,12 +334,34 @@ class Server:
             conn.buf[:end - start] = conn.view[start:end]
             conn.start, conn.end = 0, end - start
         else:
-            # A request larger than the buffer (a big write): grow. A
-            # bytearray cannot resize while a memoryview of it exists, so the
-            # view goes first (it raised BufferError on every 2 MiB write).
+            # A request larger than the buffer (a big write): grow to hold
+            # exactly it (doubling made a 64 MiB write cost 128 MiB); the
+            # buffer shrinks back once it is done (_shrink). A bytearray
+            # cannot resize while a memoryview of it exists, so the view goes
+            # first (it raised BufferError on every 2 MiB write).
+            need = len(conn.buf) * 2
+            if end - start >= P.REQUEST_SIZE:
+                magic, _f, cmd, _h, _o, length = P.REQUEST.unpack_from(conn.buf, start)
+                if cmd == P.CMD_WRITE and length <= P.MAX_ACCEPTED:
+                    need = P.REQUEST_SIZE + length
+            need = min(need, P.REQUEST_SIZE + P.MAX_ACCEPTED + RECV_BUFFER)
+            if need <= len(conn.buf):
+                raise RuntimeError("receive buffer full of unparsed requests")  # a bug
             conn.view.release()
-            conn.buf.extend(bytes(len(conn.buf)))
+            conn.buf.extend(bytes(need - len(conn.buf)))
             conn.view = memoryview(conn.buf)
+
+    def _shrink(self, conn: _Conn) -> None:
+        """Give back a buffer grown for a big write once it is done."""
+        left = conn.end - conn.start
+        if left > RECV_BUFFER // 2:
+            return
+        buf = bytearray(RECV_BUFFER)
+        buf[:left] = conn.view[conn.start:conn.end]
+        conn.view.release()
+        conn.buf = buf
+        conn.view = memoryview(buf)
+        conn.start, conn.end = 0, left
 
     def _apply_reading(self, conn: _Conn) -> None:
         """Watch the socket for requests unless closing, paused or held."""
@@ -383,6 +446,8 @@ class Server:
             self._execute(conn, reqs)
         if conn.start == conn.end:
             conn.start = conn.end = 0
+        if len(conn.buf) > RECV_BUFFER:
+            self._shrink(conn)
         self._send(conn)
         if conn.events:
             events, conn.events = conn.events, []
@@ -538,6 +603,7 @@ class Server:
             payload = bytes(conn.view[pstart:pstart + length]) if pstart >= 0 else None
             conn.inflight += 1
             fut = self._pool.submit(self._run_one, conn, req, payload, now)
+            conn.futures[fut] = req[2]
             fut.add_done_callback(
                 lambda f, c=conn: loop.call_soon_threadsafe(self._finish_blocking, c, f))
 
@@ -568,6 +634,7 @@ class Server:
 
     def _finish_blocking(self, conn: _Conn, fut) -> None:
         conn.inflight -= 1
+        conn.futures.pop(fut, None)
         if conn.closed or fut.cancelled():
             return
         try:

@@ -113,13 +113,20 @@ class Snapshot(Layer):
         pass  # the overlay is thrown away: nothing to make durable
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        self.zero(offset, length)
+        self.zero(offset, length, may_trim=True)
 
     def zero(self, offset, length, may_trim=False, fua=False, fast=False):
         """Whole clusters become holes in the overlay (a guest discarding its
         whole disk must not write gigabytes of zeroes to /tmp); the partial
-        clusters at the edges get zeroes written."""
-        from .file import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+        clusters at the edges get zeroes written. With NO_HOLE (``may_trim``
+        false) the clusters stay allocated: zeroed with FALLOC_FL_ZERO_RANGE
+        where the filesystem can, written with zeroes where it cannot."""
+        from .file import (
+            FALLOC_FL_KEEP_SIZE,
+            FALLOC_FL_PUNCH_HOLE,
+            FALLOC_FL_ZERO_RANGE,
+            fallocate,
+        )
         end = offset + length
         if end > self.inner.size:
             raise SourceError(errno.ENOSPC, "zero past the end of the disk")
@@ -132,12 +139,13 @@ class Snapshot(Layer):
             hole_start = first_full * CLUSTER
             hole_end = min(last_full * CLUSTER, self.inner.size)
             self._write_zeroes(offset, hole_start)
+            mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if may_trim
+                    else FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
             try:
-                fallocate(self.overlay_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                          hole_start, hole_end - hole_start)
+                fallocate(self.overlay_fd, mode, hole_start, hole_end - hole_start)
                 self.dirty[first_full:last_full] = b"\x01" * (last_full - first_full)
             except OSError:
-                self._write_zeroes(hole_start, hole_end)  # no hole punching here
+                self._write_zeroes(hole_start, hole_end)  # no fallocate here
             self._write_zeroes(hole_end, end)
 
     def _write_zeroes(self, start: int, end: int) -> None:
