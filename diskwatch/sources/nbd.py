@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -344,10 +343,9 @@ class NbdAio:
         self._writing = False
         self._reconnecting = False
         self._closed = False
-        # done callbacks of the commands in flight: failed if the handle is
-        # closed before libnbd completes them
-        self._pending: dict[int, Callable] = {}
-        self._next_id = 0
+        # cookie -> (done, result) of the commands in flight; failed if the
+        # handle is closed before they complete
+        self._pending: dict[int, tuple] = {}
 
     def attach(self, loop, completed: Callable[[], None]) -> None:
         self.loop = loop
@@ -384,6 +382,7 @@ class NbdAio:
     def _on_readable(self) -> None:
         try:
             self.h.aio_notify_read()
+            self._retire()
         except self.nbd.Error as e:
             self._lost(e.string)
         self._update()
@@ -392,6 +391,7 @@ class NbdAio:
     def _on_writable(self) -> None:
         try:
             self.h.aio_notify_write()
+            self._retire()
         except self.nbd.Error as e:
             self._lost(e.string)
         self._update()
@@ -452,32 +452,36 @@ class NbdAio:
 
     def _fail_pending(self, error: OSError) -> None:
         pending, self._pending = self._pending, {}
-        for done in pending.values():
+        for done, _ in pending.values():
             done(None, error)
 
-    def _completion(self, done, result):
-        """A libnbd completion callback calling done(result | error)."""
-        key = self._next_id = self._next_id + 1
+    def _retire(self) -> None:
+        """Hand the completed commands to their done callbacks. Commands are
+        retired by cookie rather than with libnbd's completion callbacks:
+        measured, a callback from C (with its ctypes error cell) costs a
+        third more per request than asking which commands completed."""
+        h = self.h
         pending = self._pending
-        pending[key] = done
+        nbd_error = self.nbd.Error
+        while pending:
+            cookie = h.aio_peek_command_completed()
+            if not cookie:
+                return
+            done, result = pending.pop(cookie)
+            try:
+                h.aio_command_completed(cookie)
+            except nbd_error as e:
+                done(None, OSError(e.errnum or errno.EIO, e.string))
+                continue
+            done(result() if callable(result) else result, None)
 
-        def completion(err) -> int:
-            if pending.pop(key, None) is None:
-                return 1  # already failed (the handle was closed)
-            code = err.value
-            if code:
-                done(None, OSError(code, _strerror(code)))
-            else:
-                done(result() if callable(result) else result, None)
-            return 1  # retire the command
-        return completion
-
-    def _issue(self, done, call) -> None:
+    def _issue(self, done, result, call) -> None:
         try:
-            call()
+            cookie = call(self.h)
         except self.nbd.Error as e:
-            self._pending.pop(self._next_id, None)
             self._issue_failed(done, e)
+            return
+        self._pending[cookie] = (done, result)
 
     def _issue_failed(self, done, e) -> None:
         if self.h is not None and (self.h.aio_is_dead() or self.h.aio_is_closed()):
@@ -499,20 +503,19 @@ class NbdAio:
             self._down(done)
             return
         data = bytearray(length)
-        cb = self._completion(done, data)
         try:
-            h.aio_pread(data, offset, completion=cb)
+            cookie = h.aio_pread(data, offset)
         except self.nbd.Error as e:
-            self._pending.pop(self._next_id, None)
             self._issue_failed(done, e)
+            return
+        self._pending[cookie] = (done, data)
 
     def pwrite(self, offset: int, data, fua: bool, done) -> None:
         if self._down(done):
             return
         buf = bytes(data)  # libnbd sends from it until the command completes
         flags = self.nbd.CMD_FLAG_FUA if fua and self.source.can_fua else 0
-        cb = self._completion(done, None)
-        self._issue(done, lambda: self.h.aio_pwrite(buf, offset, completion=cb, flags=flags))
+        self._issue(done, None, lambda h: h.aio_pwrite(buf, offset, flags=flags))
 
     def flush(self, done) -> None:
         if not self.source.can_flush:
@@ -520,8 +523,7 @@ class NbdAio:
             return
         if self._down(done):
             return
-        cb = self._completion(done, None)
-        self._issue(done, lambda: self.h.aio_flush(completion=cb))
+        self._issue(done, None, lambda h: h.aio_flush())
 
     def trim(self, offset: int, length: int, fua: bool, done) -> None:
         if not self.source.can_trim:
@@ -530,8 +532,7 @@ class NbdAio:
         if self._down(done):
             return
         flags = self.nbd.CMD_FLAG_FUA if fua and self.source.can_fua else 0
-        cb = self._completion(done, None)
-        self._issue(done, lambda: self.h.aio_trim(length, offset, completion=cb, flags=flags))
+        self._issue(done, None, lambda h: h.aio_trim(length, offset, flags=flags))
 
     def zero(self, offset, length, may_trim, fua, fast, done) -> None:
         src = self.source
@@ -548,8 +549,7 @@ class NbdAio:
             return
         if self._down(done):
             return
-        cb = self._completion(done, None)
-        self._issue(done, lambda: self.h.aio_zero(length, offset, completion=cb, flags=flags))
+        self._issue(done, None, lambda h: h.aio_zero(length, offset, flags=flags))
 
     def _write_zeroes(self, offset: int, length: int, fua: bool, done) -> None:
         """Zero by writing zeroes, a chunk at a time (bounded memory)."""
@@ -570,8 +570,7 @@ class NbdAio:
             return
         if self._down(done):
             return
-        cb = self._completion(done, None)
-        self._issue(done, lambda: self.h.aio_cache(length, offset, completion=cb))
+        self._issue(done, None, lambda h: h.aio_cache(length, offset))
 
     def extents(self, offset: int, length: int, done) -> None:
         if not self.source.can_extents:
@@ -588,9 +587,8 @@ class NbdAio:
                     out.append((pos, entries[i], entries[i + 1]))
                     pos += entries[i]
             return 0
-        cb = self._completion(done, lambda: out or [(offset, length, 0)])
-        self._issue(done, lambda: self.h.aio_block_status(length, offset, collect,
-                                                          completion=cb))
+        self._issue(done, lambda: out or [(offset, length, 0)],
+                    lambda h: h.aio_block_status(length, offset, collect))
 
     def close(self) -> None:
         """From the loop's thread while it runs, or any thread after it stopped."""
@@ -614,10 +612,6 @@ def _close_handle(h) -> None:
     if hasattr(h, "_o"):
         h.__del__()
         del h._o
-
-
-def _strerror(code: int) -> str:
-    return os.strerror(code)
 
 
 __all__ = ["NbdSource", "NbdAio", "is_nbd_url", "NBD_SCHEMES"]
