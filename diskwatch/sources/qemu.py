@@ -169,7 +169,12 @@ class QemuDaemon:
             self.proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, pass_fds=(fd,), preexec_fn=_set_pdeathsig,
-                start_new_session=True)  # Ctrl-C is ours to handle, then we stop it
+                # Its own process group: the terminal's Ctrl-C is ours to
+                # handle, then we stop it. Not its own session: with the
+                # kernel's autogroup scheduling a new session is a new
+                # group, and on a busy machine that halved the IOPS
+                # (bench_formats: 5.1k vs 10.8k under load 11).
+                process_group=0)
         except BaseException:
             listener.close()
             shutil.rmtree(self.dir, ignore_errors=True)
