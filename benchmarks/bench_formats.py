@@ -8,6 +8,10 @@ converted from raw by qemu-img) from:
     qemu-storage-daemon read with libnbd's asynchronous calls)
   - diskwatch nbd+unix://qemu-nbd -r --headless --no-trace (the tap in front
     of a running qemu-nbd: two servers in the path)
+  - with --kinds ...,threads: diskwatch IMAGE.qcow2 --filter delay:read=0, a
+    pass-through layer that hides the asynchronous way in, so requests go
+    through the server's 8 worker threads and a pool of 4 blocking libnbd
+    handles (the alternative the asynchronous engine was measured against)
 Jobs: 4 KiB random reads at queue depth 16, 256 KiB sequential reads at
 depth 8. Servers alternate so machine noise hits all; medians compared.
 
@@ -36,6 +40,7 @@ from bench_server import (  # noqa: E402
 )
 
 KINDS = ("qemu-nbd", "diskwatch", "tap")
+ALL_KINDS = (*KINDS, "threads")
 
 
 def start(kind: str, image: str, sock: str, tmp: str) -> list[subprocess.Popen]:
@@ -49,9 +54,10 @@ def start(kind: str, image: str, sock: str, tmp: str) -> list[subprocess.Popen]:
         wait_for_socket(sock if kind == "qemu-nbd" else qsock, qemu)
         procs.append(qemu)
     if kind != "qemu-nbd":
-        src = image if kind == "diskwatch" else f"nbd+unix:///?socket={qsock}"
+        src = f"nbd+unix:///?socket={qsock}" if kind == "tap" else image
+        extra = ["--filter", "delay:read=0"] if kind == "threads" else []
         dw = subprocess.Popen(diskwatch_cmd() + [src, "-r", "-U", sock, "--headless",
-                                                 "--no-trace"],
+                                                 "--no-trace", *extra],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_socket(sock, dw)
         procs.append(dw)
@@ -67,6 +73,9 @@ def main() -> int:
     ap.add_argument("--kinds", default=",".join(KINDS))
     args = ap.parse_args()
     kinds = args.kinds.split(",")
+    unknown = set(kinds) - set(ALL_KINDS)
+    if unknown or "qemu-nbd" not in kinds:
+        raise SystemExit(f"--kinds: qemu-nbd and any of {', '.join(ALL_KINDS[1:])}")
     for tool in ("fio", "qemu-nbd", "qemu-img", "qemu-storage-daemon"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: apt-get install fio qemu-utils "
