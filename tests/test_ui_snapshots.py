@@ -115,3 +115,33 @@ def test_snapshot_command_exited(snap_compare, tmp_path):
 def test_snapshot_modals(snap_compare, tmp_path, key):
     app, bus = make_app(tmp_path)
     assert snap_compare(app, terminal_size=(100, 30), press=[key], run_before=feed(app, bus))
+
+
+def test_snapshot_replay_paused_with_its_time_bar(snap_compare, tmp_path):
+    """diskwatch replay: the boot-like workload recorded, played to 9 s, paused."""
+    from diskwatch.record import Recorder, RecordingHeader, open_recording
+    from diskwatch.replay import Player
+    from diskwatch.session import Pump
+    from diskwatch.ui.replay import ReplayApp
+
+    path = tmp_path / "snap.bmap"
+    path.write_text(BMAP)
+    rec = Recorder(str(tmp_path / "boot.dwrec"), RecordingHeader(
+        source="file guest.img", size=SIZE, started_monotonic=STARTED))
+    rec.feed(boot_like(), None)
+    rec.close()
+    player = Player(open_recording(str(tmp_path / "boot.dwrec")), clock=lambda: 0.0)
+    player.seek(9.0)
+    player.pause()
+    session = Session(bus=Bus(), size=SIZE, description="replay of file guest.img",
+                      blockmap=BlockMap.load(path), started=0.0, pump=Pump(player),
+                      player=player)
+    session.pump.blockmap = lambda: session.blockmap
+    app = ReplayApp(session)
+
+    async def run_before(pilot):
+        app.pump()
+        app._refresh_views(force=True)
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(120, 36), run_before=run_before)
