@@ -226,10 +226,21 @@ class Summary:
             print(f"diskwatch: latency median {human_duration(st.latency.median)}, "
                   f"p99 {human_duration(st.latency.p99)}", file=out)
         if self.named:
-            # Files and directories: what a person looks for (a partition's
-            # own count is its metadata and journal traffic).
+            # The guest's files and directories: what a person looks for (a
+            # partition's own count is its free space and metadata). The
+            # filesystem's structures a metadata map names (/$Journal...) are
+            # written because files are: told apart, as the report does.
+            from .report.analysis import is_fs_structure
+
+            def guests(obj) -> bool:
+                return obj.type in ("f", "d") and not is_fs_structure(obj)
+
+            def filesystems(obj) -> bool:
+                return obj.type == "f" and is_fs_structure(obj)
             for by in ("reads", "writes"):
-                top = st.top(by, 5, keep=lambda obj: obj.type in ("f", "d"))
-                if top:
-                    print(f"diskwatch: most {by}: " + "; ".join(
-                        f"{safe_text(str(obj))} x{getattr(c, by)}" for obj, c in top), file=out)
+                for label, keep in (("", guests), (" (the filesystem's own)", filesystems)):
+                    top = st.top(by, 5, keep=keep)
+                    if top:
+                        print(f"diskwatch: most {by}{label}: " + "; ".join(
+                            f"{safe_text(str(obj))} x{getattr(c, by)}" for obj, c in top),
+                            file=out)
