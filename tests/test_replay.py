@@ -163,6 +163,11 @@ def test_pilot_pause_seek_next_burst_faster(recorded):
             await pilot.press("left_square_bracket")  # back 10 s: to the start
             assert player.now() == 0.0 and app.stats.requests == 0
             assert app.query_one(TraceView).lines_text() == []
+            bar = app.query_one(TimeBar)  # a click on the bar seeks there
+            track = bar.size.width - bar._label_width - 1
+            await pilot.click(TimeBar, offset=(bar._label_width + track // 2, 0))
+            assert player.now() == pytest.approx(player.duration / 2, abs=player.duration / track)
+            assert 0 < app.stats.requests < len(player)
             await pilot.press("plus", "plus")
             assert player.speed == 4
             await pilot.press("space")  # play on to the end
