@@ -40,6 +40,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench_server.py
 	$(PY) benchmarks/bench_ui.py
+	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_sources.py
 	$(PY) benchmarks/bench_bmap_lookup.py
 
