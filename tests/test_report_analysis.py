@@ -156,6 +156,13 @@ def test_compare_shows_what_the_other_run_touched_and_how_late(blockmap):
     ms = {m.name: m for m in c.milestones}
     assert ms["f /dev/sda1 /etc/motd"].delta == pytest.approx(1.0)
     assert ms["f /dev/sda1 /bin/busybox"].delta == pytest.approx(0.5)
+    # both runs touch the disk first at 0: the same counted from there
+    assert ms["f /dev/sda1 /etc/motd"].delta_from_first == pytest.approx(1.0)
+    late = Recording(requests=[r._replace(start=r.start + 20) for r in boot(0.5).requests],
+                     size=64 * MiB)
+    m = {m.name: m for m in compare(c.a, analyse(late, bm_b)).milestones}
+    assert m["f /dev/sda1 /etc/motd"].delta == pytest.approx(21.0)
+    assert m["f /dev/sda1 /etc/motd"].delta_from_first == pytest.approx(1.0)
     named = compare(c.a, c.b, ["/etc/motd"])
     assert [m.name for m in named.milestones] == ["f /dev/sda1 /etc/motd"]
     import io

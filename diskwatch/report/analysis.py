@@ -135,6 +135,7 @@ class Analysis:
     requests: int = 0
     errors: int = 0
     duration: float = 0.0  # from the recording's start to the end of the last request
+    first_t: float | None = None  # the first request's time (firmware, kernel before it)
     by_command: dict[str, list[int]] = field(default_factory=dict)  # name -> [requests, bytes]
     read_bytes: int = 0
     write_bytes: int = 0
@@ -250,6 +251,8 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
         if r.error:
             a.errors += 1
         t = r.start
+        if a.first_t is None:
+            a.first_t = t
         if t + r.duration > end:
             end = t + r.duration
         if cmd == flush:
@@ -359,10 +362,20 @@ class Milestone:
     name: str
     a: float | None  # time of the first read in A, None if A never read it
     b: float | None
+    #: the same, counted from each run's first request: what happened before
+    #: the disk was touched (qemu starting, firmware, a kernel under load) left out
+    a_from_first: float | None = None
+    b_from_first: float | None = None
 
     @property
     def delta(self) -> float | None:
         return None if self.a is None or self.b is None else self.b - self.a
+
+    @property
+    def delta_from_first(self) -> float | None:
+        if self.a_from_first is None or self.b_from_first is None:
+            return None
+        return self.b_from_first - self.a_from_first
 
 
 @dataclass
@@ -388,14 +401,18 @@ def compare(a: Analysis, b: Analysis, milestones: Iterable[str] = ()) -> Compari
     fa, fb = a.first_reads(), b.first_reads()
     wanted = list(milestones)
     if wanted:
-        rows = []
-        for want in wanted:
-            name = _match_name(want, fa.keys() | fb.keys()) or want
-            rows.append(Milestone(name, fa.get(name), fb.get(name)))
+        names = [_match_name(want, fa.keys() | fb.keys()) or want for want in wanted]
     else:
-        rows = [Milestone(n, fa[n], fb[n]) for n in fa.keys() & fb.keys()]
-        rows.sort(key=lambda m: (m.a, m.name))
+        names = sorted(fa.keys() & fb.keys(), key=lambda n: (fa[n], n))
+    rows = []
+    for name in names:
+        ta, tb = fa.get(name), fb.get(name)
+        rows.append(Milestone(name, ta, tb, _since(ta, a.first_t), _since(tb, b.first_t)))
     return Comparison(a, b, only_a, only_b, changed, rows)
+
+
+def _since(t: float | None, first: float | None) -> float | None:
+    return None if t is None or first is None else t - first
 
 
 def _by_bytes(item: tuple[str, Traffic]) -> tuple[int, int, str]:

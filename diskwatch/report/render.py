@@ -37,7 +37,10 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
      "a": SUMMARY, "b": SUMMARY,     # SUMMARY: the report's top-level scalars above
      "only_a": [TRAFFIC + {"name"}], "only_b": [TRAFFIC + {"name"}],
      "changed": [{"name": str, "a": TRAFFIC, "b": TRAFFIC, "delta_bytes": int}],
-     "milestones": [{"name": str, "a": float|null, "b": float|null, "delta": float|null}]}
+     "milestones": [{"name": str, "a": float|null, "b": float|null, "delta": float|null,
+                     # the same counted from each run's first request
+                     "a_from_first": float|null, "b_from_first": float|null,
+                     "delta_from_first": float|null}]}
 
 Names in JSON are the block map's, unchanged (JSON escapes what it must);
 in text and SVG every name goes through ``safe_text`` (diskwatch/text.py)
@@ -234,7 +237,9 @@ def compare_json(c: Comparison) -> dict[str, Any]:
         "only_b": [{"name": n, **t.as_dict()} for n, t in c.only_b],
         "changed": [{"name": ch.name, "a": ch.a.as_dict(), "b": ch.b.as_dict(),
                      "delta_bytes": ch.delta_bytes} for ch in c.changed],
-        "milestones": [{"name": m.name, "a": m.a, "b": m.b, "delta": m.delta}
+        "milestones": [{"name": m.name, "a": m.a, "b": m.b, "delta": m.delta,
+                        "a_from_first": m.a_from_first, "b_from_first": m.b_from_first,
+                        "delta_from_first": m.delta_from_first}
                        for m in c.milestones],
     }
 
@@ -288,15 +293,18 @@ def write_compare_text(c: Comparison, out: IO[str], top: int = 10) -> None:
           f"in {ch.a.requests:>5}  B {human_bytes(ch.b.bytes):>10} in {ch.b.requests:>5}  "
           f"{safe_text(ch.name)}\n")
     rows = c.milestones
-    w(f"\nMilestones: first read of the same file ({len(rows)})\n")
+    timed = a.timed and b.timed
+    w(f"\nMilestones: first read of the same file ({len(rows)}); B - A, and B - A counted "
+      "from each run's first request\n")
     if rows:
-        w(f"  {'A':>10}  {'B':>10}  {'B - A':>10}  name\n")
+        w(f"  {'A':>10}  {'B':>10}  {'B - A':>10}  {'from first':>10}  name\n")
     shown = rows if len(rows) <= top else rows[: top // 2] + [None] + rows[-(top - top // 2):]
+
+    def signed(d: float | None) -> str:
+        return "-" if d is None else (f"{d:+.3f} s" if timed else f"{d:+.0f}")
     for m in shown:
         if m is None:
             w(f"  {'...':>10}\n")
             continue
-        delta = "-" if m.delta is None else (f"{m.delta:+.3f} s" if a.timed and b.timed
-                                            else f"{m.delta:+.0f}")
-        w(f"  {_when(m.a, a.timed):>10}  {_when(m.b, b.timed):>10}  {delta:>10}  "
-          f"{safe_text(m.name)}\n")
+        w(f"  {_when(m.a, a.timed):>10}  {_when(m.b, b.timed):>10}  {signed(m.delta):>10}  "
+          f"{signed(m.delta_from_first):>10}  {safe_text(m.name)}\n")
