@@ -287,3 +287,31 @@ def test_churn_puts_the_guests_files_before_the_filesystems_structures():
     assert [n for n, _ in a.top_files("write_bytes")] == ["f /dev/sda1 /var/log/a.log"]
     assert [n for n, _ in a.top_files("write_bytes", fs_structures=True)] == [
         "f /dev/sda1 /$Journal"]
+
+
+def test_a_diskwatch_recording_is_read_again_for_each_pass(tmp_path, capsys):
+    """--record's own format: the report and the picture each read the file
+    (nothing held in memory between); a file without its closing frame (a
+    crash) reads as cut short."""
+    from diskwatch.cli import main
+    from diskwatch.record import Recorder, RecordingHeader
+    path = tmp_path / "boot.rec"
+    recorder = Recorder(str(path), RecordingHeader(source="file boot.img", size=64 * MiB))
+    requests = list(boot().requests)
+    recorder.feed(requests[:10], None)
+    recorder.flush()
+    recorder.feed(requests[10:], None)
+    recorder.close()
+    svg = tmp_path / "boot.svg"
+    assert main(["report", str(path), "--json", "--svg", str(svg)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["requests"], doc["origin"], doc["truncated"]) == (len(requests), "diskwatch", False)
+    assert doc["read_bytes"] == 4096 * 4 + 3 * MiB
+    root = ET.parse(svg).getroot()
+    assert root.find(".//{http://www.w3.org/2000/svg}g[@class='reads']/"
+                     "{http://www.w3.org/2000/svg}path") is not None
+    cut = tmp_path / "cut.rec"
+    data = path.read_bytes()
+    cut.write_bytes(data[:data.rindex(b"META")])  # as if killed before closing
+    assert main(["report", str(cut), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["truncated"] is True

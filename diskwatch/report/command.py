@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import tempfile
+from itertools import islice
 
 from .inputs import KINDS
 
@@ -109,12 +110,15 @@ def import_main(argv: list[str]) -> int:
         started_wall=time.time(), started_monotonic=0.0,
         extra={"imported_from": rec.origin, "timed": rec.timed})
     recorder = Recorder(args.output, header)
-    chunk = 50_000  # a frame each, as the recorder writes about a second of a flood
-    for i in range(0, len(requests), chunk):
-        recorder.feed(requests[i:i + chunk], None)
+    count = 0
+    stream = iter(requests)
+    # a frame each, as the recorder writes about a second of a flood
+    while chunk := list(islice(stream, 50_000)):
+        recorder.feed(chunk, None)
         recorder.flush()
+        count += len(chunk)
     recorder.close()
-    print(f"diskwatch: {len(requests)} requests from {args.file} written to {args.output}",
+    print(f"diskwatch: {count} requests from {args.file} written to {args.output}",
           file=sys.stderr)
     return 0
 
@@ -147,7 +151,9 @@ def draw(recording, analysis, blockmap, svg_path: str | None, png_path: str | No
     from .svg import PictureBins, busiest_files, render_svg, write_png
 
     bins = PictureBins(recording.disk_size(), width=0.05 if recording.timed else 1.0)
-    bins.add_requests(recording.requests)
+    requests = iter(recording.requests)
+    while chunk := list(islice(requests, 65536)):  # bounded memory, C-level counting per chunk
+        bins.add_requests(chunk)
     files = busiest_files((o, t.bytes) for o, t in analysis.objects.items())
     span = f"{analysis.duration:.1f} s" if recording.timed else "no times"
     title = (f"{recording.source}: {analysis.requests} requests, {span}, "

@@ -7,7 +7,7 @@ sees a ``Recording``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import DiskwatchError
@@ -25,7 +25,7 @@ class Recording:
     ``start`` is the request's position, 0, 1, 2..., and pictures and
     timelines say "request #" instead of seconds."""
 
-    requests: Sequence[Request]
+    requests: Iterable[Request]  # a list, or re-read from the file at each pass
     source: str = ""  # what was served, or which log this came from
     size: int | None = None  # bytes of the disk, when known
     origin: str = "diskwatch"  # one of KINDS but "auto"
@@ -91,13 +91,23 @@ def read_diskwatch_recording(path: str) -> Recording:
             "log or nbdkit log); say which with --from") from None
     rec = open_recording(path)
     header = rec.header
-    requests: list[Request] = []
-    for batch in rec.batches():
-        requests.extend(batch)
     bmap = header.bmap or {}
     # an imported log keeps what it was, and whether it had times
-    return Recording(requests=requests, source=header.source or path, size=header.size or None,
+    return Recording(requests=_Reread(rec), source=header.source or path,
+                     size=header.size or None,
                      origin=header.extra.get("imported_from", "diskwatch"),
                      timed=bool(header.extra.get("timed", True)), path=path,
                      truncated=rec.truncated or not rec.complete,
                      bmap_hash=bmap.get("sha256"), bmap_path=bmap.get("path"))
+
+
+class _Reread:
+    """A recording's requests, read from the file again at each pass (a
+    chunk of about a second at a time), so a long recording is never all
+    in memory: the report makes one pass, the picture another."""
+
+    def __init__(self, rec) -> None:
+        self.rec = rec
+
+    def __iter__(self) -> Iterator[Request]:
+        return self.rec.requests()
