@@ -38,6 +38,7 @@ import os
 import re
 import ssl
 import sys
+from collections import deque
 from dataclasses import dataclass
 
 from ..errors import DiskwatchError
@@ -213,8 +214,7 @@ class TLSSocket:
             self.incoming.write(received)
         self.handshake_done = False
         self.eof = False
-        self._out = bytearray()  # ciphertext the socket did not take yet
-        self._out_pos = 0
+        self._out: deque = deque()  # ciphertext the socket did not take yet
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -226,7 +226,7 @@ class TLSSocket:
     @property
     def pending(self) -> bool:
         """Ciphertext waits for the socket (the transport watches for writability)."""
-        return self._out_pos < len(self._out) or self.outgoing.pending > 0
+        return bool(self._out) or self.outgoing.pending > 0
 
     @property
     def buffered(self) -> bool:
@@ -299,19 +299,22 @@ class TLSSocket:
 
     def flush(self) -> bool:
         """Send waiting ciphertext; True if some is still waiting."""
-        if self.outgoing.pending:
-            if self._out_pos:
-                del self._out[:self._out_pos]
-                self._out_pos = 0
-            self._out += self.outgoing.read()
         out = self._out
-        while self._out_pos < len(out):
+        if self.outgoing.pending:
+            out.append(self.outgoing.read())
+        while out:
             try:
-                self._out_pos += self.sock.send(memoryview(out)[self._out_pos:])
+                n = self.sock.sendmsg(out)  # pieces go out as they are: no joining copy
             except (BlockingIOError, InterruptedError):
                 return True
-        out.clear()
-        self._out_pos = 0
+            while n:
+                first = out[0]
+                if len(first) <= n:
+                    n -= len(first)
+                    out.popleft()
+                else:
+                    out[0] = memoryview(first)[n:]
+                    n = 0
         return False
 
     def sendmsg(self, iov) -> int:
