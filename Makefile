@@ -43,6 +43,7 @@ bench: setup
 	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_sources.py
 	$(PY) benchmarks/bench_bmap_lookup.py
+	$(PY) benchmarks/bench_tls.py
 
 lint: setup
 	$(VENV)/bin/ruff check diskwatch tests benchmarks

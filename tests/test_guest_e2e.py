@@ -230,6 +230,7 @@ def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record
 
 
 def test_ui_shows_the_boot_in_trace_and_top_objects(guest_image, guest_map):
+    from diskwatch.ui.output import CommandOutput
     from diskwatch.ui.top import TopObjects
     from diskwatch.ui.trace import TraceView
     guest = guest_image.guest
@@ -239,10 +240,17 @@ def test_ui_shows_the_boot_in_trace_and_top_objects(guest_image, guest_map):
         seen["trace"] = "\n".join(app.query_one(TraceView).lines_text())
         seen["top_reads"] = str(app.query_one(TopObjects).render())
         seen["writes"] = app.stats.top("writes", 3, keep=is_file)
+        # The guest's console, as the output panel holds it: text only (no
+        # control character reaches the terminal; diskwatch/text.py).
+        seen["console"] = [seg.text for strip in app.query_one(CommandOutput).lines
+                           for seg in strip]
 
     status, code = _run_ui(guest_image.path, guest_map, guest.qemu_shell_command("$nbd", "tcg"),
                            check)
     assert status == 0 and code == 0
+    console = "".join(seen["console"])
+    assert guest.marker in console
+    assert not re.search("[\x00-\x1f\x7f-\x9f]", console), repr(console[-500:])
     for path in ("/sbin/init", "/bin/busybox", "/etc/motd"):
         assert path in seen["trace"], seen["trace"][-3000:]
     assert "/var/log/demo.log" in seen["trace"]
