@@ -183,3 +183,26 @@ def test_an_unreachable_upstream_is_one_line(tmp_path):
     r = diskwatch(f"nbd+unix:///?socket={tmp_path}/nothing.sock", "--headless", "--run", "true")
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "cannot connect" in r.stderr, r.stderr
+
+
+def test_an_nbds_upstream_with_tls_psk(tmp_path):
+    """nbds://: libnbd speaks TLS to the upstream (its URI's tls-psk-file is
+    the person's own file); clients reach diskwatch on its private socket."""
+    keys = tmp_path / "keys.psk"
+    keys.write_text("alice:" + os.urandom(32).hex() + "\n")
+    keys.chmod(0o600)
+    up = Upstream(lambda sock: ["nbdkit", "-f", "--tls=require", f"--tls-psk={keys}", "-U", sock,
+                                "memory", "8M"], tmp_path / "tls.sock").start()
+    data = tmp_path / "in.img"
+    data.write_bytes(os.urandom(8 * MiB))
+    out = tmp_path / "out.img"
+    try:
+        uri = f"nbds+unix://alice@/?socket={up.sock}&tls-psk-file={keys}"
+        r = diskwatch(uri, "--headless", "--no-trace",
+                      "--run", f'nbdcopy {data} "$uri" && nbdcopy "$uri" {out}')
+        assert r.returncode == 0, r.stderr
+        assert md5(out) == md5(data)
+        r = diskwatch(up.uri, "--headless", "--run", "true")  # nbd:// to a TLS-only server
+        assert r.returncode == 1 and "requires TLS" in r.stderr, r.stderr
+    finally:
+        up.kill()

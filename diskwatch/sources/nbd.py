@@ -141,6 +141,9 @@ class NbdSource(Source):
         nbd = self.nbd
         h = nbd.NBD()
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        # The URI is the person's own (the command line), as for nbdinfo:
+        # its tls-certificates and tls-psk-file may name local files.
+        h.set_uri_allow_local_file(True)
         return h
 
     def _connect(self):
@@ -594,6 +597,7 @@ class NbdAio:
         """From the loop's thread while it runs, or any thread after it stopped."""
         self._closed = True
         h, self.h = self.h, None
+        idle = h is not None and not self._pending
         self._fail_pending(SourceError(errno.EIO, "closed"))
         if h is not None:
             if self.loop is not None:
@@ -603,6 +607,11 @@ class NbdAio:
                         self.loop.remove_writer(self._fd)
                 except (OSError, ValueError):
                     pass  # the loop is closed already
+            if idle:
+                try:
+                    h.shutdown()  # NBD_CMD_DISC (and TLS's close) rather than a cut
+                except self.nbd.Error:
+                    pass
             _close_handle(h)
 
 
