@@ -4,6 +4,7 @@
     diskwatch bmap IMAGE -o MAP
     diskwatch demo [--churn]
     diskwatch replay FILE [--bmap MAP] [--speed N] [--headless]
+    diskwatch attach QMP_SOCKET [--device ID] [--bmap MAP] [--headless]
 
 Nothing imports this module; it only turns words into a RunConfig.
 """
@@ -17,7 +18,7 @@ import sys
 
 from . import __version__
 from .errors import DiskwatchError
-from .runner import RunConfig, Runner, generate_map
+from .runner import RunConfig, Runner, UsageError, generate_map
 from .text import SafeFormatter, safe_text
 
 log = logging.getLogger("diskwatch")
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a disk image over NBD and watch, live, what the client reads and writes.",
         epilog="Other commands: 'diskwatch bmap IMAGE -o MAP' (make a block map), "
                "'diskwatch demo' (boot a tiny Linux guest and watch it), "
+               "'diskwatch attach QMP_SOCKET' (watch a running QEMU guest, no reboot), "
                "'diskwatch replay FILE' (play a --record FILE again), "
                "'diskwatch report FILE' (what a recording read and wrote; --svg draws it), "
                "'diskwatch import nbd-trdump|nbdkit-log LOG -o REC' (another server's log "
@@ -266,6 +268,60 @@ def bmap_main(argv: list[str]) -> int:
     return 0
 
 
+def build_attach_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diskwatch attach",
+        description="Watch a running QEMU guest's disk: move its I/O onto diskwatch through "
+                    "QMP, no reboot; quitting (q, Ctrl-C, SIGTERM) puts it back.")
+    p.add_argument("qmp", nargs="?", metavar="QMP_SOCKET",
+                   help="the QEMU's QMP unix socket (-qmp unix:PATH,server=on,wait=off)")
+    p.add_argument("--libvirt", metavar="DOMAIN",
+                   help="a libvirt domain instead of a QMP socket (through virsh; libvirt "
+                        "marks the domain tainted)")
+    p.add_argument("-c", "--connect", metavar="URI", help="libvirt connection URI for --libvirt")
+    p.add_argument("--device", metavar="ID",
+                   help="the block device (query-block's device, node or qdev id); "
+                        "needed when the guest has several")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
+    g = p.add_argument_group("watching")
+    g.add_argument("--bmap", metavar="MAP",
+                   help="block map naming offsets; made from the live image if the file does "
+                        "not exist")
+    g.add_argument("--headless", action="store_true", help="no UI: print the trace as text")
+    g.add_argument("--no-trace", action="store_true",
+                   help="with --headless: print only the summary at exit")
+    g.add_argument("--log", metavar="FILE", help="write the text trace to FILE (also with the UI)")
+    g.add_argument("--record", metavar="FILE", help="write every request as JSON lines to FILE")
+    g.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                   help="how libguestfs runs qemu when it makes the map")
+    return p
+
+
+def attach_main(argv: list[str]) -> int:
+    args = build_attach_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if bool(args.qmp) == bool(args.libvirt):
+        raise UsageError("give a QMP socket or --libvirt DOMAIN (see diskwatch attach --help)")
+    from .attach import AttachedGuest, monitor_opener, prepare
+    connect = monitor_opener(args.qmp, args.libvirt, args.connect)
+    with connect() as monitor:
+        target = prepare(monitor, args.device)
+    words = ["-U", "-", "--accel", args.accel]
+    if target.disk.readonly:
+        words.append("--readonly")
+    for flag in ("headless", "no_trace", "verbose"):
+        if getattr(args, flag):
+            words.append("--" + flag.replace("_", "-"))
+    for option in ("bmap", "log", "record"):
+        if getattr(args, option):
+            words += ["--" + option, getattr(args, option)]
+    serve_args = build_parser().parse_args([*words, "--", target.path])
+    config = run_config(serve_args)
+    config.guest = lambda socket_path, private_dir: AttachedGuest(
+        connect, target, socket_path, private_dir=private_dir)
+    return Runner(config, lambda: _open_source(serve_args)).run()
+
+
 def demo_main(argv: list[str]) -> int:
     args = build_demo_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -308,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             _setup_logging("-v" in argv)
             from .replay import replay_main
             return replay_main(argv[1:])
+        if argv and argv[0] == "attach":
+            return attach_main(argv[1:])
         if argv and argv[0] == "report":
             from .report.command import report_main
             return report_main(argv[1:])

@@ -68,6 +68,10 @@ class RunConfig:
     metrics_refresh: float = 10.0
     #: extra sinks to feed (later: metrics), each made from the session
     extra_sinks: list[Callable[[Session], Any]] = field(default_factory=list)
+    #: diskwatch attach: makes the running guest to attach (an
+    #: ``attach.AttachedGuest``) from the socket path and its private
+    #: directory; it plays the captive command's part
+    guest: Callable[[str, str | None], Any] | None = None
 
 
 # --- block maps ---------------------------------------------------------------
@@ -278,6 +282,8 @@ class Runner:
         self.trace_out: IO[str] = sys.stdout
         self.logs: list = []  # ReopenableFiles of --log/--record (SIGHUP reopens them)
         self.metrics = None  # the MetricsSink, with --metrics or --otlp
+        self.guest = None  # the attached guest (diskwatch attach)
+        self.private_dir: str | None = None
 
     def run(self) -> int:
         from .server import Server, ServerThread, nbd_uri, private_socket_path
@@ -329,8 +335,11 @@ class Runner:
             server = Server({cfg.export_name: source}, bus, tls=tls)
             kind, addr = self._bind(server, undo, private_socket_path)
             uri = nbd_uri(kind, addr, cfg.export_name, tls is not None)
+            if cfg.guest is not None:
+                self.guest = cfg.guest(addr, self.private_dir)
             session = Session(bus=bus, size=source.size, description=source.description,
-                              uri=uri, command=cfg.run, blockmap=blockmap)
+                              uri=uri, command=self.guest.description if self.guest else cfg.run,
+                              blockmap=blockmap)
             self.pump = pump = session.pump
             # The pump closes the sinks (after its last round) before their
             # files are closed and what they feed (metrics endpoints) stops;
@@ -352,6 +361,10 @@ class Runner:
                                       capture=not cfg.headless, bus=bus)
                     session.stop_command = captive.stop
                     announce = ""
+                elif self.guest is not None:
+                    captive = self.guest
+                    session.stop_command = captive.stop
+                    announce = ""
                 else:
                     announce = safe_text(f"diskwatch: serving {source.description} at {uri}")
                 prepare = None
@@ -364,6 +377,10 @@ class Runner:
             finally:
                 if session.interrupted:
                     source.abort()  # e.g. a stream whose FIFO reader never came: do not wait for one
+                # An attached guest goes back onto its file while the server
+                # still answers (its last requests go through us).
+                if self.guest is not None and self.guest.running:
+                    self.guest.stop()
                 # Stopping the server first publishes every request it answered
                 # (a client can exit before the server thread has published its
                 # last batch); the pump's last round then finds them all.
@@ -408,13 +425,22 @@ class Runner:
             return describe(self.activated[0])
         unix = cfg.unix
         if unix is None and cfg.port is None:
-            unix = "-" if cfg.run else None
+            unix = "-" if cfg.run or cfg.guest else None
+
+        def unless_handed_over(undo_step: Callable[[], None]) -> None:
+            # An attached guest whose detach failed is the watchdog's: it
+            # serves this very socket path now, which must stay.
+            if self.guest is None or not self.guest.abandoned:
+                undo_step()
         if unix == "-":
-            private_dir, unix = private_socket_path()
-            undo.callback(shutil.rmtree, private_dir, ignore_errors=True)
+            self.private_dir, unix = private_socket_path()
+            private_dir = self.private_dir
+            undo.callback(unless_handed_over,
+                          lambda: shutil.rmtree(private_dir, ignore_errors=True))
         if unix:
             server.listen_unix(unix)
-            undo.callback(_unlink_quietly, unix)
+            path = unix
+            undo.callback(unless_handed_over, lambda: _unlink_quietly(path))
             return "unix", unix
         port = server.listen_tcp(cfg.ipaddr, 10809 if cfg.port is None else cfg.port)
         return "tcp", (cfg.ipaddr, port)

@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -585,3 +586,20 @@ def build_ntfs_image(path: Path, work: Path) -> DiskImage:
 def ntfs_image(tmp_path_factory: pytest.TempPathFactory) -> DiskImage:
     work = tmp_path_factory.mktemp("ntfs")
     return build_ntfs_image(work / "ntfs.img", work)
+
+
+def make_map(image: Path, out: Path) -> Path:
+    """A block map of ``image`` made by ``diskwatch bmap`` (libguestfs through diskwatch)."""
+    if not out.exists():
+        diskwatch = str(Path(sys.executable).with_name("diskwatch"))
+        r = subprocess.run([diskwatch, "bmap", str(image), "-o", str(out), "--accel", "tcg"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert "files" in r.stderr  # the closing counts, as virt-bmap printed them
+    return out
+
+
+@pytest.fixture(scope="session")
+def guest_map(guest_image: DiskImage, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo guest's block map (shared by the boot and the attach tests)."""
+    return make_map(guest_image.path, tmp_path_factory.mktemp("guest-map") / "guest.bmap")

@@ -19,25 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures_images import make_map
 
 pytestmark = pytest.mark.slow
 
 DISKWATCH = str(Path(sys.executable).with_name("diskwatch"))
 BOOT_TIMEOUT = 300  # TCG on a loaded 2-core machine; a quiet one boots in ~15 s
-
-
-def make_map(image: Path, out: Path) -> Path:
-    if not out.exists():
-        r = subprocess.run([DISKWATCH, "bmap", str(image), "-o", str(out), "--accel", "tcg"],
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr
-        assert "ranges written" in r.stderr  # the closing counts (either method's)
-    return out
-
-
-@pytest.fixture(scope="session")
-def guest_map(guest_image, tmp_path_factory):
-    return make_map(guest_image.path, tmp_path_factory.mktemp("guest-map") / "guest.bmap")
 
 
 @pytest.fixture(scope="session")

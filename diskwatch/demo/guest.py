@@ -30,6 +30,7 @@ from ..errors import DiskwatchError
 __all__ = [
     "GuestImage",
     "MissingToolError",
+    "LOOP_INIT",
     "Partition",
     "build_guest_image",
     "find_kernel",
@@ -43,6 +44,11 @@ SECTOR = 512
 MiB = 1024 * 1024
 #: Printed on the guest console just before it powers off.
 MARKER = "DISKWATCH-DEMO-DONE"
+#: The init of the guest that never stops by itself (``init-loop.sh``): every
+#: second it reads the data files, writes a record into /var/log/demo.log,
+#: syncs and prints ``diskwatch-loop: tick N``; a line ``stop`` on its console
+#: ends it. Boot with ``qemu_command(init=LOOP_INIT)``.
+LOOP_INIT = "/sbin/init-loop"
 #: The root partition starts 1 MiB in, as every modern partitioner aligns it.
 PARTITION_START = 1 * MiB
 
@@ -292,6 +298,8 @@ class GuestImage:
         memory_mb: int = 512,
         console: str = "stdio",
         extra: list[str] | None = None,
+        init: str | None = None,
+        initrd: str | os.PathLike[str] | None = None,
     ) -> list[str]:
         """The qemu argv that boots this guest from ``drive`` (default: the image file).
 
@@ -300,7 +308,9 @@ class GuestImage:
         ``accel`` is ``tcg`` or ``kvm`` (see ``probe_kvm``). ``console`` is the
         qemu chardev of the guest's serial console: ``stdio`` (qemu's stdout),
         or ``file:PATH`` when a full-screen UI owns the terminal (qemu puts a
-        terminal on stdin into raw mode).
+        terminal on stdin into raw mode). ``init`` replaces /sbin/init (e.g.
+        ``LOOP_INIT``); ``initrd`` replaces the image's initrd (e.g. one from
+        ``build_minimal_initrd``).
         """
         qemu = require_tool("qemu-system-x86_64")
         target = os.fspath(drive) if drive is not None else os.fspath(self.path)
@@ -313,8 +323,9 @@ class GuestImage:
             "-nodefaults", "-display", "none", "-serial", console, "-monitor", "none",
             "-no-reboot",
             "-kernel", os.fspath(self.kernel),
-            "-initrd", os.fspath(self.initrd),
-            "-append", "root=/dev/vda1 rootfstype=ext4 rw console=ttyS0 panic=-1 loglevel=6",
+            "-initrd", os.fspath(initrd or self.initrd),
+            "-append", "root=/dev/vda1 rootfstype=ext4 rw console=ttyS0 panic=-1 loglevel=6"
+            + (f" init={init}" if init else ""),
             "-drive", f"file={target.replace(',', ',,')},format=raw,if=virtio",
         ]  # fmt: skip
         return argv + list(extra or [])
@@ -458,6 +469,11 @@ def build_guest_image(
         }.items():
             script = script.replace(f"@{key}@", value)
         _write(tree / "sbin/init", script.encode(), 0o755)
+        # The same guest as one that keeps running (boot it with init=LOOP_INIT):
+        # for diskwatch attach, which watches a guest already at work.
+        loop_script = resources.files("diskwatch.demo").joinpath("init-loop.sh").read_text()
+        loop_script = loop_script.replace("@READ_FILES@", " ".join(shlex.quote(f) for f in reads))
+        _write(tree / LOOP_INIT.lstrip("/"), loop_script.encode(), 0o755)
 
         files = {
             "/" + os.fspath(p.relative_to(tree)): p.stat().st_size

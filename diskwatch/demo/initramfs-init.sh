@@ -2,7 +2,7 @@
 # /init of the minimal initramfs (build_guest_image(initrd="minimal")).
 # Debian's own initrd (36 MB, udev, every storage driver) is most of the demo
 # guest's boot time under TCG; this one loads the few modules a virtio disk
-# with ext4 needs, mounts root= and hands over to its /sbin/init.
+# with ext4 needs, mounts root= and hands over to its /sbin/init (or init=).
 B=/bin/busybox
 $B mount -t proc proc /proc
 $B mount -t sysfs sysfs /sys
@@ -14,8 +14,12 @@ for pass in 1 2; do
     done
 done
 root=/dev/vda1
+init=/sbin/init
 for word in $($B cat /proc/cmdline); do
-    case "$word" in root=*) root="${word#root=}" ;; esac
+    case "$word" in
+        root=*) root="${word#root=}" ;;
+        init=*) init="${word#init=}" ;;
+    esac
 done
 i=0
 while [ ! -b "$root" ] && [ "$i" -lt 200 ]; do
@@ -29,4 +33,4 @@ fi
 $B mount --move /dev /root/dev
 $B mount --move /sys /root/sys
 $B mount --move /proc /root/proc
-exec $B switch_root /root /sbin/init
+exec $B switch_root /root "$init"

@@ -1,0 +1,223 @@
+"""Watch a guest that is already running: attach through QMP, detach, no reboot.
+
+    connect = monitor_opener(qmp="/run/vm.qmp")            # or libvirt="domain"
+    with connect() as monitor:
+        target = prepare(monitor, device=None)             # refusals happen here
+    guest = AttachedGuest(connect, target, socket_path)    # serve target.path on socket_path
+    guest.start()   # watchdog up, then the guest's device moves onto the socket
+    ...
+    guest.stop()    # the device moves back onto the file; the watchdog ends
+
+diskwatch holds the QEMU's monitor only while it moves the disk: a QMP socket
+serves one client at a time, and the person (or their tools, or the
+watchdog) may need it while diskwatch watches.
+
+``AttachedGuest`` looks to the session runner like a captive command:
+``start``, ``stop``, ``wait``, ``running``, ``on_exit`` (called when the
+QEMU goes away). See pivot.py for how the device moves and why the image
+stays consistent, watchdog.py for what happens if diskwatch dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .disks import (
+    AttachRefused,
+    Disk,
+    check_attachable,
+    check_monitor,
+    choose_disk,
+    image_path,
+    list_disks,
+)
+from .pivot import PivotError, Plan, attach, restore
+from .qmp import Monitor, QmpError, QmpSocket, VirshMonitor, peer_pid
+
+__all__ = ["AttachRefused", "AttachedGuest", "Target", "monitor_opener", "prepare",
+           "PivotError", "QmpError"]
+
+
+def monitor_opener(qmp: str | None = None, libvirt: str | None = None,
+                   connect: str | None = None) -> Callable[[], Monitor]:
+    """A function that opens a new connection to the monitor each time it is called."""
+    if libvirt:
+        return lambda: VirshMonitor(libvirt, connect=connect)
+    assert qmp is not None
+    return lambda: QmpSocket(qmp)
+
+
+def monitor_spec(monitor: Monitor) -> dict:
+    """How the watchdog reaches the same monitor."""
+    if isinstance(monitor, VirshMonitor):
+        return {"kind": "virsh", "domain": monitor.domain, "connect": monitor.connect}
+    return {"kind": "socket", "path": monitor.name}
+
+
+@dataclass
+class Target:
+    """The disk chosen, and its image as this process reaches it."""
+
+    disk: Disk
+    path: str
+    pid: int | None
+
+
+def prepare(monitor: Monitor, device: str | None = None) -> Target:
+    """Choose the device and refuse what cannot be done safely (AttachRefused)."""
+    check_monitor(monitor)
+    disk = choose_disk(list_disks(monitor), device)
+    pid = peer_pid(monitor)
+    if disk.driver == "raw":
+        path = image_path(disk, pid)
+    else:
+        path = disk.filename
+    check_attachable(monitor, disk, path)
+    return Target(disk, path, pid)
+
+
+class AttachedGuest:
+    """The running guest whose disk diskwatch serves (see the module docstring)."""
+
+    #: seconds between checks that the QEMU process is still there
+    POLL = 0.5
+
+    def __init__(self, connect: Callable[[], Monitor], target: Target, socket_path: str, *,
+                 private_dir: str | None = None, say: Callable[[str], None] | None = None):
+        self.connect = connect
+        self.target = target
+        self.plan = Plan.for_disk(target.disk, target.path, socket_path)
+        self.private_dir = private_dir
+        self.say = say or (lambda text: print(f"diskwatch: {text}", file=sys.stderr, flush=True))
+        self.on_exit: Callable[[int], None] = lambda status: None
+        self.proc = None  # no command of ours runs (the runner asks)
+        self.watchdog: subprocess.Popen | None = None
+        self.monitor_name = ""
+        self.attached = False
+        self.abandoned = False  # detach failed: the watchdog serves the socket and retries
+        self.gone = False  # the QEMU went away while attached
+        self._stopped = threading.Event()
+
+    @property
+    def running(self) -> bool:
+        return self.attached
+
+    @property
+    def description(self) -> str:
+        return f"attached to {self.target.disk.name} of a running QEMU ({self.target.path})"
+
+    def start(self) -> None:
+        """Start the watchdog, then move the guest's device onto the socket."""
+        with self.connect() as monitor:
+            self._start_watchdog(monitor)
+            try:
+                attach(monitor, self.plan)
+            except BaseException:
+                self._end_watchdog()
+                raise
+        self.attached = True
+        self.say(f"attached: {self.target.disk.name}'s I/O goes through diskwatch; "
+                 "quitting (q, Ctrl-C, SIGTERM) puts it back on its file")
+        if self.target.pid:
+            threading.Thread(target=self._watch_qemu, args=(self.target.pid,), daemon=True,
+                             name="qemu-watch").start()
+
+    def stop(self) -> None:
+        """Move the device back onto its file (idempotent). If that fails, the
+        watchdog is left to do it (it serves the socket and retries)."""
+        self._stopped.set()
+        if not self.attached:
+            return
+        self.attached = False
+        if self.gone:
+            self._end_watchdog()
+            return
+        try:
+            with self.connect() as monitor:
+                restore(monitor, self.plan)
+        except (QmpError, PivotError, OSError) as e:
+            self.say(f"could not put {self.target.disk.name} back: {e}; the watchdog takes over")
+            self._abandon_watchdog()
+            return
+        self._end_watchdog()
+        self.say(f"detached: {self.target.disk.name} is back on {self.target.path}")
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+    def _watch_qemu(self, pid: int) -> None:
+        """A QEMU that exits ends the session (there is nothing left to put back)."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            fd = None
+        try:
+            while not self._stopped.is_set():
+                if fd is not None:
+                    ready, _, _ = select.select([fd], [], [], self.POLL)
+                    if not ready:
+                        continue
+                elif os.path.exists(f"/proc/{pid}") or self._stopped.wait(self.POLL):
+                    continue
+                if self._stopped.is_set():
+                    return
+                self.gone = True
+                self.say("the QEMU exited")
+                self.on_exit(0)
+                return
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    # --- the watchdog --------------------------------------------------------------
+
+    def _start_watchdog(self, monitor: Monitor) -> None:
+        config = {"plan": self.plan.to_dict(), "monitor": monitor_spec(monitor),
+                  "path": self.target.path, "pid": self.target.pid,
+                  "private_dir": self.private_dir}
+        env = dict(os.environ)
+        # The watchdog must import this very diskwatch (a checkout run with PYTHONPATH too).
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-m", "diskwatch.attach.watchdog"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, env=env, start_new_session=True, text=True)
+        assert self.watchdog.stdin is not None and self.watchdog.stdout is not None
+        self.watchdog.stdin.write(json.dumps(config) + "\n")
+        self.watchdog.stdin.flush()
+        if self.watchdog.stdout.readline().strip() != "ready":
+            self.watchdog.wait()
+            raise PivotError("the watchdog did not start: not attaching without it")
+
+    def _end_watchdog(self) -> None:
+        wd = self.watchdog
+        if wd is None:
+            return
+        self.watchdog = None
+        try:
+            assert wd.stdin is not None
+            wd.stdin.write("detached\n")
+            wd.stdin.close()
+        except OSError:
+            pass
+        wd.wait()
+
+    def _abandon_watchdog(self) -> None:
+        """Close its stdin without 'detached': it takes over (and outlives us)."""
+        wd = self.watchdog
+        if wd is None:
+            return
+        self.watchdog = None
+        self.abandoned = True
+        try:
+            assert wd.stdin is not None
+            wd.stdin.close()
+        except OSError:
+            pass

@@ -1,0 +1,45 @@
+#!/bin/sh
+# /sbin/init of the "loop" demo guest (busybox sh): a guest that keeps
+# running, for `diskwatch attach` to find already at work.
+#
+# Every second it reads a few named files (dropping the page cache first, so
+# the reads reach the disk), writes a record into /var/log/demo.log in place
+# (dd conv=notrunc: no new blocks, the block map stays true), syncs, and
+# prints a counter on its console. A line "stop" on the console ends the
+# loop: the root filesystem is remounted read-only and the guest powers off,
+# so the image is clean for e2fsck afterwards.
+#
+# build_guest_image() installs it as /sbin/init-loop beside the one-shot
+# /sbin/init (boot with init=/sbin/init-loop) and replaces @READ_FILES@.
+PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export PATH
+
+[ -e /proc/mounts ] || mount -t proc proc /proc
+[ -d /sys/kernel ] || mount -t sysfs sysfs /sys
+mount -o remount,rw /
+echo "diskwatch-demo: init running"
+
+write_record() { # file slot text
+    printf '%-63s\n' "$3" | dd of="$1" bs=64 seek=$(($2 * 64)) conv=notrunc 2> /dev/null
+}
+
+n=0
+while :; do
+    n=$((n + 1))
+    echo 3 > /proc/sys/vm/drop_caches
+    for f in @READ_FILES@; do
+        cat "$f" > /dev/null
+    done
+    write_record /var/log/demo.log $((n % 15 + 1)) "loop $n uptime $(cut -d' ' -f1 /proc/uptime)"
+    sync
+    echo "diskwatch-loop: tick $n"
+    # The one-second pause is a read of the console: "stop" ends the loop.
+    if read -t 1 line; then
+        case "$line" in *stop*) break ;; esac
+    fi
+done
+
+sync
+mount -o remount,ro /
+echo "diskwatch-loop: stopped"
+poweroff -f
