@@ -315,6 +315,10 @@ def test_kill_9_while_attached_the_watchdog_puts_the_disk_back(running_guest):
         assert time.monotonic() < deadline, f"the disk is still on {node} ({driver})"
         time.sleep(0.2)
     back = time.monotonic() - killed
+    # It was the watchdog (its stderr is diskwatch's, which we still read).
+    while not any("watchdog: the guest's disk virtio0 is back on" in line for line in err):
+        assert time.monotonic() < deadline, "".join(err)
+        time.sleep(0.05)
     with g.qmp() as q:
         assert not any(n["drv"] == "nbd" for n in q.execute("query-named-block-nodes"))
     g.wait_ticks(3)
