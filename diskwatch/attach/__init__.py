@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..text import safe_text
 from .disks import (
     AttachRefused,
     Disk,
@@ -95,7 +96,9 @@ class AttachedGuest:
         self.target = target
         self.plan = Plan.for_disk(target.disk, target.path, socket_path)
         self.private_dir = private_dir
-        self.say = say or (lambda text: print(f"diskwatch: {text}", file=sys.stderr, flush=True))
+        # Device and file names come from the QEMU: shown escaped, never raw.
+        self.say = say or (lambda text: print(f"diskwatch: {safe_text(text)}", file=sys.stderr,
+                                              flush=True))
         self.on_exit: Callable[[int], None] = lambda status: None
         self.proc = None  # no command of ours runs (the runner asks)
         self.watchdog: subprocess.Popen | None = None

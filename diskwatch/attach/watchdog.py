@@ -30,6 +30,7 @@ import time
 
 from ..server import Server, ServerThread
 from ..sources.file import FileSource
+from ..text import safe_text
 from .pivot import Plan, restore
 from .qmp import Monitor, QmpError, QmpSocket, VirshMonitor
 
@@ -38,7 +39,7 @@ MONITOR_RETRY = 30.0
 
 
 def say(text: str) -> None:
-    print(f"diskwatch watchdog: {text}", file=sys.stderr, flush=True)
+    print(f"diskwatch watchdog: {safe_text(text)}", file=sys.stderr, flush=True)
 
 
 def open_monitor(spec: dict) -> Monitor:
