@@ -244,7 +244,7 @@ def run_config(args) -> RunConfig:
         metrics_refresh=args.metrics_refresh)
 
 
-def serve(args) -> int:
+def serve(args, config: RunConfig | None = None) -> int:
     # Bad monitoring settings are told before anything starts.
     if args.metrics is not None:
         from .metrics.prometheus import parse_address
@@ -253,7 +253,7 @@ def serve(args) -> int:
         from .metrics.otlp import export_interval, metrics_url
         metrics_url(args.otlp)
         export_interval()
-    return Runner(run_config(args), lambda: _open_source(args)).run()
+    return Runner(config or run_config(args), lambda: _open_source(args)).run()
 
 
 def bmap_main(argv: list[str]) -> int:
@@ -268,11 +268,21 @@ def bmap_main(argv: list[str]) -> int:
     return 0
 
 
+#: options of ``diskwatch IMAGE`` that attach decides itself (the image, the
+#: socket) or that would change what the guest's disk is
+_NOT_WITH_ATTACH = ("--run", "-U", "--unix", "-p", "--port", "-i", "--ipaddr", "-e",
+                    "--export-name", "--snapshot", "--stream-to", "-r", "--readonly", "-f",
+                    "--format", "--inject-errors")
+
+
 def build_attach_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diskwatch attach",
         description="Watch a running QEMU guest's disk: move its I/O onto diskwatch through "
-                    "QMP, no reboot; quitting (q, Ctrl-C, SIGTERM) puts it back.")
+                    "QMP, no reboot; quitting (q, Ctrl-C, SIGTERM) puts it back.",
+        epilog="The watching options of 'diskwatch IMAGE' apply: --bmap MAP (made from the "
+               "live image if the file does not exist), --headless, --no-trace, --log, "
+               "--record, --metrics, --otlp, --accel.")
     p.add_argument("qmp", nargs="?", metavar="QMP_SOCKET",
                    help="the QEMU's QMP unix socket (-qmp unix:PATH,server=on,wait=off)")
     p.add_argument("--libvirt", metavar="DOMAIN",
@@ -282,44 +292,32 @@ def build_attach_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="ID",
                    help="the block device (query-block's device, node or qdev id); "
                         "needed when the guest has several")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
-    g = p.add_argument_group("watching")
-    g.add_argument("--bmap", metavar="MAP",
-                   help="block map naming offsets; made from the live image if the file does "
-                        "not exist")
-    g.add_argument("--headless", action="store_true", help="no UI: print the trace as text")
-    g.add_argument("--no-trace", action="store_true",
-                   help="with --headless: print only the summary at exit")
-    g.add_argument("--log", metavar="FILE", help="write the text trace to FILE (also with the UI)")
-    g.add_argument("--record", metavar="FILE", help="write every request as JSON lines to FILE")
-    g.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
-                   help="how libguestfs runs qemu when it makes the map")
     return p
 
 
 def attach_main(argv: list[str]) -> int:
-    args = build_attach_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    args, watching = build_attach_parser().parse_known_args(argv)
+    for word in watching:
+        if word.split("=", 1)[0] in _NOT_WITH_ATTACH:
+            raise UsageError(f"{word.split('=', 1)[0]} does not apply to diskwatch attach "
+                             "(the image and the socket are the guest's)")
+    # The watching options are checked before the guest is touched.
+    serve_args = build_parser().parse_args([*watching, "-U", "-", "--", "IMAGE"])
+    _setup_logging(serve_args.verbose)
     if bool(args.qmp) == bool(args.libvirt):
         raise UsageError("give a QMP socket or --libvirt DOMAIN (see diskwatch attach --help)")
     from .attach import AttachedGuest, monitor_opener, prepare
     connect = monitor_opener(args.qmp, args.libvirt, args.connect)
     with connect() as monitor:
         target = prepare(monitor, args.device)
-    words = ["-U", "-", "--accel", args.accel]
-    if target.disk.readonly:
-        words.append("--readonly")
-    for flag in ("headless", "no_trace", "verbose"):
-        if getattr(args, flag):
-            words.append("--" + flag.replace("_", "-"))
-    for option in ("bmap", "log", "record"):
-        if getattr(args, option):
-            words += ["--" + option, getattr(args, option)]
-    serve_args = build_parser().parse_args([*words, "--", target.path])
+    serve_args.source = target.path
+    serve_args.readonly = target.disk.readonly
+    # QEMU opened it as raw: never probed (a guest can write any header at offset 0).
+    serve_args.format = "raw"
     config = run_config(serve_args)
     config.guest = lambda socket_path, private_dir: AttachedGuest(
         connect, target, socket_path, private_dir=private_dir)
-    return Runner(config, lambda: _open_source(serve_args)).run()
+    return serve(serve_args, config)
 
 
 def demo_main(argv: list[str]) -> int:

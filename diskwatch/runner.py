@@ -339,7 +339,10 @@ class Runner:
                 self.guest = cfg.guest(addr, self.private_dir)
             session = Session(bus=bus, size=source.size, description=source.description,
                               uri=uri, command=self.guest.description if self.guest else cfg.run,
-                              blockmap=blockmap)
+                              blockmap=blockmap, attached=self.guest is not None)
+            if self.guest is not None and not cfg.headless:
+                # Under the UI the terminal is the UI's: its messages go to the output panel.
+                self.guest.say = lambda text: bus.publish(Message(safe_text(text)))
             self.pump = pump = session.pump
             # The pump closes the sinks (after its last round) before their
             # files are closed and what they feed (metrics endpoints) stops;

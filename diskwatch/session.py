@@ -180,6 +180,9 @@ class Session:
     blockmap: object | None = None  # a diskwatch.bmap.index.BlockMap once one is loaded
     started: float = field(default_factory=time.monotonic)
     exit_status: int | None = None  # the captive command's, once it exited
+    #: diskwatch attach: ``command`` describes a running guest diskwatch moved
+    #: onto itself; quitting puts it back (no question: nothing is stopped)
+    attached: bool = False
     interrupted: bool = False  # a signal (SIGINT/SIGTERM/SIGHUP) ended the session
     #: stop the captive command (SIGTERM, then SIGKILL after a grace period)
     stop_command: Callable[[], None] = lambda: None

@@ -107,6 +107,25 @@ class AttachedGuest:
         self.abandoned = False  # detach failed: the watchdog serves the socket and retries
         self.gone = False  # the QEMU went away while attached
         self._stopped = threading.Event()
+        self._give_socket_to_qemu(socket_path)
+
+    def _give_socket_to_qemu(self, socket_path: str) -> None:
+        """A QEMU running as another user (libvirt's libvirt-qemu) must reach the
+        socket: the private 0700 directory and the 0600 socket become its user's."""
+        pid = self.target.pid
+        if not pid or os.geteuid() != 0:
+            return
+        try:
+            st = os.stat(f"/proc/{pid}")
+        except OSError:
+            return
+        if st.st_uid == 0:
+            return
+        for path in filter(None, [self.private_dir, socket_path]):
+            try:
+                os.chown(path, st.st_uid, st.st_gid)
+            except OSError:
+                pass  # blockdev-add then says QEMU cannot connect, and nothing moves
 
     @property
     def running(self) -> bool:

@@ -227,6 +227,8 @@ class DiskwatchApp(App[int | None]):
         if self.session.command is None:
             return ""
         status = self.exit_status
+        if self.session.attached:
+            return "attached (q detaches)" if status is None else "the guest's QEMU exited"
         return "command running" if status is None else f"command exited {status}"
 
     def add_requests(self, batch: Any, pieces: Pieces | None) -> None:
@@ -434,6 +436,12 @@ class DiskwatchApp(App[int | None]):
 
     async def action_quit(self) -> None:
         if self._quitting:
+            return
+        if self.command_running and self.session.attached:
+            # Quitting puts the guest's disk back on its file: nothing to confirm.
+            self._quitting = True
+            self.notify("detaching: putting the guest's disk back on its file…")
+            self._shutdown_and_exit(stop_command=True)
             return
         if self.command_running:
             if not isinstance(self.screen, ConfirmQuit):
