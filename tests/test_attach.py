@@ -292,6 +292,98 @@ def test_attach_traces_the_loop_and_detach_puts_the_disk_back(running_guest, gue
     assert g.max_stall(since) < MAX_STALL, g.tail()
 
 
+# --- the UI on a running guest -----------------------------------------------------------------
+
+
+def run_attached_ui(guest: RunningGuest, bmap: Path, check, size=(140, 42)):
+    """The real app on the running guest (as the runner wires it: server thread,
+    session, AttachedGuest as the command); check(app, pilot) runs once the
+    trace names the log the loop writes; then q (which must detach)."""
+    import asyncio
+
+    from diskwatch.attach import AttachedGuest, monitor_opener, prepare
+    from diskwatch.bmap.index import BlockMap
+    from diskwatch.events import Bus
+    from diskwatch.server import serve_in_thread
+    from diskwatch.session import Session
+    from diskwatch.sources.file import FileSource
+    from diskwatch.ui.app import DiskwatchApp
+    from diskwatch.ui.screens import ConfirmQuit
+    from diskwatch.ui.trace import TraceView
+
+    connect = monitor_opener(guest.qmp_path)
+    with connect() as monitor:
+        target = prepare(monitor, "virtio0")
+    bus = Bus()
+    source = FileSource(target.path)
+    running = serve_in_thread({"": source}, bus)
+    attached = AttachedGuest(connect, target, running.socket_path,
+                             say=lambda text: None)
+    session = Session(bus=bus, size=source.size, description=source.description,
+                      uri=running.uri, command=attached.description,
+                      blockmap=BlockMap.load(bmap), attached=True)
+    session.stop_command = attached.stop
+
+    async def main():
+        app = DiskwatchApp(session)
+        async with app.run_test(size=size) as pilot:
+            await asyncio.to_thread(attached.start)
+            deadline = time.monotonic() + 60
+            while "/var/log/demo.log" not in "\n".join(app.query_one(TraceView).lines_text()):
+                assert time.monotonic() < deadline, "the UI never showed the loop's log"
+                app.pump()
+                await pilot.pause(0.2)
+            guest.wait_ticks(2)
+            app.pump()
+            app._refresh_views(force=True)
+            await pilot.pause()
+            result = check(app, pilot)
+            if asyncio.iscoroutine(result):
+                await result
+            await pilot.press("q")
+            assert not isinstance(app.screen, ConfirmQuit)  # quitting detaches: no question
+            deadline = time.monotonic() + 60
+            while attached.running or app.is_running:  # the quit worker detaches, then exits
+                assert time.monotonic() < deadline, "q did not detach and exit"
+                await asyncio.sleep(0.05)
+        return app.return_code
+
+    try:
+        code = asyncio.run(main())
+    finally:
+        if attached.running:
+            attached.stop()
+        running.stop()
+        source.close()
+    return code
+
+
+def test_ui_on_the_running_guest_and_q_detaches(running_guest, guest_map):
+    g = running_guest
+    seen = {}
+
+    def check(app, pilot):
+        from diskwatch.ui.trace import TraceView
+        seen["trace"] = "\n".join(app.query_one(TraceView).lines_text())
+        seen["status"] = str(app.query_one("#status").render())
+        seen["state"] = g.block_state()["virtio0"]
+        shots = os.environ.get("DISKWATCH_ATTACH_SCREENSHOT")
+        if shots:  # screenshots/make_screenshots.py --attach
+            app.save_screenshot(os.path.basename(shots), os.path.dirname(shots) or ".")
+
+    since = time.monotonic()
+    code = run_attached_ui(g, guest_map, check)
+    assert code == 0
+    assert seen["state"][1] == "nbd"
+    assert "attached (q detaches)" in seen["status"]
+    for path in g.guest.reads[3:]:  # (the UI shortens long paths from the left)
+        assert path.rsplit("/", 1)[1] in seen["trace"], seen["trace"][-2000:]
+    # q put the disk back.
+    assert g.block_state()["virtio0"][1] == "raw"
+    g.wait_ticks(1)
+    assert g.max_stall(since) < MAX_STALL, g.tail()
+
+
 # --- diskwatch killed while attached: the watchdog puts the disk back ------------------------
 
 
