@@ -268,11 +268,11 @@ def bmap_main(argv: list[str]) -> int:
     return 0
 
 
-#: options of ``diskwatch IMAGE`` that attach decides itself (the image, the
-#: socket) or that would change what the guest's disk is
-_NOT_WITH_ATTACH = ("--run", "-U", "--unix", "-p", "--port", "-i", "--ipaddr", "-e",
-                    "--export-name", "--snapshot", "--stream-to", "-r", "--readonly", "-f",
-                    "--format", "--inject-errors")
+#: the options of ``diskwatch IMAGE`` that attach takes: how to watch. The
+#: rest (source, layers, filters, socket, TLS, --run) would change what the
+#: guest's disk is or how QEMU reaches it: attach decides those itself.
+_WATCHING_OPTIONS = ("-v", "--verbose", "--bmap", "--headless", "--no-trace", "--log", "--record",
+                     "--accel", "--metrics", "--otlp", "--metrics-top", "--metrics-refresh")
 
 
 def build_attach_parser() -> argparse.ArgumentParser:
@@ -298,9 +298,10 @@ def build_attach_parser() -> argparse.ArgumentParser:
 def attach_main(argv: list[str]) -> int:
     args, watching = build_attach_parser().parse_known_args(argv)
     for word in watching:
-        if word.split("=", 1)[0] in _NOT_WITH_ATTACH:
-            raise UsageError(f"{word.split('=', 1)[0]} does not apply to diskwatch attach "
-                             "(the image and the socket are the guest's)")
+        name = word.split("=", 1)[0]
+        if name.startswith("-") and name not in _WATCHING_OPTIONS:
+            raise UsageError(f"{name} does not apply to diskwatch attach (it takes the watching "
+                             f"options: {', '.join(_WATCHING_OPTIONS[1:])})")
     # The watching options are checked before the guest is touched.
     serve_args = build_parser().parse_args([*watching, "-U", "-", "--", "IMAGE"])
     _setup_logging(serve_args.verbose)
