@@ -595,7 +595,7 @@ def make_map(image: Path, out: Path) -> Path:
         r = subprocess.run([diskwatch, "bmap", str(image), "-o", str(out), "--accel", "tcg"],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
-        assert "files" in r.stderr  # the closing counts, as virt-bmap printed them
+        assert "ranges written" in r.stderr  # the closing counts (either method's)
     return out
 
 

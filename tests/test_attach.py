@@ -6,8 +6,8 @@ console on a unix socket, with the loop init (/sbin/init-loop: every second
 it reads the data files, writes a record into /var/log/demo.log, syncs and
 prints ``diskwatch-loop: tick N``). A second, qcow2 disk sits beside the
 raw one, for the refusal. The tests run in file order against that guest:
-refusals first (the guest untouched), then attach + detach (the trace names
-what the loop reads and writes), then kill -9 of diskwatch while attached
+refusals first (the guest untouched), then attach + detach (with a map made from
+the live image, the trace names what the loop reads and writes), then kill -9 of diskwatch while attached
 (the watchdog puts the disk back). Last, the guest is told to stop and its
 filesystem is checked with e2fsck. Throughout, the console counter must
 never stall for long.
@@ -253,14 +253,14 @@ def test_refusals_leave_the_guest_untouched(running_guest, tmp_path):
 # --- attach, watch, detach --------------------------------------------------------------
 
 
-def test_attach_traces_the_loop_and_detach_puts_the_disk_back(running_guest, guest_map,
-                                                              tmp_path):
+def test_attach_traces_the_loop_and_detach_puts_the_disk_back(running_guest, tmp_path):
     g = running_guest
     original_node, driver = g.block_state()["virtio0"]
     assert driver == "raw"
     trace = tmp_path / "attach.trace"
+    live_map = tmp_path / "live.bmap"  # does not exist: made from the live image
     since = time.monotonic()
-    proc, err = start_attach(g, "--bmap", str(guest_map), "--log", str(trace))
+    proc, err = start_attach(g, "--bmap", str(live_map), "--log", str(trace))
     try:
         node, driver = g.block_state()["virtio0"]
         assert driver == "nbd" and node.startswith("diskwatch-"), (node, driver)
@@ -275,6 +275,7 @@ def test_attach_traces_the_loop_and_detach_puts_the_disk_back(running_guest, gue
     stderr = "".join(err)
     assert status == 0, stderr
     assert "detached: virtio0 is back on" in stderr
+    assert "generating it first" in stderr and live_map.exists(), stderr
     # The device is on a raw node over the same file again; the nbd node is gone.
     node, driver = g.block_state()["virtio0"]
     assert driver == "raw" and node != original_node
