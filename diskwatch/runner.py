@@ -343,6 +343,7 @@ class Runner:
             if self.guest is not None and not cfg.headless:
                 # Under the UI the terminal is the UI's: its messages go to the output panel.
                 self.guest.say = lambda text: bus.publish(Message(safe_text(text)))
+                self.guest.report_failure = True
             self.pump = pump = session.pump
             # The pump closes the sinks (after its last round) before their
             # files are closed and what they feed (metrics endpoints) stops;

@@ -13,7 +13,10 @@ beside it when rsvg-convert (Debian: librsvg2-bin) is installed.
 
 Shots: boot.svg (mid-boot, 140x42), boot-80x24.svg, churn-top-writes.svg
 (the churn guest rewriting logs, files only, top objects by writes),
-exited.svg (the command has exited, its status shown).
+exited.svg (the command has exited, its status shown), attach.svg (``diskwatch
+attach`` on the loop guest, already running under plain QEMU before diskwatch
+came: the harness of tests/test_attach.py boots it and drives the real app).
+With ``--only attach`` only that one is made.
 """
 
 from __future__ import annotations
@@ -178,12 +181,47 @@ async def shoot_small(guest, bmap, out, accel, tmp) -> None:
         thread.stop()
 
 
+def shoot_attach(out: Path, size=(140, 42)) -> Path:
+    """The UI attached to a guest that was running before diskwatch came."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_attach import RunningGuest, run_attached_ui
+
+    with tempfile.TemporaryDirectory(prefix="dw-shots-") as tmp:
+        work = Path(tmp)
+        guest = build_guest_image(work / "running.img")
+        bmap = work / "running.bmap"
+        subprocess.run([str(Path(sys.executable).parent / "diskwatch"), "bmap", str(guest.path),
+                        "-o", str(bmap)], check=True)
+        running = RunningGuest(guest.path, guest, work)
+        try:
+            running.wait_line(r"diskwatch-loop: tick 1\b", 300)
+            running.wait_ticks(5)  # at work for a while before diskwatch comes
+
+            async def check(app, pilot):
+                start = len(running.ticks)
+                while len(running.ticks) < start + 6:  # a few seconds of the loop under diskwatch
+                    await pilot.pause(0.2)
+                app.pump()
+                app._refresh_views(force=True)
+                await pilot.pause()
+                save(app, out, "attach.svg")
+            run_attached_ui(running, bmap, check, size=size)
+        finally:
+            running.stop()
+    return out / "attach.svg"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
     ap.add_argument("--size", default="140x42", help="terminal size of the main shots")
+    ap.add_argument("--only", choices=("attach",), help="make only this shot")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.only == "attach":
+        svg = shoot_attach(out)
+        to_png(svg)
+        return 0
     size = tuple(int(x) for x in args.size.split("x"))
     CACHE.mkdir(parents=True, exist_ok=True)
     accel = "kvm" if probe_kvm(timeout=15) else "tcg"

@@ -250,6 +250,29 @@ def test_refusals_leave_the_guest_untouched(running_guest, tmp_path):
     assert g.max_stall(since) < MAX_STALL
 
 
+def test_a_failing_attach_moves_nothing_and_ends_its_watchdog(running_guest, tmp_path):
+    """QEMU cannot reach the socket (as under a confining profile): blockdev-add
+    fails; under the UI that is told and ends the session, the disk never moved."""
+    from diskwatch.attach import AttachedGuest, monitor_opener, prepare
+    g = running_guest
+    before = g.block_state()
+    connect = monitor_opener(g.qmp_path)
+    with connect() as monitor:
+        target = prepare(monitor, "virtio0")
+    said, exits = [], []
+    guest = AttachedGuest(connect, target, str(tmp_path / "nobody-listens.sock"), say=said.append)
+    guest.report_failure = True
+    guest.on_exit = exits.append
+    guest.start()
+    assert guest.failed and not guest.running and exits == [1]
+    assert "could not attach, nothing was moved" in said[0] and "nobody-listens.sock" in said[0]
+    assert guest.watchdog is None  # told "detached" and waited for
+    assert g.block_state() == before
+    with g.qmp() as q:
+        assert not any(n["node-name"].startswith("diskwatch-") and n["drv"] == "nbd"
+                       for n in q.execute("query-named-block-nodes"))
+
+
 # --- attach, watch, detach --------------------------------------------------------------
 
 
@@ -368,9 +391,6 @@ def test_ui_on_the_running_guest_and_q_detaches(running_guest, guest_map):
         seen["trace"] = "\n".join(app.query_one(TraceView).lines_text())
         seen["status"] = str(app.query_one("#status").render())
         seen["state"] = g.block_state()["virtio0"]
-        shots = os.environ.get("DISKWATCH_ATTACH_SCREENSHOT")
-        if shots:  # screenshots/make_screenshots.py --attach
-            app.save_screenshot(os.path.basename(shots), os.path.dirname(shots) or ".")
 
     since = time.monotonic()
     code = run_attached_ui(g, guest_map, check)

@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import DiskwatchError
 from ..text import safe_text
 from .disks import (
     AttachRefused,
@@ -106,6 +107,9 @@ class AttachedGuest:
         self.attached = False
         self.abandoned = False  # detach failed: the watchdog serves the socket and retries
         self.gone = False  # the QEMU went away while attached
+        self.failed = False  # start() failed (told, under the UI)
+        #: under the UI a failing start is told, not raised (see start)
+        self.report_failure = False
         self._stopped = threading.Event()
         self._give_socket_to_qemu(socket_path)
 
@@ -136,7 +140,20 @@ class AttachedGuest:
         return f"attached to {self.target.disk.name} of a running QEMU ({self.target.path})"
 
     def start(self) -> None:
-        """Start the watchdog, then move the guest's device onto the socket."""
+        """Start the watchdog, then move the guest's device onto the socket.
+        Under the UI (``report_failure``) a failure is told in the output
+        panel and ends the session (status 1) instead of raising in the
+        runner's thread; headless it raises, and is diskwatch's one-line error."""
+        try:
+            self._start()
+        except (DiskwatchError, OSError) as e:
+            if not self.report_failure:
+                raise
+            self.failed = True
+            self.say(f"could not attach, nothing was moved: {e}")
+            self.on_exit(1)
+
+    def _start(self) -> None:
         with self.connect() as monitor:
             self._start_watchdog(monitor)
             try:

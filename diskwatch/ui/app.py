@@ -228,7 +228,7 @@ class DiskwatchApp(App[int | None]):
             return ""
         status = self.exit_status
         if self.session.attached:
-            return "attached (q detaches)" if status is None else "the guest's QEMU exited"
+            return "attached (q detaches)" if status is None else "not attached"
         return "command running" if status is None else f"command exited {status}"
 
     def add_requests(self, batch: Any, pieces: Pieces | None) -> None:
