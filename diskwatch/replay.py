@@ -149,13 +149,15 @@ class Player:
     # -- the pump's feed --
 
     def take(self, now: float) -> tuple[list[object], list[Request], int]:
+        if now == math.inf:  # the pump's last round: no further than the clock got
+            now = self.now()
         ev_end = bisect_right(self.event_times, now, self._ecursor)
         events = [e for _, e in self.events[self._ecursor:ev_end]]
         self._ecursor = ev_end
         end = min(bisect_right(self.reach, now, self._cursor), self._cursor + MAX_BATCH)
         batch = self.columns.requests(self._cursor, end)
         self._cursor = end
-        self.delivered = max(self.delivered, now if now != math.inf else self.duration)
+        self.delivered = max(self.delivered, now)
         return events, batch, 0
 
     def close(self) -> None:
@@ -222,6 +224,9 @@ def replay(cfg: ReplayConfig) -> int:
 
     recording = open_recording(cfg.path)
     header = recording.header
+    if not cfg.headless and not sys.stdout.isatty():
+        say("stdout is not a terminal: replaying headless (the trace on stdout)")
+        cfg.headless = True
     if not recording.complete:
         say(f"{cfg.path} was cut short (a crash or kill?): replaying what it holds")
     blockmap = choose_map(recording, cfg.bmap, say)

@@ -220,8 +220,9 @@ class Summary:
         parts = [f"{st.ops[i]} {name} ({short_bytes(st.bytes[i])})" if name in
                  ("read", "write", "trim", "zero") else f"{st.ops[i]} {name}"
                  for i, name in enumerate(COMMAND_NAMES) if st.ops[i]]
-        print(f"diskwatch: {st.requests} requests on {st.connections_total} connections: "
-              + ", ".join(parts) + (f"; {st.errors} failed" if st.errors else ""), file=out)
+        print(f"diskwatch: {st.requests} requests on {st.connections_total} connections"
+              + (": " + ", ".join(parts) if parts else "")
+              + (f"; {st.errors} failed" if st.errors else ""), file=out)
         if st.requests:
             print(f"diskwatch: latency median {human_duration(st.latency.median)}, "
                   f"p99 {human_duration(st.latency.p99)}", file=out)
