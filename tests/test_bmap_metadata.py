@@ -475,3 +475,57 @@ def test_logical_partitions_are_named_as_linux_names_them(tmp_path):
     assert got == {dev: [r] for dev, r in want.items()}
     assert mapped.ranges("/dev/sda5", "/IN-LOGICAL.TXT") or mapped.ranges(
         "/dev/sda5", "/in-logical.txt")
+
+
+# --------------------------------------------------------------------------
+# auto: metadata where it can, the watch method (libguestfs) for the rest
+
+
+@pytest.mark.slow
+def test_auto_maps_xfs_by_watching_and_the_rest_by_metadata(tmp_path):
+    from fixtures_images import GUESTFS_ENV, _copy_into, content
+
+    from diskwatch.bmap.format import read_bmap
+    from diskwatch.bmap.make import make_bmap
+    from diskwatch.demo.guest import make_partition_table
+
+    img = tmp_path / "fat-xfs.img"
+    with open(img, "wb") as f:
+        f.truncate(360 << 20)
+    (p1, l1), (p2, l2) = make_partition_table(img, "dos", [(16 << 20, "c"), (None, "83")])
+    subprocess.run(["mkfs.vfat", "--offset", str(p1 // 512), str(img), str(l1 // 1024)],
+                   check=True, capture_output=True)
+    subprocess.run(["mcopy", "-i", f"{img}@@{p1}", "/etc/hostname", "::hostname"], check=True,
+                   capture_output=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+    src = tmp_path / "notes.txt"
+    src.write_bytes(content("xfs notes", 70000))
+    proto = tmp_path / "proto"
+    proto.write_text(f"boot\n0 0\nd--755 0 0\nnotes.txt ---644 0 0 {src}\n$\n")
+    xfs = tmp_path / "p2.xfs"
+    with open(xfs, "wb") as f:
+        f.truncate(l2)
+    subprocess.run(["mkfs.xfs", "-q", "-p", str(proto), str(xfs)], check=True, capture_output=True)
+    _copy_into(img, xfs, p2)
+
+    for k, v in GUESTFS_ENV.items():
+        os.environ.setdefault(k, v)
+    out = tmp_path / "auto.bmap"
+    events: list[object] = []
+    bus = Bus()
+    bus.on_event(events.append)
+    with FileSource(str(img), readonly=True) as source:
+        res = make_bmap(source, out, method="auto", bus=bus, accel="tcg")
+    print(f"\n{res.summary}")
+    assert res.methods == {"/dev/sda1": "metadata", "/dev/sda2": "watch"}
+    head = [x for x in out.read_text().splitlines() if x.startswith("#")]
+    assert any(x.startswith("# /dev/sda1 fat") and "metadata" in x for x in head), head
+    assert any(x.startswith("# /dev/sda2 xfs: watch") for x in head), head
+    entries = read_bmap(out)
+    notes = [(e.start, e.end) for e in entries if e.path == "/notes.txt"]
+    assert notes and all(e.device == "/dev/sda2" for e in entries if e.path == "/notes.txt")
+    assert sum(e - s for s, e in notes) >= 70000
+    assert all(p2 <= s < e <= p2 + l2 for s, e in notes)
+    # The partitions come once, from the metadata method.
+    assert sorted((e.type, e.device) for e in entries if e.type in "vp") == [
+        ("p", "/dev/sda1"), ("p", "/dev/sda2"), ("v", "/dev/sda")]
+    assert [e for e in events if isinstance(e, Progress)][-1].phase == "done"

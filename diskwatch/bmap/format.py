@@ -32,11 +32,13 @@ from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
 __all__ = [
+    "STRUCTURE_NAMES",
     "TYPE_RANK",
     "BmapEntry",
     "BmapFormatError",
     "Record",
     "format_entry",
+    "is_structure_path",
     "iter_records",
     "parse_bmap",
     "read_bmap",
@@ -49,6 +51,28 @@ TYPE_RANK: dict[str, int] = {"v": 0, "p": 1, "l": 2, "d": 3, "f": 4}
 
 #: types whose lines carry a PATH after DEVICE
 PATH_TYPES = frozenset("df")
+
+#: Names (in a filesystem's root) of the structures the metadata method maps
+#: as ``f`` lines (bmap/metadata.py): NTFS's own system files, and diskwatch's
+#: names for those of ext2/3/4 and FAT. ``$Extend`` holds NTFS's newer ones.
+STRUCTURE_NAMES = frozenset({
+    "$MFT", "$MFTMirr", "$LogFile", "$Volume", "$AttrDef", "$Bitmap", "$Boot", "$BadClus",
+    "$Secure", "$UpCase", "$Extend",
+    "$Journal", "$Superblock", "$GroupDescriptors", "$BlockBitmap", "$InodeBitmap", "$InodeTable",
+    "$BootSector", "$FAT1", "$FAT2", "$FAT3", "$FAT4",
+})
+
+
+def is_structure_path(path: str | None) -> bool:
+    """True for a filesystem's own structure (``/$MFT``, ``/$Journal``,
+    ``/$Extend/$UsnJrnl:$J``) or a file's extent-tree blocks (``PATH:$extents``):
+    named like files, but not what a person means by "files"."""
+    if not path or not path.startswith("/"):
+        return False
+    if path.endswith(":$extents"):
+        return True
+    first = path[1:].split("/", 1)[0].split(":", 1)[0]
+    return first in STRUCTURE_NAMES
 
 # virt-bmap's examiner spelled the LV type out; accept it on input only.
 _TYPE_ALIASES = {b"lvm_lv": "l"}

@@ -24,7 +24,7 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .format import TYPE_RANK, BmapEntry, Record, merge_ranges, read_records
+from .format import TYPE_RANK, BmapEntry, Record, is_structure_path, merge_ranges, read_records
 
 __all__ = ["BlockMap", "BmapObject"]
 
@@ -51,6 +51,12 @@ class BmapObject:
     @property
     def rank(self) -> int:
         return TYPE_RANK[self.type]
+
+    @property
+    def is_structure(self) -> bool:
+        """A filesystem's own structure ($MFT, /$Journal...), not a file a
+        person made (``format.is_structure_path``)."""
+        return self.type == "f" and is_structure_path(self.path)
 
 
 Piece = tuple[int, int, "BmapObject | None"]

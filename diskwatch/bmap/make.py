@@ -39,6 +39,9 @@ class MakeResult:
     methods: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     objects: int = 0
+    directories: int = 0
+    files: int = 0
+    structures: int = 0  # named filesystem structures ($MFT, $Journal, $FAT1...)
     elapsed: float = 0.0
     summary: str = ""
 
@@ -88,6 +91,9 @@ def make_bmap(
     for f in meta.filesystems:
         if f.method == "metadata":
             result.methods[f.device] = "metadata"
+            result.directories += f.directories
+            result.files += f.files
+            result.structures += f.metadata_objects
             header.append(f"{f.device} {f.fstype}: metadata (The Sleuth Kit): {f.directories} "
                           f"directories, {f.files} files, {f.metadata_objects} structures"
                           + (f"; {f.warning}" if f.warning else ""))
@@ -132,6 +138,8 @@ def make_bmap(
             else:
                 entries += more
                 result.objects += res.directories + res.files
+                result.directories += res.directories
+                result.files += res.files
                 skipped = {s.device for s in res.skipped if s.kind == "filesystem"}
                 for dev, f in watch.items():
                     done = dev not in skipped
@@ -152,8 +160,10 @@ def make_bmap(
     result.elapsed = time.monotonic() - t0
     rate = result.objects / result.elapsed if result.elapsed > 0 else 0.0
     by = ", ".join(f"{d} {m}" for d, m in result.methods.items())
-    result.summary = (f"{result.objects} objects, {result.entries} ranges written to {out_path} "
-                      f"in {result.elapsed:.2f} s ({rate:.0f} objects/s; {by})")
+    result.summary = (f"{result.directories} directories, {result.files} files, "
+                      f"{result.structures} filesystem structures ({result.objects} objects); "
+                      f"{result.entries} ranges written to {out_path} in {result.elapsed:.2f} s "
+                      f"({rate:.0f} objects/s; {by})")
     if bus is not None:
         bus.publish(Progress("done", "", result.objects, result.objects, rate, result.elapsed,
                              result.summary))

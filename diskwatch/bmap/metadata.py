@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from ..errors import DiskwatchError
 from ..events import Bus, Progress
 from ..sources.base import Source
-from .format import BmapEntry, merge_ranges
+from .format import BmapEntry, is_structure_path, merge_ranges
 from .volumes import Volume, VolumeSource, find_volumes, read_at
 
 __all__ = [
@@ -469,8 +469,7 @@ class _Filesystem:
             for suffix, ranges in pieces.items():
                 self.add(path + suffix, ranges)
         else:
-            if self.is_ntfs and path.startswith("/$") and (
-                    path.count("/") == 1 or path.startswith("/$Extend/")):
+            if self.is_ntfs and is_structure_path(path):
                 self.report.metadata_objects += 1  # NTFS's own system files
             else:
                 self.report.files += 1

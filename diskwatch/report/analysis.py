@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..bmap.format import TYPE_RANK
+from ..bmap.format import TYPE_RANK, is_structure_path
 from ..events import COMMAND_NAMES, Command
 from .inputs import Recording
 
@@ -96,8 +96,7 @@ def is_fs_structure(obj: Any) -> bool:
     ``/$Journal``, ``/$MFT``, ``/$Extend/$UsnJrnl:$J``, ``PATH:$extents``.
     They churn because files are written (every sync commits the journal):
     the report shows them apart, so the files that cause it come first."""
-    path = getattr(obj, "path", None) or ""
-    return path.startswith("/$") or ":$" in path
+    return is_structure_path(getattr(obj, "path", None))  # one definition: bmap/format.py
 
 
 @dataclass
