@@ -8,7 +8,8 @@ SYSPY     ?= /usr/bin/python3
 APT_PKGS  := python3 python3-venv python3-dev python3-guestfs python3-libnbd python3-pycurl \
              libguestfs-tools qemu-utils qemu-system-x86 qemu-system-common nbdkit nbd-server libnbd-bin fio \
              fdisk mtools dosfstools e2fsprogs xz-utils busybox-static linux-image-amd64 \
-             nginx-light openssh-server openssh-client tmux librsvg2-bin gnutls-bin systemd prometheus
+             nginx-light openssh-server openssh-client tmux librsvg2-bin gnutls-bin systemd prometheus \
+             ntfs-3g xfsprogs
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP     := $(VENV)/.installed
 
@@ -44,6 +45,7 @@ bench: setup
 	$(PY) benchmarks/bench_sources.py
 	$(PY) benchmarks/bench_bmap_lookup.py
 	$(PY) benchmarks/bench_tls.py
+	$(PY) benchmarks/bench_bmap_metadata.py
 
 lint: setup
 	$(VENV)/bin/ruff check diskwatch tests benchmarks
