@@ -52,7 +52,6 @@ one-line warning naming the volume; it never raises.
 from __future__ import annotations
 
 import struct
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -710,13 +709,13 @@ def map_metadata(
                 f"{v.device}: ends past the end of the disk ({source.size} bytes; a truncated "
                 "image?): what lies beyond cannot be read")
     progress.done = 1 + len(volumes)
-    lock = threading.Lock()  # TSK objects are used by one thread at a time
-    with lock:
-        for v in volumes:
-            report = _map_volume(pytsk3, source, v, result.entries, progress, cancelled)
-            result.filesystems.append(report)
-            if report.warning:
-                result.warnings.append(report.warning)
+    # Every TSK object is made here and used by this call only: calls in
+    # several threads at once share nothing.
+    for v in volumes:
+        report = _map_volume(pytsk3, source, v, result.entries, progress, cancelled)
+        result.filesystems.append(report)
+        if report.warning:
+            result.warnings.append(report.warning)
     result.elapsed = time.monotonic() - t0
     if done_event:
         progress.publish("done", "", force=True, summary=result.summary())
