@@ -529,3 +529,28 @@ def test_auto_maps_xfs_by_watching_and_the_rest_by_metadata(tmp_path):
     assert sorted((e.type, e.device) for e in entries if e.type in "vp") == [
         ("p", "/dev/sda1"), ("p", "/dev/sda2"), ("v", "/dev/sda")]
     assert [e for e in events if isinstance(e, Progress)][-1].phase == "done"
+
+
+def test_a_directory_caught_mid_update_gives_a_partial_map(ext4_mbr_image, tmp_path):
+    """A live remap may read a directory block the guest is rewriting: here
+    it is garbage. That directory's subtree is lost, with a warning naming
+    the partition; everything else is mapped."""
+    bad = tmp_path / "torn.img"
+    shutil.copyfile(ext4_mbr_image.path, bad)
+    vol = ext4_mbr_image.volume("/dev/sda1")
+    (block,) = ext4_file_ranges(bad, vol.offset, ["/small"])["/small"]
+    with open(bad, "r+b") as f:
+        os.pwrite(f.fileno(), os.urandom(block[1] - block[0]), block[0])
+    mapped = Mapped(ext4_mbr_image, bad)
+    assert mapped.ranges("/dev/sda1", "/big/three-mib.bin")
+    assert not mapped.ranges("/dev/sda1", "/small/hundred.txt")
+    (warning,) = mapped.result.warnings
+    assert warning.startswith("/dev/sda1: ext4 partly mapped") and "/small" in warning
+
+
+def test_cancelled_mapping_raises_and_publishes_nothing_half_done(ext4_mbr_image):
+    from diskwatch.bmap.metadata import MetadataError
+
+    with FileSource(str(ext4_mbr_image.path), readonly=True) as src:
+        with pytest.raises(MetadataError, match="cancelled"):
+            map_metadata(src, cancelled=lambda: True)

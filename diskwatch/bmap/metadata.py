@@ -381,6 +381,7 @@ class _Filesystem:
             try:
                 directory = self.fs.open_dir(inode=inode)
                 listing = []
+                dots = 0
                 for entry in directory:
                     info = entry.info
                     meta = info.meta
@@ -391,11 +392,16 @@ class _Filesystem:
                         continue
                     raw = name.name
                     if raw == b"." or raw == b"..":
+                        dots += 1
                         continue
                     listing.append((raw, meta.addr, int(meta.type)))
             except (OSError, RuntimeError) as e:
                 self.error(path, e)
                 continue
+            if self.is_ext and not dots:
+                # Every ext directory starts with "." and "..": a block without
+                # them is garbage (torn by a write, or corrupt), not empty.
+                self.error(path, OSError("directory block unreadable"))
             prefix = path if path.endswith("/") else path + "/"
             for raw, addr, mtype in listing:
                 child = prefix + raw.decode("utf-8", "surrogateescape")
