@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pre-shared keys, 'username:hexkey' lines (psktool -u USER -p FILE)")
     g.add_argument("--tls-verify-peer", action="store_true",
                    help="clients must show a certificate signed by DIR/ca-cert.pem")
+    g.add_argument("--max-connections", type=int, default=128, metavar="N",
+                   help="connections served at once; more are closed at once (default 128)")
+    g.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection that has not finished the handshake (default 10)")
+    g.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                   help="close a connection silent that long with nothing in flight")
     g.add_argument("--run", metavar="CMD",
                    help="run CMD with $nbd, $uri, $unixsocket, $port, $exportname set; "
                         "exit with its status when it exits")
@@ -238,7 +244,8 @@ def run_config(args) -> RunConfig:
         source=args.source, stream_to=args.stream_to, unix=args.unix, port=args.port,
         ipaddr=args.ipaddr, export_name=args.export_name, run=args.run, bmap=args.bmap,
         tls=args.tls, tls_certificates=args.tls_certificates, tls_psk=args.tls_psk,
-        tls_verify_peer=args.tls_verify_peer,
+        tls_verify_peer=args.tls_verify_peer, max_connections=args.max_connections,
+        handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
         headless=args.headless, no_trace=args.no_trace, log=args.log, record=args.record,
         accel=args.accel, method=args.method, metrics=args.metrics, otlp=args.otlp, metrics_top=args.metrics_top,
         metrics_refresh=args.metrics_refresh)

@@ -53,6 +53,10 @@ class RunConfig:
     tls_certificates: str | None = None
     tls_psk: str | None = None
     tls_verify_peer: bool = False
+    #: limits (server/server.py's memory budget)
+    max_connections: int = 128
+    handshake_timeout: float | None = 10.0
+    idle_timeout: float | None = None
     run: str | None = None  # the captive command
     bmap: str | None = None
     headless: bool = False
@@ -332,7 +336,10 @@ class Runner:
 
             from .events import Bus
             bus = Bus()
-            server = Server({cfg.export_name: source}, bus, tls=tls)
+            server = Server({cfg.export_name: source}, bus, tls=tls,
+                            max_connections=cfg.max_connections,
+                            handshake_timeout=cfg.handshake_timeout or None,
+                            idle_timeout=cfg.idle_timeout or None)
             kind, addr = self._bind(server, undo, private_socket_path)
             uri = nbd_uri(kind, addr, cfg.export_name, tls is not None)
             if cfg.guest is not None:

@@ -336,3 +336,134 @@ def test_libnbd_without_strictness_may_use_64_mib(serve, tmp_path, structured):
 def random_bytes(n: int) -> bytes:
     import random
     return random.Random(n).randbytes(n)
+
+
+# --- 5. bounded memory ------------------------------------------------------------
+
+def fill_without_reading(s: socket.socket, data: bytes, seconds: float = 3.0) -> int:
+    """Send ``data`` over and over until the socket stays full; bytes sent."""
+    import time
+    s.setblocking(False)
+    sent = 0
+    last_progress = time.monotonic()
+    view = memoryview(data)
+    pos = 0
+    while time.monotonic() - last_progress < 0.5 and time.monotonic() - last_progress < seconds:
+        try:
+            n = s.send(view[pos:])
+        except BlockingIOError:
+            select_wait(s)
+            continue
+        sent += n
+        pos = (pos + n) % len(data)
+        last_progress = time.monotonic()
+    s.setblocking(True)
+    s.settimeout(10)
+    return sent
+
+
+def select_wait(s: socket.socket) -> None:
+    import select
+    select.select([], [s], [], 0.05)
+
+
+def test_pipelined_options_never_read_stay_bounded_and_are_all_answered(ro_server):
+    """Options sent without reading the replies (which are larger): the
+    server stops reading once HANDSHAKE_OUT_MAX is queued, and answers every
+    one of them once the client reads."""
+    from diskwatch.server import server as S
+    s = ro_server.connect_raw(timeout=10)
+    recv_exact(s, 18)
+    s.sendall(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES))
+    info = struct.pack(">QII", P.IHAVEOPT, P.OPT_INFO, 6) + struct.pack(">IH", 0, 0)
+    sent = fill_without_reading(s, info * 1024)
+    ro_server.sync()
+    server = ro_server.running.server
+    (conn,) = server._conns.values()
+    assert server.peak_bytes <= S.HANDSHAKE_OUT_MAX + 2 * P.MAX_PENDING_OUTPUT
+    assert len(conn.proto._in) <= S.HANDSHAKE_BUFFER + len(info)
+    # now read: every complete option gets its full answer (INFO, BLOCK_SIZE, ACK)
+    options = sent // len(info)
+    acks = 0
+    while acks < options:
+        magic, _opt, rtype, length = struct.unpack(">QIII", recv_exact(s, 20))
+        assert magic == P.OPT_REPLY_MAGIC
+        recv_exact(s, length)
+        acks += rtype == P.REP_ACK
+    assert options > 5000, options  # the case was really hostile
+    s.close()
+
+
+def test_pipelined_reads_never_read_stay_within_the_budget(serve_source, server_image):
+    """Reads of real bytes (no mmap: every reply is a pread) pipelined
+    without reading: parsing stops at the connection's budget; once the
+    client reads, every reply arrives, in step and right."""
+    from diskwatch.server import server as S
+    src = ErrorInjection(ReadOnly(FileSource(str(server_image.path), readonly=True)),
+                         [ErrorRule(rate=0.0, ops=frozenset({"pread"}))])
+    served = serve_source(src)
+    s = served.connect_raw(timeout=10)
+    raw_handshake(s)
+    one = raw_request(P.CMD_READ, RANDOM[0], MiB, handle=1)
+    sent = fill_without_reading(s, one * 64)
+    served.sync()
+    server = served.running.server
+    assert server.peak_bytes <= S.CONN_BUDGET + P.MAX_ACCEPTED
+    expect = read_at(server_image.path, RANDOM[0], MiB)
+    for _ in range(sent // len(one)):
+        assert raw_simple_reply(s, MiB) == (0, 1, expect)
+    assert sent // len(one) > 64  # more than the budget holds: it was paused and resumed
+    s.close()
+
+
+def test_max_connections(serve_source, server_image):
+    served = serve_source(ReadOnly(FileSource(str(server_image.path), readonly=True)),
+                          max_connections=3)
+    held = [served.connect_raw() for _ in range(3)]
+    for s in held:
+        recv_exact(s, 18)  # greeted
+    extra = served.connect_raw()
+    assert recv_until_closed(extra) == b""  # closed at once, no greeting
+    assert served.running.server.refused == 1
+    held.pop().close()
+    served.sync()
+    h = nbd_handle(served.uri)  # room again
+    assert h.pread(512, 0) == read_at(server_image.path, 0, 512)
+    h.shutdown()
+    for s in held:
+        s.close()
+
+
+def test_handshake_and_idle_timeouts(serve_source, server_image):
+    served = serve_source(ReadOnly(FileSource(str(server_image.path), readonly=True)),
+                          handshake_timeout=0.5, idle_timeout=1.0)
+    slow = served.connect_raw(timeout=5)
+    assert len(recv_until_closed(slow)) == 18  # the greeting, then closed
+    idle = served.connect_raw(timeout=5)
+    raw_handshake(idle)
+    idle.sendall(raw_request(P.CMD_READ, 0, 512, handle=1))
+    assert raw_simple_reply(idle, 512)[0] == 0
+    assert recv_until_closed(idle) == b""  # closed once idle
+    assert served.running.server.timed_out == 2
+
+
+class CacheRecorder(Layer):
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.calls: list[tuple[int, int]] = []
+
+    def cache(self, offset, length):
+        self.calls.append((offset, length))
+
+
+def test_cache_is_a_bounded_hint(serve_source, server_image):
+    from diskwatch.server import server as S
+    assert Source().cache(0, 1 << 40) is None  # the default prefetches nothing
+    src = CacheRecorder(ReadOnly(FileSource(str(server_image.path), readonly=True)))
+    served = serve_source(src)
+    s = served.connect_raw()
+    raw_handshake(s)
+    s.sendall(raw_request(P.CMD_CACHE, 0, 32 * MiB, handle=4))
+    assert raw_simple_reply(s) == (0, 4, b"")
+    assert all(n <= S.CACHE_MAX for _, n in src.calls) and src.calls
+    s.close()

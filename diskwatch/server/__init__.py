@@ -71,11 +71,12 @@ def private_socket_path() -> tuple[str, str]:
 
 def serve_in_thread(exports: dict[str, Source], bus: Bus | None = None, *,
                     unix_path: str | None = None, tcp_port: int | None = None,
-                    tcp_host: str = "127.0.0.1", tls=None) -> RunningServer:
+                    tcp_host: str = "127.0.0.1", tls=None, **limits) -> RunningServer:
     """Start serving ``exports`` from a background thread. With neither
     ``unix_path`` nor ``tcp_port``, a private unix socket is made. ``tls``:
-    a tls.TLSConfig (see make_tls)."""
-    server = Server(exports, bus, tls=tls)
+    a tls.TLSConfig (see make_tls). ``limits``: max_connections,
+    handshake_timeout, idle_timeout (see Server)."""
+    server = Server(exports, bus, tls=tls, **limits)
     private = None
     port = None
     if unix_path is None and tcp_port is None:

@@ -10,10 +10,13 @@ This loop does only what the server needs; the server's own thread runs it.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import select
 import threading
+import time
 from collections import deque
 
 log = logging.getLogger("diskwatch.server")
@@ -29,6 +32,8 @@ class EpollLoop:
         self._writers: dict[int, tuple] = {}
         self._masks: dict[int, int] = {}
         self._calls: deque = deque()
+        self._timers: list = []  # heap of (when, seq, callback, args)
+        self._seq = itertools.count()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ep.register(self._wake_r, select.EPOLLIN)
         self._running = False
@@ -84,6 +89,21 @@ class EpollLoop:
                 raise
             # closed by the loop's thread between the check above and now
 
+    def call_later(self, delay: float, callback, *args) -> None:
+        """Run callback(*args) on the loop's thread after ``delay`` seconds
+        (from the loop's thread only; the server's timeouts use it)."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), callback, args))
+
+    def _run_timers(self) -> None:
+        timers = self._timers
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            _, _, cb, args = heapq.heappop(timers)
+            try:
+                cb(*args)
+            except Exception:  # noqa: BLE001
+                log.exception("error in a timer callback")
+
     def stop(self) -> None:
         self._running = False
 
@@ -97,11 +117,14 @@ class EpollLoop:
         readers = self._readers
         writers = self._writers
         wake = self._wake_r
+        timers = self._timers
         while self._running:
             try:
-                events = poll()
+                events = poll(max(0.0, timers[0][0] - time.monotonic()) if timers else -1)
             except InterruptedError:
                 continue
+            if timers and timers[0][0] <= time.monotonic():
+                self._run_timers()
             for fd, ev in events:
                 # A failing callback is a bug in one connection's handling:
                 # it is logged and the loop, with every other connection,

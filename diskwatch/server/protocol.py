@@ -138,6 +138,10 @@ MAX_ACCEPTED = 64 * 1024 * 1024
 #: an option longer than this closes the connection (nothing legitimate is)
 MAX_OPTION_LENGTH = 64 * 1024
 MAX_STRING = 4096
+#: option replies queued (data_to_send not called) before the machine stops
+#: reading options: a client that pipelines options without reading the
+#: replies (which are larger) cannot make them pile up
+MAX_PENDING_OUTPUT = 64 * 1024
 
 _greeting = struct.Struct(">QQH")
 _opt_header = struct.Struct(">QII")
@@ -263,6 +267,10 @@ class ServerConnection:
     meta_export: str | None = None
     #: bytes of an over-large write's payload still to be thrown away
     skip: int = 0
+    #: receive_data stopped with options unread: MAX_PENDING_OUTPUT of
+    #: replies wait; call data_to_send, then receive_data(b"") to go on
+    stalled: bool = False
+    _out_bytes: int = 0
     _in: bytearray = field(default_factory=bytearray)
     _out: list[bytes] = field(default_factory=list)
     #: command -> flags allowed on this export (set on entering transmission)
@@ -277,6 +285,7 @@ class ServerConnection:
     def data_to_send(self) -> bytes:
         data = b"".join(self._out)
         self._out.clear()
+        self._out_bytes = 0
         return data
 
     def start_tls(self) -> bytes:
@@ -304,7 +313,11 @@ class ServerConnection:
             self._in += data
             return
         self._in += data
+        self.stalled = False
         while self.phase not in (TRANSMISSION, CLOSED) and not self.starttls:
+            if self._out_bytes >= MAX_PENDING_OUTPUT:
+                self.stalled = True
+                return
             if self.phase == HANDSHAKE_FLAGS:
                 if len(self._in) < 4:
                     return
@@ -338,6 +351,7 @@ class ServerConnection:
 
     def _reply(self, option: int, rtype: int, data: bytes = b"") -> None:
         self._out.append(_opt_reply.pack(OPT_REPLY_MAGIC, option, rtype, len(data)) + data)
+        self._out_bytes += 20 + len(data)
 
     def _error(self, option: int, rtype: int, message: str) -> None:
         self._reply(option, rtype, utf8_prefix(message))

@@ -11,6 +11,32 @@ published once per wake-up, after the replies are on their way.
 Sources that may block (network, decompression) run in worker threads so
 other requests, and other connections, go on; their replies go out in
 whatever order they finish, as NBD allows.
+
+Memory budget (a client never decides how much memory the server uses):
+
+- per connection, a receive buffer of RECV_BUFFER (HANDSHAKE_BUFFER until
+  the handshake is over); it grows to hold one write of up to
+  MAX_ACCEPTED (64 MiB) and shrinks back once the write is done;
+- bytes in flight, i.e. replies queued and not yet sent (handshake replies
+  included), read data being fetched and write payloads held by worker or
+  asynchronous requests: a connection with CONN_BUDGET in flight is not
+  parsed or read from until it drains; all connections together stop at
+  TOTAL_BUDGET (a connection over it waits, starved, until others drain).
+  Requests are parsed against that budget, so one recv full of requests
+  cannot start more than the budget allows. A connection with nothing in
+  flight may always start one request (up to 64 MiB), so the bound is
+  TOTAL_BUDGET plus one request;
+- receive buffers grown beyond RECV_BUFFER count against TOTAL_BUDGET too,
+  and wait when it is spent;
+- at most ``max_connections`` (default MAX_CONNECTIONS) connections: more
+  are closed at once (nbdkit's limit filter); a handshake not finished in
+  ``handshake_timeout`` seconds, and with ``idle_timeout`` a connection
+  silent that long with nothing in flight, are closed;
+- NBD_CMD_CACHE prefetches at most CACHE_MAX, the source's cheap way.
+
+Together: 128 connections x 256 KiB + 96 MiB + 64 MiB, plus the
+interpreter (about 50 MiB): under 256 MiB whatever the clients send
+(benchmarks/bench_hostile.py measures the hostile cases).
 """
 
 from __future__ import annotations
@@ -33,11 +59,16 @@ from .loop import EpollLoop
 
 log = logging.getLogger("diskwatch.server")
 
-RECV_BUFFER = 1 << 20  # grows up to a whole maximal write when needed
+RECV_BUFFER = 256 * 1024  # grows to hold one maximal write, then shrinks back
+HANDSHAKE_BUFFER = 16 * 1024
+CONN_BUDGET = 32 * 1024 * 1024  # bytes in flight per connection
+TOTAL_BUDGET = 96 * 1024 * 1024  # bytes in flight (and grown buffers), all connections
+HANDSHAKE_OUT_MAX = 256 * 1024  # option replies queued before a handshake is not read
+MAX_CONNECTIONS = 128
+HANDSHAKE_TIMEOUT = 10.0
+SWEEP_INTERVAL = 1.0  # how often timeouts are checked
 HOLE_SCAN_MIN = 64 * 1024  # structured reads this big are checked for holes
 IOV_MAX = 1024
-BACKLOG_ITEMS = 1024  # queued reply pieces before the byte count is checked
-BACKLOG_BYTES = 64 * 1024 * 1024  # queued reply bytes that stop reading a connection
 #: zero, trim and cache requests longer than this run in a worker thread
 INLINE_MAX = 4 * 1024 * 1024
 _OFFLOADED = (P.CMD_TRIM, P.CMD_WRITE_ZEROES, P.CMD_CACHE)
@@ -71,7 +102,7 @@ class _Conn:
         self.proto = P.ServerConnection(server.export_infos, default_export=server.default_export,
                                         tls=server.tls.mode if server.tls else "off")
         self.tls = None  # the TLSSocket once STARTTLS is done (then also self.sock)
-        self.buf = bytearray(RECV_BUFFER)
+        self.buf = bytearray(HANDSHAKE_BUFFER)
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
@@ -79,6 +110,12 @@ class _Conn:
         self.writing = False
         self.reading = True
         self.paused = False  # not read from while its replies drain (back-pressure)
+        self.starved = False  # waits for the total budget (in Server._starved)
+        self.queued = 0  # bytes in self.out (as of the last _send)
+        self.executing = 0  # bytes held by requests in workers or asynchronous
+        self.extra = 0  # receive buffer beyond RECV_BUFFER
+        self.charged = 0  # queued + executing, as counted in Server.inflight_bytes
+        self.born = self.active = monotonic()
         self.held = False  # not read from while parsed requests wait to be issued
         self.inflight = 0  # requests out in worker threads
         self.closing = False  # after DISC or EOF: close once replies are out
@@ -96,7 +133,10 @@ class Server:
     """Serves one or more exports (name -> Source) to NBD clients."""
 
     def __init__(self, exports: dict[str, Source], bus: Bus | None = None, *,
-                 default_export: str | None = None, workers: int = 8, tls=None):
+                 default_export: str | None = None, workers: int = 8, tls=None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+                 idle_timeout: float | None = None):
         if not exports:
             raise ValueError("no exports")
         self.sources = exports
@@ -118,6 +158,17 @@ class Server:
         # published after each batch of the server's own requests.
         self._watchers = [layer for s in exports.values() for layer in _stack(s)
                           if hasattr(type(layer), "take_events")]
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.refused = 0  # connections closed at once: over max_connections
+        self.timed_out = 0  # connections closed by a timeout
+        # The memory budget (see the module docstring).
+        self.inflight_bytes = 0  # sum of every connection's queued + executing
+        self.buffer_bytes = 0  # sum of every connection's grown receive buffer
+        self.peak_bytes = 0  # highest inflight_bytes + buffer_bytes seen
+        self._starved: dict[int, _Conn] = {}
+        self._resuming = False
 
     # --- listening ---------------------------------------------------------
 
@@ -157,6 +208,8 @@ class Server:
         """Start serving on ``loop``: an EpollLoop or an asyncio loop (call
         before the loop runs, or from its thread)."""
         self.loop = loop
+        if self.handshake_timeout or self.idle_timeout:
+            loop.call_later(SWEEP_INTERVAL, self._sweep)
         for sock in self._listeners:
             loop.add_reader(sock.fileno(), self._accept, sock)
         for aio in self._aios.values():
@@ -190,7 +243,7 @@ class Server:
             return
         proto = conn.proto
         handles = []
-        for fut, handle in list(conn.futures.items()):
+        for fut, (handle, _cost) in list(conn.futures.items()):
             if fut.cancel():
                 handles.append(handle)
         for (cmd, _flags, handle, *_rest), _now in conn.waiting:
@@ -239,6 +292,15 @@ class Server:
                 peer = f"{addr[0]}:{addr[1]}"
             else:
                 peer = "unix"
+            if len(self._conns) >= self.max_connections:
+                # nbdkit's limit filter: over the limit, a connection is
+                # closed at once (the client sees EOF before the greeting).
+                self.refused += 1
+                if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+                    log.warning("%d connection(s) refused: already %d (--max-connections)",
+                                self.refused, self.max_connections)
+                sock.close()
+                continue
             cid = self._next_cid
             self._next_cid += 1
             conn = _Conn(self, sock, cid, peer)
@@ -260,6 +322,14 @@ class Server:
             loop.remove_writer(conn.fd)
         conn.sock.close()
         self._conns.pop(conn.cid, None)
+        self._starved.pop(conn.cid, None)
+        conn.queued = conn.executing = 0
+        conn.out.clear()
+        self._recharge(conn)
+        if conn.extra:
+            self.buffer_bytes -= conn.extra
+            conn.extra = 0
+        self._wake_starved()
         if conn.events:
             self.bus.publish_requests(conn.events)
             conn.events = []
@@ -289,7 +359,8 @@ class Server:
     def _readable(self, conn: _Conn) -> None:
         end = conn.end
         if end == len(conn.buf):
-            self._make_room(conn)
+            if not self._make_room(conn):
+                return  # waits for the total budget
             end = conn.end
         try:
             n = conn.sock.recv_into(conn.view[end:])
@@ -310,6 +381,7 @@ class Server:
             self._maybe_close(conn)
             return
         conn.end = end + n
+        conn.active = monotonic()
         if conn.source is None:
             self._handshake(conn)
         else:
@@ -328,7 +400,9 @@ class Server:
         if not conn.closed and conn.reading and not conn.paused and not conn.held:
             self._on_readable(conn)
 
-    def _make_room(self, conn: _Conn) -> None:
+    def _make_room(self, conn: _Conn) -> bool:
+        """Room at the end of the receive buffer; False when growing it must
+        wait for the total budget (the connection is then starved)."""
         start, end = conn.start, conn.end
         if start > 0:
             conn.buf[:end - start] = conn.view[start:end]
@@ -347,9 +421,20 @@ class Server:
             need = min(need, P.REQUEST_SIZE + P.MAX_ACCEPTED + RECV_BUFFER)
             if need <= len(conn.buf):
                 raise RuntimeError("receive buffer full of unparsed requests")  # a bug
+            growth = need - len(conn.buf)
+            if (conn.extra and self.inflight_bytes + self.buffer_bytes + growth
+                    > TOTAL_BUDGET) or (not conn.extra and self.buffer_bytes + growth
+                                        > TOTAL_BUDGET):
+                self._starve(conn)
+                return False
             conn.view.release()
-            conn.buf.extend(bytes(need - len(conn.buf)))
+            conn.buf.extend(bytes(growth))
             conn.view = memoryview(conn.buf)
+            extra = max(0, len(conn.buf) - RECV_BUFFER)
+            self.buffer_bytes += extra - conn.extra
+            conn.extra = extra
+            self._note_peak()
+        return True
 
     def _shrink(self, conn: _Conn) -> None:
         """Give back a buffer grown for a big write once it is done."""
@@ -362,10 +447,13 @@ class Server:
         conn.buf = buf
         conn.view = memoryview(buf)
         conn.start, conn.end = 0, left
+        self.buffer_bytes -= conn.extra
+        conn.extra = 0
+        self._wake_starved()
 
     def _apply_reading(self, conn: _Conn) -> None:
         """Watch the socket for requests unless closing, paused or held."""
-        if conn.reading and not conn.paused and not conn.held:
+        if conn.reading and not conn.paused and not conn.held and not conn.starved:
             self.loop.add_reader(conn.fd, self._on_readable, conn)
             if conn.tls is not None:
                 self._read_tls_buffered(conn)
@@ -384,6 +472,16 @@ class Server:
         data = proto.data_to_send()
         if data:
             conn.out.append(data)
+        # The machine stops after MAX_PENDING_OUTPUT of replies: send them,
+        # and go on while the client reads (else wait, paused, in _send).
+        while proto.stalled and proto.phase == P.OPTIONS:
+            self._send(conn)
+            if conn.closed or conn.paused:
+                return
+            proto.receive_data(b"")
+            data = proto.data_to_send()
+            if data:
+                conn.out.append(data)
         if proto.starttls:
             self._start_tls(conn)
             return
@@ -401,6 +499,9 @@ class Server:
             conn.aio = conn.source.aio
             self.bus.publish(ConnectionEvent(conn.cid, True, conn.peer, conn.export_name))
             left = proto.take_leftover()
+            conn.view.release()
+            conn.buf = bytearray(max(RECV_BUFFER, len(left)))
+            conn.view = memoryview(conn.buf)
             if left:
                 conn.buf[:len(left)] = left
                 conn.end = len(left)
@@ -429,32 +530,136 @@ class Server:
             self.loop.call_soon_threadsafe(self._on_readable_if_open, conn)
 
     def _transmission(self, conn: _Conn) -> None:
-        reqs: list = []
+        """Parse and carry out the requests in the receive buffer, as many
+        as the memory budget allows; the rest wait for replies to drain."""
+        proto = conn.proto
+        while True:
+            budget = CONN_BUDGET - conn.queued - conn.executing
+            room = TOTAL_BUDGET - self.inflight_bytes
+            if room < budget:
+                budget = room
+            if budget <= 0:
+                if conn.queued or conn.executing:
+                    self._pause(conn)  # resumed by _send once its replies drain
+                else:
+                    self._starve(conn)  # resumed once other connections drain
+                return
+            reqs: list = []
+            try:
+                conn.start = proto.parse_requests(conn.buf, conn.start, conn.end, reqs, budget)
+            except P.ProtocolError as e:
+                log.info("connection %d: %s: closing it", conn.cid, e)
+                self._stop_reading(conn)
+                # Carry out what was parsed before the bad request, then close.
+                conn.closing = True
+            src = conn.source
+            if conn.aio is not None:
+                self._dispatch_async(conn, reqs)
+            elif src.blocking:
+                self._dispatch_blocking(conn, reqs)
+            else:
+                self._execute(conn, reqs)
+            if conn.start == conn.end:
+                conn.start = conn.end = 0
+            if len(conn.buf) > RECV_BUFFER:
+                self._shrink(conn)
+            self._send(conn)
+            if conn.events:
+                events, conn.events = conn.events, []
+                self.bus.publish_requests(events)
+            if self._watchers:
+                self._publish_watched()
+            self._maybe_close(conn)
+            if conn.closed or conn.closing or not self._backlog(conn):
+                return
+            # The budget stopped the parse: go on if the replies went out.
+
+    def _backlog(self, conn: _Conn) -> bool:
+        """Whether a complete request waits in the receive buffer."""
+        start, end = conn.start, conn.end
+        if end - start < P.REQUEST_SIZE:
+            return False
+        cmd, length = P.REQUEST.unpack_from(conn.buf, start)[2::3]
+        return cmd != P.CMD_WRITE or end - start >= P.REQUEST_SIZE + length \
+            or length > P.MAX_ACCEPTED
+
+    # --- the memory budget --------------------------------------------------
+
+    def _recharge(self, conn: _Conn) -> None:
+        new = conn.queued + conn.executing
+        self.inflight_bytes += new - conn.charged
+        conn.charged = new
+        self._note_peak()
+
+    def _note_peak(self) -> None:
+        total = self.inflight_bytes + self.buffer_bytes
+        if total > self.peak_bytes:
+            self.peak_bytes = total
+
+    def _pause(self, conn: _Conn) -> None:
+        if not conn.paused:
+            conn.paused = True
+            self._apply_reading(conn)
+
+    def _starve(self, conn: _Conn) -> None:
+        if not conn.starved:
+            conn.starved = True
+            self._starved[conn.cid] = conn
+            self._apply_reading(conn)
+
+    def _wake_starved(self) -> None:
+        if self._starved and self.inflight_bytes + self.buffer_bytes < TOTAL_BUDGET * 3 // 4:
+            starved, self._starved = self._starved, {}
+            for conn in starved.values():
+                conn.starved = False
+                self.loop.call_soon_threadsafe(self._resume, conn)
+
+    def _resume(self, conn: _Conn) -> None:
+        """Carry on with a connection that waited for the budget: what is
+        in its buffer first, then reading."""
+        if conn.closed or conn.paused or conn.starved:
+            return
         try:
-            conn.start = conn.proto.parse_requests(conn.buf, conn.start, conn.end, reqs)
-        except P.ProtocolError as e:
-            log.info("connection %d: %s: closing it", conn.cid, e)
-            self._stop_reading(conn)
-            # Carry out what was parsed before the bad request, then close.
-            conn.closing = True
-        src = conn.source
-        if conn.aio is not None:
-            self._dispatch_async(conn, reqs)
-        elif src.blocking:
-            self._dispatch_blocking(conn, reqs)
-        else:
-            self._execute(conn, reqs)
-        if conn.start == conn.end:
-            conn.start = conn.end = 0
-        if len(conn.buf) > RECV_BUFFER:
-            self._shrink(conn)
-        self._send(conn)
-        if conn.events:
-            events, conn.events = conn.events, []
-            self.bus.publish_requests(events)
-        if self._watchers:
-            self._publish_watched()
-        self._maybe_close(conn)
+            if conn.source is None:
+                if conn.proto.stalled:
+                    self._handshake(conn)
+            elif self._backlog(conn):
+                self._transmission(conn)
+            if not conn.closed:
+                self._apply_reading(conn)
+        except Exception:  # noqa: BLE001
+            self._crashed(conn)
+
+    # --- sweeping timeouts --------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Close handshakes that take too long and, with an idle timeout,
+        connections silent that long with nothing in flight."""
+        if self.loop is None or not self._listeners and not self._conns:
+            return
+        now = monotonic()
+        hs, idle = self.handshake_timeout, self.idle_timeout
+        for conn in list(self._conns.values()):
+            if conn.closed:
+                continue
+            why = None
+            if hs and conn.source is None and now - conn.born > hs:
+                why = f"handshake not finished in {hs:g}s"
+            elif (idle and conn.source is not None and now - conn.active > idle
+                  and not conn.out and not conn.inflight and not conn.waiting):
+                why = f"idle for {idle:g}s"
+            if why:
+                log.info("connection %d: %s: closing it", conn.cid, why)
+                self.timed_out += 1
+                self._crashed_quietly(conn)
+        self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _crashed_quietly(self, conn: _Conn) -> None:
+        conn.out.clear()
+        try:
+            self._close(conn)
+        except Exception:  # noqa: BLE001
+            log.exception("connection %d: error while closing", conn.cid)
 
     # --- carrying out requests --------------------------------------------
 
@@ -602,8 +807,10 @@ class Server:
                 break
             payload = bytes(conn.view[pstart:pstart + length]) if pstart >= 0 else None
             conn.inflight += 1
+            cost = length if cmd <= P.CMD_WRITE and not err else 0
+            conn.executing += cost
             fut = self._pool.submit(self._run_one, conn, req, payload, now)
-            conn.futures[fut] = req[2]
+            conn.futures[fut] = (req[2], cost)
             fut.add_done_callback(
                 lambda f, c=conn: loop.call_soon_threadsafe(self._finish_blocking, c, f))
 
@@ -634,7 +841,8 @@ class Server:
 
     def _finish_blocking(self, conn: _Conn, fut) -> None:
         conn.inflight -= 1
-        conn.futures.pop(fut, None)
+        _handle, cost = conn.futures.pop(fut, (0, 0))
+        conn.executing -= cost
         if conn.closed or fut.cancelled():
             return
         try:
@@ -663,6 +871,8 @@ class Server:
                 # The receive buffer is reused: a write keeps its own payload.
                 pstart = req[5]
                 req = (*req[:5], bytes(conn.view[pstart:pstart + req[4]]), 0)
+            if req[6] == 0 and req[0] <= P.CMD_WRITE:
+                conn.executing += req[4]  # released when its reply is queued
             waiting.append((req, now))
         self._issue_async(conn)
 
@@ -776,16 +986,22 @@ class Server:
         elif not busy and conn.writing:
             conn.writing = False
             self.loop.remove_writer(conn.fd)
-        # Back-pressure: a client that sends requests without reading the
-        # replies is not read from until they drain (memory stays bounded).
+        # Back-pressure (the memory budget): bytes queued are counted; a
+        # connection over its budget is not parsed or read from until they
+        # drain to half of it.
+        queued = sum(map(len, out)) if out else 0
+        if queued != conn.queued:
+            conn.queued = queued
+            self._recharge(conn)
+        limit = HANDSHAKE_OUT_MAX if conn.source is None else CONN_BUDGET
         if conn.paused:
-            if len(out) < BACKLOG_ITEMS // 2:
+            if queued + conn.executing <= limit // 2:
                 conn.paused = False
-                self._apply_reading(conn)
-        elif len(out) > BACKLOG_ITEMS and conn.reading and (
-                len(out) > 64 * BACKLOG_ITEMS or sum(map(len, out)) > BACKLOG_BYTES):
-            conn.paused = True
-            self.loop.remove_reader(conn.fd)
+                self.loop.call_soon_threadsafe(self._resume, conn)
+        elif queued + conn.executing > limit and conn.reading:
+            self._pause(conn)
+        if self._starved:
+            self._wake_starved()
 
     def _on_writable(self, conn: _Conn) -> None:
         try:
@@ -841,6 +1057,8 @@ class _AsyncReply:
     def __call__(self, result, error) -> None:
         conn = self.conn
         conn.inflight -= 1
+        if self.cmd <= P.CMD_WRITE:
+            conn.executing -= self.length
         if conn.closed:
             return
         proto = conn.proto
