@@ -203,8 +203,12 @@ def test_svg_size_is_bounded_whatever_the_number_of_requests():
     rnd = random.Random(1)
     size = 8 << 30
     bins = PictureBins(size)
-    for i in range(200_000):  # random reads and writes over the whole disk, 20 minutes
-        bins.add(i * 0.006, R if i % 3 else W, rnd.randrange(size // 4096) * 4096, 4096)
+    # random reads and writes over the whole disk for 20 minutes, fed as the
+    # pump feeds batches
+    flood = [req(i * 0.012, R if i % 3 else W, rnd.randrange(size // 4096) * 4096, 4096)
+             for i in range(100_000)]
+    for i in range(0, len(flood), 5000):
+        bins.add_requests(flood[i:i + 5000])
     assert bins.width > 1.0 and bins.used <= bins.cols
     svg = render_svg(bins, title="flood")
     root = ET.fromstring(svg)
