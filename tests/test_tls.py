@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 from pathlib import Path
@@ -325,3 +326,90 @@ def test_psk_file_format_is_checked(tmp_path):
     empty.write_text("\n")
     with pytest.raises(TLSError, match="no keys in it"):
         make_tls("on", psk=str(empty))
+
+
+# --- by hand: a pipelined ClientHello, STARTTLS twice, garbage instead of TLS ----------
+
+def _tls_client(tls_dir: Path):
+    ctx = ssl.create_default_context(cafile=str(tls_dir / "ca-cert.pem"))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    return ctx.wrap_bio(incoming, outgoing, server_hostname="localhost"), incoming, outgoing
+
+
+def _option_header(opt: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", P.IHAVEOPT, opt, len(data)) + data
+
+
+def test_pipelined_client_hello_and_a_second_starttls(tls_server, tls_dir, image):
+    """The ClientHello sent with STARTTLS, before its ACK (the bytes past the
+    option start the TLS stream); over TLS, STARTTLS again is INVALID and GO
+    works; reads return the image's bytes."""
+    rs = tls_server("require", certificates=str(tls_dir))
+    obj, incoming, outgoing = _tls_client(tls_dir)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(rs.socket_path)
+        recv_exact(s, 18)
+        with pytest.raises(ssl.SSLWantReadError):
+            obj.do_handshake()
+        hello = outgoing.read()
+        s.sendall(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES)
+                  + _option_header(P.OPT_STARTTLS) + hello)
+        _, opt, rtype, n = struct.unpack(">QIII", recv_exact(s, 20))
+        assert (opt, rtype, n) == (P.OPT_STARTTLS, P.REP_ACK, 0)
+
+        def pump_until(done):
+            while True:
+                try:
+                    return done()
+                except ssl.SSLWantReadError:
+                    s.sendall(outgoing.read())
+                    data = s.recv(65536)
+                    assert data, "the server closed the connection"
+                    incoming.write(data)
+
+        pump_until(obj.do_handshake)
+        s.sendall(outgoing.read())
+
+        def send(data: bytes) -> None:
+            obj.write(data)
+            s.sendall(outgoing.read())
+
+        def recv(n: int) -> bytes:
+            out = b""
+            while len(out) < n:
+                want = n - len(out)
+                out += pump_until(lambda want=want: obj.read(want))
+            return out
+
+        send(_option_header(P.OPT_STARTTLS))
+        _, opt, rtype, n = struct.unpack(">QIII", recv(20))
+        assert (opt, rtype) == (P.OPT_STARTTLS, P.REP_ERR_INVALID)
+        recv(n)
+        send(_option_header(P.OPT_GO, GO_DEFAULT))
+        while True:
+            _, opt, rtype, n = struct.unpack(">QIII", recv(20))
+            recv(n)
+            if rtype == P.REP_ACK:
+                break
+            assert rtype == P.REP_INFO
+        send(struct.pack(">IHHQQI", P.REQUEST_MAGIC, 0, P.CMD_READ, 7, MiB, 65536))
+        magic, err, handle = struct.unpack(">IIQ", recv(16))
+        assert (magic, err, handle) == (P.SIMPLE_REPLY_MAGIC, 0, 7)
+        with open(image, "rb") as f:
+            f.seek(MiB)
+            assert recv(65536) == f.read(65536)
+
+
+def test_garbage_instead_of_a_handshake_closes_only_that_connection(tls_server, tls_dir, image):
+    rs = tls_server("require", certificates=str(tls_dir))
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(rs.socket_path)
+        recv_exact(s, 18)
+        s.sendall(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE) + _option_header(P.OPT_STARTTLS))
+        assert struct.unpack(">QIII", recv_exact(s, 20))[2] == P.REP_ACK
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n" * 100)
+        recv_until_closed(s)  # whatever alert TLS sends, then the end
+    p = run(["nbdinfo", "--size", f"{rs.uri}&tls-certificates={tls_dir}"])
+    assert p.stdout.strip() == str(image.stat().st_size).encode(), p.stderr
