@@ -5,9 +5,12 @@
 # Every second it reads a few named files (dropping the page cache first, so
 # the reads reach the disk), writes a record into /var/log/demo.log in place
 # (dd conv=notrunc: no new blocks, the block map stays true), syncs, and
-# prints a counter on its console. A line "stop" on the console ends the
-# loop: the root filesystem is remounted read-only and the guest powers off,
-# so the image is clean for e2fsck afterwards.
+# prints a counter on its console. Lines on the console steer it:
+#   burst  start a writer that rewrites the log's first 4 KiB again and again
+#          (O_DIRECT, numbered) and reads each write back: a write lost or
+#          overwritten by stale data under it prints "MISMATCH"
+#   stop   end the loop: the root filesystem is remounted read-only and the
+#          guest powers off, so the image is clean for e2fsck afterwards.
 #
 # build_guest_image() installs it as /sbin/init-loop beside the one-shot
 # /sbin/init (boot with init=/sbin/init-loop) and replaces @READ_FILES@.
@@ -23,6 +26,24 @@ write_record() { # file slot text
     printf '%-63s\n' "$3" | dd of="$1" bs=64 seek=$(($2 * 64)) conv=notrunc 2> /dev/null
 }
 
+burst() {
+    # SIGTERM ends it between two writes (the shell runs the trap once the
+    # running dd is done): no writer left when / goes read-only.
+    trap 'exit 0' TERM
+    i=0
+    while :; do
+        i=$((i + 1))
+        printf '%-4095s\n' "burst $i" \
+            | dd of=/var/log/demo.log bs=4096 count=1 iflag=fullblock oflag=direct conv=notrunc 2> /dev/null
+        got=$(dd if=/var/log/demo.log bs=4096 count=1 iflag=direct 2> /dev/null | head -c 24)
+        case "$got" in
+            "burst $i "*) ;;
+            *) echo "diskwatch-loop: MISMATCH wrote burst $i, read back: $(echo $got)" ;;
+        esac
+    done
+}
+
+writer=
 n=0
 while :; do
     n=$((n + 1))
@@ -35,10 +56,22 @@ while :; do
     echo "diskwatch-loop: tick $n"
     # The one-second pause is a read of the console: "stop" ends the loop.
     if read -t 1 line; then
-        case "$line" in *stop*) break ;; esac
+        case "$line" in
+            *stop*) break ;;
+            *burst*)
+                if [ -z "$writer" ]; then
+                    burst &
+                    writer=$!
+                    echo "diskwatch-loop: burst writer started"
+                fi ;;
+        esac
     fi
 done
 
+if [ -n "$writer" ]; then
+    kill "$writer"
+    wait "$writer" 2> /dev/null
+fi
 sync
 mount -o remount,ro /
 echo "diskwatch-loop: stopped"
