@@ -554,3 +554,37 @@ def test_cancelled_mapping_raises_and_publishes_nothing_half_done(ext4_mbr_image
     with FileSource(str(ext4_mbr_image.path), readonly=True) as src:
         with pytest.raises(MetadataError, match="cancelled"):
             map_metadata(src, cancelled=lambda: True)
+
+
+def test_partitions_without_a_filesystem_are_not_warned_about(tmp_path):
+    """A GPT disk as Debian's installer makes it (a BIOS boot partition) and
+    as Windows does (a Microsoft reserved one): nothing to map there, and no
+    warning; an unformatted Linux partition is warned about."""
+    from diskwatch.demo.guest import make_partition_table
+
+    img = tmp_path / "gpt.img"
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    make_partition_table(img, "gpt", [(1 << 20, "21686148-6449-6E6F-744E-656564454649"),
+                                      (8 << 20, "E3C9E316-0B5C-4DB8-817D-F92DF00215AE"),
+                                      (None, "0FC63DAF-8483-4772-8E79-3D69D8477DE4")])
+    mapped = Mapped(None, img)
+    assert [w.split(":")[0] for w in mapped.result.warnings] == ["/dev/sda3"]
+    assert {f.device: f.fstype for f in mapped.result.filesystems if f.method == "none"} == {
+        "/dev/sda1": "bios-boot", "/dev/sda2": "msr", "/dev/sda3": ""}
+
+
+def test_an_xz_image_maps_the_same_through_its_source(gpt_fat_image, tmp_path):
+    """The mapper reads through diskwatch's Source: the xz source (random
+    access by xz block) gives the same map as the raw file, with no copy."""
+    from diskwatch.sources import SourceOptions, open_source
+
+    xz = tmp_path / "gpt-fat.img.xz"
+    with open(xz, "wb") as out:
+        subprocess.run(["xz", "-0", "-T2", "--block-size=4MiB", "-c", str(gpt_fat_image.path)],
+                       stdout=out, check=True)
+    with open_source(str(xz), SourceOptions()) as src:
+        from_xz = map_metadata(src).entries
+    with FileSource(str(gpt_fat_image.path), readonly=True) as src:
+        from_raw = map_metadata(src).entries
+    assert from_xz == from_raw and len(from_raw) > 30

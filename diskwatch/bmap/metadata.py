@@ -60,7 +60,7 @@ from ..errors import DiskwatchError
 from ..events import Bus, Progress
 from ..sources.base import Source
 from .format import BmapEntry, is_structure_path, merge_ranges
-from .volumes import Volume, VolumeSource, find_volumes, read_at
+from .volumes import NO_FILESYSTEM, Volume, VolumeSource, find_volumes, read_at
 
 __all__ = [
     "FilesystemReport",
@@ -740,6 +740,8 @@ def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
         return FilesystemReport(v.device, "", "none", warning=f"{v.device}: cannot be read ({e})")
     if v.type_hint == "LVM2_member" or signature in NOT_FILESYSTEMS:
         return FilesystemReport(v.device, v.type_hint or signature, "none")
+    if not signature and v.type_hint in NO_FILESYSTEM:
+        return FilesystemReport(v.device, v.type_hint, "none")  # BIOS boot, MS reserved
     if signature in WATCH_ONLY:
         return FilesystemReport(v.device, signature, "watch")
     report = FilesystemReport(v.device, signature, "metadata")

@@ -35,12 +35,20 @@ from dataclasses import dataclass, field
 
 from ..sources.base import Source
 
-__all__ = ["Volume", "VolumeSource", "find_volumes", "lvm_volumes", "read_at"]
+__all__ = ["NO_FILESYSTEM", "Volume", "VolumeSource", "find_volumes", "lvm_volumes", "read_at"]
 
 SECTOR = 512
 _EXTENDED = {0x05, 0x0F, 0x85}
 _LVM_TYPES = {0x8E}
 _GPT_LVM = "E6D6D379-F507-44C2-A23C-238F2A3DF928"
+#: GPT partition types that hold no filesystem: nothing to map, nothing to warn about
+_GPT_NO_FS = {
+    "21686148-6449-6E6F-744E-656564454649": "bios-boot",  # GRUB's core image
+    "E3C9E316-0B5C-4DB8-817D-F92DF00215AE": "msr",  # Microsoft reserved (every Windows GPT disk)
+    "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F": "swap",
+}
+#: type hints of volumes that hold no filesystem
+NO_FILESYSTEM = frozenset({"bios-boot", "msr", "swap", "dos-82"})
 _GPT_SIGNATURE = b"EFI PART"
 
 
@@ -182,7 +190,8 @@ def _parse_gpt(source: Source, disk: str, warnings: list[str]) -> list[Volume] |
         first, last = struct.unpack_from("<QQ", e, 32)
         if last < first:
             continue
-        hint = "lvm" if _guid(e[:16]) == _GPT_LVM else "gpt"
+        guid = _guid(e[:16])
+        hint = "lvm" if guid == _GPT_LVM else _GPT_NO_FS.get(guid, "gpt")
         volumes.append(
             Volume(f"{disk}{i + 1}", "p", [(0, first * sector, (last - first + 1) * sector)], hint)
         )
