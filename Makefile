@@ -13,7 +13,7 @@ APT_PKGS  := python3 python3-venv python3-dev python3-guestfs python3-libnbd pyt
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP     := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench lint clean
+.PHONY: setup test test-fast fuzz demo bench lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,14 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/pytest -m 'not slow'
 
+# A longer fuzz run than CI's share: more hypothesis examples against the
+# protocol machine and more malformed sessions against the real server.
+FUZZ_EXAMPLES ?= 20000
+FUZZ_SESSIONS ?= 20000
+fuzz: setup
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SESSIONS=$(FUZZ_SESSIONS) \
+		$(VENV)/bin/pytest -v -s tests/test_fuzz_protocol.py tests/test_fuzz_server.py
+
 demo: setup
 	$(VENV)/bin/diskwatch demo
 
@@ -46,6 +54,7 @@ bench: setup
 	$(PY) benchmarks/bench_bmap_lookup.py
 	$(PY) benchmarks/bench_tls.py
 	$(PY) benchmarks/bench_bmap_metadata.py
+	$(PY) benchmarks/bench_hostile.py
 
 lint: setup
 	$(VENV)/bin/ruff check diskwatch tests benchmarks
