@@ -26,6 +26,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -157,13 +158,15 @@ class AttachedGuest:
         with self.connect() as monitor:
             self._start_watchdog(monitor)
             try:
+                t0 = time.monotonic()
                 attach(monitor, self.plan)
+                took = time.monotonic() - t0
             except BaseException:
                 self._end_watchdog()
                 raise
         self.attached = True
-        self.say(f"attached: {self.target.disk.name}'s I/O goes through diskwatch; "
-                 "quitting (q, Ctrl-C, SIGTERM) puts it back on its file")
+        self.say(f"attached: {self.target.disk.name}'s I/O goes through diskwatch (moved in "
+                 f"{took * 1000:.0f} ms); quitting (q, Ctrl-C, SIGTERM) puts it back on its file")
         if self.target.pid:
             threading.Thread(target=self._watch_qemu, args=(self.target.pid,), daemon=True,
                              name="qemu-watch").start()
@@ -180,13 +183,16 @@ class AttachedGuest:
             return
         try:
             with self.connect() as monitor:
+                t0 = time.monotonic()
                 restore(monitor, self.plan)
+                took = time.monotonic() - t0
         except (QmpError, PivotError, OSError) as e:
             self.say(f"could not put {self.target.disk.name} back: {e}; the watchdog takes over")
             self._abandon_watchdog()
             return
         self._end_watchdog()
-        self.say(f"detached: {self.target.disk.name} is back on {self.target.path}")
+        self.say(f"detached: {self.target.disk.name} is back on {self.target.path} (moved in "
+                 f"{took * 1000:.0f} ms)")
 
     def wait(self, timeout: float | None = None) -> int:
         return 0
