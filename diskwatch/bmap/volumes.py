@@ -19,11 +19,12 @@ A volume is a list of linear *segments* ``(volume offset, disk offset,
 length)``; ``VolumeSource`` reads a volume through them, so a filesystem
 inside an LV is read like one in a partition.
 
-Measured (why the metadata and not libguestfs for LVM): parsing the PV label
-and metadata text of the LVM fixture takes well under a millisecond and
-needs nothing installed; libguestfs needs its appliance (15-40 s to launch
-under TCG) to run ``lvs``/``dmsetup table``, which is what the watch method
-does.
+Measured (why the metadata and not libguestfs for LVM): the partition table,
+PV label and metadata text of the LVM test image are read and parsed in
+0.11 ms (median of 50), with nothing installed; the libguestfs way (the watch
+method's ``lvs``/``dmsetup table`` and segment probes) first needs its
+appliance, 28-77 s to launch under TCG on this loaded 2-core machine, then
+8.7 s for its devices phase.
 """
 
 from __future__ import annotations
