@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -244,3 +245,58 @@ def test_the_guest_boots_from_its_qcow2_with_the_same_names(guest_image, guest_f
     assert len([ln for ln in text.splitlines() if "] write f /dev/sda1 /var/log/demo.log " in ln]) \
         >= guest.write_counts["/var/log/demo.log"], text[-3000:]
     assert md5_file(image) == before
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("kill_what", ["daemon", "diskwatch"])
+def test_the_daemon_is_supervised(guest_formats, tmp_path, kill_what):
+    """Its death is EIO and one line naming the signal; diskwatch's death
+    (SIGKILL, no cleanup) takes the daemon with it."""
+    nbd = pytest.importorskip("nbd")
+    from fixtures_server import wait_until
+    image, _ = guest_formats["vdi"]
+    sock = tmp_path / "dw.sock"
+    dw = subprocess.Popen([DISKWATCH, str(image), "-r", "-U", str(sock), "--headless",
+                           "--no-trace"], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: sock.exists() or dw.poll() is not None, what="diskwatch's socket")
+        (qsd,) = [p for p in _children(dw.pid) if "qemu-storage-daemon" in
+                  Path(f"/proc/{p}/cmdline").read_text()]
+        if kill_what == "daemon":
+            h = nbd.NBD()
+            h.connect_uri(f"nbd+unix:///?socket={sock}")
+            os.kill(qsd, 9)
+            wait_until(lambda: not _alive(qsd), what="the daemon's death")
+            with pytest.raises(nbd.Error) as e:
+                h.pread(4096, 0)
+            assert e.value.errnum == 5
+            h.shutdown()
+            dw.terminate()
+            assert dw.wait(30) == 0
+            err = dw.stderr.read()
+            assert re.search(r"qemu-storage-daemon serving \S+guest\.vdi was killed by "
+                             r"signal 9", err), err
+            assert "Traceback" not in err
+        else:
+            dw.kill()
+            dw.wait()
+            wait_until(lambda: not _alive(qsd), what="the daemon to die with diskwatch")
+    finally:
+        if dw.poll() is None:
+            dw.kill()
+            dw.wait()
