@@ -43,6 +43,7 @@ POOL_HANDLES = 4  # blocking handles for other threads (the server has 8 workers
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 ZERO_CHUNK = 1 << 20  # zeroes written per request when the upstream cannot zero
+DISCONNECT_TIMEOUT = 1.0  # seconds an upstream has to close after NBD_CMD_DISC
 
 
 def is_nbd_url(spec: str) -> bool:
@@ -322,10 +323,7 @@ class NbdSource(Source):
         with self._pool_lock:
             handles, self._pool = self._pool, []
         for h in handles:
-            try:
-                h.shutdown()
-            except self.nbd.Error:
-                pass
+            _disconnect(h, self.nbd)
             _close_handle(h)
 
 
@@ -608,11 +606,20 @@ class NbdAio:
                 except (OSError, ValueError):
                     pass  # the loop is closed already
             if idle:
-                try:
-                    h.shutdown()  # NBD_CMD_DISC (and TLS's close) rather than a cut
-                except self.nbd.Error:
-                    pass
+                _disconnect(h, self.nbd)
             _close_handle(h)
+
+
+def _disconnect(h, nbd, timeout: float = DISCONNECT_TIMEOUT) -> None:
+    """NBD_CMD_DISC (and TLS's close) rather than a cut, but never waiting
+    long for an upstream that does not answer (nbd.shutdown would wait)."""
+    try:
+        h.aio_disconnect()
+        deadline = time.monotonic() + timeout
+        while not (h.aio_is_closed() or h.aio_is_dead()) and time.monotonic() < deadline:
+            h.poll(100)
+    except nbd.Error:
+        pass
 
 
 def _close_handle(h) -> None:
