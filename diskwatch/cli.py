@@ -278,7 +278,7 @@ def bmap_main(argv: list[str]) -> int:
 #: the options of ``diskwatch IMAGE`` that attach takes: how to watch. The
 #: rest (source, layers, filters, socket, TLS, --run) would change what the
 #: guest's disk is or how QEMU reaches it: attach decides those itself.
-_WATCHING_OPTIONS = ("-v", "--verbose", "--bmap", "--headless", "--no-trace", "--log", "--record",
+_WATCHING_OPTIONS = ("--bmap", "--method", "--headless", "--no-trace", "--log", "--record",
                      "--accel", "--metrics", "--otlp", "--metrics-top", "--metrics-refresh")
 
 
@@ -287,9 +287,9 @@ def build_attach_parser() -> argparse.ArgumentParser:
         prog="diskwatch attach",
         description="Watch a running QEMU guest's disk: move its I/O onto diskwatch through "
                     "QMP, no reboot; quitting (q, Ctrl-C, SIGTERM) puts it back.",
-        epilog="The watching options of 'diskwatch IMAGE' apply: --bmap MAP (made from the "
-               "live image if the file does not exist), --headless, --no-trace, --log, "
-               "--record, --metrics, --otlp, --accel.")
+        epilog="A --bmap file that does not exist yet is made from the live image. The "
+               "other options of 'diskwatch IMAGE' (the source, layers, the socket, TLS, "
+               "--run) are attach's to decide.")
     p.add_argument("qmp", nargs="?", metavar="QMP_SOCKET",
                    help="the QEMU's QMP unix socket (-qmp unix:PATH,server=on,wait=off)")
     p.add_argument("--libvirt", metavar="DOMAIN",
@@ -299,16 +299,31 @@ def build_attach_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="ID",
                    help="the block device (query-block's device, node or qdev id); "
                         "needed when the guest has several")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
+    # The watching options, as diskwatch IMAGE defines them (one definition):
+    # taken as words here, checked by its parser.
+    g = p.add_argument_group("watching (as for diskwatch IMAGE)")
+    for action in build_parser()._actions:
+        name = next((o for o in action.option_strings if o in _WATCHING_OPTIONS), None)
+        if name is None:
+            continue
+        if action.nargs == 0:
+            g.add_argument(name, action="store_true", help=action.help)
+        else:
+            g.add_argument(name, metavar=action.metavar, choices=action.choices,
+                           help=action.help)
     return p
 
 
 def attach_main(argv: list[str]) -> int:
-    args, watching = build_attach_parser().parse_known_args(argv)
-    for word in watching:
-        name = word.split("=", 1)[0]
-        if name.startswith("-") and name not in _WATCHING_OPTIONS:
-            raise UsageError(f"{name} does not apply to diskwatch attach (it takes the watching "
-                             f"options: {', '.join(_WATCHING_OPTIONS[1:])})")
+    args = build_attach_parser().parse_args(argv)
+    watching = ["-v"] if args.verbose else []
+    for name in _WATCHING_OPTIONS:
+        value = getattr(args, name.lstrip("-").replace("-", "_"))
+        if value is True:
+            watching.append(name)
+        elif value not in (None, False):
+            watching.append(f"{name}={value}")
     # The watching options are checked before the guest is touched.
     serve_args = build_parser().parse_args([*watching, "-U", "-", "--", "IMAGE"])
     _setup_logging(serve_args.verbose)

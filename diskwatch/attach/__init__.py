@@ -112,6 +112,7 @@ class AttachedGuest:
         #: under the UI a failing start is told, not raised (see start)
         self.report_failure = False
         self._stopped = threading.Event()
+        self.socket_owner: tuple[int, int] | None = None
         self._give_socket_to_qemu(socket_path)
 
     def _give_socket_to_qemu(self, socket_path: str) -> None:
@@ -126,6 +127,7 @@ class AttachedGuest:
             return
         if st.st_uid == 0:
             return
+        self.socket_owner = (st.st_uid, st.st_gid)  # the watchdog's socket too
         for path in filter(None, [self.private_dir, socket_path]):
             try:
                 os.chown(path, st.st_uid, st.st_gid)
@@ -226,6 +228,7 @@ class AttachedGuest:
     def _start_watchdog(self, monitor: Monitor) -> None:
         config = {"plan": self.plan.to_dict(), "monitor": monitor_spec(monitor),
                   "path": self.target.path, "pid": self.target.pid,
+                  "socket_owner": self.socket_owner,
                   "private_dir": self.private_dir}
         env = dict(os.environ)
         # The watchdog must import this very diskwatch (a checkout run with PYTHONPATH too).

@@ -74,6 +74,7 @@ class Plan:
     cache_no_flush: bool
     detect_zeroes: str
     tag: str  # diskwatch-<pid>: prefix of every node and job made
+    name: str = ""  # how a person names the device (Disk.name), for messages
 
     @classmethod
     def for_disk(cls, disk: Disk, image: str, socket: str, tag: str | None = None) -> Plan:
@@ -81,7 +82,8 @@ class Plan:
                    socket=socket, readonly=disk.readonly,
                    cache_direct=bool(disk.cache.get("direct")),
                    cache_no_flush=bool(disk.cache.get("no-flush")),
-                   detect_zeroes=disk.detect_zeroes, tag=tag or f"{PREFIX}{os.getpid()}")
+                   detect_zeroes=disk.detect_zeroes, tag=tag or f"{PREFIX}{os.getpid()}",
+                   name=disk.name)
 
     @property
     def nbd_node(self) -> str:

@@ -57,6 +57,11 @@ def take_over(config: dict) -> int:
         pass
     server = Server({"": source})
     server.listen_unix(plan.socket)
+    if config.get("socket_owner"):
+        # A QEMU of another user (libvirt-qemu) must be able to connect, as
+        # to diskwatch's socket; until then it just retries.
+        uid, gid = config["socket_owner"]
+        os.chown(plan.socket, uid, gid)
     thread = ServerThread(server).start()
     say(f"diskwatch is gone; serving {config['path']} until the guest's disk is back on it")
     try:
@@ -85,7 +90,7 @@ def take_over(config: dict) -> int:
                 signal.pause()
                 return 1
         if moved:
-            say(f"the guest's disk {plan.device or plan.qdev} is back on {plan.image}")
+            say(f"the guest's disk {plan.name or plan.device or plan.qdev} is back on {plan.image}")
         return 0
     finally:
         thread.stop()
