@@ -278,7 +278,9 @@ def test_ext4_structures_are_named(ext4_meta):
     ):
         got = ext4_meta.ranges("/dev/sda1", name)
         assert overlap(got, want) == size_of(want) == size_of(got), name
-    assert ext4_meta.ranges("/dev/sda1", "/$Superblock")[0] == (vol.offset + 1024, vol.offset + 2048)
+    # 4 KiB blocks: the superblock's block (block 0, written whole by the kernel)
+    assert bs == 4096
+    assert ext4_meta.ranges("/dev/sda1", "/$Superblock")[0] == (vol.offset, vol.offset + bs)
     assert ext4_meta.ranges("/dev/sda1", "/$GroupDescriptors")
 
 

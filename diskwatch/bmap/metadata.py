@@ -28,7 +28,8 @@ working):
   record) maps to the bytes of that record; a sparse file to its allocated
   runs only; a compressed file to its allocated clusters.
 - ext2/3/4: diskwatch's names, ``$`` first, in the root (none of them exists
-  as a real file there in practice): ``/$Superblock`` (the primary and every
+  as a real file there in practice): ``/$Superblock`` (the primary, with
+  blocks over 1 KiB the whole of block 0 that holds it, and every
   backup), ``/$GroupDescriptors`` (with the reserved GDT blocks),
   ``/$BlockBitmap``, ``/$InodeBitmap``, ``/$InodeTable``, ``/$Journal``
   (inode 8, or the journal inode the superblock names). A file's extent-tree
@@ -627,7 +628,9 @@ class Ext4Layout:
 
     def structures(self) -> dict[str, list[tuple[int, int]]]:
         bs = self.block
-        sb: list[tuple[int, int]] = [(1024, 2048)]
+        # With blocks over 1 KiB the primary superblock shares block 0 with
+        # the boot area, and the kernel writes that block whole: name it all.
+        sb: list[tuple[int, int]] = [(1024, 2048)] if bs == 1024 else [(0, bs)]
         gdt: list[tuple[int, int]] = []
         bbm: list[tuple[int, int]] = []
         ibm: list[tuple[int, int]] = []
