@@ -91,35 +91,48 @@ def session_bytes(rng: random.Random) -> tuple[str, bytes]:
 
 
 def run_session(path: str, rng: random.Random, data: bytes) -> tuple[bool, int]:
-    """Send ``data`` in random pieces, half-close, read until the server
-    closes. Returns (closed by the server in time, bytes received)."""
+    """Send ``data`` in random pieces while reading whatever comes back (a
+    client that does not read may be paused by the server's budget: fine,
+    but not what this measures), half-close, read until the server closes.
+    Returns (closed by the server within 10 s, bytes received)."""
+    import select
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
     received = 0
     try:
         s.connect(path)
+        s.setblocking(False)
         pos = 0
-        while pos < len(data):
-            n = rng.randint(1, max(1, len(data) // 3 + 1))
-            try:
-                s.sendall(data[pos:pos + n])
-            except (BrokenPipeError, ConnectionResetError):
-                break  # the server closed on bad input: fine
-            pos += n
-        try:
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        while True:
-            try:
-                chunk = s.recv(1 << 20)
-            except ConnectionResetError:
-                return True, received
-            except TimeoutError:
-                return False, received
-            if not chunk:
-                return True, received
-            received += len(chunk)
+        half_closed = False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            want_write = not half_closed
+            r, w, _ = select.select([s], [s] if want_write else [], [], 0.5)
+            if r:
+                try:
+                    chunk = s.recv(1 << 20)
+                except ConnectionResetError:
+                    return True, received
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    return True, received
+                received += len(chunk)
+            if w and not half_closed:
+                if pos < len(data):
+                    n = rng.randint(1, max(1, len(data) // 3 + 1))
+                    try:
+                        pos += s.send(data[pos:pos + n])
+                    except BlockingIOError:
+                        pass
+                    except (BrokenPipeError, ConnectionResetError):
+                        pos = len(data)  # the server closed on bad input: fine
+                else:
+                    try:
+                        s.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    half_closed = True
+        return False, received
     finally:
         s.close()
 

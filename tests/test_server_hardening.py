@@ -25,6 +25,7 @@ from fixtures_server import (
     read_at,
     recv_exact,
     recv_until_closed,
+    wait_until,
 )
 
 from diskwatch.events import Bus
@@ -466,4 +467,20 @@ def test_cache_is_a_bounded_hint(serve_source, server_image):
     s.sendall(raw_request(P.CMD_CACHE, 0, 32 * MiB, handle=4))
     assert raw_simple_reply(s) == (0, 4, b"")
     assert all(n <= S.CACHE_MAX for _, n in src.calls) and src.calls
+    s.close()
+
+
+def test_a_client_that_disconnects_and_never_reads_is_dropped(serve_source, server_image):
+    """DISC (or EOF) after requests whose replies the client never reads:
+    the connection is closed after the handshake timeout, not held for ever."""
+    served = serve_source(ReadOnly(FileSource(str(server_image.path), readonly=True)),
+                          handshake_timeout=0.5)
+    s = served.connect_raw(timeout=10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw_handshake(s)
+    s.sendall(raw_request(P.CMD_READ, RANDOM[0], 4 * MiB, handle=1)
+              + raw_request(P.CMD_DISC, 0, 0, handle=2))
+    server = served.running.server
+    wait_until(lambda: server.connections == 0, 10, "the connection dropped")
+    assert server.timed_out == 1
     s.close()

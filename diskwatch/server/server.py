@@ -648,6 +648,10 @@ class Server:
             elif (idle and conn.source is not None and now - conn.active > idle
                   and not conn.out and not conn.inflight and not conn.waiting):
                 why = f"idle for {idle:g}s"
+            elif conn.closing and conn.out and now - conn.active > (hs or HANDSHAKE_TIMEOUT):
+                # After DISC or EOF, replies the client does not read would
+                # hold the connection (and its budget) for ever.
+                why = "disconnected and not reading its last replies"
             if why:
                 log.info("connection %d: %s: closing it", conn.cid, why)
                 self.timed_out += 1
@@ -1010,6 +1014,7 @@ class Server:
             self._crashed(conn)
 
     def _writable(self, conn: _Conn) -> None:
+        conn.active = monotonic()  # the client reads: it is not idle
         self._send(conn)
         if conn.waiting and not conn.paused and not conn.closed:
             self._issue_async(conn)  # held back while the replies drained
