@@ -231,13 +231,11 @@ class Summary:
             # partition's own count is its free space and metadata). The
             # filesystem's structures a metadata map names (/$Journal...) are
             # written because files are: told apart, as the report does.
-            from .report.analysis import is_fs_structure
-
             def guests(obj) -> bool:
-                return obj.type in ("f", "d") and not is_fs_structure(obj)
+                return obj.type in ("f", "d") and not obj.is_structure
 
             def filesystems(obj) -> bool:
-                return obj.type == "f" and is_fs_structure(obj)
+                return obj.type == "f" and obj.is_structure
             for by in ("reads", "writes"):
                 for label, keep in (("", guests), (" (the filesystem's own)", filesystems)):
                     top = st.top(by, 5, keep=keep)

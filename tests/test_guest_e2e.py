@@ -123,7 +123,6 @@ def test_replaying_the_boot_under_the_pilot_shows_the_same_names(headless_boot, 
     from diskwatch.events import Bus
     from diskwatch.record import open_recording
     from diskwatch.replay import Player
-    from diskwatch.report.analysis import is_fs_structure
     from diskwatch.session import Pump, Session
     from diskwatch.ui.replay import ReplayApp
     from diskwatch.ui.top import TopObjects
@@ -153,7 +152,7 @@ def test_replaying_the_boot_under_the_pilot_shows_the_same_names(headless_boot, 
                                 if ln.op in ("read", "write") and ln.type == "f")
             seen["top"] = str(app.query_one(TopObjects).render())
             seen["most"] = "; ".join(f"{o} x{c.reads}" for o, c in app.stats.top(
-                "reads", 5, keep=lambda o: o.type in "fd" and not is_fs_structure(o)))
+                "reads", 5, keep=lambda o: o.type in "fd" and not o.is_structure))
             await pilot.press("q")
 
     asyncio.run(main())
