@@ -101,9 +101,11 @@ def test_player_clock_pause_seek_and_bursts(recorded):
     from diskwatch.replay import Player
     now = [100.0]
     player = Player(open_recording(str(recorded / "session.dwrec")), clock=lambda: now[0])
-    assert len(player.bursts) == 2
-    burst2 = player.bursts[1]
-    assert burst2 - player.bursts[0] > 1.0
+    # the second burst starts with the first read at BURST2, after the pause
+    # (a loaded machine may make more bursts: the client can stall too)
+    burst2 = next(t for t, o in zip(player.times, player.columns.offset, strict=True)
+                  if o == BURST2)
+    assert burst2 in player.bursts and burst2 - player.bursts[0] > 1.0
     assert player.now() == 0.0
     now[0] += 0.25
     assert player.now() == 0.25
@@ -117,10 +119,11 @@ def test_player_clock_pause_seek_and_bursts(recorded):
     # taking up to the first burst's end: the first burst only
     _, batch, _ = player.take(burst2 - 0.1)
     assert batch and all(r.offset < BURST2 for r in batch if r.command == Command.READ)
+    assert not player.seek(burst2 - 0.1)  # forward (to what was taken): nothing to redo
     assert player.next_burst() == burst2
     assert not player.seek(burst2)  # forward: nothing to start over
     _, batch, _ = player.take(player.now())
-    assert batch[0].offset == BURST2 and player.next_burst() is None
+    assert batch[0].offset == BURST2
     gen = player.generation
     assert player.seek(0.0) and player.generation == gen + 1  # back: start over
     _, batch, _ = player.take(player.duration)
@@ -143,7 +146,9 @@ def test_pilot_pause_seek_next_burst_faster(recorded):
                       blockmap=BlockMap.load(recorded / "disk.bmap"), pump=Pump(player),
                       player=player)
     session.pump.blockmap = lambda: session.blockmap
-    before_burst2 = sum(1 for t in player.times if t < player.bursts[1])
+    burst2 = next(t for t, o in zip(player.times, player.columns.offset, strict=True)
+                  if o == BURST2)
+    before_burst2 = sum(1 for t in player.times if t < burst2)
 
     async def main():
         app = ReplayApp(session)
@@ -154,8 +159,11 @@ def test_pilot_pause_seek_next_burst_faster(recorded):
             assert player.now() == 0.0 and "||" in str(app.query_one(TimeBar).render())
             await pilot.press("n")  # the first burst
             assert player.now() == player.bursts[0]
-            await pilot.press("n")  # the second
-            assert player.now() == player.bursts[1]
+            for _ in range(10):  # on to the second (a stalled client may make more)
+                await pilot.press("n")
+                if player.now() >= burst2:
+                    break
+            assert player.now() == burst2
             app.pump()
             assert app.stats.requests >= before_burst2 + 1
             text = "\n".join(app.query_one(TraceView).lines_text())
