@@ -186,6 +186,17 @@ def test_format_rule(disguised_qcow2, tmp_path):
     assert choose_format(str(fake), "raw") == ("raw", None)
 
 
+def test_a_missing_backing_file_is_one_line(tmp_path):
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(tmp_path / "gone.img"),
+                    "-F", "raw", "-u", str(overlay), "1M"], check=True)
+    r = diskwatch(str(overlay), "-r", "--headless", "--run", "true")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "Could not open backing file" in r.stderr and "gone.img" in r.stderr
+    assert "--blockdev" not in r.stderr  # qemu's echo of our own arguments is left out
+
+
 def test_a_broken_image_is_one_line_and_the_daemon_is_gone(tmp_path):
     bad = tmp_path / "bad.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(bad), "1M"], check=True)
@@ -271,8 +282,10 @@ def test_the_daemon_is_supervised(guest_formats, tmp_path, kill_what):
     from fixtures_server import wait_until
     image, _ = guest_formats["vdi"]
     sock = tmp_path / "dw.sock"
+    # TMPDIR: the daemon's private directory outlives a SIGKILLed diskwatch.
     dw = subprocess.Popen([DISKWATCH, str(image), "-r", "-U", str(sock), "--headless",
-                           "--no-trace"], stderr=subprocess.PIPE, text=True)
+                           "--no-trace"], stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, TMPDIR=str(tmp_path)))
     try:
         wait_until(lambda: sock.exists() or dw.poll() is not None, what="diskwatch's socket")
         (qsd,) = [p for p in _children(dw.pid) if "qemu-storage-daemon" in

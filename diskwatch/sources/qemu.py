@@ -132,6 +132,16 @@ def _set_pdeathsig() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def _without_our_arguments(line: str) -> str:
+    """qemu repeats the option that failed ('qemu-storage-daemon: --blockdev
+    {...}: Could not open backing file...'): the JSON is ours, the reason is
+    what the person needs."""
+    head, sep, rest = line.partition(": --blockdev {")
+    if sep and "}: " in rest:
+        return f"{head}: {rest.split('}: ', 1)[1]}"
+    return line
+
+
 class QemuDaemon:
     """A private qemu-storage-daemon exporting one image over NBD on a unix
     socket in a 0700 directory. We bind and listen ourselves and pass the
@@ -194,10 +204,13 @@ class QemuDaemon:
         for raw in self.proc.stderr:
             line = safe_text(raw.decode(errors="replace").rstrip())
             if line:
+                line = _without_our_arguments(line)
                 self.stderr_tail.append(line)
-                # qemu names itself; while we stop it, its complaints about
-                # connections we close are expected.
-                log.log(logging.DEBUG if self.stopping else logging.WARNING, "%s", line)
+                # qemu names itself. Before it serves, its last line is part
+                # of our one-line error; while we stop it, its complaints
+                # about the connections we close are expected.
+                quiet = self.stopping or not self.serving
+                log.log(logging.DEBUG if quiet else logging.WARNING, "%s", line)
         status = self.proc.wait()
         self.exit_status = status
         if self.serving and not self.stopping:
