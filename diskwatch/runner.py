@@ -399,6 +399,9 @@ class Runner:
                 if captive is not None and captive.running:
                     captive.stop()
                 pump.close()
+        if self.guest is not None and not cfg.headless and self.guest.last_said:
+            # Said in the UI's panel as the UI closed: said again where it stays.
+            print(f"diskwatch: {safe_text(self.guest.last_said)}", file=sys.stderr)
         if self.summary is not None:
             self.summary.print(sys.stderr)
         dropped = pump.feed.total_dropped

@@ -101,6 +101,7 @@ class AttachedGuest:
         # Device and file names come from the QEMU: shown escaped, never raw.
         self.say = say or (lambda text: print(f"diskwatch: {safe_text(text)}", file=sys.stderr,
                                               flush=True))
+        self.last_said = ""  # how the session ended for the disk (detached, or why not)
         self.on_exit: Callable[[int], None] = lambda status: None
         self.proc = None  # no command of ours runs (the runner asks)
         self.watchdog: subprocess.Popen | None = None
@@ -153,7 +154,8 @@ class AttachedGuest:
             if not self.report_failure:
                 raise
             self.failed = True
-            self.say(f"could not attach, nothing was moved: {e}")
+            self.last_said = f"could not attach, nothing was moved: {e}"
+            self.say(self.last_said)
             self.on_exit(1)
 
     def _start(self) -> None:
@@ -189,12 +191,15 @@ class AttachedGuest:
                 restore(monitor, self.plan)
                 took = time.monotonic() - t0
         except (QmpError, PivotError, OSError) as e:
-            self.say(f"could not put {self.target.disk.name} back: {e}; the watchdog takes over")
+            self.last_said = (f"could not put {self.target.disk.name} back: {e}; the watchdog "
+                              "takes over")
+            self.say(self.last_said)
             self._abandon_watchdog()
             return
         self._end_watchdog()
-        self.say(f"detached: {self.target.disk.name} is back on {self.target.path} (moved in "
-                 f"{took * 1000:.0f} ms)")
+        self.last_said = (f"detached: {self.target.disk.name} is back on {self.target.path} "
+                          f"(moved in {took * 1000:.0f} ms)")
+        self.say(self.last_said)
 
     def wait(self, timeout: float | None = None) -> int:
         return 0
@@ -216,7 +221,8 @@ class AttachedGuest:
                 if self._stopped.is_set():
                     return
                 self.gone = True
-                self.say("the QEMU exited")
+                self.last_said = "the QEMU exited"
+                self.say(self.last_said)
                 self.on_exit(0)
                 return
         finally:
