@@ -340,6 +340,9 @@ class Runner:
                             max_connections=cfg.max_connections,
                             handshake_timeout=cfg.handshake_timeout or None,
                             idle_timeout=cfg.idle_timeout or None)
+            # Its listening sockets, failing before the server thread (which
+            # closes them when it ends) starts; a second close does nothing.
+            undo.callback(server.close)
             kind, addr = self._bind(server, undo, private_socket_path)
             uri = nbd_uri(kind, addr, cfg.export_name, tls is not None)
             if cfg.guest is not None:

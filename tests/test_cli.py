@@ -195,3 +195,27 @@ def test_snapshot_and_stream_to_are_refused(tmp_path):
                       timeout=20)
     assert p.returncode == 1 and "do not go together" in p.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_an_early_failure_closes_the_listening_socket(tmp_path):
+    """Failing after the bind (here: --record names a symbolic link), the
+    listening socket is closed by the undo, not left to the garbage collector."""
+    import gc
+    import warnings
+
+    from diskwatch.files import OutputFileError
+    from diskwatch.runner import RunConfig, Runner
+    from diskwatch.sources import SourceOptions, open_source
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    (tmp_path / "rec").symlink_to(tmp_path / "victim")
+    cfg = RunConfig(source=str(image), unix=str(tmp_path / "sock"), headless=True,
+                    record=str(tmp_path / "rec"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with pytest.raises(OutputFileError):
+            Runner(cfg, lambda: open_source(str(image), SourceOptions())).run()
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed
+    assert not (tmp_path / "sock").exists() and not (tmp_path / "victim").exists()
