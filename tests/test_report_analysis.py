@@ -319,3 +319,22 @@ def test_a_diskwatch_recording_is_read_again_for_each_pass(tmp_path, capsys):
     cut.write_bytes(data[:data.rindex(b"META")])  # as if killed before closing
     assert main(["report", str(cut), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["truncated"] is True
+
+
+def test_the_recorded_map_path_is_shown_as_text(tmp_path, capsys):
+    """The map path comes from the recording (someone else's file): told on
+    stderr, its escapes are shown, never sent to the terminal."""
+    from diskwatch.bmap.format import write_bmap
+    from diskwatch.cli import main
+    from diskwatch.record import Recorder, RecordingHeader, map_identity
+    bmap = tmp_path / "map\x1b]0;owned\x07.bmap"
+    write_bmap(str(bmap), [BmapEntry(1, 0, MiB, "f", "/dev/sda1", "/a")])
+    path = tmp_path / "boot.rec"
+    recorder = Recorder(str(path), RecordingHeader(source="file boot.img", size=64 * MiB,
+                                                   bmap=map_identity(str(bmap))))
+    recorder.feed(list(boot().requests), None)
+    recorder.close()
+    assert main(["report", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "naming with the block map it was recorded with" in err
+    assert "\x1b" not in err and "\x07" not in err and "\\x1b]0;owned\\x07" in err

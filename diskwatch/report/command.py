@@ -13,6 +13,7 @@ import sys
 import tempfile
 from itertools import islice
 
+from ..text import safe_text
 from .inputs import KINDS
 
 
@@ -118,7 +119,7 @@ def import_main(argv: list[str]) -> int:
         recorder.flush()
         count += len(chunk)
     recorder.close()
-    print(f"diskwatch: {count} requests from {args.file} written to {args.output}",
+    print(safe_text(f"diskwatch: {count} requests from {args.file} written to {args.output}"),
           file=sys.stderr)
     return 0
 
@@ -136,11 +137,13 @@ def choose_map(recording, given: str | None) -> str | None:
         return given
     if given:
         if map_identity(given)["sha256"] != digest:
-            print(f"diskwatch: {given} is not the block map {recording.path} was recorded "
-                  "with (another SHA-256): names may not match", file=sys.stderr)
+            print(safe_text(f"diskwatch: {given} is not the block map {recording.path} was "
+                            "recorded with (another SHA-256): names may not match"),
+                  file=sys.stderr)
         return given
     if recorded and os.path.isfile(recorded) and map_identity(recorded)["sha256"] == digest:
-        print(f"diskwatch: naming with the block map it was recorded with: {recorded}",
+        # the path is the recording's (someone else's file, perhaps): text, not escapes
+        print(safe_text(f"diskwatch: naming with the block map it was recorded with: {recorded}"),
               file=sys.stderr)
         return recorded
     return None
