@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record every request to FILE (replay it: diskwatch replay FILE)")
     g.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                    help="how libguestfs and the demo run qemu (auto probes KVM)")
+    g.add_argument("--remap", choices=("auto", "key", "off"), default="auto",
+                   help="with --bmap: make the map again from the disk as it is now, in the "
+                        "background, to name files made since: auto (on the UI's m key, and "
+                        "by itself once --remap-after bytes were written outside any named "
+                        "file, at most every 5 s), key (only on m), off")
+    g.add_argument("--remap-after", type=_size, default="1M", metavar="SIZE",
+                   help="unnamed write bytes that start an automatic remap (default 1M)")
     _method_arg(g)
     g = p.add_argument_group("monitoring (daemon mode: --headless --no-trace --metrics PORT)")
     g.add_argument("--metrics", metavar="[ADDR:]PORT",
@@ -159,6 +166,17 @@ def _top(text: str) -> int:
     if not 1 <= n <= 500:
         raise argparse.ArgumentTypeError(f"expected 1 to 500, not {text!r}")
     return n
+
+
+def _size(text: str) -> int:
+    from .sources import parse_size
+    try:
+        v = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size above 0, not {text!r}")
+    return v
 
 
 def _seconds(text: str) -> float:
@@ -247,7 +265,8 @@ def run_config(args) -> RunConfig:
         tls_verify_peer=args.tls_verify_peer, max_connections=args.max_connections,
         handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
         headless=args.headless, no_trace=args.no_trace, log=args.log, record=args.record,
-        accel=args.accel, method=args.method, metrics=args.metrics, otlp=args.otlp, metrics_top=args.metrics_top,
+        accel=args.accel, method=args.method, remap=args.remap,
+        remap_threshold=args.remap_after, metrics=args.metrics, otlp=args.otlp, metrics_top=args.metrics_top,
         metrics_refresh=args.metrics_refresh)
 
 

@@ -65,6 +65,10 @@ class RunConfig:
     record: str | None = None
     accel: str = "auto"
     method: str = "auto"  # how a missing block map is made (bmap/make.py)
+    #: --remap auto|key|off and the unnamed write bytes that start an
+    #: automatic remap (diskwatch/remap.py)
+    remap: str = "auto"
+    remap_threshold: int | None = None
     #: --metrics [ADDR:]PORT (Prometheus endpoint), --otlp URL, and their knobs
     metrics: str | None = None
     otlp: str | None = None
@@ -286,6 +290,8 @@ class Runner:
         self.trace_out: IO[str] = sys.stdout
         self.logs: list = []  # ReopenableFiles of --log/--record (SIGHUP reopens them)
         self.metrics = None  # the MetricsSink, with --metrics or --otlp
+        self.remapper = None  # the Remapper, with a map and --remap auto|key
+        self.remaps = 0  # maps swapped in by it
         self.guest = None  # the attached guest (diskwatch attach)
         self.private_dir: str | None = None
 
@@ -495,6 +501,25 @@ class Runner:
             self._add_metrics(session, source, undo)
         for make in cfg.extra_sinks:
             pump.add(make(session))
+        if cfg.bmap and cfg.remap != "off":
+            self._add_remapper(session, source)
+
+    def _add_remapper(self, session: Session, source) -> None:
+        """Live remapping through the served source (a --snapshot overlay
+        included): on the UI's key, and by itself with --remap auto."""
+        from .remap import REMAP_THRESHOLD, Remapper
+        cfg = self.config
+        if cfg.headless:
+            def say(text: str, level: str) -> None:
+                print(f"diskwatch: {safe_text(text)}", file=sys.stderr, flush=True)
+        else:
+            def say(text: str, level: str) -> None:
+                session.bus.publish(Message(text, level=level))
+        self.remapper = session.remapper = session.pump.add(Remapper(
+            source, current=lambda: session.blockmap,
+            swap=lambda result: self.swap_map(session, result.blockmap, remapped=True),
+            say=say, mode=cfg.remap, bus=None if cfg.headless else session.bus,
+            threshold=cfg.remap_threshold or REMAP_THRESHOLD))
 
     def _add_metrics(self, session: Session, source, undo: contextlib.ExitStack) -> None:
         from .journal import notice
@@ -537,17 +562,30 @@ class Runner:
                 notice(f"SIGHUP: block map {path} not reloaded: {e}; the old one stays",
                        DISKWATCH_EVENT="reload-failed", priority="warning")
             else:
-                session.blockmap = blockmap  # the pump looks requests up in it from now on
-                for sink in session.pump.sinks:
-                    if hasattr(sink, "blockmap"):
-                        sink.blockmap = blockmap
-                if self.metrics is not None:
-                    self.metrics.forget_names()
-                if self.recorder is not None:
-                    from .record import map_identity
-                    self.recorder.set_meta(bmap=map_identity(path))
+                self.swap_map(session, blockmap, path=path)
                 what = ", ".join(filter(None, (what, f"reloaded the block map {path}")))
         notice(f"SIGHUP: {what or 'nothing to reload'}", DISKWATCH_EVENT="reload")
+
+    def swap_map(self, session: Session, blockmap, *, path: str | None = None,
+                 remapped: bool = False) -> None:
+        """The one place a new block map replaces the one in use (SIGHUP's
+        reload, a live remap), in the pump's thread between two rounds:
+        the pump looks requests up in it from the next round on."""
+        session.blockmap = blockmap
+        for sink in session.pump.sinks:
+            if hasattr(sink, "blockmap"):
+                sink.blockmap = blockmap
+        if self.metrics is not None:
+            self.metrics.forget_names()
+        if self.recorder is not None:
+            if path is not None:
+                from .record import map_identity
+                self.recorder.set_meta(bmap=map_identity(path))
+            if remapped:
+                # The recorded map (the file) no longer names everything the
+                # live trace named from here on; a replay can tell.
+                self.remaps += 1
+                self.recorder.set_meta(remaps=self.remaps)
 
     def _generate_under_ui(self, session: Session, source, path: str) -> None:
         try:

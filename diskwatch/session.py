@@ -193,6 +193,8 @@ class Session:
     pump: Pump | None = None
     #: a replay's controls (diskwatch.replay.Player), None when live
     player: Any = None
+    #: live remapping (diskwatch.remap.Remapper), None when off or replaying
+    remapper: Any = None
 
     def __post_init__(self) -> None:
         if self.pump is None:

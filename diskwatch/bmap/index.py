@@ -224,6 +224,11 @@ class BlockMap:
             (starts[i], ends[i]) for i, o in enumerate(self._entry_objs) if o is interned
         )
 
+    def entries(self) -> list[tuple[int, int, BmapObject]]:
+        """Every entry as given: ``(start, end, object)``, in map order (a
+        live remap keeps what a new walk could not read, and compares maps)."""
+        return list(zip(self._entry_starts, self._entry_ends, self._entry_objs, strict=True))
+
     def __len__(self) -> int:
         """Number of entries (ranges) in the map for this disk."""
         return len(self._entry_objs)

@@ -70,6 +70,7 @@ class DiskwatchApp(App[int | None]):
         Binding("f", "cycle_type", "Files"),
         Binding("r", "cycle_op", "R/W"),
         Binding("slash", "search", "Search"),
+        Binding("m", "remap", "Remap"),
         Binding("c", "clear", "Clear", show=False),
         Binding("s", "sort_top", "Top sort", show=False),
         Binding("h", "toggle('heatmap')", "Heatmap", show=False),
@@ -371,6 +372,25 @@ class DiskwatchApp(App[int | None]):
             self.set_search("")
             self.trace_view.focus()
             event.stop()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # "m Remap" is in the footer only where a remap can be made (a live
+        # session with a map and --remap auto or key).
+        if action == "remap":
+            return self.session.remapper is not None
+        return True
+
+    def action_remap(self) -> None:
+        """Make the block map again from the disk as it is now, in the
+        background (diskwatch/remap.py); its progress shows in the block-map
+        panel, the old map serves until the new one is complete."""
+        remapper = self.session.remapper
+        if remapper is None:
+            return
+        if not remapper.request("key"):
+            self.notify("a remap is already running")
+        else:
+            self.notify("remapping the disk as it is now")
 
     def action_clear(self) -> None:
         self.stats.clear()

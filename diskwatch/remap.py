@@ -1,0 +1,259 @@
+"""Live remapping: the block map made again from the disk as it is now.
+
+A guest creates, extends and deletes files while it is watched; the map
+made before boot names none of the new ones (their writes show as
+``p /dev/sda1``). The ``Remapper`` is a sink of the session's pump that:
+
+- counts **unnamed write bytes**: bytes of writes (WRITE, WRITE_ZEROES,
+  TRIM) whose lookup found no file or directory (only a partition, the
+  disk, or nothing);
+- remaps **by itself** when they pile up: once ``threshold`` bytes
+  (``REMAP_THRESHOLD``, 1 MiB) were written unnamed since the last remap,
+  and at most every ``min_interval`` seconds (``REMAP_MIN_INTERVAL``, 5 s,
+  start to start), and never sooner than ``REMAP_COST_FACTOR`` (4) times
+  the last remap's duration after it ended (a disk that takes 2 s to map is
+  remapped at most every 8 s: the mapper's share of the CPU stays small);
+- remaps **on request**: the UI's ``m`` key calls ``request()``.
+
+``diskwatch IMAGE --remap auto`` (the default: both), ``--remap key`` (only
+on the key), ``--remap off`` (never).
+
+The remap runs the metadata mapper (``bmap/metadata.py``) in a thread over
+the **served source** (so a ``--snapshot`` overlay is what is read); the
+server never waits for it. The old map serves until the new one is
+complete; the new one is handed over in the pump's thread, in ``tick``,
+through one ``swap`` callback (the runner's: the session, every sink that
+holds a map, the metrics' names, the recording's header), so no round of the
+pump sees two maps. What the metadata method does not map (filesystems it
+cannot read, which the watch method mapped before) keeps its old entries.
+A filesystem caught mid-update gives a partial walk and a warning; its
+objects the partial walk missed keep their old entries. A remap never
+raises: a failure is told and the old map stays.
+
+The map file given with ``--bmap`` is not rewritten: it describes the disk
+as it was (and with ``--snapshot`` the disk goes back to it at exit).
+
+Why no interval tree (the ``intervaltree`` dependency was dropped): the
+only sets of intervals a remap needs are the old and new maps, which
+``BlockMap`` already resolves into sorted segments, and the unnamed writes,
+of which only their total decides anything. Re-walking only the
+filesystems whose metadata was written would need the same lookups the
+pump already does; a whole remap is about 0.1 s per 10,000 objects.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .events import Bus, Command, Progress, Request
+
+__all__ = ["REMAP_COST_FACTOR", "REMAP_MIN_INTERVAL", "REMAP_MODES", "REMAP_THRESHOLD",
+           "RemapResult", "Remapper", "remap"]
+
+REMAP_MODES = ("auto", "key", "off")
+#: unnamed write bytes since the last remap that make an automatic one
+REMAP_THRESHOLD = 1 << 20
+#: seconds between the starts of two automatic remaps, at least
+REMAP_MIN_INTERVAL = 5.0
+#: and at least this many times the last remap's duration after it ended
+REMAP_COST_FACTOR = 4.0
+
+_WRITES = frozenset({int(Command.WRITE), int(Command.WRITE_ZEROES), int(Command.TRIM)})
+_NAMED = frozenset("fd")
+#: new names said in the one line, at most
+_SAY_NAMES = 3
+
+
+@dataclass
+class RemapResult:
+    """What one remap made: the new map (None if it failed) and how it differs."""
+
+    why: str  # "key", "auto", "test"...
+    blockmap: Any = None
+    added: list = field(default_factory=list)  # BmapObjects new in this map
+    removed: list = field(default_factory=list)
+    changed: int = 0  # objects in both whose ranges differ
+    kept: int = 0  # objects kept from the old map (not read by metadata, or a partial walk)
+    warnings: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+    error: str = ""
+
+    def line(self) -> str:
+        """The one line a remap is announced with."""
+        if self.blockmap is None:
+            return f"remap ({self.why}) failed: {self.error}; the old map stays"
+        text = (f"remap ({self.why}): +{len(self.added)} objects, -{len(self.removed)}, "
+                f"{self.changed} changed in {self.elapsed:.2f} s")
+        # files first: they are what a person looks for
+        named = [o.path for t in "fd" for o in self.added if o.type == t and o.path][:_SAY_NAMES]
+        if named:
+            more = len(self.added) - len(named)
+            text += ": new " + ", ".join(named) + (f" and {more} more" if more > 0 else "")
+        if self.kept:
+            text += f"; {self.kept} kept from the old map"
+        if self.warnings:
+            text += "; " + "; ".join(self.warnings)
+        return text
+
+
+def remap(source, old, *, why: str = "remap", bus: Bus | None = None,
+          cancelled: Callable[[], bool] | None = None, disk: str = "/dev/sda") -> RemapResult:
+    """Map ``source`` again by metadata and compare with ``old`` (a
+    ``BlockMap`` or None). Never raises for what the disk holds: a walk
+    that fails is the result's ``error``."""
+    from .bmap.index import BlockMap
+    from .bmap.metadata import MetadataError, map_metadata
+    t0 = time.monotonic()
+    result = RemapResult(why)
+    try:
+        meta = map_metadata(source, disk=disk, bus=bus, cancelled=cancelled, done_event=False)
+        old_entries = old.entries() if old is not None else []
+        # What the metadata walk did not map (another method's filesystems)
+        # or mapped only in part keeps the old entries of the objects it missed.
+        unread = {f.device for f in meta.filesystems if f.method != "metadata"}
+        partial = {f.device for f in meta.filesystems if f.method == "metadata" and f.warning}
+        new_entries = meta.entries
+        if old_entries and (unread or partial):
+            from .bmap.format import BmapEntry
+            walked = {(e.type, e.device, e.path) for e in new_entries
+                      if e.device in partial}
+            kept = set()
+            for start, end, obj in old_entries:
+                if obj.type in _NAMED and (obj.device in unread or (
+                        obj.device in partial and (obj.type, obj.device, obj.path) not in walked)):
+                    new_entries.append(BmapEntry(1, start, end, obj.type, obj.device, obj.path))
+                    kept.add(obj)
+            result.kept = len(kept)
+        blockmap = BlockMap(new_entries)
+    except MetadataError as e:
+        result.error = str(e)
+        return result
+    except Exception as e:  # noqa: BLE001 - a live disk may hold anything: the old map stays
+        result.error = f"{type(e).__name__}: {e}"
+        return result
+    result.warnings = list(meta.warnings)
+    _compare(old_entries, blockmap.entries(), result)
+    result.blockmap = blockmap
+    result.elapsed = time.monotonic() - t0
+    return result
+
+
+def _compare(old_entries, new_entries, result: RemapResult) -> None:
+    def by_object(entries) -> dict:
+        ranges: dict = {}
+        for start, end, obj in entries:
+            ranges.setdefault(obj, []).append((start, end))
+        return ranges
+    old, new = by_object(old_entries), by_object(new_entries)
+    result.added = sorted((o for o in new if o not in old), key=_object_key)
+    result.removed = sorted((o for o in old if o not in new), key=_object_key)
+    result.changed = sum(1 for o, r in new.items() if o in old and sorted(old[o]) != sorted(r))
+
+
+def _object_key(obj) -> tuple:
+    return (obj.type, obj.device, obj.path or "")
+
+
+class Remapper:
+    """A pump sink that remaps in a thread (see the module docstring).
+
+    ``current()`` is the map in use; ``swap(result)`` installs a new one
+    (called in the pump's thread); ``say(text, level)`` announces a remap
+    in one line. ``bus``: where the mapper's ``Progress`` goes (the UI's
+    block-map panel), None for none."""
+
+    def __init__(self, source, *, current: Callable[[], Any],
+                 swap: Callable[[RemapResult], None], say: Callable[[str, str], None],
+                 mode: str = "auto", bus: Bus | None = None,
+                 threshold: int = REMAP_THRESHOLD, min_interval: float = REMAP_MIN_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if mode not in REMAP_MODES:
+            raise ValueError(f"remap mode must be one of {', '.join(REMAP_MODES)}, not {mode!r}")
+        self.source = source
+        self.current = current
+        self.swap = swap
+        self.say = say
+        self.mode = mode
+        self.bus = bus
+        self.threshold = threshold
+        self.min_interval = min_interval
+        self.clock = clock
+        self.unnamed = 0  # unnamed write bytes since the last remap started
+        self.remaps = 0  # remaps swapped in
+        self.last: RemapResult | None = None
+        self._thread: threading.Thread | None = None
+        self._done: RemapResult | None = None
+        self._closing = False
+        self._next_auto = float("-inf")
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def request(self, why: str = "key") -> bool:
+        """Start a remap unless one is running (or remapping is off); True if started."""
+        if self.mode == "off" or self._closing or self.running:
+            return False
+        self.unnamed = 0
+        started = self.clock()
+        self._next_auto = started + self.min_interval
+        self._thread = threading.Thread(target=self._work, args=(why,), daemon=True,
+                                        name="remap")
+        self._thread.start()
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until the running remap (if any) is done; True if none runs any more.
+        The result is swapped in by the next ``tick``."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return not self.running
+
+    def _work(self, why: str) -> None:
+        result = remap(self.source, self.current(), why=why, bus=self.bus,
+                       cancelled=lambda: self._closing)
+        if self.bus is not None:
+            summary = result.line()
+            self.bus.publish(Progress("done", "", len(result.added), len(result.added), 0.0,
+                                      result.elapsed, summary))
+        ended = self.clock()
+        self._next_auto = max(self._next_auto, ended + REMAP_COST_FACTOR * result.elapsed)
+        self._done = result  # taken by tick, in the pump's thread
+
+    # -- the sink --
+
+    def feed(self, batch: Sequence[Request], pieces) -> None:
+        if pieces is None or self.mode != "auto":
+            return
+        unnamed = 0
+        for req, ps in zip(batch, pieces, strict=True):
+            if req[2] in _WRITES and ps:
+                for start, end, obj in ps:
+                    if obj is None or obj.type not in _NAMED:
+                        unnamed += end - start
+        self.unnamed += unnamed
+
+    def on_event(self, event: object) -> None:
+        pass
+
+    def tick(self, now: float) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            self.last = done
+            if done.blockmap is not None and not self._closing:
+                self.swap(done)
+                self.remaps += 1
+            self.say(done.line(), "warning" if done.error or done.warnings else "info")
+        if (self.mode == "auto" and not self._closing and self.unnamed >= self.threshold
+                and now != float("inf") and self.clock() >= self._next_auto):
+            self.request("auto")
+
+    def close(self) -> None:
+        """A running remap is cancelled (the mapper polls between directories)."""
+        self._closing = True
+        self.wait(10.0)

@@ -1,0 +1,246 @@
+"""Live remapping (issue 10, item 6): the map made again from the disk as it
+is now, through the served source, while a real client (libnbd) writes.
+
+The disk: image A (MBR, one ext4 partition from a tree) is mapped; then a
+client writes image B's filesystem (another tree, files A never had) over
+it through the server, under a --snapshot overlay. A remap must name B's
+files exactly where debugfs says they lie on B, and the trace must name
+them from then on. Writing A and B in turn while remapping in a loop gives
+filesystems caught mid-update: partial maps and warnings, never a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fixtures_images import make_map, write_tree
+from fixtures_server import DISKWATCH, wait_until
+from groundtruth import ext4_file_ranges
+
+from diskwatch.bmap.index import BlockMap, BmapObject
+from diskwatch.demo.guest import MiB, make_partition_table, mkfs_ext4_at
+from diskwatch.events import Bus
+from diskwatch.remap import Remapper, remap
+from diskwatch.server import serve_in_thread
+from diskwatch.session import Session
+from diskwatch.sources.file import FileSource
+from diskwatch.sources.snapshot import Snapshot
+from diskwatch.trace import TextTrace
+
+nbd = pytest.importorskip("nbd")
+
+DISK_SIZE = 24 * MiB
+TREE_A = {"/etc/hostname": 20, "/usr/share/a/old.txt": 50_000, "/var/log/boot.log": 12_000}
+TREE_B = {"/etc/hostname": 20, "/var/log/new-after-boot.log": 300_000,
+          "/srv/data/fresh file.bin": 700_000, "/srv/data/more/deep.dat": 90_000}
+NEW_IN_B = sorted(set(TREE_B) - set(TREE_A))
+
+
+def _build(path: Path, tree: dict[str, int], work: Path) -> int:
+    with open(path, "wb") as f:
+        f.truncate(DISK_SIZE)
+    ((offset, length),) = make_partition_table(path, "dos", [(None, "83")])
+    root = work / (path.name + "-tree")
+    write_tree(root, tree)
+    mkfs_ext4_at(path, offset, length, root)
+    return offset
+
+
+@pytest.fixture(scope="module")
+def disks(tmp_path_factory):
+    """(image A, its map, image B, the partition's offset): the same layout."""
+    work = tmp_path_factory.mktemp("remap")
+    a, b = work / "a.img", work / "b.img"
+    offset = _build(a, TREE_A, work)
+    assert _build(b, TREE_B, work) == offset
+    return a, make_map(a, work / "a.bmap"), b, offset
+
+
+def _write_image(h, image: Path, chunk: int = MiB) -> None:
+    """Write ``image`` over the served disk, as a client does, chunk by chunk."""
+    with open(image, "rb") as f:
+        off = 0
+        while data := f.read(chunk):
+            h.pwrite(data, off)
+            off += len(data)
+
+
+def _expected_b(b: Path, offset: int) -> dict[str, list[tuple[int, int]]]:
+    return ext4_file_ranges(b, offset, NEW_IN_B)  # debugfs: the ground truth
+
+
+def test_remap_names_files_written_after_the_map_through_a_snapshot(disks, tmp_path):
+    a, a_map, b, offset = disks
+    before = a.read_bytes()
+    source = Snapshot(FileSource(str(a)), tmpdir=str(tmp_path))
+    bus = Bus()
+    running = serve_in_thread({"": source}, bus)
+    session = Session(bus=bus, size=source.size, description="a.img",
+                      blockmap=BlockMap.load(a_map))
+    trace_out = io.StringIO()
+    trace = session.pump.add(TextTrace(trace_out, session.blockmap, session.started))
+    said: list[str] = []
+    swapped: list = []
+
+    def swap(result) -> None:
+        swapped.append(result)
+        session.blockmap = trace.blockmap = result.blockmap
+    remapper = session.pump.add(Remapper(
+        source, current=lambda: session.blockmap, swap=swap,
+        say=lambda text, level: said.append(text), threshold=MiB))
+    h = nbd.NBD()
+    try:
+        h.connect_uri(running.uri)
+        # B's filesystem written over A: most of it lands outside A's files.
+        _write_image(h, b)
+        h.flush()
+        running.thread.call(lambda: None)  # every reply's event published
+        session.pump.run_once(time.monotonic())
+        assert remapper.unnamed >= MiB or remapper.running  # counted, then started
+        assert remapper.running or remapper._done is not None, "no automatic remap"
+        assert remapper.wait(30)
+        session.pump.run_once(time.monotonic())  # swapped in the pump's thread
+        assert len(swapped) == 1 and remapper.remaps == 1
+        result = swapped[0]
+        new_map = result.blockmap
+        # Every new file where debugfs finds it on B, nothing else named there.
+        for path, ranges in _expected_b(b, offset).items():
+            obj = BmapObject("f", "/dev/sda1", path)
+            assert obj in result.added
+            assert new_map.ranges_of(obj) == ranges, path
+        assert BmapObject("f", "/dev/sda1", "/usr/share/a/old.txt") in result.removed
+        assert len(said) == 1 and re.match(
+            rf"remap \(auto\): \+{len(result.added)} objects, -{len(result.removed)}, ", said[0])
+        assert "/srv/data/fresh file.bin" in said[0] or "/var/log/new-after-boot.log" in said[0]
+        # From now on the trace names the new file.
+        path = "/var/log/new-after-boot.log"
+        start, end = new_map.ranges_of(BmapObject("f", "/dev/sda1", path))[0]
+        h.pread(min(end - start, 65536), start)
+        running.thread.call(lambda: None)
+        session.pump.run_once(time.monotonic())
+        session.pump.close()
+        assert f"read f /dev/sda1 {path}" in trace_out.getvalue()
+    finally:
+        h.shutdown()
+        running.stop()
+        source.close()
+    assert a.read_bytes() == before  # --snapshot: the image itself is untouched
+
+
+def test_remapping_while_a_client_rewrites_the_filesystem_never_crashes(disks, tmp_path):
+    """A and B written in turn, the whole partition over and over, while the
+    disk is remapped in a loop: each remap is a map (maybe partial, with a
+    warning) or a failure told in one line; none raises. The guest's writes
+    all succeed, and the last remap, once writing stopped, is exact."""
+    a, a_map, b, offset = disks
+    work = tmp_path / "rw.img"
+    work.write_bytes(a.read_bytes())
+    source = FileSource(str(work))
+    running = serve_in_thread({"": source}, Bus())
+    stop = threading.Event()
+    written = [0]
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        h = nbd.NBD()
+        try:
+            h.connect_uri(running.uri)
+            while not stop.is_set():
+                for image in (b, a):
+                    _write_image(h, image, chunk=256 * 1024)
+                    written[0] += 1
+            _write_image(h, b)
+            h.flush()
+            h.shutdown()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    t = threading.Thread(target=writer)
+    t.start()
+    old = BlockMap.load(a_map)
+    results = []
+    try:
+        wait_until(lambda: written[0] >= 1, 60, "the first image written")
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline or len(results) < 10:
+            r = remap(source, old, why="test")
+            results.append(r)
+            assert r.blockmap is not None or r.error
+            old = r.blockmap or old
+    finally:
+        stop.set()
+        t.join(120)
+        assert not t.is_alive()
+    try:
+        assert not errors, errors
+        assert written[0] >= 2
+        final = remap(source, old, why="test")
+        assert final.blockmap is not None and not final.warnings, final.line()
+        for path, ranges in _expected_b(b, offset).items():
+            assert final.blockmap.ranges_of(BmapObject("f", "/dev/sda1", path)) == ranges
+    finally:
+        running.stop()
+        source.close()
+    partial = [r for r in results if r.warnings or r.error]
+    print(f"\n{len(results)} remaps during {written[0]} rewrites: {len(partial)} partial or "
+          f"failed, e.g. {partial[0].line() if partial else '-'}")
+
+
+CLIENT = """\
+import os, sys, time
+import nbd
+b, err, name = sys.argv[1], sys.argv[2], sys.argv[3]
+h = nbd.NBD()
+h.connect_uri(os.environ["nbd"])
+with open(b, "rb") as f:
+    off = 0
+    while data := f.read(1 << 20):
+        h.pwrite(data, off)
+        off += len(data)
+h.flush()
+# Wait for diskwatch to say it remapped (its stderr goes to ERR), then read
+# the new file: the trace must name it.
+deadline = time.monotonic() + 60
+while "remap (auto)" not in open(err).read():
+    assert time.monotonic() < deadline, "no remap announced"
+    time.sleep(0.05)
+start, length = int(sys.argv[4]), int(sys.argv[5])
+h.pread(length, start)
+h.shutdown()
+"""
+
+
+def test_headless_remap_is_announced_and_the_trace_names_the_new_file(disks, tmp_path):
+    a, a_map, b, offset = disks
+    path = "/var/log/new-after-boot.log"
+    start, end = _expected_b(b, offset)[path][0]
+    client = tmp_path / "client.py"
+    client.write_text(CLIENT)
+    err = tmp_path / "stderr.txt"
+    trace = tmp_path / "trace.log"
+    command = (f"{sys.executable} {client} {b} {err} x {start} {min(end - start, 65536)}")
+    with open(err, "w") as errf:
+        r = subprocess.run([DISKWATCH, str(a), "--snapshot", "--bmap", str(a_map), "--headless",
+                            "--log", str(trace), "--remap-after", "512K", "--run", command],
+                           stdout=subprocess.PIPE, stderr=errf, text=True, timeout=120)
+    stderr = err.read_text()
+    assert r.returncode == 0, stderr[-2000:]
+    lines = [ln for ln in stderr.splitlines() if "remap (auto)" in ln]
+    assert lines and re.match(r"diskwatch: remap \(auto\): \+\d+ objects, -\d+, \d+ changed",
+                              lines[0]), stderr
+    assert f"read f /dev/sda1 {path}" in trace.read_text()
+
+
+def test_remap_off_and_bad_threshold(disks, tmp_path):
+    a, a_map, _, _ = disks
+    r = subprocess.run([DISKWATCH, str(a), "--bmap", str(a_map), "--remap-after", "lots"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--remap-after: not a size: 'lots'" in r.stderr
+    with pytest.raises(ValueError, match="remap mode"):
+        Remapper(None, current=lambda: None, swap=print, say=print, mode="sometimes")
