@@ -244,3 +244,68 @@ def test_remap_off_and_bad_threshold(disks, tmp_path):
     assert r.returncode == 2 and "--remap-after: not a size: 'lots'" in r.stderr
     with pytest.raises(ValueError, match="remap mode"):
         Remapper(None, current=lambda: None, swap=print, say=print, mode="sometimes")
+
+
+def test_the_m_key_remaps_under_the_ui(disks, tmp_path):
+    """Pilot: "m Remap" in the footer; pressing m remaps in the background,
+    the block-map panel says what changed, the trace names the new file."""
+    import asyncio
+
+    from textual.widgets import Footer
+
+    from diskwatch.events import Message
+    from diskwatch.ui.app import DiskwatchApp
+    from diskwatch.ui.progress import BmapProgress
+    from diskwatch.ui.trace import TraceView
+    a, a_map, b, offset = disks
+    source = Snapshot(FileSource(str(a)), tmpdir=str(tmp_path))
+    bus = Bus()
+    running = serve_in_thread({"": source}, bus)
+    session = Session(bus=bus, size=source.size, description="a.img", uri=running.uri,
+                      blockmap=BlockMap.load(a_map))
+
+    def swap(result) -> None:
+        session.blockmap = result.blockmap
+    session.remapper = session.pump.add(Remapper(
+        source, current=lambda: session.blockmap, swap=swap, mode="key", bus=bus,
+        say=lambda text, level: bus.publish(Message(text, level=level))))
+    path = "/var/log/new-after-boot.log"
+    start, end = _expected_b(b, offset)[path][0]
+    seen = {}
+
+    async def until(pilot, app, condition, what):
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            app.pump()
+            await pilot.pause(0.02)
+
+    async def main():
+        app = DiskwatchApp(session)
+        async with app.run_test(size=(140, 40)) as pilot:
+            await pilot.pause()
+            seen["footer"] = [(k.key, k.description) for k in app.query_one(Footer).query(
+                "FooterKey")]
+            h = nbd.NBD()
+            h.connect_uri(running.uri)
+            _write_image(h, b)
+            h.flush()
+            app.pump()
+            assert session.remapper.remaps == 0  # mode "key": writes alone do not remap
+            await pilot.press("m")
+            await until(pilot, app, lambda: session.remapper.remaps == 1, "the remap")
+            panel = app.query_one(BmapProgress)
+            seen["panel"] = str(panel.detail.render())
+            h.pread(min(end - start, 65536), start)
+            await until(pilot, app, lambda: any(
+                path in ln for ln in app.query_one(TraceView).lines_text()), "the new file")
+            h.shutdown()
+            await pilot.press("q")
+
+    try:
+        asyncio.run(main())
+    finally:
+        running.stop()
+        source.close()
+    assert ("m", "Remap") in seen["footer"], seen["footer"]
+    assert "remap (key): +" in seen["panel"] and path in seen["panel"], seen["panel"]
