@@ -13,7 +13,15 @@ made before boot names none of the new ones (their writes show as
   start to start), and never sooner than ``REMAP_COST_FACTOR`` (4) times
   the last remap's duration after it ended (a disk that takes 2 s to map is
   remapped at most every 8 s: the mapper's share of the CPU stays small);
-- remaps **on request**: the UI's ``m`` key calls ``request()``.
+- remaps **on request**: the UI's ``m`` key calls ``request()``;
+- **tries again** (at most ``REMAP_RETRIES`` times in a row, each after
+  the same intervals) when the unnamed writes that led to a remap are still
+  unnamed by its map: a journalling filesystem writes a new file's data,
+  then its journal, and its inode and directory in place only later (ext4
+  at its next writeback or checkpoint), so a remap made between the two does
+  not see the file yet. The first ``RANGES_KEPT`` unnamed write ranges since
+  the last remap are kept to check this (a bound: a client never decides
+  how much memory this takes).
 
 ``diskwatch IMAGE --remap auto`` (the default: both), ``--remap key`` (only
 on the key), ``--remap off`` (never).
@@ -45,6 +53,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +70,10 @@ REMAP_THRESHOLD = 1 << 20
 REMAP_MIN_INTERVAL = 5.0
 #: and at least this many times the last remap's duration after it ended
 REMAP_COST_FACTOR = 4.0
+#: automatic remaps in a row while what triggered them stays unnamed
+REMAP_RETRIES = 3
+#: unnamed write ranges kept per remap window
+RANGES_KEPT = 4096
 
 _WRITES = frozenset({int(Command.WRITE), int(Command.WRITE_ZEROES), int(Command.TRIM)})
 _NAMED = frozenset("fd")
@@ -185,10 +198,14 @@ class Remapper:
         self.unnamed = 0  # unnamed write bytes since the last remap started
         self.remaps = 0  # remaps swapped in
         self.last: RemapResult | None = None
+        self.said: deque[str] = deque(maxlen=20)  # the last remaps' lines
         self._thread: threading.Thread | None = None
         self._done: RemapResult | None = None
         self._closing = False
         self._next_auto = float("-inf")
+        self._ranges: list[tuple[int, int]] = []  # unnamed writes since the last remap
+        self._window: list[tuple[int, int]] = []  # those that led to the running remap
+        self._retries = 0
 
     @property
     def running(self) -> bool:
@@ -199,6 +216,7 @@ class Remapper:
         if self.mode == "off" or self._closing or self.running:
             return False
         self.unnamed = 0
+        self._window, self._ranges = self._ranges, []
         started = self.clock()
         self._next_auto = started + self.min_interval
         self._thread = threading.Thread(target=self._work, args=(why,), daemon=True,
@@ -231,11 +249,14 @@ class Remapper:
         if pieces is None or self.mode != "auto":
             return
         unnamed = 0
+        ranges = self._ranges
         for req, ps in zip(batch, pieces, strict=True):
             if req[2] in _WRITES and ps:
                 for start, end, obj in ps:
                     if obj is None or obj.type not in _NAMED:
                         unnamed += end - start
+                        if len(ranges) < RANGES_KEPT:
+                            ranges.append((start, end))
         self.unnamed += unnamed
 
     def on_event(self, event: object) -> None:
@@ -248,10 +269,26 @@ class Remapper:
             if done.blockmap is not None and not self._closing:
                 self.swap(done)
                 self.remaps += 1
+                self._retry_if_still_unnamed(done.blockmap)
+            self.said.append(done.line())
             self.say(done.line(), "warning" if done.error or done.warnings else "info")
         if (self.mode == "auto" and not self._closing and self.unnamed >= self.threshold
                 and now != float("inf") and self.clock() >= self._next_auto):
             self.request("auto")
+
+    def _retry_if_still_unnamed(self, blockmap) -> None:
+        """The writes that led to this remap, still unnamed by its map (a
+        file whose inode is not on the disk yet): count them again, so the
+        next automatic remap comes after the usual intervals."""
+        lookup = blockmap.lookup
+        still = sum(end - start for s, e in self._window for start, end, obj in lookup(s, e - s)
+                    if obj is None or obj.type not in _NAMED)
+        self._window = []
+        if self.mode == "auto" and still >= self.threshold // 2 and self._retries < REMAP_RETRIES:
+            self._retries += 1
+            self.unnamed = max(self.unnamed, self.threshold)
+        else:
+            self._retries = 0
 
     def close(self) -> None:
         """A running remap is cancelled (the mapper polls between directories)."""

@@ -502,9 +502,9 @@ class Runner:
         for make in cfg.extra_sinks:
             pump.add(make(session))
         if cfg.bmap and cfg.remap != "off":
-            self._add_remapper(session, source)
+            self.add_remapper(session, source)
 
-    def _add_remapper(self, session: Session, source) -> None:
+    def add_remapper(self, session: Session, source) -> None:
         """Live remapping through the served source (a --snapshot overlay
         included): on the UI's key, and by itself with --remap auto."""
         from .remap import REMAP_THRESHOLD, Remapper

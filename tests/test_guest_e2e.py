@@ -163,11 +163,12 @@ def test_replaying_the_boot_under_the_pilot_shows_the_same_names(headless_boot, 
 
 
 def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record=None,
-            sinks=()):
+            sinks=(), remap=False):
     """Boot under the real app (server thread + captive command with captured
     output), wait for the command to exit, then call check(app). ``record``:
     a list that gets every request, from the captive command's start;
-    ``sinks``: more sinks for the session's pump, beside the app."""
+    ``sinks``: more sinks for the session's pump, beside the app; ``remap``:
+    live remapping as ``diskwatch IMAGE --bmap MAP`` does it (--remap auto)."""
     from diskwatch.bmap.index import BlockMap
     from diskwatch.events import Bus
     from diskwatch.server import serve_in_thread
@@ -187,6 +188,9 @@ def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record
         bus.on_requests(record.extend)  # in the server's thread: one list append per batch
     for sink in sinks:
         session.pump.add(sink)
+    if remap:
+        from diskwatch.runner import RunConfig, Runner
+        Runner(RunConfig(remap="auto"), lambda: source).add_remapper(session, source)
 
     def on_exit(status):
         session.exit_status = status
@@ -277,11 +281,14 @@ def churn_boot(churn_guest_image, churn_map):
         app._refresh_views(force=True)
         await pilot.pause()
         seen["reads_view"] = str(top.render()).splitlines()
+        seen["remaps"] = list(app.session.remapper.said)
+        # every file the live stream named in a write (the trace's lookups)
+        seen["written"] = {str(o) for o, _ in app.stats.top("writes", 10_000, keep=is_file)}
 
     try:
         seen["status"], _ = _run_ui(churn_guest_image.path, churn_map,
                                     guest.qemu_shell_command("$nbd", "tcg"), check,
-                                    record=seen["requests"], sinks=[metrics])
+                                    record=seen["requests"], sinks=[metrics], remap=True)
     finally:
         endpoint.close()
     return seen
@@ -298,6 +305,20 @@ def test_churn_ranks_the_log_files_and_the_rescanned_file_first(churn_guest_imag
     assert {str(o).split(" ", 2)[2] for o, _ in seen["writes"]} == logs
     # And the top-objects view, files only, shows the big file in its first rows.
     assert any(guest.big_file in row for row in seen["reads_view"][:4]), seen["reads_view"]
+
+
+def test_churn_boot_is_remapped_live_and_names_the_log_created_at_boot(churn_guest_image,
+                                                                       churn_boot):
+    """Issue 10, item 6: the guest creates a log the map made before boot
+    does not know; its writes pile up unnamed, diskwatch remaps by itself
+    (through the served snapshot), and the trace names the log's writes."""
+    (created,) = churn_guest_image.guest.created
+    assert created not in churn_guest_image.guest.files  # not in the image
+    remaps = churn_boot["remaps"]
+    assert any(re.match(r"remap \(auto\): \+\d+ objects, -\d+, ", ln) and created in ln
+               for ln in remaps), remaps
+    assert f"f /dev/sda1 {created}" in churn_boot["written"], sorted(churn_boot["written"])
+    print("\n" + "\n".join(remaps))
 
 
 def test_churn_logs_are_the_most_written_files_in_the_metrics(churn_boot):

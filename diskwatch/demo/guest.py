@@ -49,6 +49,10 @@ MARKER = "DISKWATCH-DEMO-DONE"
 #: syncs and prints ``diskwatch-loop: tick N``; a line ``stop`` on its console
 #: ends it. Boot with ``qemu_command(init=LOOP_INIT)``.
 LOOP_INIT = "/sbin/init-loop"
+#: The log the churn guest's init creates at boot (2,000,000 bytes, more
+#: than the 1 MiB of unnamed writes that start an automatic remap) and
+#: appends a record to every other churn pass.
+CREATED_LOG = "/var/log/updates.log"
 #: The root partition starts 1 MiB in, as every modern partitioner aligns it.
 PARTITION_START = 1 * MiB
 
@@ -283,6 +287,9 @@ class GuestImage:
     files: dict[str, int]
     #: every directory (``/`` excluded, ``/lost+found`` included)
     dirs: list[str] = field(default_factory=list)
+    #: files the init creates while it runs (absent from the image, so from
+    #: any map made before boot): only a live remap names them
+    created: list[str] = field(default_factory=list)
     #: every symlink (busybox applets) -> its target
     symlinks: dict[str, str] = field(default_factory=dict)
     marker: str = MARKER
@@ -465,6 +472,7 @@ def build_guest_image(
             "READ_FILES": " ".join(shlex.quote(f) for f in reads),
             "CHURN_LOGS": " ".join(churn_logs) or "/dev/null",
             "CHURN_BIG": big_file or "/dev/null",
+            "CREATED_LOG": CREATED_LOG,
             "MARKER": MARKER,
         }.items():
             script = script.replace(f"@{key}@", value)
@@ -512,6 +520,7 @@ def build_guest_image(
         write_counts=write_counts,
         files=files,
         dirs=dirs,
+        created=[CREATED_LOG] if churn else [],
         symlinks=symlinks,
         partitions=[Partition("/dev/sda1", offset, length, "ext4")],
     )

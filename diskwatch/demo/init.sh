@@ -42,6 +42,16 @@ done
 # Churn, like the antivirus in the 2014 bmaplogger trace: rewrite a few logs
 # and re-read a large file again and again. O_DIRECT reads (and dropping the
 # page cache) make every pass reach the disk instead of the guest's cache.
+# A log that does not exist when the block map is made (before boot):
+# created now, 2,000,000 bytes (more than the 1 MiB of writes outside any
+# named file that start diskwatch's automatic remap), then appended to every
+# other pass, within its last block. Only a live remap names it.
+if [ "$CHURN_ITERATIONS" -gt 0 ]; then
+    yes "update check at boot" | head -c 2000000 > @CREATED_LOG@
+    sync
+    echo "diskwatch-demo: created @CREATED_LOG@"
+fi
+
 i=1
 while [ "$i" -le "$CHURN_ITERATIONS" ]; do
     for log in @CHURN_LOGS@; do
@@ -51,6 +61,10 @@ while [ "$i" -le "$CHURN_ITERATIONS" ]; do
     echo 3 > /proc/sys/vm/drop_caches
     dd if=@CHURN_BIG@ of=/dev/null bs=65536 iflag=direct 2> /dev/null \
         || cat @CHURN_BIG@ > /dev/null
+    if [ $((i % 2)) -eq 0 ]; then
+        echo "update pass $i" >> @CREATED_LOG@
+        sync
+    fi
     echo "diskwatch-demo: churn pass $i"
     i=$((i + 1))
 done

@@ -62,7 +62,8 @@ makes shows up here, named through the block map when there is one.
 
 [b]keys[/b]  space pause · f files only / hide dirs · r reads / writes only
       / search paths · c clear · s sort top · h heatmap · t top · o output
-      a rates · p save a picture (SVG) · ctrl+p command palette · q quit
+      a rates · p save a picture (SVG) · m remap the disk as it is now
+      ctrl+p command palette · q quit
 """
 
 
