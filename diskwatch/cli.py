@@ -298,7 +298,8 @@ def bmap_main(argv: list[str]) -> int:
 #: rest (source, layers, filters, socket, TLS, --run) would change what the
 #: guest's disk is or how QEMU reaches it: attach decides those itself.
 _WATCHING_OPTIONS = ("--bmap", "--method", "--headless", "--no-trace", "--log", "--record",
-                     "--accel", "--metrics", "--otlp", "--metrics-top", "--metrics-refresh")
+                     "--accel", "--metrics", "--otlp", "--metrics-top", "--metrics-refresh",
+                     "--remap", "--remap-after")
 
 
 def build_attach_parser() -> argparse.ArgumentParser:
