@@ -94,6 +94,8 @@ class RemapResult:
     warnings: list[str] = field(default_factory=list)
     elapsed: float = 0.0
     error: str = ""
+    #: the mapper cannot run at all (pytsk3 missing): trying again is no use
+    fatal: bool = False
 
     def line(self) -> str:
         """The one line a remap is announced with."""
@@ -144,6 +146,7 @@ def remap(source, old, *, why: str = "remap", bus: Bus | None = None,
         blockmap = BlockMap(new_entries)
     except MetadataError as e:
         result.error = str(e)
+        result.fatal = not (cancelled and cancelled())
         return result
     except Exception as e:  # noqa: BLE001 - a live disk may hold anything: the old map stays
         result.error = f"{type(e).__name__}: {e}"
@@ -270,8 +273,15 @@ class Remapper:
                 self.swap(done)
                 self.remaps += 1
                 self._retry_if_still_unnamed(done.blockmap)
-            self.said.append(done.line())
-            self.say(done.line(), "warning" if done.error or done.warnings else "info")
+            line = done.line()
+            if done.fatal and self.mode == "auto" and not self._closing:
+                # A mapper that cannot run (pytsk3 missing) would fail again
+                # every few seconds: said once, then only the key remaps. A
+                # disk caught mid-update may fail once and map the next time.
+                self.mode = "key"
+                line += " (automatic remapping stopped; m tries again)"
+            self.said.append(line)
+            self.say(line, "warning" if done.error or done.warnings else "info")
         if (self.mode == "auto" and not self._closing and self.unnamed >= self.threshold
                 and now != float("inf") and self.clock() >= self._next_auto):
             self.request("auto")

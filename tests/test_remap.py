@@ -309,3 +309,27 @@ def test_the_m_key_remaps_under_the_ui(disks, tmp_path):
         source.close()
     assert ("m", "Remap") in seen["footer"], seen["footer"]
     assert "remap (key): +" in seen["panel"] and path in seen["panel"], seen["panel"]
+
+
+def test_a_remap_that_cannot_read_the_disk_is_told_once_and_the_old_map_stays(disks):
+    """A source that fails every read: the remap fails in one line, the old
+    map stays; automatic remapping goes on (a disk caught mid-update may
+    read the next time)."""
+    from diskwatch.sources.base import Source
+
+    class Unreadable(Source):
+        size = DISK_SIZE
+
+        def pread(self, offset: int, length: int) -> bytes:
+            raise OSError(5, "Input/output error")
+    _, a_map, _, _ = disks
+    old = BlockMap.load(a_map)
+    said, swapped = [], []
+    remapper = Remapper(Unreadable(), current=lambda: old, swap=swapped.append,
+                        say=lambda text, level: said.append((level, text)))
+    assert remapper.request("auto") and remapper.wait(30)
+    remapper.tick(time.monotonic())
+    assert not swapped and remapper.remaps == 0
+    assert len(said) == 1 and said[0][0] == "warning", said
+    assert said[0][1].startswith("remap (auto) failed: ") and "the old map stays" in said[0][1]
+    assert remapper.mode == "auto"
