@@ -54,6 +54,7 @@ bench: setup
 	$(PY) benchmarks/bench_bmap_lookup.py
 	$(PY) benchmarks/bench_tls.py
 	$(PY) benchmarks/bench_bmap_metadata.py
+	$(PY) benchmarks/bench_remap.py
 	$(PY) benchmarks/bench_hostile.py
 
 lint: setup
