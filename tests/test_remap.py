@@ -227,7 +227,8 @@ def test_headless_remap_is_announced_and_the_trace_names_the_new_file(disks, tmp
     command = (f"{sys.executable} {client} {b} {err} x {start} {min(end - start, 65536)}")
     with open(err, "w") as errf:
         r = subprocess.run([DISKWATCH, str(a), "--snapshot", "--bmap", str(a_map), "--headless",
-                            "--log", str(trace), "--remap-after", "512K", "--run", command],
+                            "--log", str(trace), "--record", str(tmp_path / "rec"),
+                            "--remap-after", "512K", "--run", command],
                            stdout=subprocess.PIPE, stderr=errf, text=True, timeout=120)
     stderr = err.read_text()
     assert r.returncode == 0, stderr[-2000:]
@@ -235,6 +236,9 @@ def test_headless_remap_is_announced_and_the_trace_names_the_new_file(disks, tmp
     assert lines and re.match(r"diskwatch: remap \(auto\): \+\d+ objects, -\d+, \d+ changed",
                               lines[0]), stderr
     assert f"read f /dev/sda1 {path}" in trace.read_text()
+    # The recording says its live names changed: a replay with one map differs.
+    from diskwatch.record import open_recording
+    assert open_recording(str(tmp_path / "rec")).header.extra.get("remaps", 0) >= 1
 
 
 def test_remap_off_and_bad_threshold(disks, tmp_path):
