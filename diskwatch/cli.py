@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
+import signal
 import sys
 
 from . import __version__
@@ -419,16 +421,49 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError as e:
+        if not _stdout_is_broken():
+            return _report(e, verbose)
+        # The reader of the trace went away (`diskwatch ... | head`): end
+        # quietly, as coreutils and nbdkit do, with SIGPIPE's status.
+        _discard_stdout()
+        return 128 + signal.SIGPIPE
     except (DiskwatchError, OSError, ValueError, ImportError) as e:
-        if verbose:
-            raise
-        msg = str(e)
-        if isinstance(e, OSError) and e.strerror:
-            msg = e.strerror + (f": {e.filename}" if e.filename else "")
-        if isinstance(e, ImportError):
-            msg = _import_hint(e)
-        print(f"diskwatch: {safe_text(msg)}", file=sys.stderr)  # may quote a URL or a name
-        return 1
+        return _report(e, verbose)
+
+
+def _report(e: BaseException, verbose: bool) -> int:
+    """The one line for an error that ends diskwatch; status 1."""
+    if verbose:
+        raise e
+    msg = str(e)
+    if isinstance(e, OSError) and e.strerror:
+        msg = e.strerror + (f": {e.filename}" if e.filename else "")
+    if isinstance(e, ImportError):
+        msg = _import_hint(e)
+    print(f"diskwatch: {safe_text(msg)}", file=sys.stderr)  # may quote a URL or a name
+    return 1
+
+
+def _stdout_is_broken() -> bool:
+    """Whether stdout is a pipe nobody reads any more (POLLERR on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush of what is
+    still buffered does not print an 'Exception ignored' of its own."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _import_hint(e: ImportError) -> str:

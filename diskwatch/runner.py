@@ -91,7 +91,9 @@ class ProgressPrinter:
     def __init__(self, stream: IO[str] = sys.stderr):
         self.stream = stream
         self.tty = stream.isatty()
-        self._last = 0.0
+        # Not a terminal: the first line after 5 s, not at once (a line at
+        # the start says "0 done" and nothing else; a fast map says only "done")
+        self._last = 0.0 if self.tty else time.monotonic()
         self._said = ""
 
     def __call__(self, event: object) -> None:

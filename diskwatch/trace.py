@@ -191,6 +191,11 @@ class TextTrace:
         self.out.flush()
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 request``, ``2 requests``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class Summary:
     """Headless: the totals printed at exit (the UI shows them live)."""
 
@@ -220,7 +225,12 @@ class Summary:
         parts = [f"{st.ops[i]} {name} ({short_bytes(st.bytes[i])})" if name in
                  ("read", "write", "trim", "zero") else f"{st.ops[i]} {name}"
                  for i, name in enumerate(COMMAND_NAMES) if st.ops[i]]
-        print(f"diskwatch: {st.requests} requests on {st.connections_total} connections"
+        conns = st.connections_total
+        if not st.requests:
+            print("diskwatch: no client connected" if not conns else
+                  f"diskwatch: no requests on {plural(conns, 'connection')}", file=out)
+            return
+        print(f"diskwatch: {plural(st.requests, 'request')} on {plural(conns, 'connection')}"
               + (": " + ", ".join(parts) if parts else "")
               + (f"; {st.errors} failed" if st.errors else ""), file=out)
         if st.requests:

@@ -36,7 +36,7 @@ def test_nbdinfo_starts_diskwatch_by_socket_activation(server_image):
     err = r.stderr.decode()
     assert "started by socket activation: running headless" in err
     # diskwatch saw nbdinfo's requests: its trace and summary are on stderr
-    assert "] read 0x" in err and "requests on 1 connections" in err
+    assert "] read 0x" in err and "requests on 1 connection" in err
     assert "Traceback" not in err
 
 
@@ -51,7 +51,7 @@ def test_nbdcopy_through_socket_activation_copies_every_byte(server_image, tmp_p
     # to stdout too: nothing of diskwatch's is mixed into the copy
     assert md5(out) == server_image.md5
     err = r.stderr.decode()
-    assert "requests on 1 connections" in err and "read (" in err
+    assert "requests on 1 connection" in err and "read (" in err
 
 
 def test_systemd_socket_activation_serves_every_connection(server_image, tmp_path):

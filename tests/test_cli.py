@@ -219,3 +219,50 @@ def test_an_early_failure_closes_the_listening_socket(tmp_path):
     unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert not unclosed
     assert not (tmp_path / "sock").exists() and not (tmp_path / "victim").exists()
+
+
+def test_summary_without_clients_or_requests(server_image):
+    p = run_diskwatch([server_image.path, "-r", "--headless", "--run", "true"], timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.strip().splitlines() == ["diskwatch: no client connected"]
+    p = run_diskwatch([server_image.path, "-r", "--headless", "--run", 'nbdinfo --size "$uri"'],
+                      timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert "diskwatch: 1 request on 1 connection: 1 disc" in p.stderr.splitlines()
+
+
+def test_trace_into_a_pipe_nobody_reads(server_image):
+    """`diskwatch ... | head`: once the reader is gone, diskwatch stops its
+    command and ends quietly with SIGPIPE's status, as coreutils do."""
+    import subprocess
+
+    from fixtures_server import DISKWATCH, SUBPROCESS_ENV
+    proc = subprocess.Popen(
+        [DISKWATCH, server_image.path, "-r", "--headless", "--run",
+         'while :; do nbdcopy "$uri" /dev/null 2>/dev/null || exit; done'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
+    try:
+        assert proc.stdout.readline().startswith("[")
+        proc.stdout.close()  # as head does after its lines
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGPIPE, err
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception" not in err
+
+
+def test_map_progress_off_a_terminal_says_nothing_before_there_is_something():
+    """Not a terminal: no "devices 0 (0/s)" line at the start, only the
+    summary when the map is done quickly."""
+    import io
+
+    from diskwatch.events import Progress
+    from diskwatch.runner import ProgressPrinter
+    out = io.StringIO()
+    printer = ProgressPrinter(out)
+    printer(Progress("devices", "/dev/sda", 0, 0, 0.0, 0.0))
+    printer(Progress("files", "/etc", 3, 10, 100.0, 0.03))
+    printer(Progress("done", "", 10, 10, 300.0, 0.05, summary="10 objects"))
+    assert out.getvalue() == "diskwatch: block map: 10 objects\n"

@@ -72,7 +72,7 @@ def test_headless_replay_prints_the_live_trace(recorded):
     live = (recorded / "live.log").read_text()
     assert untimed(p.stdout) == untimed(live)
     assert "read 0x100000-0x108000 32 KiB in 8 requests" in p.stdout
-    assert "requests on 1 connections" in p.stderr  # the same summary sink
+    assert "requests on 1 connection" in p.stderr  # the same summary sink
 
 
 def test_a_map_made_after_the_recording_names_it(recorded):
