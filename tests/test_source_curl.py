@@ -137,11 +137,32 @@ def nginx_tls(www, tmp_path_factory):
     stop(proc)
 
 
+class QuietHTTPServer(http.server.ThreadingHTTPServer):
+    """A client that hangs up mid-answer is expected here (diskwatch closes a
+    200 it does not want whole, or a transfer it no longer needs): not a
+    traceback on stderr. Every other error still prints one."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.lock = threading.Lock()
+        self.finished = 0  # requests done with, errors handled: a test can wait for them
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
+
+    def shutdown_request(self, request):
+        super().shutdown_request(request)
+        with self.lock:
+            self.finished += 1
+
+
 class ThreadedServer:
     """An http.server in a thread, stopped by the fixture that made it."""
 
     def __init__(self, handler):
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = QuietHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -153,15 +174,18 @@ class ThreadedServer:
         self.thread.join()
 
 
-@pytest.fixture
-def plain_http(www):
-    """Python's http.server: no Range support (answers 200 with the whole file)."""
-    handler = type("H", (http.server.SimpleHTTPRequestHandler,), {
+def plain_handler(www):
+    return type("H", (http.server.SimpleHTTPRequestHandler,), {
         "log_message": lambda self, *a: None,
         "__init__": lambda self, *a, **kw: http.server.SimpleHTTPRequestHandler.__init__(
             self, *a, directory=str(www), **kw),
     })
-    server = ThreadedServer(handler)
+
+
+@pytest.fixture
+def plain_http(www):
+    """Python's http.server: no Range support (answers 200 with the whole file)."""
+    server = ThreadedServer(plain_handler(www))
     yield server.url
     server.stop()
 
@@ -340,6 +364,24 @@ def test_server_without_range_support_is_refused(plain_http):
     assert e.value.errno == errno.EIO
     assert "does not support byte ranges" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_hanging_up_on_a_whole_file_leaves_no_traceback(www, capfd):
+    """The refusal above closes the 200 the server is still sending: the
+    test server takes that quietly (it used to print a ConnectionResetError
+    or BrokenPipeError traceback on stderr during the tests)."""
+    server = ThreadedServer(plain_handler(www))
+    try:
+        with pytest.raises(SourceError):
+            CurlSource(f"{server.url}/disk.img")
+        deadline = time.monotonic() + 30
+        while server.httpd.finished < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # polls the server's own count; not a guess at timing
+        assert server.httpd.finished >= 1
+    finally:
+        server.stop()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
 
 
 def test_size_from_range_probe_when_head_is_refused(ranged, www):
