@@ -116,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pre-shared keys, 'username:hexkey' lines (psktool -u USER -p FILE)")
     g.add_argument("--tls-verify-peer", action="store_true",
                    help="clients must show a certificate signed by DIR/ca-cert.pem")
-    g.add_argument("--max-connections", type=int, default=128, metavar="N",
+    g.add_argument("--max-connections", type=_connections, default=128, metavar="N",
                    help="connections served at once; more are closed at once (default 128)")
-    g.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="close a connection that has not finished the handshake (default 10)")
-    g.add_argument("--idle-timeout", type=float, metavar="SECONDS",
-                   help="close a connection silent that long with nothing in flight")
+    g.add_argument("--handshake-timeout", type=_timeout, default=10.0, metavar="SECONDS",
+                   help="close a connection that has not finished the handshake "
+                        "(default 10; 0: never)")
+    g.add_argument("--idle-timeout", type=_timeout, metavar="SECONDS",
+                   help="close a connection silent that long with nothing in flight "
+                        "(default and 0: never)")
     g.add_argument("--run", metavar="CMD",
                    help="run CMD with $nbd, $uri, $unixsocket, $port, $exportname set; "
                         "exit with its status when it exits")
@@ -178,6 +180,29 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a size above 0, not {text!r}")
+    return v
+
+
+def _connections(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of connections (1 or more), "
+                                         f"not {text!r}")
+    return n
+
+
+def _timeout(text: str) -> float:
+    # A negative timeout closed every connection at the first sweep; nan and
+    # inf are not durations.
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds (0: never), not {text!r}")
     return v
 
 

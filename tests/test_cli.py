@@ -144,6 +144,9 @@ def test_headless_trace_on_stdout(server_image, tmp_path):
     (["{img}", "--xz-max-block", "12Q"], "not a size", (2,)),
     (["{img}", "--window", "1.5X"], "not a size", (2,)),
     (["{img}", "-U", "/nonexistent/dir/s.sock"], "cannot listen", (1,)),
+    (["{img}", "--max-connections", "0"], "number of connections", (2,)),
+    (["{img}", "--idle-timeout=-5"], "expected seconds", (2,)),
+    (["{img}", "--handshake-timeout", "nan"], "expected seconds", (2,)),
     (["{img}", "-U", "-", "-p", "0"], "not both", (1, 2)),
     ([], "no disk image", (1, 2)),
 ])
