@@ -230,6 +230,8 @@ class Recorder:
         self.meta: deque[dict] = deque()
         self.requests = 0
         self.bytes_written = 0
+        #: why the writer thread stopped recording (a full disk: the strerror)
+        self.error: str | None = None
         self._bus = None
         self._lock = threading.Lock()  # one flush at a time
         self._pending_lock = threading.Lock()
@@ -279,7 +281,23 @@ class Recorder:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.flush()
+            try:
+                self.flush()
+            except OSError as e:
+                self._fail(e)
+                return
+
+    def _fail(self, e: OSError) -> None:
+        # A full disk (or a gone NFS server) mid-session: the session goes
+        # on, unrecorded from now on; what could not be written is counted
+        # as dropped, and the person is told (not a thread's traceback).
+        with self._pending_lock:
+            self.error = e.strerror or str(e)
+            self.dropped += len(self._pending)
+            self._pending = []
+        if self._bus is not None:
+            self._bus.publish(Message(f"recording to {self.path} stopped: {self.error}",
+                                      level="error"))
 
     def flush(self) -> None:
         """Write what came since the last flush: one write of whole frames."""
@@ -303,11 +321,15 @@ class Recorder:
             payload = json.dumps(events, separators=(",", ":")).encode()
             frames.append(_frame(b"EVTS", self._zstd.compress(payload)))
         if batch:
-            self.requests += len(batch)
             payload = encode_requests(batch)
             frames.append(_frame(b"REQS", self._zstd.compress(payload)))
         if frames:
-            self._write(b"".join(frames))
+            try:
+                self._write(b"".join(frames))
+            except OSError:
+                self.dropped += len(batch)  # (a partial frame reads as cut short)
+                raise
+        self.requests += len(batch)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -320,6 +342,9 @@ class Recorder:
 
     def feed(self, batch: Sequence[Request], pieces: Any) -> None:
         with self._pending_lock:
+            if self.error is not None:
+                self.dropped += len(batch)
+                return
             room = self.limit - len(self._pending)
             if room >= len(batch):
                 self._pending.extend(batch)
@@ -344,6 +369,10 @@ class Recorder:
             self._thread.join()
         if self._bus is not None:
             self._bus.unsubscribe(self._on_event)
+        if self.error is not None:  # the writer thread gave up (told then)
+            self._file.close()
+            self._fd = -1
+            return
         try:
             self.flush()
             self.set_meta(ended_wall=time.time(), requests=self.requests, dropped=self.dropped)

@@ -419,9 +419,13 @@ class Runner:
         if dropped:
             print(f"diskwatch: {dropped} requests were not traced (the trace could "
                   "not keep up)", file=sys.stderr)
+        if self.recorder is not None and self.recorder.error:
+            print(safe_text(f"diskwatch: recording to {self.recorder.path} stopped: "
+                            f"{self.recorder.error}"), file=sys.stderr)
         if self.recorder is not None and self.recorder.dropped:
-            print(f"diskwatch: {self.recorder.dropped} requests were not recorded (the "
-                  "recorder could not keep up)", file=sys.stderr)
+            why = "it stopped" if self.recorder.error else "the recorder could not keep up"
+            print(f"diskwatch: {self.recorder.dropped} requests were not recorded ({why})",
+                  file=sys.stderr)
         return status
 
     def _decide_map(self, source):

@@ -196,3 +196,41 @@ def test_reopen_after_logrotate_starts_a_recording_of_its_own(tmp_path):
     assert [q.offset for q in new.requests()] == [4096] and new.complete
     assert new.header.source == "file x" and new.header.requests == 4
     assert next(new.requests()).start == 0.5
+
+
+def test_a_full_disk_mid_session_stops_the_recording_and_says_so(tmp_path):
+    """The writer thread's write fails (ENOSPC: /dev/full put under its file
+    descriptor): no thread traceback, the person is told once on the bus,
+    what could not be written is counted as dropped, and close() is quiet."""
+    import threading
+
+    from diskwatch.events import Bus, make_request
+    from diskwatch.record import Recorder, RecordingHeader
+
+    crashed: list = []
+    old_hook, threading.excepthook = threading.excepthook, crashed.append
+    try:
+        bus = Bus()
+        told: list = []
+        bus.on_event(told.append)
+        rec = Recorder(str(tmp_path / "full.dwrec"),
+                       RecordingHeader(source="file x", size=1 << 20), interval=0.02)
+        rec.attach(bus)
+        reads = [make_request((1, "", 0, o * 512, 512, 0, 0.5, 1e-5, 0)) for o in range(100)]
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, rec._fd)
+        os.close(full)
+        rec.feed(reads, None)
+        deadline = time.monotonic() + 20
+        while rec.error is None:
+            assert time.monotonic() < deadline, "the writer never tried to write"
+            time.sleep(0.02)
+        rec.feed(reads[:10], None)  # after the failure: counted, not kept
+        rec.close()
+    finally:
+        threading.excepthook = old_hook
+    assert not crashed
+    assert rec.error == os.strerror(28)  # ENOSPC
+    assert rec.dropped == 110 and rec.requests == 0
+    assert [m.text for m in told if isinstance(m, Message)] == [
+        f"recording to {tmp_path / 'full.dwrec'} stopped: {os.strerror(28)}"]
