@@ -294,3 +294,20 @@ def test_headless_trace_and_summary_hold_no_raw_escape(server_image, tmp_path):
     assert p.returncode == 0, p.stderr
     data = log.read_bytes()
     assert b"reset-screen" in data and b"\x1b" not in data and b"\r" not in data
+
+
+def test_a_command_with_brackets_is_its_title_not_markup(tmp_path):
+    """The output panel's border title is the command as text: "[/]" used to
+    be parsed as markup (a MarkupError ended the app at mount), and
+    "[@click=app.quit]" as an action."""
+    command = "echo '[/]' [@click=app.quit]quit[/] [b]x"
+    session = Session(bus=Bus(), size=SIZE, description="file x.img", uri="nbd://x",
+                      command=command, blockmap=None, started=STARTED)
+    app = DiskwatchApp(session, clock=lambda: STARTED + 5.0)
+
+    async def title() -> str:
+        async with app.run_test(size=(120, 34)) as pilot:
+            await pilot.pause()
+            return app.query_one(CommandOutput)._border_title.plain
+
+    assert asyncio.run(title()) == f"$ {command}"

@@ -29,7 +29,9 @@ class CommandOutput(RichLog):
         self._decoders = {"stdout": TerminalText(), "stderr": TerminalText()}
 
     def on_mount(self) -> None:
-        self.border_title = f"$ {safe_text(self.command)}" if self.command else "messages"
+        # A Text, not a str: a border title is parsed as markup ("[/]" in a
+        # command crashed the app; "[@click=...]" made an action of it).
+        self.border_title = Text(f"$ {safe_text(self.command)}") if self.command else "messages"
         self.border_subtitle = "running" if self.command else ""
 
     def add_message(self, m: Message) -> None:

@@ -49,7 +49,7 @@ class BmapProgress(Vertical):
                                style="#5fd787"))
             return
         bar.display = True
-        self.border_title = f"block map: {safe_text(p.phase)}"
+        self.border_title = Text(f"block map: {safe_text(p.phase)}")  # not markup
         if p.total:
             bar.update(total=p.total, progress=p.done)
         else:
