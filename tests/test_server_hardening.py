@@ -436,15 +436,17 @@ def test_max_connections(serve_source, server_image):
 
 
 def test_handshake_and_idle_timeouts(serve_source, server_image):
+    # Both connections at once, the handshake timeout well above what the
+    # idle one's handshake takes on a loaded machine (0.5 s flaked there).
     served = serve_source(ReadOnly(FileSource(str(server_image.path), readonly=True)),
-                          handshake_timeout=0.5, idle_timeout=1.0)
-    slow = served.connect_raw(timeout=5)
-    assert len(recv_until_closed(slow)) == 18  # the greeting, then closed
-    idle = served.connect_raw(timeout=5)
+                          handshake_timeout=2.0, idle_timeout=1.0)
+    slow = served.connect_raw(timeout=10)
+    idle = served.connect_raw(timeout=10)
     raw_handshake(idle)
     idle.sendall(raw_request(P.CMD_READ, 0, 512, handle=1))
     assert raw_simple_reply(idle, 512)[0] == 0
     assert recv_until_closed(idle) == b""  # closed once idle
+    assert len(recv_until_closed(slow)) == 18  # the greeting, then closed
     assert served.running.server.timed_out == 2
 
 
