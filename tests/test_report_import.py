@@ -265,3 +265,37 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(DiskwatchError, match="empty file"):
         open_input(str(empty))
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"t":0,"op":"read","offset":0,"length":1e400}', "not a diskwatch request record"),
+    ('{"t":0,"op":"read","offset":-5,"length":512}', "offset -5 is out of range"),
+    ('{"t":0,"op":"read","offset":99999999999999999999999,"length":1}', "offset .* out of range"),
+    ('{"t":0,"op":"read","offset":0,"length":4294967296}', "length .* out of range"),
+    ('{"t":1e999,"op":"read","offset":0,"length":1}', "not a number of seconds"),
+    ('{"t":0,"op":"read","offset":0,"length":1,"duration":-1}', "not a number of seconds"),
+    ('{"t":0,"op":"read","offset":0,"length":1,"conn":-1}', "connection -1 is out of range"),
+])
+def test_jsonl_numbers_out_of_range_are_one_line_errors(tmp_path, line, needle):
+    """Numbers the recording's columns cannot hold (or that are no numbers)
+    are the file's error, said with its line, not an OverflowError later."""
+    path = tmp_path / "r.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ImportFormatError, match=rf"r.jsonl:1: .*{needle}"):
+        open_input(str(path), "jsonl")
+
+
+def test_nbdkit_log_numbers_out_of_range_are_one_line_errors(tmp_path):
+    text = tmp_path / "k.log"
+    text.write_text("2020-08-06 02:07:23.080907 connection=1 Read id=1 offset=0x10000000000000000 "
+                    "count=0x200 ...\n")
+    with pytest.raises(ImportFormatError, match=r"k.log:1: offset .* out of range"):
+        open_input(str(text), "nbdkit-log")
+    text.write_text("2020-13-06 02:07:23.080907 connection=1 Read id=1 offset=0x0 count=0x200\n")
+    with pytest.raises(ImportFormatError, match=r"k.log:1: not a time"):
+        open_input(str(text), "nbdkit-log")
+
+
+def test_a_negative_command_number_is_unknown():
+    from diskwatch.report.importers import _command
+    assert _command(-1) == _command(1000) == Command.UNKNOWN

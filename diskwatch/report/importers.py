@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import re
 import shlex
 import struct
@@ -68,7 +69,23 @@ class ImportFormatError(DiskwatchError):
 
 
 def _command(number: int) -> int:
-    return number if number < Command.UNKNOWN else int(Command.UNKNOWN)
+    return number if 0 <= number < Command.UNKNOWN else int(Command.UNKNOWN)
+
+
+#: request fields an imported log gives as numbers, and what the recording's
+#: columns hold (record.py's REQS: I, Q, I, H, I)
+_FIELD_LIMITS = ((0, "connection", 0xFFFF_FFFF), (3, "offset", (1 << 64) - 1),
+                 (4, "length", 0xFFFF_FFFF), (5, "flags", 0xFFFF), (8, "error", 0xFFFF_FFFF))
+
+
+def _check_fields(fields, where: str) -> None:
+    """A log from elsewhere may hold any number: one out of range is this
+    file's error (not a traceback later, in the recording or the picture)."""
+    for i, name, top in _FIELD_LIMITS:
+        if not 0 <= fields[i] <= top:
+            raise ImportFormatError(f"{where}: {name} {fields[i]} is out of range (0 to {top})")
+    if not (math.isfinite(fields[6]) and math.isfinite(fields[7]) and fields[7] >= 0):
+        raise ImportFormatError(f"{where}: a time or duration that is not a number of seconds")
 
 
 # --- nbd-server ----------------------------------------------------------------
@@ -172,14 +189,22 @@ def _parse_nbdkit_log(lines, path: str) -> tuple[list[Request], str, int | None]
                     "(expected 'YYYY-MM-DD HH:MM:SS.ffffff [connection=N] Action ...')")
             continue
         stamp, conn_s, leaving, action, rest = m.groups()
-        t = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f" if "." in stamp
-                              else "%Y-%m-%d %H:%M:%S").timestamp()
+        try:
+            t = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f" if "." in stamp
+                                  else "%Y-%m-%d %H:%M:%S").timestamp()
+        except ValueError:
+            raise ImportFormatError(f"{path}:{lineno}: not a time: {stamp}") from None
         conn = int(conn_s) if conn_s else 0
         fields = dict(_FIELD.findall(rest))
         if action == "Connect" and not leaving:
             exports[conn] = _unquote(fields.get("export", '""'))
             if "size" in fields and size is None:
-                size = int(fields["size"], 0)
+                try:
+                    size = int(fields["size"], 0)
+                except ValueError:
+                    raise ImportFormatError(f"{path}:{lineno}: bad size in Connect") from None
+                if size < 0:
+                    raise ImportFormatError(f"{path}:{lineno}: negative size in Connect")
             continue
         command = _NBDKIT_ACTIONS.get(action)
         if command is None or "id" not in fields:
@@ -211,6 +236,7 @@ def _parse_nbdkit_log(lines, path: str) -> tuple[list[Request], str, int | None]
         if command == Command.BLOCK_STATUS and fields.get("req_one") == "1":
             flags |= FLAG_REQ_ONE
         req = [conn, exports.get(conn, ""), int(command), offset, length, flags, t, 0.0, 0]
+        _check_fields(req, f"{path}:{lineno}")
         open_calls[key] = req
         order.append(req)
     base = t0 or 0.0
@@ -259,12 +285,13 @@ def _parse_jsonl(lines, path: str) -> Iterator[Request]:
             rec = json.loads(line)
             op = rec["op"]
             command = _OPS[op] if isinstance(op, str) else _command(int(op))
-            yield make_request((int(rec.get("conn", 1)), str(rec.get("export", "")), command,
-                                int(rec["offset"]), int(rec["length"]), int(rec.get("flags", 0)),
-                                float(rec["t"]), float(rec.get("duration", 0.0)),
-                                int(rec.get("error", 0))))
-        except (ValueError, KeyError, TypeError) as e:
+            fields = (int(rec.get("conn", 1)), str(rec.get("export", "")), command,
+                      int(rec["offset"]), int(rec["length"]), int(rec.get("flags", 0)),
+                      float(rec["t"]), float(rec.get("duration", 0.0)), int(rec.get("error", 0)))
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
             if not line.endswith("\n"):  # the last line of a file still being written
                 return
             raise ImportFormatError(f"{path}:{lineno}: not a diskwatch request record ({e})"
                                     ) from None
+        _check_fields(fields, f"{path}:{lineno}")
+        yield make_request(fields)
