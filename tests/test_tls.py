@@ -326,6 +326,10 @@ def test_psk_file_format_is_checked(tmp_path):
     empty.write_text("\n")
     with pytest.raises(TLSError, match="no keys in it"):
         make_tls("on", psk=str(empty))
+    binary = tmp_path / "binary.psk"
+    binary.write_bytes(b"\xff\xfe:abcd\n")
+    with pytest.raises(TLSError, match=r"binary.psk: not text"):
+        make_tls("on", psk=str(binary))
 
 
 # --- by hand: a pipelined ClientHello, STARTTLS twice, garbage instead of TLS ----------

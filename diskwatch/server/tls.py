@@ -132,6 +132,9 @@ def load_psk_file(path: str) -> dict[bytes, bytes]:
             lines = f.read().splitlines()
     except OSError as e:
         raise TLSError(f"--tls-psk {path}: {e.strerror}") from None
+    except UnicodeDecodeError:  # a binary file, or a key file given by mistake
+        raise TLSError(f"--tls-psk {path}: not text (psktool's format: 'username:hexkey' "
+                       "lines)") from None
     keys: dict[bytes, bytes] = {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
