@@ -299,3 +299,13 @@ def test_nbdkit_log_numbers_out_of_range_are_one_line_errors(tmp_path):
 def test_a_negative_command_number_is_unknown():
     from diskwatch.report.importers import _command
     assert _command(-1) == _command(1000) == Command.UNKNOWN
+
+
+def test_jsonl_bytes_that_are_not_utf8(tmp_path):
+    """A stray byte is the line's error (with its number); in a name it is kept."""
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(b'{"t":0}\xff\n')
+    with pytest.raises(ImportFormatError, match=r"b.jsonl:1: not a diskwatch request record"):
+        open_input(str(path), "jsonl")
+    path.write_bytes(b'{"t":0,"op":"read","offset":0,"length":512,"export":"a\xffb"}\n')
+    assert [q.export for q in open_input(str(path), "jsonl").requests] == ["a\udcffb"]

@@ -271,7 +271,9 @@ _OPS = {name: i for i, name in enumerate(COMMAND_NAMES)}
 
 def read_jsonl(path: str) -> Recording:
     """``diskwatch --record`` JSON lines -> a Recording."""
-    with open(path, encoding="utf-8") as f:
+    # surrogateescape: a byte that is not UTF-8 is the line's error (said
+    # with its number), or inside a name kept as that byte, as recordings do
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         requests = list(_parse_jsonl(f, path))
     return Recording(requests=requests, source=f"diskwatch JSON lines {path}",
                      origin="jsonl", timed=True, path=path)
