@@ -34,7 +34,7 @@ from typing import IO
 
 from .errors import DiskwatchError
 
-__all__ = ["OutputFileError", "open_output", "refuse_symlink", "replace_atomically"]
+__all__ = ["OutputFileError", "check_output_path", "open_output", "refuse_symlink", "replace_atomically"]
 
 
 class OutputFileError(DiskwatchError):
@@ -51,6 +51,22 @@ def refuse_symlink(path: str | os.PathLike[str]) -> None:
     early, before long work whose result would go there)."""
     if os.path.islink(path):
         raise _refuse_link(os.fspath(path))
+
+
+def check_output_path(path: str | os.PathLike[str]) -> None:
+    """Raise ``OutputFileError`` now, with the name the person gave, if a
+    file cannot be written at ``path``: a symbolic link, a directory, a
+    directory that does not exist (not a temporary name's ENOENT later)."""
+    path = os.fspath(path)
+    refuse_symlink(path)
+    if os.path.isdir(path):
+        raise OutputFileError(f"cannot write {path}: it is a directory (give a file name)")
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise OutputFileError(f"cannot write {path}: there is no directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputFileError(f"cannot write {path}: no permission to create files "
+                              f"in {directory}")
 
 
 def _umask() -> int:
@@ -78,6 +94,8 @@ def open_output(path: str | os.PathLike[str], *, binary: bool = False, append: b
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _refuse_link(path) from None
+        if e.errno in (errno.ENOENT, errno.EISDIR, errno.EACCES):
+            check_output_path(path)  # says why with the path given
         raise
     try:
         st = os.fstat(fd)
@@ -99,7 +117,7 @@ def replace_atomically(path: str | os.PathLike[str]) -> Iterator[io.BufferedWrit
     """``with replace_atomically(p) as f:`` write f; on success ``p`` is the new
     file, all at once; on failure ``p`` is untouched and nothing is left."""
     path = os.fspath(path)
-    refuse_symlink(path)
+    check_output_path(path)
     directory, name = os.path.split(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
     try:

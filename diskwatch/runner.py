@@ -142,6 +142,8 @@ def generate_map(source, out_path: str, accel: str, bus=None, method: str = "aut
 
 def load_map(path: str):
     from .bmap.index import BlockMap
+    if os.path.isdir(path):
+        raise UsageError(f"--bmap {path}: is a directory, not a block map file")
     return BlockMap.load(path)
 
 
@@ -434,6 +436,8 @@ class Runner:
         pending_map = None  # a map to generate under the UI, before the command starts
         if cfg.bmap:
             if not os.path.exists(cfg.bmap):
+                from .files import check_output_path
+                check_output_path(cfg.bmap)  # said before the mapping, not after
                 if cfg.headless:
                     print(f"diskwatch: {cfg.bmap} does not exist: generating it first",
                           file=sys.stderr)

@@ -149,6 +149,10 @@ def test_headless_trace_on_stdout(server_image, tmp_path):
     (["{img}", "--handshake-timeout", "nan"], "expected seconds", (2,)),
     (["{img}", "-U", "-", "-p", "0"], "not both", (1, 2)),
     ([], "no disk image", (1, 2)),
+    (["{img}", "--bmap", "/nonexistent/dir/x.bmap"], "no directory /nonexistent/dir", (1,)),
+    (["{img}", "--bmap", "{tmp}"], "is a directory, not a block map", (1,)),
+    (["{img}", "--log", "/nonexistent/x.log"], "no directory /nonexistent", (1,)),
+    (["{img}", "--record", "{tmp}"], "it is a directory", (1,)),
 ])
 def test_bad_input_is_one_clear_line(server_image, tmp_path, args, needle, codes):
     args = [a.format(tmp=tmp_path, img=server_image.path) for a in args]
@@ -269,3 +273,15 @@ def test_map_progress_off_a_terminal_says_nothing_before_there_is_something():
     printer(Progress("files", "/etc", 3, 10, 100.0, 0.03))
     printer(Progress("done", "", 10, 10, 300.0, 0.05, summary="10 objects"))
     assert out.getvalue() == "diskwatch: block map: 10 objects\n"
+
+
+@pytest.mark.parametrize("output,needle", [
+    ("/nonexistent/dir/x.bmap", "cannot write /nonexistent/dir/x.bmap: there is no directory"),
+    ("{tmp}", "it is a directory"),
+])
+def test_bmap_to_where_it_cannot_be_written(server_image, tmp_path, output, needle):
+    """The path given, not the temporary file's name; before any mapping."""
+    p = run_diskwatch(["bmap", server_image.path, "-o", output.format(tmp=tmp_path)], timeout=30)
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and ".tmp" not in lines[0], lines

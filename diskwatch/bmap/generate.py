@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DiskwatchError
 from ..events import Bus, Message, Progress
-from ..files import refuse_symlink, replace_atomically
+from ..files import check_output_path, replace_atomically
 from ..sources.base import ReadOnly, Source
 from .format import BmapEntry, merge_ranges, write_bmap
 
@@ -1036,7 +1036,7 @@ def generate_bmap(
     run at all; unmountable filesystems and unreadable files are skipped and
     listed in the result."""
     out_path = os.fspath(out_path)
-    refuse_symlink(out_path)  # said now, not after minutes of mapping
+    check_output_path(out_path)  # said now, not after minutes of mapping
     return _Generator(source, out_path, bus, accel, verbose).run()
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DiskwatchError
 from ..events import Bus, Message, Progress
-from ..files import refuse_symlink, replace_atomically
+from ..files import check_output_path, replace_atomically
 from ..sources.base import Source
 from .format import BmapEntry, write_bmap
 
@@ -60,7 +60,7 @@ def make_bmap(
     if method not in METHODS:
         raise DiskwatchError(f"unknown block-map method {method!r}: use auto, metadata or watch")
     out_path = os.fspath(out_path)
-    refuse_symlink(out_path)  # said now, not after the mapping
+    check_output_path(out_path)  # said now, not after the mapping
     t0 = time.monotonic()
     result = MakeResult(out_path, method)
 
