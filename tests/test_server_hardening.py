@@ -486,3 +486,23 @@ def test_a_client_that_disconnects_and_never_reads_is_dropped(serve_source, serv
     wait_until(lambda: server.connections == 0, 10, "the connection dropped")
     assert server.timed_out == 1
     s.close()
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("rate=x", "rate 'x' is not between 0 and 1"),
+    ("after=x", "after 'x' is not a number of calls"),
+    ("range=a-b", "range 'a-b': not a size: 'a'"),
+])
+def test_error_rule_words_that_are_not_numbers(bad, needle):
+    """Each says which word is wrong, not Python's float()/int() message."""
+    with pytest.raises(ValueError) as e:
+        parse_error_rule(bad)
+    assert str(e.value).startswith("--inject-errors: ") and needle in str(e.value)
+
+
+@pytest.mark.parametrize("bad", ["read=abc", "read=nan", "write=-1", "other=1e9"])
+def test_delay_words_that_are_not_delays(bad):
+    from diskwatch.sources.delay import parse_delays
+    with pytest.raises(ValueError) as e:
+        parse_delays(bad)
+    assert str(e.value) == f"{bad!r}: a delay is a number of milliseconds, 0 to 60000"

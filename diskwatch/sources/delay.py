@@ -15,9 +15,12 @@ def parse_delays(text: str) -> dict[str, float]:
         key, sep, value = word.partition("=")
         if not sep or key not in ("read", "write", "other"):
             raise ValueError(f"{word!r}: expected read=MS, write=MS or other=MS")
-        ms = float(value)
-        if not 0 <= ms <= 60_000:
-            raise ValueError(f"{word!r}: a delay is 0 to 60000 ms")
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = -1.0  # said below, with the word
+        if not 0 <= ms <= 60_000:  # also refuses nan
+            raise ValueError(f"{word!r}: a delay is a number of milliseconds, 0 to 60000")
         out[key] = ms / 1000
     return out
 

@@ -69,8 +69,11 @@ def parse_error_rule(text: str) -> ErrorRule:
         key = key.strip().lower()
         value = value.strip()
         if key == "rate":
-            rate = float(value[:-1]) / 100 if value.endswith("%") else float(value)
-            if not 0 <= rate <= 1:
+            try:
+                rate = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+            except ValueError:
+                rate = -1.0  # said below
+            if not 0 <= rate <= 1:  # also refuses nan
                 raise ValueError(f"--inject-errors: rate {value!r} is not between 0 and 1")
             kw["rate"] = rate
         elif key == "errno":
@@ -86,11 +89,16 @@ def parse_error_rule(text: str) -> ErrorRule:
             lo, dash, hi = value.partition("-")
             if not dash:
                 raise ValueError(f"--inject-errors: range {value!r} is not START-END")
-            kw["start"] = parse_size(lo) if lo else 0
-            kw["end"] = parse_size(hi) if hi else None
+            try:
+                kw["start"] = parse_size(lo) if lo else 0
+                kw["end"] = parse_size(hi) if hi else None
+            except ValueError as e:
+                raise ValueError(f"--inject-errors: range {value!r}: {e}") from None
             if kw["end"] is not None and kw["end"] <= kw["start"]:
                 raise ValueError(f"--inject-errors: range {value!r} is empty")
         elif key == "after":
+            if not value.isdigit():
+                raise ValueError(f"--inject-errors: after {value!r} is not a number of calls")
             kw["after"] = int(value)
         else:
             raise ValueError(f"--inject-errors: unknown key {key!r} "
