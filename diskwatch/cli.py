@@ -463,7 +463,8 @@ def _report(e: BaseException, verbose: bool) -> int:
         raise e
     msg = str(e)
     if isinstance(e, OSError) and e.strerror:
-        msg = e.strerror + (f": {e.filename}" if e.filename else "")
+        # the file first, as coreutils say it: "cat: x: No such file or directory"
+        msg = (f"{e.filename}: " if e.filename else "") + e.strerror
     if isinstance(e, ImportError):
         msg = _import_hint(e)
     print(f"diskwatch: {safe_text(msg)}", file=sys.stderr)  # may quote a URL or a name

@@ -285,3 +285,15 @@ def test_bmap_to_where_it_cannot_be_written(server_image, tmp_path, output, need
     assert p.returncode == 1, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and ".tmp" not in lines[0], lines
+
+
+@pytest.mark.parametrize("args", [
+    ["replay", "{missing}", "--headless"],
+    ["report", "{missing}"],
+    ["import", "nbdkit-log", "{missing}", "-o", "{tmp}/x.rec"],
+])
+def test_a_missing_input_names_the_file_first(tmp_path, args):
+    missing = tmp_path / "nope.rec"
+    p = run_diskwatch([a.format(missing=missing, tmp=tmp_path) for a in args], timeout=30)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [f"diskwatch: {missing}: No such file or directory"]
