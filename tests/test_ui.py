@@ -422,7 +422,7 @@ async def test_p_saves_a_picture_of_what_has_been_seen(served, tmp_path):
     """The p key writes the report's picture of the session so far: the
     partitions, the busiest file marked, reads and writes drawn."""
     import xml.etree.ElementTree as ET
-    pictures = tmp_path / "pictures"
+    pictures = tmp_path / "pictures [red on]x"  # the path is told as text, not markup
     pictures.mkdir()
     app = DiskwatchApp(served.session, picture_dir=str(pictures))
     async with app.run_test(size=(120, 36)) as pilot:
@@ -434,6 +434,10 @@ async def test_p_saves_a_picture_of_what_has_been_seen(served, tmp_path):
         await pilot.press("p")
         await pilot.pause()
         (saved,) = pictures.iterdir()
+        from textual.content import Content
+        told = [(Content.from_markup(n.message) if n.markup else Content(n.message)).plain
+                for n in app._notifications]  # as the toast renders it
+        assert f"picture saved: {saved}" in told, told
         root = ET.parse(saved).getroot()
         ns = "{http://www.w3.org/2000/svg}"
         parts = [e.get("data-name") for e in root.iter(ns + "rect")

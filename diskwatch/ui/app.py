@@ -436,9 +436,9 @@ class DiskwatchApp(App[int | None]):
                 continue
             except OSError as e:
                 self.notify(f"could not save the picture: {e.strerror}: {path}",
-                            severity="error")
+                            severity="error", markup=False)  # a path, not markup
                 return None
-            self.notify(f"picture saved: {path}")
+            self.notify(f"picture saved: {path}", markup=False)
             return path
         return None
 
