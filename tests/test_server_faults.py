@@ -212,7 +212,12 @@ def test_sigterm_during_heavy_writes_loses_nothing_acknowledged(rw_image, diskwa
     for t in threads:
         t.start()
     started.wait()
-    time.sleep(1.5)  # let them write a while: the point is mid-way, not a sync
+    # Mid-way: once enough writes are known durable to check (a fixed 1.5 s
+    # gave fewer than that on a loaded machine), while they keep writing.
+    deadline = time.monotonic() + 60
+    while sum(durable) <= 100:
+        assert time.monotonic() < deadline and not errors, (durable, errors)
+        time.sleep(0.02)
     proc.proc.send_signal(signal.SIGTERM)
     rc, _out, err = proc.wait(30)
     for t in threads:
