@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("server")
     g.add_argument("-U", "--unix", metavar="PATH",
                    help="listen on a unix socket; '-' makes a private one (default with --run)")
-    g.add_argument("-p", "--port", type=_port, help="listen on TCP PORT (0: any free port)")
+    g.add_argument("-p", "--port", type=_port, help="listen on TCP PORT (default 10809 without -U or "
+                   "--run; 0: any free port)")
     g.add_argument("-i", "--ipaddr", default="127.0.0.1", help="TCP address (default 127.0.0.1)")
     g.add_argument("-e", "--export-name", default="", help="export name (default: empty)")
     g.add_argument("--tls", choices=("off", "on", "require"), default="off",

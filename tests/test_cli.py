@@ -9,7 +9,7 @@ import signal
 import socket
 
 import pytest
-from fixtures_server import MiB, run_diskwatch
+from fixtures_server import SUBPROCESS_ENV, MiB, run_diskwatch
 
 # A captive command that says where the socket is and its pid, then waits.
 WAITER = 'echo "$unixsocket $$"; exec sleep 1000'
@@ -151,6 +151,7 @@ def test_headless_trace_on_stdout(server_image, tmp_path):
     ([], "no disk image", (1, 2)),
     (["{img}", "--bmap", "/nonexistent/dir/x.bmap"], "no directory /nonexistent/dir", (1,)),
     (["{img}", "--bmap", "{tmp}"], "is a directory, not a block map", (1,)),
+    (["http://127.0.0.1:9/x.img", "--timeout", "-5"], "--timeout is seconds, more than 0", (1,)),
     (["{img}", "--log", "/nonexistent/x.log"], "no directory /nonexistent", (1,)),
     (["{img}", "--record", "{tmp}"], "it is a directory", (1,)),
 ])
@@ -297,3 +298,12 @@ def test_a_missing_input_names_the_file_first(tmp_path, args):
     p = run_diskwatch([a.format(missing=missing, tmp=tmp_path) for a in args], timeout=30)
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [f"diskwatch: {missing}: No such file or directory"]
+
+
+def test_help_gives_the_defaults():
+    out = run_diskwatch(["--help"], timeout=30, env={**SUBPROCESS_ENV, "COLUMNS": "300"}).stdout
+    for flag, default in [("--timeout SECONDS", "(default 30)"), ("--retries N", "(default 3)"),
+                          ("--connections N", "(default 4)"), ("-p PORT, --port PORT",
+                                                               "default 10809")]:
+        line = next(line for line in out.splitlines() if line.lstrip().startswith(flag))
+        assert default in line, line

@@ -136,9 +136,12 @@ for plugin in (
             Option("--user", "user name for http/ftp/sftp"),
             Option("--password", "password for http/ftp/sftp: '-' reads it from stdin, "
                    "'+FILE' from FILE (other users see a command line)"),
-            Option("--timeout", "network timeout, seconds", type=float, default=30.0),
-            Option("--retries", "retries of a failed network read", type=int, default=3),
-            Option("--connections", "parallel network connections", type=int, default=4),
+            Option("--timeout", "network timeout: connecting, or a transfer stalled that "
+                   "long (default 30)", type=float, default=30.0, metavar="SECONDS"),
+            Option("--retries", "retries of a failed network read (default 3)", type=int,
+                   default=3, metavar="N"),
+            Option("--connections", "parallel network connections (default 4)", type=int,
+                   default=4, metavar="N"),
             Option("--insecure", "do not verify TLS certificates", action="store_true",
                    default=False),
         )),

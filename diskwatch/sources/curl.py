@@ -142,6 +142,8 @@ class CurlSource(Source):
             raise SourceError(errno.EINVAL, f"--connections must be at least 1 (got {connections})")
         if retries < 0:
             raise SourceError(errno.EINVAL, f"--retries must not be negative (got {retries})")
+        if not 0 < timeout <= 86400:  # also refuses nan, which would pass as 1 ms
+            raise SourceError(errno.EINVAL, f"--timeout is seconds, more than 0 (got {timeout})")
         self.headers = [h if isinstance(h, str) else h.decode() for h in headers]
         for h in self.headers:
             if ":" not in h:
