@@ -228,10 +228,13 @@ def _method_arg(p) -> None:
 def build_bmap_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diskwatch bmap",
                                 description="Make a block map of a disk image.")
-    p.add_argument("source", help="disk image: raw file, .xz file or URL")
-    p.add_argument("-o", "--output", required=True, help="block map file to write")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("source", help="disk image (raw, qcow2, vmdk, vdi, vhdx... or .xz), an "
+                                  "http/https/ftp/sftp URL, or an NBD server (nbd://...)")
+    p.add_argument("-o", "--output", required=True, metavar="MAP",
+                   help="block map file to write (virt-bmap's format)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                   help="how libguestfs runs qemu for the watch method (auto probes KVM)")
     _method_arg(p)
     _source_args(p)
     return p
@@ -243,10 +246,13 @@ def build_demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--churn", action="store_true",
                    help="a guest that keeps rewriting log files and re-reading a big file")
     p.add_argument("--headless", action="store_true", help="text trace instead of the UI")
-    p.add_argument("--cache-dir", default=os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diskwatch"))
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--cache-dir", metavar="DIR", default=os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diskwatch"),
+        help="where the demo guest's image and block map are kept between runs "
+             "(default %(default)s)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                   help="how qemu runs the guest (auto probes KVM)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
     return p
 
 

@@ -287,7 +287,7 @@ def replay_main(argv: list[str]) -> int:
     p.add_argument("--no-trace", action="store_true",
                    help="with --headless: print only the summary")
     p.add_argument("--log", metavar="FILE", help="write the text trace to FILE")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
     args = p.parse_args(argv)
     return replay(ReplayConfig(path=args.file, bmap=args.bmap, speed=args.speed,
                                headless=args.headless, no_trace=args.no_trace, log=args.log))

@@ -307,3 +307,21 @@ def test_help_gives_the_defaults():
                                                                "default 10809")]:
         line = next(line for line in out.splitlines() if line.lstrip().startswith(flag))
         assert default in line, line
+
+
+def test_every_option_of_every_command_has_help():
+    """`diskwatch CMD --help` explains each option (it used to list bare
+    '-v, --verbose', '--accel', '--cache-dir CACHE_DIR')."""
+    import argparse
+
+    from diskwatch import cli
+    from diskwatch.report.command import build_import_parser, build_report_parser
+    parsers = [cli.build_parser(), cli.build_bmap_parser(), cli.build_demo_parser(),
+               cli.build_attach_parser(), build_report_parser(), build_import_parser()]
+    for parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (parser.prog, action.option_strings or action.dest)
+    replay_help = run_diskwatch(["replay", "--help"], timeout=30).stdout
+    assert "--verbose" in replay_help and "debug messages and tracebacks" in replay_help

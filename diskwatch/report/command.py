@@ -42,7 +42,7 @@ def build_report_parser() -> argparse.ArgumentParser:
                                                 "busiest files and throughput, into OUT")
     p.add_argument("--png", metavar="OUT", help="the same picture as PNG (needs rsvg-convert)")
     p.add_argument("--top", type=int, default=10, metavar="N", help="rows per table (default 10)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
     return p
 
 
@@ -89,7 +89,7 @@ def build_import_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, metavar="BYTES",
                    help="the disk's size, if the log does not say (default: the end of the "
                         "furthest request)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
     return p
 
 
