@@ -24,7 +24,7 @@ from typing import IO
 
 from .events import COMMAND_NAMES, Command, Request
 from .session import Pieces
-from .text import safe_text
+from .text import count, safe_text
 
 # Commands that touch data at an offset (the others are shown once, plainly).
 _RANGED = {Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Command.CACHE}
@@ -191,11 +191,6 @@ class TextTrace:
         self.out.flush()
 
 
-def plural(n: int, noun: str) -> str:
-    """``1 request``, ``2 requests``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 class Summary:
     """Headless: the totals printed at exit (the UI shows them live)."""
 
@@ -228,9 +223,9 @@ class Summary:
         conns = st.connections_total
         if not st.requests:
             print("diskwatch: no client connected" if not conns else
-                  f"diskwatch: no requests on {plural(conns, 'connection')}", file=out)
+                  f"diskwatch: no requests on {count(conns, 'connection')}", file=out)
             return
-        print(f"diskwatch: {plural(st.requests, 'request')} on {plural(conns, 'connection')}"
+        print(f"diskwatch: {count(st.requests, 'request')} on {count(conns, 'connection')}"
               + (": " + ", ".join(parts) if parts else "")
               + (f"; {st.errors} failed" if st.errors else ""), file=out)
         if st.requests:

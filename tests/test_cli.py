@@ -325,3 +325,10 @@ def test_every_option_of_every_command_has_help():
             assert action.help, (parser.prog, action.option_strings or action.dest)
     replay_help = run_diskwatch(["replay", "--help"], timeout=30).stdout
     assert "--verbose" in replay_help and "debug messages and tracebacks" in replay_help
+
+
+def test_counts_say_one_thing_in_the_singular():
+    from diskwatch.text import count
+    assert count(1, "file") == "1 file" and count(0, "file") == "0 files"
+    assert count(1, "directory", "directories") == "1 directory"
+    assert count(2, "directory", "directories") == "2 directories"

@@ -23,6 +23,7 @@ from ..errors import DiskwatchError
 from ..events import Bus, Message, Progress
 from ..files import check_output_path, replace_atomically
 from ..sources.base import Source
+from ..text import count
 from .format import BmapEntry, write_bmap
 
 __all__ = ["METHODS", "MakeResult", "make_bmap"]
@@ -160,9 +161,11 @@ def make_bmap(
     result.elapsed = time.monotonic() - t0
     rate = result.objects / result.elapsed if result.elapsed > 0 else 0.0
     by = ", ".join(f"{d} {m}" for d, m in result.methods.items())
-    result.summary = (f"{result.directories} directories, {result.files} files, "
-                      f"{result.structures} filesystem structures ({result.objects} objects); "
-                      f"{result.entries} ranges written to {out_path} in {result.elapsed:.2f} s "
+    result.summary = (f"{count(result.directories, 'directory', 'directories')}, "
+                      f"{count(result.files, 'file')}, "
+                      f"{count(result.structures, 'filesystem structure')} "
+                      f"({count(result.objects, 'object')}); "
+                      f"{count(result.entries, 'range')} written to {out_path} in {result.elapsed:.2f} s "
                       f"({rate:.0f} objects/s; {by})")
     if bus is not None:
         bus.publish(Progress("done", "", result.objects, result.objects, rate, result.elapsed,
