@@ -321,6 +321,7 @@ class Runner:
         # the image there): the trace goes to stderr. Without a terminal nobody
         # sees a UI: headless, said once.
         self.trace_out = sys.stderr if activated else sys.stdout
+        headless_note = ""
         if not cfg.headless:
             if activated:
                 why = "started by socket activation"
@@ -329,9 +330,10 @@ class Runner:
             else:
                 why = ""
             if why:
-                print(f"diskwatch: {why}: running headless (trace on "
-                      f"{'stderr' if activated else 'stdout'}; --no-trace for the summary only)",
-                      file=sys.stderr)
+                # said once serving starts: an early failure is one line alone
+                headless_note = (f"diskwatch: {why}: running headless (trace on "
+                                 f"{'stderr' if activated else 'stdout'}; --no-trace for "
+                                 "the summary only)")
                 cfg.headless = True
         # Whatever fails from here on (a port in use, a bad map), what was made
         # so far is undone: the source closed (a stream's FIFO removed), the log
@@ -354,6 +356,8 @@ class Runner:
             # closes them when it ends) starts; a second close does nothing.
             undo.callback(server.close)
             kind, addr = self._bind(server, undo, private_socket_path)
+            if headless_note:
+                print(headless_note, file=sys.stderr)
             uri = nbd_uri(kind, addr, cfg.export_name, tls is not None)
             if cfg.guest is not None:
                 self.guest = cfg.guest(addr, self.private_dir)

@@ -169,12 +169,15 @@ def test_bad_input_is_one_clear_line(server_image, tmp_path, args, needle, codes
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
-def test_port_in_use(server_image):
+@pytest.mark.parametrize("headless", [["--headless"], []])
+def test_port_in_use(server_image, headless):
+    """One line, also when stdout is not a terminal and diskwatch would have
+    said it runs headless (that note comes once it serves)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        p = run_diskwatch([server_image.path, "-r", "-p", port, "--headless", "--run", "true"])
+        p = run_diskwatch([server_image.path, "-r", "-p", port, *headless, "--run", "true"])
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [
         f"diskwatch: cannot listen on 127.0.0.1:{port}: Address already in use"]
