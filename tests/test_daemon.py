@@ -121,7 +121,7 @@ def test_the_unit_under_socket_activation_logs_structured_entries(rw_image, tmp_
             proc.wait()
         journal.sock.close()
     err_text = stderr_file.read_text()
-    assert "requests on 1 connection" in err_text  # the summary, on the journal stream
+    assert " on 1 connection: " in err_text  # the summary, on the journal stream
     assert "Traceback" not in err_text
 
 
