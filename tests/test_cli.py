@@ -335,3 +335,16 @@ def test_counts_say_one_thing_in_the_singular():
     assert count(1, "file") == "1 file" and count(0, "file") == "0 files"
     assert count(1, "directory", "directories") == "1 directory"
     assert count(2, "directory", "directories") == "2 directories"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["report", "{rec}", "--top", "0"], "argument --top: expected a number of rows (1 or more)"),
+    (["report", "{rec}", "--top", "-1"], "argument --top: expected a number of rows"),
+    (["import", "nbdkit-log", "/dev/null", "-o", "{tmp}/x.rec", "--size", "-5"],
+     "argument --size: expected a size in bytes (1 or more), not '-5'"),
+])
+def test_report_and_import_refuse_counts_below_one(tmp_path, args, needle):
+    p = run_diskwatch([a.format(rec=tmp_path / "none.rec", tmp=tmp_path) for a in args],
+                      timeout=30)
+    assert p.returncode == 2 and needle in p.stderr.strip().splitlines()[-1], p.stderr
+    assert not (tmp_path / "x.rec").exists()

@@ -17,6 +17,19 @@ from ..text import safe_text
 from .inputs import KINDS
 
 
+def _positive(what: str):
+    """An argparse type: a whole number, 1 or more, or a one-line error."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"expected {what} (1 or more), not {text!r}")
+        return n
+    return parse
+
+
 def build_report_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diskwatch report",
@@ -41,7 +54,7 @@ def build_report_parser() -> argparse.ArgumentParser:
     p.add_argument("--svg", metavar="OUT", help="draw offset over time, with partitions, the "
                                                 "busiest files and throughput, into OUT")
     p.add_argument("--png", metavar="OUT", help="the same picture as PNG (needs rsvg-convert)")
-    p.add_argument("--top", type=int, default=10, metavar="N", help="rows per table (default 10)")
+    p.add_argument("--top", type=_positive("a number of rows"), default=10, metavar="N", help="rows per table (default 10)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
     return p
 
@@ -86,7 +99,7 @@ def build_import_parser() -> argparse.ArgumentParser:
                         "filter output; jsonl: diskwatch's JSON lines")
     p.add_argument("file", help="the log to read")
     p.add_argument("-o", "--output", required=True, help="the recording to write")
-    p.add_argument("--size", type=int, metavar="BYTES",
+    p.add_argument("--size", type=_positive("a size in bytes"), metavar="BYTES",
                    help="the disk's size, if the log does not say (default: the end of the "
                         "furthest request)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
