@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from .base import FastZeroUnsupported, Source, SourceError, check_range
 
@@ -138,19 +139,24 @@ class NbdSource(Source):
 
     # --- connecting ----------------------------------------------------------
 
-    def _new_handle(self):
+    def _new_handle(self, structured: bool = True):
         nbd = self.nbd
         h = nbd.NBD()
-        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        if structured:
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        else:
+            # Simple replies: libnbd reads a reply in two recv calls (header,
+            # then the data straight into our buffer) instead of four.
+            h.set_request_structured_replies(False)
         # The URI is the person's own (the command line), as for nbdinfo:
         # its tls-certificates and tls-psk-file may name local files.
         h.set_uri_allow_local_file(True)
         return h
 
-    def _connect(self):
+    def _connect(self, structured: bool = True):
         """A connected handle; SourceError with the reason when it fails."""
         nbd = self.nbd
-        h = self._new_handle()
+        h = self._new_handle(structured)
         try:
             if self.uri.lower().startswith(("nbds://", "nbds+")) and not h.supports_tls():
                 raise SourceError(errno.ENOTSUP, f"{self.uri}: this libnbd was built without "
@@ -209,9 +215,10 @@ class NbdSource(Source):
         cannot come back (a dead private daemon) says no."""
         return not self._closed
 
-    def reconnect(self):
-        """A new connected handle for a reconnection (any thread)."""
-        h = self._connect()
+    def reconnect(self, structured: bool = True):
+        """A new connected handle for a reconnection (any thread); without
+        structured replies (and so without block status) when asked."""
+        h = self._connect(structured)
         try:
             self.check_same(h)
         except BaseException:
@@ -332,7 +339,14 @@ class NbdAio:
     socket the server's loop watches. Every method is called from the loop's
     thread; ``done(result, error)`` is called from it too (``error`` an
     OSError or None), and ``completed()`` after each batch of completions so
-    the server sends their replies with one syscall."""
+    the server sends their replies with one syscall.
+
+    The handle asks for simple replies, not structured ones: libnbd then
+    reads a read's reply with two recv calls instead of four (measured with
+    strace -c on bench_formats' 4 KiB random reads: 5.4 instead of 7.3
+    syscalls per request in diskwatch). Block status needs structured
+    replies, so it goes to the pool of blocking handles in a helper thread
+    (rare next to reads: nbdcopy asks once per 128 MiB or so)."""
 
     def __init__(self, source: NbdSource):
         self.source = source
@@ -345,14 +359,17 @@ class NbdAio:
         self._reconnecting = False
         self._closed = False
         # cookie -> (done, result) of the commands in flight; failed if the
-        # handle is closed before they complete
+        # handle is closed before they complete. Block status in the helper
+        # thread is here too, under a negative key (libnbd's cookies are > 0).
         self._pending: dict[int, tuple] = {}
+        self._next_key = 0
+        self._helper: ThreadPoolExecutor | None = None
 
     def attach(self, loop, completed: Callable[[], None]) -> None:
         self.loop = loop
         self.completed = completed
         try:
-            self._install(self.source.reconnect())
+            self._install(self.source.reconnect(structured=False))
         except SourceError as e:
             self.source.outage.lost(e.strerror)
             self._start_reconnect()
@@ -426,7 +443,7 @@ class NbdAio:
             if self._closed:
                 return
             try:
-                h = self.source.reconnect()
+                h = self.source.reconnect(structured=False)
             except SourceError as e:
                 log.debug("%s: reconnect failed: %s", self.source.label, e)
                 outage.failed_again()
@@ -579,17 +596,29 @@ class NbdAio:
             return
         if self._down(done):
             return
-        out: list[tuple[int, int, int]] = []
+        self._next_key -= 1
+        key = self._next_key
+        self._pending[key] = (done, None)
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="diskwatch-nbd-extents")
+        self._helper.submit(self._extents_in_helper, key, offset, length)
 
-        def collect(meta, off, entries, err) -> int:
-            if meta == "base:allocation":
-                pos = off
-                for i in range(0, len(entries) - 1, 2):
-                    out.append((pos, entries[i], entries[i + 1]))
-                    pos += entries[i]
-            return 0
-        self._issue(done, lambda: out or [(offset, length, 0)],
-                    lambda h: h.aio_block_status(length, offset, collect))
+    def _extents_in_helper(self, key: int, offset: int, length: int) -> None:
+        try:
+            result, error = self.source.extents(offset, length), None
+        except Exception as e:  # noqa: BLE001 - handed to the request, as from libnbd
+            result, error = None, e if isinstance(e, OSError) else OSError(errno.EIO, str(e))
+        try:
+            self.loop.call_soon_threadsafe(self._extents_done, key, result, error)
+        except RuntimeError:
+            pass  # the loop is closed: close() failed the request already
+
+    def _extents_done(self, key: int, result, error) -> None:
+        entry = self._pending.pop(key, None)
+        if entry is None:
+            return  # failed meanwhile (connection lost or closed)
+        entry[0](result, error)
+        self.completed()
 
     def close(self) -> None:
         """From the loop's thread while it runs, or any thread after it stopped."""
@@ -597,6 +626,8 @@ class NbdAio:
         h, self.h = self.h, None
         idle = h is not None and not self._pending
         self._fail_pending(SourceError(errno.EIO, "closed"))
+        if self._helper is not None:
+            self._helper.shutdown(wait=False, cancel_futures=True)
         if h is not None:
             if self.loop is not None:
                 try:

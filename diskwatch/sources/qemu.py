@@ -275,10 +275,10 @@ class QemuSource(NbdSource):
     def explain_loss(self, reason: str) -> str:
         return reason if self.daemon.alive else self.daemon.died_message()
 
-    def reconnect(self):
+    def reconnect(self, structured: bool = True):
         if not self.daemon.alive:
             raise SourceError(errno.EIO, self.daemon.died_message())
-        return super().reconnect()
+        return super().reconnect(structured)
 
     def close(self) -> None:
         self.daemon.stopping = True
