@@ -206,3 +206,68 @@ def test_an_nbds_upstream_with_tls_psk(tmp_path):
         assert r.returncode == 1 and "requires TLS" in r.stderr, r.stderr
     finally:
         up.kill()
+
+
+def test_block_status_in_flight_with_reads_matches_qemu_img_map(qemu_nbd_qcow2):
+    """The tap's loop handle reads with simple replies; block status goes
+    to a structured handle in a helper thread. Both in flight at once, on
+    one client connection: every read has its bytes, every block status the
+    qcow2's allocation as qemu-img map says."""
+    nbd = pytest.importorskip("nbd")
+    src = NbdSource(qemu_nbd_qcow2.uri, readonly=True)
+    maps: list[list[int]] = []
+    try:
+        with serve_in_thread({"": src}, Bus()) as running:
+            h = nbd.NBD()
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+            h.connect_uri(running.uri)
+            _reads_and_block_status(nbd, h, maps)
+            h.shutdown()
+    finally:
+        src.close()
+    qemu_nbd_qcow2.stop()
+    truth = json.loads(subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "qcow2", str(qemu_nbd_qcow2.image)],
+        capture_output=True, text=True, check=True).stdout)
+    allocated = [(e["start"], e["length"]) for e in truth if e["data"] and e["start"] < 8 * MiB]
+    assert len(maps) == 8
+    for entries in maps:
+        assert entries[0] == 0
+        pos, data = 0, []
+        for length, flags in zip(entries[1::2], entries[2::2], strict=True):
+            if not flags & nbd.STATE_HOLE:
+                data.append((pos, length))
+            pos += length
+        assert _merged(data) == _merged(allocated)
+
+
+def _reads_and_block_status(nbd, h, maps: list[list[int]]) -> None:
+    """Eight reads and eight block status requests, all in flight at once."""
+    def collect(meta, offset, entries, err):
+        if meta == nbd.CONTEXT_BASE_ALLOCATION:
+            maps.append([offset, *entries])
+        return 0
+    cookies = []
+    bufs = []
+    for i in range(8):
+        buf = nbd.Buffer(64 * 1024)
+        bufs.append((i * MiB // 2, buf))
+        cookies.append(h.aio_pread(buf, i * MiB // 2))
+        cookies.append(h.aio_block_status(8 * MiB, 0, collect))
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for c in cookies:
+        assert h.aio_command_completed(c)
+    for offset, buf in bufs:
+        want = b"\7" * len(buf) if 1 * MiB <= offset < 4 * MiB else bytes(len(buf))
+        assert buf.to_bytearray() == want, offset
+
+
+def _merged(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, length in extents:
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((start, length))
+    return out
