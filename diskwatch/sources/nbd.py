@@ -362,9 +362,11 @@ class NbdAio:
         self._reconnecting = False
         self._closed = False
         # cookie -> (done, result) of the commands in flight; failed if the
-        # handle is closed before they complete. Block status in the helper
-        # thread is here too, under a negative key (libnbd's cookies are > 0).
+        # handle is closed before they complete
         self._pending: dict[int, tuple] = {}
+        # key -> done of the block status requests in the helper thread
+        # (kept apart: libnbd's peek fails when none of its own is in flight)
+        self._in_helper: dict[int, Callable] = {}
         self._next_key = 0
         self._helper: ThreadPoolExecutor | None = None
 
@@ -473,7 +475,10 @@ class NbdAio:
 
     def _fail_pending(self, error: OSError) -> None:
         pending, self._pending = self._pending, {}
+        in_helper, self._in_helper = self._in_helper, {}
         for done, _ in pending.values():
+            done(None, error)
+        for done in in_helper.values():
             done(None, error)
 
     def _retire(self) -> None:
@@ -599,9 +604,9 @@ class NbdAio:
             return
         if self._down(done):
             return
-        self._next_key -= 1
+        self._next_key += 1
         key = self._next_key
-        self._pending[key] = (done, None)
+        self._in_helper[key] = done
         if self._helper is None:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="diskwatch-nbd-extents")
         self._helper.submit(self._extents_in_helper, key, offset, length)
@@ -617,17 +622,17 @@ class NbdAio:
             pass  # the loop is closed: close() failed the request already
 
     def _extents_done(self, key: int, result, error) -> None:
-        entry = self._pending.pop(key, None)
-        if entry is None:
+        done = self._in_helper.pop(key, None)
+        if done is None:
             return  # failed meanwhile (connection lost or closed)
-        entry[0](result, error)
+        done(result, error)
         self.completed()
 
     def close(self) -> None:
         """From the loop's thread while it runs, or any thread after it stopped."""
         self._closed = True
         h, self.h = self.h, None
-        idle = h is not None and not self._pending
+        idle = h is not None and not self._pending and not self._in_helper
         self._fail_pending(SourceError(errno.EIO, "closed"))
         if self._helper is not None:
             self._helper.shutdown(wait=False, cancel_futures=True)
