@@ -18,6 +18,7 @@ handling, one drain loop (the session's ``Pump``), ``--headless`` or the UI.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -237,6 +238,44 @@ def _run_headless(session: Session, captive, announce: str, prepare, clock,
         return 0
 
 
+class _MessageHandler(logging.Handler):
+    """Log records as Messages on a bus (the UI's output panel)."""
+
+    def __init__(self, bus) -> None:
+        super().__init__(logging.WARNING)
+        self.bus = bus
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = "error" if record.levelno >= logging.ERROR else "warning"
+            self.bus.publish(Message(record.getMessage(), level=level))
+        except Exception:  # noqa: BLE001 - logging never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def logs_as_messages(bus) -> Iterator[None]:
+    """Under the UI the terminal is the app's: log lines from other threads
+    (a qemu daemon's complaint, an upstream server lost), which the stderr
+    handler would write across the screen, are Messages meanwhile (shown,
+    escaped, in the output panel). The journal's handler stays."""
+    root = logging.getLogger()
+    moved = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    if not moved:
+        yield
+        return
+    handler = _MessageHandler(bus)
+    for h in moved:
+        root.removeHandler(h)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        for h in moved:
+            root.addHandler(h)
+
+
 def _run_ui(session: Session, captive, prepare, app=None) -> int:
     if app is None:
         from .ui.app import DiskwatchApp
@@ -267,7 +306,8 @@ def _run_ui(session: Session, captive, prepare, app=None) -> int:
             threading.Thread(target=app.call_from_thread, args=(app.exit,), daemon=True).start()
         # else: the app has not mounted yet; it sees session.interrupted then.
     try:
-        with signals_handled(on_signal, (signal.SIGTERM, signal.SIGHUP)):
+        with signals_handled(on_signal, (signal.SIGTERM, signal.SIGHUP)), \
+                logs_as_messages(session.bus):
             result = app.run()
     finally:
         stop.set()

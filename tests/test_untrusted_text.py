@@ -311,3 +311,36 @@ def test_a_command_with_brackets_is_its_title_not_markup(tmp_path):
             return app.query_one(CommandOutput)._border_title.plain
 
     assert asyncio.run(title()) == f"$ {command}"
+
+
+def test_log_lines_under_the_ui_become_messages_not_terminal_writes():
+    """While the UI runs, a log line from another thread (a qemu daemon's
+    stderr, an upstream server lost) is a Message for the output panel,
+    which shows it escaped; the stderr handler, which would write across the
+    app's screen, gets nothing until the UI is gone."""
+    import io
+    import logging
+    import threading
+
+    from diskwatch.events import Message
+    from diskwatch.runner import logs_as_messages
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    bus = Bus()
+    got: list = []
+    bus.on_event(got.append)
+    qemu = logging.getLogger("diskwatch.sources.qemu")
+    try:
+        with logs_as_messages(bus):
+            t = threading.Thread(target=qemu.error, args=("qemu-storage-daemon: \x1b[2J gone",))
+            t.start()
+            t.join()
+            qemu.info("not shown")  # below WARNING, as on stderr
+        qemu.warning("after the UI")
+    finally:
+        root.removeHandler(handler)
+    assert [(m.text, m.level) for m in got if isinstance(m, Message)] == [
+        ("qemu-storage-daemon: \x1b[2J gone", "error")]
+    assert stream.getvalue() == "after the UI\n"
