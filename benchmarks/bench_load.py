@@ -29,22 +29,11 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_hostile import memory  # noqa: E402 - (VmRSS, RssAnon) of a pid
+
 MiB = 1 << 20
 BLOCK = 4096
-
-
-def memory(pid: int) -> tuple[int, int]:
-    rss = anon = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith("RssAnon:"):
-                    anon = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return rss, anon
 
 
 class Client(threading.Thread):
