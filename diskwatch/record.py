@@ -82,7 +82,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import repeat
 from operator import itemgetter, sub
@@ -155,6 +155,34 @@ def map_identity(path: str) -> dict:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return {"path": os.path.abspath(path), "sha256": h.hexdigest()}
+
+
+def choose_map(given: str | None, recorded: dict | None,
+               say: Callable[[str], None]) -> str | None:
+    """The block map to name a recording with (replay and report): ``given``
+    (told if the recording was made with another), else the one it was
+    recorded with (``recorded``: ``map_identity``'s dict) if that file is
+    still there, unchanged (told, and told if not). ``say`` gets one line;
+    the recorded path is the recording's text, so ``say`` escapes it."""
+    digest = (recorded or {}).get("sha256")
+    if given:
+        if digest and map_identity(given)["sha256"] != digest:
+            say(f"{given} is not the block map the recording was made with (another "
+                "SHA-256, made since?): names may not match")
+        return given
+    path = (recorded or {}).get("path")
+    if not digest or not path:
+        return None
+    try:
+        same = map_identity(path)["sha256"] == digest
+    except OSError:
+        same = False
+    if same:
+        say(f"naming with the block map it was recorded with: {path}")
+        return path
+    say(f"recorded with the map {path}, which is gone or changed: give --bmap MAP to name "
+        "files")
+    return None
 
 
 # --- writing -------------------------------------------------------------------------

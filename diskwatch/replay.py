@@ -31,7 +31,8 @@ from itertools import accumulate, repeat
 from operator import sub
 
 from .events import Bus, Request
-from .record import Recording, map_identity, open_recording
+from .record import Recording, open_recording
+from .record import choose_map as record_choose_map
 from .session import Pump, Session
 from .text import safe_text
 
@@ -194,22 +195,8 @@ class ReplayConfig:
 def choose_map(recording: Recording, path: str | None, say: Callable[[str], None]):
     """The block map to name the replay with (see the module docstring)."""
     from .runner import load_map
-    recorded = recording.header.bmap
-    if path:
-        if recorded and recorded.get("sha256") != map_identity(path)["sha256"]:
-            say(f"{path} is not the map the recording was made with (made since?): "
-                "names are what it says")
-        return load_map(path)
-    if recorded:
-        try:
-            same = map_identity(recorded["path"])["sha256"] == recorded.get("sha256")
-        except OSError:
-            same = False
-        if same:
-            return load_map(recorded["path"])
-        say(f"recorded with the map {recorded['path']}, which is gone or changed: "
-            "give --bmap MAP to name files")
-    return None
+    chosen = record_choose_map(path, recording.header.bmap, say)
+    return load_map(chosen) if chosen else None
 
 
 def replay(cfg: ReplayConfig) -> int:

@@ -234,3 +234,28 @@ def test_a_full_disk_mid_session_stops_the_recording_and_says_so(tmp_path):
     assert rec.dropped == 110 and rec.requests == 0
     assert [m.text for m in told if isinstance(m, Message)] == [
         f"recording to {tmp_path / 'full.dwrec'} stopped: {os.strerror(28)}"]
+
+
+def test_choose_map_for_replay_and_report(tmp_path):
+    """One rule, for replay and report alike: the map given (told if it is
+    not the recorded one), else the recorded one if unchanged (told), else
+    none (told why); an unreadable recorded path is 'gone', not an error."""
+    from diskwatch.record import choose_map, map_identity
+    made = tmp_path / "made.bmap"
+    made.write_text("1 0 200 v /dev/sda\n")
+    other = tmp_path / "other.bmap"
+    other.write_text("1 0 400 v /dev/sda\n")
+    recorded = map_identity(str(made))
+    said: list[str] = []
+    assert choose_map(str(made), recorded, said.append) == str(made) and said == []
+    assert choose_map(str(other), recorded, said.append) == str(other)
+    assert said.pop() == (f"{other} is not the block map the recording was made with "
+                          "(another SHA-256, made since?): names may not match")
+    assert choose_map(None, recorded, said.append) == str(made)
+    assert said.pop() == f"naming with the block map it was recorded with: {made}"
+    made.write_text("1 0 300 v /dev/sda\n")  # changed since
+    assert choose_map(None, recorded, said.append) is None
+    assert said.pop().startswith(f"recorded with the map {made}, which is gone or changed")
+    assert choose_map(None, {"path": str(tmp_path), "sha256": "x"}, said.append) is None
+    assert "gone or changed" in said.pop()
+    assert choose_map(None, None, said.append) is None and said == []

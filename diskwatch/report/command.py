@@ -138,28 +138,19 @@ def import_main(argv: list[str]) -> int:
 
 
 def choose_map(recording, given: str | None) -> str | None:
-    """The block map to name ``recording`` with: the one given (with a
-    warning if the recording was made with another), else the one recorded
-    with it if that file is still there, unchanged."""
-    recorded, digest = recording.bmap_path, recording.bmap_hash
-    if not digest:
+    """The block map to name ``recording`` with (record.choose_map), told on stderr."""
+    if not recording.bmap_hash:
         return given
     try:
-        from ..record import map_identity
+        from ..record import choose_map as record_choose_map
     except ImportError:
         return given
-    if given:
-        if map_identity(given)["sha256"] != digest:
-            print(safe_text(f"diskwatch: {given} is not the block map {recording.path} was "
-                            "recorded with (another SHA-256): names may not match"),
-                  file=sys.stderr)
-        return given
-    if recorded and os.path.isfile(recorded) and map_identity(recorded)["sha256"] == digest:
-        # the path is the recording's (someone else's file, perhaps): text, not escapes
-        print(safe_text(f"diskwatch: naming with the block map it was recorded with: {recorded}"),
-              file=sys.stderr)
-        return recorded
-    return None
+
+    def say(text: str) -> None:
+        # the recorded path is the recording's (someone else's file, perhaps): text, not escapes
+        print(safe_text(f"diskwatch: {text}"), file=sys.stderr)
+    return record_choose_map(given, {"path": recording.bmap_path,
+                                     "sha256": recording.bmap_hash}, say)
 
 
 def draw(recording, analysis, blockmap, svg_path: str | None, png_path: str | None) -> None:
