@@ -93,6 +93,9 @@ NTFS_REFUSED = ("the watch method cannot map NTFS exactly (ntfs-3g's reads go th
                 "block device's readahead, which lumps neighbouring files together): "
                 "use --method metadata or auto")
 
+#: the drives' labels in the appliance: the image (export "") and the markers
+DRIVE_LABELS = {"": "dwdisk", "marker": "dwmarker"}
+_SD_NAME = re.compile(r"(/dev/[sv]d[a-z]+)(\d*)")
 _TAG = re.compile(rb"DWMARK([FD])(\d{8})")
 _NOT_FILESYSTEMS = {"", "unknown", "swap", "LVM2_member", "crypto_LUKS"}
 
@@ -517,6 +520,7 @@ class _Generator:
         self.translate: dict[str, list[tuple[int, int, int]]] = {}
         #: marker kinds ("F", "D") read since the marker filesystem was mounted
         self.markers_used: set[str] = set()
+        self.kernel_names: dict[str, str] = {}  # libguestfs's /dev/sdX -> the kernel's
 
     # --- helpers ---------------------------------------------------------
 
@@ -634,7 +638,10 @@ class _Generator:
                 raise GenerateError(
                     f"qemu-img create failed: {proc.stderr.strip()} (apt-get install qemu-utils)"
                 )
-            g.add_drive_opts(overlay, format="qcow2", readonly=False, cachemode="unsafe")
+            # The label names the drive in the appliance (/dev/disk/guestfs/LABEL):
+            # the kernel's sdX order need not be the order libguestfs's API uses.
+            g.add_drive_opts(overlay, format="qcow2", readonly=False, cachemode="unsafe",
+                             label=DRIVE_LABELS[name])
         try:
             g.launch()
         except RuntimeError as e:
@@ -649,9 +656,10 @@ class _Generator:
         self.progress.publish(0, "", phase="devices", force=True)
         devices = g.list_devices()
         disk, marker_dev = devices[0], devices[-1]
-        self.marker_dev = marker_dev
+        self.learn_kernel_names(disk, marker_dev)
+        self.marker_dev = self.kdev(marker_dev)
         self.sh(
-            f"mkdir -p {MARKER_MOUNT} && mount -o ro {marker_dev} {MARKER_MOUNT}"
+            f"mkdir -p {MARKER_MOUNT} && mount -o ro {self.marker_dev} {MARKER_MOUNT}"
             " && for f in /sys/block/*/queue/read_ahead_kb; do echo 0 > $f; done"
         )
         size = g.blockdev_getsize64(disk)
@@ -700,6 +708,25 @@ class _Generator:
             finally:
                 g.umount_all()
 
+    def learn_kernel_names(self, disk: str, marker: str) -> None:
+        """Which sdX the appliance's kernel gave our two drives. libguestfs's
+        API translates its names (/dev/sda is the first drive added), but
+        shell commands see the kernel's, and under load the kernel can name
+        the appliance's own root disk sda (seen: "/dev/sdb already mounted
+        on /")."""
+        out = self.sh("readlink -f " + " ".join(
+            f"/dev/disk/guestfs/{DRIVE_LABELS[n]}" for n in ("", "marker")))
+        kdisk, kmarker = out.split()
+        self.kernel_names = {disk: kdisk, marker: kmarker}
+
+    def kdev(self, dev: str) -> str:
+        """The kernel's name for a device libguestfs names ``dev`` (a disk or
+        one of its partitions; LVs and others are unchanged)."""
+        m = _SD_NAME.fullmatch(dev)
+        if m and m.group(1) in self.kernel_names:
+            return self.kernel_names[m.group(1)] + m.group(2)
+        return dev
+
     def map_device(self, dev: str, kind: str) -> list[tuple[int, int]]:
         """Byte ranges of a partition or LV: probe each linear segment's ends.
         Linear segments are also kept in ``self.translate`` (device offset ->
@@ -717,7 +744,7 @@ class _Generator:
                     segments = []
                     break
         dd = "dd of=/dev/null bs=512 count=1 iflag=direct status=none"
-        qdev = shlex.quote(dev)
+        qdev = shlex.quote(self.kdev(dev))
         if segments:
             probes = []
             for start, length in segments:
@@ -785,7 +812,7 @@ class _Generator:
         self.progress.publish(phase="directories", current=fs, force=True)
         self.sh(
             "for f in /sys/block/*/queue/read_ahead_kb; do echo 0 > $f; done; "
-            f"echo 1 > /proc/sys/vm/drop_caches; blockdev --flushbufs {shlex.quote(fs)}"
+            f"echo 1 > /proc/sys/vm/drop_caches; blockdev --flushbufs {shlex.quote(self.kdev(fs))}"
         )
         self.markers_used.clear()
         self.walk_objects(fs, "d", dirs, DIR_POOL, "ls -f --")
@@ -993,7 +1020,7 @@ class _Generator:
                     # BLKFLSBUF (which, unlike drop_caches, also drains the
                     # per-CPU page lists that keep fresh pages in the cache).
                     reads = self.watch(
-                        f"blockdev --flushbufs {shlex.quote(fs)}; ls -f -- "
+                        f"blockdev --flushbufs {shlex.quote(self.kdev(fs))}; ls -f -- "
                         + shlex.quote(MOUNT + p)
                         + " > /dev/null"
                     )
