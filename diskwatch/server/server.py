@@ -46,6 +46,7 @@ import itertools
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections import deque
@@ -177,7 +178,12 @@ class Server:
         self._listen(sock, path, path)
 
     def listen_tcp(self, host: str, port: int) -> int:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise OSError(errno.EADDRNOTAVAIL,
+                          f"cannot listen on {host}:{port}: {e.strerror}") from None
         family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -188,8 +194,13 @@ class Server:
         try:
             sock.bind(addr)
         except OSError as e:
+            unix = sock.family == socket.AF_UNIX
             sock.close()
-            raise OSError(e.errno, f"cannot listen on {label}: {e.strerror}") from None
+            why = e.strerror
+            if (e.errno == errno.EADDRINUSE and unix
+                    and os.path.exists(addr) and not stat.S_ISSOCK(os.stat(addr).st_mode)):
+                why = "something that is not a socket is there (give a new path)"
+            raise OSError(e.errno, f"cannot listen on {label}: {why}") from None
         if sock.family == socket.AF_UNIX:
             # Only our user may connect. Between bind and listen a connect is
             # refused, so there is no window with the umask's wider mode.
