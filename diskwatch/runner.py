@@ -348,6 +348,9 @@ class Runner:
             raise UsageError("no disk image given: diskwatch IMAGE [--run CMD] (see --help)")
         if cfg.unix and cfg.port is not None:
             raise UsageError("give -U or -p, not both")
+        if cfg.source is not None and cfg.stream_to:
+            raise UsageError(f"give a disk image or --stream-to, not both ({cfg.source} and "
+                             f"--stream-to {cfg.stream_to})")
         # Taken first, whatever happens next: the variables must not reach a
         # captive command, and the fds must not leak into it.
         self.activated = activated = activated_sockets()

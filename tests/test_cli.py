@@ -144,6 +144,7 @@ def test_headless_trace_on_stdout(server_image, tmp_path):
     (["{img}", "--xz-max-block", "12Q"], "not a size", (2,)),
     (["{img}", "--window", "1.5X"], "not a size", (2,)),
     (["{img}", "-U", "/nonexistent/dir/s.sock"], "cannot listen", (1,)),
+    (["{img}", "--stream-to", "{tmp}/s.fifo"], "a disk image or --stream-to, not both", (1,)),
     (["{img}", "-U", "{img}"], "something that is not a socket is there", (1,)),
     (["{img}", "-U", "{tmp}"], "something that is not a socket is there", (1,)),
     (["{img}", "-i", "no-such-host.invalid", "-p", "0"],
