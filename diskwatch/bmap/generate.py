@@ -581,7 +581,13 @@ class _Generator:
             private.on_requests(self.collector)
             markers = FileSource(marker_img, readonly=True)
             src = self.source if not self.source.can_write else ReadOnly(self.source)
-            self.rs = serve_in_thread({"": src, "marker": markers}, private)
+            # No memory budget and no handshake timeout here: with the
+            # server's defaults the appliance's mount of the marker disk
+            # failed now and then (cause not found yet, see issue 9's notes);
+            # the only client is our own appliance.
+            self.rs = serve_in_thread({"": src, "marker": markers}, private,
+                                      conn_budget=None, total_budget=None,
+                                      handshake_timeout=None)
             try:
                 self.g = guestfs.GuestFS(python_return_dict=True)
                 try:

@@ -137,7 +137,9 @@ class Server:
                  default_export: str | None = None, workers: int = 8, tls=None,
                  max_connections: int = MAX_CONNECTIONS,
                  handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-                 idle_timeout: float | None = None):
+                 idle_timeout: float | None = None,
+                 conn_budget: int | None = CONN_BUDGET,
+                 total_budget: int | None = TOTAL_BUDGET):
         if not exports:
             raise ValueError("no exports")
         self.sources = exports
@@ -160,6 +162,10 @@ class Server:
         self._watchers = [layer for s in exports.values() for layer in _stack(s)
                           if hasattr(type(layer), "take_events")]
         self.max_connections = max_connections
+        # None: no budget (the bmap generator's private server: its one
+        # client is the libguestfs appliance; see bmap/generate.py)
+        self.conn_budget = conn_budget or 1 << 62
+        self.total_budget = total_budget or 1 << 62
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.refused = 0  # connections closed at once: over max_connections
@@ -434,8 +440,8 @@ class Server:
                 raise RuntimeError("receive buffer full of unparsed requests")  # a bug
             growth = need - len(conn.buf)
             if (conn.extra and self.inflight_bytes + self.buffer_bytes + growth
-                    > TOTAL_BUDGET) or (not conn.extra and self.buffer_bytes + growth
-                                        > TOTAL_BUDGET):
+                    > self.total_budget) or (not conn.extra and self.buffer_bytes + growth
+                                             > self.total_budget):
                 self._starve(conn)
                 return False
             conn.view.release()
@@ -545,8 +551,8 @@ class Server:
         as the memory budget allows; the rest wait for replies to drain."""
         proto = conn.proto
         while True:
-            budget = CONN_BUDGET - conn.queued - conn.executing
-            room = TOTAL_BUDGET - self.inflight_bytes
+            budget = self.conn_budget - conn.queued - conn.executing
+            room = self.total_budget - self.inflight_bytes
             if room < budget:
                 budget = room
             if budget <= 0:
@@ -619,7 +625,8 @@ class Server:
             self._apply_reading(conn)
 
     def _wake_starved(self) -> None:
-        if self._starved and self.inflight_bytes + self.buffer_bytes < TOTAL_BUDGET * 3 // 4:
+        if self._starved and (self.inflight_bytes + self.buffer_bytes
+                              < self.total_budget * 3 // 4):
             starved, self._starved = self._starved, {}
             for conn in starved.values():
                 conn.starved = False
@@ -1008,7 +1015,7 @@ class Server:
         if queued != conn.queued:
             conn.queued = queued
             self._recharge(conn)
-        limit = HANDSHAKE_OUT_MAX if conn.source is None else CONN_BUDGET
+        limit = HANDSHAKE_OUT_MAX if conn.source is None else self.conn_budget
         if conn.paused:
             if queued + conn.executing <= limit // 2:
                 conn.paused = False
