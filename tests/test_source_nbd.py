@@ -185,6 +185,22 @@ def test_an_unreachable_upstream_is_one_line(tmp_path):
     assert r.stderr.count("\n") == 1 and "cannot connect" in r.stderr, r.stderr
 
 
+def test_an_upstream_that_takes_one_client_at_a_time_is_one_line(tmp_path):
+    """qemu-nbd without --shared serves one client; diskwatch needs two
+    connections to it. It used to hang without a word on the second."""
+    image = tmp_path / "one.img"
+    image.write_bytes(bytes(1024 * 1024))
+    up = Upstream(lambda sock: ["qemu-nbd", "-t", "-f", "raw", "-k", sock, str(image)],
+                  tmp_path / "one.sock").start()
+    try:
+        r = diskwatch(up.uri, "--timeout", "2", "--headless", "--run", "true", timeout=60)
+    finally:
+        up.stop()
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "NBD handshake" in r.stderr and "--shared" in r.stderr, r.stderr
+
+
 def test_an_nbds_upstream_with_tls_psk(tmp_path):
     """nbds://: libnbd speaks TLS to the upstream (its URI's tls-psk-file is
     the person's own file); clients reach diskwatch on its private socket."""

@@ -49,7 +49,8 @@ def open_stream(spec, options):
 
 def open_nbd(spec, options):
     from .nbd import NbdSource
-    return NbdSource(spec, readonly=_ro(options))
+    return NbdSource(spec, readonly=_ro(options),
+                     connect_timeout=options.get("timeout") or 30.0)
 
 
 def open_curl(spec, options):

@@ -117,9 +117,11 @@ class NbdSource(Source):
 
     blocking = True  # the pool's calls wait on the network
 
-    def __init__(self, uri: str, *, description: str | None = None, readonly: bool = False):
+    def __init__(self, uri: str, *, description: str | None = None, readonly: bool = False,
+                 connect_timeout: float = 30.0):
         self.nbd = _import_nbd()
         self.uri = uri
+        self.connect_timeout = connect_timeout
         self.readonly = readonly
         self.label = description or f"NBD server {uri}"
         self.outage = _Outage(self.label, self.may_reconnect, self.explain_loss)
@@ -136,6 +138,14 @@ class NbdSource(Source):
             raise
         self._pool.append(h)
         self.description = self.label + (" (read-only)" if self.readonly else "")
+        # The server's loop has a connection of its own: find out now, in one
+        # line, if the upstream serves one client at a time (qemu-nbd without
+        # --shared), rather than hang the first request.
+        try:
+            self._pool.append(self._connect())
+        except BaseException:
+            self.close()
+            raise
 
     # --- connecting ----------------------------------------------------------
 
@@ -174,7 +184,22 @@ class NbdSource(Source):
         return h
 
     def _open_handle(self, h) -> None:
-        h.connect_uri(self.uri)
+        # Asynchronously, with a deadline: a server that accepts the TCP
+        # connection but never greets (one client at a time, already taken)
+        # would keep libnbd's connect_uri waiting forever.
+        h.aio_connect_uri(self.uri)
+        deadline = time.monotonic() + self.connect_timeout
+        while h.aio_is_connecting():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SourceError(errno.ETIMEDOUT, (
+                    f"{self.label} did not finish the NBD handshake in "
+                    f"{self.connect_timeout:g} s (diskwatch needs two connections to it: a "
+                    "server that takes one client at a time, like qemu-nbd without "
+                    "--shared=N, cannot be watched; --timeout changes the wait)"))
+            h.poll(max(1, int(min(left, 1.0) * 1000)))
+        if not h.aio_is_ready():
+            raise SourceError(errno.EIO, f"cannot connect to {self.label}")
 
     def _learn(self, h) -> None:
         """Size and flags, from the first connection."""
