@@ -287,3 +287,55 @@ def test_otlp_exports_the_same_metrics(rw_image, tmp_path, diskwatch_metrics):
                 assert m.sum.is_monotonic and m.sum.aggregation_temporality == 2
     finally:
         receiver.close()
+
+
+def test_idle_connections_to_the_endpoint_are_bounded():
+    """prometheus_client's own server starts a thread per connection and
+    waits forever: connections that send nothing grew the process without
+    limit. At most MAX_CLIENTS are served at once; the rest are closed as they
+    come, and the endpoint answers again once the idle ones go."""
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    from diskwatch.metrics import MetricsSink
+    from diskwatch.metrics.prometheus import MAX_CLIENTS, MetricsServer
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    endpoint = MetricsServer(MetricsSink({"": MiB}, top=5, refresh=1.0), "127.0.0.1", 0)
+    idle: list[socket.socket] = []
+    try:
+        before = threads()
+        for _ in range(100):
+            s = socket.create_connection(("127.0.0.1", endpoint.port))
+            idle.append(s)
+        # The server's thread took all 100: the first MAX_CLIENTS each hold a
+        # slot (a thread of their own), every later one is closed at once.
+        refused = 0
+        for s in idle[MAX_CLIENTS:]:
+            s.settimeout(10)
+            if s.recv(1) == b"":
+                refused += 1
+        assert refused == 100 - MAX_CLIENTS
+        assert threads() - before <= MAX_CLIENTS
+        for s in idle:
+            s.close()
+        idle.clear()
+        deadline = time.monotonic() + 10
+        while True:  # the closed ones free their slots as their threads see EOF
+            try:
+                with urllib.request.urlopen(endpoint.url, timeout=5) as r:
+                    body = r.read().decode()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        assert "diskwatch_requests_total" in body
+    finally:
+        for s in idle:
+            s.close()
+        endpoint.close()
