@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from bench_server import (  # noqa: E402
     cpu_seconds,
     diskwatch_cmd,
     make_image,
+    print_ratios,
     run_fio,
     stop_server,
     wait_for_socket,
@@ -120,19 +120,7 @@ def main() -> int:
                     print(f"  {jobname:18} round {rnd + 1} {kind:10} "
                           f"{r['iops'] / 1000:7.1f}k IOPS {r['bw'] / 1e9:6.2f} GB/s "
                           f"{r['cpu_us']:6.2f} servers' CPU us/request", flush=True)
-        print()
-        print(f"{'job':18} {'server':12} {'median':>14} {'ratio to qemu-nbd':>18}   "
-              "servers' CPU per request")
-        for jobname, by in results.items():
-            key = "iops" if "4k" in jobname else "bw"
-            ref = statistics.median(r[key] for r in by["qemu-nbd"])
-            cref = statistics.median(r["cpu_us"] for r in by["qemu-nbd"])
-            for kind in kinds:
-                v = statistics.median(r[key] for r in by[kind])
-                c = statistics.median(r["cpu_us"] for r in by[kind])
-                shown = f"{v / 1000:.1f}k IOPS" if key == "iops" else f"{v / 1e9:.2f} GB/s"
-                print(f"{jobname:18} {kind:12} {shown:>14} {v / ref:17.2f}x   "
-                      f"{c:.2f} us ({c / cref:.2f}x qemu-nbd's)")
+        print_ratios(results, kinds, "qemu-nbd", "servers'")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -116,6 +116,24 @@ def make_image(path: str, size: int) -> None:
             f.write(block)
 
 
+def print_ratios(results: dict, kinds: list[str], ref: str, who: str) -> None:
+    """The summary table: per job and server, the median throughput, its
+    ratio to ``ref``'s and the CPU per request (``who``: whose CPU)."""
+    print()
+    print(f"{'job':18} {'server':12} {'median':>14} {'ratio to ' + ref:>18}   "
+          f"{who} CPU per request")
+    for jobname, by in results.items():
+        key = "iops" if "4k" in jobname else "bw"
+        rv = statistics.median(r[key] for r in by[ref])
+        rc = statistics.median(r["cpu_us"] for r in by[ref])
+        for kind in kinds:
+            v = statistics.median(r[key] for r in by[kind])
+            c = statistics.median(r["cpu_us"] for r in by[kind])
+            shown = f"{v / 1000:.1f}k IOPS" if key == "iops" else f"{v / 1e9:.2f} GB/s"
+            print(f"{jobname:18} {kind:12} {shown:>14} {v / rv:17.2f}x   "
+                  f"{c:.2f} us ({c / rc:.2f}x {ref}'s)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -157,19 +175,7 @@ def main() -> int:
                     print(f"  {jobname:18} round {rnd + 1} {kind:10} "
                           f"{r['iops'] / 1000:7.1f}k IOPS {r['bw'] / 1e9:6.2f} GB/s "
                           f"{r['cpu_us']:6.2f} server CPU us/request", flush=True)
-        print()
-        print(f"{'job':18} {'server':12} {'median':>14} {'ratio to nbdkit':>16}   "
-              f"server CPU per request")
-        for jobname, by in results.items():
-            key = "iops" if "4k" in jobname else "bw"
-            nk = statistics.median(r[key] for r in by["nbdkit"])
-            cnk = statistics.median(r["cpu_us"] for r in by["nbdkit"])
-            for kind in kinds:
-                v = statistics.median(r[key] for r in by[kind])
-                c = statistics.median(r["cpu_us"] for r in by[kind])
-                shown = f"{v / 1000:.1f}k IOPS" if key == "iops" else f"{v / 1e9:.2f} GB/s"
-                print(f"{jobname:18} {kind:12} {shown:>14} {v / nk:15.2f}x   "
-                      f"{c:.2f} us ({c / cnk:.2f}x nbdkit's)")
+        print_ratios(results, kinds, "nbdkit", "server")
         if "dw-record" in kinds and "dw-summary" in kinds:
             print()
             print("recording (--record vs the same run without it):")
