@@ -164,6 +164,17 @@ def case_options(work: str, image: str, seconds: float) -> dict:
     s.sendall(struct.pack(">I", 3))
     info = struct.pack(">QII", IHAVEOPT, 6, 6) + struct.pack(">IH", 0, 0)  # NBD_OPT_INFO ""
     batch = info * 4096
+    sent = flood(s, batch, seconds)
+    n, errors = good.result()
+    s.close()
+    rss, anon, alive = srv.stop()
+    return dict(rss=rss, anon=anon, alive=alive, good=n, good_errors=errors,
+                note=f"{sent // len(info)} options sent")
+
+
+def flood(s: socket.socket, batch: bytes, seconds: float) -> int:
+    """Send ``batch`` again and again for ``seconds`` without reading a
+    reply (as far as the server lets us); the bytes sent."""
     s.setblocking(False)
     sent = 0
     end = time.monotonic() + seconds
@@ -174,11 +185,7 @@ def case_options(work: str, image: str, seconds: float) -> dict:
             time.sleep(0.005)
         except OSError:
             break
-    n, errors = good.result()
-    s.close()
-    rss, anon, alive = srv.stop()
-    return dict(rss=rss, anon=anon, alive=alive, good=n, good_errors=errors,
-                note=f"{sent // len(info)} options sent")
+    return sent
 
 
 def case_handshakes(work: str, image: str, seconds: float) -> dict:
@@ -227,19 +234,10 @@ def case_requests(work: str, image: str, seconds: float) -> dict:
     good = GoodClient(srv, seconds, offset=100 * MiB)
     s = srv.connect()
     handshake(s)
-    s.setblocking(False)
     rng = random.Random(1)
     batch = b"".join(request(0, rng.randrange(0, 60) * MiB, rng.choice((4096, 65536, MiB)),
                              handle=i) for i in range(2048))
-    sent = 0
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            sent += s.send(batch)
-        except BlockingIOError:
-            time.sleep(0.005)
-        except OSError:
-            break
+    sent = flood(s, batch, seconds)
     n, errors = good.result()
     s.close()
     rss, anon, alive = srv.stop()
