@@ -4,10 +4,16 @@
 fio's nbd engine over a unix socket reads the same qcow2 (random data,
 converted from raw by qemu-img) from:
   - qemu-nbd -r -f qcow2 (the reference: the guest talking to qemu directly)
-  - diskwatch IMAGE.qcow2 -r --headless --no-trace (diskwatch's private
-    qemu-storage-daemon read with libnbd's asynchronous calls)
+  - diskwatch IMAGE.qcow2 -r --headless --no-trace (read-only: plain data
+    clusters are read from the file where ``qemu-img map`` says they are,
+    the rest from diskwatch's private qemu-storage-daemon read with libnbd's
+    asynchronous calls; sources/hostmap.py)
   - diskwatch nbd+unix://qemu-nbd -r --headless --no-trace (the tap in front
     of a running qemu-nbd: two servers in the path)
+  - with --kinds ...,snapshot: the same with --snapshot instead of -r (a
+    blocking layer: mapped reads on the loop, the rest in worker threads)
+  - with --kinds ...,writable: the image opened for writing (no map: every
+    read goes through the daemon)
   - with --kinds ...,threads: diskwatch IMAGE.qcow2 --filter delay:read=0, a
     pass-through layer that hides the asynchronous way in, so requests go
     through the server's 8 worker threads and a pool of 4 blocking libnbd
@@ -50,7 +56,7 @@ def tree_cpu(pid: int) -> float:
         with open(f"/proc/{pid}/task/{task}/children") as f:
             total += sum(tree_cpu(int(child)) for child in f.read().split())
     return total
-ALL_KINDS = (*KINDS, "threads")
+ALL_KINDS = (*KINDS, "snapshot", "writable", "threads")
 
 
 def start(kind: str, image: str, sock: str, tmp: str) -> list[subprocess.Popen]:
@@ -65,9 +71,11 @@ def start(kind: str, image: str, sock: str, tmp: str) -> list[subprocess.Popen]:
         procs.append(qemu)
     if kind != "qemu-nbd":
         src = f"nbd+unix:///?socket={qsock}" if kind == "tap" else image
-        extra = ["--filter", "delay:read=0"] if kind == "threads" else []
-        dw = subprocess.Popen(diskwatch_cmd() + [src, "-r", "-U", sock, "--headless",
-                                                 "--no-trace", *extra],
+        mode = {"snapshot": ["--snapshot"], "writable": []}.get(kind, ["-r"])
+        if kind == "threads":
+            mode += ["--filter", "delay:read=0"]
+        dw = subprocess.Popen(diskwatch_cmd() + [src, *mode, "-U", sock, "--headless",
+                                                 "--no-trace"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_socket(sock, dw)
         procs.append(dw)

@@ -819,8 +819,16 @@ class Server:
         loop = self.loop
         conn.requests += len(reqs)
         now = monotonic()
+        view_for = conn.source.view_for
         for req in reqs:
             cmd, flags, handle, offset, length, pstart, err = req
+            if cmd == P.CMD_READ and not err:
+                # A blocking source may still hold some ranges in memory or
+                # in a mapped file (a qcow2's plain clusters): no thread.
+                data = view_for(offset, length)
+                if data is not None:
+                    self._read_inline(conn, handle, offset, length, flags, data, now)
+                    continue
             if cmd == P.CMD_DISC and not err:
                 conn.closing = True
                 self._stop_reading(conn)
@@ -888,7 +896,15 @@ class Server:
         now = monotonic()
         conn.requests += len(reqs)
         waiting = conn.waiting
+        view_for = conn.source.view_for
         for req in reqs:
+            if req[6] == 0 and req[0] == P.CMD_READ:
+                # Ranges the source can hand over at once (a read-only
+                # qcow2's plain clusters, mapped) need no round trip.
+                data = view_for(req[3], req[4])
+                if data is not None:
+                    self._read_inline(conn, req[2], req[3], req[4], req[1], data, now)
+                    continue
             if req[6] == 0 and req[0] == P.CMD_WRITE:
                 # The receive buffer is reused: a write keeps its own payload.
                 pstart = req[5]
@@ -897,6 +913,13 @@ class Server:
                 conn.executing += req[4]  # released when its reply is queued
             waiting.append((req, now))
         self._issue_async(conn)
+
+    def _read_inline(self, conn: _Conn, handle, offset, length, flags, data, now) -> None:
+        """Queue the reply of a read a source answered with a buffer."""
+        conn.out.append(conn.proto.read_data_header(handle, offset, length))
+        conn.out.append(data)
+        conn.events.append(make_request((conn.cid, conn.export_name, P.CMD_READ, offset,
+                                         length, flags, now, monotonic() - now, 0)))
 
     def _issue_async(self, conn: _Conn) -> None:
         waiting = conn.waiting

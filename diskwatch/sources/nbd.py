@@ -116,6 +116,7 @@ class NbdSource(Source):
     nbd+unix:///EXPORT?socket=PATH, nbds://... for TLS)."""
 
     blocking = True  # the pool's calls wait on the network
+    aio_class: type = None  # type: ignore[assignment]  # NbdAio, set below the class
 
     def __init__(self, uri: str, *, description: str | None = None, readonly: bool = False,
                  connect_timeout: float = 30.0):
@@ -348,7 +349,7 @@ class NbdSource(Source):
     @property
     def aio(self) -> NbdAio:  # type: ignore[override]
         if self._aio is None:
-            self._aio = NbdAio(self)
+            self._aio = self.aio_class(self)
         return self._aio
 
     def close(self) -> None:
@@ -672,6 +673,9 @@ class NbdAio:
             if idle:
                 _disconnect(h, self.nbd)
             _close_handle(h)
+
+
+NbdSource.aio_class = NbdAio
 
 
 def _disconnect(h, nbd, timeout: float = DISCONNECT_TIMEOUT) -> None:

@@ -48,9 +48,11 @@ import tempfile
 import threading
 import urllib.parse
 from collections import deque
+from collections.abc import Callable
 
 from .base import SourceError
-from .nbd import NbdSource
+from .hostmap import HostMapper
+from .nbd import NbdAio, NbdSource
 
 log = logging.getLogger("diskwatch.sources.qemu")
 
@@ -74,8 +76,9 @@ def format_from_name(path: str) -> str | None:
     return EXTENSIONS.get(os.path.splitext(path)[1].lower())
 
 
-def qemu_img_info(path: str, fmt: str | None = None) -> dict:
-    """``qemu-img info --output=json`` of an image (probed when fmt is None).
+def qemu_img_info(path: str, fmt: str | None = None, chain: bool = False):
+    """``qemu-img info --output=json`` of an image (probed when fmt is None);
+    with ``chain``, the list for the image and its backing files, top first.
     The path is made absolute so that qemu never reads a protocol prefix
     ("nbd:", "json:") out of a file name."""
     qemu_img = shutil.which("qemu-img")
@@ -85,6 +88,8 @@ def qemu_img_info(path: str, fmt: str | None = None) -> dict:
     cmd = [qemu_img, "info", "--output=json", "-U"]
     if fmt:
         cmd += ["-f", fmt]
+    if chain:
+        cmd.append("--backing-chain")
     cmd.append(os.path.abspath(path))
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=INFO_TIMEOUT)
@@ -162,6 +167,8 @@ class QemuDaemon:
         self.stopping = False
         self.serving = False  # set once connected: a death after that is news
         self.exit_status: int | None = None
+        #: called (from a helper thread) once the daemon has exited
+        self.on_exit: Callable[[], None] = lambda: None
         node = {"driver": fmt, "node-name": "disk", "read-only": readonly,
                 "discard": "unmap",
                 "file": {"driver": "file", "filename": os.path.abspath(path),
@@ -213,6 +220,7 @@ class QemuDaemon:
                 log.log(logging.DEBUG if quiet else logging.WARNING, "%s", line)
         status = self.proc.wait()
         self.exit_status = status
+        self.on_exit()
         if self.serving and not self.stopping:
             log.error("%s", self.died_message())
 
@@ -240,14 +248,34 @@ class QemuDaemon:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class _QemuAio(NbdAio):
+    """The loop's way in: a write, zero or trim marks its range as changed
+    before it is sent, so no later read takes it from the map."""
+
+    def pwrite(self, offset: int, data, fua: bool, done) -> None:
+        self.source._changing(offset, len(data))
+        super().pwrite(offset, data, fua, done)
+
+    def trim(self, offset: int, length: int, fua: bool, done) -> None:
+        self.source._changing(offset, length)
+        super().trim(offset, length, fua, done)
+
+    def zero(self, offset, length, may_trim, fua, fast, done) -> None:
+        self.source._changing(offset, length)
+        super().zero(offset, length, may_trim, fua, fast, done)
+
+
 class QemuSource(NbdSource):
     """An image in a format qemu reads, served by a private daemon."""
+
+    aio_class = _QemuAio
 
     def __init__(self, path: str, fmt: str, *, readonly: bool = False):
         if not os.path.exists(path):
             raise SourceError(errno.ENOENT, f"{path}: no such file")
         info = qemu_img_info(path, fmt)  # a clear error before any daemon starts
         self.path = path
+        self.hostmap: HostMapper | None = None
         self.format = fmt
         self.daemon = QemuDaemon(path, fmt, readonly)
         backing = info.get("backing-filename")
@@ -264,6 +292,40 @@ class QemuSource(NbdSource):
             self.daemon.stop()
             raise
         self.daemon.serving = True
+        # Reads of plain data clusters go straight to the files (hostmap.py);
+        # writes, zeroes and trims mark their ranges first (below).
+        self.hostmap = HostMapper(path, fmt, self.size, info)
+        self.daemon.on_exit = self.hostmap.stop_serving
+
+    def view_for(self, offset: int, length: int):
+        hostmap = self.hostmap
+        m = hostmap.map if hostmap is not None else None
+        return m.view_for(offset, length) if m is not None else None
+
+    def pread(self, offset: int, length: int) -> bytes:
+        hostmap = self.hostmap
+        m = hostmap.map if hostmap is not None else None
+        if m is not None and 0 <= offset and offset + length <= self.size:
+            data = m.pread(offset, length)
+            if data is not None:
+                return data
+        return super().pread(offset, length)
+
+    def pwrite(self, offset: int, data, fua: bool = False) -> None:
+        self._changing(offset, len(data))
+        super().pwrite(offset, data, fua)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._changing(offset, length)
+        super().trim(offset, length, fua)
+
+    def zero(self, offset, length, may_trim=False, fua=False, fast=False) -> None:
+        self._changing(offset, length)
+        super().zero(offset, length, may_trim, fua, fast)
+
+    def _changing(self, offset: int, length: int) -> None:
+        if self.hostmap is not None:
+            self.hostmap.changed(offset, length)
 
     def _open_handle(self, h) -> None:
         h.set_export_name("disk")
@@ -282,6 +344,8 @@ class QemuSource(NbdSource):
 
     def close(self) -> None:
         self.daemon.stopping = True
+        if self.hostmap is not None:
+            self.hostmap.close()
         try:
             super().close()
         finally:
