@@ -10,6 +10,8 @@ converted from raw by qemu-img) from:
     asynchronous calls; sources/hostmap.py)
   - diskwatch nbd+unix://qemu-nbd -r --headless --no-trace (the tap in front
     of a running qemu-nbd: two servers in the path)
+  - with --kinds ...,nbdkit-tap: nbdkit's nbd plugin in front of the same
+    qemu-nbd (the reference for the tap: another server in the path)
   - with --kinds ...,snapshot: the same with --snapshot instead of -r (a
     blocking layer: mapped reads on the loop, the rest in worker threads)
   - with --kinds ...,writable: the image opened for writing (no map: every
@@ -56,20 +58,25 @@ def tree_cpu(pid: int) -> float:
         with open(f"/proc/{pid}/task/{task}/children") as f:
             total += sum(tree_cpu(int(child)) for child in f.read().split())
     return total
-ALL_KINDS = (*KINDS, "snapshot", "writable", "threads")
+ALL_KINDS = (*KINDS, "nbdkit-tap", "snapshot", "writable", "threads")
 
 
 def start(kind: str, image: str, sock: str, tmp: str) -> list[subprocess.Popen]:
     """The servers for one kind; the last one is what fio talks to."""
     procs = []
     qsock = sock + ".qemu"
-    if kind in ("qemu-nbd", "tap"):
+    if kind in ("qemu-nbd", "tap", "nbdkit-tap"):
         qemu = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "0", "-f", "qcow2",
                                  "-k", sock if kind == "qemu-nbd" else qsock, image],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_socket(sock if kind == "qemu-nbd" else qsock, qemu)
         procs.append(qemu)
-    if kind != "qemu-nbd":
+    if kind == "nbdkit-tap":
+        tap = subprocess.Popen(["nbdkit", "-f", "-r", "-U", sock, "nbd", f"socket={qsock}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_socket(sock, tap)
+        procs.append(tap)
+    elif kind != "qemu-nbd":
         src = f"nbd+unix:///?socket={qsock}" if kind == "tap" else image
         mode = {"snapshot": ["--snapshot"], "writable": []}.get(kind, ["-r"])
         if kind == "threads":
