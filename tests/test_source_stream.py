@@ -352,3 +352,31 @@ def test_stream_into_a_regular_file_without_size(ext4_image, tmp_path):
     image = ext4_image.read_bytes()
     assert out.read_bytes() == image[:out.stat().st_size]
     assert image[out.stat().st_size:] == bytes(len(image) - out.stat().st_size)
+
+
+def test_a_link_to_a_file_is_never_streamed_through(tmp_path):
+    """A regular file is truncated and overwritten: not through a link
+    planted where the person expected it (the rule of --log and --record)."""
+    victim = tmp_path / "bashrc"
+    victim.write_text("precious\n")
+    planted = tmp_path / "out.raw"
+    planted.symlink_to(victim)
+    with pytest.raises(SourceError) as e:
+        StreamSource(planted, window=4096)
+    assert str(e.value) == (f"refusing to stream to {planted}: it is a symbolic link to a "
+                            "file (give the file's real path, or remove the link)")
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_link_to_a_fifo_is_followed(tmp_path):
+    """/dev/stdout is a link (to /proc/self/fd/1): links to a FIFO, a device
+    or a socket are what people give, and they work."""
+    fifo = tmp_path / "real.fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "stdout"
+    link.symlink_to(fifo)
+    src = StreamSource(link, window=4096)
+    reader = FifoReader(fifo)
+    src.pwrite(0, b"through the link")
+    src.close()
+    assert reader.result() == b"through the link"

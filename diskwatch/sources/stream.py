@@ -123,8 +123,14 @@ class StreamSource(Source):
             elif stat.S_ISFIFO(st.st_mode):
                 self._kind = "fifo"
             elif stat.S_ISREG(st.st_mode):
+                # Truncated and overwritten: never through a link planted
+                # where the person expected a file (as for --log, --record).
+                if os.path.islink(self.path):
+                    raise SourceError(errno.ELOOP, f"refusing to stream to {self.path}: it is "
+                                      "a symbolic link to a file (give the file's real path, "
+                                      "or remove the link)")
                 self._kind = "file"
-                self._open_file(os.O_TRUNC)
+                self._open_file(os.O_TRUNC | os.O_NOFOLLOW)
                 self._regular = True
             elif stat.S_ISCHR(st.st_mode):
                 self._kind = "device"
@@ -139,8 +145,24 @@ class StreamSource(Source):
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | extra)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise SourceError(errno.ELOOP, f"refusing to stream to {self.path}: it became "
+                                  "a symbolic link") from e
             raise SourceError(e.errno or errno.EIO, f"cannot open {self.path} for writing: "
                               f"{e.strerror}") from e
+        self._check_kind(self._fd)
+
+    def _check_kind(self, fd: int) -> None:
+        """What was opened is what was looked at: a FIFO or device swapped
+        for a link to a file between the two is not written."""
+        mode = os.fstat(fd).st_mode
+        want = {"file": stat.S_ISREG, "device": stat.S_ISCHR, "fifo": stat.S_ISFIFO}[self._kind]
+        if not want(mode):
+            os.close(fd)
+            if self._fd == fd:
+                self._fd = None
+            raise SourceError(errno.EINVAL, f"refusing to stream to {self.path}: it changed "
+                              f"while being opened (no longer a {self._kind})")
 
     def _connect_socket(self) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -173,6 +195,7 @@ class StreamSource(Source):
                 delay = min(delay * 2, 0.1)
         finally:
             self.waiting_for_reader = False
+        self._check_kind(fd)
         os.set_blocking(fd, True)  # from now on writes wait for a slow reader
         self._fd = fd
 
