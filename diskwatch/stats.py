@@ -23,6 +23,7 @@ from .events import COMMAND_NAMES, Command, ConnectionEvent, Dropped, Request
 READ = int(Command.READ)
 WRITE = int(Command.WRITE)
 BLOCK_STATUS = int(Command.BLOCK_STATUS)
+DISC = int(Command.DISC)
 
 # Request fields by position, for C-level map() over a batch
 _COMMAND, _OFFSET, _LENGTH, _START, _DURATION, _ERROR = (
@@ -375,7 +376,11 @@ class Stats:
                 heat.add_many(offsets, lengths, is_write)
         errors = list(map(_ERROR, batch))
         self.errors += len(errors) - errors.count(0)
-        self.latency.add_many(map(_DURATION, batch))
+        if DISC in commands:
+            # A disconnect has no reply: its "latency" would say nothing.
+            self.latency.add_many(r[7] for r in batch if r[2] != DISC)
+        else:
+            self.latency.add_many(map(_DURATION, batch))
         if pieces is None:
             if blockmap is None:
                 return list(zip(batch, repeat(None)))

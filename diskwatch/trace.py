@@ -214,10 +214,10 @@ class Summary:
         pass
 
     def print(self, out: IO[str]) -> None:
-        from .stats import human_bytes as short_bytes
         from .stats import human_duration
         st = self.stats
-        parts = [f"{st.ops[i]} {name} ({short_bytes(st.bytes[i])})" if name in
+        # the trace's units (2.5 MiB), not the UI's narrow columns' (2.5M)
+        parts = [f"{st.ops[i]} {name} ({human_bytes(st.bytes[i])})" if name in
                  ("read", "write", "trim", "zero") else f"{st.ops[i]} {name}"
                  for i, name in enumerate(COMMAND_NAMES) if st.ops[i]]
         conns = st.connections_total
@@ -228,7 +228,7 @@ class Summary:
         print(f"diskwatch: {count(st.requests, 'request')} on {count(conns, 'connection')}"
               + (": " + ", ".join(parts) if parts else "")
               + (f"; {st.errors} failed" if st.errors else ""), file=out)
-        if st.requests:
+        if st.latency.total:  # not for disconnects alone: they have no reply
             print(f"diskwatch: latency median {human_duration(st.latency.median)}, "
                   f"p99 {human_duration(st.latency.p99)}", file=out)
         if self.named:

@@ -77,7 +77,8 @@ def open_source(spec: str | None, opts: SourceOptions) -> Source:
     src = plugin.open_source(spec, opts)
     try:
         if opts.inject_errors:
-            src = REGISTRY.layer("errors").apply(src, ";".join(opts.inject_errors), opts)
+            from .builtin import wrap_errors
+            src = wrap_errors(src, ";".join(opts.inject_errors), opts, "--inject-errors")
         for layer, args in layers:
             src = layer.apply(src, args, opts)
         if opts.readonly:

@@ -183,10 +183,12 @@ def wrap_snapshot(src, args, options):
     return Snapshot(src)
 
 
-def wrap_errors(src, args, options):
+def wrap_errors(src, args, options, option: str = "--filter errors"):
+    """``option``: how the rules were given, for messages (--inject-errors
+    applies the same layer)."""
     from .errors import ErrorInjection, parse_error_rule
     try:
-        rules = [parse_error_rule(rule) for rule in args.split(";") if rule.strip()]
+        rules = [parse_error_rule(rule, option) for rule in args.split(";") if rule.strip()]
     except ValueError as e:
         raise SourceError(errno.EINVAL, str(e)) from None
     return ErrorInjection(src, rules or [parse_error_rule("")])

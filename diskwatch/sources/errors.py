@@ -55,16 +55,17 @@ def _errno_of(word: str) -> int:
     return value
 
 
-def parse_error_rule(text: str) -> ErrorRule:
+def parse_error_rule(text: str, option: str = "--inject-errors") -> ErrorRule:
     """'rate=0.5,errno=EIO,ops=pread+zero,range=1M-2M,after=10' -> ErrorRule.
-    Raises ValueError with a message a person can act on."""
+    Raises ValueError with a message a person can act on, naming ``option``
+    (the way the rule was given)."""
     from . import parse_size
 
     kw: dict = {}
     for word in filter(None, (w.strip() for w in text.split(","))):
         key, sep, value = word.partition("=")
         if not sep:
-            raise ValueError(f"--inject-errors: {word!r} is not KEY=VALUE "
+            raise ValueError(f"{option}: {word!r} is not KEY=VALUE "
                              "(keys: rate, errno, ops, range, after)")
         key = key.strip().lower()
         value = value.strip()
@@ -74,7 +75,7 @@ def parse_error_rule(text: str) -> ErrorRule:
             except ValueError:
                 rate = -1.0  # said below
             if not 0 <= rate <= 1:  # also refuses nan
-                raise ValueError(f"--inject-errors: rate {value!r} is not between 0 and 1")
+                raise ValueError(f"{option}: rate {value!r} is not between 0 and 1")
             kw["rate"] = rate
         elif key == "errno":
             kw["err"] = _errno_of(value)
@@ -82,26 +83,26 @@ def parse_error_rule(text: str) -> ErrorRule:
             ops = frozenset(o.strip().lower() for o in value.replace("|", "+").split("+"))
             bad = ops - set(OPS)
             if bad:
-                raise ValueError(f"--inject-errors: unknown op {sorted(bad)[0]!r} "
+                raise ValueError(f"{option}: unknown op {sorted(bad)[0]!r} "
                                  f"(ops: {'+'.join(OPS)})")
             kw["ops"] = ops
         elif key == "range":
             lo, dash, hi = value.partition("-")
             if not dash:
-                raise ValueError(f"--inject-errors: range {value!r} is not START-END")
+                raise ValueError(f"{option}: range {value!r} is not START-END")
             try:
                 kw["start"] = parse_size(lo) if lo else 0
                 kw["end"] = parse_size(hi) if hi else None
             except ValueError as e:
-                raise ValueError(f"--inject-errors: range {value!r}: {e}") from None
+                raise ValueError(f"{option}: range {value!r}: {e}") from None
             if kw["end"] is not None and kw["end"] <= kw["start"]:
-                raise ValueError(f"--inject-errors: range {value!r} is empty")
+                raise ValueError(f"{option}: range {value!r} is empty")
         elif key == "after":
             if not value.isdigit():
-                raise ValueError(f"--inject-errors: after {value!r} is not a number of calls")
+                raise ValueError(f"{option}: after {value!r} is not a number of calls")
             kw["after"] = int(value)
         else:
-            raise ValueError(f"--inject-errors: unknown key {key!r} "
+            raise ValueError(f"{option}: unknown key {key!r} "
                              "(keys: rate, errno, ops, range, after)")
     return ErrorRule(**kw)
 
