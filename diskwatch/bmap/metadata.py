@@ -266,8 +266,10 @@ class _Filesystem:
         self.is_ext = bool(ftype & int(pytsk3.TSK_FS_TYPE_EXT_DETECT))
         self.is_fat = bool(ftype & int(pytsk3.TSK_FS_TYPE_FAT_DETECT)) or bool(
             ftype & int(pytsk3.TSK_FS_TYPE_EXFAT))
+        self.is_iso = bool(ftype & int(pytsk3.TSK_FS_TYPE_ISO9660_DETECT))
         #: inode -> [smallest path so far, ranges by object suffix]
         self.files: dict[int, list] = {}
+        self._structures: set[str] = set()  # named before the walk: not again
         self.seen_dirs: set[int] = set()
         self.errors = 0
         self.first_error = ""
@@ -361,6 +363,12 @@ class _Filesystem:
 
     def map(self) -> None:
         self.map_structures()
+        if self.is_iso and self._iso_rock_ridge():
+            try:
+                self.map_iso_trees(tsk_walked=False)
+            except (OSError, ValueError, struct.error) as e:
+                self.error("ISO 9660 directories", e)
+            return
         root = self.fs.info.root_inum
         try:
             self.add_object(root, "/", is_dir=True)
@@ -432,6 +440,20 @@ class _Filesystem:
         for path, pieces in self.files.values():
             for suffix, ranges in pieces:
                 self.add(path + suffix, ranges)
+        if self.is_iso:
+            try:
+                self.map_iso_trees(tsk_walked=True)
+            except (OSError, ValueError, struct.error) as e:
+                self.error("ISO 9660 directories", e)
+
+    def _iso_rock_ridge(self) -> bool:
+        """Whether the primary tree's root holds Rock Ridge names."""
+        iso = getattr(self, "_iso", None)
+        if iso is None or iso.primary is None:
+            return False
+        start, length = iso.primary
+        data = read_at(self.vsrc, start, min(length, 64 << 20))
+        return any(rr for *_, rr in _iso_records(data, joliet=False))
 
     def add_object(self, inode: int, path: str, is_dir: bool) -> None:
         """A file's or directory's ranges by attribute: the unnamed data (and
@@ -493,7 +515,7 @@ class _Filesystem:
         except (OSError, RuntimeError) as e:
             self.error(path, e)
             return
-        if ranges:
+        if ranges and path not in self._structures:  # exFAT's FAT: named already
             self.add(path, ranges)
             self.report.metadata_objects += 1
 
@@ -505,6 +527,8 @@ class _Filesystem:
                 self.map_ext_structures()
             elif self.is_fat:
                 self.map_fat_structures()
+            elif self.is_iso:
+                self.map_iso_structures()
         except (OSError, ValueError, struct.error, RuntimeError) as e:
             self.error("filesystem structures", e)
 
@@ -536,12 +560,188 @@ class _Filesystem:
             for i in range(nfats):
                 start = (fat_off + i * fat_len) * sector
                 self.add(f"/$FAT{i + 1}", [(start, start + fat_len * sector)])
+                self._structures.add(f"/$FAT{i + 1}")
             self.report.metadata_objects += 1 + nfats
-            self._fat_done = True
             return
         bps, _, reserved, _ = struct.unpack_from("<HBHB", boot, 11)
         self.add("/$BootSector", [(0, reserved * bps)])
         self.report.metadata_objects += 1
+
+
+    def map_iso_structures(self) -> None:
+        """ISO 9660: the volume descriptors and the path tables."""
+        iso = IsoLayout(self.vsrc)
+        self.add("/$VolumeDescriptors", [iso.descriptors])
+        tables = [r for r in iso.path_tables if r[1] > r[0]]
+        if tables:
+            self.add("/$PathTable", tables)
+        self.report.metadata_objects += 1 + bool(tables)
+        self._iso = iso
+
+    def map_iso_trees(self, tsk_walked: bool) -> None:
+        """ISO 9660's trees, which TSK only half reads: it walks one tree
+        (Joliet when there is one: what Windows reads) and knows nothing of
+        Rock Ridge, the names a Linux guest sees (without Joliet TSK gives
+        8.3 names: /BOOT/VMLINUZ). So with Rock Ridge the primary tree is
+        walked here, and its names are the files' names; every tree's
+        directories are named (they are different sectors; files are shared
+        by the trees). Without Rock Ridge TSK's walk stands, and only the
+        directories it did not name are added."""
+        iso = getattr(self, "_iso", None)
+        if iso is None:
+            return
+        primary = iso.walk(iso.primary, joliet=False) if iso.primary else []
+        trees = [(primary, iso.rock_ridge)]
+        trees += [(iso.walk(root, joliet=True), False) for root in iso.joliet]
+        named = {(e.start, e.end) for e in self.entries if e.type == "d"}
+        shift = self.shift or 0
+        for i, (objects, with_files) in enumerate(trees):
+            # a directory is counted once, in the tree whose names are used
+            counted = i == 0 and not tsk_walked
+            for path, is_dir, ranges in objects:
+                if is_dir:
+                    ranges = [r for r in ranges if (r[0] + shift, r[1] + shift) not in named]
+                    if ranges:
+                        self.add(path, ranges, "d")
+                        named.update((r[0] + shift, r[1] + shift) for r in ranges)
+                        self.report.directories += counted
+                elif with_files and not tsk_walked:
+                    self.add(path, ranges)
+                    self.report.files += 1
+                self.progress.done += 1
+
+
+# --------------------------------------------------------------------------
+# ISO 9660 layout: descriptors, path tables, each tree's directories
+
+ISO_SECTOR = 2048
+
+
+class IsoLayout:
+    """Where an ISO 9660 volume's own structures are: the volume
+    descriptors (sector 16 on), the path tables, and each tree's directory
+    records (the primary one with its Rock Ridge names, Joliet's in UCS-2).
+    Bounded: at most MAX_OBJECTS records, each directory read once, at most
+    64 MiB of one directory."""
+
+    MAX_OBJECTS = 2_000_000
+
+    def __init__(self, vol: Source):
+        self.vol = vol
+        self.primary: tuple[int, int] | None = None  # root directory extent (bytes)
+        self.joliet: list[tuple[int, int]] = []
+        self.path_tables: list[tuple[int, int]] = []
+        self.rock_ridge = False  # learnt by walk()
+        sector = 16
+        while True:
+            d = read_at(vol, sector * ISO_SECTOR, ISO_SECTOR)
+            if len(d) < ISO_SECTOR or d[1:6] != b"CD001":
+                raise ValueError(f"no ISO 9660 volume descriptor at sector {sector}")
+            kind = d[0]
+            if kind in (1, 2):  # primary, supplementary (Joliet)
+                (size,) = struct.unpack_from("<I", d, 132)
+                l_table, l_opt = struct.unpack_from("<II", d, 140)
+                m_table, m_opt = struct.unpack_from(">II", d, 148)
+                for lba in (l_table, l_opt, m_table, m_opt):
+                    if lba:
+                        self.path_tables.append((lba * ISO_SECTOR,
+                                                 lba * ISO_SECTOR + _sectors(size)))
+                lba, length = struct.unpack_from("<I4xI", d, 156 + 2)
+                root = (lba * ISO_SECTOR, length)
+                if kind == 1 and self.primary is None:
+                    self.primary = root
+                elif kind == 2 and d[88:90] == b"%/" and d[90:91] in (b"@", b"C", b"E"):
+                    self.joliet.append(root)
+            sector += 1
+            if kind == 255 or sector > 16 + 64:
+                break
+        self.descriptors = (16 * ISO_SECTOR, sector * ISO_SECTOR)
+
+    def walk(self, root: tuple[int, int], joliet: bool
+             ) -> list[tuple[str, bool, list[tuple[int, int]]]]:
+        """(path, is a directory, byte ranges) of a tree's objects; a file
+        in several extents (over 4 GiB) has them all."""
+        files: dict[str, list[tuple[int, int]]] = {}
+        out: list[tuple[str, bool, list[tuple[int, int]]]] = []
+        seen: set[int] = set()
+        todo = [("/", *root)]
+        count = 0
+        while todo and count < self.MAX_OBJECTS:
+            path, start, length = todo.pop()
+            if start in seen or length <= 0:
+                continue
+            seen.add(start)
+            out.append((path, True, [(start, start + _sectors(length))]))
+            data = read_at(self.vol, start, min(length, 64 << 20))
+            prefix = path if path.endswith("/") else path + "/"
+            for name, lba, size, is_dir, rr in _iso_records(data, joliet):
+                count += 1
+                self.rock_ridge |= rr
+                if name in (".", "..") or "/" in name or not name:
+                    continue
+                if is_dir:
+                    todo.append((prefix + name, lba * ISO_SECTOR, size))
+                else:
+                    ranges = files.setdefault(prefix + name, [])
+                    if size:
+                        ranges.append((lba * ISO_SECTOR, lba * ISO_SECTOR + _sectors(size)))
+        out += [(path, False, ranges) for path, ranges in files.items()]
+        return out
+
+
+def _sectors(n: int) -> int:
+    """n bytes, read as whole sectors."""
+    return -(-n // ISO_SECTOR) * ISO_SECTOR
+
+
+def _iso_records(data: bytes, joliet: bool):
+    """(name, extent lba, data length, is a directory, has a Rock Ridge
+    name) of each directory record; "." and ".." for the first two. A
+    Rock Ridge NM name wins over the ISO name (which loses its ";1")."""
+    pos = 0
+    n = len(data)
+    while pos < n:
+        rlen = data[pos]
+        if rlen == 0:  # records do not cross sectors: go to the next one
+            pos = (pos // ISO_SECTOR + 1) * ISO_SECTOR
+            continue
+        if rlen < 34 or pos + rlen > n:
+            return
+        rec = data[pos:pos + rlen]
+        lba, size = struct.unpack_from("<I4xI", rec, 2)
+        is_dir = bool(rec[25] & 2)
+        id_len = rec[32]
+        ident = rec[33:33 + id_len]
+        nm = None
+        if ident == b"\x00":
+            name = "."
+        elif ident == b"\x01":
+            name = ".."
+        elif joliet:
+            name = ident.decode("utf-16-be", "replace").split(";")[0]
+        else:
+            nm = _rock_ridge_name(rec[33 + id_len + (1 - id_len % 2):])
+            name = nm if nm is not None else ident.decode("latin-1").split(";")[0].rstrip(".")
+        yield name, lba, size, is_dir, nm is not None
+        pos += rlen
+
+
+def _rock_ridge_name(susp: bytes) -> str | None:
+    """The name in Rock Ridge NM entries of a record's system use area."""
+    parts = []
+    pos = 0
+    while pos + 4 <= len(susp):
+        sig, ln = susp[pos:pos + 2], susp[pos + 2]
+        if ln < 4:
+            break
+        if sig == b"NM" and ln >= 5:
+            parts.append(susp[pos + 5:pos + ln])
+            if not susp[pos + 4] & 1:  # no CONTINUE flag: the name is complete
+                break
+        pos += ln
+    if not parts:
+        return None
+    return b"".join(parts).decode("utf-8", "surrogateescape")
 
 
 # --------------------------------------------------------------------------
