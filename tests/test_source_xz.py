@@ -9,6 +9,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -133,13 +134,14 @@ def test_parallel_reads_decompress_each_block_once(xz_images):
             for off, data in pool.map(read, range(400)):
                 assert data == original[off:off + 65536]
         # no block was decompressed twice, even when threads asked at once
-        assert src.misses == len(src.cached_blocks) <= len(src.blocks)
+        # (each one by the read that needed it or ahead of the reads)
+        assert src.misses + src.readaheads == len(src.cached_blocks) <= len(src.blocks)
         assert src.evictions == 0
 
 
 def test_lru_eviction_counts(xz_images):
     _, blocks, _ = xz_images
-    with XzSource(blocks, cache_blocks=3) as src:
+    with XzSource(blocks, cache_blocks=3, readahead=0) as src:  # the LRU alone
         for b in (0, 1, 2):
             src.pread(b * MiB, 10)
         assert (src.hits, src.misses, src.evictions) == (0, 3, 0)
@@ -159,7 +161,7 @@ def test_lru_eviction_counts(xz_images):
 
 def test_cache_prefetches_blocks(xz_images):
     _, blocks, _ = xz_images
-    with XzSource(blocks, cache_blocks=8) as src:
+    with XzSource(blocks, cache_blocks=8, readahead=0) as src:
         assert src.can_cache
         src.cache(2 * MiB + 5, 2 * MiB)  # touches blocks 2, 3, 4
         assert src.cached_blocks == [2, 3, 4]
@@ -252,6 +254,23 @@ def test_diskwatch_serves_the_uncompressed_image(xz_images, tmp_path):
     assert "read" in (tmp_path / "trace").read_text()
 
 
+def test_diskwatch_reads_ahead_with_nbdcopys_parallel_requests(xz_images, tmp_path):
+    """4 MiB blocks: nbdcopy's requests in flight land a few blocks at a
+    time, with read-ahead running beside them; every byte still right."""
+    raw, _, _ = xz_images
+    big = xz_compress(raw, tmp_path / "disk-4M.img.xz", "--block-size=4MiB")
+    out = tmp_path / "copy.raw"
+    r = subprocess.run([DISKWATCH, str(big), "--headless", "--xz-readahead", "2",
+                        "--run", f'nbdcopy "$uri" {out}'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert hashlib.md5(out.read_bytes()).hexdigest() == hashlib.md5(raw.read_bytes()).hexdigest()
+    r = subprocess.run([DISKWATCH, str(big), "--xz-readahead", "-1", "--headless",
+                        "--run", "true"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "--xz-readahead must be 0 or more" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_diskwatch_refuses_a_large_block_in_one_line(xz_images):
     _, blocks, _ = xz_images
     r = subprocess.run([DISKWATCH, str(blocks), "--xz-max-block", "512K", "--headless",
@@ -279,3 +298,112 @@ def test_virt_inspector_on_an_xz_image(xz_images, tmp_path):
     assert "<hostname>diskwatch-xz</hostname>" in xml
     assert "<name>diskwatch-demo</name>" in xml  # read from /var/lib/dpkg/status
     assert "read 0x0-" in trace.read_text()
+
+
+# -- read-ahead: sequential reads keep the cores busy ----------------------------
+
+class CountingXzSource(XzSource):
+    """The real source, noting how many blocks decompress at once."""
+
+    def __init__(self, *args, **kw):
+        self.running = 0
+        self.peak = 0
+        self.decompressed: list[int] = []
+        self._count_lock = threading.Lock()
+        super().__init__(*args, **kw)
+
+    def _decompress(self, block):
+        with self._count_lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.decompressed.append(block.offset // MiB)
+        try:
+            return super()._decompress(block)
+        finally:
+            with self._count_lock:
+                self.running -= 1
+
+
+def test_sequential_reads_decompress_ahead_each_block_once(xz_images):
+    raw, blocks, _ = xz_images
+    with CountingXzSource(blocks, readahead=2) as src:
+        assert md5_of_source(src, 256 * 1024) == hashlib.md5(raw.read_bytes()).hexdigest()
+        n = len(src.blocks)
+        # made ahead of the reads, not while a read waited; none twice
+        assert src.readaheads >= n - 2 and src.misses + src.readaheads == n
+        assert sorted(src.decompressed) == list(range(n))
+        # never more at once than read-ahead allows (the cores, by default)
+        assert src.peak <= 2
+        assert len(src.cached_blocks) <= src.cache_blocks
+
+
+def test_random_reads_do_not_read_ahead(xz_images):
+    raw, blocks, _ = xz_images
+    original = raw.read_bytes()
+    with CountingXzSource(blocks, readahead=2) as src:
+        for b in (5, 12, 9, 20, 16):  # no read follows on from the block before
+            off = b * MiB + 1000
+            assert src.pread(off, 4096) == original[off:off + 4096]
+        assert src.readaheads == 0 and src.misses == 5
+        assert sorted(src.decompressed) == [5, 9, 12, 16, 20]
+
+
+def test_readahead_is_bounded_by_the_cache(xz_images):
+    _, blocks, _ = xz_images
+    with XzSource(blocks) as src:
+        assert 1 <= src.readahead <= min(4, src.cache_blocks // 2)
+    with XzSource(blocks, cache_blocks=3, readahead=4) as src:
+        assert src.readahead == 1  # read-ahead never evicts the block being read
+    with XzSource(blocks, cache_blocks=1) as src:
+        assert src.readahead == 0
+    with pytest.raises(SourceError, match="--xz-readahead must be 0 or more") as e:
+        XzSource(blocks, readahead=-1)
+    assert e.value.errno == errno.EINVAL
+
+
+def test_corrupt_block_met_by_read_ahead_is_still_an_eio(xz_images, tmp_path):
+    raw, blocks, _ = xz_images
+    original = raw.read_bytes()
+    data = bytearray(blocks.read_bytes())
+    with XzSource(blocks) as src:
+        b = src.blocks[3]
+    data[b.file_offset + 200] ^= 0xFF
+    bad = tmp_path / "corrupt.xz"
+    bad.write_bytes(bytes(data))
+    with CountingXzSource(bad, readahead=2) as src:
+        for off in range(0, 3 * MiB, 256 * 1024):  # sequential: block 3 is read ahead
+            assert src.pread(off, 256 * 1024) == original[off:off + 256 * 1024]
+        for _ in range(2):  # the read itself gets the error, every time
+            with pytest.raises(SourceError, match="corrupt") as e:
+                src.pread(3 * MiB, 4096)
+            assert e.value.errno == errno.EIO
+        assert src.pread(4 * MiB, 4096) == original[4 * MiB:4 * MiB + 4096]
+        assert 3 not in src.cached_blocks
+
+
+def test_close_while_reading_ahead(xz_images):
+    raw, blocks, _ = xz_images
+    src = CountingXzSource(blocks, readahead=2)
+    assert src.pread(0, 4096) == raw.read_bytes()[:4096]  # starts block 1 ahead
+    src.close()  # waits for the read-ahead before the file is closed
+    assert src.running == 0 and src._fd == -1
+    src.close()
+
+
+def test_python_lzma_fallback_gives_the_same_bytes(xz_images, tmp_path, monkeypatch):
+    """Without liblzma through ctypes the lzma module decompresses: same
+    bytes, same errors."""
+    import diskwatch.sources.xz as xz_module
+    monkeypatch.setattr(xz_module, "_stream_buffer_decode", None)
+    raw, blocks, _ = xz_images
+    with XzSource(blocks) as src:
+        assert md5_of_source(src, 3 * MiB + 7) == hashlib.md5(raw.read_bytes()).hexdigest()
+    data = bytearray(blocks.read_bytes())
+    with XzSource(blocks) as src:
+        data[src.blocks[2].file_offset + 300] ^= 0x55
+    bad = tmp_path / "corrupt.xz"
+    bad.write_bytes(bytes(data))
+    with XzSource(bad, readahead=0) as src:
+        with pytest.raises(SourceError, match="corrupt") as e:
+            src.pread(2 * MiB, 10)
+        assert e.value.errno == errno.EIO

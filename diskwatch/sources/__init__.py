@@ -36,6 +36,7 @@ class SourceOptions:
     snapshot: bool = False
     xz_max_block: int = 512 * 1024 * 1024
     xz_cache: int = 8
+    xz_readahead: int | None = None  # None: one per CPU (see XzSource)
     headers: list[str] = field(default_factory=list)
     user: str | None = None
     password: str | None = None

@@ -74,7 +74,8 @@ def looks_xz(spec: str, options) -> bool:
 def open_xz(spec, options):
     from .xz import XzSource
     return XzSource(spec, max_block=options.get("xz_max_block"),
-                    cache_blocks=options.get("xz_cache"))
+                    cache_blocks=options.get("xz_cache"),
+                    readahead=options.get("xz_readahead"))
 
 
 def _format_of(spec: str, options) -> tuple[str, str | None]:
@@ -153,6 +154,9 @@ for plugin in (
                    type=size_arg, default=512 * MiB, metavar="SIZE"),
             Option("--xz-cache", "decompressed xz blocks kept in memory (default 8)",
                    type=int, default=8, metavar="N"),
+            Option("--xz-readahead", "blocks decompressed ahead of sequential reads, in "
+                   "parallel (default: one per CPU, at most 4 and half of --xz-cache; "
+                   "0: none)", type=int, metavar="N"),
         )),
     SourcePlugin(
         "qemu", "an image in a format qemu reads (qcow2, vmdk, vhdx, vdi, vpc, qed...), "

@@ -18,16 +18,30 @@ that go backwards within a block. Here every block is read with ``os.pread``
 and decompressed in one ``lzma`` call, which releases the GIL, so parallel
 requests for different blocks decompress in parallel; parallel requests for
 the same block wait for one decompression.
+
+Sequential reads (nbdcopy, a guest copying a file) keep every request in
+flight inside one or two blocks when blocks are large: a 16 MiB block is 64
+of nbdcopy's 256 KiB requests, so all the server's worker threads wait for
+the same decompression and the other cores idle. So when a read follows on
+from the previous block, the next ``readahead`` blocks are decompressed in
+the background, each in its own thread of a small pool: while the client
+consumes block i, blocks i+1.. are being made on the other cores (nbdkit's
+xz filter serializes requests and decompresses one block at a time).
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
+import ctypes.util
 import errno
+import logging
 import lzma
+import mmap
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from xz.common import (
@@ -42,9 +56,53 @@ from xz.common import (
 
 from .base import Source, SourceError, check_range
 
+log = logging.getLogger(__name__)
+
 MiB = 1 << 20
 
 RECOMPRESS_HINT = "xz --block-size=16MiB"
+
+# liblzma's lzma_ret values, for messages
+_LZMA_ERRORS = {
+    3: "unsupported integrity check", 5: "cannot allocate memory",
+    6: "memory usage limit reached", 7: "not in the xz format",
+    8: "unsupported compression options", 9: "compressed data is corrupt",
+    10: "compressed data is truncated or larger than the index says",
+}
+
+
+def _load_liblzma():
+    """liblzma's one-call decoder, or None (then the ``lzma`` module is used).
+
+    Python's ``lzma`` decompresses a block into an output buffer that grows
+    in steps (32 KiB, 64 KiB, ... 16 MiB), taking the GIL back between the
+    steps and joining the pieces at the end; under load, with the server's
+    threads holding the GIL, each step waits for it (the switch interval is
+    5 ms) and two blocks decompressing "in parallel" took longer each than
+    one alone. ``lzma_stream_buffer_decode`` decodes a whole block into a
+    buffer we give, in one call: ctypes releases the GIL for all of it.
+    """
+    for name in ("liblzma.so.5", ctypes.util.find_library("lzma")):
+        if not name:
+            continue
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        decode = lib.lzma_stream_buffer_decode
+        size_p = ctypes.POINTER(ctypes.c_size_t)
+        decode.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_uint32, ctypes.c_void_p,
+                           ctypes.c_char_p, size_p, ctypes.c_size_t,
+                           ctypes.c_void_p, size_p, ctypes.c_size_t]
+        decode.restype = ctypes.c_int
+        return decode
+    return None
+
+
+_stream_buffer_decode = _load_liblzma()
+
+#: a decompressed block: slicing either kind gives bytes
+BlockData = mmap.mmap | bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +175,15 @@ class XzSource(Source):
     ``max_block``: refuse files with a block larger than this (each cached
     block costs its uncompressed size in memory). ``cache_blocks``: how many
     decompressed blocks the LRU cache keeps (shared by all connections).
+    ``readahead``: how many blocks past the one being read sequentially are
+    decompressed in the background (None: one per CPU, at most 4; 0: none;
+    never more than half the cache, so read-ahead cannot evict the block
+    being read).
+
+    Memory: at most ``cache_blocks`` decompressed blocks in the cache, plus
+    one block per decompression in progress (one per worker thread of the
+    server and one per read-ahead thread), each at most ``max_block``; what
+    clients ask for changes which blocks, never how many.
     """
 
     blocking = True  # decompressing a block takes from milliseconds to minutes
@@ -124,9 +191,15 @@ class XzSource(Source):
     can_multi_conn = True
 
     def __init__(self, path: str | os.PathLike, *, max_block: int = 512 * MiB,
-                 cache_blocks: int = 8):
+                 cache_blocks: int = 8, readahead: int | None = None):
         if cache_blocks < 1:
             raise SourceError(errno.EINVAL, f"--xz-cache must be at least 1 (got {cache_blocks})")
+        if readahead is not None and readahead < 0:
+            raise SourceError(errno.EINVAL,
+                              f"--xz-readahead must be 0 or more (got {readahead})")
+        if readahead is None:
+            readahead = min(4, len(os.sched_getaffinity(0)))
+        self.readahead = min(readahead, cache_blocks // 2)
         self.path = os.fspath(path)
         self.max_block = max_block
         self.cache_blocks = cache_blocks
@@ -162,31 +235,60 @@ class XzSource(Source):
                 f"decompresses all of it and it stays in memory; for fast random access "
                 f"recompress with '{RECOMPRESS_HINT}'")
         self._lock = threading.Lock()
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache: OrderedDict[int, BlockData] = OrderedDict()
         self._loading: dict[int, threading.Event] = {}
+        self._readahead_pool: ThreadPoolExecutor | None = None
+        self._closed = False
         # counters, read by tests and the stats sink
         self.hits = 0
-        self.misses = 0
+        self.misses = 0  # blocks decompressed because a read waited for them
+        self.readaheads = 0  # blocks decompressed ahead of the reads
         self.evictions = 0
 
     # -- block cache -----------------------------------------------------
 
-    def _decompress(self, block: XzBlock) -> bytes:
+    def _decompress(self, block: XzBlock) -> BlockData:
+        """The uncompressed bytes of one block, in an anonymous mapping: its
+        pages are zeroed by the kernel as liblzma first writes them, with the
+        GIL released (a bytearray is zeroed holding the GIL, ~10 ms for 16
+        MiB, stalling the server's loop), slices of it are bytes, and its
+        memory goes back to the system when the cache drops it."""
         compressed = os.pread(self._fd, round_up(block.unpadded_size), block.file_offset)
+        # A one-block stream around it, so liblzma checks the block's
+        # integrity check and its sizes against the index.
         stream = b"".join((create_xz_header(block.check), compressed,
                            create_xz_index_footer(block.check,
                                                   [(block.unpadded_size, block.size)])))
+        where = f"{self.path}: xz block at file offset {block.file_offset}"
+        if _stream_buffer_decode is None or block.size == 0:
+            try:
+                data = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(stream)
+            except lzma.LZMAError as e:
+                raise SourceError(errno.EIO, f"{where} is corrupt ({e})") from e
+            if len(data) != block.size:
+                raise SourceError(errno.EIO, f"{where} gave {len(data)} bytes, "
+                                  f"index says {block.size}")
+            return data
+        out = mmap.mmap(-1, block.size)
+        target = ctypes.c_char.from_buffer(out)
+        in_pos, out_pos = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        memlimit = ctypes.c_uint64(2**64 - 1)  # as the lzma module: no limit
         try:
-            data = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(stream)
-        except lzma.LZMAError as e:
-            raise SourceError(errno.EIO, f"{self.path}: xz block at file offset "
-                              f"{block.file_offset} is corrupt ({e})") from e
-        if len(data) != block.size:
-            raise SourceError(errno.EIO, f"{self.path}: xz block at file offset "
-                              f"{block.file_offset} gave {len(data)} bytes, index says {block.size}")
-        return data
+            ret = _stream_buffer_decode(ctypes.byref(memlimit), 0, None, stream,
+                                        ctypes.byref(in_pos), len(stream),
+                                        ctypes.addressof(target), ctypes.byref(out_pos),
+                                        block.size)
+        finally:
+            del target  # a mapping cannot be closed while exported
+        if ret != 0:
+            raise SourceError(errno.EIO, f"{where} is corrupt "
+                              f"({_LZMA_ERRORS.get(ret, f'liblzma error {ret}')})")
+        if out_pos.value != block.size:
+            raise SourceError(errno.EIO, f"{where} gave {out_pos.value} bytes, "
+                              f"index says {block.size}")
+        return out
 
-    def _block_data(self, index: int) -> bytes:
+    def _block_data(self, index: int) -> BlockData:
         while True:
             with self._lock:
                 data = self._cache.get(index)
@@ -202,6 +304,11 @@ class XzSource(Source):
             # Another thread is decompressing this block: wait for it, then
             # look again (it may have failed, or already been evicted).
             event.wait()
+        return self._load(index, event)
+
+    def _load(self, index: int, event: threading.Event) -> BlockData:
+        """Decompress block ``index``, registered as loading with ``event``
+        by the caller, into the cache; wake whoever waits for it."""
         data = None
         try:
             data = self._decompress(self.blocks[index])
@@ -209,7 +316,7 @@ class XzSource(Source):
             with self._lock:
                 # Cached in the same locked step that ends the loading, so a
                 # waiter always finds the block (no second decompression).
-                if data is not None:
+                if data is not None and not self._closed:
                     self._cache[index] = data
                     self._cache.move_to_end(index)
                     while len(self._cache) > self.cache_blocks:
@@ -218,6 +325,51 @@ class XzSource(Source):
                 del self._loading[index]
             event.set()
         return data
+
+    def _read_ahead(self, index: int) -> None:
+        """A read touches block ``index``: if it starts the image or follows
+        on from the block before (cached or loading), start decompressing
+        the blocks after it, as long as fewer than ``readahead``
+        decompressions (this read's own included) are in progress: more
+        than there are cores would only slow down the block a client
+        waits for."""
+        if not self.readahead:
+            return
+        with self._lock:
+            cache, loading = self._cache, self._loading
+            if self._closed or (index > 0 and index - 1 not in cache
+                                and index - 1 not in loading):
+                return
+            busy = len(loading) + (index not in cache and index not in loading)
+            wanted = []
+            for i in range(index + 1, min(index + 1 + self.readahead, len(self.blocks))):
+                if busy >= self.readahead:
+                    break
+                if i not in cache and i not in loading:
+                    loading[i] = threading.Event()
+                    self.readaheads += 1
+                    busy += 1
+                    wanted.append(i)
+            if not wanted:
+                return
+            if self._readahead_pool is None:
+                self._readahead_pool = ThreadPoolExecutor(
+                    self.readahead, thread_name_prefix="diskwatch-xz")
+            for i in wanted:
+                self._readahead_pool.submit(self._load_ahead, i, loading[i])
+
+    def _load_ahead(self, index: int, event: threading.Event) -> None:
+        if self._closed:  # closing: give the block up quickly
+            with self._lock:
+                del self._loading[index]
+            event.set()
+            return
+        try:
+            self._load(index, event)
+        except Exception as e:  # noqa: BLE001
+            # Nothing is cached: the read that needs this block decompresses
+            # it again and gets the error itself.
+            log.debug("xz read-ahead of block %d failed: %s", index, e)
 
     @property
     def cached_blocks(self) -> list[int]:
@@ -235,13 +387,12 @@ class XzSource(Source):
         block = self.blocks[i]
         rel = offset - block.offset
         if rel + length <= block.size:  # the common case: one block
-            data = self._block_data(i)
-            if rel == 0 and length == block.size:
-                return data
-            return data[rel:rel + length]
+            self._read_ahead(i)
+            return self._block_data(i)[rel:rel + length]
         parts = []
         end = offset + length
         while offset < end:
+            self._read_ahead(i)
             block = self.blocks[i]
             rel = offset - block.offset
             n = min(end - offset, block.size - rel)
@@ -261,6 +412,12 @@ class XzSource(Source):
             i += 1
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._readahead_pool = self._readahead_pool, None
+        if pool is not None:
+            # before the fd goes: a read-ahead must not pread a reused fd
+            pool.shutdown(wait=True)
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
