@@ -388,22 +388,3 @@ def test_close_while_reading_ahead(xz_images):
     src.close()  # waits for the read-ahead before the file is closed
     assert src.running == 0 and src._fd == -1
     src.close()
-
-
-def test_python_lzma_fallback_gives_the_same_bytes(xz_images, tmp_path, monkeypatch):
-    """Without liblzma through ctypes the lzma module decompresses: same
-    bytes, same errors."""
-    import diskwatch.sources.xz as xz_module
-    monkeypatch.setattr(xz_module, "_stream_buffer_decode", None)
-    raw, blocks, _ = xz_images
-    with XzSource(blocks) as src:
-        assert md5_of_source(src, 3 * MiB + 7) == hashlib.md5(raw.read_bytes()).hexdigest()
-    data = bytearray(blocks.read_bytes())
-    with XzSource(blocks) as src:
-        data[src.blocks[2].file_offset + 300] ^= 0x55
-    bad = tmp_path / "corrupt.xz"
-    bad.write_bytes(bytes(data))
-    with XzSource(bad, readahead=0) as src:
-        with pytest.raises(SourceError, match="corrupt") as e:
-            src.pread(2 * MiB, 10)
-        assert e.value.errno == errno.EIO

@@ -154,9 +154,9 @@ for plugin in (
                    type=size_arg, default=512 * MiB, metavar="SIZE"),
             Option("--xz-cache", "decompressed xz blocks kept in memory (default 8)",
                    type=int, default=8, metavar="N"),
-            Option("--xz-readahead", "blocks decompressed ahead of sequential reads, in "
-                   "parallel (default: one per CPU, at most 4 and half of --xz-cache; "
-                   "0: none)", type=int, metavar="N"),
+            Option("--xz-readahead", "sequential reads: decompress up to N blocks at once, "
+                   "ahead of the reads (default: one per CPU, at most 4 and half of "
+                   "--xz-cache; 0: no read-ahead)", type=int, metavar="N"),
         )),
     SourcePlugin(
         "qemu", "an image in a format qemu reads (qcow2, vmdk, vhdx, vdi, vpc, qed...), "

@@ -22,22 +22,22 @@ the same block wait for one decompression.
 Sequential reads (nbdcopy, a guest copying a file) keep every request in
 flight inside one or two blocks when blocks are large: a 16 MiB block is 64
 of nbdcopy's 256 KiB requests, so all the server's worker threads wait for
-the same decompression and the other cores idle. So when a read follows on
-from the previous block, the next ``readahead`` blocks are decompressed in
-the background, each in its own thread of a small pool: while the client
-consumes block i, blocks i+1.. are being made on the other cores (nbdkit's
-xz filter serializes requests and decompresses one block at a time).
+the same decompression and the other cores idle. So when a read starts the
+image or follows on from the previous block, the blocks after it are
+decompressed in the background by a small pool, as long as fewer than
+``readahead`` (one per CPU) decompressions are in progress: while the client
+waits for block i, block i+1 is being made on the other core. nbdkit's xz
+filter serializes requests and decompresses one block at a time; python's
+``lzma`` releases the GIL while it decompresses (measured: calling liblzma's
+one-shot decoder through ctypes instead was no faster end to end).
 """
 
 from __future__ import annotations
 
 import bisect
-import ctypes
-import ctypes.util
 import errno
 import logging
 import lzma
-import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -61,48 +61,6 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 
 RECOMPRESS_HINT = "xz --block-size=16MiB"
-
-# liblzma's lzma_ret values, for messages
-_LZMA_ERRORS = {
-    3: "unsupported integrity check", 5: "cannot allocate memory",
-    6: "memory usage limit reached", 7: "not in the xz format",
-    8: "unsupported compression options", 9: "compressed data is corrupt",
-    10: "compressed data is truncated or larger than the index says",
-}
-
-
-def _load_liblzma():
-    """liblzma's one-call decoder, or None (then the ``lzma`` module is used).
-
-    Python's ``lzma`` decompresses a block into an output buffer that grows
-    in steps (32 KiB, 64 KiB, ... 16 MiB), taking the GIL back between the
-    steps and joining the pieces at the end; under load, with the server's
-    threads holding the GIL, each step waits for it (the switch interval is
-    5 ms) and two blocks decompressing "in parallel" took longer each than
-    one alone. ``lzma_stream_buffer_decode`` decodes a whole block into a
-    buffer we give, in one call: ctypes releases the GIL for all of it.
-    """
-    for name in ("liblzma.so.5", ctypes.util.find_library("lzma")):
-        if not name:
-            continue
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        decode = lib.lzma_stream_buffer_decode
-        size_p = ctypes.POINTER(ctypes.c_size_t)
-        decode.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_uint32, ctypes.c_void_p,
-                           ctypes.c_char_p, size_p, ctypes.c_size_t,
-                           ctypes.c_void_p, size_p, ctypes.c_size_t]
-        decode.restype = ctypes.c_int
-        return decode
-    return None
-
-
-_stream_buffer_decode = _load_liblzma()
-
-#: a decompressed block: slicing either kind gives bytes
-BlockData = mmap.mmap | bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,14 +133,14 @@ class XzSource(Source):
     ``max_block``: refuse files with a block larger than this (each cached
     block costs its uncompressed size in memory). ``cache_blocks``: how many
     decompressed blocks the LRU cache keeps (shared by all connections).
-    ``readahead``: how many blocks past the one being read sequentially are
-    decompressed in the background (None: one per CPU, at most 4; 0: none;
-    never more than half the cache, so read-ahead cannot evict the block
-    being read).
+    ``readahead``: for sequential reads, up to this many blocks decompress
+    at once, the read's own block and the ones after it (None: one per CPU,
+    at most 4; 0: no read-ahead; never more than half the cache, so blocks
+    read ahead cannot evict the one being read).
 
     Memory: at most ``cache_blocks`` decompressed blocks in the cache, plus
-    one block per decompression in progress (one per worker thread of the
-    server and one per read-ahead thread), each at most ``max_block``; what
+    one per decompression in progress (at most one per worker thread of the
+    server and ``readahead`` read ahead), each at most ``max_block``: what
     clients ask for changes which blocks, never how many.
     """
 
@@ -235,7 +193,7 @@ class XzSource(Source):
                 f"decompresses all of it and it stays in memory; for fast random access "
                 f"recompress with '{RECOMPRESS_HINT}'")
         self._lock = threading.Lock()
-        self._cache: OrderedDict[int, BlockData] = OrderedDict()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._loading: dict[int, threading.Event] = {}
         self._readahead_pool: ThreadPoolExecutor | None = None
         self._closed = False
@@ -247,48 +205,24 @@ class XzSource(Source):
 
     # -- block cache -----------------------------------------------------
 
-    def _decompress(self, block: XzBlock) -> BlockData:
-        """The uncompressed bytes of one block, in an anonymous mapping: its
-        pages are zeroed by the kernel as liblzma first writes them, with the
-        GIL released (a bytearray is zeroed holding the GIL, ~10 ms for 16
-        MiB, stalling the server's loop), slices of it are bytes, and its
-        memory goes back to the system when the cache drops it."""
+    def _decompress(self, block: XzBlock) -> bytes:
         compressed = os.pread(self._fd, round_up(block.unpadded_size), block.file_offset)
-        # A one-block stream around it, so liblzma checks the block's
-        # integrity check and its sizes against the index.
+        # A one-block stream around it, so lzma checks the block's integrity
+        # check and its sizes against the index.
         stream = b"".join((create_xz_header(block.check), compressed,
                            create_xz_index_footer(block.check,
                                                   [(block.unpadded_size, block.size)])))
-        where = f"{self.path}: xz block at file offset {block.file_offset}"
-        if _stream_buffer_decode is None or block.size == 0:
-            try:
-                data = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(stream)
-            except lzma.LZMAError as e:
-                raise SourceError(errno.EIO, f"{where} is corrupt ({e})") from e
-            if len(data) != block.size:
-                raise SourceError(errno.EIO, f"{where} gave {len(data)} bytes, "
-                                  f"index says {block.size}")
-            return data
-        out = mmap.mmap(-1, block.size)
-        target = ctypes.c_char.from_buffer(out)
-        in_pos, out_pos = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        memlimit = ctypes.c_uint64(2**64 - 1)  # as the lzma module: no limit
         try:
-            ret = _stream_buffer_decode(ctypes.byref(memlimit), 0, None, stream,
-                                        ctypes.byref(in_pos), len(stream),
-                                        ctypes.addressof(target), ctypes.byref(out_pos),
-                                        block.size)
-        finally:
-            del target  # a mapping cannot be closed while exported
-        if ret != 0:
-            raise SourceError(errno.EIO, f"{where} is corrupt "
-                              f"({_LZMA_ERRORS.get(ret, f'liblzma error {ret}')})")
-        if out_pos.value != block.size:
-            raise SourceError(errno.EIO, f"{where} gave {out_pos.value} bytes, "
-                              f"index says {block.size}")
-        return out
+            data = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(stream)
+        except lzma.LZMAError as e:
+            raise SourceError(errno.EIO, f"{self.path}: xz block at file offset "
+                              f"{block.file_offset} is corrupt ({e})") from e
+        if len(data) != block.size:
+            raise SourceError(errno.EIO, f"{self.path}: xz block at file offset "
+                              f"{block.file_offset} gave {len(data)} bytes, index says {block.size}")
+        return data
 
-    def _block_data(self, index: int) -> BlockData:
+    def _block_data(self, index: int) -> bytes:
         while True:
             with self._lock:
                 data = self._cache.get(index)
@@ -306,7 +240,7 @@ class XzSource(Source):
             event.wait()
         return self._load(index, event)
 
-    def _load(self, index: int, event: threading.Event) -> BlockData:
+    def _load(self, index: int, event: threading.Event) -> bytes:
         """Decompress block ``index``, registered as loading with ``event``
         by the caller, into the cache; wake whoever waits for it."""
         data = None
@@ -388,7 +322,10 @@ class XzSource(Source):
         rel = offset - block.offset
         if rel + length <= block.size:  # the common case: one block
             self._read_ahead(i)
-            return self._block_data(i)[rel:rel + length]
+            data = self._block_data(i)
+            if rel == 0 and length == block.size:
+                return data
+            return data[rel:rel + length]
         parts = []
         end = offset + length
         while offset < end:
