@@ -169,6 +169,24 @@ def test_cache_prefetches_blocks(xz_images):
         assert src.hits == 1
 
 
+def test_view_for_answers_only_from_the_cache(xz_images):
+    """The server asks view_for on its loop before it hands a read to a
+    worker thread: a cached block answers (a copy), anything else is None,
+    never a decompression on the loop."""
+    raw, blocks, _ = xz_images
+    original = raw.read_bytes()
+    with CountingXzSource(blocks, readahead=0) as src:
+        assert src.view_for(2 * MiB + 5, 4096) is None  # not cached
+        assert src.decompressed == []
+        src.pread(2 * MiB, 1)
+        data = src.view_for(2 * MiB + 5, 4096)
+        assert isinstance(data, bytes) and data == original[2 * MiB + 5:2 * MiB + 5 + 4096]
+        assert src.hits == 1
+        assert src.view_for(3 * MiB - 10, 20) is None  # runs into block 3, not cached
+        assert src.view_for(src.size - 1, 2) is None  # past the end: the worker says EINVAL
+        assert src.decompressed == [2]
+
+
 def test_max_block_refused_with_a_clear_error(xz_images):
     _, blocks, single = xz_images
     with pytest.raises(SourceError) as e:

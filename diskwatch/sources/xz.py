@@ -338,6 +338,27 @@ class XzSource(Source):
             i += 1
         return b"".join(parts)
 
+    def view_for(self, offset: int, length: int) -> bytes | None:
+        """A read inside one cached block, answered on the server's loop
+        without a worker thread (most of a sequential reader's requests);
+        None for the rest. A copy, not a view: a view would keep the whole
+        block alive while its reply waits, outside the cache's bound."""
+        if length == 0 or offset < 0 or offset + length > self.size:
+            return None
+        i = bisect.bisect_right(self._starts, offset) - 1
+        block = self.blocks[i]
+        rel = offset - block.offset
+        if rel + length > block.size:
+            return None
+        with self._lock:
+            data = self._cache.get(i)
+            if data is None:
+                return None
+            self._cache.move_to_end(i)
+            self.hits += 1
+        self._read_ahead(i)
+        return data[rel:rel + length]
+
     def cache(self, offset: int, length: int) -> None:
         check_range(self, offset, length)
         if length == 0:
