@@ -22,8 +22,8 @@ the same block wait for one decompression.
 Sequential reads (nbdcopy, a guest copying a file) keep every request in
 flight inside one or two blocks when blocks are large: a 16 MiB block is 64
 of nbdcopy's 256 KiB requests, so all the server's worker threads wait for
-the same decompression and the other cores idle. So when a read starts the
-image or follows on from the previous block, the blocks after it are
+the same decompression and the other cores idle. So when a read is in the
+first block or follows on from the previous one, the blocks after it are
 decompressed in the background by a small pool, as long as fewer than
 ``readahead`` (one per CPU) decompressions are in progress: while the client
 waits for block i, block i+1 is being made on the other core. nbdkit's xz
@@ -261,7 +261,7 @@ class XzSource(Source):
         return data
 
     def _read_ahead(self, index: int) -> None:
-        """A read touches block ``index``: if it starts the image or follows
+        """A read touches block ``index``: if it is the first block or follows
         on from the block before (cached or loading), start decompressing
         the blocks after it, as long as fewer than ``readahead``
         decompressions (this read's own included) are in progress: more
