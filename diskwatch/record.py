@@ -6,7 +6,7 @@ File format (version 1). All integers little-endian.
     file   := MAGIC frame*
     MAGIC  := b"DWREC01\\n"                                  (8 bytes)
     frame  := kind:4s  length:u32  crc32:u32  payload[length]
-    kind   := b"HEAD" | b"META" | b"REQS" | b"EVTS"
+    kind   := b"HEAD" | b"META" | b"REQS" | b"EVTS" | b"BMAP"
 
 - ``HEAD`` (the first frame, exactly one): UTF-8 JSON, uncompressed (``head -c
   400 FILE`` shows it): ``format`` (1), ``diskwatch`` (its version),
@@ -16,9 +16,25 @@ File format (version 1). All integers little-endian.
   (Unix time of the session's start), ``started_monotonic`` (the
   ``time.monotonic()`` value request times are relative to).
 - ``META``: UTF-8 JSON whose keys update the header as they come: ``bmap``
-  once a map generated under the UI is loaded; at the end ``ended_wall``,
-  ``requests`` and ``dropped`` (requests the recorder could not hold). A
-  file without the closing META was cut short (a crash, kill -9).
+  once a map generated under the UI is loaded (the first map: the header's
+  ``bmap`` always names the map the session started with); ``remaps`` and
+  ``maps`` (live remaps, and maps swapped in by any means, so far); at the
+  end ``ended_wall``, ``requests`` and ``dropped`` (requests the recorder
+  could not hold). A file without the closing META was cut short (a crash,
+  kill -9).
+- ``BMAP``: a block map the live session swapped in (a live remap, or the
+  ``--bmap`` file read again on SIGHUP), kept whole because the session's
+  names changed with it: zstd-compressed (one zstd frame) text in the block
+  map format (diskwatch/bmap/format.py; the entries in the map's own order,
+  which decides between equal ranges), whose first line is a comment
+  ``# diskwatch-recorded-map {JSON}``, so the decompressed payload is itself
+  a map file (``zstd -d``). The JSON: ``at`` (the index in this file of the
+  first request it named: every request before it was looked up in the
+  map before; index counts REQS rows in file order), ``time``
+  (``time.monotonic()`` when it took effect, as EVTS), ``why`` ("remap
+  (auto)", "remap (key)", "reload"...), ``entries`` (lines that follow),
+  ``skipped`` (entries the format cannot carry; 0), and for a reload
+  ``path`` and ``sha256`` of the file read.
 - ``REQS``: zstd-compressed (one zstd frame). ``count:u32 n_exports:u16``, then ``n_exports``
   names (``len:u16`` + UTF-8) that the ``export`` column indexes, then one
   column per field, each ``count`` little-endian values, in this order:
@@ -46,6 +62,24 @@ second (``Recorder.INTERVAL``), so after a crash or kill -9 the file reads
 back to the last second flushed; a torn last frame (short, or a CRC that
 does not match) ends the reading and sets ``Recording.truncated``.
 
+Versions: ``format`` changes only when an older reader would misread a
+file. A new frame kind is an addition: readers skip frames of kinds they do
+not know (every reader since format 1 indexes all frames and decodes only
+its own kinds). BMAP was added that way, so a diskwatch older than it reads
+a recording with remaps and names it all with the first map, as before (the
+META ``remaps`` count says that names changed), and this one reads every
+older recording (no BMAP: one map throughout).
+
+Maps in a replay or report (``maps_for``): the first map is the header's
+(``choose_map``: given with ``--bmap``, or the recorded file if it is still
+there unchanged); the recorded BMAP frames then take over at their request,
+so a replay names each request with the map the live session named it
+with. ``--bmap MAP`` overrides them all: the given map names every request
+(said in one line). Memory: a recorder holds a swapped-in map only until
+its next flush and writes it compressed as it formats it (only the
+compressed text is held); a reader keeps frame offsets and decodes one map
+at a time, as a stream, when its first request comes.
+
 Why this and not JSON lines or Parquet: nothing may format text per request
 (JSON lines cost 44 % of the throughput). The recorder is fed by the
 session's pump like every sink, so the server thread does no more work for
@@ -66,6 +100,8 @@ Reading:
         ...                                     # start = seconds since the start
     for t, event in rec.events():               # ConnectionEvent / Message
         ...
+    rec.maps                                    # RecordedMap per BMAP frame
+    rec.load_map(rec.maps[0])                   # its BlockMap
     cols = rec.columns()                        # every chunk's columns joined:
     cols.start, cols.offset, ...                # arrays, for reports at C speed
 """
@@ -74,6 +110,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import io
 import json
 import os
 import struct
@@ -81,6 +118,7 @@ import sys
 import threading
 import time
 import zlib
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -103,6 +141,12 @@ COLUMNS = (("start", "d"), ("conn", "I"), ("export", "H"), ("command", "B"),
            ("error", "I"))
 #: the largest frame a reader accepts (a recorder writes at most ~40 MB)
 MAX_FRAME = 1 << 30
+#: the first line of a BMAP frame's map text (a comment, for map readers)
+MAP_HEAD = b"# diskwatch-recorded-map "
+#: that line's length at most, JSON included
+MAX_MAP_HEAD = 1 << 16
+#: zstd level for maps: written once per swap, so smaller beats faster here
+MAP_LEVEL = 3
 _BIG_ENDIAN = sys.byteorder == "big"
 
 for _name, _code in COLUMNS:  # the format needs these sizes; say so if a platform differs
@@ -221,6 +265,47 @@ def encode_requests(batch: Sequence[Request]) -> bytes:
     return b"".join(parts)
 
 
+def map_lines(blockmap: Any, skipped: list[int] | None = None) -> Iterator[bytes]:
+    """A ``BlockMap``'s entries as block-map lines (the format
+    ``bmap/format.py``'s ``format_entry`` writes and checks), in the map's
+    own order: that order decides between equal ranges, so the lines load
+    back into the same map (``write_bmap`` sorts). An entry the format
+    cannot carry (a newline in a name, a space in a device: the mappers
+    make none) is left out and counted in ``skipped[0]``. Nothing is kept
+    per object: a map of files with one range each would double its size."""
+    for start, end, obj in blockmap.iter_entries():
+        device, path = obj.device, obj.path
+        if not device or " " in device or "\n" in device or (
+                (path is None) != (obj.type not in "df")) or (path is not None and (
+                    not path or "\n" in path)):
+            if skipped is not None:
+                skipped[0] += 1
+            continue
+        if path is None:
+            line = f"1 {start:x} {end:x} {obj.type} {device}\n"
+        else:
+            line = f"1 {start:x} {end:x} {obj.type} {device} {path}\n"
+        yield line.encode("utf-8", "surrogateescape")
+
+
+def encode_map(blockmap: Any, fields: dict, skipped: list[int] | None = None) -> bytes:
+    """The BMAP payload: the map's text compressed as it is formatted, in
+    blocks of 64 KiB (only the compressed bytes are held)."""
+    head = MAP_HEAD + json.dumps(fields, separators=(",", ":")).encode() + b"\n"
+    compressor = zstandard.ZstdCompressor(level=MAP_LEVEL).compressobj()
+    out: list[bytes] = []
+    block, size = [head], len(head)
+    for line in map_lines(blockmap, skipped):
+        block.append(line)
+        size += len(line)
+        if size >= 1 << 16:
+            out.append(compressor.compress(b"".join(block)))
+            block, size = [], 0
+    out.append(compressor.compress(b"".join(block)))
+    out.append(compressor.flush())
+    return b"".join(out)
+
+
 def _encode_event(t: float, event: object) -> list | None:
     if isinstance(event, ConnectionEvent):
         return [t, "conn", {"conn": event.conn, "opened": event.opened, "peer": event.peer,
@@ -242,7 +327,9 @@ class Recorder:
     are those the pump's own buffer dropped (``dropped``: in the closing
     META, and a line at exit). The writer runs every ``INTERVAL`` seconds; at
     fio's full rate (~50 000 requests a second here) it holds about one
-    second's worth."""
+    second's worth. A map swapped in (``add_map``) is held until that
+    flush writes it, and the last one until the next swap (a reopened file
+    starts with it): references to maps the session made anyway."""
 
     INTERVAL = 1.0
 
@@ -258,6 +345,12 @@ class Recorder:
         self.meta: deque[dict] = deque()
         self.requests = 0
         self.bytes_written = 0
+        self._accepted = 0  # requests taken into _pending, ever (a map's index counts them)
+        self._file_start = 0  # of those, the ones in earlier files (reopen)
+        #: maps to write: (_accepted when swapped in, monotonic time, BlockMap, fields)
+        self._maps: deque[tuple[int, float, Any, dict]] = deque()
+        self._current_map: tuple[int, float, Any, dict] | None = None
+        self.maps = 0  # maps written
         #: why the writer thread stopped recording (a full disk: the strerror)
         self.error: str | None = None
         self._bus = None
@@ -286,7 +379,14 @@ class Recorder:
             old, self._file, self._fd = self._file, new, new.fileno()
             old.close()
             if os.fstat(self._fd).st_size == 0:
+                with self._pending_lock:  # what is pending now goes to the new file
+                    self._file_start = self._accepted - len(self._pending)
                 self._write_head()
+                current = self._current_map
+                if current is not None and not any(m is current for m in self._maps):
+                    # A map swapped in before this file began names its first
+                    # requests, and the header names only the first map.
+                    self._maps.appendleft((self._file_start, *current[1:]))
 
     def attach(self, bus: Any) -> Recorder:
         """Subscribe to ``bus``'s events and start the writer thread."""
@@ -300,6 +400,17 @@ class Recorder:
         # stamped on arrival (events carry no time); in the publisher's thread
         if isinstance(event, (ConnectionEvent, Message)):
             self.events.append((time.monotonic(), event))
+
+    def add_map(self, blockmap: Any, why: str, **fields: Any) -> None:
+        """A map the live session swapped in (``Runner.swap_map``, in the
+        pump's thread between two rounds: every request fed so far was
+        named by the map before). Written with the next flush, as a BMAP
+        frame at the request it names first; ``fields`` go into its JSON."""
+        with self._pending_lock:
+            at = self._accepted
+        item = (at, time.monotonic(), blockmap, {"why": why, **fields})
+        self._current_map = item
+        self._maps.append(item)
 
     def set_meta(self, **fields: Any) -> None:
         """Header fields learned later (e.g. ``bmap=map_identity(path)``):
@@ -345,6 +456,8 @@ class Recorder:
         frames = []
         while self.meta:
             frames.append(_frame(b"META", json.dumps(self.meta.popleft()).encode()))
+        while self._maps:  # before the requests they name: a torn write keeps the order
+            frames.append(self._map_frame(*self._maps.popleft()))
         if events:
             payload = json.dumps(events, separators=(",", ":")).encode()
             frames.append(_frame(b"EVTS", self._zstd.compress(payload)))
@@ -358,6 +471,18 @@ class Recorder:
                 self.dropped += len(batch)  # (a partial frame reads as cut short)
                 raise
         self.requests += len(batch)
+
+    def _map_frame(self, accepted: int, t: float, blockmap: Any, fields: dict) -> bytes:
+        skipped = [0]
+        fields = {"at": accepted - self._file_start, "time": t, **fields,
+                  "entries": len(blockmap)}
+        payload = encode_map(blockmap, fields, skipped)
+        if skipped[0] and self._bus is not None:
+            self._bus.publish(Message(
+                f"recording: {skipped[0]} entries of the block map swapped in could not be "
+                "kept (names the map format cannot carry)", level="warning"))
+        self.maps += 1
+        return _frame(b"BMAP", payload)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -376,8 +501,10 @@ class Recorder:
             room = self.limit - len(self._pending)
             if room >= len(batch):
                 self._pending.extend(batch)
+                self._accepted += len(batch)
                 return
             self._pending.extend(batch[:max(room, 0)])
+            self._accepted += max(room, 0)
             self.dropped += len(batch) - max(room, 0)
 
     def on_event(self, event: object) -> None:
@@ -482,6 +609,19 @@ def _decode_event(item: list, t0: float) -> tuple[float, object] | None:
     return None  # a kind a later version added
 
 
+@dataclass
+class RecordedMap:
+    """A BMAP frame's head: which map named the requests from ``at`` on."""
+
+    at: int  # index (in the file) of the first request it named
+    t: float  # seconds since the start when it took effect
+    why: str  # "remap (auto)", "reload"...
+    entries: int
+    path: str | None  # the file a reload read (the recording's text: untrusted)
+    sha256: str | None
+    frame: tuple[bytes, int, int] = field(repr=False)
+
+
 class Recording:
     """An open recording: the header (with every META applied) and the
     frames, decoded lazily. See the module docstring."""
@@ -505,6 +645,9 @@ class Recording:
         for frame in self._frames:
             if frame[0] == b"META":
                 self.header.update(json.loads(self._payload(frame)))
+        #: the maps the live session swapped in, by request (BMAP frames)
+        self.maps = sorted((self._map_head(f) for f in self._frames if f[0] == b"BMAP"),
+                           key=lambda m: m.at)
 
     def _index(self, f) -> None:
         size = os.fstat(f.fileno()).st_size
@@ -525,11 +668,56 @@ class Recording:
             self._frames.append((kind, pos + FRAME.size, length))
             pos += FRAME.size + length
 
-    def _payload(self, frame: tuple[bytes, int, int]) -> bytes:
-        kind, offset, length = frame
+    def _raw(self, frame: tuple[bytes, int, int]) -> bytes:
+        _, offset, length = frame
         with open(self.path, "rb") as f:
             f.seek(offset)
-            data = f.read(length)
+            return f.read(length)
+
+    def _map_head(self, frame: tuple[bytes, int, int]) -> RecordedMap:
+        """The first line of a BMAP frame (only as much is decompressed)."""
+        line = b""
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(self._raw(frame)) as reader:
+                while b"\n" not in line and len(line) < MAX_MAP_HEAD:
+                    block = reader.read(4096)
+                    if not block:
+                        break
+                    line += block
+            line = line.split(b"\n", 1)[0]
+            if not line.startswith(MAP_HEAD):
+                raise ValueError("no map header line")
+            head = json.loads(line[len(MAP_HEAD):])
+            if not isinstance(head, dict):
+                raise ValueError("no map header line")
+            at, t = head.get("at"), head.get("time")
+            if (not isinstance(at, int) or isinstance(at, bool) or at < 0
+                    or not isinstance(t, (int, float))):
+                raise ValueError("a bad request index or time")
+            path, digest = head.get("path"), head.get("sha256")
+            return RecordedMap(at, t - self.header.started_monotonic, str(head.get("why", "")),
+                               int(head.get("entries", 0)),
+                               path if isinstance(path, str) else None,
+                               digest if isinstance(digest, str) else None, frame)
+        except (zstandard.ZstdError, ValueError, TypeError) as e:
+            raise RecordingError(f"{self.path}: a recorded block map is damaged "
+                                 f"({str(e)[:200]})") from None
+
+    def load_map(self, recorded: RecordedMap) -> Any:
+        """The BlockMap of a BMAP frame, parsed as it is decompressed."""
+        from .bmap.format import BmapFormatError
+        from .bmap.index import BlockMap
+        name = f"the map recorded at request {recorded.at}"
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(self._raw(recorded.frame)) as raw:
+                return BlockMap.from_lines(io.BufferedReader(raw, 1 << 16), name)
+        except (zstandard.ZstdError, BmapFormatError, ValueError) as e:
+            raise RecordingError(f"{self.path}: a recorded block map is damaged "
+                                 f"({str(e)[:200]})") from None
+
+    def _payload(self, frame: tuple[bytes, int, int]) -> bytes:
+        kind = frame[0]
+        data = self._raw(frame)
         if kind in (b"REQS", b"EVTS"):
             try:
                 data = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_FRAME)
@@ -586,3 +774,68 @@ class Recording:
 def open_recording(path: str) -> Recording:
     """Open a recording made with --record (RecordingError if it is not one)."""
     return Recording(path)
+
+
+# --- which map named which request --------------------------------------------------
+
+class MapSchedule:
+    """Which block map names which request of a recording: ``first`` up to
+    the first recorded map's request, each recorded map from its own on
+    (the last of several at one request wins, as live). Holds ``first`` and
+    the map last asked for; a recorded one is decoded again when asked for
+    after another (a replay seeking back)."""
+
+    def __init__(self, first: Any, recorded: Sequence[RecordedMap] = (),
+                 load: Callable[[RecordedMap], Any] | None = None) -> None:
+        self.first = first
+        self.recorded = list(recorded)
+        self.at = [m.at for m in self.recorded]
+        self._load = load
+        self._cached: tuple[int, Any] = (-1, first)
+
+    def map(self, k: int) -> Any:
+        """Map ``k``: -1 the first, else the k-th recorded one."""
+        if self._cached[0] != k:
+            self._cached = (k, None)  # the old one goes before the new one is built
+            self._cached = (k, self.first if k < 0 else self._load(self.recorded[k]))
+        return self._cached[1]
+
+    def last(self) -> Any:
+        """The map in effect at the end."""
+        return self.map(len(self.recorded) - 1)
+
+    def segments(self, first: int, end: int) -> Iterator[tuple[int, int, Any]]:
+        """Requests [first, end) split where the map changes: (from, to, map)."""
+        at = self.at
+        k = bisect_right(at, first) - 1
+        pos = first
+        while pos < end:
+            hi = min(at[k + 1], end) if k + 1 < len(at) else end
+            if hi > pos:
+                yield pos, hi, self.map(k)
+                pos = hi
+            k += 1
+
+
+def maps_for(recording: Recording, given: str | None, first: Any,
+             say: Callable[[str], None]) -> MapSchedule | None:
+    """The maps to name ``recording`` with: ``first`` (the loaded map
+    ``choose_map`` chose, or None), then the maps the live session swapped
+    in, unless a map was ``given`` (--bmap): that one names every request.
+    None when nothing names anything. ``say`` gets one line."""
+    from .bmap.index import BlockMap
+    recorded = recording.maps
+    if recorded:
+        n = len(recorded)
+        maps, verb = (f"{n} block maps", "are") if n > 1 else ("block map", "is")
+        if given:
+            say(f"{given} names every request: the {maps} the live session swapped in "
+                f"(kept in the recording) {verb} not used")
+            recorded = []
+        else:
+            whys = ", ".join(sorted({m.why for m in recorded}))
+            say(f"the {maps} the live session swapped in ({whys}) name{'' if n > 1 else 's'} "
+                f"its requests from {recorded[0].t:.3f} s on, as live")
+    if first is None and not recorded:
+        return None
+    return MapSchedule(BlockMap([]) if first is None else first, recorded, recording.load_map)

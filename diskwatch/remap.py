@@ -31,8 +31,8 @@ the **served source** (so a ``--snapshot`` overlay is what is read); the
 server never waits for it. The old map serves until the new one is
 complete; the new one is handed over in the pump's thread, in ``tick``,
 through one ``swap`` callback (the runner's: the session, every sink that
-holds a map, the metrics' names, the recording's header), so no round of the
-pump sees two maps. What the metadata method does not map (filesystems it
+holds a map, the metrics' names, the recording, which keeps the map for
+replay and report), so no round of the pump sees two maps. What the metadata method does not map (filesystems it
 cannot read, which the watch method mapped before) keeps its old entries.
 A filesystem caught mid-update gives a partial walk and a warning; its
 objects the partial walk missed keep their old entries. A remap never

@@ -12,9 +12,14 @@ recording is played as fast as it can be read, the pump's rounds advancing
 the virtual clock request by request (never past one a live pump could not
 have reached), so where lines break does not depend on how fast it went.
 
-The map: ``--bmap MAP`` names the requests, even a map made after the
-recording (a note says when it is not the one recorded with); without it,
-the map the recording was made with, if its file is still there unchanged.
+The map: ``--bmap MAP`` names every request, even a map made after the
+recording (a note says when it is not the one recorded with, and that it
+overrides the maps the session remapped to); without it, the map the
+recording was made with, if its file is still there unchanged, and then
+each map the live session swapped in (a live remap, a SIGHUP reload: kept
+in the recording) from the request it named first: the player looks each
+batch up itself (``Player.look_up``, the pump's lookup), splitting it where
+the map changed, so a replay names every request as the live trace did.
 """
 
 from __future__ import annotations
@@ -25,21 +30,23 @@ import threading
 import time
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, repeat
-from operator import sub
+from operator import itemgetter, sub
+from typing import Any
 
 from .events import Bus, Request
-from .record import Recording, open_recording
+from .record import MapSchedule, Recording, maps_for, open_recording
 from .record import choose_map as record_choose_map
-from .session import Pump, Session
+from .session import Pieces, Pump, Session
 from .text import safe_text
 
 #: seconds of quiet before a request that make it the start of a burst
 BURST_GAP = 1.0
 #: requests one round hands the sinks at most (a seek far ahead takes a few rounds)
 MAX_BATCH = 50_000
+_OFFSET, _LENGTH = itemgetter(3), itemgetter(4)
 SPEEDS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -53,8 +60,15 @@ class Player:
     over: ``generation`` goes up, and ``seek`` says so)."""
 
     def __init__(self, recording: Recording, *, speed: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 maps: MapSchedule | None = None,
+                 on_map: Callable[[Any], None] = lambda blockmap: None) -> None:
         self.recording = recording
+        #: which map names which request (None: no map); ``on_map`` is told
+        #: when the map in effect changes (the session's, for the views)
+        self.maps = maps
+        self.blockmap = maps.first if maps is not None else None
+        self.on_map = on_map
         self.columns = cols = recording.columns()
         self.times = array("d", map(sub, cols.start, repeat(cols.t0)))
         # requests keep the order sinks saw them in, which is not strictly by
@@ -76,6 +90,7 @@ class Player:
         self._pos = 0.0
         self._anchor = clock()
         self._cursor = 0  # next request to hand out
+        self._taken = 0  # the first request of the batch take() handed out last
         self._ecursor = 0  # next event
         self.delivered = 0.0  # the virtual time the last take reached
 
@@ -157,9 +172,27 @@ class Player:
         self._ecursor = ev_end
         end = min(bisect_right(self.reach, now, self._cursor), self._cursor + MAX_BATCH)
         batch = self.columns.requests(self._cursor, end)
-        self._cursor = end
+        self._taken, self._cursor = self._cursor, end
         self.delivered = max(self.delivered, now)
         return events, batch, 0
+
+    def look_up(self, batch: Sequence[Request]) -> Pieces | None:
+        """The pump's lookup of the batch ``take`` just handed out: each
+        request in the map that named it live (a batch is split where the
+        map changed)."""
+        maps = self.maps
+        if maps is None:
+            return None
+        first = self._taken
+        pieces: list = []
+        blockmap = self.blockmap
+        for lo, hi, blockmap in maps.segments(first, first + len(batch)):
+            part = batch[lo - first:hi - first]
+            pieces += map(blockmap.lookup, map(_OFFSET, part), map(_LENGTH, part))
+        if blockmap is not self.blockmap:
+            self.blockmap = blockmap
+            self.on_map(blockmap)
+        return pieces
 
     def close(self) -> None:
         pass
@@ -193,10 +226,32 @@ class ReplayConfig:
 
 
 def choose_map(recording: Recording, path: str | None, say: Callable[[str], None]):
-    """The block map to name the replay with (see the module docstring)."""
+    """The block map to name the replay with first (see the module docstring)."""
     from .runner import load_map
     chosen = record_choose_map(path, recording.header.bmap, say)
     return load_map(chosen) if chosen else None
+
+
+def replay_session(recording: Recording, maps: MapSchedule | None, *, speed: float = 1.0,
+                   description: str = "") -> Session:
+    """A session fed by a Player of ``recording``, its requests named by
+    ``maps`` (``record.maps_for``); the session's map (the views') follows
+    the map in effect, as a live remap swaps it."""
+    player = Player(recording, speed=speed, maps=maps)
+    session = Session(bus=Bus(), size=recording.header.size, started=0.0,
+                      blockmap=player.blockmap,
+                      description=description or f"replay of {recording.header.source}",
+                      pump=Pump(player, look_up=player.look_up), player=player)
+    pump = session.pump
+    pump.blockmap = lambda: session.blockmap
+
+    def swap(blockmap: Any) -> None:  # as Runner.swap_map does live
+        session.blockmap = blockmap
+        for sink in pump.sinks:
+            if hasattr(sink, "blockmap"):
+                sink.blockmap = blockmap
+    player.on_map = swap
+    return session
 
 
 def replay(cfg: ReplayConfig) -> int:
@@ -216,15 +271,12 @@ def replay(cfg: ReplayConfig) -> int:
         cfg.headless = True
     if not recording.complete:
         say(f"{cfg.path} was cut short (a crash or kill?): replaying what it holds")
-    blockmap = choose_map(recording, cfg.bmap, say)
+    maps = maps_for(recording, cfg.bmap, choose_map(recording, cfg.bmap, say), say)
     speed = cfg.speed if cfg.speed is not None else 1.0
-    player = Player(recording, speed=speed)
     fast = cfg.headless and cfg.speed is None
-    session = Session(bus=Bus(), size=header.size, started=0.0, blockmap=blockmap,
-                      description=f"replay of {header.source}", pump=Pump(player),
-                      player=player)
-    pump = session.pump
-    pump.blockmap = lambda: session.blockmap
+    session = replay_session(recording, maps, speed=speed)
+    player, pump = session.player, session.pump
+    blockmap = session.blockmap
     summary = None
     with contextlib.ExitStack() as files:
         if cfg.log:
@@ -266,8 +318,9 @@ def replay_main(argv: list[str]) -> int:
                     "print its trace.")
     p.add_argument("file", help="the recording")
     p.add_argument("--bmap", metavar="MAP",
-                   help="block map naming the offsets (default: the one recorded with, if "
-                        "unchanged); a map made after the recording works too")
+                   help="block map naming every request (default: the one recorded with, if "
+                        "unchanged, then the maps the live session remapped to, kept in the "
+                        "recording); a map made after the recording works too")
     p.add_argument("--speed", type=_speed, metavar="N",
                    help="play N times as fast (default 1; headless: as fast as it reads)")
     p.add_argument("--headless", action="store_true", help="no UI: print the trace as text")
@@ -291,4 +344,5 @@ def _speed(text: str) -> float:
     return v
 
 
-__all__ = ["Player", "ReplayConfig", "replay", "replay_main", "choose_map", "BURST_GAP"]
+__all__ = ["Player", "ReplayConfig", "replay", "replay_main", "replay_session", "choose_map",
+           "BURST_GAP"]

@@ -336,6 +336,7 @@ class Runner:
         self.metrics = None  # the MetricsSink, with --metrics or --otlp
         self.remapper = None  # the Remapper, with a map and --remap auto|key
         self.remaps = 0  # maps swapped in by it
+        self.maps_swapped = 0  # maps swapped in while recording (remaps and reloads)
         self.guest = None  # the attached guest (diskwatch attach)
         self.private_dir: str | None = None
 
@@ -574,7 +575,8 @@ class Runner:
                 session.bus.publish(Message(text, level=level))
         self.remapper = session.remapper = session.pump.add(Remapper(
             source, current=lambda: session.blockmap,
-            swap=lambda result: self.swap_map(session, result.blockmap, remapped=True),
+            swap=lambda result: self.swap_map(session, result.blockmap, remapped=True,
+                                              why=f"remap ({result.why})"),
             say=say, mode=cfg.remap, bus=None if cfg.headless else session.bus,
             threshold=cfg.remap_threshold or REMAP_THRESHOLD))
 
@@ -624,25 +626,36 @@ class Runner:
         notice(f"SIGHUP: {what or 'nothing to reload'}", DISKWATCH_EVENT="reload")
 
     def swap_map(self, session: Session, blockmap, *, path: str | None = None,
-                 remapped: bool = False) -> None:
+                 remapped: bool = False, why: str = "") -> None:
         """The one place a new block map replaces the one in use (SIGHUP's
         reload, a live remap), in the pump's thread between two rounds:
-        the pump looks requests up in it from the next round on."""
+        the pump looks requests up in it from the next round on. The
+        recording keeps it (a BMAP frame at the next request), so a replay
+        names each request with the map that named it live."""
         session.blockmap = blockmap
         for sink in session.pump.sinks:
             if hasattr(sink, "blockmap"):
                 sink.blockmap = blockmap
         if self.metrics is not None:
             self.metrics.forget_names()
+        if remapped:
+            self.remaps += 1
         if self.recorder is not None:
+            # The header keeps naming the first map (by file); this one is
+            # kept whole, as the file it came from may change again.
+            identity = {}
             if path is not None:
                 from .record import map_identity
-                self.recorder.set_meta(bmap=map_identity(path))
-            if remapped:
-                # The recorded map (the file) no longer names everything the
-                # live trace named from here on; a replay can tell.
-                self.remaps += 1
-                self.recorder.set_meta(remaps=self.remaps)
+                try:
+                    identity = map_identity(path)
+                except OSError:
+                    pass
+            self.recorder.add_map(blockmap, why or ("remap" if remapped else "reload"),
+                                  **identity)
+            self.maps_swapped += 1
+            # Counts an older diskwatch (which skips BMAP) still reads: its
+            # replay names everything with the first map and can tell.
+            self.recorder.set_meta(remaps=self.remaps, maps=self.maps_swapped)
 
     def _generate_under_ui(self, session: Session, source, path: str) -> None:
         try:

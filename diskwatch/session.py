@@ -107,9 +107,13 @@ class Pump:
     """The one drain loop: ``run_once`` drains the feed, looks each request
     up once in the current block map, and hands the result to every sink."""
 
-    def __init__(self, feed: Feed, blockmap: Callable[[], Any] = lambda: None) -> None:
+    def __init__(self, feed: Feed, blockmap: Callable[[], Any] = lambda: None,
+                 look_up: Callable[[Sequence[Request]], Pieces | None] | None = None) -> None:
         self.feed = feed
         self.blockmap = blockmap  # called each round: a map may arrive mid-session
+        #: a feed that knows which map named each request (a replay of a
+        #: remapped session: diskwatch/replay.py) looks its batches up itself
+        self._look_up = look_up
         self.sinks: list[Sink] = []
         self.requests = 0
         self.dropped = 0
@@ -143,6 +147,8 @@ class Pump:
         return len(batch)
 
     def look_up(self, batch: Sequence[Request]) -> Pieces | None:
+        if self._look_up is not None:
+            return self._look_up(batch)
         bm = self.blockmap()
         if bm is None:
             return None

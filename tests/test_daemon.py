@@ -129,10 +129,12 @@ def test_sighup_reopens_the_log_and_reloads_the_map(rw_image, tmp_path):
     bmap = tmp_path / "disk.bmap"
     write_map(bmap, "/old/name")
     log = tmp_path / "trace.log"
+    record = tmp_path / "session.dwrec"
     sock = tmp_path / "dw.sock"
     proc = subprocess.Popen(
         [DISKWATCH, str(rw_image), "-U", str(sock), "--headless", "--no-trace", "--bmap",
-         str(bmap), "--log", str(log), "--metrics", "0", "--metrics-refresh", "0.2"],
+         str(bmap), "--log", str(log), "--metrics", "0", "--metrics-refresh", "0.2",
+         "--record", str(record)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env=SUBPROCESS_ENV, start_new_session=True)  # no controlling terminal: a service
     err = b""
@@ -160,7 +162,7 @@ def test_sighup_reopens_the_log_and_reloads_the_map(rw_image, tmp_path):
         os.rename(log, rotated)
         write_map(bmap, "/new/name")
         proc.send_signal(signal.SIGHUP)
-        wait_stderr(rb"SIGHUP: reopened 1 log file\(s\), reloaded the block map")
+        wait_stderr(rb"SIGHUP: reopened 2 log file\(s\), reloaded the block map")  # and --record
         assert log.exists()
         h.pwrite(b"n" * 4096, FILE_AT[0])
         wait_until(lambda: "write f /dev/sda1 /new/name" in log.read_text(), 20,
@@ -184,3 +186,17 @@ def test_sighup_reopens_the_log_and_reloads_the_map(rw_image, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         proc.stderr.close()
+    # The recording kept the reloaded map (the file changed since): its
+    # replay names the requests as the live trace did, before and after.
+    from diskwatch.record import map_identity, open_recording
+    rec = open_recording(str(record))
+    (reloaded,) = rec.maps
+    assert reloaded.why == "reload" and reloaded.path == str(bmap) and reloaded.at == 1
+    write_map(bmap, "/old/name")  # the first map is kept by reference: put it back
+    assert rec.header.bmap == map_identity(str(bmap))
+    r = subprocess.run([DISKWATCH, "replay", str(record), "--headless"], capture_output=True,
+                       text=True, timeout=60, env=SUBPROCESS_ENV)
+    assert r.returncode == 0, r.stderr
+    named = re.findall(r"\] (\w+) f /dev/sda1 (\S+)", r.stdout)
+    assert named == [("read", "/old/name"), ("write", "/new/name"), ("read", "/new/name")]
+    assert r.stdout == old + log.read_text()

@@ -12,6 +12,7 @@ import time
 import pytest
 from fixtures_server import DISKWATCH, IMAGE_SIZE, SUBPROCESS_ENV, MiB, run_diskwatch
 
+from diskwatch.bmap.index import BmapObject
 from diskwatch.events import Command, ConnectionEvent, Message
 from diskwatch.record import MAGIC, RecordingError, open_recording
 
@@ -259,3 +260,112 @@ def test_choose_map_for_replay_and_report(tmp_path):
     assert choose_map(None, {"path": str(tmp_path), "sha256": "x"}, said.append) is None
     assert "gone or changed" in said.pop()
     assert choose_map(None, None, said.append) is None and said == []
+
+
+def _reads(offsets, t=100.5):
+    from diskwatch.events import make_request
+    return [make_request((1, "", 0, o, 512, 0, t, 1e-5, 0)) for o in offsets]
+
+
+def test_maps_swapped_in_are_kept_as_they_were_in_memory(tmp_path):
+    """A map swapped in is written in its own order (which decides between
+    equal ranges: two hard links of one file) and loads back into the same
+    segments; an object the format cannot carry is left out and counted;
+    the frame's text is itself a block map; the schedule names each request
+    with the map in effect for it."""
+    from diskwatch.bmap.format import BmapEntry, parse_bmap
+    from diskwatch.bmap.index import BlockMap
+    from diskwatch.record import MapSchedule, Recorder, RecordingHeader, map_lines, maps_for
+
+    first = BlockMap(parse_bmap(["1 0 100000 p /dev/sda1"]))
+    second = BlockMap([BmapEntry(1, 0, 0x100000, "p", "/dev/sda1"),
+                       BmapEntry(1, 0x1000, 0x2000, "f", "/dev/sda1", "/z link"),
+                       BmapEntry(1, 0x1000, 0x2000, "f", "/dev/sda1", "/a link"),
+                       BmapEntry(1, 0x3000, 0x4000, "f", "/dev/sda1", "/bad\nname")])
+    third = BlockMap(parse_bmap(["1 0 100000 p /dev/sda2"]))
+    skipped = [0]
+    assert len(list(map_lines(second, skipped))) == 3 and skipped == [1]
+    path = tmp_path / "maps.dwrec"
+    rec = Recorder(str(path), RecordingHeader(source="file x", size=1 << 20,
+                                              started_monotonic=time.monotonic()))
+    rec.feed(_reads([0x1000, 0x1000]), None)
+    rec.add_map(second, "remap (auto)")
+    rec.feed(_reads([0x1000]), None)
+    rec.flush()
+    rec.add_map(third, "reload", path="/x.bmap", sha256="0" * 64)
+    rec.feed(_reads([0x1000]), None)
+    rec.close()
+    r = open_recording(str(path))
+    assert [(m.at, m.why, m.entries, m.path) for m in r.maps] == [
+        (2, "remap (auto)", 4, None), (3, "reload", 1, "/x.bmap")]
+    assert 0 <= r.maps[0].t <= r.maps[1].t < 60
+    loaded = r.load_map(r.maps[0])
+    assert loaded.lookup(0x1000, 16) == second.lookup(0x1000, 16) == [
+        (0x1000, 0x1010, BmapObject("f", "/dev/sda1", "/a link"))]  # the later one wins
+    assert [e for e in loaded.entries()] == [e for e in second.entries()
+                                             if e[2].path != "/bad\nname"]
+    said: list[str] = []
+    schedule = maps_for(r, None, first, said.append)
+    assert said == ["the 2 block maps the live session swapped in (reload, remap (auto)) name "
+                    f"its requests from {r.maps[0].t:.3f} s on, as live"]
+    names = [str(m.first(0x1000, 1)) for lo, hi, m in schedule.segments(0, 4)
+             for _ in range(lo, hi)]
+    assert names == ["p /dev/sda1", "p /dev/sda1", "f /dev/sda1 /a link", "p /dev/sda2"]
+    assert [(lo, hi) for lo, hi, _ in schedule.segments(1, 3)] == [(1, 2), (2, 3)]
+    assert maps_for(r, "given.bmap", first, said.append).recorded == []
+    assert said[-1] == ("given.bmap names every request: the 2 block maps the live session "
+                        "swapped in (kept in the recording) are not used")
+    assert maps_for(r, None, None, said.append).first is not None  # an empty map first
+    assert MapSchedule(first).last() is first
+    # the frame's text: a map file of its own (its first line a comment)
+    import zstandard
+    data = path.read_bytes()
+    kind, offset, length = r.maps[0].frame
+    text = zstandard.ZstdDecompressor().decompress(data[offset:offset + length],
+                                                   max_output_size=1 << 20)
+    assert text.startswith(b"# diskwatch-recorded-map {") and text.endswith(
+        b"1 1000 2000 f /dev/sda1 /a link\n")
+    assert BlockMap(parse_bmap(text.splitlines(keepends=True))).entries() == loaded.entries()
+
+
+def test_a_reopened_recording_starts_with_the_map_in_use(tmp_path):
+    """logrotate moved the file after a remap: the new file is a recording
+    of its own, so its first requests are named by the remapped map (a
+    BMAP frame at its request 0), not by the header's first map."""
+    from diskwatch.bmap.format import parse_bmap
+    from diskwatch.bmap.index import BlockMap
+    from diskwatch.record import Recorder, RecordingHeader
+
+    remapped = BlockMap(parse_bmap(["1 0 2000 f /dev/sda1 /new"]))
+    path = tmp_path / "svc.dwrec"
+    rec = Recorder(str(path), RecordingHeader(source="file x", size=1 << 20,
+                                              started_monotonic=100.0))
+    rec.feed(_reads([0, 512]), None)
+    rec.add_map(remapped, "remap (auto)")
+    rec.feed(_reads([1024]), None)
+    rec.flush()
+    os.rename(path, tmp_path / "svc.dwrec.1")
+    rec.feed(_reads([1536]), None)
+    rec.reopen()
+    rec.feed(_reads([4096]), None)
+    rec.close()
+    old, new = open_recording(str(tmp_path / "svc.dwrec.1")), open_recording(str(path))
+    assert [m.at for m in old.maps] == [2] and len(old.columns()) == 4
+    assert [m.at for m in new.maps] == [0] and [q.offset for q in new.requests()] == [4096]
+    assert new.load_map(new.maps[0]).entries() == remapped.entries()
+
+
+def test_a_damaged_recorded_map_is_one_line(tmp_path):
+    import struct
+    import zlib
+
+    import zstandard
+    path = tmp_path / "bad.dwrec"
+    head = b'{"format":1,"size":1024}'
+    bad = zstandard.ZstdCompressor().compress(b"# diskwatch-recorded-map {\"at\": -1}\n")
+    path.write_bytes(MAGIC + b"".join(struct.pack("<4sII", k, len(p), zlib.crc32(p)) + p
+                                      for k, p in ((b"HEAD", head), (b"BMAP", bad))))
+    with pytest.raises(RecordingError) as e:
+        open_recording(str(path))
+    assert str(e.value) == (f"{path}: a recorded block map is damaged (a bad request index "
+                            "or time)")

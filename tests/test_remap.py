@@ -12,6 +12,7 @@ filesystems caught mid-update: partial maps and warnings, never a crash.
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 import sys
@@ -196,8 +197,10 @@ CLIENT = """\
 import os, sys, time
 import nbd
 b, err, name = sys.argv[1], sys.argv[2], sys.argv[3]
+start, length, old_start, old_length = map(int, sys.argv[4:8])
 h = nbd.NBD()
 h.connect_uri(os.environ["nbd"])
+h.pread(old_length, old_start)  # a file of A, before anything is written
 with open(b, "rb") as f:
     off = 0
     while data := f.read(1 << 20):
@@ -210,35 +213,177 @@ deadline = time.monotonic() + 60
 while "remap (auto)" not in open(err).read():
     assert time.monotonic() < deadline, "no remap announced"
     time.sleep(0.05)
-start, length = int(sys.argv[4]), int(sys.argv[5])
 h.pread(length, start)
+h.pread(old_length, old_start)  # the same bytes again: A's file is gone in B
 h.shutdown()
 """
 
 
-def test_headless_remap_is_announced_and_the_trace_names_the_new_file(disks, tmp_path):
+NEW_FILE = "/var/log/new-after-boot.log"
+OLD_FILE = "/usr/share/a/old.txt"  # in A only
+
+
+@pytest.fixture(scope="module")
+def headless_remapped(disks, tmp_path_factory):
+    """One headless session with --log and --record in which the client
+    writes B over A, diskwatch remaps by itself, and the client then reads
+    B's new log: (stderr, the --log trace, the recording, the read's range)."""
     a, a_map, b, offset = disks
-    path = "/var/log/new-after-boot.log"
-    start, end = _expected_b(b, offset)[path][0]
-    client = tmp_path / "client.py"
+    work = tmp_path_factory.mktemp("headless-remap")
+    start, end = _expected_b(b, offset)[NEW_FILE][0]
+    length = min(end - start, 65536)
+    ((old_start, old_end), *_) = ext4_file_ranges(a, offset, [OLD_FILE])[OLD_FILE]
+    client = work / "client.py"
     client.write_text(CLIENT)
-    err = tmp_path / "stderr.txt"
-    trace = tmp_path / "trace.log"
-    command = (f"{sys.executable} {client} {b} {err} x {start} {min(end - start, 65536)}")
+    err = work / "stderr.txt"
+    trace, record = work / "trace.log", work / "session.dwrec"
+    command = (f"{sys.executable} {client} {b} {err} x {start} {length} {old_start} "
+               f"{min(old_end - old_start, 4096)}")
     with open(err, "w") as errf:
         r = subprocess.run([DISKWATCH, str(a), "--snapshot", "--bmap", str(a_map), "--headless",
-                            "--log", str(trace), "--record", str(tmp_path / "rec"),
+                            "--log", str(trace), "--record", str(record),
                             "--remap-after", "512K", "--run", command],
                            stdout=subprocess.PIPE, stderr=errf, text=True, timeout=120)
     stderr = err.read_text()
     assert r.returncode == 0, stderr[-2000:]
+    return stderr, trace.read_text(), record, (start, length)
+
+
+def test_headless_remap_is_announced_and_the_trace_names_the_new_file(headless_remapped):
+    stderr, trace, record, _ = headless_remapped
     lines = [ln for ln in stderr.splitlines() if "remap (auto)" in ln]
     assert lines and re.match(r"diskwatch: remap \(auto\): \+\d+ objects, -\d+, \d+ changed",
                               lines[0]), stderr
-    assert f"read f /dev/sda1 {path}" in trace.read_text()
-    # The recording says its live names changed: a replay with one map differs.
+    assert f"read f /dev/sda1 {NEW_FILE}" in trace
+    # The recording keeps every map swapped in, at the request it named first.
     from diskwatch.record import open_recording
-    assert open_recording(str(tmp_path / "rec")).header.extra.get("remaps", 0) >= 1
+    rec = open_recording(str(record))
+    assert rec.header.extra.get("remaps", 0) == len(rec.maps) == len(lines) >= 1
+    assert all(m.why == "remap (auto)" for m in rec.maps)
+    assert [m.at for m in rec.maps] == sorted(m.at for m in rec.maps)
+    assert 0 < rec.maps[0].at < len(rec.columns())
+
+
+def _replay(record, *args) -> subprocess.CompletedProcess:
+    r = subprocess.run([DISKWATCH, "replay", str(record), "--headless", *map(str, args)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_replay_of_a_remapped_session_names_what_the_live_trace_named(headless_remapped,
+                                                                       disks):
+    """The maps the live session remapped to are in the recording: the
+    replay names each request with the map that named it live, so its trace
+    is the live --log, byte for byte (times included), the new file at the
+    same line. --bmap overrides them: then the new file is not named."""
+    stderr, live, record, _ = headless_remapped
+    _, a_map, _, _ = disks
+    r = _replay(record)
+    assert r.stdout == live
+    # A's file read before the writes, its bytes read again after the remap:
+    # the first map named the first read, the remapped one the second
+    old_reads = [ln for ln in live.splitlines() if "] read " in ln and NEW_FILE not in ln]
+    assert len(old_reads) == 2 and f"read f /dev/sda1 {OLD_FILE}  [" in old_reads[0]
+    assert OLD_FILE not in old_reads[1], old_reads
+    line = f"read f /dev/sda1 {NEW_FILE}  ["
+    assert [i for i, ln in enumerate(r.stdout.splitlines()) if line in ln] == \
+        [i for i, ln in enumerate(live.splitlines()) if line in ln] != []
+    assert re.search(r"the (\d+ )?block maps? the live session swapped in \(remap \(auto\)\) "
+                     r"names? its requests from \d+\.\d+ s on", r.stderr), r.stderr
+    # --bmap: one map for every request (said), as before the maps were kept
+    first_only = _replay(record, "--bmap", a_map)
+    assert "names every request: the " in first_only.stderr
+    assert line not in first_only.stdout and first_only.stdout != live
+    assert first_only.stdout.count(f"read f /dev/sda1 {OLD_FILE}  [") == 2
+
+
+def test_report_of_a_remapped_session_gives_the_new_file_its_bytes(headless_remapped, disks):
+    import json
+    _, _, record, (start, length) = headless_remapped
+    _, a_map, _, _ = disks
+    r = subprocess.run([DISKWATCH, "report", str(record), "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    (new,) = [o for o in doc["objects"] if o["name"] == f"f /dev/sda1 {NEW_FILE}"]
+    assert new["reads"] == 1 and new["read_bytes"] == length  # the client's one read of it
+    assert doc["maps"] and all(m["why"] == "remap (auto)" for m in doc["maps"])
+    assert new["first_read_t"] >= doc["maps"][0]["t"]
+    # with the first map alone the file is nowhere
+    r = subprocess.run([DISKWATCH, "report", str(record), "--json", "--bmap", str(a_map)],
+                       capture_output=True, text=True, timeout=120)
+    doc = json.loads(r.stdout)
+    assert not [o for o in doc["objects"] if NEW_FILE in o["name"]] and doc["maps"] == []
+
+
+def test_a_recording_without_its_maps_replays_with_the_first_one(headless_remapped, disks,
+                                                                 tmp_path):
+    """What the recorder wrote before BMAP frames existed: the same frames
+    without them (and META without the new count). It replays, named by
+    the first map throughout, as a replay with --bmap of that map."""
+    import struct
+    import zlib
+
+    from diskwatch.record import FRAME, MAGIC
+    _, _, record, _ = headless_remapped
+    _, a_map, _, _ = disks
+    data = record.read_bytes()
+    out, pos = [MAGIC], len(MAGIC)
+    while pos < len(data):
+        kind, length, _ = FRAME.unpack_from(data, pos)
+        payload = data[pos + FRAME.size:pos + FRAME.size + length]
+        pos += FRAME.size + length
+        if kind == b"BMAP":
+            continue
+        if kind == b"META":
+            meta = json.loads(payload)
+            meta.pop("maps", None)
+            payload = json.dumps(meta).encode()
+        out.append(struct.pack("<4sII", kind, len(payload), zlib.crc32(payload)) + payload)
+    old = tmp_path / "old.dwrec"
+    old.write_bytes(b"".join(out))
+    r = _replay(old)
+    assert "swapped in" not in r.stderr
+    assert f"naming with the block map it was recorded with: {a_map}" in r.stderr
+    assert r.stdout == _replay(record, "--bmap", a_map).stdout
+
+
+def test_replaying_a_remapped_session_under_the_pilot_names_the_new_file(headless_remapped):
+    """The UI's replay: the views follow the map in effect, and the top
+    objects and trace show the file only the remapped map names."""
+    import asyncio
+
+    from diskwatch.record import maps_for, open_recording
+    from diskwatch.replay import choose_map, replay_session
+    from diskwatch.ui.replay import ReplayApp
+    from diskwatch.ui.trace import TraceView
+    _, _, record, _ = headless_remapped
+    rec = open_recording(str(record))
+    said: list[str] = []
+    maps = maps_for(rec, None, choose_map(rec, None, said.append), said.append)
+    session = replay_session(rec, maps, speed=256)
+    player = session.player
+    seen = {}
+
+    async def main():
+        app = ReplayApp(session)
+        async with app.run_test(size=(140, 40)) as pilot:
+            deadline = time.monotonic() + 60
+            while not player.finished:
+                assert time.monotonic() < deadline, "the replay did not reach its end"
+                await pilot.pause(0.05)
+            app.pump()
+            app._refresh_views(force=True)
+            await pilot.pause()
+            seen["reads"] = {str(o) for o, _ in app.stats.top("reads", 10_000)}
+            seen["trace"] = "\n".join(app.query_one(TraceView).lines_text())
+            seen["map"] = session.blockmap
+            await pilot.press("q")
+    asyncio.run(main())
+    assert f"f /dev/sda1 {NEW_FILE}" in seen["reads"]
+    assert NEW_FILE in seen["trace"]
+    assert seen["map"] is maps.last() and seen["map"] is not maps.first
 
 
 def test_remap_off_and_bad_threshold(disks, tmp_path):

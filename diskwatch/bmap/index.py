@@ -21,10 +21,18 @@ import heapq
 import os
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from .format import TYPE_RANK, BmapEntry, Record, is_structure_path, merge_ranges, read_records
+from .format import (
+    TYPE_RANK,
+    BmapEntry,
+    Record,
+    is_structure_path,
+    iter_records,
+    merge_ranges,
+    read_records,
+)
 
 __all__ = ["BlockMap", "BmapObject"]
 
@@ -79,6 +87,14 @@ class BlockMap:
         self = cls.__new__(cls)
         # plain tuples straight from the parser: no dataclass per line
         self._build(read_records(path), disk)
+        return self
+
+    @classmethod
+    def from_lines(cls, lines: Iterable[bytes], name: str = "<bmap>", disk: int = 1) -> BlockMap:
+        """Index block-map lines as they come (a stream: the text is never
+        held whole); ``BmapFormatError`` names ``name`` and the line."""
+        self = cls.__new__(cls)
+        self._build(iter_records(lines, name), disk)
         return self
 
     def _build(self, records: Iterable[Record], disk: int) -> None:
@@ -227,7 +243,11 @@ class BlockMap:
     def entries(self) -> list[tuple[int, int, BmapObject]]:
         """Every entry as given: ``(start, end, object)``, in map order (a
         live remap keeps what a new walk could not read, and compares maps)."""
-        return list(zip(self._entry_starts, self._entry_ends, self._entry_objs, strict=True))
+        return list(self.iter_entries())
+
+    def iter_entries(self) -> Iterator[tuple[int, int, BmapObject]]:
+        """``entries()`` one at a time (a recording streams a map out)."""
+        return zip(self._entry_starts, self._entry_ends, self._entry_objs, strict=True)
 
     def __len__(self) -> int:
         """Number of entries (ranges) in the map for this disk."""

@@ -24,6 +24,9 @@ Definitions (the text, the JSON and the tests use these and no others):
   journal, free space: named by no file or directory).
 - Latency rows are per (type of the most specific object of the request,
   command); percentiles are exact (nearest rank) over the recording.
+- A recording of a session remapped live names each request with the map
+  that named it live (``maps``: record.MapSchedule); objects of several
+  maps with the same type, device and path are one object.
 """
 
 from __future__ import annotations
@@ -147,6 +150,9 @@ class Analysis:
     #: without a map: traffic per REGION_SHIFT-aligned region (its index),
     #: counted where each request starts
     regions: dict[int, Traffic] = field(default_factory=dict)
+    #: the maps the live session swapped in that named requests from
+    #: ``at`` (request index) on: {"at", "t", "why"}
+    maps: list[dict[str, Any]] = field(default_factory=list)
 
     # -- views --
 
@@ -226,11 +232,19 @@ def _rank(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
-def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST_GAP) -> Analysis:
-    """One pass over the recording's requests (see the module's definitions)."""
+def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST_GAP, *,
+            maps: Any = None) -> Analysis:
+    """One pass over the recording's requests (see the module's definitions).
+    ``maps`` (a record.MapSchedule) names each request with its own map
+    instead of ``blockmap`` naming them all."""
+    switch_at = maps.at if maps is not None else []
+    if maps is not None:
+        blockmap = maps.first
     a = Analysis(source=recording.source, origin=recording.origin, timed=recording.timed,
                  size=recording.disk_size(), mapped=blockmap is not None,
                  truncated=recording.truncated)
+    if maps is not None:
+        a.maps = [{"at": m.at, "t": m.t, "why": m.why} for m in maps.recorded]
     by_command = {name: [0, 0] for name in COMMAND_NAMES}
     objects = a.objects
     latencies = a.latencies
@@ -240,7 +254,14 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     end = 0.0
     flushes = 0
     flush = int(Command.FLUSH)
-    for r in recording.requests:
+    k = 0  # the next map to switch to, at request switch_at[k]
+    next_switch = switch_at[0] if switch_at else -1
+    for i, r in enumerate(recording.requests):
+        if i == next_switch:  # the live session swapped maps before this request
+            while k < len(switch_at) and switch_at[k] <= i:
+                k += 1  # (several at one request: the last one named it)
+            lookup = maps.map(k - 1).lookup
+            next_switch = switch_at[k] if k < len(switch_at) else -1
         cmd = r.command
         name = COMMAND_NAMES[cmd] if 0 <= cmd < len(COMMAND_NAMES) else "unknown"
         counts = by_command[name]

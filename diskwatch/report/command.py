@@ -68,14 +68,17 @@ def report_main(argv: list[str]) -> int:
     args = build_report_parser().parse_args(argv)
     recording = open_input(args.file, args.kind)
     bmap_path = choose_map(recording, args.bmap)
-    blockmap = BlockMap.load(bmap_path) if bmap_path else None
-    analysis = analyse(recording, blockmap)
+    maps = recorded_maps(recording, args.bmap,
+                         BlockMap.load(bmap_path) if bmap_path else None)
+    analysis = analyse(recording, maps=maps)
     out = sys.stdout
     if args.against:
         other = open_input(args.against, args.against_from)
-        other_path = choose_map(other, args.against_bmap or args.bmap)
-        other_map = BlockMap.load(other_path) if other_path else None
-        comparison = compare(analysis, analyse(other, other_map), args.milestone)
+        other_given = args.against_bmap or args.bmap
+        other_path = choose_map(other, other_given)
+        other_maps = recorded_maps(other, other_given,
+                                   BlockMap.load(other_path) if other_path else None)
+        comparison = compare(analysis, analyse(other, maps=other_maps), args.milestone)
         if args.json:
             write_json(compare_json(comparison), out)
         else:
@@ -85,7 +88,8 @@ def report_main(argv: list[str]) -> int:
     elif not (args.svg or args.png):
         write_text(analysis, out, args.top)
     if args.svg or args.png:
-        draw(recording, analysis, blockmap, args.svg, args.png)
+        draw(recording, analysis, _PictureMap(maps) if maps is not None else None,
+             args.svg, args.png)
     return 0
 
 
@@ -146,11 +150,41 @@ def choose_map(recording, given: str | None) -> str | None:
     except ImportError:
         return given
 
-    def say(text: str) -> None:
-        # the recorded path is the recording's (someone else's file, perhaps): text, not escapes
-        print(safe_text(f"diskwatch: {text}"), file=sys.stderr)
     return record_choose_map(given, {"path": recording.bmap_path,
-                                     "sha256": recording.bmap_hash}, say)
+                                     "sha256": recording.bmap_hash}, _say)
+
+
+def _say(text: str) -> None:
+    # the recorded path is the recording's (someone else's file, perhaps): text, not escapes
+    print(safe_text(f"diskwatch: {text}"), file=sys.stderr)
+
+
+def recorded_maps(recording, given: str | None, first):
+    """The maps naming ``recording``'s requests (record.maps_for): ``first``
+    (the loaded map choose_map chose), then the maps the live session
+    swapped in, unless a map was given; a MapSchedule, or None for no map."""
+    if recording.recorded is None:  # another server's log: one map, if any
+        if first is None:
+            return None
+        from ..record import MapSchedule
+        return MapSchedule(first)
+    from ..record import maps_for
+    return maps_for(recording.recorded, given, first, _say)
+
+
+class _PictureMap:
+    """What the picture asks of a map, for a session that changed maps: the
+    partitions of the last one, and a file's ranges from the last map that
+    has it, else the first (a file the session deleted)."""
+
+    def __init__(self, maps) -> None:
+        self.first, self.last = maps.first, maps.last()
+
+    def partitions(self):
+        return self.last.partitions() or self.first.partitions()
+
+    def ranges_of(self, obj):
+        return self.last.ranges_of(obj) or self.first.ranges_of(obj)
 
 
 def draw(recording, analysis, blockmap, svg_path: str | None, png_path: str | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import DiskwatchError
 from ..events import Request
@@ -34,6 +35,9 @@ class Recording:
     truncated: bool = False  # the file ended inside a record (a crash, a copy mid-write)
     bmap_hash: str | None = None  # SHA-256 of the block map in use when recorded, if any
     bmap_path: str | None = None  # and where that map was
+    #: diskwatch's own recording (record.Recording): the maps a live
+    #: session swapped in are kept there; None for other logs
+    recorded: Any = None
 
     @property
     def time_unit(self) -> str:
@@ -98,7 +102,7 @@ def read_diskwatch_recording(path: str) -> Recording:
                      origin=header.extra.get("imported_from", "diskwatch"),
                      timed=bool(header.extra.get("timed", True)), path=path,
                      truncated=rec.truncated or not rec.complete,
-                     bmap_hash=bmap.get("sha256"), bmap_path=bmap.get("path"))
+                     bmap_hash=bmap.get("sha256"), bmap_path=bmap.get("path"), recorded=rec)
 
 
 class _Reread:

@@ -19,8 +19,11 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
      "partition_only": TRAFFIC,  # bytes named only by a partition/LV/disk (metadata, free space)
      "latency": [{"type": str, "op": str, "count": int,
                   "p50": float, "p90": float, "p99": float, "max": float}],  # seconds
-     "regions": [TRAFFIC + {"start": int, "end": int}]}   # without a map: 1 MiB regions,
+     "regions": [TRAFFIC + {"start": int, "end": int}],   # without a map: 1 MiB regions,
                                                           # where requests start, most bytes first
+     "maps": [{"at": int, "t": float, "why": str}]}   # maps the live session swapped in
+                                                      # (kept in the recording), each naming
+                                                      # the requests from index "at" on
     TRAFFIC = {"reads": int, "read_bytes": int, "writes": int, "write_bytes": int}
     OBJECT  = TRAFFIC + {"name": str, "type": "f"|"d", "device": str, "path": str,
                          "fs_structure": bool,   # /$Journal, /$MFT, PATH:$extents
@@ -96,6 +99,10 @@ def write_text(a: Analysis, out: IO[str], top: int = 10) -> None:
       + "\n")
     w(f"  disk {human_bytes(a.size)}; read {human_bytes(a.read_bytes)}, "
       f"written {human_bytes(a.write_bytes)}\n")
+    if a.maps:
+        whens = ", ".join(f"{m['t']:.2f} s ({safe_text(m['why'])})" for m in a.maps[:5])
+        more = f" and {len(a.maps) - 5} more" if len(a.maps) > 5 else ""
+        w(f"  named as live: the block map changed at {whens}{more}\n")
     if not a.mapped:
         w("  no block map: give --bmap MAP to name files, directories and partitions\n")
         _regions(a, w, top)
@@ -227,6 +234,7 @@ def report_json(a: Analysis) -> dict[str, Any]:
         "latency": [vars(r) for r in a.latency_rows()],
         "regions": [{"start": start, "end": end, **t.as_dict()}
                     for start, end, t in a.top_regions("bytes", len(a.regions))],
+        "maps": a.maps,
     }
 
 
