@@ -163,12 +163,13 @@ def test_replaying_the_boot_under_the_pilot_shows_the_same_names(headless_boot, 
 
 
 def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record=None,
-            sinks=(), remap=False):
+            sinks=(), remap=False, recording: Path | None = None, log: Path | None = None):
     """Boot under the real app (server thread + captive command with captured
     output), wait for the command to exit, then call check(app). ``record``:
     a list that gets every request, from the captive command's start;
     ``sinks``: more sinks for the session's pump, beside the app; ``remap``:
-    live remapping as ``diskwatch IMAGE --bmap MAP`` does it (--remap auto)."""
+    live remapping as ``diskwatch IMAGE --bmap MAP`` does it (--remap auto);
+    ``recording`` and ``log``: what ``--record`` and ``--log`` write."""
     from diskwatch.bmap.index import BlockMap
     from diskwatch.events import Bus
     from diskwatch.server import serve_in_thread
@@ -188,9 +189,19 @@ def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record
         bus.on_requests(record.extend)  # in the server's thread: one list append per batch
     for sink in sinks:
         session.pump.add(sink)
+    log_file = open(log, "w") if log is not None else None  # noqa: SIM115 - closed below
+    if log_file is not None:
+        from diskwatch.trace import TextTrace
+        session.pump.add(TextTrace(log_file, session.blockmap, session.started))
+    from diskwatch.runner import RunConfig, Runner
+    runner = Runner(RunConfig(remap="auto"), lambda: source)
+    if recording is not None:
+        from diskwatch.record import Recorder, RecordingHeader, map_identity
+        runner.recorder = session.pump.add(Recorder(str(recording), RecordingHeader(
+            source=source.description, size=source.size, bmap=map_identity(str(bmap)),
+            started_monotonic=session.started)).attach(bus))
     if remap:
-        from diskwatch.runner import RunConfig, Runner
-        Runner(RunConfig(remap="auto"), lambda: source).add_remapper(session, source)
+        runner.add_remapper(session, source)
 
     def on_exit(status):
         session.exit_status = status
@@ -222,7 +233,10 @@ def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record
         if captive.running:
             captive.stop()
         running.stop()
+        session.pump.close()  # the last round; the recording and the log closed
         source.close()
+        if log_file is not None:
+            log_file.close()
     return captive.status, code
 
 
@@ -257,7 +271,7 @@ def test_ui_shows_the_boot_in_trace_and_top_objects(guest_image, guest_map):
 
 
 @pytest.fixture(scope="session")
-def churn_boot(churn_guest_image, churn_map):
+def churn_boot(churn_guest_image, churn_map, tmp_path_factory):
     """The churn guest booted once under the UI: what the view showed, every
     request (the report tests read them as a recording), and a scrape of
     --metrics' endpoint fed by the same pump (issue 13)."""
@@ -283,12 +297,16 @@ def churn_boot(churn_guest_image, churn_map):
         seen["reads_view"] = str(top.render()).splitlines()
         seen["remaps"] = list(app.session.remapper.said)
         # every file the live stream named in a write (the trace's lookups)
-        seen["written"] = {str(o) for o, _ in app.stats.top("writes", 10_000, keep=is_file)}
+        seen["counts"] = {str(o): c for o, c in app.stats.top("writes", 10_000, keep=is_file)}
+        seen["written"] = set(seen["counts"])
 
+    work = tmp_path_factory.mktemp("churn-boot")
+    seen["recording"], seen["log"] = work / "churn.dwrec", work / "churn.trace"
     try:
         seen["status"], _ = _run_ui(churn_guest_image.path, churn_map,
                                     guest.qemu_shell_command("$nbd", "tcg"), check,
-                                    record=seen["requests"], sinks=[metrics], remap=True)
+                                    record=seen["requests"], sinks=[metrics], remap=True,
+                                    recording=seen["recording"], log=seen["log"])
     finally:
         endpoint.close()
     return seen
@@ -319,6 +337,36 @@ def test_churn_boot_is_remapped_live_and_names_the_log_created_at_boot(churn_gue
                for ln in remaps), remaps
     assert f"f /dev/sda1 {created}" in churn_boot["written"], sorted(churn_boot["written"])
     print("\n" + "\n".join(remaps))
+
+
+def test_the_remapped_churn_boot_replays_and_reports_as_it_was_live(churn_guest_image,
+                                                                    churn_map, churn_boot):
+    """The recording of that boot keeps the maps it remapped to: its replay
+    prints the live --log trace byte for byte, the log created at boot named
+    where the live trace named it, and the report gives that log its
+    writes; with --bmap (the map made before boot) it is nowhere."""
+    import json
+
+    from diskwatch.record import open_recording
+    (created,) = churn_guest_image.guest.created
+    rec = open_recording(str(churn_boot["recording"]))
+    assert rec.complete and rec.header.dropped == 0
+    assert len(rec.maps) == len(churn_boot["remaps"]) >= 1
+    r = subprocess.run([DISKWATCH, "replay", str(churn_boot["recording"]), "--headless"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    live = churn_boot["log"].read_text()
+    name = f"write f /dev/sda1 {created}  ["
+    assert name in live
+    assert r.stdout == live
+    doc = json.loads(_report(str(churn_boot["recording"]), "--json").stdout)
+    (log,) = [o for o in doc["objects"] if o["name"] == f"f /dev/sda1 {created}"]
+    counts = churn_boot["counts"][f"f /dev/sda1 {created}"]  # what the live view counted
+    assert log["writes"] >= counts.writes > 0 and log["write_bytes"] >= counts.write_bytes
+    assert [m["t"] for m in doc["maps"]] == [m.t for m in rec.maps]
+    first_only = json.loads(_report(str(churn_boot["recording"]), "--json",
+                                    "--bmap", str(churn_map)).stdout)
+    assert not [o for o in first_only["objects"] if created in o["name"]]
 
 
 def test_churn_logs_are_the_most_written_files_in_the_metrics(churn_boot):
