@@ -407,6 +407,8 @@ class Recorder:
         named by the map before). Written with the next flush, as a BMAP
         frame at the request it names first; ``fields`` go into its JSON."""
         with self._pending_lock:
+            if self.error is not None:  # nothing is written any more: hold nothing
+                return
             at = self._accepted
         item = (at, time.monotonic(), blockmap, {"why": why, **fields})
         self._current_map = item

@@ -227,6 +227,8 @@ def test_a_full_disk_mid_session_stops_the_recording_and_says_so(tmp_path):
             assert time.monotonic() < deadline, "the writer never tried to write"
             time.sleep(0.02)
         rec.feed(reads[:10], None)  # after the failure: counted, not kept
+        rec.add_map(object(), "remap (auto)")  # nor a map (a map can be big)
+        assert not rec._maps and rec._current_map is None
         rec.close()
     finally:
         threading.excepthook = old_hook
