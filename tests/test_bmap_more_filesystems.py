@@ -152,6 +152,97 @@ def test_iso_descriptors_and_path_tables_are_named(iso, iso_map):
     assert len(iso_map[("f", "/$PathTable")]) == 4  # L and M, for each tree
 
 
+def test_rock_ridge_long_names_and_relocated_directories(tmp_path):
+    """A name too long for its directory record goes on in a continuation
+    area (SUSP CE); a directory deeper than ISO 9660's eight levels is
+    moved to /rr_moved and linked back (CL, RE). Both are named as Linux
+    shows them: the whole name, the directory where it was made."""
+    long = "/" + "a-long-rock-ridge-name-" * 9 + ".txt"  # 211 characters
+    deep = "/" + "/".join(f"level{i}" for i in range(1, 11)) + "/deep.txt"
+    files = {long: 3000, deep: 5000}
+    tree = tmp_path / "tree"
+    for path, size in files.items():
+        p = tree / path.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content(path, size))
+    image = tmp_path / "rr.iso"
+    subprocess.run(["genisoimage", "-quiet", "-R", "-o", str(image), str(tree)], check=True)
+    with FileSource(str(image), readonly=True) as src:
+        result = map_metadata(src)
+    mapped = by_object(result.entries)
+    listing = isoinfo_listing(image, "-R")  # isoinfo leaves the relocation as it is
+    moved = "/rr_moved/level8/level9/level10/deep.txt"
+    for path, where in ((long, long), (deep, moved)):
+        _, lba, size = listing[where]
+        assert mapped.get(("f", path)) == [(lba * SECTOR, lba * SECTOR + -(-size // SECTOR)
+                                            * SECTOR)], path
+        assert read_ranges(image, mapped[("f", path)])[:size] == content(path, size)
+    assert ("f", moved) not in mapped
+    for depth in range(1, 11):
+        path = "/" + "/".join(f"level{i}" for i in range(1, depth + 1))
+        where = path if depth < 8 else "/rr_moved/" + path.split("/", 8)[8]
+        _, lba, _ = listing[where]
+        assert mapped.get(("d", path)) == [(lba * SECTOR, (lba + 1) * SECTOR)], path
+
+
+class _CountingSource(FileSource):
+    """Counts the bytes read; refuses to go on past a limit far above any
+    bound the reader should keep (so a test fails rather than hangs)."""
+
+    def __init__(self, path: str, limit: int):
+        super().__init__(path, readonly=True)
+        self.read_bytes, self.limit = 0, limit
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.read_bytes += length
+        if self.read_bytes > self.limit:
+            raise AssertionError(f"read {self.read_bytes} bytes of directories")
+        return super().pread(offset, length)
+
+
+def _iso_record(lba: int, size: int, ident: bytes, is_dir: bool) -> bytes:
+    n = 33 + len(ident) + (1 - len(ident) % 2)
+    rec = bytearray(n)
+    rec[0] = n
+    rec[2:10] = lba.to_bytes(4, "little") + lba.to_bytes(4, "big")
+    rec[10:18] = size.to_bytes(4, "little") + size.to_bytes(4, "big")
+    rec[25] = 2 if is_dir else 0
+    rec[32] = len(ident)
+    rec[33:33 + len(ident)] = ident
+    return bytes(rec)
+
+
+def test_a_hostile_iso_cannot_make_the_walk_read_without_end(tmp_path):
+    """Directory records are the image's word: a hundred directories that
+    each claim 60 MiB (overlapping) must not cost 6 GiB of reads."""
+    image = tmp_path / "hostile.iso"
+    root_lba, claimed = 18, 60 * MiB
+    with open(image, "wb") as f:
+        f.truncate(80 * MiB)
+        pvd = bytearray(SECTOR)
+        pvd[0:7] = b"\x01CD001\x01"
+        pvd[156:190] = _iso_record(root_lba, 4 * SECTOR, b"\x00", True)
+        f.seek(16 * SECTOR)
+        f.write(bytes(pvd) + b"\xffCD001\x01".ljust(SECTOR, b"\x00"))
+        records = [_iso_record(root_lba, 4 * SECTOR, b"\x00", True),
+                   _iso_record(root_lba, 4 * SECTOR, b"\x01", True)]
+        records += [_iso_record(40 + i, claimed, b"D%02d" % i, True) for i in range(100)]
+        root = bytearray()
+        for rec in records:  # records do not cross sectors
+            if len(root) % SECTOR + len(rec) > SECTOR:
+                root += bytes(SECTOR - len(root) % SECTOR)
+            root += rec
+        f.seek(root_lba * SECTOR)
+        f.write(root)
+    from diskwatch.bmap.metadata import IsoLayout
+    src = _CountingSource(str(image), limit=2 << 30)
+    with src:
+        layout = IsoLayout(src)
+        objects = layout.walk(layout.primary, joliet=False)
+    assert src.read_bytes <= IsoLayout.MAX_DIRECTORY_BYTES + 64 * MiB
+    assert ("/", True, [(root_lba * SECTOR, (root_lba + 4) * SECTOR)]) in objects
+
+
 def test_iso_through_the_cli_names_what_a_reader_reads(iso, tmp_path):
     """The whole path a person uses: diskwatch bmap, then nbdcopy through
     diskwatch with that map reading the ISO names the files."""

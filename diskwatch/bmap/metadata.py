@@ -593,6 +593,10 @@ class _Filesystem:
         primary = iso.walk(iso.primary, joliet=False) if iso.primary else []
         trees = [(primary, iso.rock_ridge)]
         trees += [(iso.walk(root, joliet=True), False) for root in iso.joliet]
+        if iso.budget <= 0:
+            self.error("ISO 9660 directories", ValueError(
+                f"over {iso.MAX_DIRECTORY_BYTES >> 20} MiB of directory records: "
+                "the rest is not named"))
         named = {(e.start, e.end) for e in self.entries if e.type == "d"}
         shift = self.shift or 0
         for i, (objects, with_files) in enumerate(trees):
@@ -622,9 +626,12 @@ class IsoLayout:
     descriptors (sector 16 on), the path tables, and each tree's directory
     records (the primary one with its Rock Ridge names, Joliet's in UCS-2).
     Bounded: at most MAX_OBJECTS records, each directory read once, at most
-    64 MiB of one directory."""
+    64 MiB of one directory and MAX_DIRECTORY_BYTES of them all (records
+    are the image's word: a hostile one may claim huge, overlapping
+    directories)."""
 
     MAX_OBJECTS = 2_000_000
+    MAX_DIRECTORY_BYTES = 512 << 20  # a real ISO's directories are a few MiB
 
     def __init__(self, vol: Source):
         self.vol = vol
@@ -632,6 +639,7 @@ class IsoLayout:
         self.joliet: list[tuple[int, int]] = []
         self.path_tables: list[tuple[int, int]] = []
         self.rock_ridge = False  # learnt by walk()
+        self.budget = self.MAX_DIRECTORY_BYTES  # what walks may still read
         sector = 16
         while True:
             d = read_at(vol, sector * ISO_SECTOR, ISO_SECTOR)
@@ -666,15 +674,15 @@ class IsoLayout:
         seen: set[int] = set()
         todo = [("/", *root)]
         count = 0
-        while todo and count < self.MAX_OBJECTS:
+        while todo and count < self.MAX_OBJECTS and self.budget > 0:
             path, start, length = todo.pop()
             if start in seen or length <= 0:
                 continue
             seen.add(start)
             out.append((path, True, [(start, start + _sectors(length))]))
-            data = read_at(self.vol, start, min(length, 64 << 20))
+            data = self._read(start, min(length, 64 << 20))
             prefix = path if path.endswith("/") else path + "/"
-            for name, lba, size, is_dir, rr in _iso_records(data, joliet):
+            for name, lba, size, is_dir, rr in _iso_records(data, joliet, self._read):
                 count += 1
                 self.rock_ridge |= rr
                 if name in (".", "..") or "/" in name or not name:
@@ -688,16 +696,26 @@ class IsoLayout:
         out += [(path, False, ranges) for path, ranges in files.items()]
         return out
 
+    def _read(self, offset: int, length: int) -> bytes:
+        data = read_at(self.vol, offset, min(length, max(self.budget, 0)))
+        self.budget -= max(len(data), 1)
+        return data
+
 
 def _sectors(n: int) -> int:
     """n bytes, read as whole sectors."""
     return -(-n // ISO_SECTOR) * ISO_SECTOR
 
 
-def _iso_records(data: bytes, joliet: bool):
+def _iso_records(data: bytes, joliet: bool,
+                 read: Callable[[int, int], bytes] | None = None):
     """(name, extent lba, data length, is a directory, has a Rock Ridge
     name) of each directory record; "." and ".." for the first two. A
-    Rock Ridge NM name wins over the ISO name (which loses its ";1")."""
+    Rock Ridge NM name wins over the ISO name (which loses its ";1").
+    With ``read`` (offset, length -> bytes of the volume), Rock Ridge is
+    followed as Linux reads it: names that go on in continuation areas,
+    a relocated directory (RE) left out of /rr_moved and shown where its
+    child link (CL) is."""
     pos = 0
     n = len(data)
     while pos < n:
@@ -708,6 +726,7 @@ def _iso_records(data: bytes, joliet: bool):
         if rlen < 34 or pos + rlen > n:
             return
         rec = data[pos:pos + rlen]
+        pos += rlen
         lba, size = struct.unpack_from("<I4xI", rec, 2)
         is_dir = bool(rec[25] & 2)
         id_len = rec[32]
@@ -720,28 +739,57 @@ def _iso_records(data: bytes, joliet: bool):
         elif joliet:
             name = ident.decode("utf-16-be", "replace").split(";")[0]
         else:
-            nm = _rock_ridge_name(rec[33 + id_len + (1 - id_len % 2):])
+            nm, child, relocated = _rock_ridge(rec[33 + id_len + (1 - id_len % 2):], read)
+            if relocated and read is not None:
+                continue  # shown where its CL link is
+            if child is not None and read is not None:
+                # the placeholder of a relocated directory: its "." record
+                # says how long the directory is
+                head = read(child * ISO_SECTOR, 34)
+                if len(head) < 34 or head[0] < 34:
+                    continue
+                lba, is_dir = child, True
+                (size,) = struct.unpack_from("<I", head, 10)
             name = nm if nm is not None else ident.decode("latin-1").split(";")[0].rstrip(".")
         yield name, lba, size, is_dir, nm is not None
-        pos += rlen
 
 
-def _rock_ridge_name(susp: bytes) -> str | None:
-    """The name in Rock Ridge NM entries of a record's system use area."""
+MAX_CONTINUATIONS = 8  # a name of 255 bytes needs one; more is a loop
+
+
+def _rock_ridge(susp: bytes, read: Callable[[int, int], bytes] | None
+                ) -> tuple[str | None, int | None, bool]:
+    """From a record's system use area (SUSP), and with ``read`` its
+    continuation areas (CE): the Rock Ridge NM name, the extent a CL child
+    link points to (a directory deeper than ISO 9660's eight levels, moved
+    to /rr_moved), and whether RE marks the record as that moved directory."""
     parts = []
-    pos = 0
-    while pos + 4 <= len(susp):
-        sig, ln = susp[pos:pos + 2], susp[pos + 2]
-        if ln < 4:
-            break
-        if sig == b"NM" and ln >= 5:
-            parts.append(susp[pos + 5:pos + ln])
-            if not susp[pos + 4] & 1:  # no CONTINUE flag: the name is complete
+    name_done = False
+    child = None
+    relocated = False
+    for _ in range(MAX_CONTINUATIONS + 1):
+        pos = 0
+        more = None
+        while pos + 4 <= len(susp):
+            sig, ln = susp[pos:pos + 2], susp[pos + 2]
+            if ln < 4 or sig == b"ST":
                 break
-        pos += ln
-    if not parts:
-        return None
-    return b"".join(parts).decode("utf-8", "surrogateescape")
+            if sig == b"NM" and ln >= 5 and not name_done:
+                parts.append(susp[pos + 5:pos + ln])
+                name_done = not susp[pos + 4] & 1  # no CONTINUE flag: complete
+            elif sig == b"CE" and ln >= 28:
+                more = struct.unpack_from("<I4xI4xI", susp, pos + 4)
+            elif sig == b"CL" and ln >= 12:
+                (child,) = struct.unpack_from("<I", susp, pos + 4)
+            elif sig == b"RE":
+                relocated = True
+            pos += ln
+        if more is None or read is None:
+            break
+        block, offset, length = more
+        susp = read(block * ISO_SECTOR + offset, min(length, ISO_SECTOR))
+    name = b"".join(parts).decode("utf-8", "surrogateescape") if parts else None
+    return name, child, relocated
 
 
 # --------------------------------------------------------------------------
