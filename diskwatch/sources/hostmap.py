@@ -355,8 +355,9 @@ class HostMapper:
     def stop_serving(self) -> None:
         """The daemon is gone: every read fails as it does, none from the
         map (a half-working disk would be harder to understand)."""
-        self._stopped = True
-        m = self.map
+        with self._lock:  # not between _run's look at _stopped and its publishing
+            self._stopped = True
+            m = self.map
         if m is not None:
             m.ready = False
 
