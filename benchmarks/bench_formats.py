@@ -55,8 +55,12 @@ def tree_cpu(pid: int) -> float:
     qemu-storage-daemon is its child: its work is part of the path)."""
     total = cpu_seconds(pid)
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            total += sum(tree_cpu(int(child)) for child in f.read().split())
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = f.read().split()
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        total += sum(tree_cpu(int(child)) for child in children)
     return total
 ALL_KINDS = (*KINDS, "nbdkit-tap", "snapshot", "writable", "threads")
 
