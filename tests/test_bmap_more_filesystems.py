@@ -243,6 +243,33 @@ def test_a_hostile_iso_cannot_make_the_walk_read_without_end(tmp_path):
     assert ("/", True, [(root_lba * SECTOR, (root_lba + 4) * SECTOR)]) in objects
 
 
+def test_a_hostile_iso_cannot_make_paths_without_end(tmp_path):
+    """A chain of directories, each with a name of 221 characters: paths
+    grow with depth, and 1500 levels would hold 250 MB of names. The walk
+    stops at its bound, and says why."""
+    image = tmp_path / "deep.iso"
+    depth, first = 1500, 18
+    with open(image, "wb") as f:
+        f.truncate((first + depth + 1) * SECTOR)
+        pvd = bytearray(SECTOR)
+        pvd[0:7] = b"\x01CD001\x01"
+        pvd[156:190] = _iso_record(first, SECTOR, b"\x00", True)
+        f.seek(16 * SECTOR)
+        f.write(bytes(pvd) + b"\xffCD001\x01".ljust(SECTOR, b"\x00"))
+        for k in range(depth):
+            lba = first + k
+            f.seek(lba * SECTOR)
+            f.write(_iso_record(lba, SECTOR, b"\x00", True)
+                    + _iso_record(lba - 1 if k else lba, SECTOR, b"\x01", True)
+                    + _iso_record(lba + 1, SECTOR, b"%04d" % k + b"x" * 217, True))
+    from diskwatch.bmap.metadata import IsoLayout
+    with FileSource(str(image), readonly=True) as src:
+        layout = IsoLayout(src)
+        objects = layout.walk(layout.primary, joliet=False)
+        assert sum(len(path) for path, _, _ in objects) <= IsoLayout.MAX_PATH_BYTES + (64 << 10)
+        assert "paths" in layout.cut  # said in the map's warnings
+
+
 def test_iso_through_the_cli_names_what_a_reader_reads(iso, tmp_path):
     """The whole path a person uses: diskwatch bmap, then nbdcopy through
     diskwatch with that map reading the ISO names the files."""

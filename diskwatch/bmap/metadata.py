@@ -593,10 +593,8 @@ class _Filesystem:
         primary = iso.walk(iso.primary, joliet=False) if iso.primary else []
         trees = [(primary, iso.rock_ridge)]
         trees += [(iso.walk(root, joliet=True), False) for root in iso.joliet]
-        if iso.budget <= 0:
-            self.error("ISO 9660 directories", ValueError(
-                f"over {iso.MAX_DIRECTORY_BYTES >> 20} MiB of directory records: "
-                "the rest is not named"))
+        if iso.cut:
+            self.error("ISO 9660 directories", ValueError(f"{iso.cut}: the rest is not named"))
         named = {(e.start, e.end) for e in self.entries if e.type == "d"}
         shift = self.shift or 0
         for i, (objects, with_files) in enumerate(trees):
@@ -628,10 +626,13 @@ class IsoLayout:
     Bounded: at most MAX_OBJECTS records, each directory read once, at most
     64 MiB of one directory and MAX_DIRECTORY_BYTES of them all (records
     are the image's word: a hostile one may claim huge, overlapping
-    directories)."""
+    directories), MAX_PATH_BYTES of paths (a path grows with its depth: a
+    chain of directories with long names would hold its square). ``cut``
+    says which bound stopped a walk."""
 
     MAX_OBJECTS = 2_000_000
     MAX_DIRECTORY_BYTES = 512 << 20  # a real ISO's directories are a few MiB
+    MAX_PATH_BYTES = 128 << 20  # a DVD's 100 000 paths are 8 MB
 
     def __init__(self, vol: Source):
         self.vol = vol
@@ -640,6 +641,7 @@ class IsoLayout:
         self.path_tables: list[tuple[int, int]] = []
         self.rock_ridge = False  # learnt by walk()
         self.budget = self.MAX_DIRECTORY_BYTES  # what walks may still read
+        self.cut = ""  # why a walk stopped before its end
         sector = 16
         while True:
             d = read_at(vol, sector * ISO_SECTOR, ISO_SECTOR)
@@ -674,7 +676,17 @@ class IsoLayout:
         seen: set[int] = set()
         todo = [("/", *root)]
         count = 0
-        while todo and count < self.MAX_OBJECTS and self.budget > 0:
+        path_bytes = 0
+        while todo:
+            if count >= self.MAX_OBJECTS:
+                self.cut = f"over {self.MAX_OBJECTS} directory records"
+                break
+            if self.budget <= 0:
+                self.cut = f"over {self.MAX_DIRECTORY_BYTES >> 20} MiB of directory records"
+                break
+            if path_bytes >= self.MAX_PATH_BYTES:
+                self.cut = f"over {self.MAX_PATH_BYTES >> 20} MiB of paths"
+                break
             path, start, length = todo.pop()
             if start in seen or length <= 0:
                 continue
@@ -687,10 +699,12 @@ class IsoLayout:
                 self.rock_ridge |= rr
                 if name in (".", "..") or "/" in name or not name:
                     continue
+                child = prefix + name
+                path_bytes += len(child)
                 if is_dir:
-                    todo.append((prefix + name, lba * ISO_SECTOR, size))
+                    todo.append((child, lba * ISO_SECTOR, size))
                 else:
-                    ranges = files.setdefault(prefix + name, [])
+                    ranges = files.setdefault(child, [])
                     if size:
                         ranges.append((lba * ISO_SECTOR, lba * ISO_SECTOR + _sectors(size)))
         out += [(path, False, ranges) for path, ranges in files.items()]
@@ -755,6 +769,7 @@ def _iso_records(data: bytes, joliet: bool,
 
 
 MAX_CONTINUATIONS = 8  # a name of 255 bytes needs one; more is a loop
+NAME_MAX = 255  # bytes of a Rock Ridge name, as Linux reads them
 
 
 def _rock_ridge(susp: bytes, read: Callable[[int, int], bytes] | None
@@ -764,6 +779,7 @@ def _rock_ridge(susp: bytes, read: Callable[[int, int], bytes] | None
     link points to (a directory deeper than ISO 9660's eight levels, moved
     to /rr_moved), and whether RE marks the record as that moved directory."""
     parts = []
+    size = 0
     name_done = False
     child = None
     relocated = False
@@ -777,6 +793,9 @@ def _rock_ridge(susp: bytes, read: Callable[[int, int], bytes] | None
             if sig == b"NM" and ln >= 5 and not name_done:
                 parts.append(susp[pos + 5:pos + ln])
                 name_done = not susp[pos + 4] & 1  # no CONTINUE flag: complete
+                size += ln - 5
+                if size >= NAME_MAX:  # Linux cuts a name there too
+                    name_done = True
             elif sig == b"CE" and ln >= 28:
                 more = struct.unpack_from("<I4xI4xI", susp, pos + 4)
             elif sig == b"CL" and ln >= 12:
@@ -788,7 +807,7 @@ def _rock_ridge(susp: bytes, read: Callable[[int, int], bytes] | None
             break
         block, offset, length = more
         susp = read(block * ISO_SECTOR + offset, min(length, ISO_SECTOR))
-    name = b"".join(parts).decode("utf-8", "surrogateescape") if parts else None
+    name = b"".join(parts)[:NAME_MAX].decode("utf-8", "surrogateescape") if parts else None
     return name, child, relocated
 
 
