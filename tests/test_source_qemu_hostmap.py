@@ -268,3 +268,29 @@ def test_fio_verifies_what_it_wrote_to_a_writable_qcow2(chain, tmp_path):
         assert src.hostmap.map.served > 0  # its random reads of old data
     finally:
         src.close()
+
+
+def test_an_image_replaced_while_it_is_served_is_not_read_from_the_new_file(tmp_path,
+                                                                            monkeypatch):
+    """qemu holds the image it opened; a file renamed over its path (a
+    converted copy moved in place) is another inode, which the map must
+    not read: reads stay qemu's."""
+    image, other = tmp_path / "disk.qcow2", tmp_path / "new.qcow2"
+    for path, pattern in ((image, "0x11"), (other, "0x22")):
+        run("qemu-img", "create", "-q", "-f", "qcow2", str(path), "4M")
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} 0 4M", str(path))
+    gate = threading.Event()
+    run_map = hostmap.HostMapper._run
+    monkeypatch.setattr(hostmap.HostMapper, "_run", lambda self: (gate.wait(30),
+                                                                  run_map(self)))
+    src = QemuSource(str(image), "qcow2", readonly=True)
+    try:
+        other.rename(image)  # after qemu opened the image, before the map
+        gate.set()
+        assert src.hostmap.done.wait(30)
+        view = src.view_for(65536, 4096)
+        got = bytes(view) if view is not None else src.pread(65536, 4096)
+        assert got == b"\x11" * 4096
+        assert src.pread(0, 3 * MiB) == b"\x11" * (3 * MiB)
+    finally:
+        src.close()

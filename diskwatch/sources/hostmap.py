@@ -31,7 +31,10 @@ those ranges are read through the daemon for the rest of the session (its
 metadata cache, not the file, knows where they are now). With ``-r`` or
 ``--snapshot`` the daemon opens the image read-only and nothing is ever
 marked. The daemon holds qemu's image locks, so no other qemu process can
-write the image (or its backing files) while we serve it.
+write the image (or its backing files) while we serve it. Locks do not stop
+a file being renamed over a path (a converted copy moved in place): only
+files the daemon has open (same inode) are read, and a path that names
+another file once ``qemu-img map`` is done drops the map.
 
 The map is made in a thread when the source opens, so a large image does
 not delay the start: until it is ready every read goes to the daemon. Its
@@ -53,6 +56,7 @@ import stat
 import subprocess
 import threading
 from array import array
+from collections.abc import Callable
 
 log = logging.getLogger("diskwatch.sources.hostmap")
 
@@ -109,9 +113,12 @@ class HostMap:
     kinds[i] (ASK, ZERO or FILE + layer), at hosts[i] in that layer's file."""
 
     def __init__(self, size: int, files: list[str | None], written: bytearray,
-                 granule: int):
+                 granule: int, allowed: set[tuple[int, int]] | None = None):
         self.size = size
         self.files = files
+        #: (st_dev, st_ino) of the files qemu has open: a path may name
+        #: another file by now (renamed over), which qemu does not serve
+        self.allowed = allowed
         self.written = written  # one byte per granule: 1 once the guest changed it
         self.granule = granule
         self.starts = array("q")
@@ -138,7 +145,12 @@ class HostMap:
                     log.debug("%s: not read directly: %s", name, e)
                 else:
                     self._fds.append(fd)
-                    n = os.fstat(fd).st_size
+                    st = os.fstat(fd)
+                    n = st.st_size
+                    if self.allowed is not None and (st.st_dev, st.st_ino) not in self.allowed:
+                        log.info("%s: not the file qemu opened (replaced?): read through "
+                                 "qemu", name)
+                        n = 0
                     if n > 0:
                         m = mmap.mmap(fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
                         self._maps.append(m)
@@ -254,6 +266,15 @@ class HostMap:
         self.served += 1
         return b"".join(parts)
 
+    def check_files(self) -> None:
+        """Each layer's path still names the file mapped (qemu-img map read
+        the path: a file renamed over it meanwhile would be another map)."""
+        for name, fd in zip(self.files, self._fd_of, strict=True):
+            if name is not None and fd >= 0:
+                st, now = os.fstat(fd), os.stat(name)
+                if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+                    raise ValueError(f"{name} was replaced while it was mapped")
+
     def extents_served_directly(self) -> int:
         """Bytes of the disk that reads take from the files (for the log)."""
         starts, kinds = self.starts, self.kinds
@@ -279,8 +300,12 @@ class HostMapper:
     """Makes a HostMap for an image in a thread; ``map`` is None until it
     is ready (and stays None if it cannot be made)."""
 
-    def __init__(self, path: str, fmt: str, size: int, info: dict):
+    def __init__(self, path: str, fmt: str, size: int, info: dict,
+                 qemu_files: Callable[[], set[tuple[int, int]]] | None = None):
+        """``qemu_files``: the (st_dev, st_ino) of every file the daemon has
+        open; only those are read directly."""
         self.path = path
+        self.qemu_files = qemu_files
         self.fmt = fmt
         self.size = size
         granule = max(64 * 1024, int(info.get("cluster-size") or 0))
@@ -306,7 +331,8 @@ class HostMapper:
             files = layer_files(qemu_img_info(self.path, self.fmt, chain=True))
             if not any(files):
                 raise ValueError("no layer of the image is a plain local file")
-            hm = HostMap(self.size, files, self.written, self.granule)
+            allowed = self.qemu_files() if self.qemu_files is not None else None
+            hm = HostMap(self.size, files, self.written, self.granule, allowed)
             qemu_img = shutil.which("qemu-img") or "qemu-img"
             cmd = [qemu_img, "map", "--output=json", "-U", "-f", self.fmt,
                    os.path.abspath(self.path)]
@@ -327,6 +353,7 @@ class HostMapper:
                 status = self._proc.wait()
             if status != 0:
                 raise ValueError(f"qemu-img map exited with {status}: {err[-200:]}")
+            hm.check_files()
         except OverflowError:
             self._give_up(hm, f"more than {MAX_EXTENTS} extents")
         except (OSError, ValueError, KeyError) as e:

@@ -43,6 +43,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -235,6 +236,20 @@ class QemuDaemon:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def open_files(self) -> set[tuple[int, int]]:
+        """(st_dev, st_ino) of the regular files the daemon has open (the
+        image and its backing files, whatever their paths name now)."""
+        out = set()
+        fds = f"/proc/{self.proc.pid}/fd"
+        for name in os.listdir(fds):
+            try:
+                st = os.stat(os.path.join(fds, name))
+            except OSError:
+                continue  # closed meanwhile
+            if stat.S_ISREG(st.st_mode):
+                out.add((st.st_dev, st.st_ino))
+        return out
+
     def stop(self) -> None:
         self.stopping = True
         if self.proc.poll() is None:
@@ -294,7 +309,7 @@ class QemuSource(NbdSource):
         self.daemon.serving = True
         # Reads of plain data clusters go straight to the files (hostmap.py);
         # writes, zeroes and trims mark their ranges first (below).
-        self.hostmap = HostMapper(path, fmt, self.size, info)
+        self.hostmap = HostMapper(path, fmt, self.size, info, self.daemon.open_files)
         self.daemon.on_exit = self.hostmap.stop_serving
 
     def view_for(self, offset: int, length: int):
