@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import sys
-import threading
 import time
 from array import array
 from bisect import bisect_left, bisect_right
@@ -258,7 +257,7 @@ def replay(cfg: ReplayConfig) -> int:
     import contextlib
 
     from .files import open_output
-    from .runner import signals_handled
+    from .runner import Wakeups, signals_handled
     from .trace import Summary, TextTrace
 
     def say(text: str) -> None:
@@ -291,18 +290,13 @@ def replay(cfg: ReplayConfig) -> int:
                 from .runner import run_session
                 from .ui.replay import ReplayApp
                 return run_session(session, headless=False, app=ReplayApp(session))
-            stop = threading.Event()
-
-            def on_signal(signum: int) -> None:
-                session.interrupted = True
-                stop.set()
-            with signals_handled(on_signal):
-                while not player.finished and not stop.is_set():
-                    if fast:
-                        pump.run_once(player.next_time())
-                    else:
-                        stop.wait(0.1)
-                        pump.run_once(player.now())
+            wakeups = Wakeups()  # what a signal handler may touch (runner.py says why)
+            with signals_handled(wakeups.put):
+                while not player.finished:
+                    if wakeups.wait(0 if fast else 0.1) is not None:
+                        session.interrupted = True
+                        break
+                    pump.run_once(player.next_time() if fast else player.now())
         finally:
             pump.close()
     if summary is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import shutil
 import signal
 import sys
@@ -155,6 +156,35 @@ def load_map(path: str):
 TICK = 0.1
 
 
+class Wakeups:
+    """What a loop sleeps on between rounds, and what wakes it early: a
+    signal handler (``put(signum)``) or another thread (``put(Wakeups.STOP)``).
+
+    Not a ``threading.Event``: ``Event.set()`` takes the lock that
+    ``Event.wait()`` holds around its own bookkeeping, and a Python signal
+    handler runs in the main thread between two bytecodes, possibly inside
+    that ``wait()``: ``set()`` then waits forever for a lock its own thread
+    holds, and the SIGTERM is never obeyed (about one stop in 40 right after
+    a SIGHUP's reload). ``SimpleQueue.put`` is reentrant, documented so: a
+    handler may interrupt ``get()`` anywhere."""
+
+    STOP = 0  #: not a signal number: ``put`` by a thread that ends the loop
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def put(self, what: int) -> None:
+        self._queue.put(what)
+
+    def wait(self, timeout: float) -> int | None:
+        """The next wakeup (a signal number or STOP), or None after ``timeout``
+        seconds without one (0: do not wait)."""
+        try:
+            return self._queue.get(timeout > 0, timeout if timeout > 0 else None)
+        except queue.Empty:
+            return None
+
+
 @contextlib.contextmanager
 def signals_handled(on_signal: Callable[[int], None], signums=(signal.SIGINT, signal.SIGTERM,
                                                                signal.SIGHUP)) -> Iterator[None]:
@@ -199,19 +229,16 @@ def has_controlling_terminal() -> bool:
 
 def _run_headless(session: Session, captive, announce: str, prepare, clock,
                   on_reload: Callable[[], None] | None = None) -> int:
-    stop = threading.Event()
-    reload = threading.Event()
+    wakeups = Wakeups()
     if on_reload is not None and has_controlling_terminal():
         on_reload = None  # SIGHUP is the terminal hanging up: end, as before
 
-    def on_signal(signum: int) -> None:
-        if signum == signal.SIGHUP and on_reload is not None:
-            reload.set()  # done by the loop below, in the pump's thread
-            return
-        session.interrupted = True
-        stop.set()
+    def stop() -> None:
+        wakeups.put(Wakeups.STOP)
 
-    with signals_handled(on_signal):
+    # The handlers only queue the signal; the loop below acts on it, in the
+    # pump's thread (a reload included).
+    with signals_handled(wakeups.put):
         # Said only once Ctrl-C/SIGTERM are handled: a script that signals us
         # as soon as it reads this line must not kill us before we clean up.
         if announce:
@@ -219,15 +246,18 @@ def _run_headless(session: Session, captive, announce: str, prepare, clock,
         if prepare is not None:
             prepare()
         if captive is not None:
-            captive.on_exit = lambda status: stop.set()
+            captive.on_exit = lambda status: stop()
             captive.start()
-        session.shutdown = stop.set
+        session.shutdown = stop
         pump = session.pump
-        while not stop.is_set():
-            stop.wait(TICK)
-            if reload.is_set():
-                reload.clear()
+        while True:
+            woken_by = wakeups.wait(TICK)
+            if woken_by == signal.SIGHUP and on_reload is not None:
                 on_reload()
+            elif woken_by is not None:
+                if woken_by != Wakeups.STOP:
+                    session.interrupted = True
+                break
             pump.run_once(clock())
         if captive is not None and session.interrupted:
             # Interrupted: the command goes too (it may already have the

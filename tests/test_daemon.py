@@ -11,10 +11,12 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from fixtures_server import DISKWATCH, SUBPROCESS_ENV, MiB, nbd_handle, wait_until
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
@@ -200,3 +202,87 @@ def test_sighup_reopens_the_log_and_reloads_the_map(rw_image, tmp_path):
     named = re.findall(r"\] (\w+) f /dev/sda1 (\S+)", r.stdout)
     assert named == [("read", "/old/name"), ("write", "/new/name"), ("read", "/new/name")]
     assert r.stdout == old + log.read_text()
+
+
+def test_a_signal_anywhere_in_the_headless_loop_is_obeyed(tmp_path):
+    """SIGTERM at each line the headless loop runs (its wait between rounds,
+    a pump round, a SIGHUP's reload), alone and after a SIGHUP: it stops every
+    time, after the reload. A handler taking a lock that the line it
+    interrupts holds (Event.set() inside Event.wait()) hangs here at once; a
+    real service hung so about once in 40 stops."""
+    script = Path(__file__).with_name("signals_everywhere.py")
+    try:  # a new session: no controlling terminal, so SIGHUP means reload
+        r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                           text=True, timeout=120, env=SUBPROCESS_ENV, start_new_session=True)
+    except subprocess.TimeoutExpired as e:  # run() killed it (SIGKILL: it handles SIGTERM)
+        last = (e.stdout or b"").decode(errors="replace").splitlines()[-2:]
+        raise AssertionError(f"the loop hung: {last}") from None
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    m = re.search(r"^ok (\d+) cases: (\d+) lines of 3 rounds", r.stdout, re.M)
+    assert m and int(m.group(2)) >= 20, r.stdout[-2000:]  # the scan covered real rounds
+    assert "SIGTERM at threading.py" in r.stdout or "SIGTERM at runner.py" in r.stdout
+
+
+def big_map(path: Path, files: int) -> None:
+    """A map that takes a while to read (``files`` lines): a reload is seen
+    in progress by its open fd."""
+    with open(path, "w") as f:
+        f.write(f"1 {MiB:x} {30 * MiB:x} p /dev/sda1\n")
+        for i in range(files):
+            start = MiB + 256 * i
+            f.write(f"1 {start:x} {start + 256:x} f /dev/sda1 /dir/file{i}\n")
+
+
+def reading(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open."""
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(fds):
+        try:
+            if os.readlink(fds / fd) == str(path):
+                return True
+        except FileNotFoundError:  # closed meanwhile
+            pass
+    return False
+
+
+@pytest.mark.parametrize("started", ["socket-activated", "-U"])
+@pytest.mark.parametrize("sigterm", ["during the reload", "right after SIGHUP"])
+def test_sigterm_during_a_reload_stops_once_it_is_done(rw_image, tmp_path, started, sigterm):
+    """systemctl reload then stop, as a service, started both ways: the stop
+    comes while the map is being read again (its fd is open), or back to back
+    with the SIGHUP. The reload ends, is told, then diskwatch stops, status 0."""
+    bmap = tmp_path / "disk.bmap"
+    big_map(bmap, 50_000)
+    sock = tmp_path / "dw.sock"
+    args = f"--bmap {bmap}"
+    if started == "socket-activated":
+        cmd = ["systemd-socket-activate", "-l", str(sock),
+               *[f"-E{n}" for n in ("PATH", "PYTHONPATH") if n in SUBPROCESS_ENV],
+               *unit_command(rw_image, args)]
+    else:
+        cmd = [DISKWATCH, str(rw_image), "-U", str(sock), "--headless", "--no-trace",
+               *args.split()]
+    stderr_file = tmp_path / "stderr"
+    with open(stderr_file, "wb") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                env=SUBPROCESS_ENV, start_new_session=True)
+    try:
+        wait_until(sock.exists, 20, "the socket")
+        if started == "socket-activated":  # the first connection starts diskwatch
+            r = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"],
+                               capture_output=True, text=True, timeout=60, env=SUBPROCESS_ENV)
+            assert r.returncode == 0, r.stderr
+        wait_until(lambda: b"serving" in stderr_file.read_bytes(), 60, "the serving line")
+        assert not reading(proc.pid, bmap)
+        proc.send_signal(signal.SIGHUP)
+        if sigterm == "during the reload":
+            wait_until(lambda: reading(proc.pid, bmap), 20, "the map read again")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err_text = stderr_file.read_text()
+    assert f"SIGHUP: reloaded the block map {bmap}" in err_text, err_text
+    assert "Traceback" not in err_text
