@@ -213,14 +213,16 @@ def test_a_signal_anywhere_in_the_headless_loop_is_obeyed(tmp_path):
     script = Path(__file__).with_name("signals_everywhere.py")
     try:  # a new session: no controlling terminal, so SIGHUP means reload
         r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
-                           text=True, timeout=120, env=SUBPROCESS_ENV, start_new_session=True)
+                           text=True, timeout=60, env=SUBPROCESS_ENV, start_new_session=True)
     except subprocess.TimeoutExpired as e:  # run() killed it (SIGKILL: it handles SIGTERM)
-        last = (e.stdout or b"").decode(errors="replace").splitlines()[-2:]
-        raise AssertionError(f"the loop hung: {last}") from None
+        out = e.stdout or b""  # bytes, even with text=True
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        raise AssertionError(f"the loop hung: {out.splitlines()[-2:]}") from None
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     m = re.search(r"^ok (\d+) cases: (\d+) lines of 3 rounds", r.stdout, re.M)
     assert m and int(m.group(2)) >= 20, r.stdout[-2000:]  # the scan covered real rounds
-    assert "SIGTERM at threading.py" in r.stdout or "SIGTERM at runner.py" in r.stdout
+    # it landed in the loop, in a pump round and in the reload
+    assert all(f"SIGTERM at {f}" in r.stdout for f in ("runner.py", "session.py", "logfile.py"))
 
 
 def big_map(path: Path, files: int) -> None:
