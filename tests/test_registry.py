@@ -130,3 +130,31 @@ def test_delay_layer_and_unknown_layer(image):
     src.close()
     r = diskwatch(str(image), "--filter", "nosuch", "--run", "true")
     assert r.returncode == 1 and "no such layer" in r.stderr and "watch" in r.stderr
+
+
+def test_a_layer_that_changes_reads_is_never_bypassed(server_image):
+    """A layer from outside that overrides pread but says nothing of views:
+    the server must not send the inner file's bytes from its mmap."""
+    from fixtures_server import nbd_handle
+
+    from diskwatch.server import serve_in_thread
+    from diskwatch.sources.base import Layer
+    from diskwatch.sources.file import FileSource
+
+    class Inverted(Layer):
+        def pread(self, offset, length):
+            return bytes(b ^ 0xFF for b in self.inner.pread(offset, length))
+
+    src = Inverted(FileSource(str(server_image.path), readonly=True))
+    assert src.view_for(0, 4096) is None
+    running = serve_in_thread({"": src})
+    try:
+        h = nbd_handle(running.uri)
+        got = h.pread(4096, 8192)
+        h.shutdown()
+    finally:
+        running.stop()
+        src.close()
+    with open(server_image.path, "rb") as f:
+        f.seek(8192)
+        assert got == bytes(b ^ 0xFF for b in f.read(4096))

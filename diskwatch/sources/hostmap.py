@@ -113,8 +113,11 @@ class HostMap:
     kinds[i] (ASK, ZERO or FILE + layer), at hosts[i] in that layer's file."""
 
     def __init__(self, size: int, files: list[str | None], written: bytearray,
-                 granule: int, allowed: set[tuple[int, int]] | None = None):
+                 granule: int, allowed: set[tuple[int, int]] | None = None,
+                 copy: bool = False):
         self.size = size
+        #: answer with copies, not views of the files (a writable image)
+        self.copy = copy
         self.files = files
         #: (st_dev, st_ino) of the files qemu has open: a path may name
         #: another file by now (renamed over), which qemu does not serve
@@ -228,6 +231,15 @@ class HostMap:
         self.served += 1
         if kind >= FILE:
             host = self.hosts[i] + offset - starts[i]
+            if self.copy:
+                # Not a view: a reply waits in the queue while later requests
+                # run, and a trim then a write elsewhere may reuse this host
+                # cluster for another range of the disk.
+                data = os.pread(self._fd_of[kind - FILE], length, host)
+                if len(data) == length:
+                    return data
+                self.served -= 1
+                return None
             return self.views[kind - FILE][host:host + length]
         if length <= _ZEROS_MAX:
             return _zero_view(length)
@@ -301,10 +313,13 @@ class HostMapper:
     is ready (and stays None if it cannot be made)."""
 
     def __init__(self, path: str, fmt: str, size: int, info: dict,
-                 qemu_files: Callable[[], set[tuple[int, int]]] | None = None):
+                 qemu_files: Callable[[], set[tuple[int, int]]] | None = None,
+                 writable: bool = False):
         """``qemu_files``: the (st_dev, st_ino) of every file the daemon has
-        open; only those are read directly."""
+        open; only those are read directly. ``writable``: the daemon may
+        write the image (reads are answered with copies)."""
         self.path = path
+        self.writable = writable
         self.qemu_files = qemu_files
         self.fmt = fmt
         self.size = size
@@ -332,7 +347,8 @@ class HostMapper:
             if not any(files):
                 raise ValueError("no layer of the image is a plain local file")
             allowed = self.qemu_files() if self.qemu_files is not None else None
-            hm = HostMap(self.size, files, self.written, self.granule, allowed)
+            hm = HostMap(self.size, files, self.written, self.granule, allowed,
+                         copy=self.writable)
             qemu_img = shutil.which("qemu-img") or "qemu-img"
             cmd = [qemu_img, "map", "--output=json", "-U", "-f", self.fmt,
                    os.path.abspath(self.path)]

@@ -309,7 +309,8 @@ class QemuSource(NbdSource):
         self.daemon.serving = True
         # Reads of plain data clusters go straight to the files (hostmap.py);
         # writes, zeroes and trims mark their ranges first (below).
-        self.hostmap = HostMapper(path, fmt, self.size, info, self.daemon.open_files)
+        self.hostmap = HostMapper(path, fmt, self.size, info, self.daemon.open_files,
+                                  writable=not readonly)
         self.daemon.on_exit = self.hostmap.stop_serving
 
     def view_for(self, offset: int, length: int):
