@@ -153,9 +153,11 @@ class Server:
         self._next_cid = 1
         self._pool: ThreadPoolExecutor | None = None
         self._workers = workers
-        # Sources the loop drives asynchronously (an upstream NBD server):
-        # one engine per source, attached with the loop.
-        self._aios = {id(a): a for a in (s.aio for s in exports.values()) if a is not None}
+        # Sources the loop drives asynchronously (an upstream NBD server, a
+        # URL): one engine per source, asked for once here (a source may make
+        # a new one for each server) and attached with the loop.
+        self._export_aios = {name: s.aio for name, s in exports.items()}
+        self._aios = {id(a): a for a in self._export_aios.values() if a is not None}
         self._async_ready: dict[int, _Conn] = {}  # connections with replies to send
         # Watch layers (sources/watch.py) in the stacks: what they saw is
         # published after each batch of the server's own requests.
@@ -513,7 +515,7 @@ class Server:
         if proto.phase == P.TRANSMISSION:
             conn.export_name = proto.export.name
             conn.source = self.sources[proto.export.name]
-            conn.aio = conn.source.aio
+            conn.aio = self._export_aios[proto.export.name]
             self.bus.publish(ConnectionEvent(conn.cid, True, conn.peer, conn.export_name))
             left = proto.take_leftover()
             conn.view.release()
