@@ -4,6 +4,7 @@ purpose (retries, HEAD refused, parallelism), and a private sshd for sftp."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import http.server
@@ -21,7 +22,10 @@ from pathlib import Path
 
 import pycurl
 import pytest
+from fixtures_server import wait_until
 
+from diskwatch.events import Bus
+from diskwatch.server import serve_in_thread
 from diskwatch.sources.base import SourceError
 from diskwatch.sources.curl import CurlSource, redact
 
@@ -66,10 +70,12 @@ def wait_for_listen(proc: subprocess.Popen, port: int, what: str, log: Path,
     raise AssertionError(f"{what} did not listen on {port}: {log.read_text()[-2000:]}")
 
 
-def start_nginx(tmp: Path, root: Path, *, tls: tuple[Path, Path] | None = None):
-    """nginx serving ROOT on 127.0.0.1:ephemeral; returns (proc, port)."""
+def start_nginx(tmp: Path, root: Path, *, tls: tuple[Path, Path] | None = None,
+                port: int | None = None):
+    """nginx serving ROOT on 127.0.0.1:PORT (default: ephemeral); returns (proc, port)."""
+    fixed = port
     for _ in range(5):  # another process may grab the free port first: try again
-        port = free_port()
+        port = fixed or free_port()
         listen = f"127.0.0.1:{port}" + (" ssl" if tls else "")
         ssl = (f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};" if tls else "")
         conf = tmp / "nginx.conf"
@@ -101,7 +107,8 @@ http {{
                                 stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
         if wait_for_listen(proc, port, "nginx", log):
             return proc, port
-        if "Address already in use" not in log.read_text() + (tmp / "error.log").read_text():
+        if fixed or "Address already in use" not in (log.read_text()
+                                                     + (tmp / "error.log").read_text()):
             raise AssertionError(f"nginx failed: {log.read_text()}")
     raise AssertionError("nginx: no free port after 5 tries")
 
@@ -196,6 +203,11 @@ class RangedHandler(http.server.BaseHTTPRequestHandler):
     /flaky/...    the first FAILURES[0] requests get 503
     /reset/...    the first request's connection is closed without an answer
     /barrier/...  each GET waits until BARRIER.parties GETs are in flight at once
+    and on any path, by the GET's number (the size probe is GET 1):
+    state["fail"]   answered 503
+    state["cut"]    the connection is closed half-way through the body
+    state["stall"]  the headers, then nothing until state["release"] is set
+    state["whole"]  answered 200 with the whole file, as a server without ranges
     """
 
     protocol_version = "HTTP/1.1"
@@ -229,6 +241,17 @@ class RangedHandler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
+        if n in self.state.get("fail", ()):
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if n in self.state.get("whole", ()):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.data)))
+            self.end_headers()
+            self.wfile.write(self.data)
+            return
         m = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
         if not m:
             self.send_response(400)
@@ -243,17 +266,31 @@ class RangedHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Range", f"bytes {start}-{end}/{len(self.data)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if n in self.state.get("stall", ()):
+            # Headers only: with bytes of the body already in, libcurl's
+            # low-speed check (an average over some seconds) takes longer.
+            self.wfile.flush()
+            self.state["stalled"].set()
+            self.state["release"].wait(timeout=30)
+            self.close_connection = True
+            return
+        if n in self.state.get("cut", ()):
+            self.wfile.write(body[:len(body) // 2])
+            self.close_connection = True
+            return
         self.wfile.write(body)
 
 
 @pytest.fixture
 def ranged(www):
-    state = {"lock": threading.Lock()}
+    state = {"lock": threading.Lock(), "stalled": threading.Event(),
+             "release": threading.Event()}
     handler = type("R", (RangedHandler,), {"data": (www / "disk.img").read_bytes(),
                                            "state": state})
     server = ThreadedServer(handler)
     server.state = state
     yield server
+    state["release"].set()  # a stalled answer gives up now, not in 30 s
     server.stop()
 
 
@@ -442,6 +479,156 @@ def test_headers_and_credentials_are_sent(ranged):
     assert seen == [("abc", "Basic Ym9iOnB3")]
 
 
+# -- through the server's loop (CurlAio) ------------------------------------------
+#
+# The server drives the source's curl multi handle from its own loop: these
+# read with libnbd through a real diskwatch server, many requests in flight.
+
+
+@contextlib.contextmanager
+def served(src: CurlSource):
+    """A diskwatch server of SRC and a libnbd client connected to it."""
+    nbd = pytest.importorskip("nbd")
+    with serve_in_thread({"": src}, Bus()) as running:
+        h = nbd.NBD()
+        h.connect_uri(running.uri)
+        try:
+            yield running, h
+        finally:
+            h.shutdown()
+        # every read went through the loop's engine: no worker thread was started
+        assert running.server._pool is None
+
+
+def read_in_flight(h, ranges) -> list:
+    """Issue every read at once; each one's bytes, or the nbd.Error it got."""
+    nbd = sys.modules["nbd"]
+    issued = []
+    for off, n in ranges:
+        buf = bytearray(n)
+        issued.append((h.aio_pread(buf, off), buf))
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    results = []
+    for cookie, buf in issued:
+        try:
+            h.aio_command_completed(cookie)
+            results.append(bytes(buf))
+        except nbd.Error as e:
+            results.append(e)
+    return results
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_loop_serves_many_reads_in_flight(tls, request, www):
+    base = request.getfixturevalue("nginx_tls" if tls else "nginx")
+    data = original(www)
+    rng = random.Random(5)
+    ranges = []
+    for _ in range(300):
+        n = rng.choice([1, 512, 4096, 65536, 256 * 1024, MiB + 1])
+        off = rng.randrange(len(data) - n + 1)
+        ranges.append((off, n))
+    ranges.append((len(data) - 17, 17))  # the odd tail
+    with CurlSource(f"{base}/disk.img", connections=3, insecure=tls) as src:
+        with served(src) as (running, h):
+            got = read_in_flight(h, ranges)
+            bad = [(o, n) for g, (o, n) in zip(got, ranges, strict=True) if g != data[o:o + n]]
+            assert not bad
+        assert src.requests >= len(ranges) and src.retried == 0
+
+
+def test_loop_retries_a_transfer_cut_mid_body(ranged, www):
+    data = original(www)
+    ranged.state["cut"] = {2, 4}
+    with CurlSource(f"{ranged.url}/disk.img", retries=3) as src:
+        with served(src) as (running, h):
+            got = read_in_flight(h, [(i * 100_000, 70_000) for i in range(6)])
+            assert got == [data[i * 100_000:i * 100_000 + 70_000] for i in range(6)]
+        assert src.retried == 2
+
+
+def test_loop_gives_eio_after_the_retries_then_serves_on(ranged, www, caplog):
+    nbd = pytest.importorskip("nbd")
+    ranged.state["fail"] = {2, 3}  # one read and its one retry
+    with CurlSource(f"{ranged.url}/disk.img", retries=1, connections=1) as src:
+        with served(src) as (running, h):
+            with pytest.raises(nbd.Error) as e:
+                h.pread(4096, 0)
+            assert e.value.errnum == errno.EIO
+            assert h.pread(4096, 8192) == original(www)[8192:12288]
+        assert src.retried == 1
+
+
+def test_loop_times_out_a_stalled_transfer_and_retries_it(ranged, www):
+    """The stall is noticed by libcurl's low-speed check, which runs on the
+    timers the engine keeps on the server's loop."""
+    ranged.state["stall"] = {2}
+    with CurlSource(f"{ranged.url}/disk.img", timeout=1, retries=2) as src:
+        with served(src) as (running, h):
+            t0 = time.monotonic()
+            assert h.pread(65536, 4096) == original(www)[4096:4096 + 65536]
+            assert time.monotonic() - t0 < 15
+            assert ranged.state["stalled"].is_set()
+        assert src.retried == 1
+
+
+def test_loop_refuses_a_server_that_stops_serving_ranges(ranged, www):
+    nbd = pytest.importorskip("nbd")
+    ranged.state["whole"] = set(range(2, 100))
+    with CurlSource(f"{ranged.url}/disk.img", retries=3) as src:
+        with served(src) as (running, h):
+            with pytest.raises(nbd.Error) as e:
+                h.pread(4096, 0)
+            assert e.value.errnum == errno.EIO
+        assert src.retried == 0  # not transient: refused at once
+
+
+def test_loop_rides_out_a_server_restart(www, tmp_path):
+    """nginx goes away under the server and comes back on the same port: the
+    read issued meanwhile is retried with backoff and completes."""
+    data = original(www)
+    proc, port = start_nginx(tmp_path, www)
+    try:
+        with CurlSource(f"http://127.0.0.1:{port}/disk.img", retries=8, timeout=5) as src:
+            with served(src) as (running, h):
+                assert h.pread(4096, 0) == data[:4096]
+                stop(proc)
+                buf = bytearray(MiB)
+                cookie = h.aio_pread(buf, 3 * MiB)
+                # the engine retries from the server's loop; wait for the first
+                wait_until(lambda: (h.poll(0), src.retried)[1] >= 1, timeout=20,
+                           what="a retry of the read")
+                proc, _ = start_nginx(tmp_path, www, port=port)
+                while h.aio_in_flight() > 0:
+                    h.poll(-1)
+                assert h.aio_command_completed(cookie)
+                assert bytes(buf) == data[3 * MiB:4 * MiB]
+    finally:
+        stop(proc)
+
+
+def test_loop_close_fails_reads_in_flight(ranged):
+    nbd = pytest.importorskip("nbd")
+    ranged.state["stall"] = {2}
+    with CurlSource(f"{ranged.url}/disk.img") as src:
+        with served(src) as (running, h):
+            buf = bytearray(4096)
+            cookie = h.aio_pread(buf, 0)
+            wait_until(lambda: (h.poll(0), ranged.state["stalled"].is_set())[1],
+                       what="the stalled transfer")
+            engine, = running.server._aios.values()
+            running.thread.call(engine.close)
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+            with pytest.raises(nbd.Error) as e:
+                h.aio_command_completed(cookie)
+            assert e.value.errnum == errno.EIO
+            with pytest.raises(nbd.Error):
+                h.pread(10, 0)  # closed for good, and said so
+        assert not src._engines
+
+
 # -- sftp through a private sshd ---------------------------------------------
 
 
@@ -511,6 +698,16 @@ def test_sftp_size_and_reads(sftp_server, www, monkeypatch):
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda i: src.pread(i * MiB + 7, 65536), range(8)))
         assert got == [data[i * MiB + 7:i * MiB + 7 + 65536] for i in range(8)]
+
+
+def test_sftp_through_the_loop(sftp_server, www, monkeypatch):
+    url, home = sftp_server
+    monkeypatch.setenv("HOME", str(home))
+    data = original(www)
+    ranges = [(i * MiB + 7, 65536) for i in range(8)] + [(IMAGE_SIZE - 100, 100)]
+    with CurlSource(url, connections=2) as src:
+        with served(src) as (running, h):
+            assert read_in_flight(h, ranges) == [data[o:o + n] for o, n in ranges]
 
 
 def test_sftp_missing_file(sftp_server, www, monkeypatch):

@@ -927,7 +927,11 @@ class Server:
         waiting = conn.waiting
         aio = conn.aio
         proto = conn.proto
-        while waiting and conn.inflight < ASYNC_WINDOW and not conn.paused:
+        # Issued even while the connection is paused: a waiting request is
+        # charged to the budget from its parse (conn.executing), so issuing
+        # it adds nothing; holding it back could stall for good (paused
+        # until executing drains, which waits for the issue).
+        while waiting and conn.inflight < ASYNC_WINDOW:
             (cmd, flags, handle, offset, length, payload, err), now = waiting.popleft()
             if err:
                 conn.out.append(proto.reply_error(handle, err, _ERROR_TEXT.get(err, "")))
@@ -1059,8 +1063,8 @@ class Server:
     def _writable(self, conn: _Conn) -> None:
         conn.active = monotonic()  # the client reads: it is not idle
         self._send(conn)
-        if conn.waiting and not conn.paused and not conn.closed:
-            self._issue_async(conn)  # held back while the replies drained
+        if conn.waiting and not conn.closed:
+            self._issue_async(conn)
             self._send(conn)
         self._maybe_close(conn)
 

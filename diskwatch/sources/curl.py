@@ -726,6 +726,13 @@ class CurlAio:
         error = SourceError(errno.EIO, f"{redact(self.source.url)}: closed")
         for job in jobs:
             job.done(None, error)
+        if jobs and self.loop is not None:
+            try:  # their replies go out from the loop's thread, if it still runs
+                self.loop.call_soon_threadsafe(self.completed)
+            except RuntimeError:
+                pass  # an asyncio loop that is closed: nobody to answer
+        if self in self.source._engines:
+            self.source._engines.remove(self)
 
 
 def _content_length(c: pycurl.Curl) -> int:
