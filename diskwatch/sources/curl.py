@@ -1,10 +1,18 @@
 """CurlSource: a remote image over http, https, ftp, ftps or sftp, read-only.
 
 Every read is a ranged transfer (HTTP ``Range:``, FTP ``REST``, an SFTP
-seek) done by libcurl through pycurl. A pool of ``connections`` easy handles
-makes parallel NBD requests parallel transfers: each pread borrows a handle
-from a queue (waiting when all are busy) and libcurl keeps each handle's
-connection alive between reads. pycurl releases the GIL during a transfer.
+seek) done by libcurl through pycurl. Two ways in, one set of checks:
+
+- ``aio`` (``CurlAio``): the server's loop drives a curl multi handle with
+  ``connections`` easy handles; NBD reads become transfers as they are
+  parsed, without a thread per request. This is how the server reads.
+- the plain ``pread``: a pool of ``connections`` easy handles, each read
+  borrowing one from a queue (waiting when all are busy), for callers in
+  other threads (a layer such as --snapshot runs in the server's worker
+  threads; the map maker reads directly). pycurl releases the GIL during a
+  transfer.
+
+libcurl keeps each connection alive between reads.
 
 The size comes from a HEAD (Content-Length) or, when the server refuses HEAD
 (pre-signed URLs often do), from the Content-Range of a ``Range: bytes=0-0``
