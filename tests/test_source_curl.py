@@ -208,6 +208,7 @@ class RangedHandler(http.server.BaseHTTPRequestHandler):
     state["cut"]    the connection is closed half-way through the body
     state["stall"]  the headers, then nothing until state["release"] is set
     state["whole"]  answered 200 with the whole file, as a server without ranges
+    state["nolength"]  206 without Content-Length: the body ends where the connection does
     """
 
     protocol_version = "HTTP/1.1"
@@ -264,6 +265,12 @@ class RangedHandler(http.server.BaseHTTPRequestHandler):
         body = self.data[start:end + 1]
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {start}-{end}/{len(self.data)}")
+        if n in self.state.get("nolength", ()):
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+            return
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if n in self.state.get("stall", ()):
@@ -582,6 +589,25 @@ def test_loop_refuses_a_server_that_stops_serving_ranges(ranged, www):
                 h.pread(4096, 0)
             assert e.value.errnum == errno.EIO
         assert src.retried == 0  # not transient: refused at once
+
+
+def test_loop_follows_a_redirect(nginx, www):
+    data = original(www)
+    with CurlSource(f"{nginx}/moved/disk.img") as src:
+        with served(src) as (running, h):
+            ranges = [(i * 300_000, 200_000) for i in range(20)]
+            assert read_in_flight(h, ranges) == [data[o:o + n] for o, n in ranges]
+
+
+def test_loop_reads_answers_without_a_length(ranged, www):
+    """A 206 without Content-Length: the body ends with the connection."""
+    data = original(www)
+    ranged.state["nolength"] = set(range(2, 100))
+    with CurlSource(f"{ranged.url}/disk.img") as src:
+        with served(src) as (running, h):
+            ranges = [(i * 100_000, 70_000) for i in range(6)]
+            assert read_in_flight(h, ranges) == [data[o:o + n] for o, n in ranges]
+        assert src.retried == 0
 
 
 def test_loop_rides_out_a_server_restart(www, tmp_path):

@@ -316,9 +316,9 @@ class CurlSource(Source):
         raise SourceError(errno.EIO, f"{where}: {message or f'curl error {code}'}")
 
     def _check_http_status(self, status: int) -> None:
-        where = redact(self.url)
         if 200 <= status < 300:
             return
+        where = redact(self.url)
         if status in (404, 410):
             raise SourceError(errno.ENOENT, f"{where}: HTTP {status} Not Found; check the URL")
         if status in (401, 403, 407):
