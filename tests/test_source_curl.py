@@ -764,3 +764,18 @@ def test_diskwatch_404_is_one_line(nginx):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "404" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_header_lines_that_matter():
+    """Status lines and Content-Range (any case, as HTTP/2 sends them lower
+    case); the other lines are passed over."""
+    from diskwatch.sources.curl import _Transfer
+    t = _Transfer(bytearray(10), True)
+    for line in (b"HTTP/2 206\r\n", b"content-type: application/octet-stream\r\n",
+                 b"content-range: bytes 5-14/100\r\n", b"Connection: keep-alive\r\n",
+                 b"Host: HTTP/1.1\r\n", b"C\r\n", b"\r\n"):
+        t.header(line)
+    assert (t.status, t.content_range, t.total, t.refuse) == (206, (5, 14), 100, None)
+    t.header(b"HTTP/1.1 416 Range Not Satisfiable\r\n")
+    t.header(b"Content-Range: bytes */0\r\n")
+    assert (t.status, t.content_range, t.total, t.refuse) == (416, None, 0, "error page")

@@ -59,6 +59,7 @@ _TRANSIENT_CURL = {
 }
 _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 _CONTENT_RANGE = re.compile(rb"^content-range:\s*bytes\s+(\d+)-(\d+)/(\d+|\*)", re.I)
+_C, _R = (b"C", b"c"), (b"R", b"r")
 _CONTENT_RANGE_UNSAT = re.compile(rb"^content-range:\s*bytes\s+\*/(\d+)", re.I)
 
 
@@ -91,10 +92,10 @@ class _Transfer:
         self.refuse: str | None = None if buf is not None else "no body wanted"
 
     def header(self, line: bytes) -> None:
+        # Called for every header line (ten or so per read): only status
+        # lines and Content-Range matter, told apart by a byte or two.
         first = line[:1]
-        if first not in b"HCc" or not first:  # only status lines and Content-Range matter
-            return
-        if line.startswith(b"HTTP/"):
+        if first == b"H" and line.startswith(b"HTTP/"):
             # a new response (after a redirect or a 100 Continue): start over
             fields = line.split(None, 2)
             self.status = status = (int(fields[1]) if len(fields) > 1 and fields[1].isdigit()
@@ -109,6 +110,8 @@ class _Transfer:
                 self.refuse = "whole file"  # 200 to a range request
             else:
                 self.refuse = None
+            return
+        if first not in _C or line[8:9] not in _R:  # not content-[Rr]ange
             return
         m = _CONTENT_RANGE.match(line)
         if m:
