@@ -162,8 +162,11 @@ class Captive:
             return []
         # Sharing our process group (for the terminal), so no killpg: the
         # shell and what it started. Signalling only the shell left
-        # `--run 'cmd; sleep 1000'`'s sleep running after SIGTERM.
-        pids = [*_descendants(self.proc.pid), self.proc.pid]
+        # `--run 'cmd; sleep 1000'`'s sleep running after SIGTERM. All are
+        # listed first, the shell signalled first: after its child, it could
+        # see the child die, end its `wait` with status 0 (as `wait` does)
+        # and exit 0 before its own signal came, and a stop looked like success.
+        pids = [self.proc.pid, *_descendants(self.proc.pid)]
         for pid in pids:
             try:
                 os.kill(pid, sig)
