@@ -99,7 +99,10 @@ def test_the_unit_under_socket_activation_logs_structured_entries(rw_image, tmp_
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                 env=SUBPROCESS_ENV, start_new_session=True)
     try:
-        wait_until(sock.exists, 20, "the activation socket")
+        # said once it listens (the file exists from bind(), before listen():
+        # a connection then is refused)
+        wait_until(lambda: b"Listening on" in stderr_file.read_bytes(), 20,
+                   "the activation socket")
         # the first connection starts diskwatch
         r = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"],
                            capture_output=True, text=True, timeout=30, env=SUBPROCESS_ENV)
@@ -269,8 +272,9 @@ def test_sigterm_during_a_reload_stops_once_it_is_done(rw_image, tmp_path, start
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                 env=SUBPROCESS_ENV, start_new_session=True)
     try:
-        wait_until(sock.exists, 20, "the socket")
         if started == "socket-activated":  # the first connection starts diskwatch
+            wait_until(lambda: b"Listening on" in stderr_file.read_bytes(), 20,
+                       "the activation socket")
             r = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"],
                                capture_output=True, text=True, timeout=60, env=SUBPROCESS_ENV)
             assert r.returncode == 0, r.stderr
