@@ -227,6 +227,7 @@ class Server:
         """Start serving on ``loop``: an EpollLoop or an asyncio loop (call
         before the loop runs, or from its thread)."""
         self.loop = loop
+        _tune_malloc()
         if self.handshake_timeout or self.idle_timeout:
             loop.call_later(SWEEP_INTERVAL, self._sweep)
         for sock in self._listeners:
@@ -1072,6 +1073,34 @@ class Server:
         if (conn.closing and not conn.closed and not conn.out and conn.inflight == 0
                 and not conn.waiting and not (conn.tls is not None and conn.tls.pending)):
             self._close(conn)
+
+
+# glibc's allocator, for a server that makes a buffer for every read it
+# answers (a source's read, often 256 KiB) and frees it once sent. By default
+# blocks over 128 KiB are mmap'd (and the threshold then moves with what was
+# freed), and the heap is given back to the kernel whenever 2x that is free
+# at its top: the buffers of a copy kept coming back as fresh pages, faulted
+# in and zeroed by the kernel again (perf: a third of diskwatch's page faults
+# during a copy over http; curl source 128 MiB nbdcopy, medians of 10: 229 ->
+# 206 ms). Blocks up to 4 MiB come from the heap, and up to 16 MiB freed at
+# its top is kept for the next buffers: bounded, next to the server's memory
+# budget (TOTAL_BUDGET).
+_MALLOC_TUNED = False
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # malloc.h
+
+
+def _tune_malloc() -> None:
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return  # not glibc: its own defaults
+    mallopt(_M_MMAP_THRESHOLD, 4 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 16 << 20)
 
 
 def _short_read(offset: int, length: int, data) -> OSError:
