@@ -326,21 +326,36 @@ def _run_ui(session: Session, captive, prepare, app=None) -> int:
     thread = threading.Thread(target=prepare_and_start, daemon=True, name="prepare")
     thread.start()
 
+    # SIGTERM/SIGHUP under the UI: leave as if the person quit (the command
+    # is stopped and the socket removed on the way out). The handler runs in
+    # the app's own thread, where call_from_thread cannot be used, and must
+    # not take a lock (starting a thread does): it only queues the signal
+    # for a thread that waits for it (see Wakeups).
+    wakeups = Wakeups()
+
+    def exit_on_signal() -> None:
+        while wakeups.wait(3600) != Wakeups.STOP:
+            # Not before the views are mounted (an exit while the app
+            # composes made its on_mount fail with a traceback on the
+            # screen): on_mount itself sees session.interrupted and exits.
+            if app.is_running and app.views_ready:
+                try:
+                    app.call_from_thread(app.exit)
+                except RuntimeError:
+                    pass  # the app ended meanwhile
+    watcher = threading.Thread(target=exit_on_signal, daemon=True, name="ui-signals")
+    watcher.start()
+
     def on_signal(signum: int) -> None:
-        # SIGTERM/SIGHUP under the UI: leave as if the person quit (the
-        # command is stopped and the socket removed on the way out). The
-        # handler runs inside the app's loop thread; call_from_thread wants
-        # another thread.
         session.interrupted = True
-        if app.is_running:
-            threading.Thread(target=app.call_from_thread, args=(app.exit,), daemon=True).start()
-        # else: the app has not mounted yet; it sees session.interrupted then.
+        wakeups.put(signum)
     try:
         with signals_handled(on_signal, (signal.SIGTERM, signal.SIGHUP)), \
                 logs_as_messages(session.bus):
             result = app.run()
     finally:
         stop.set()
+        wakeups.put(Wakeups.STOP)
     if captive is not None:
         if captive.running:
             captive.stop()

@@ -5,11 +5,14 @@ input gives one clear line and no traceback."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
-from fixtures_server import SUBPROCESS_ENV, MiB, run_diskwatch
+from fixtures_server import SUBPROCESS_ENV, MiB, run_diskwatch, wait_until
 
 # A captive command that says where the socket is and its pid, then waits.
 WAITER = 'echo "$unixsocket $$"; exec sleep 1000'
@@ -353,3 +356,55 @@ def test_report_and_import_refuse_counts_below_one(tmp_path, args, needle):
                       timeout=30)
     assert p.returncode == 2 and needle in p.stderr.strip().splitlines()[-1], p.stderr
     assert not (tmp_path / "x.rec").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_under_the_ui_leaves_as_quitting_does(server_image, tmp_path, sig):
+    """The Textual UI in a real terminal (a pty): SIGTERM or SIGHUP (the
+    terminal went away) stops the command and the server and removes the
+    socket, as the q key does. The handler only queues the signal: it runs
+    in the app's own thread, between two bytecodes, and takes no lock."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    ready = tmp_path / "ready"
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    exe = os.path.join(os.path.dirname(sys.executable), "diskwatch")
+    proc = subprocess.Popen(
+        [exe, server_image.path, "-r", "--run",
+         f'echo "$unixsocket $$" > {ready}.tmp && mv {ready}.tmp {ready} && exec sleep 1000'],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        env=dict(os.environ, TERM="xterm-256color"))
+    os.close(slave)
+    screen = bytearray()
+
+    def drain() -> None:  # a terminal that is never read would block the app
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            screen.extend(chunk)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        wait_until(ready.exists, timeout=60, what="the command under the UI")
+        sock, pid = ready.read_text().split()
+        pid = int(pid)
+        assert pid_alive(pid) and os.path.exists(sock)
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+        assert not pid_alive(pid), "the captive command was left running"
+        assert not os.path.exists(sock)
+        assert b"Traceback" not in screen, re.sub(rb"\x1b\[[0-9;?>$]*[a-zA-Z]", b"", bytes(screen))[-3000:].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)

@@ -161,6 +161,12 @@ class DiskwatchApp(App[int | None]):
         if self.session.interrupted:  # a signal came before the app was running
             self.exit()
 
+    @property
+    def views_ready(self) -> bool:
+        """Mounted: exit() is safe now (before, on_mount itself sees
+        session.interrupted and exits)."""
+        return self._views_ready
+
     def on_resize(self) -> None:
         self.screen.set_class(self.size.width < 100, "-narrow")
         self.screen.set_class(self.size.height < 30, "-short")
