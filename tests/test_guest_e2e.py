@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_images import make_map
+from pilot_helpers import play_to_end
 
 pytestmark = pytest.mark.slow
 
@@ -141,13 +142,7 @@ def test_replaying_the_boot_under_the_pilot_shows_the_same_names(headless_boot, 
         app = ReplayApp(session, trace_cap=100_000)
         app.trace_model.per_add = 0  # list every request: the test compares them all
         async with app.run_test(size=(140, 44)) as pilot:
-            deadline = time.monotonic() + 60
-            while not player.finished:
-                assert time.monotonic() < deadline, "the replay did not reach its end"
-                await pilot.pause(0.05)
-            app.pump()
-            app._refresh_views(force=True)
-            await pilot.pause()
+            await play_to_end(app, pilot, player, timeout=60)
             seen["trace"] = set(ln.label() for ln in app.trace_model.lines
                                 if ln.op in ("read", "write") and ln.type == "f")
             seen["top"] = str(app.query_one(TopObjects).render())

@@ -24,6 +24,7 @@ import pytest
 from fixtures_images import make_map, write_tree
 from fixtures_server import DISKWATCH, wait_until
 from groundtruth import ext4_file_ranges
+from pilot_helpers import play_to_end
 
 from diskwatch.bmap.index import BlockMap, BmapObject
 from diskwatch.demo.guest import MiB, make_partition_table, mkfs_ext4_at
@@ -369,13 +370,7 @@ def test_replaying_a_remapped_session_under_the_pilot_names_the_new_file(headles
     async def main():
         app = ReplayApp(session)
         async with app.run_test(size=(140, 40)) as pilot:
-            deadline = time.monotonic() + 60
-            while not player.finished:
-                assert time.monotonic() < deadline, "the replay did not reach its end"
-                await pilot.pause(0.05)
-            app.pump()
-            app._refresh_views(force=True)
-            await pilot.pause()
+            await play_to_end(app, pilot, player, timeout=60)
             seen["reads"] = {str(o) for o, _ in app.stats.top("reads", 10_000)}
             seen["trace"] = "\n".join(app.query_one(TraceView).lines_text())
             seen["map"] = session.blockmap

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 
 import pytest
 from fixtures_server import IMAGE_SIZE, MiB, run_diskwatch
+from pilot_helpers import play_to_end
 
 from diskwatch.events import Command
 from diskwatch.record import open_recording
@@ -179,13 +179,7 @@ def test_pilot_pause_seek_next_burst_faster(recorded):
             await pilot.press("plus", "plus")
             assert player.speed == 4
             await pilot.press("space")  # play on to the end
-            deadline = time.monotonic() + 30
-            while not player.finished:
-                assert time.monotonic() < deadline, "the replay did not reach its end"
-                await pilot.pause(0.05)
-            app.pump()
-            app._refresh_views(force=True)
-            await pilot.pause()
+            await play_to_end(app, pilot, player, timeout=30)
             assert app.stats.requests == len(player)
             top = str(app.query_one(TopObjects).render())
             assert "/bin/busybox" in top and "/etc/passwd" in top
