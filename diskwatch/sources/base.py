@@ -184,11 +184,15 @@ class Layer(Source):
     def cache(self, offset, length):
         return self.inner.cache(offset, length)
 
-    def view_for(self, offset, length):
+    def __init_subclass__(cls, **kwargs) -> None:
         # A layer that changes reads (its own pread) and says nothing of
-        # views must not be bypassed by the inner source's buffers.
-        if type(self).pread is not Layer.pread:
-            return None
+        # views must not be bypassed by the inner source's buffers: it gets
+        # none, decided once here rather than on every read.
+        super().__init_subclass__(**kwargs)
+        if "pread" in cls.__dict__ and "view_for" not in cls.__dict__:
+            cls.view_for = Source.view_for
+
+    def view_for(self, offset, length):
         return self.inner.view_for(offset, length)
 
     def close(self):

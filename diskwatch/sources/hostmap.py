@@ -228,7 +228,6 @@ class HostMap:
         g = self.granule
         if self.written.find(1, offset // g, (offset + length - 1) // g + 1) >= 0:
             return None
-        self.served += 1
         if kind >= FILE:
             host = self.hosts[i] + offset - starts[i]
             if self.copy:
@@ -236,15 +235,16 @@ class HostMap:
                 # run, and a trim then a write elsewhere may reuse this host
                 # cluster for another range of the disk.
                 data = os.pread(self._fd_of[kind - FILE], length, host)
-                if len(data) == length:
-                    return data
-                self.served -= 1
-                return None
-            return self.views[kind - FILE][host:host + length]
-        if length <= _ZEROS_MAX:
-            return _zero_view(length)
-        self.served -= 1
-        return None
+                if len(data) != length:
+                    return None
+            else:
+                data = self.views[kind - FILE][host:host + length]
+        elif length <= _ZEROS_MAX:
+            data = _zero_view(length)
+        else:
+            return None
+        self.served += 1
+        return data
 
     def pread(self, offset: int, length: int) -> bytes | None:
         """The bytes of a range that may span extents, or None if any part
@@ -327,7 +327,8 @@ class HostMapper:
         while size // granule >= MAX_GRANULES:
             granule *= 2
         self.granule = granule
-        self.written = bytearray(size // granule + 1)
+        # A read-only daemon is never written: no bitmap to hold (up to 16 MiB)
+        self.written = bytearray(size // granule + 1) if writable else bytearray()
         self.map: HostMap | None = None
         self.failure: str | None = None
         self._proc: subprocess.Popen | None = None
@@ -389,8 +390,9 @@ class HostMapper:
 
     def changed(self, offset: int, length: int) -> None:
         """The guest is about to write, zero or trim this range: from now on
-        it is read through the daemon. Called before the request is sent."""
-        if length > 0:
+        it is read through the daemon. Called before the request is sent
+        (never for a read-only daemon: writes are refused above it)."""
+        if length > 0 and self.writable:
             g = self.granule
             first, last = offset // g, (offset + length - 1) // g
             self.written[first:last + 1] = b"\x01" * (last - first + 1)

@@ -314,13 +314,11 @@ class QemuSource(NbdSource):
         self.daemon.on_exit = self.hostmap.stop_serving
 
     def view_for(self, offset: int, length: int):
-        hostmap = self.hostmap
-        m = hostmap.map if hostmap is not None else None
+        m = self.hostmap.map  # the mapper exists once the source is open
         return m.view_for(offset, length) if m is not None else None
 
     def pread(self, offset: int, length: int) -> bytes:
-        hostmap = self.hostmap
-        m = hostmap.map if hostmap is not None else None
+        m = self.hostmap.map
         if m is not None and 0 <= offset and offset + length <= self.size:
             data = m.pread(offset, length)
             if data is not None:
@@ -340,8 +338,7 @@ class QemuSource(NbdSource):
         super().zero(offset, length, may_trim, fua, fast)
 
     def _changing(self, offset: int, length: int) -> None:
-        if self.hostmap is not None:
-            self.hostmap.changed(offset, length)
+        self.hostmap.changed(offset, length)
 
     def _open_handle(self, h) -> None:
         h.set_export_name("disk")
