@@ -12,6 +12,7 @@ it starts is stopped at teardown.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import shutil
@@ -102,6 +103,19 @@ def _build_server_image(work: Path) -> ServerImage:
         f.seek(RANDOM[0])
         f.write(random.Random(RANDOM_SEED).randbytes(RANDOM[1]))
     return ServerImage(image, IMAGE_SIZE, md5(image), files)
+
+
+@pytest.fixture
+def no_loop_errors(caplog):
+    """An exception escaping a callback of the server's loop is a bug even if
+    the client saw nothing (the loop logs it and carries on). Server test
+    modules use it for every test (``pytest.mark.usefixtures``)."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    caplog.set_level(logging.ERROR, logger="diskwatch.server")
+    yield
+    bad = [r for r in caplog.records if r.name in ("asyncio", "diskwatch.server")
+           and r.levelno >= logging.ERROR]
+    assert not bad, bad[0].getMessage()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 
 import pytest
-from groundtruth import ext4_file_ranges
+from groundtruth import ext4_file_ranges, overlap
 
 from diskwatch.bmap.format import read_bmap
 from diskwatch.bmap.generate import (
@@ -177,14 +177,6 @@ def lvm_map(lvm_image, tmp_path_factory):
 
 
 MAPS = ["ext4_map", "gpt_map", "lvm_map"]
-
-
-def overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
-    total = 0
-    for s1, e1 in a:
-        for s2, e2 in b:
-            total += max(0, min(e1, e2) - max(s1, s2))
-    return total
 
 
 def ext4_accuracy(gen: Generated, device: str) -> tuple[float, float, list[str]]:

@@ -30,6 +30,7 @@ from groundtruth import (
     ext4_file_ranges,
     fat_file_ranges,
     ntfs_object_ranges,
+    overlap,
 )
 
 from diskwatch.bmap.format import BmapEntry
@@ -76,14 +77,6 @@ def gpt_meta(gpt_fat_image):
 @pytest.fixture(scope="session")
 def lvm_meta(lvm_image):
     return Mapped(lvm_image)
-
-
-def overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
-    total = 0
-    for s1, e1 in a:
-        for s2, e2 in b:
-            total += max(0, min(e1, e2) - max(s1, s2))
-    return total
 
 
 def size_of(ranges: list[tuple[int, int]]) -> int:

@@ -6,7 +6,6 @@ send the rest. Every socket read has a timeout, so nothing here can hang."""
 from __future__ import annotations
 
 import errno
-import logging
 import socket
 import struct
 
@@ -28,18 +27,7 @@ from fixtures_server import (
 from diskwatch.server import protocol as P
 
 nbd = pytest.importorskip("nbd")
-
-
-@pytest.fixture(autouse=True)
-def no_loop_errors(caplog):
-    """An exception escaping a callback of the server's loop is a bug even if
-    the client saw nothing (asyncio logs it and carries on)."""
-    caplog.set_level(logging.ERROR, logger="asyncio")
-    caplog.set_level(logging.ERROR, logger="diskwatch.server")
-    yield
-    bad = [r for r in caplog.records if r.name in ("asyncio", "diskwatch.server")
-           and r.levelno >= logging.ERROR]
-    assert not bad, bad[0].getMessage()
+pytestmark = pytest.mark.usefixtures("no_loop_errors")
 
 
 def still_serves(served, image_path, h=None) -> None:

@@ -6,7 +6,6 @@ others (a bystander reads right) and nothing acknowledged is lost."""
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import random
 import signal
@@ -32,16 +31,7 @@ from diskwatch.sources.errors import ErrorInjection, parse_error_rule
 from diskwatch.sources.file import FileSource
 
 nbd = pytest.importorskip("nbd")
-pytestmark = pytest.mark.timeout(120, method="thread")
-
-
-@pytest.fixture(autouse=True)
-def no_loop_errors(caplog):
-    caplog.set_level(logging.ERROR, logger="diskwatch.server")
-    yield
-    bad = [r for r in caplog.records if r.name == "diskwatch.server"
-           and r.levelno >= logging.ERROR]
-    assert not bad, bad[0].getMessage()
+pytestmark = [pytest.mark.timeout(120, method="thread"), pytest.mark.usefixtures("no_loop_errors")]
 
 
 def check_serves(served, image) -> None:

@@ -105,15 +105,7 @@ def options_of(conn: P.ServerConnection, *options: tuple[int, bytes]) -> list[tu
     (option, type, data)."""
     conn.data_to_send()  # the greeting
     conn.receive_data(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES))
-    for opt, data in options:
-        conn.receive_data(struct.pack(">QII", P.IHAVEOPT, opt, len(data)) + data)
-    out = conn.data_to_send()
-    replies = []
-    while out:
-        _, opt, rtype, n = struct.unpack_from(">QIII", out)
-        replies.append((opt, rtype, out[20:20 + n]))
-        out = out[20 + n:]
-    return replies
+    return options_of_more(conn, *options)
 
 
 EXPORTS = {"": P.Export(name="", size=MiB)}
@@ -160,6 +152,8 @@ def test_starttls_ack_then_nothing_is_parsed_until_the_switch():
 
 
 def options_of_more(conn: P.ServerConnection, *options) -> list[tuple]:
+    """Feed more options (the flags were sent); the replies as (option,
+    type, data)."""
     for opt, data in options:
         conn.receive_data(struct.pack(">QII", P.IHAVEOPT, opt, len(data)) + data)
     out = conn.data_to_send()
