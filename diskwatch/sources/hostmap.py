@@ -382,9 +382,10 @@ class HostMapper:
                     return
                 hm.ready = not self._stopped
                 self.map = hm
-            direct = hm.extents_served_directly()
-            log.info("%s: %d extents mapped; reads of %d of %d bytes go straight to the "
-                     "image's files", self.path, len(hm.starts) - 1, direct, self.size)
+            if log.isEnabledFor(logging.INFO):  # a pass over every extent, for this line only
+                log.info("%s: %d extents mapped; reads of %d of %d bytes go straight to the "
+                         "image's files", self.path, len(hm.starts) - 1,
+                         hm.extents_served_directly(), self.size)
         finally:
             self.done.set()
 
