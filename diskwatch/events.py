@@ -16,29 +16,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import NamedTuple
 
-
-class Command(IntEnum):
-    """NBD command numbers (the wire values)."""
-
-    READ = 0
-    WRITE = 1
-    DISC = 2
-    FLUSH = 3
-    TRIM = 4
-    CACHE = 5
-    WRITE_ZEROES = 6
-    BLOCK_STATUS = 7
-    #: not an NBD command: what the server publishes for a command number it
-    #: does not know (it answered EINVAL), so consumers index tables safely
-    UNKNOWN = 8
-
-
-#: short lower-case names used in traces, indexed by command number
-COMMAND_NAMES = ("read", "write", "disc", "flush", "trim", "cache", "zero", "block_status",
-                 "unknown")
+# the wire's (diskwatch/wire.py), found here too by the sinks that read a Request
+from .wire import COMMAND_NAMES as COMMAND_NAMES
+from .wire import Command as Command
 
 
 class Request(NamedTuple):
@@ -46,7 +28,7 @@ class Request(NamedTuple):
 
     conn: int  # connection number, from 1
     export: str
-    command: int  # a Command value
+    command: int  # a Command value (diskwatch.wire)
     offset: int
     length: int
     flags: int  # NBD command flags (FUA=1, NO_HOLE=2, DF=4, REQ_ONE=8, FAST_ZERO=16)

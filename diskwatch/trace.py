@@ -22,12 +22,13 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import IO
 
-from .events import COMMAND_NAMES, Command, Request
+from .events import Request
 from .session import Pieces
 from .text import count, safe_text
+from .wire import COMMAND_NAMES, DATA_COMMANDS, Command
 
 # Commands that touch data at an offset (the others are shown once, plainly).
-_RANGED = {Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Command.CACHE}
+_RANGED = DATA_COMMANDS
 MAX_RANGES_SHOWN = 4
 
 

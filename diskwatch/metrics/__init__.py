@@ -18,9 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..events import COMMAND_NAMES
+from ..wire import COMMAND_NAMES, DATA_COMMANDS
 from .aggregate import (
-    BYTE_COMMANDS,
     LATENCY_BOUNDS,
     OPS,
     OTHER,
@@ -116,7 +115,7 @@ def families(snap: Snapshot) -> Iterator[Family]:
             if not c.ops[cmd]:
                 continue
             f["diskwatch_requests_total"].samples.append(((export, name), c.ops[cmd]))
-            if cmd in BYTE_COMMANDS:
+            if cmd in DATA_COMMANDS:
                 f["diskwatch_bytes_total"].samples.append(((export, name), c.bytes[cmd]))
             buckets = c.buckets[cmd]
             if buckets is not None:

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from itertools import compress
 from operator import itemgetter
 
-from ..events import COMMAND_NAMES, Command, ConnectionEvent, Dropped, Request
+from ..events import ConnectionEvent, Dropped, Request
 from ..text import safe_text
+from ..wire import COMMAND_NAMES, DATA_COMMANDS, ERROR_NAMES, Command
 from .topn import WIDTH, TopSeries
 
 #: the data operations object metrics count, by their ``op`` label
@@ -41,15 +42,9 @@ OPS = ("read", "write", "trim", "zero")
 _OP_OF_COMMAND = [-1] * len(COMMAND_NAMES)
 for _i, _cmd in enumerate((Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)):
     _OP_OF_COMMAND[_cmd] = _i
-#: commands whose length is bytes of the disk they act on (block status only asks)
-BYTE_COMMANDS = frozenset((Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES,
-                           Command.CACHE))
 #: upper bounds (seconds) of the latency histogram's buckets; then +Inf
 LATENCY_BOUNDS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
                   0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-#: the errors an NBD server can send (the wire values are these errnos)
-ERRNO_NAMES = {1: "EPERM", 5: "EIO", 12: "ENOMEM", 22: "EINVAL", 28: "ENOSPC",
-               75: "EOVERFLOW", 95: "ENOTSUP", 108: "ESHUTDOWN"}
 #: partitions (devices, LVs) with their own series; more go to "other"
 MAX_PARTITIONS = 64
 OTHER = "other"
@@ -93,8 +88,8 @@ def series_bound(top: int, exports: int = 1) -> int:
     README states it; the 100,000-files test holds the endpoint to it)."""
     ncmd = len(COMMAND_NAMES)
     per_export = (ncmd  # requests
-                  + len(BYTE_COMMANDS)  # bytes
-                  + ncmd * (len(ERRNO_NAMES) + 1)  # errors, by errno or 'other'
+                  + len(DATA_COMMANDS)  # bytes
+                  + ncmd * (len(ERROR_NAMES) + 1)  # errors, by errno or 'other'
                   + ncmd * (len(LATENCY_BOUNDS) + 3)  # buckets, +Inf, sum, count
                   + 3)  # connections, connections_total, size
     values = 2 * len(OPS)  # requests and bytes per op
@@ -232,7 +227,7 @@ class MetricsSink:
         if errors.count(0) != len(errors):
             for r in reqs:
                 if r[8]:
-                    c.errors[(r[2], ERRNO_NAMES.get(r[8], OTHER))] += 1
+                    c.errors[(r[2], ERROR_NAMES.get(r[8], OTHER))] += 1
 
     def _attribute(self, batch: Sequence[Request], pieces, groups=None) -> None:
         """Partition, top-level directory and file of every request's pieces.

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..bmap.format import TYPE_RANK, is_structure_path
-from ..events import COMMAND_NAMES, Command
+from ..wire import CMD_FLUSH, CMD_READ, COMMAND_NAMES, WRITE_COMMANDS
 from .inputs import Recording
 
 REGION_SHIFT = 20  # 1 MiB regions name the busy places when there is no map
@@ -49,9 +49,7 @@ CHURN_MIN_BURSTS = 3
 TYPE_NAMES = {"f": "file", "d": "directory", "l": "lv", "p": "partition", "v": "disk",
               None: "unmapped"}
 
-_READ = int(Command.READ)
-_WRITTEN = frozenset((int(Command.WRITE), int(Command.WRITE_ZEROES), int(Command.TRIM)))
-_RANGED = _WRITTEN | {_READ}
+_RANGED = WRITE_COMMANDS | {CMD_READ}
 
 
 @dataclass(slots=True)
@@ -253,7 +251,7 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     lookup = blockmap.lookup if blockmap is not None else None
     end = 0.0
     flushes = 0
-    flush = int(Command.FLUSH)
+    flush = CMD_FLUSH
     k = 0  # the next map to switch to, at request switch_at[k]
     next_switch = switch_at[0] if switch_at else -1
     for i, r in enumerate(recording.requests):
@@ -280,7 +278,7 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
         if cmd not in _RANGED or not r.length:
             _latency(latencies, "-", name, r.duration)
             continue
-        is_read = cmd == _READ
+        is_read = cmd == CMD_READ
         if is_read:
             a.read_bytes += r.length
         else:

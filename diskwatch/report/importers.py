@@ -47,11 +47,21 @@ from datetime import datetime
 from typing import BinaryIO
 
 from ..errors import DiskwatchError
-from ..events import COMMAND_NAMES, Command, Request, make_request
+from ..events import Request, make_request
+from ..wire import (
+    CMD_FLAG_FAST_ZERO,
+    CMD_FLAG_FUA,
+    CMD_FLAG_NO_HOLE,
+    CMD_FLAG_REQ_ONE,
+    COMMAND_NAMES,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    Command,
+)
 from .inputs import Recording
 
-NBD_REQUEST_MAGIC = 0x25609513
-NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+#: nbd-server's own records in its transaction log, beside the wire's request
+#: and reply headers (diskwatch/wire.py): not NBD, so defined here
 NBD_TRACELOG_MAGIC = 0x25609514
 NBD_TRACELOG_SET_DATALOG = 1
 NBD_TRACELOG_FROM_MAGIC = 0x4A93BA39A54F31B6
@@ -59,9 +69,6 @@ NBD_TRACELOG_FROM_MAGIC = 0x4A93BA39A54F31B6
 _REQUEST_REST = struct.Struct(">IQQI")  # type, cookie, offset, length (after the magic)
 _REPLY_REST = struct.Struct(">IQ")  # error, cookie
 _MAGIC = struct.Struct(">I")
-
-# NBD_CMD_FLAG_* as nbdkit's log spells them, per action
-FLAG_FUA, FLAG_NO_HOLE, FLAG_REQ_ONE, FLAG_FAST_ZERO = 1, 2, 8, 16
 
 
 class ImportFormatError(DiskwatchError):
@@ -111,7 +118,7 @@ def _parse_transaction_log(f: BinaryIO, path: str) -> tuple[list[Request], bool]
         if len(head) < 4:
             return _finish(order), True
         (magic,) = _MAGIC.unpack(head)
-        if magic in (NBD_REQUEST_MAGIC, NBD_TRACELOG_MAGIC):
+        if magic in (REQUEST_MAGIC, NBD_TRACELOG_MAGIC):
             body = f.read(_REQUEST_REST.size)
             if len(body) < _REQUEST_REST.size:
                 return _finish(order), True
@@ -132,7 +139,7 @@ def _parse_transaction_log(f: BinaryIO, path: str) -> tuple[list[Request], bool]
                 pos += skipped
                 if skipped < length:
                     return _finish(order), True
-        elif magic == NBD_SIMPLE_REPLY_MAGIC:
+        elif magic == SIMPLE_REPLY_MAGIC:
             body = f.read(_REPLY_REST.size)
             if len(body) < _REPLY_REST.size:
                 return _finish(order), True
@@ -227,14 +234,14 @@ def _parse_nbdkit_log(lines, path: str) -> tuple[list[Request], str, int | None]
             raise ImportFormatError(f"{path}:{lineno}: bad offset or count in {action}") from None
         flags = 0
         if fields.get("fua") == "1":
-            flags |= FLAG_FUA
+            flags |= CMD_FLAG_FUA
         if command == Command.WRITE_ZEROES:
             if fields.get("trim") == "0":
-                flags |= FLAG_NO_HOLE
+                flags |= CMD_FLAG_NO_HOLE
             if fields.get("fast") == "1":
-                flags |= FLAG_FAST_ZERO
+                flags |= CMD_FLAG_FAST_ZERO
         if command == Command.BLOCK_STATUS and fields.get("req_one") == "1":
-            flags |= FLAG_REQ_ONE
+            flags |= CMD_FLAG_REQ_ONE
         req = [conn, exports.get(conn, ""), int(command), offset, length, flags, t, 0.0, 0]
         _check_fields(req, f"{path}:{lineno}")
         open_calls[key] = req

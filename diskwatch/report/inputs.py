@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import DiskwatchError
 from ..events import Request
+from ..wire import REQUEST_MAGIC
 
 #: what ``--from`` accepts; "auto" decides by the file's first bytes
 KINDS = ("auto", "diskwatch", "jsonl", "nbd-trdump", "nbdkit-log")
@@ -52,10 +53,10 @@ class Recording:
 
 def sniff(path: str) -> str:
     """The kind of a file, by its first bytes."""
-    from .importers import NBD_REQUEST_MAGIC, NBD_TRACELOG_MAGIC
+    from .importers import NBD_TRACELOG_MAGIC
     with open(path, "rb") as f:
         head = f.read(64)
-    if len(head) >= 4 and int.from_bytes(head[:4], "big") in (NBD_REQUEST_MAGIC,
+    if len(head) >= 4 and int.from_bytes(head[:4], "big") in (REQUEST_MAGIC,
                                                                NBD_TRACELOG_MAGIC):
         return "nbd-trdump"
     if head.startswith(b"DWREC"):

@@ -37,9 +37,10 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from ..errors import DiskwatchError
-from ..events import Command, Request
+from ..events import Request
 from ..text import safe_text
 from ..trace import human_bytes
+from ..wire import CMD_READ, WRITE_COMMANDS
 
 READ_COLOUR = "#2166ac"
 WRITE_COLOUR = "#d6402b"
@@ -47,9 +48,7 @@ FILE_BAND_COLOUR = "#f2b701"
 PARTITION_FILLS = ("#eef2f6", "#e3e9ef")
 SHADES = (0.35, 0.55, 0.78, 1.0)  # opacity by how many requests a cell holds (log scale)
 
-_READ = int(Command.READ)
 _START, _OFFSET, _LENGTH = itemgetter(6), itemgetter(3), itemgetter(4)
-_WRITTEN = frozenset((int(Command.WRITE), int(Command.WRITE_ZEROES), int(Command.TRIM)))
 
 
 class PictureBins:
@@ -78,9 +77,9 @@ class PictureBins:
         self.origin: float | None = None
 
     def add(self, t: float, command: int, offset: int, length: int) -> None:
-        if command == _READ:
+        if command == CMD_READ:
             grid, nbytes = self.reads, self.read_bytes
-        elif command in _WRITTEN:
+        elif command in WRITE_COMMANDS:
             grid, nbytes = self.writes, self.write_bytes
         else:
             return
@@ -109,7 +108,7 @@ class PictureBins:
         """``add`` each request. Live, this runs in the UI's thread for every
         batch, so the usual case (a request within one row) is counted with
         C-level map()s and a Counter, not Python code per request."""
-        batch = [r for r in requests if r[4] > 0 and (r[2] == _READ or r[2] in _WRITTEN)]
+        batch = [r for r in requests if r[4] > 0 and (r[2] == CMD_READ or r[2] in WRITE_COMMANDS)]
         if not batch:
             return
         if self.origin is None:
@@ -127,7 +126,7 @@ class PictureBins:
         firsts = list(map(floordiv, map(mul, offsets, repeat(rows)), repeat(size)))
         lasts = list(map(floordiv, map(mul, map(add, offsets, map(sub, lengths, repeat(1))),
                                        repeat(rows)), repeat(size)))
-        writes = [r[2] != _READ for r in batch]
+        writes = [r[2] != CMD_READ for r in batch]
         used = max(cols) + 1
         if used > self.used:
             self.used = used
