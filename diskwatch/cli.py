@@ -22,6 +22,7 @@ from . import __version__
 from .errors import DiskwatchError
 from .runner import RunConfig, Runner, UsageError, generate_map
 from .text import SafeFormatter, safe_text
+from .units import parse_size
 
 log = logging.getLogger("diskwatch")
 
@@ -174,7 +175,6 @@ def _top(text: str) -> int:
 
 
 def _size(text: str) -> int:
-    from .sources import parse_size
     try:
         v = parse_size(text)
     except ValueError as e:

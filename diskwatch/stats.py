@@ -419,35 +419,3 @@ class Stats:
         items = [(o, c) for o, c in items if getattr(c, by)]
         items.sort(key=lambda oc: (-getattr(oc[1], by), -getattr(oc[1], bytes_key), str(oc[0])))
         return items[:n]
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5K' (binary units, at most 4 characters before the unit)."""
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            if unit == "B":
-                return f"{int(n)}B"
-            return f"{n:.1f}{unit}" if abs(n) < 10 else f"{n:.0f}{unit}"
-        n /= 1024
-    return f"{n:.0f}P"  # pragma: no cover
-
-
-def human_count(n: int) -> str:
-    """12345 -> '12.3k': at most 5 characters."""
-    if n < 10_000:
-        return str(n)
-    for unit in ("k", "M", "G"):
-        n /= 1000
-        if n < 1000:
-            return f"{n:.1f}{unit}" if n < 100 else f"{n:.0f}{unit}"
-    return f"{n:.0f}T"
-
-
-def human_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f}µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.1f}ms"
-    return f"{seconds:.2f}s"

@@ -46,6 +46,8 @@ from rich.color import Color
 from rich.style import Style
 from rich.text import Text
 
+from .units import count  # found here too (in __all__)
+
 __all__ = ["SafeFormatter", "TerminalText", "count", "safe_text"]
 
 # Cc controls, Cf format characters (bidi overrides, zero-width), Cs lone
@@ -221,8 +223,3 @@ class TerminalText:
                     attrs["color" if code == 38 else "bgcolor"] = color
             # anything else (blink, conceal, fonts, frames...): ignored
         self._current = _style(tuple(sorted(attrs.items(), key=lambda kv: kv[0])))
-
-
-def count(n: int, noun: str, nouns: str | None = None) -> str:
-    """``1 request``, ``2 requests``; ``nouns`` when the plural is not +s."""
-    return f"{n} {noun}" if n == 1 else f"{n} {nouns or noun + 's'}"

@@ -19,26 +19,17 @@ made (each batch, and a quiet run after ``2 * idle_flush``), so
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import IO
 
 from .events import Request
 from .session import Pieces
-from .text import count, safe_text
+from .text import safe_text
+from .units import count, format_bytes, format_duration_compact
 from .wire import COMMAND_NAMES, DATA_COMMANDS, Command
 
 # Commands that touch data at an offset (the others are shown once, plainly).
 _RANGED = DATA_COMMANDS
 MAX_RANGES_SHOWN = 4
-
-
-@lru_cache(maxsize=4096)  # request sizes repeat: 4 KiB, 64 KiB, 256 KiB...
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}".replace(".0 ", " ")
-        n /= 1024
-    return str(n)
 
 
 class _Run:
@@ -169,7 +160,7 @@ class TextTrace:
             shown = ", ".join(f"{s:#x}-{e:#x}" for s, e in ranges[:MAX_RANGES_SHOWN])
         if len(ranges) > MAX_RANGES_SHOWN:
             shown += f", +{len(run.ranges) - MAX_RANGES_SHOWN} more"
-        detail = f"{human_bytes(run.nbytes)}"
+        detail = f"{format_bytes(run.nbytes)}"
         if run.count > 1:
             detail += f" in {run.count} requests"
         if run.errors:
@@ -215,10 +206,9 @@ class Summary:
         pass
 
     def print(self, out: IO[str]) -> None:
-        from .stats import human_duration
         st = self.stats
         # the trace's units (2.5 MiB), not the UI's narrow columns' (2.5M)
-        parts = [f"{st.ops[i]} {name} ({human_bytes(st.bytes[i])})" if name in
+        parts = [f"{st.ops[i]} {name} ({format_bytes(st.bytes[i])})" if name in
                  ("read", "write", "trim", "zero") else f"{st.ops[i]} {name}"
                  for i, name in enumerate(COMMAND_NAMES) if st.ops[i]]
         conns = st.connections_total
@@ -230,8 +220,8 @@ class Summary:
               + (": " + ", ".join(parts) if parts else "")
               + (f"; {st.errors} failed" if st.errors else ""), file=out)
         if st.latency.total:  # not for disconnects alone: they have no reply
-            print(f"diskwatch: latency median {human_duration(st.latency.median)}, "
-                  f"p99 {human_duration(st.latency.p99)}", file=out)
+            print(f"diskwatch: latency median {format_duration_compact(st.latency.median)}, "
+                  f"p99 {format_duration_compact(st.latency.p99)}", file=out)
         if self.named:
             # The guest's files and directories: what a person looks for (a
             # partition's own count is its free space and metadata). The

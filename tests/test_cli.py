@@ -339,7 +339,7 @@ def test_every_option_of_every_command_has_help():
 
 
 def test_counts_say_one_thing_in_the_singular():
-    from diskwatch.text import count
+    from diskwatch.units import count
     assert count(1, "file") == "1 file" and count(0, "file") == "0 files"
     assert count(1, "directory", "directories") == "1 directory"
     assert count(2, "directory", "directories") == "2 directories"

@@ -13,9 +13,6 @@ from diskwatch.stats import (
     LatencyHistogram,
     RateSeries,
     Stats,
-    human_bytes,
-    human_count,
-    human_duration,
 )
 
 MiB = 1 << 20
@@ -178,14 +175,6 @@ def test_pump_is_the_thread_boundary(blockmap):
     pump.close()
     assert a.closed and b.closed and a.ticks == [200.0, float("inf")]
     assert not bus.has_request_subscribers
-
-
-def test_human_units():
-    assert human_bytes(0) == "0B" and human_bytes(1536) == "1.5K" and human_bytes(64 * MiB) == "64M"
-    assert human_count(9999) == "9999" and human_count(12345) == "12.3k"
-    assert human_count(123_456_789) == "123M"
-    assert human_duration(None) == "-" and human_duration(45e-6) == "45µs"
-    assert human_duration(0.0123) == "12.3ms" and human_duration(2) == "2.00s"
 
 
 def test_batch_counting_matches_counting_one_by_one():

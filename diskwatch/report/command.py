@@ -188,7 +188,7 @@ class _PictureMap:
 
 
 def draw(recording, analysis, blockmap, svg_path: str | None, png_path: str | None) -> None:
-    from ..trace import human_bytes
+    from ..units import format_bytes
     from .svg import PictureBins, busiest_files, render_svg, write_png
 
     bins = PictureBins(recording.disk_size(), width=0.05 if recording.timed else 1.0)
@@ -198,8 +198,8 @@ def draw(recording, analysis, blockmap, svg_path: str | None, png_path: str | No
     files = busiest_files((o, t.bytes) for o, t in analysis.objects.items())
     span = f"{analysis.duration:.1f} s" if recording.timed else "no times"
     title = (f"{recording.source}: {analysis.requests} requests, {span}, "
-             f"read {human_bytes(analysis.read_bytes)}, "
-             f"written {human_bytes(analysis.write_bytes)}")
+             f"read {format_bytes(analysis.read_bytes)}, "
+             f"written {format_bytes(analysis.write_bytes)}")
     text = render_svg(bins, title=title, blockmap=blockmap, files=files, timed=recording.timed)
     if svg_path:
         _write_text_file(svg_path, text)

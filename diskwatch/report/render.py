@@ -56,7 +56,7 @@ import json
 from typing import IO, Any
 
 from ..text import safe_text
-from ..trace import human_bytes
+from ..units import format_bytes, format_duration
 from .analysis import Analysis, Comparison, Traffic, is_fs_structure
 
 SCHEMA = "diskwatch-report/1"
@@ -69,17 +69,9 @@ def _when(t: float | None, timed: bool) -> str:
     return f"{t:8.3f} s" if timed else f"#{int(t):<8d}"
 
 
-def _dur(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f} µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds:.2f} s"
-
-
 def _traffic_cols(t: Traffic) -> str:
-    return (f"{human_bytes(t.read_bytes):>10} {t.reads:>7}  "
-            f"{human_bytes(t.write_bytes):>10} {t.writes:>7}")
+    return (f"{format_bytes(t.read_bytes):>10} {t.reads:>7}  "
+            f"{format_bytes(t.write_bytes):>10} {t.writes:>7}")
 
 
 _TRAFFIC_HEAD = f"{'read':>10} {'reqs':>7}  {'written':>10} {'reqs':>7}"
@@ -93,12 +85,12 @@ def write_text(a: Analysis, out: IO[str], top: int = 10) -> None:
           "read up to its end)\n")
     span = (f"{a.duration:.2f} s" if a.timed
             else "no times in this log: positions are request order")
-    cmds = ", ".join(f"{name} {n}" + (f" ({human_bytes(b)})" if name in ("read", "write") else "")
+    cmds = ", ".join(f"{name} {n}" + (f" ({format_bytes(b)})" if name in ("read", "write") else "")
                      for name, (n, b) in a.by_command.items())
     w(f"  {a.requests} requests, {span}: {cmds}" + (f"; {a.errors} failed" if a.errors else "")
       + "\n")
-    w(f"  disk {human_bytes(a.size)}; read {human_bytes(a.read_bytes)}, "
-      f"written {human_bytes(a.write_bytes)}\n")
+    w(f"  disk {format_bytes(a.size)}; read {format_bytes(a.read_bytes)}, "
+      f"written {format_bytes(a.write_bytes)}\n")
     if a.maps:
         whens = ", ".join(f"{m['t']:.2f} s ({safe_text(m['why'])})" for m in a.maps[:5])
         more = f" and {len(a.maps) - 5} more" if len(a.maps) > 5 else ""
@@ -168,7 +160,7 @@ def _churn_rows(a: Analysis, w, rows) -> None:
     for c in rows:
         every = f"{c.period:.3f} {unit}" if c.period is not None else "-"
         rate = f"{c.per_minute:.1f}" if c.per_minute is not None and a.timed else "-"
-        w(f"  {c.bursts:>6} {c.writes:>7} {human_bytes(c.write_bytes):>10} {every:>10} "
+        w(f"  {c.bursts:>6} {c.writes:>7} {format_bytes(c.write_bytes):>10} {every:>10} "
           f"{rate:>8}  {safe_text(c.name)}\n")
 
 
@@ -199,8 +191,8 @@ def _latency(a: Analysis, w) -> None:
     w("\nLatency per object type (most specific object of each request)\n")
     w(f"  {'type':<10} {'op':<12} {'count':>7} {'p50':>9} {'p90':>9} {'p99':>9} {'max':>9}\n")
     for r in rows:
-        w(f"  {r.type:<10} {r.op:<12} {r.count:>7} {_dur(r.p50):>9} {_dur(r.p90):>9} "
-          f"{_dur(r.p99):>9} {_dur(r.max):>9}\n")
+        w(f"  {r.type:<10} {r.op:<12} {r.count:>7} {format_duration(r.p50):>9} {format_duration(r.p90):>9} "
+          f"{format_duration(r.p99):>9} {format_duration(r.max):>9}\n")
 
 
 # --- JSON ------------------------------------------------------------------------------
@@ -273,8 +265,8 @@ def write_compare_text(c: Comparison, out: IO[str], top: int = 10) -> None:
     w(f"  {'':<16} {'A':>12} {'B':>12} {'B/A':>8}\n")
     for label, x, y, fmt in (
         ("requests", a.requests, b.requests, str),
-        ("bytes read", a.read_bytes, b.read_bytes, human_bytes),
-        ("bytes written", a.write_bytes, b.write_bytes, human_bytes),
+        ("bytes read", a.read_bytes, b.read_bytes, format_bytes),
+        ("bytes written", a.write_bytes, b.write_bytes, format_bytes),
         ("failed", a.errors, b.errors, str),
     ):
         w(f"  {label:<16} {fmt(x):>12} {fmt(y):>12} {_ratio(x, y):>8}\n")
@@ -288,8 +280,8 @@ def write_compare_text(c: Comparison, out: IO[str], top: int = 10) -> None:
         total = Traffic()
         for _, t in rows:
             total.add(t)
-        w(f"\n{title}: {len(rows)} files and directories, {human_bytes(total.read_bytes)} "
-          f"read, {human_bytes(total.write_bytes)} written\n")
+        w(f"\n{title}: {len(rows)} files and directories, {format_bytes(total.read_bytes)} "
+          f"read, {format_bytes(total.write_bytes)} written\n")
         if rows:
             w(f"  {_TRAFFIC_HEAD}  name\n")
         for name, t in rows[:top]:
@@ -297,8 +289,8 @@ def write_compare_text(c: Comparison, out: IO[str], top: int = 10) -> None:
     w(f"\nChanged most (bytes read + written, B - A; {len(c.changed)} changed)\n")
     for ch in c.changed[:top]:
         sign = "+" if ch.delta_bytes >= 0 else "-"
-        w(f"  {sign}{human_bytes(abs(ch.delta_bytes)):>10}  A {human_bytes(ch.a.bytes):>10} "
-          f"in {ch.a.requests:>5}  B {human_bytes(ch.b.bytes):>10} in {ch.b.requests:>5}  "
+        w(f"  {sign}{format_bytes(abs(ch.delta_bytes)):>10}  A {format_bytes(ch.a.bytes):>10} "
+          f"in {ch.a.requests:>5}  B {format_bytes(ch.b.bytes):>10} in {ch.b.requests:>5}  "
           f"{safe_text(ch.name)}\n")
     rows = c.milestones
     timed = a.timed and b.timed

@@ -39,7 +39,7 @@ from xml.sax.saxutils import escape, quoteattr
 from ..errors import DiskwatchError
 from ..events import Request
 from ..text import safe_text
-from ..trace import human_bytes
+from ..units import format_bytes
 from ..wire import CMD_READ, WRITE_COMMANDS
 
 READ_COLOUR = "#2166ac"
@@ -275,9 +275,9 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
                     f"h-{PLOT_W}z" for s, e in ranges[:64])
         o(f'<path class="file-band" data-name={quoteattr(safe_text(str(obj)))} d="{d}" '
           f'fill="{FILE_BAND_COLOUR}" fill-opacity="0.28"><title>{_t(str(obj))} '
-          f'({human_bytes(nbytes)})</title></path>')
+          f'({format_bytes(nbytes)})</title></path>')
         s, e = ranges[0]
-        labels.append(((y_of(s) + y_of(e)) / 2, f"{name} ({human_bytes(nbytes)})",
+        labels.append(((y_of(s) + y_of(e)) / 2, f"{name} ({format_bytes(nbytes)})",
                        "file-label", "#8a6100"))
     o("</g>")
 
@@ -317,7 +317,7 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
     while off <= bins.size:
         y = y_of(off)
         o(f'<line x1="{LEFT - 5}" y1="{y:.1f}" x2="{LEFT}" y2="{y:.1f}" stroke="#333"/>'
-          f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{human_bytes(off)}</text>')
+          f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{format_bytes(off)}</text>')
         off += step
     o(f'<text transform="translate(14,{TOP + MAIN_H / 2}) rotate(-90)" text-anchor="middle">'
       f'disk offset</text>')
@@ -344,7 +344,7 @@ def render_svg(bins: PictureBins, *, title: str, blockmap: Any = None,
     for frac in (0.0, 0.5, 1.0):
         y = rate_top + RATE_H - frac * RATE_H
         o(f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">'
-          f'{human_bytes(int(top_rate * frac))}{unit}</text>')
+          f'{format_bytes(int(top_rate * frac))}{unit}</text>')
     o(f'<text transform="translate(14,{rate_top + RATE_H / 2}) rotate(-90)" '
       f'text-anchor="middle">throughput</text></g>')
 

@@ -6,24 +6,13 @@ read-only, snapshot)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from ..units import parse_size
 from .base import Layer, ReadOnly, Source, SourceError
 from .registry import REGISTRY, LayerPlugin, Option, SourcePlugin, register_layer, register_source
 
 URL_SCHEMES = ("http://", "https://", "ftp://", "ftps://", "sftp://")
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b?)\s*$", re.I)
-
-
-def parse_size(text: str) -> int:
-    """'512', '64K', '1.5G', '2GiB' -> bytes (powers of 1024, as qemu-img does)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (use a number with an optional K, M, G, T suffix)")
-    num, unit = float(m.group(1)), m.group(2).upper()
-    return int(num * (1024 ** ("KMGTPE".index(unit) + 1 if unit else 0)))
 
 
 @dataclass

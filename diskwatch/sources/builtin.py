@@ -13,16 +13,15 @@ import argparse
 import errno
 import os
 
+from ..units import MiB, parse_size
 from .base import SourceError
 from .registry import REGISTRY, LayerPlugin, Option, SourcePlugin
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
-MiB = 1024 * 1024
 
 
 def size_arg(text: str) -> int:
     """argparse type: '64M' -> bytes."""
-    from . import parse_size
     try:
         return parse_size(text)
     except ValueError as e:

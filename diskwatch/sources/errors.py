@@ -23,6 +23,7 @@ import random
 import threading
 from dataclasses import dataclass
 
+from ..units import parse_size
 from .base import Layer, Source, SourceError
 
 OPS = ("pread", "pwrite", "flush", "trim", "zero", "extents", "cache")
@@ -59,8 +60,6 @@ def parse_error_rule(text: str, option: str = "--inject-errors") -> ErrorRule:
     """'rate=0.5,errno=EIO,ops=pread+zero,range=1M-2M,after=10' -> ErrorRule.
     Raises ValueError with a message a person can act on, naming ``option``
     (the way the rule was given)."""
-    from . import parse_size
-
     kw: dict = {}
     for word in filter(None, (w.strip() for w in text.split(","))):
         key, sep, value = word.partition("=")

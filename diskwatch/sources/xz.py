@@ -54,11 +54,11 @@ from xz.common import (
     round_up,
 )
 
+from ..units import MiB, format_bytes
 from .base import Source, SourceError, check_range
 
 log = logging.getLogger(__name__)
 
-MiB = 1 << 20
 
 RECOMPRESS_HINT = "xz --block-size=16MiB"
 
@@ -75,16 +75,8 @@ class XzBlock:
 
 
 def _human(n: int) -> str:
-    """1536 -> '1.5 KiB', 16777216 -> '16 MiB'."""
-    if n < 1024:
-        return f"{n} bytes"
-    value = float(n)
-    units = ["KiB", "MiB", "GiB", "TiB"]
-    value /= 1024
-    while value >= 1024 and len(units) > 1:
-        value /= 1024
-        units.pop(0)
-    return f"{value:.1f}".removesuffix(".0") + f" {units[0]}"
+    """1536 -> '1.5 KiB', 16777216 -> '16 MiB'; 512 -> '512 bytes' (in a sentence)."""
+    return f"{n} bytes" if n < 1024 else format_bytes(n)
 
 
 def parse_xz_blocks(fd: int, file_size: int) -> list[XzBlock]:

@@ -28,8 +28,9 @@ from textual.message import Message
 from textual.strip import Strip
 from textual.widget import Widget
 
-from ..stats import Heat, human_bytes
+from ..stats import Heat
 from ..text import safe_text
+from ..units import format_bytes_compact
 
 RGB = tuple[int, int, int]
 
@@ -154,7 +155,7 @@ class Heatmap(Widget, can_focus=True):
         self._bases = self._compute_bases()
         if self.cursor is not None and self.cursor >= self.heat.cells:
             self.cursor = None
-        self.border_subtitle = f"1 cell = {human_bytes(self.heat.cell_size)}"
+        self.border_subtitle = f"1 cell = {format_bytes_compact(self.heat.cell_size)}"
         self._invalidate()
 
     def _compute_bases(self) -> list[RGB]:
@@ -188,7 +189,7 @@ class Heatmap(Widget, can_focus=True):
             name = safe_text(obj.device.removeprefix("/dev/"))
             if obj.path is not None:
                 name += f" {safe_text(obj.path)}"
-            text = f"{name} {human_bytes(end - start)}"
+            text = f"{name} {format_bytes_compact(end - start)}"
             item = len(text) + 3
             if used and used + item > width:
                 if len(lines) == 2:  # keep the grid big: two legend lines at most

@@ -11,7 +11,8 @@ from textual.containers import Vertical
 from textual.widgets import Sparkline, Static
 
 from ..events import COMMAND_NAMES
-from ..stats import Stats, human_bytes, human_count, human_duration
+from ..stats import Stats
+from ..units import format_bytes_compact, format_count_compact, format_duration_compact
 
 MUTED = "#8a8a8a"
 BRIGHT = "#e4e4e4"
@@ -55,28 +56,28 @@ class Rates(Vertical):
             ("write", "#ff5f5f bold", wops, wbytes, stats.ops[1], stats.bytes[1]),
         ):
             text.append(name, style=style)
-            text.append(f"{ops:5.0f}/s {human_bytes(nbytes):>5}/s", style=BRIGHT)
-            text.append(f" Σ{human_count(total):>5} {human_bytes(total_bytes):>5}\n",
+            text.append(f"{ops:5.0f}/s {format_bytes_compact(nbytes):>5}/s", style=BRIGHT)
+            text.append(f" Σ{format_count_compact(total):>5} {format_bytes_compact(total_bytes):>5}\n",
                         style=MUTED)
         text.append("lat  ", style="#5fafff bold")
-        text.append(f"{human_duration(stats.latency.median):>6}", style=BRIGHT)
+        text.append(f"{format_duration_compact(stats.latency.median):>6}", style=BRIGHT)
         text.append(" med ", style=MUTED)
-        text.append(f"{human_duration(stats.latency.p99):>6}", style=BRIGHT)
+        text.append(f"{format_duration_compact(stats.latency.p99):>6}", style=BRIGHT)
         text.append(" p99", style=MUTED)
         text.append("  conn ", style=MUTED)
         text.append(f"{stats.connections}", style=BRIGHT)
         if stats.connections_total > stats.connections:
             text.append(f"/{stats.connections_total}", style=MUTED)
-        others = [f"{COMMAND_NAMES[i]} {human_count(n)}"
+        others = [f"{COMMAND_NAMES[i]} {format_count_compact(n)}"
                   for i, n in enumerate(stats.ops) if i > 1 and n]
         if others or stats.errors or stats.dropped:
             text.append("\n")
             text.append("other ", style="#d787ff bold")
             text.append("  ".join(others) or "-", style=MUTED)
             if stats.errors:
-                text.append(f"  errors {human_count(stats.errors)}", style="red bold")
+                text.append(f"  errors {format_count_compact(stats.errors)}", style="red bold")
             if stats.dropped:
-                text.append(f"  dropped {human_count(stats.dropped)}", style="yellow")
+                text.append(f"  dropped {format_count_compact(stats.dropped)}", style="yellow")
         key = (text.plain, tuple(text.spans))
         if key != self._shown:
             # a new line (other commands, errors) changes the height: only then a layout

@@ -7,8 +7,8 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import Static
 
-from ..stats import human_bytes
 from ..text import safe_text
+from ..units import format_bytes_compact
 
 
 class StatusBar(Static):
@@ -25,7 +25,7 @@ class StatusBar(Static):
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(" diskwatch ", style="bold #000000 on #5fafff")
         text.append(f" {safe_text(description)} ", style="bold")  # holds a file name or URL
-        text.append(f"{human_bytes(size)} ", style="#8a8a8a")
+        text.append(f"{format_bytes_compact(size)} ", style="#8a8a8a")
         m, s = divmod(int(elapsed), 60)
         text.append(f"{m:02d}:{s:02d} ", style="#8a8a8a")
         if command:

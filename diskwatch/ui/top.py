@@ -8,8 +8,9 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import Static
 
-from ..stats import Stats, human_bytes
+from ..stats import Stats
 from ..text import safe_text
+from ..units import format_bytes_compact
 from .trace import TYPE_STYLES, fit_left
 
 SORTS = ("reads", "writes")
@@ -75,7 +76,7 @@ class TopObjects(Static):
                         style="#ff5f5f bold" if self.sort == "writes" else "#ff5f5f")
             if show_bytes:
                 nbytes = c.read_bytes if self.sort == "reads" else c.write_bytes
-                text.append(f" {human_bytes(nbytes):>{num_w}}", style="#8a8a8a")
+                text.append(f" {format_bytes_compact(nbytes):>{num_w}}", style="#8a8a8a")
             if i < len(top) - 1:
                 text.append("\n")
         self._show(text)

@@ -29,8 +29,8 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from ..events import COMMAND_NAMES, Request
-from ..stats import human_bytes
 from ..text import safe_text
+from ..units import format_bytes_compact
 
 READ, WRITE = 0, 1
 
@@ -199,7 +199,7 @@ def render_trace_line(line: TraceLine, width: int) -> list[Segment]:
     """`  12.345 read  f /dev/sda1 /etc/passwd          4.0K ×12`"""
     t = f"{line.t:8.3f} "
     op = f"{line.op[:5]:<6}"
-    tail = f"{human_bytes(line.nbytes):>6}"
+    tail = f"{format_bytes_compact(line.nbytes):>6}"
     count = f" ×{line.count}" if line.count > 1 else ""
     err = f" E{line.error}" if line.error else ""
     room = width - len(t) - len(op) - len(tail) - len(count) - len(err) - 1
