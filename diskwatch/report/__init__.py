@@ -7,7 +7,8 @@ recording, its older JSON lines, nbd-server's transaction log, nbdkit's log
 filter) is decided once, in ``inputs.py``; the analysis, the text, the JSON
 and the SVG never ask.
 
-    inputs.py     Recording, open a file of any known kind
+    recording.py  Recording: requests and what is known of their origin
+    inputs.py     open a file of any known kind as a Recording
     importers.py  nbd-server transaction log, nbdkit log filter, JSON lines
     analysis.py   one pass over the requests -> Analysis; two -> Comparison
     render.py     Analysis/Comparison -> text for a person, JSON for scripts

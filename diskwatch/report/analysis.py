@@ -39,7 +39,7 @@ from typing import Any
 
 from ..bmap.format import TYPE_RANK, is_structure_path
 from ..wire import CMD_FLUSH, CMD_READ, COMMAND_NAMES, WRITE_COMMANDS
-from .inputs import Recording
+from .recording import Recording
 
 REGION_SHIFT = 20  # 1 MiB regions name the busy places when there is no map
 BURST_GAP = 0.02  # seconds: requests of one append arrive together

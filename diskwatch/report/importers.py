@@ -58,7 +58,7 @@ from ..wire import (
     SIMPLE_REPLY_MAGIC,
     Command,
 )
-from .inputs import Recording
+from .recording import Recording
 
 #: nbd-server's own records in its transaction log, beside the wire's request
 #: and reply headers (diskwatch/wire.py): not NBD, so defined here

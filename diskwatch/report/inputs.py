@@ -1,4 +1,4 @@
-"""A recording, whatever wrote it: requests plus what is known of their origin.
+"""Open a recording, whatever wrote it, as a ``Recording`` (recording.py).
 
 ``open_input(path, kind)`` reads any kind the report knows; ``kind="auto"``
 looks at the file's first bytes. The rest of the report package only ever
@@ -7,53 +7,20 @@ sees a ``Recording``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
 
 from ..errors import DiskwatchError
 from ..events import Request
 from ..wire import REQUEST_MAGIC
+from . import importers
+from .importers import NBD_TRACELOG_MAGIC
+from .recording import KINDS, Recording
 
-#: what ``--from`` accepts; "auto" decides by the file's first bytes
-KINDS = ("auto", "diskwatch", "jsonl", "nbd-trdump", "nbdkit-log")
-
-
-@dataclass
-class Recording:
-    """Requests of one session, ``start`` in seconds from the recording's start.
-
-    ``timed`` is False when the source logs no times (nbd-server): then
-    ``start`` is the request's position, 0, 1, 2..., and pictures and
-    timelines say "request #" instead of seconds."""
-
-    requests: Iterable[Request]  # a list, or re-read from the file at each pass
-    source: str = ""  # what was served, or which log this came from
-    size: int | None = None  # bytes of the disk, when known
-    origin: str = "diskwatch"  # one of KINDS but "auto"
-    timed: bool = True
-    path: str = ""
-    truncated: bool = False  # the file ended inside a record (a crash, a copy mid-write)
-    bmap_hash: str | None = None  # SHA-256 of the block map in use when recorded, if any
-    bmap_path: str | None = None  # and where that map was
-    #: diskwatch's own recording (record.Recording): the maps a live
-    #: session swapped in are kept there; None for other logs
-    recorded: Any = None
-
-    @property
-    def time_unit(self) -> str:
-        return "s" if self.timed else "request #"
-
-    def disk_size(self) -> int:
-        """The disk's size if known, else the end of the furthest request."""
-        if self.size:
-            return self.size
-        return max((r.offset + r.length for r in self.requests), default=0)
+__all__ = ["KINDS", "Recording", "open_input", "read_diskwatch_recording", "sniff"]
 
 
 def sniff(path: str) -> str:
     """The kind of a file, by its first bytes."""
-    from .importers import NBD_TRACELOG_MAGIC
     with open(path, "rb") as f:
         head = f.read(64)
     if len(head) >= 4 and int.from_bytes(head[:4], "big") in (REQUEST_MAGIC,
@@ -72,7 +39,6 @@ def sniff(path: str) -> str:
 
 def open_input(path: str, kind: str = "auto") -> Recording:
     """Read a recording or a foreign log into memory."""
-    from . import importers
     if kind == "auto":
         kind = sniff(path)
     if kind == "nbd-trdump":

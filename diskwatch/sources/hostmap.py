@@ -58,6 +58,8 @@ import threading
 from array import array
 from collections.abc import Callable
 
+from .qemuimg import qemu_img_info
+
 log = logging.getLogger("diskwatch.sources.hostmap")
 
 MAX_EXTENTS = 1_000_000  # 17 MB of map at most
@@ -341,7 +343,6 @@ class HostMapper:
         self._thread.start()
 
     def _run(self) -> None:
-        from .qemu import qemu_img_info
         hm = None
         try:
             files = layer_files(qemu_img_info(self.path, self.fmt, chain=True))

@@ -54,6 +54,7 @@ from collections.abc import Callable
 from .base import SourceError
 from .hostmap import HostMapper
 from .nbd import NbdAio, NbdSource
+from .qemuimg import qemu_img_info
 
 log = logging.getLogger("diskwatch.sources.qemu")
 
@@ -65,7 +66,6 @@ EXTENSIONS = {
 #: what --format accepts (raw is served by diskwatch itself)
 FORMATS = ("raw", "qcow2", "qcow", "vmdk", "vhdx", "vdi", "vpc", "qed", "parallels", "bochs",
            "cloop", "dmg")
-INFO_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 STDERR_LINES = 20  # the daemon's last lines kept for the error message
 
@@ -75,33 +75,6 @@ PR_SET_PDEATHSIG = 1
 def format_from_name(path: str) -> str | None:
     """The format a file's extension names, or None (raw, or no claim)."""
     return EXTENSIONS.get(os.path.splitext(path)[1].lower())
-
-
-def qemu_img_info(path: str, fmt: str | None = None, chain: bool = False):
-    """``qemu-img info --output=json`` of an image (probed when fmt is None);
-    with ``chain``, the list for the image and its backing files, top first.
-    The path is made absolute so that qemu never reads a protocol prefix
-    ("nbd:", "json:") out of a file name."""
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise SourceError(errno.ENOENT, "qemu-img is missing: apt-get install qemu-utils "
-                          "(it reads qcow2, vmdk, vdi and other image formats)")
-    cmd = [qemu_img, "info", "--output=json", "-U"]
-    if fmt:
-        cmd += ["-f", fmt]
-    if chain:
-        cmd.append("--backing-chain")
-    cmd.append(os.path.abspath(path))
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=INFO_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise SourceError(errno.ETIMEDOUT, f"qemu-img info {path} took over "
-                          f"{INFO_TIMEOUT:.0f} s") from None
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise SourceError(errno.EINVAL, f"{path}: qemu cannot open it"
-                          f"{' as ' + fmt if fmt else ''}: {last}")
-    return json.loads(r.stdout)
 
 
 def choose_format(path: str, fmt: str | None) -> tuple[str, str | None]:
