@@ -26,9 +26,12 @@ made before boot names none of the new ones (their writes show as
 ``diskwatch IMAGE --remap auto`` (the default: both), ``--remap key`` (only
 on the key), ``--remap off`` (never).
 
-The remap runs the metadata mapper (``bmap/metadata.py``) in a thread over
-the **served source** (so a ``--snapshot`` overlay is what is read); the
-server never waits for it. The old map serves until the new one is
+The remap runs the metadata mapper (``bmap/metadata.py``) in a **process of
+its own** (``bmap/worker.py``: bounded memory, CPU and time, no network,
+nothing to write), which reads the **served source** (so a ``--snapshot``
+overlay is what is read) through a thread of this process that answers its
+reads; the server never waits for it and shares no interpreter with it. A
+crash, a hang or a limit reached is one line, and the old map stays. The old map serves until the new one is
 complete; the new one is handed over in the pump's thread, in ``tick``,
 through one ``swap`` callback (the runner's: the session, every sink that
 holds a map, the metrics' names, the recording, which keeps the map for
@@ -40,6 +43,10 @@ raises: a failure is told and the old map stays.
 
 The map file given with ``--bmap`` is not rewritten: it describes the disk
 as it was (and with ``--snapshot`` the disk goes back to it at exit).
+
+The mapper answers the new map already resolved, and how it differs from
+the old one (which it is handed in the same flat form, ``BlockMap.to_flat``):
+this process only checks and unpacks it.
 
 Why no interval tree (the ``intervaltree`` dependency was dropped): the
 only sets of intervals a remap needs are the old and new maps, which
@@ -58,7 +65,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .events import Bus, Command, Progress, Request
+from .bmap.index import BmapObject
+from .bmap.worker import MapperFailed, MapperLimits, run_mapper
+from .events import Bus, Progress, Request
+from .wire import WRITE_COMMANDS
 
 __all__ = ["REMAP_COST_FACTOR", "REMAP_MIN_INTERVAL", "REMAP_MODES", "REMAP_THRESHOLD",
            "RemapResult", "Remapper", "remap"]
@@ -75,8 +85,8 @@ REMAP_RETRIES = 3
 #: unnamed write ranges kept per remap window
 RANGES_KEPT = 4096
 
-_WRITES = frozenset({int(Command.WRITE), int(Command.WRITE_ZEROES), int(Command.TRIM)})
-_NAMED = frozenset("fd")
+_WRITES = frozenset(int(c) for c in WRITE_COMMANDS)
+_NAMED = frozenset("fd")  # the types a write is named by
 #: new names said in the one line, at most
 _SAY_NAMES = 3
 
@@ -116,58 +126,39 @@ class RemapResult:
 
 
 def remap(source, old, *, why: str = "remap", bus: Bus | None = None,
-          cancelled: Callable[[], bool] | None = None, disk: str = "/dev/sda") -> RemapResult:
-    """Map ``source`` again by metadata and compare with ``old`` (a
-    ``BlockMap`` or None). Never raises for what the disk holds: a walk
-    that fails is the result's ``error``."""
-    from .bmap.index import BlockMap
-    from .bmap.metadata import MetadataError, map_metadata
+          cancelled: Callable[[], bool] | None = None, disk: str = "/dev/sda",
+          limits: MapperLimits | None = None) -> RemapResult:
+    """Map ``source`` again by metadata, in the mapper's own process
+    (``bmap/worker.py``), and compare with ``old`` (a ``BlockMap`` or None).
+    Never raises for what the disk holds, nor for how the mapper ends (a
+    crash, a limit): that is the result's ``error``, and the old map stays."""
     t0 = time.monotonic()
     result = RemapResult(why)
     try:
-        meta = map_metadata(source, disk=disk, bus=bus, cancelled=cancelled, done_event=False)
-        old_entries = old.entries() if old is not None else []
-        # What the metadata walk did not map (another method's filesystems)
-        # or mapped only in part keeps the old entries of the objects it missed.
-        unread = {f.device for f in meta.filesystems if f.method != "metadata"}
-        partial = {f.device for f in meta.filesystems if f.method == "metadata" and f.warning}
-        new_entries = meta.entries
-        if old_entries and (unread or partial):
-            from .bmap.format import BmapEntry
-            walked = {(e.type, e.device, e.path) for e in new_entries
-                      if e.device in partial}
-            kept = set()
-            for start, end, obj in old_entries:
-                if obj.type in _NAMED and (obj.device in unread or (
-                        obj.device in partial and (obj.type, obj.device, obj.path) not in walked)):
-                    new_entries.append(BmapEntry(1, start, end, obj.type, obj.device, obj.path))
-                    kept.add(obj)
-            result.kept = len(kept)
-        blockmap = BlockMap(new_entries)
-    except MetadataError as e:
+        answer = run_mapper(source, {"disk": disk}, old_flat=None if old is None else old.to_flat(),
+                            bus=bus, cancelled=cancelled, limits=limits)
+    except MapperFailed as e:
         result.error = str(e)
-        result.fatal = not (cancelled and cancelled())
+        result.fatal = e.fatal
         return result
-    except Exception as e:  # noqa: BLE001 - a live disk may hold anything: the old map stays
-        result.error = f"{type(e).__name__}: {e}"
-        return result
-    result.warnings = list(meta.warnings)
-    _compare(old_entries, blockmap.entries(), result)
+    info = answer.info
+    blockmap = answer.blockmap
+    result.warnings = [str(w) for w in info.get("warnings", [])]
+    result.kept = int(info.get("kept", 0))
+    if old is None:
+        result.added = sorted(blockmap.object_table(), key=_object_key)
+    else:
+        table = blockmap.object_table()
+        try:
+            result.added = [table[i] for i in info["added"]]
+            result.removed = [BmapObject(*o) for o in info["removed"]]
+            result.changed = int(info["changed"])
+        except (KeyError, IndexError, TypeError, ValueError):
+            result.error = "the mapper's answer is malformed (its comparison)"
+            return result
     result.blockmap = blockmap
     result.elapsed = time.monotonic() - t0
     return result
-
-
-def _compare(old_entries, new_entries, result: RemapResult) -> None:
-    def by_object(entries) -> dict:
-        ranges: dict = {}
-        for start, end, obj in entries:
-            ranges.setdefault(obj, []).append((start, end))
-        return ranges
-    old, new = by_object(old_entries), by_object(new_entries)
-    result.added = sorted((o for o in new if o not in old), key=_object_key)
-    result.removed = sorted((o for o in old if o not in new), key=_object_key)
-    result.changed = sum(1 for o, r in new.items() if o in old and sorted(old[o]) != sorted(r))
 
 
 def _object_key(obj) -> tuple:
@@ -175,7 +166,8 @@ def _object_key(obj) -> tuple:
 
 
 class Remapper:
-    """A pump sink that remaps in a thread (see the module docstring).
+    """A pump sink that remaps in the background: a thread that runs and
+    serves one mapper process (see the module docstring).
 
     ``current()`` is the map in use; ``swap(result)`` installs a new one
     (called in the pump's thread); ``say(text, level)`` announces a remap

@@ -130,16 +130,18 @@ class ProgressPrinter:
             self.stream.write("\r" + " " * (shutil.get_terminal_size().columns - 1) + "\r")
 
 
-def generate_map(source, out_path: str, accel: str, bus=None, method: str = "auto") -> None:
+def generate_map(source, out_path: str, accel: str, bus=None, method: str = "auto"):
+    """Make the map file (progress on stderr); returns the map, indexed."""
     from .bmap.make import make_bmap
     from .events import Bus
     bus = bus or Bus()
     printer = ProgressPrinter()
     bus.on_event(printer)
     try:
-        make_bmap(source, out_path, method=method, bus=bus, accel=accel)
+        made = make_bmap(source, out_path, method=method, bus=bus, accel=accel)
     finally:
         bus.unsubscribe(printer)
+    return made.blockmap if made.blockmap is not None else load_map(out_path)
 
 
 def load_map(path: str):
@@ -534,10 +536,10 @@ class Runner:
                 if cfg.headless:
                     print(f"diskwatch: {cfg.bmap} does not exist: generating it first",
                           file=sys.stderr)
-                    generate_map(source, cfg.bmap, cfg.accel, method=cfg.method)
+                    blockmap = generate_map(source, cfg.bmap, cfg.accel, method=cfg.method)
                 else:
                     pending_map = cfg.bmap
-            if pending_map is None:
+            if pending_map is None and blockmap is None:
                 blockmap = load_map(cfg.bmap)
         return blockmap, pending_map
 
@@ -705,9 +707,9 @@ class Runner:
     def _generate_under_ui(self, session: Session, source, path: str) -> None:
         try:
             from .bmap.make import make_bmap
-            make_bmap(source, path, method=self.config.method, bus=session.bus,
-                      accel=self.config.accel)
-            session.blockmap = load_map(path)
+            made = make_bmap(source, path, method=self.config.method, bus=session.bus,
+                             accel=self.config.accel)
+            session.blockmap = made.blockmap if made.blockmap is not None else load_map(path)
             if self.recorder is not None:
                 from .record import map_identity
                 self.recorder.set_meta(bmap=map_identity(path))

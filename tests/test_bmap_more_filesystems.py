@@ -243,12 +243,10 @@ def test_a_hostile_iso_cannot_make_the_walk_read_without_end(tmp_path):
     assert ("/", True, [(root_lba * SECTOR, (root_lba + 4) * SECTOR)]) in objects
 
 
-def test_a_hostile_iso_cannot_make_paths_without_end(tmp_path):
-    """A chain of directories, each with a name of 221 characters: paths
-    grow with depth, and 1500 levels would hold 250 MB of names. The walk
-    stops at its bound, and says why."""
-    image = tmp_path / "deep.iso"
-    depth, first = 1500, 18
+def build_deep_iso(image: Path, depth: int = 1500) -> None:
+    """A chain of ``depth`` directories, each with a name of 221 characters
+    (paths that grow with depth: 1500 levels hold 250 MB of names)."""
+    first = 18
     with open(image, "wb") as f:
         f.truncate((first + depth + 1) * SECTOR)
         pvd = bytearray(SECTOR)
@@ -262,6 +260,12 @@ def test_a_hostile_iso_cannot_make_paths_without_end(tmp_path):
             f.write(_iso_record(lba, SECTOR, b"\x00", True)
                     + _iso_record(lba - 1 if k else lba, SECTOR, b"\x01", True)
                     + _iso_record(lba + 1, SECTOR, b"%04d" % k + b"x" * 217, True))
+
+
+def test_a_hostile_iso_cannot_make_paths_without_end(tmp_path):
+    """The deep chain: the walk stops at its bound, and says why."""
+    image = tmp_path / "deep.iso"
+    build_deep_iso(image)
     from diskwatch.bmap.metadata import IsoLayout
     with FileSource(str(image), readonly=True) as src:
         layout = IsoLayout(src)

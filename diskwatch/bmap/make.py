@@ -23,8 +23,8 @@ from ..errors import DiskwatchError
 from ..events import Bus, Message, Progress
 from ..files import check_output_path, replace_atomically
 from ..sources.base import Source
-from ..text import count
-from .format import BmapEntry, write_bmap
+from ..units import count
+from .format import BmapEntry, parse_bmap, write_bmap
 
 __all__ = ["METHODS", "MakeResult", "make_bmap"]
 
@@ -45,6 +45,9 @@ class MakeResult:
     structures: int = 0  # named filesystem structures ($MFT, $Journal, $FAT1...)
     elapsed: float = 0.0
     summary: str = ""
+    #: the map as written, indexed (None when the watch method added to it:
+    #: then the file is the map)
+    blockmap: object = None
 
 
 def make_bmap(
@@ -55,6 +58,7 @@ def make_bmap(
     bus: Bus | None = None,
     accel: str = "auto",
     verbose: bool = False,
+    limits=None,
 ) -> MakeResult:
     """Map ``source`` (a whole disk) by ``method`` and write the map to
     ``out_path`` (whole, then renamed). Progress and warnings go to ``bus``."""
@@ -78,18 +82,33 @@ def make_bmap(
         result.summary = res.summary()
         return result
 
-    from .metadata import map_metadata
+    from .metadata import FilesystemReport
+    from .worker import MapperFailed, run_mapper
 
-    meta = map_metadata(source, bus=bus, done_event=False)
-    entries: list[BmapEntry] = meta.entries
-    result.objects = meta.objects
-    result.warnings += meta.warnings
-    for w in meta.warnings:
+    # The walk runs in the mapper's own process (worker.py): it answers the
+    # map resolved (a BlockMap for the session, no second parse) and its
+    # lines (written to the file as they are, unless the watch method adds
+    # entries).
+    try:
+        answer = run_mapper(source, {"disk": "/dev/sda", "text": True}, bus=bus, limits=limits)
+    except MapperFailed as e:
+        raise DiskwatchError(f"block map of {source.description or 'the disk'}: {e}") from None
+    info = answer.info
+    try:
+        filesystems = [FilesystemReport(**f) for f in info["filesystems"]]
+        warnings = [str(w) for w in info["warnings"]]
+        result.objects = int(info["objects"])
+    except (KeyError, TypeError, ValueError):
+        raise DiskwatchError("block map: the mapper's answer is malformed") from None
+    body: bytes | None = answer.text
+    entries: list[BmapEntry] = []
+    result.warnings += warnings
+    for w in warnings:
         say(f"bmap: {w}", "warning")
     header = [f"diskwatch block map of {source.description or 'a disk'} ({source.size} bytes), "
               f"method {method}"]
-    watch = {f.device: f for f in meta.for_watch()}
-    for f in meta.filesystems:
+    watch = {f.device: f for f in filesystems if f.method == "watch"}
+    for f in filesystems:
         if f.method == "metadata":
             result.methods[f.device] = "metadata"
             result.directories += f.directories
@@ -137,7 +156,8 @@ def make_bmap(
                 result.warnings.append(f"the watch method failed: {e}")
                 say(f"bmap: the watch method failed: {e}", "warning")
             else:
-                entries += more
+                entries = parse_bmap(body.splitlines(keepends=True), "<mapper>") + more
+                body = None
                 result.objects += res.directories + res.files
                 result.directories += res.directories
                 result.files += res.files
@@ -156,8 +176,14 @@ def make_bmap(
                   "extent-tree blocks")
     # Whole, then renamed over the name, never through a planted link (files.py).
     with replace_atomically(out_path) as f:
-        write_bmap(f, entries, header=header)
-    result.entries = len(entries)
+        if body is not None:
+            write_bmap(f, (), header=header)
+            f.write(body)
+            result.blockmap = answer.blockmap
+            result.entries = len(answer.blockmap)
+        else:
+            write_bmap(f, entries, header=header)
+            result.entries = len(entries)
     result.elapsed = time.monotonic() - t0
     rate = result.objects / result.elapsed if result.elapsed > 0 else 0.0
     by = ", ".join(f"{d} {m}" for d, m in result.methods.items())

@@ -1,0 +1,541 @@
+"""The mapper's own process: filesystem parsers never run in the server's.
+
+The metadata method runs The Sleuth Kit (C) and diskwatch's own walkers
+over structures the guest writes. A crafted ``$MFT`` or a directory cycle
+must cost at most a failed remap, never the disk the guest is using, and a
+walk of 500,000 files must not hold the server's interpreter for seconds.
+So every metadata walk (the first map of ``--bmap``, ``diskwatch bmap``, every
+remap) runs here, in a process of its own, as libguestfs runs filesystem
+code in an appliance::
+
+    server's process                               mapper process
+    ----------------                               --------------
+    run_mapper(source, job) --- socketpair ------> main(): limits first
+      J job (JSON), O old map (flat)      ------>    map_metadata(ChannelSource)
+      thread: D data / E errno  <-- R offset,len --    pread -> one R per read
+      bus <- Progress           <-- P progress ---
+      BlockMap.from_flat        <-- A answer -----   BlockMap(...).to_flat()
+      MapperFailed(one line)    <-- X error, EOF, a signal, a limit
+
+**How it reads the disk.** It has no file, no descriptor of the image and
+no address: one end of a socketpair. Each ``pread`` of the walk is a frame
+``R offset length``; the parent's calling thread answers it with
+``source.pread`` on the *served* source (a ``--snapshot`` overlay, a qcow2,
+an xz image or a URL are read exactly as the guest sees them), at most
+``MAX_READ`` bytes, inside the disk. The Sleuth Kit reads in 64 KiB blocks
+through its own cache, so a 100,000-file ext4 walk is a few thousand
+frames. The thread blocks in ``recv`` with the GIL released: the server's
+interpreter spends a few microseconds a read on it, and ``from_flat`` once.
+
+**What bounds it** (``MapperLimits``; said in one line when reached, the
+old map stays):
+
+- memory: ``RLIMIT_AS`` (default 4 GiB; a 1,000,000-object walk peaks near
+  600 MB), set before anything is parsed;
+- CPU: ``RLIMIT_CPU`` (default 600 s), then SIGXCPU; wall time: the parent
+  kills it after ``wall`` seconds (default 600), after ``idle`` seconds
+  without a frame (default 60: a walk reads all the time, so silence is a
+  hang; a crafted ISO 9660 makes The Sleuth Kit wait for good on a lock of
+  its own), and when the remap is cancelled (the session ends);
+- its answer: at most ``answer`` bytes (default 1 GiB), checked before the
+  parent allocates it; every other frame at most ``MAX_FRAME``;
+- nothing to write: ``RLIMIT_FSIZE`` 0, no core dumps, ``RLIMIT_NOFILE`` 0
+  once the walk's modules are imported (no file or socket can be opened),
+  ``PR_SET_NO_NEW_PRIVS``, and it dies with its parent (``PR_SET_PDEATHSIG``);
+- no network: a network namespace of its own with only a loopback that is
+  down (``unshare(CLONE_NEWNET)``, as root, or in a user namespace where
+  unprivileged ones are allowed). Where neither is allowed it runs without,
+  and the answer says so (``confined``): it can open no socket anyway.
+
+**What it answers** is checked as untrusted (``BlockMap.from_flat``): a
+compromised mapper can name bytes wrongly, not crash the server or make it
+allocate what it chooses. Its names are text like any the guest wrote.
+
+The mapper is a new process per walk (about 0.2 s to start, on the other
+core): nothing a hostile filesystem did to one walk survives into the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import DiskwatchError
+
+__all__ = ["MAX_READ", "MapperAnswer", "MapperFailed", "MapperLimits", "run_mapper"]
+
+#: one read the mapper may ask for (TSK asks 64 KiB; the ISO walker up to a few MiB)
+MAX_READ = 32 << 20
+#: any frame from the mapper but its answer
+MAX_FRAME = 1 << 20
+#: Progress events passed on to the bus, at most, a second
+PROGRESS_RATE = 20
+
+_HEAD = struct.Struct("<cI")  # kind, payload length
+_READ = struct.Struct("<QI")  # offset, length
+
+
+@dataclass(frozen=True)
+class MapperLimits:
+    """What one mapper process may spend (see the module docstring)."""
+
+    memory: int = 4 << 30
+    cpu: int = 600
+    wall: float = 600.0
+    #: seconds without a frame (a read, progress) before it is taken as hung
+    idle: float = 60.0
+    answer: int = 1 << 30
+
+
+class MapperFailed(DiskwatchError):
+    """The mapper ended without an answer: one line saying why."""
+
+    def __init__(self, message: str, *, fatal: bool = False, cancelled: bool = False):
+        super().__init__(message)
+        #: it cannot run at all (pytsk3 missing): trying again is no use
+        self.fatal = fatal
+        self.cancelled = cancelled
+
+
+@dataclass
+class MapperAnswer:
+    """What the mapper said: its JSON ``info`` and the map, unpacked."""
+
+    info: dict
+    blockmap: object  # BlockMap
+    text: bytes = b""  # the map's lines (a job with "text"), for a map file
+
+
+# --------------------------------------------------------------------------
+# the server's side
+
+
+def run_mapper(source, job: dict, *, old_flat: bytes | None = None, bus=None,
+               cancelled: Callable[[], bool] | None = None,
+               limits: MapperLimits | None = None) -> MapperAnswer:
+    """Run one mapper process over ``source`` and return its answer.
+
+    Runs in the calling thread (a remap's, or the main thread for
+    ``diskwatch bmap``), which serves the mapper's reads. ``job``: ``disk``
+    (the device name, "/dev/sda"), ``text`` (also answer the map's lines).
+    With ``old_flat`` (``BlockMap.to_flat()`` of the map in use) the mapper
+    keeps what it could not read from it and says how the maps differ.
+    Raises ``MapperFailed`` (one line) for every way it can end without an
+    answer; never anything else for what the disk holds."""
+    from .index import BlockMap
+    limits = limits or MapperLimits()
+    cancelled = cancelled or (lambda: False)
+    job = dict(job, size=source.size, description=source.description or "a disk",
+               old=old_flat is not None)
+    ours, theirs = socket.socketpair()
+    try:
+        proc = _spawn(theirs, limits)
+    except OSError as e:
+        ours.close()
+        theirs.close()
+        raise MapperFailed(f"the mapper process cannot start: {e}") from None
+    theirs.close()
+    deadline = time.monotonic() + limits.wall
+    channel = _Channel(ours, lambda: _check(proc, cancelled, deadline, limits, channel))
+    try:
+        try:
+            channel.send(b"J", json.dumps(job).encode())
+            if old_flat is not None:
+                channel.send(b"O", old_flat)
+            while True:
+                kind, payload = channel.recv(b"A", limits.answer)
+                if kind == b"R":
+                    _serve_read(channel, source, payload)
+                elif kind == b"P":
+                    _progress(bus, payload, channel)
+                elif kind == b"A":
+                    return _answer(payload, BlockMap)
+                elif kind == b"X":
+                    _failed(payload)
+                else:
+                    raise MapperFailed(f"the mapper said something unknown ({kind!r})")
+        except _Ended:
+            raise _why_ended(proc, limits) from None
+    finally:
+        ours.close()
+        _reap(proc)
+
+
+class _Ended(Exception):
+    """The mapper's end of the socket closed."""
+
+
+def _spawn(sock: socket.socket, limits: MapperLimits) -> subprocess.Popen:
+    import diskwatch
+    root = os.path.dirname(os.path.dirname(os.path.abspath(diskwatch.__file__)))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8",
+           "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    # Its tracebacks are for a developer (-v shows the log): a person gets
+    # the one line run_mapper raises.
+    verbose = os.environ.get("DISKWATCH_MAPPER_STDERR") == "1"
+    return subprocess.Popen(
+        [sys.executable, "-m", "diskwatch.bmap.worker", str(sock.fileno()),
+         str(limits.memory), str(limits.cpu)],
+        pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=None if verbose else subprocess.DEVNULL, cwd="/", env=env,
+        start_new_session=True)  # a ^C in the terminal is diskwatch's to handle
+
+
+def _check(proc: subprocess.Popen, cancelled: Callable[[], bool], deadline: float,
+           limits: MapperLimits, channel: _Channel) -> None:
+    """Between two waits for the mapper: end it if it must end."""
+    if cancelled():
+        proc.kill()
+        raise MapperFailed("block-map generation cancelled", cancelled=True)
+    now = time.monotonic()
+    if now > deadline:
+        proc.kill()
+        raise MapperFailed(f"the mapper took longer than its {limits.wall:g} s and was stopped")
+    if now - channel.last_frame > limits.idle:
+        # A walk reads all the time (TSK in 64 KiB blocks): silence is a hang,
+        # such as The Sleuth Kit waiting for good on a lock of its own.
+        proc.kill()
+        raise MapperFailed(f"the mapper did nothing for {limits.idle:g} s and was stopped")
+
+
+def _serve_read(channel: _Channel, source, payload: bytes) -> None:
+    if len(payload) != _READ.size:
+        raise MapperFailed("the mapper sent a malformed read")
+    offset, length = _READ.unpack(payload)
+    if length > MAX_READ or offset > source.size or length > source.size - offset:
+        channel.send(b"E", json.dumps({"errno": errno.EINVAL, "error": (
+            f"read of {length} bytes at {offset} outside the disk or over {MAX_READ}")}).encode())
+        return
+    try:
+        data = source.pread(offset, length)
+    except OSError as e:
+        channel.send(b"E", json.dumps({"errno": e.errno or errno.EIO,
+                                       "error": str(e)[:500]}).encode())
+        return
+    if len(data) != length:
+        channel.send(b"E", json.dumps({"errno": errno.EIO, "error": "short read"}).encode())
+        return
+    channel.send(b"D", data)
+
+
+def _progress(bus, payload: bytes, channel: _Channel) -> None:
+    if bus is None:
+        return
+    now = time.monotonic()
+    if now - channel.last_progress < 1 / PROGRESS_RATE:
+        return
+    from ..events import Progress
+    try:
+        p = json.loads(payload)
+        event = Progress(str(p["phase"])[:32], str(p["current"])[:4096], int(p["done"]),
+                         int(p["total"]), float(p["rate"]), float(p["elapsed"]))
+    except (ValueError, KeyError, TypeError):
+        return  # a malformed progress line is no reason to stop a walk
+    channel.last_progress = now
+    bus.publish(event)
+
+
+def _answer(payload: bytes, BlockMap) -> MapperAnswer:
+    mv = memoryview(payload)
+    try:
+        (ilen,) = struct.unpack_from("<I", mv, 0)
+        info = json.loads(bytes(mv[4:4 + ilen]))
+        flat_len, text_len = int(info["flat"]), int(info.get("text", 0))
+        if min(flat_len, text_len) < 0 or 4 + ilen + flat_len + text_len != len(mv):
+            raise ValueError("lengths do not add up")
+        start = 4 + ilen
+        blockmap = BlockMap.from_flat(mv[start:start + flat_len])
+        text = bytes(mv[start + flat_len:])
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise MapperFailed(f"the mapper's answer is malformed ({e})") from None
+    return MapperAnswer(info, blockmap, text)
+
+
+def _failed(payload: bytes) -> None:
+    try:
+        said = json.loads(payload)
+        message, fatal = str(said["error"]), bool(said.get("fatal"))
+    except (ValueError, KeyError, TypeError):
+        message, fatal = "the mapper failed", False
+    raise MapperFailed(" ".join(message.split())[:500], fatal=fatal)
+
+
+def _why_ended(proc: subprocess.Popen, limits: MapperLimits) -> MapperFailed:
+    try:
+        code = proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return MapperFailed("the mapper stopped answering and was stopped")
+    if code == -signal.SIGXCPU:
+        return MapperFailed(f"the mapper used its {limits.cpu} s of CPU and was stopped")
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        hint = (f" (at its {_gib(limits.memory)} memory limit?)"
+                if -code in (signal.SIGSEGV, signal.SIGABRT, signal.SIGKILL) else "")
+        return MapperFailed(f"the mapper crashed ({name}){hint}")
+    return MapperFailed(f"the mapper exited with status {code} without an answer")
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):g} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+class _Channel:
+    """Frames over one end of the socketpair: ``kind`` (one byte), a length,
+    the payload. ``tick`` runs whenever a wait gives up for a moment (the
+    parent's checks of cancellation and time); None: wait for good."""
+
+    WAIT = 0.25
+
+    def __init__(self, sock: socket.socket, tick: Callable[[], None] | None = None):
+        self.sock = sock
+        self.tick = tick
+        self.last_progress = float("-inf")
+        self.last_frame = time.monotonic()
+        sock.settimeout(self.WAIT if tick is not None else None)
+
+    def send(self, kind: bytes, payload: bytes | bytearray | memoryview) -> None:
+        try:
+            self.sock.sendall(_HEAD.pack(kind, len(payload)))
+            self.sock.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            raise _Ended() from None
+        except TimeoutError:
+            if self.tick is not None:
+                self.tick()
+            raise _Ended() from None
+
+    def recv(self, big: bytes = b"", limit: int = MAX_FRAME) -> tuple[bytes, bytearray]:
+        """The next frame; one of kind ``big`` may be up to ``limit`` bytes,
+        any other up to ``MAX_FRAME`` (checked before anything is allocated)."""
+        kind, length = _HEAD.unpack(self._exactly(_HEAD.size))
+        self.last_frame = time.monotonic()
+        if length > (limit if kind == big else MAX_FRAME):
+            raise MapperFailed(f"the mapper's {kind!r} frame would be {length} bytes, over "
+                               f"its limit of {limit if kind == big else MAX_FRAME}")
+        return kind, self._exactly(length)
+
+    def _exactly(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:], min(n - got, 1 << 22))
+            except TimeoutError:
+                if self.tick is not None:
+                    self.tick()
+                continue
+            except ConnectionResetError:
+                k = 0
+            if k == 0:
+                raise _Ended()
+            got += k
+        return buf
+
+
+# --------------------------------------------------------------------------
+# the mapper's side
+
+
+def _confine(memory: int, cpu: int) -> str:
+    """Limits first, before anything the guest wrote is read. Returns how
+    the network was taken away ("" where it could not be)."""
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before PDEATHSIG was set
+        os._exit(1)
+    CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+    if libc.unshare(CLONE_NEWNET) == 0:
+        return "network namespace"
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
+        return "user and network namespace"
+    return ""
+
+
+class _ChannelSource:
+    """The disk as the mapper sees it: every read a frame to the parent.
+    Duck-typed as a ``Source`` (size, description, pread)."""
+
+    blocking = True
+
+    def __init__(self, channel: _Channel, size: int, description: str):
+        self.channel = channel
+        self.size = size
+        self.description = description
+        self.reads = 0
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        out = bytearray()
+        while length > 0:  # the parent answers at most MAX_READ at once
+            n = min(length, MAX_READ)
+            self.reads += 1
+            self.channel.send(b"R", _READ.pack(offset, n))
+            kind, payload = self.channel.recv(b"D", MAX_READ)
+            if kind == b"E":
+                said = json.loads(payload)
+                raise OSError(int(said["errno"]), str(said["error"]))
+            if kind != b"D" or len(payload) != n:
+                raise OSError(errno.EIO, "the server answered a read wrongly")
+            if not out and n == length:
+                return bytes(payload)
+            out += payload
+            offset += n
+            length -= n
+        return bytes(out)
+
+
+class _ProgressBus:
+    """What ``map_metadata`` publishes to, sent on as P frames."""
+
+    def __init__(self, channel: _Channel):
+        self.channel = channel
+
+    def publish(self, event) -> None:
+        from ..events import Progress
+        if isinstance(event, Progress) and event.phase != "done":
+            self.channel.send(b"P", json.dumps({
+                "phase": event.phase, "current": event.current, "done": event.done,
+                "total": event.total, "rate": event.rate, "elapsed": event.elapsed}).encode())
+
+
+def main(argv: list[str]) -> int:
+    fd, memory, cpu = int(argv[0]), int(argv[1]), int(argv[2])
+    confined = _confine(memory, cpu)
+    channel = _Channel(socket.socket(fileno=fd))
+    try:
+        kind, payload = channel.recv()
+        job = json.loads(payload)
+        old_flat = channel.recv(b"O", 1 << 40)[1] if job.get("old") else None
+        # Everything the walk needs, imported now: after this no file opens.
+        import codecs
+
+        from .format import BmapEntry, _sort_key, format_entry  # noqa: F401
+        from .index import BlockMap
+        from .metadata import MetadataError, _import_tsk, map_metadata
+        for name in ("utf-8", "utf-16-be", "utf-16-le", "utf-16", "latin-1", "ascii", "cp437"):
+            codecs.lookup(name)  # an encoding is a module imported when first used
+        try:
+            _import_tsk()
+        except MetadataError as e:
+            channel.send(b"X", json.dumps({"error": str(e), "fatal": True}).encode())
+            return 0
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (0, 0))
+        source = _ChannelSource(channel, int(job["size"]), str(job["description"]))
+        try:
+            _walk(channel, job, source, old_flat, confined, BlockMap, map_metadata)
+        except MemoryError:
+            channel.send(b"X", json.dumps({"error": (
+                f"the mapper reached its {_gib(memory)} memory limit")}).encode())
+        except MetadataError as e:
+            channel.send(b"X", json.dumps({"error": str(e), "fatal": True}).encode())
+        except Exception as e:  # noqa: BLE001 - a disk may hold anything: said in one line
+            channel.send(b"X", json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+    except _Ended:
+        return 1
+    return 0
+
+
+def _walk(channel: _Channel, job: dict, source: _ChannelSource, old_flat, confined: str,
+          BlockMap, map_metadata) -> None:
+    from .format import _sort_key, format_entry
+    t0 = time.monotonic()
+    meta = map_metadata(source, disk=str(job.get("disk", "/dev/sda")),
+                        bus=_ProgressBus(channel), done_event=False)
+    entries = meta.entries
+    info: dict = {
+        "filesystems": [vars(f) for f in meta.filesystems], "warnings": meta.warnings,
+        "objects": meta.objects, "elapsed": meta.elapsed, "reads": source.reads,
+        "confined": confined,
+    }
+    old = BlockMap.from_flat(old_flat) if old_flat is not None else None
+    if old is not None:
+        info["kept"] = keep_unread(meta, old.entries())
+    text = b""
+    if job.get("text"):
+        text = b"".join(map(format_entry, sorted(entries, key=_sort_key)))
+    blockmap = BlockMap(entries)
+    if old is not None:
+        info.update(compare(old, blockmap))
+    flat = blockmap.to_flat()
+    info["flat"], info["text"] = len(flat), len(text)
+    info["mapped"] = time.monotonic() - t0
+    head = json.dumps(info).encode()
+    channel.send(b"A", b"".join((struct.pack("<I", len(head)), head, flat, text)))
+
+
+#: the object types a remap keeps from the old map where the walk could not read
+_NAMED = frozenset("fd")
+
+
+def keep_unread(meta, old_entries) -> int:
+    """What the metadata walk did not map (another method's filesystems) or
+    mapped only in part keeps the old entries of the objects it missed
+    (added to ``meta.entries``). Returns how many objects were kept."""
+    from .format import BmapEntry
+    unread = {f.device for f in meta.filesystems if f.method != "metadata"}
+    partial = {f.device for f in meta.filesystems if f.method == "metadata" and f.warning}
+    if not old_entries or not (unread or partial):
+        return 0
+    walked = {(e.type, e.device, e.path) for e in meta.entries if e.device in partial}
+    kept = set()
+    for start, end, obj in old_entries:
+        if obj.type in _NAMED and (obj.device in unread or (
+                obj.device in partial and (obj.type, obj.device, obj.path) not in walked)):
+            meta.entries.append(BmapEntry(1, start, end, obj.type, obj.device, obj.path))
+            kept.add(obj)
+    return len(kept)
+
+
+def compare(old, new) -> dict:
+    """How ``new`` differs from ``old`` (two BlockMaps): ``added`` (indices
+    into the new map's object table, files first as a person looks for
+    them), ``removed`` (objects, as lists), ``changed`` (a count)."""
+    def by_object(blockmap) -> dict:
+        ranges: dict = {}
+        for start, end, obj in blockmap.iter_entries():
+            ranges.setdefault(obj, []).append((start, end))
+        return ranges
+    before, after = by_object(old), by_object(new)
+    key = _object_key
+    table = new.object_table()
+    added = sorted((i for i, o in enumerate(table) if o not in before), key=lambda i: key(table[i]))
+    removed = sorted((o for o in before if o not in after), key=key)
+    changed = sum(1 for o, r in after.items() if o in before and sorted(before[o]) != sorted(r))
+    return {"added": added, "removed": [list(o) for o in removed], "changed": changed}
+
+
+def _object_key(obj) -> tuple:
+    return (obj.type, obj.device, obj.path or "")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
