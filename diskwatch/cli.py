@@ -506,9 +506,6 @@ def _import_hint(e: ImportError) -> str:
         return _guestfs_hint(e)
     hints = {
         "pytsk3": "pytsk3 (The Sleuth Kit) is missing: pip install pytsk3",
-        "guestfs": "the libguestfs Python module is missing: apt-get install python3-guestfs "
-                   "libguestfs-tools (and use Debian's python3 or a venv made with "
-                   "--system-site-packages)",
         "nbd": "the libnbd Python module is missing: apt-get install python3-libnbd",
         "pycurl": "pycurl is missing: apt-get install python3-pycurl",
         "xz": "python-xz is missing: pip install python-xz",

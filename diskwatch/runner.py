@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 from .errors import DiskwatchError
@@ -76,8 +76,6 @@ class RunConfig:
     otlp: str | None = None
     metrics_top: int = 20
     metrics_refresh: float = 10.0
-    #: extra sinks to feed (later: metrics), each made from the session
-    extra_sinks: list[Callable[[Session], Any]] = field(default_factory=list)
     #: diskwatch attach: makes the running guest to attach (an
     #: ``attach.AttachedGuest``) from the socket path and its private
     #: directory; it plays the captive command's part
@@ -604,8 +602,6 @@ class Runner:
             self.summary = pump.add(Summary(source.size))
         if cfg.metrics is not None or cfg.otlp:
             self._add_metrics(session, source, undo)
-        for make in cfg.extra_sinks:
-            pump.add(make(session))
         if cfg.bmap and cfg.remap != "off":
             self.add_remapper(session, source)
 

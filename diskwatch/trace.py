@@ -91,7 +91,8 @@ class TextTrace:
                 # a trace of what the disk does it is noise. --record keeps it.
                 continue
             if cmd not in _RANGED:
-                # flush, disc, block status: repeats of one kind make one line
+                # flush, disc, unknown commands (block status was skipped
+                # above): repeats of one kind make one line
                 run = self._run
                 if run is not None and run.op == cmd and run.ranges is None:
                     run.count += 1

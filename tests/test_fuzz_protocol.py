@@ -36,7 +36,7 @@ OPTION_REPLIES = {P.REP_ACK, P.REP_SERVER, P.REP_INFO, P.REP_META_CONTEXT, P.REP
 def exports() -> dict[str, P.Export]:
     return {
         "": P.Export(name="", size=SIZE, readonly=False, can_flush=True, can_fua=True,
-                     can_trim=True, can_zero=True, can_fast_zero=True),
+                     can_trim=True, can_fast_zero=True),
         "ro": P.Export(name="ro", size=8192, readonly=True,
                        block_size=(512, 4096, P.MAX_PAYLOAD)),
     }

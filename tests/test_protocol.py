@@ -18,7 +18,7 @@ SIZE = 1024 * 1024
 def exports() -> dict[str, P.Export]:
     return {
         "": P.Export(name="", size=SIZE, description="the default disk", readonly=False,
-                     can_flush=True, can_fua=True, can_trim=True, can_zero=True,
+                     can_flush=True, can_fua=True, can_trim=True,
                      can_fast_zero=True, block_size=(1, 4096, P.MAX_PAYLOAD)),
         "ro": P.Export(name="ro", size=8192, description="", readonly=True, can_flush=True),
         "plain": P.Export(name="plain", size=SIZE, readonly=False, can_trim=False,

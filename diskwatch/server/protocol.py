@@ -168,11 +168,9 @@ class Export:
     can_flush: bool = False
     can_fua: bool = False
     can_trim: bool = False
-    can_zero: bool = False
     can_fast_zero: bool = False
     can_cache: bool = True
     can_multi_conn: bool = True
-    can_extents: bool = True
     rotational: bool = False
     block_size: tuple[int, int, int] = (1, 4096, MAX_PAYLOAD)
 

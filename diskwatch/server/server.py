@@ -84,9 +84,8 @@ def export_info(name: str, src: Source, description: str | None = None) -> P.Exp
     return P.Export(
         name=name, size=src.size, description=description or src.description,
         readonly=readonly, can_flush=src.can_flush, can_fua=src.can_fua,
-        can_trim=src.can_trim, can_zero=src.can_zero or not readonly,
-        can_fast_zero=src.can_fast_zero, can_cache=True,
-        can_multi_conn=src.can_multi_conn, can_extents=src.can_extents,
+        can_trim=src.can_trim, can_fast_zero=src.can_fast_zero, can_cache=True,
+        can_multi_conn=src.can_multi_conn,
         block_size=(mn, pref, min(mx, P.MAX_PAYLOAD)),
     )
 

@@ -12,8 +12,6 @@ from ..units import parse_size
 from .base import Layer, ReadOnly, Source, SourceError
 from .registry import REGISTRY, LayerPlugin, Option, SourcePlugin, register_layer, register_source
 
-URL_SCHEMES = ("http://", "https://", "ftp://", "ftps://", "sftp://")
-
 
 @dataclass
 class SourceOptions:
@@ -50,10 +48,6 @@ class SourceOptions:
         return self.extra.get(key, default)
 
 
-def is_url(spec: str) -> bool:
-    return spec.lower().startswith(URL_SCHEMES)
-
-
 def open_source(spec: str | None, opts: SourceOptions) -> Source:
     """The source for ``spec`` with its layers: the plugin that claims it
     (sources/registry.py), then --inject-errors, the --filter layers in
@@ -87,5 +81,5 @@ def open_source(spec: str | None, opts: SourceOptions) -> Source:
 
 
 __all__ = ["Source", "Layer", "ReadOnly", "SourceError", "SourceOptions", "open_source",
-           "parse_size", "is_url", "REGISTRY", "Option", "SourcePlugin", "LayerPlugin",
+           "parse_size", "REGISTRY", "Option", "SourcePlugin", "LayerPlugin",
            "register_source", "register_layer"]

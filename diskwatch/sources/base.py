@@ -59,7 +59,8 @@ class Source:
     can_cache: bool = False
     #: several connections see one consistent disk (flush on one covers all)
     can_multi_conn: bool = True
-    #: reads of zeroed/trimmed ranges are guaranteed to return zeroes
+    #: the disk is a spinning one (not passed to the export yet: the server
+    #: never sets NBD_FLAG_ROTATIONAL)
     is_rotational: bool = False
     #: an asynchronous way in for the server's loop (``sources.nbd.NbdAio``:
     #: attach(loop, completed), pread(offset, length, done), ...), or None.

@@ -39,16 +39,11 @@ from .base import FastZeroUnsupported, Source, SourceError, check_range
 
 log = logging.getLogger("diskwatch.sources.nbd")
 
-NBD_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://")
 POOL_HANDLES = 4  # blocking handles for other threads (the server has 8 workers)
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 ZERO_CHUNK = 1 << 20  # zeroes written per request when the upstream cannot zero
 DISCONNECT_TIMEOUT = 1.0  # seconds an upstream has to close after NBD_CMD_DISC
-
-
-def is_nbd_url(spec: str) -> bool:
-    return spec.lower().startswith(NBD_SCHEMES)
 
 
 def _import_nbd():
@@ -698,4 +693,4 @@ def _close_handle(h) -> None:
         del h._o
 
 
-__all__ = ["NbdSource", "NbdAio", "is_nbd_url", "NBD_SCHEMES"]
+__all__ = ["NbdSource", "NbdAio"]

@@ -19,9 +19,10 @@ A **source plugin** declares, once:
   The registry enforces it: a serializing source is wrapped in a layer
   that holds a lock around each call.
 
-Plugins are tried in registration order; the built-in ones are declared at
-the end of this module and load their modules only when chosen (pycurl, xz
-and libnbd are not imported to parse a command line).
+Plugins from outside the package are tried first, then the built-in ones in
+registration order; those are declared in ``sources/builtin.py`` (imported
+by the CLI and by ``open_source``) and load their modules only when chosen
+(pycurl, xz and libnbd are not imported to parse a command line).
 
 A **source outside the package** is one small file: a ``Source`` subclass
 with ``plugin_name``, ``schemes`` or ``recognises``, ``options`` and

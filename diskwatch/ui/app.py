@@ -115,9 +115,7 @@ class DiskwatchApp(App[int | None]):
         self.op_filter = "all"
         self.search_text = ""
         self.command_status: int | None = None  # from the "exit" Message
-        self.progress: Progress | None = None
         self._last_tick = clock()
-        self._ticks = 0
         self._last_top = 0.0
         self._last_paint = 0.0  # time.monotonic() of the last repaint of the busy panels
         self._decay_pending = 0.0  # heat decay not applied yet (seconds)
@@ -203,7 +201,6 @@ class DiskwatchApp(App[int | None]):
                 self._refresh_status()
         else:
             self._refresh_status()
-        self._ticks += 1
 
     def _refresh_views(self, force: bool = False) -> None:
         now = self.clock()
@@ -259,7 +256,6 @@ class DiskwatchApp(App[int | None]):
     def handle_event(self, event: object) -> None:
         self.stats.on_event(event)
         if isinstance(event, Progress):
-            self.progress = event
             self.bmap_progress.update_progress(event)
         elif isinstance(event, Message):
             output = self.output
