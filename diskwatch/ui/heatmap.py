@@ -6,7 +6,8 @@ right, top to bottom, in disk order. Unlit cells are tinted by the partition
 they belong to, a little lighter once they have been touched at all, so
 partition boundaries show and a boot leaves a trail. The last rows are a
 legend of the partitions and a line describing the cell under the mouse or
-the keyboard cursor (its byte range and the objects in it).
+the keyboard cursor (its byte range and the objects in it); moving the
+cursor posts a ``messages.CellSelected``.
 
 Cheap under a flood: heat is quantised to ``LEVELS`` steps per cell, each
 grid row keeps its rendered strip and the levels it was drawn from, and
@@ -24,13 +25,13 @@ from rich.style import Style
 from textual import events
 from textual.binding import Binding
 from textual.geometry import Region
-from textual.message import Message
 from textual.strip import Strip
 from textual.widget import Widget
 
 from ..stats import Heat
 from ..text import safe_text
 from ..units import format_bytes_compact
+from .messages import CellSelected
 
 RGB = tuple[int, int, int]
 
@@ -88,16 +89,6 @@ class Heatmap(Widget, can_focus=True):
         Binding("up", "move(0, -1)", "cell up", show=False),
         Binding("down", "move(0, 1)", "cell down", show=False),
     ]
-
-    class CellSelected(Message):
-        """The cursor moved to a cell: its byte range and objects."""
-
-        def __init__(self, index: int, start: int, end: int, objects: list[Any]) -> None:
-            super().__init__()
-            self.index = index
-            self.start = start
-            self.end = end
-            self.objects = objects
 
     def __init__(self, heat: Heat, blockmap: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -378,7 +369,7 @@ class Heatmap(Widget, can_focus=True):
         self.refresh()
         if index is not None:
             start, end = self.heat.cell_range(index)
-            self.post_message(self.CellSelected(index, start, end, self.cell_objects(index)))
+            self.post_message(CellSelected(index, start, end, self.cell_objects(index)))
 
     def on_mouse_move(self, event: events.MouseMove) -> None:
         offset = event.get_content_offset(self)

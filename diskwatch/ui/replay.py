@@ -12,6 +12,7 @@ from textual.widgets import Footer
 
 from ..session import Session
 from .app import DiskwatchApp
+from .messages import Seek
 from .timebar import TimeBar, speed_text
 
 #: seconds ] and [ move
@@ -101,5 +102,5 @@ class ReplayApp(DiskwatchApp):
         self.timebar.show()
         self.notify(f"speed {speed_text(self.player.speed)}", timeout=1)
 
-    def on_time_bar_seek(self, message: TimeBar.Seek) -> None:
+    def on_seek(self, message: Seek) -> None:
         self.seek_to(message.t)

@@ -8,8 +8,9 @@ from typing import Any
 
 from rich.text import Text
 from textual import events
-from textual.message import Message
 from textual.widgets import Static
+
+from .messages import Seek
 
 BLOCKS = "▁▂▃▄▅▆▇█"  # the first: no request in that slice (the track)
 
@@ -25,16 +26,11 @@ def speed_text(speed: float) -> str:
 
 class TimeBar(Static):
     """``player``: a diskwatch.replay.Player (read only; seeks go to the app
-    as a ``TimeBar.Seek`` message)."""
+    as a ``messages.Seek``)."""
 
     DEFAULT_CSS = """
     TimeBar { height: 1; background: $panel; }
     """
-
-    class Seek(Message):
-        def __init__(self, t: float) -> None:
-            super().__init__()
-            self.t = t
 
     def __init__(self, player: Any, **kwargs: Any) -> None:
         super().__init__("", **kwargs)
@@ -78,4 +74,4 @@ class TimeBar(Static):
         width = self.size.width - self._label_width - 1
         x = event.x - self._label_width
         if width > 0 and 0 <= x < width:
-            self.post_message(self.Seek(x / width * self.player.duration))
+            self.post_message(Seek(x / width * self.player.duration))
