@@ -13,6 +13,15 @@ Under a flood the repaint, not the counting, is what costs the UI thread
 heatmap, rates) are then repainted at ``BUSY_PAINT`` intervals instead of
 every tick, while the counters are still updated on every tick, exactly.
 
+State the views show but do not compute (paused, the filters, the clock, the
+command's state, the block map's progress) is held in reactive attributes of
+the app that the widgets bind to (``data_bind`` in ``compose``); the timer
+only sets them, and a widget repaints when what it shows changed. Widgets
+tell the app things through the messages of ``messages.py``. The panels that
+draw aggregates (trace, heatmap, rates, top) are asked to sample them on the
+timer instead: binding a counter that moves with every request would repaint
+them once per change, which is what the timer is there to avoid.
+
     app = DiskwatchApp(session)      # subscribes to session.bus at once
     status = app.run()               # main thread; returns the command's status
 """
@@ -29,6 +38,7 @@ from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.reactive import var
 from textual.screen import Screen
 from textual.widgets import Footer, Input
 
@@ -62,6 +72,21 @@ class DiskwatchApp(App[int | None]):
 
     CSS_PATH = "app.tcss"
     TITLE = "diskwatch"
+
+    #: what the views show (bound in compose); vars: the app itself does
+    #: not repaint when they change, the widgets bound to them do
+    paused: var[bool] = var(False)
+    #: requests counted while paused, not yet in the trace
+    held_count: var[int] = var(0)
+    type_filter: var[str] = var("all")  # one of TYPE_FILTERS
+    op_filter: var[str] = var("all")  # one of OP_FILTERS
+    search_text: var[str] = var("")
+    #: whole seconds since the session started, by ``clock``
+    elapsed: var[int] = var(0)
+    #: the captive command or attached guest in words ("" without one)
+    command_label: var[str] = var("")
+    #: the last block-map generation ``Progress`` event
+    progress: var[Progress | None] = var(None)
 
     BINDINGS = [
         Binding("q", "quit", "Quit"),
@@ -108,12 +133,7 @@ class DiskwatchApp(App[int | None]):
         self.sink = _AppSink(self)
         session.pump.add(self.sink)
         self.trace_model = TraceModel(started=session.started, cap=trace_cap)
-        self.paused = False
         self.held: deque[tuple[Any, Any]] = deque(maxlen=50_000)
-        self.held_count = 0
-        self.type_filter = "all"
-        self.op_filter = "all"
-        self.search_text = ""
         self.command_status: int | None = None  # from the "exit" Message
         self._last_tick = clock()
         self._last_top = 0.0
@@ -126,13 +146,16 @@ class DiskwatchApp(App[int | None]):
     # -- layout --
 
     def compose(self) -> ComposeResult:
-        yield StatusBar(id="status")
+        app = DiskwatchApp
+        yield StatusBar(self.session.description, self.session.size, id="status").data_bind(
+            app.elapsed, app.paused, app.type_filter, app.op_filter, app.search_text,
+            held=app.held_count, command=app.command_label)
         with Horizontal(id="main"):
             with Vertical(id="left"):
-                yield TraceView(self.trace_model, id="trace")
+                yield TraceView(self.trace_model, id="trace").data_bind(app.paused)
                 yield CommandOutput(self.session.command, id="output")
             with Vertical(id="right"):
-                yield BmapProgress(id="bmap")
+                yield BmapProgress(id="bmap").data_bind(app.progress)
                 yield Rates(id="rates")
                 yield Heatmap(self.stats.heat, self.session.blockmap, id="heatmap")
                 yield TopObjects(id="top")
@@ -145,9 +168,7 @@ class DiskwatchApp(App[int | None]):
         self.heatmap = self.query_one(Heatmap)
         self.rates = self.query_one(Rates)
         self.top = self.query_one(TopObjects)
-        self.status_bar = self.query_one(StatusBar)
         self.output = self.query_one(CommandOutput)
-        self.bmap_progress = self.query_one(BmapProgress)
         self.search_input = self.query_one("#search", Input)
         self._views_ready = True
         self.top.has_map = self.session.blockmap is not None
@@ -217,15 +238,10 @@ class DiskwatchApp(App[int | None]):
         self._refresh_status()
 
     def _refresh_status(self) -> None:
-        self.status_bar.show(
-            description=self.session.description,
-            size=self.session.size,
-            elapsed=self.clock() - self.session.started,
-            paused=self.paused,
-            held=self.held_count,
-            filters=self._filter_labels(),
-            command=self._command_label(),
-        )
+        """Set what the status bar shows that no action sets: the clock and
+        the command's state (the bar repaints only when they changed)."""
+        self.elapsed = int(self.clock() - self.session.started)
+        self.command_label = self._command_label()
 
     def _command_label(self) -> str:
         if self.session.command is None:
@@ -256,7 +272,7 @@ class DiskwatchApp(App[int | None]):
     def handle_event(self, event: object) -> None:
         self.stats.on_event(event)
         if isinstance(event, Progress):
-            self.bmap_progress.update_progress(event)
+            self.progress = event  # the block-map panel is bound to it
         elif isinstance(event, Message):
             output = self.output
             output.display = True
@@ -271,18 +287,6 @@ class DiskwatchApp(App[int | None]):
             pass  # counted by Stats
 
     # -- filters --
-
-    def _filter_labels(self) -> list[str]:
-        labels = []
-        if self.type_filter == "files":
-            labels.append("files only")
-        elif self.type_filter == "no-dirs":
-            labels.append("no dirs")
-        if self.op_filter != "all":
-            labels.append(f"{self.op_filter} only")
-        if self.search_text:
-            labels.append(f"/{self.search_text}")
-        return labels
 
     def _object_filter(self) -> Callable[[Any], bool] | None:
         tf, text = self.type_filter, self.search_text.lower()
@@ -329,9 +333,8 @@ class DiskwatchApp(App[int | None]):
     # -- actions --
 
     def action_pause(self) -> None:
-        self.paused = not self.paused
+        self.paused = not self.paused  # the trace view and the status bar are bound to it
         trace = self.trace_view
-        trace.paused = self.paused
         if not self.paused:
             if self.held:
                 self.trace_model.add(self.held)

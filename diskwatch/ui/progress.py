@@ -8,6 +8,7 @@ from typing import Any
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
+from textual.reactive import var
 from textual.widgets import ProgressBar, Static
 
 from ..events import Progress
@@ -15,7 +16,8 @@ from ..text import safe_text
 
 
 class BmapProgress(Vertical):
-    """Hidden until the first ``Progress`` event arrives."""
+    """Hidden until the first ``Progress`` event arrives (``progress``, which
+    the app binds)."""
 
     DEFAULT_CSS = """
     BmapProgress { height: auto; display: none; }
@@ -25,9 +27,10 @@ class BmapProgress(Vertical):
     BmapProgress #bmap-detail { height: auto; text-wrap: nowrap; }
     """
 
+    progress: var[Progress | None] = var(None)
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.last: Progress | None = None
         self.bar = ProgressBar(total=None, show_eta=False, id="bmap-bar")
         self.detail = Static("", id="bmap-detail")
 
@@ -38,8 +41,9 @@ class BmapProgress(Vertical):
     def on_mount(self) -> None:
         self.border_title = "block map"
 
-    def update_progress(self, p: Progress) -> None:
-        self.last = p
+    def watch_progress(self, p: Progress | None) -> None:
+        if p is None:
+            return
         self.add_class("-active")
         bar, detail = self.bar, self.detail
         if p.phase == "done":
@@ -65,5 +69,5 @@ class BmapProgress(Vertical):
         detail.update(line)
 
     def on_resize(self) -> None:
-        if self.last is not None and self.last.phase != "done":
-            self.update_progress(self.last)
+        if self.progress is not None and self.progress.phase != "done":
+            self.watch_progress(self.progress)

@@ -25,6 +25,7 @@ from typing import Any
 from rich.segment import Segment
 from rich.style import Style
 from textual.geometry import Size
+from textual.reactive import var
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
@@ -237,17 +238,19 @@ def render_trace_line(line: TraceLine, width: int) -> list[Segment]:
 
 
 class TraceView(ScrollView, can_focus=True):
-    """Scrollable view of a TraceModel; follows the tail unless scrolled up."""
+    """Scrollable view of a TraceModel; follows the tail unless scrolled up
+    (and not while ``paused``, which the app binds)."""
 
     DEFAULT_CSS = """
     TraceView { scrollbar-size-vertical: 1; overflow-x: hidden; }
     """
 
+    paused: var[bool] = var(False)
+
     def __init__(self, model: TraceModel, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model = model
         self.follow = True
-        self.paused = False
         self._version = -1
         self._count = 0
 
