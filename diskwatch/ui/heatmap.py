@@ -32,6 +32,7 @@ from ..stats import Heat
 from ..text import safe_text
 from ..units import format_bytes_compact
 from .messages import CellSelected
+from .styles import part_style
 
 RGB = tuple[int, int, int]
 
@@ -82,6 +83,14 @@ class Heatmap(Widget, can_focus=True):
     DEFAULT_CSS = """
     Heatmap { height: 3fr; min-height: 5; }
     """
+
+    #: the text's colours, in app.tcss (the cells' are a palette, above: each
+    #: cell mixes its partition's tint with its heat, which no CSS rule says)
+    COMPONENT_CLASSES = {
+        "heatmap--muted",  # the hint, "no object", "+N more", the legend's "…"
+        "heatmap--range",  # a cell's byte range
+        "heatmap--object",  # the most specific object in it
+    }
 
     BINDINGS = [
         Binding("left", "move(-1, 0)", "cell left", show=False),
@@ -184,7 +193,7 @@ class Heatmap(Widget, can_focus=True):
             item = len(text) + 3
             if used and used + item > width:
                 if len(lines) == 2:  # keep the grid big: two legend lines at most
-                    lines[-1].append(Segment(" …", Style(color="#8a8a8a")))
+                    lines[-1].append(Segment(" …", part_style(self, "heatmap--muted")))
                     break
                 lines.append([])
                 used = 0
@@ -332,17 +341,17 @@ class Heatmap(Widget, can_focus=True):
         return Strip.blank(width)
 
     def _info_line(self) -> list[Segment]:
-        dim = Style(color="#8a8a8a")
+        dim = part_style(self, "heatmap--muted")
         if self.cursor is None:
             return [Segment("hover or arrows: what is in a cell", dim)]
         start, end = self.heat.cell_range(self.cursor)
-        segs = [Segment(f"{start:#x}-{end:#x} ", Style(color="#e4e4e4"))]
+        segs = [Segment(f"{start:#x}-{end:#x} ", part_style(self, "heatmap--range"))]
         objs = self.cell_objects(self.cursor)
         if not objs:
             segs.append(Segment("no object" if self.blockmap is not None else "(no block map)", dim))
         else:
             best = sorted(objs, key=lambda o: -o.rank)
-            segs.append(Segment(safe_text(str(best[0])), Style(color="#e4e4e4", bold=True)))
+            segs.append(Segment(safe_text(str(best[0])), part_style(self, "heatmap--object")))
             if len(best) > 1:
                 segs.append(Segment(f" +{len(best) - 1} more", dim))
         return segs

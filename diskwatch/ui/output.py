@@ -10,11 +10,20 @@ from textual.widgets import RichLog
 
 from ..events import Message
 from ..text import TerminalText, safe_text
-
-STYLES = {"stdout": "#d0d0d0", "stderr": "#ffaf5f", "diskwatch": "#5fafff"}
+from .styles import part_style
 
 
 class CommandOutput(RichLog):
+    """Colours: the component classes, set in app.tcss."""
+
+    COMPONENT_CLASSES = {
+        "command-output--stdout",  # and any other source
+        "command-output--stderr",
+        "command-output--diskwatch",  # diskwatch's own messages
+        "command-output--warning",  # diskwatch's warnings
+        "command-output--error",  # errors, whoever said them
+        "command-output--exit-ok", "command-output--exit-failed",  # the exit status
+    }
     DEFAULT_CSS = """
     CommandOutput { height: 8; overflow-x: hidden; }
     """
@@ -36,24 +45,29 @@ class CommandOutput(RichLog):
 
     def add_message(self, m: Message) -> None:
         self.lines_seen += 1
+
+        def style(part: str) -> Any:
+            return part_style(self, f"command-output--{part}")
+
         if m.source == "exit":
             self.exit_status = m.status
             ok = m.status == 0
             self.border_subtitle = f"exit {m.status}"
             self.write(Text(safe_text(m.text or f"command exited with status {m.status}"),
-                            style="bold #5fd787" if ok else "bold #ff5f5f"))
+                            style=style("exit-ok" if ok else "exit-failed")))
             return
-        style = STYLES.get(m.source, "#d0d0d0")
         if m.level == "error":
-            style = "bold #ff5f5f"
+            line_style = style("error")
         elif m.level == "warning" and m.source == "diskwatch":
-            style = "#ffd75f"
+            line_style = style("warning")
+        else:
+            line_style = style(m.source if m.source in ("stderr", "diskwatch") else "stdout")
         decoder = self._decoders.get(m.source)
         if decoder is not None:
-            text = decoder.line(m.text.rstrip("\n"), style)
+            text = decoder.line(m.text.rstrip("\n"), line_style)
             if m.source == "stderr":
-                text = Text("stderr: ", style=style) + text
+                text = Text("stderr: ", style=line_style) + text
         else:  # diskwatch's own messages (they may quote names and URLs)
             prefix = "" if m.source == "diskwatch" else f"{safe_text(m.source)}: "
-            text = Text(prefix + safe_text(m.text.rstrip("\n")), style=style)
+            text = Text(prefix + safe_text(m.text.rstrip("\n")), style=line_style)
         self.write(text)

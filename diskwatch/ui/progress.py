@@ -13,6 +13,7 @@ from textual.widgets import ProgressBar, Static
 
 from ..events import Progress
 from ..text import safe_text
+from .styles import part_style
 
 
 class BmapProgress(Vertical):
@@ -26,6 +27,13 @@ class BmapProgress(Vertical):
     BmapProgress ProgressBar Bar { width: 1fr; }
     BmapProgress #bmap-detail { height: auto; text-wrap: nowrap; }
     """
+
+    COMPONENT_CLASSES = {
+        "bmap-progress--ready",  # the summary, once done
+        "bmap-progress--count",  # objects done (of how many)
+        "bmap-progress--muted",  # the rate and the time
+        "bmap-progress--current",  # the object being examined
+    }
 
     progress: var[Progress | None] = var(None)
 
@@ -50,7 +58,7 @@ class BmapProgress(Vertical):
             bar.display = False
             self.border_title = "block map ready"
             detail.update(Text(safe_text(p.summary or f"{p.done} objects in {p.elapsed:.1f}s"),
-                               style="#5fd787"))
+                               style=part_style(self, "bmap-progress--ready")))
             return
         bar.display = True
         self.border_title = Text(f"block map: {safe_text(p.phase)}")  # not markup
@@ -59,13 +67,15 @@ class BmapProgress(Vertical):
         else:
             bar.update(total=None)
         line = Text()
-        line.append(f"{p.done}" + (f"/{p.total}" if p.total else ""), style="bold")
-        line.append(f" objects  {p.rate:.0f}/s  {p.elapsed:.0f}s\n", style="#8a8a8a")
+        line.append(f"{p.done}" + (f"/{p.total}" if p.total else ""),
+                    style=part_style(self, "bmap-progress--count"))
+        line.append(f" objects  {p.rate:.0f}/s  {p.elapsed:.0f}s\n",
+                    style=part_style(self, "bmap-progress--muted"))
         width = max(20, self.content_region.width)
         current = safe_text(p.current or "")  # a path in the guest
         if len(current) > width:  # the end of a path says most
             current = "…" + current[len(current) - width + 1:]
-        line.append(current, style="#e4e4e4")
+        line.append(current, style=part_style(self, "bmap-progress--current"))
         detail.update(line)
 
     def on_resize(self) -> None:

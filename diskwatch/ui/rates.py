@@ -13,21 +13,24 @@ from textual.widgets import Sparkline, Static
 from ..events import COMMAND_NAMES
 from ..stats import Stats
 from ..units import format_bytes_compact, format_count_compact, format_duration_compact
-
-MUTED = "#8a8a8a"
-BRIGHT = "#e4e4e4"
+from .styles import part_styles
 
 
 class Rates(Vertical):
+    """Colours (of the text and the sparklines): component classes, set in app.tcss."""
+
     DEFAULT_CSS = """
     Rates { height: auto; }
     Rates #rates-text { height: auto; text-wrap: nowrap; text-overflow: ellipsis; }
     Rates Sparkline { height: 1; margin: 0 0; }
-    Rates #spark-reads > .sparkline--max-color { color: #5fd787; }
-    Rates #spark-reads > .sparkline--min-color { color: #1c4a2c; }
-    Rates #spark-writes > .sparkline--max-color { color: #ff5f5f; }
-    Rates #spark-writes > .sparkline--min-color { color: #4a1c1c; }
     """
+
+    COMPONENT_CLASSES = {
+        "rates--read", "rates--write", "rates--latency", "rates--other",  # the row names
+        "rates--value",  # the figures of now
+        "rates--muted",  # totals and units
+        "rates--errors", "rates--dropped",
+    }
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -50,34 +53,39 @@ class Rates(Vertical):
         if not (self.text.is_mounted and self.writes.is_mounted):
             return
         rops, wops, rbytes, wbytes = stats.series.rate(now)
+        style = part_styles(self, "rates--", ("read", "write", "latency", "other", "value",
+                                              "muted", "errors", "dropped"))
+        bright, muted = style["value"], style["muted"]
         text = Text()
-        for name, style, ops, nbytes, total, total_bytes in (
-            ("read ", "#5fd787 bold", rops, rbytes, stats.ops[0], stats.bytes[0]),
-            ("write", "#ff5f5f bold", wops, wbytes, stats.ops[1], stats.bytes[1]),
+        for name, part, ops, nbytes, total, total_bytes in (
+            ("read ", "read", rops, rbytes, stats.ops[0], stats.bytes[0]),
+            ("write", "write", wops, wbytes, stats.ops[1], stats.bytes[1]),
         ):
-            text.append(name, style=style)
-            text.append(f"{ops:5.0f}/s {format_bytes_compact(nbytes):>5}/s", style=BRIGHT)
+            text.append(name, style=style[part])
+            text.append(f"{ops:5.0f}/s {format_bytes_compact(nbytes):>5}/s", style=bright)
             text.append(f" Σ{format_count_compact(total):>5} {format_bytes_compact(total_bytes):>5}\n",
-                        style=MUTED)
-        text.append("lat  ", style="#5fafff bold")
-        text.append(f"{format_duration_compact(stats.latency.median):>6}", style=BRIGHT)
-        text.append(" med ", style=MUTED)
-        text.append(f"{format_duration_compact(stats.latency.p99):>6}", style=BRIGHT)
-        text.append(" p99", style=MUTED)
-        text.append("  conn ", style=MUTED)
-        text.append(f"{stats.connections}", style=BRIGHT)
+                        style=muted)
+        text.append("lat  ", style=style["latency"])
+        text.append(f"{format_duration_compact(stats.latency.median):>6}", style=bright)
+        text.append(" med ", style=muted)
+        text.append(f"{format_duration_compact(stats.latency.p99):>6}", style=bright)
+        text.append(" p99", style=muted)
+        text.append("  conn ", style=muted)
+        text.append(f"{stats.connections}", style=bright)
         if stats.connections_total > stats.connections:
-            text.append(f"/{stats.connections_total}", style=MUTED)
+            text.append(f"/{stats.connections_total}", style=muted)
         others = [f"{COMMAND_NAMES[i]} {format_count_compact(n)}"
                   for i, n in enumerate(stats.ops) if i > 1 and n]
         if others or stats.errors or stats.dropped:
             text.append("\n")
-            text.append("other ", style="#d787ff bold")
-            text.append("  ".join(others) or "-", style=MUTED)
+            text.append("other ", style=style["other"])
+            text.append("  ".join(others) or "-", style=muted)
             if stats.errors:
-                text.append(f"  errors {format_count_compact(stats.errors)}", style="red bold")
+                text.append(f"  errors {format_count_compact(stats.errors)}",
+                            style=style["errors"])
             if stats.dropped:
-                text.append(f"  dropped {format_count_compact(stats.dropped)}", style="yellow")
+                text.append(f"  dropped {format_count_compact(stats.dropped)}",
+                            style=style["dropped"])
         key = (text.plain, tuple(text.spans))
         if key != self._shown:
             # a new line (other commands, errors) changes the height: only then a layout

@@ -14,6 +14,7 @@ from textual.widget import Widget
 
 from ..text import safe_text
 from ..units import format_bytes_compact
+from .styles import part_style
 
 
 class StatusBar(Widget):
@@ -60,7 +61,7 @@ class StatusBar(Widget):
 
     def render(self) -> Text:
         def style(part: str) -> Any:
-            return self.get_component_rich_style(f"status-bar--{part}", partial=True)
+            return part_style(self, f"status-bar--{part}")
 
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(" diskwatch ", style=style("name"))

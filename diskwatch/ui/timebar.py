@@ -11,6 +11,7 @@ from textual import events
 from textual.widgets import Static
 
 from .messages import Seek
+from .styles import part_styles
 
 BLOCKS = "▁▂▃▄▅▆▇█"  # the first: no request in that slice (the track)
 
@@ -29,8 +30,16 @@ class TimeBar(Static):
     as a ``messages.Seek``)."""
 
     DEFAULT_CSS = """
-    TimeBar { height: 1; background: $panel; }
+    TimeBar { height: 1; }
     """
+
+    #: colours in app.tcss
+    COMPONENT_CLASSES = {
+        "time-bar--label",  # state, speed, time
+        "time-bar--now",  # the slice being played
+        "time-bar--quiet",  # a slice without requests
+        "time-bar--played", "time-bar--ahead",  # slices with requests
+    }
 
     def __init__(self, player: Any, **kwargs: Any) -> None:
         super().__init__("", **kwargs)
@@ -51,19 +60,20 @@ class TimeBar(Static):
         label = f" {state} {speed_text(p.speed):>5} {clock_text(now)} / {clock_text(p.duration)} "
         width = max(0, self.size.width - len(label) - 1)
         self._label_width = len(label)
+        styles = part_styles(self, "time-bar--", ("label", "now", "quiet", "played", "ahead"))
         text = Text(no_wrap=True, overflow="crop")
-        text.append(label, style="bold")
+        text.append(label, style=styles["label"])
         bins = self._bins(width)
         top = max(bins, default=0) or 1
         at = min(width - 1, int(now / p.duration * width)) if p.duration > 0 else 0
         for i, n in enumerate(bins):
             level = 0 if not n else 1 + (n * (len(BLOCKS) - 2)) // top
             if i == at:
-                style = "bold #000000 on #ffd75f"
+                style = styles["now"]
             elif not n:
-                style = "#4e4e4e"
+                style = styles["quiet"]
             else:
-                style = "#5fd787" if i < at else "#5f8787"
+                style = styles["played" if i < at else "ahead"]
             text.append(BLOCKS[level], style=style)
         key = (text.plain, at, state)
         if key != self._shown:

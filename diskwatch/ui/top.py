@@ -11,13 +11,23 @@ from textual.widgets import Static
 from ..stats import Stats
 from ..text import safe_text
 from ..units import format_bytes_compact
-from .trace import TYPE_STYLES, fit_left
+from .styles import OBJECT_TYPE_CLASSES, part_style
+from .trace import fit_left
 
 SORTS = ("reads", "writes")
 
 
 class TopObjects(Static):
-    """A table of objects by read or write count (``sort`` switches)."""
+    """A table of objects by read or write count (``sort`` switches).
+    Colours: the component classes, set in app.tcss."""
+
+    COMPONENT_CLASSES = {
+        "top-objects--muted",  # no map yet, byte counts
+        "top-objects--header",
+        "top-objects--empty",  # nothing read or written yet
+        "top-objects--reads", "top-objects--writes",  # the counts
+        "top-objects--sorted",  # added to the column the table is sorted by
+    } | OBJECT_TYPE_CLASSES
 
     DEFAULT_CSS = """
     TopObjects { height: 1fr; min-height: 4; }
@@ -49,9 +59,13 @@ class TopObjects(Static):
         self._last = (stats, keep)
         width = max(20, self.content_region.width)
         rows = max(1, self.content_region.height - 1)
+        def style(part: str) -> Any:
+            return part_style(self, part)
+
         text = Text(no_wrap=True, overflow="crop")
+        muted = style("top-objects--muted")
         if not self.has_map:
-            text.append("no block map: objects appear once one is loaded", style="#8a8a8a")
+            text.append("no block map: objects appear once one is loaded", style=muted)
             self._show(text)
             return
         top = stats.top(self.sort, rows, keep)
@@ -61,22 +75,27 @@ class TopObjects(Static):
         header = f"{'T':<2}{'object':<{name_w}} {'reads':>{num_w}} {'writes':>{num_w}}"
         if show_bytes:
             header += f" {'bytes':>{num_w}}"
-        text.append(header[:width] + "\n", style="bold #8a8a8a")
+        text.append(header[:width] + "\n", style=style("top-objects--header"))
         if not top:
             text.append(f"nothing {'read' if self.sort == 'reads' else 'written'} yet",
-                        style="#6c6c6c")
+                        style=style("top-objects--empty"))
+        sorted_ = style("top-objects--sorted")
+        reads, writes = style("top-objects--reads"), style("top-objects--writes")
+        if self.sort == "reads":
+            reads += sorted_
+        else:
+            writes += sorted_
         for i, (obj, c) in enumerate(top):
-            style = TYPE_STYLES.get(obj.type, TYPE_STYLES[None])
+            kind = obj.type if f"object-type--{obj.type}" in OBJECT_TYPE_CLASSES else "none"
+            type_style = style(f"object-type--{kind}")
             name = safe_text(obj.device if obj.path is None else obj.path)
-            text.append(f"{obj.type} ", style=style)
-            text.append(f"{fit_left(name, name_w):<{name_w}} ", style=style)
-            text.append(f"{c.reads:>{num_w},} ",
-                        style="#5fd787 bold" if self.sort == "reads" else "#5fd787")
-            text.append(f"{c.writes:>{num_w},}",
-                        style="#ff5f5f bold" if self.sort == "writes" else "#ff5f5f")
+            text.append(f"{obj.type} ", style=type_style)
+            text.append(f"{fit_left(name, name_w):<{name_w}} ", style=type_style)
+            text.append(f"{c.reads:>{num_w},} ", style=reads)
+            text.append(f"{c.writes:>{num_w},}", style=writes)
             if show_bytes:
                 nbytes = c.read_bytes if self.sort == "reads" else c.write_bytes
-                text.append(f" {format_bytes_compact(nbytes):>{num_w}}", style="#8a8a8a")
+                text.append(f" {format_bytes_compact(nbytes):>{num_w}}", style=muted)
             if i < len(top) - 1:
                 text.append("\n")
         self._show(text)

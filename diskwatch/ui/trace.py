@@ -32,33 +32,15 @@ from textual.strip import Strip
 from ..events import COMMAND_NAMES, Request
 from ..text import safe_text
 from ..units import format_bytes_compact
+from .styles import OBJECT_TYPE_CLASSES, OBJECT_TYPES, part_style, part_styles
 
 READ, WRITE = 0, 1
 
-OP_STYLES = {
-    "read": Style(color="#5fd787"),
-    "write": Style(color="#ff5f5f", bold=True),
-    "trim": Style(color="#d787ff"),
-    "zero": Style(color="#d787ff"),
-    "flush": Style(color="#5fafff"),
-    "cache": Style(color="#808080"),
-    "block_status": Style(color="#808080"),
-    "disc": Style(color="#808080"),
-}
-#: colours by block-map object type (shared with the top-objects table)
-TYPE_STYLES = {
-    "v": Style(color="#808080"),
-    "p": Style(color="#5fafff"),
-    "l": Style(color="#5fd7d7"),
-    "d": Style(color="#d7af5f"),
-    "f": Style(color="#e4e4e4"),
-    None: Style(color="#6c6c6c", italic=True),
-}
-DIM = Style(color="#6c6c6c")
-TIME_STYLE = Style(color="#8a8a8a")
-COUNT_STYLE = Style(color="#ffd75f", bold=True)
-DEVICE_STYLE = Style(color="#8a8a8a")
-SKIP_STYLE = Style(color="#ffd75f", italic=True)
+#: the coloured parts of a trace line: component classes ``trace--PART`` of
+#: TraceView (colours in app.tcss), an operation's ``trace--op-NAME``, an
+#: object type's ``object-type--T`` (shared with the top-objects table)
+OPS = ("read", "write", "trim", "zero", "flush", "cache", "block_status", "disc")
+PARTS = ("time", "count", "device", "skipped", "error", "dim")
 
 
 @dataclass(slots=True)
@@ -196,8 +178,15 @@ def fit_left(text: str, width: int) -> str:
     return "…" + text[len(text) - width + 1:]
 
 
-def render_trace_line(line: TraceLine, width: int) -> list[Segment]:
-    """`  12.345 read  f /dev/sda1 /etc/passwd          4.0K ×12`"""
+def render_trace_line(line: TraceLine, width: int,
+                      styles: dict[str, Style] | None = None) -> list[Segment]:
+    """`  12.345 read  f /dev/sda1 /etc/passwd          4.0K ×12`
+
+    ``styles``: by part (``PARTS``, ``op-NAME``, ``type-T``), as
+    ``TraceView.line_styles`` gives them; without, the segments are plain."""
+    style = (styles or {}).get
+    null = Style.null()
+    dim = style("dim", null)
     t = f"{line.t:8.3f} "
     op = f"{line.op[:5]:<6}"
     tail = f"{format_bytes_compact(line.nbytes):>6}"
@@ -205,9 +194,9 @@ def render_trace_line(line: TraceLine, width: int) -> list[Segment]:
     err = f" E{line.error}" if line.error else ""
     room = width - len(t) - len(op) - len(tail) - len(count) - len(err) - 1
     obj = line.obj
-    segs = [Segment(t, TIME_STYLE), Segment(op, OP_STYLES.get(line.op, DIM))]
+    segs = [Segment(t, style("time", null)), Segment(op, style(f"op-{line.op}", dim))]
     if obj is not None:
-        type_style = TYPE_STYLES.get(obj.type, DIM)
+        type_style = style(f"type-{obj.type}", dim)
         head = f"{obj.type} "
         dev = safe_text(obj.device)  # names come from the guest's filesystem
         path = obj.path if obj.path is None else safe_text(obj.path)
@@ -220,20 +209,20 @@ def render_trace_line(line: TraceLine, width: int) -> list[Segment]:
             name = fit_left(path, room - len(head) - (len(dev) + 1 if dev else 0))
             segs.append(Segment(head, type_style))
             if dev:
-                segs.append(Segment(dev + " ", DEVICE_STYLE))
+                segs.append(Segment(dev + " ", style("device", null)))
             segs.append(Segment(name, type_style))
             used = len(head) + (len(dev) + 1 if dev else 0) + len(name)
     else:
         name = fit_left(line.label(), room)
-        segs.append(Segment(name, SKIP_STYLE if line.skipped else TYPE_STYLES[None]))
+        segs.append(Segment(name, style("skipped" if line.skipped else "type-none", null)))
         used = len(name)
     pad = max(0, room - used) + 1
     segs.append(Segment(" " * pad))
-    segs.append(Segment(tail, DIM))
+    segs.append(Segment(tail, dim))
     if count:
-        segs.append(Segment(count, COUNT_STYLE))
+        segs.append(Segment(count, style("count", null)))
     if err:
-        segs.append(Segment(err, Style(color="red", bold=True)))
+        segs.append(Segment(err, style("error", null)))
     return segs
 
 
@@ -245,6 +234,9 @@ class TraceView(ScrollView, can_focus=True):
     TraceView { scrollbar-size-vertical: 1; overflow-x: hidden; }
     """
 
+    COMPONENT_CLASSES = ({f"trace--{p}" for p in PARTS} | {f"trace--op-{op}" for op in OPS}
+                         | OBJECT_TYPE_CLASSES)
+
     paused: var[bool] = var(False)
 
     def __init__(self, model: TraceModel, **kwargs: Any) -> None:
@@ -253,6 +245,20 @@ class TraceView(ScrollView, can_focus=True):
         self.follow = True
         self._version = -1
         self._count = 0
+        self._styles: dict[str, Style] | None = None
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._styles = None  # app.tcss changed (or the theme): ask again
+
+    def line_styles(self) -> dict[str, Style]:
+        """The styles of a line's parts, from app.tcss (render_trace_line's keys)."""
+        if self._styles is None:
+            styles = part_styles(self, "trace--", PARTS)
+            styles |= part_styles(self, "trace--", [f"op-{op}" for op in OPS])
+            styles |= {f"type-{t}": part_style(self, f"object-type--{t}") for t in OBJECT_TYPES}
+            self._styles = styles
+        return self._styles
 
     def on_mount(self) -> None:
         self.border_title = "trace"
@@ -285,7 +291,7 @@ class TraceView(ScrollView, can_focus=True):
         visible = self.model.visible
         if index >= len(visible):
             return Strip.blank(width)
-        segs = render_trace_line(visible[index], width)
+        segs = render_trace_line(visible[index], width, self.line_styles())
         return Strip(segs).crop_extend(0, width, None)
 
     def lines_text(self) -> list[str]:
