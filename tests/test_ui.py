@@ -451,3 +451,40 @@ async def test_p_saves_a_picture_of_what_has_been_seen(served, tmp_path):
         await pilot.pause()
         assert len(list(pictures.iterdir())) == 2
         h.shutdown()
+
+
+@sync
+async def test_p_saves_the_picture_the_app_is_handed(tmp_path):
+    """The picture is something the app is handed and asks for an SVG: it is
+    fed as a sink, and given the title, the map and every object's traffic."""
+    from diskwatch.events import make_request
+
+    class Drawn:
+        def __init__(self) -> None:
+            self.fed = 0
+
+        def feed(self, batch, pieces) -> None:
+            self.fed += len(batch)
+
+        def on_event(self, event) -> None:
+            pass
+
+        def tick(self, now) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+        def svg(self, *, title, blockmap, traffic) -> str:
+            return f"<svg>{title}; fed {self.fed}; map {blockmap}; {list(traffic)}</svg>"
+
+    bus = Bus()
+    session = Session(bus=bus, size=SIZE, description="file disk.img", started=100.0)
+    app = DiskwatchApp(session, clock=lambda: 103.0, picture=Drawn(), picture_dir=str(tmp_path))
+    async with app.run_test(size=(120, 36)) as pilot:
+        bus.publish_requests([make_request((1, "", 0, 0, 4096, 0, 101.0, 0.0001, 0))])
+        app.pump()
+        await pilot.press("p")
+        await pilot.pause()
+    (saved,) = tmp_path.iterdir()
+    assert saved.read_text() == "<svg>file disk.img: 1 requests, 3 s; fed 1; map None; []</svg>"

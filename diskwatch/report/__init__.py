@@ -13,4 +13,5 @@ and the SVG never ask.
     analysis.py   one pass over the requests -> Analysis; two -> Comparison
     render.py     Analysis/Comparison -> text for a person, JSON for scripts
     svg.py        offset x time picture with partitions, busy files, throughput
+    picture.py    that picture of a live session, fed as a sink (the UI's p key)
 """

@@ -16,11 +16,13 @@ every tick, while the counters are still updated on every tick, exactly.
 State the views show but do not compute (paused, the filters, the clock, the
 command's state, the block map's progress) is held in reactive attributes of
 the app that the widgets bind to (``data_bind`` in ``compose``); the timer
-only sets them, and a widget repaints when what it shows changed. Widgets
-tell the app things through the messages of ``messages.py``. The panels that
-draw aggregates (trace, heatmap, rates, top) are asked to sample them on the
-timer instead: binding a counter that moves with every request would repaint
-them once per change, which is what the timer is there to avoid.
+only sets them, and a widget repaints when what it shows changed. The panels
+that draw aggregates (trace, heatmap, rates, top) are asked to sample them
+on the timer instead: binding a counter that moves with every request would
+repaint them once per change, which is what the timer is there to avoid.
+Widgets tell the app things through the messages of ``messages.py``; their
+colours are in ``app.tcss``. The picture the p key saves is a ``Picture``
+the app is handed (a sink it asks for an SVG), not drawn here.
 
     app = DiskwatchApp(session)      # subscribes to session.bus at once
     status = app.run()               # main thread; returns the command's status
@@ -32,7 +34,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from textual import work
 from textual.app import App, ComposeResult, SystemCommand
@@ -43,8 +45,8 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 
 from ..events import ConnectionEvent, Message, Progress
-from ..report.svg import PictureBins, busiest_files, render_svg
-from ..session import Pieces, Session
+from ..report.picture import SessionPicture
+from ..session import Pieces, Session, Sink
 from ..stats import Stats
 from .heatmap import Heatmap
 from .output import CommandOutput
@@ -63,12 +65,21 @@ BUSY_PAINT = 0.25
 OP_FILTERS = ("all", "reads", "writes")
 
 
+class Picture(Sink, Protocol):
+    """What the p key saves: a sink of the session's pump (the app adds it)
+    that draws, when asked, everything it was fed. ``traffic``: (block-map
+    object, bytes read and written) of every object seen so far."""
+
+    def svg(self, *, title: str, blockmap: Any, traffic: Iterable[tuple[Any, int]]) -> str: ...
+
+
 class DiskwatchApp(App[int | None]):
     """Live view of a diskwatch ``Session``.
 
     ``clock`` (default ``time.monotonic``, the clock of ``Request.start``)
     is injectable so snapshots are deterministic; ``tick`` is the refresh
-    period in seconds."""
+    period in seconds; ``picture`` is what the p key saves in
+    ``picture_dir`` (a ``report.picture.SessionPicture`` unless given)."""
 
     CSS_PATH = "app.tcss"
     TITLE = "diskwatch"
@@ -115,12 +126,13 @@ class DiskwatchApp(App[int | None]):
         tick: float = 0.1,
         trace_cap: int = 5000,
         picture_dir: str = ".",
+        picture: Picture | None = None,
     ) -> None:
         super().__init__()
         self.session = session
-        # Offset x time of everything seen, bounded (binned), for the p key:
-        # the picture `diskwatch report --svg` draws, of the session so far.
-        self.picture = PictureBins(session.size)
+        # For the p key: by default the picture `diskwatch report --svg`
+        # draws (offset x time of everything seen, binned), of the session so far.
+        self.picture: Picture = SessionPicture(session.size) if picture is None else picture
         self.picture_dir = picture_dir
         session.pump.add(self.picture)
         self.clock = clock
@@ -425,11 +437,11 @@ class DiskwatchApp(App[int | None]):
         """Save what has been seen so far as an SVG in ``picture_dir``
         (offset over time, partitions, the busiest files, throughput)."""
         stats = self.stats
-        files = busiest_files((o, c.read_bytes + c.write_bytes) for o, c in stats.objects.items())
         title = (f"{self.session.description}: {stats.requests} requests, "
                  f"{self.clock() - self.session.started:.0f} s")
-        svg = render_svg(self.picture, title=title, blockmap=self.session.blockmap,
-                         files=files)
+        svg = self.picture.svg(
+            title=title, blockmap=self.session.blockmap,
+            traffic=((o, c.read_bytes + c.write_bytes) for o, c in stats.objects.items()))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for n in range(100):
             name = f"diskwatch-{stamp}{f'-{n}' if n else ''}.svg"
