@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import struct
 import time
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +62,7 @@ from ..errors import DiskwatchError
 from ..events import Bus, Progress
 from ..sources.base import Source
 from .format import BmapEntry, is_structure_path, merge_ranges
+from .jbd2 import JournalScan, JournalView, scan_journal
 from .volumes import NO_FILESYSTEM, Volume, VolumeSource, find_volumes, read_at
 
 __all__ = [
@@ -118,6 +120,8 @@ class FilesystemReport:
     metadata_objects: int = 0  # named filesystem structures
     skipped: int = 0  # objects that could not be named (newline in the name)
     warning: str = ""
+    #: ext3/4: what its journal held that the walk read (``jbd2.py``)
+    journal: str = ""
 
 
 @dataclass
@@ -1015,6 +1019,14 @@ def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
     if signature in WATCH_ONLY:
         return FilesystemReport(v.device, signature, "watch")
     report = FilesystemReport(v.device, signature, "metadata")
+    if signature == "ext4":
+        # The walk reads the volume as its committed transactions leave it
+        # (jbd2.py): files whose metadata is only in the journal are named.
+        scan, copies = ext_journal(pytsk3, vsrc)
+        if scan is not None:
+            report.journal = scan.summary()
+        if copies:
+            vsrc = JournalView(vsrc, scan.block_size, copies)
     try:
         img = _volume_img(pytsk3, vsrc)
         fs = pytsk3.FS_Info(img, offset=0)
@@ -1044,6 +1056,46 @@ def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
         report.warning = (f"{v.device}: {report.fstype} partly mapped: {walker.errors} objects "
                           f"could not be read (first: {walker.first_error})")
     return report
+
+
+def ext_journal(pytsk3, vsrc: Source) -> tuple[JournalScan | None, dict[int, tuple[int, bool]]]:
+    """The scan of an ext3/4 volume's internal journal, and the copies a
+    walk reads instead of their home blocks (home block -> (volume offset of
+    the copy, escaped)). (None, {}) without a journal, or one that cannot be
+    read; never raises for what the volume holds."""
+    try:
+        layout = Ext4Layout(vsrc)
+        if not layout.compat & 0x4:  # has_journal
+            return None, {}
+        (inum,) = struct.unpack_from("<I", read_at(vsrc, 1024, 1024), 0xE0)
+        if inum == 0:
+            return JournalScan(note="an external journal: not read"), {}
+        bs = layout.block
+        fs = pytsk3.FS_Info(_volume_img(pytsk3, vsrc), offset=0)
+        journal = fs.open_meta(inode=inum)
+        runs: list[tuple[int, int, int]] = []  # (first journal block, first volume block, count)
+        for attr in journal:
+            if int(attr.info.type) not in _DATA_TYPES:
+                continue
+            for run in attr:
+                if not int(run.flags) & _RUN_SKIP and run.len:
+                    runs.append((int(run.offset), int(run.addr), int(run.len)))
+        runs.sort()
+        firsts = [r[0] for r in runs]
+        nblocks = int(journal.info.meta.size) // bs
+
+        def where(n: int) -> int:
+            i = bisect_right(firsts, n) - 1
+            if i < 0 or n >= runs[i][0] + runs[i][2]:
+                raise ValueError(f"journal block {n} is not allocated")
+            return (runs[i][1] + n - runs[i][0]) * bs
+
+        scan = scan_journal(lambda n: read_at(vsrc, where(n), bs), nblocks)
+        copies = {home: (where(jblock), escaped) for home, (jblock, escaped) in scan.replay.items()
+                  if home < layout.blocks}
+        return scan, copies
+    except (OSError, ValueError, IndexError, struct.error) as e:
+        return JournalScan(note=f"not read ({' '.join(str(e).split())[:120]})"), {}
 
 
 def _tsk_name(pytsk3, ftype: int) -> str:
