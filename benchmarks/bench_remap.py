@@ -28,6 +28,7 @@ mapper process), and the median time of one remap.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -129,6 +130,7 @@ def run_disk(count: int, seconds: float, work: Path) -> None:
     disk = work / f"files-{count}.img"
     t = time.monotonic()
     build_disk(disk, work, count)
+    os.sync()  # mkfs -d leaves GBs dirty: writeback would stall the first phase
     built = time.monotonic() - t
     source = FileSource(str(disk))
     first = remap(source, None, why="bench")
@@ -167,6 +169,7 @@ def run_disk(count: int, seconds: float, work: Path) -> None:
     c.start()
     marks = []
     try:
+        time.sleep(2)  # warm-up, not counted
         for phase in ("", "process", "", "in-process", ""):
             mode["now"] = ""
             while not phase and working.is_set():  # the last remap of a phase ends first

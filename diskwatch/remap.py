@@ -7,12 +7,21 @@ made before boot names none of the new ones (their writes show as
 - counts **unnamed write bytes**: bytes of writes (WRITE, WRITE_ZEROES,
   TRIM) whose lookup found no file or directory (only a partition, the
   disk, or nothing);
-- remaps **by itself** when they pile up: once ``threshold`` bytes
-  (``REMAP_THRESHOLD``, 1 MiB) were written unnamed since the last remap,
-  and at most every ``min_interval`` seconds (``REMAP_MIN_INTERVAL``, 5 s,
-  start to start), and never sooner than ``REMAP_COST_FACTOR`` (4) times
-  the last remap's duration after it ended (a disk that takes 2 s to map is
-  remapped at most every 8 s: the mapper's share of the CPU stays small);
+- counts **structure write bytes**: writes to what names things, a
+  directory or a filesystem's own structures (``/$Journal``, ``/$InodeTable``,
+  ``/$MFT``, ``/$FAT1``, a file's ``:$extents``...): a file was made,
+  grown, renamed or deleted, or (ext3/4) a transaction that says so was
+  committed, which the mapper reads (``bmap/jbd2.py``);
+- remaps **by itself**: once ``threshold`` bytes (``REMAP_THRESHOLD``,
+  1 MiB) were written unnamed since the last remap, or once any structure
+  was written and the writes have **settled** (``REMAP_SETTLE``, 0.5 s
+  without a structure or unnamed write, or ``REMAP_MAX_WAIT``, 2 s after
+  the first: a small new file, a resident NTFS file, which never add up to
+  a megabyte); at most every ``min_interval`` seconds (``REMAP_MIN_INTERVAL``,
+  2 s, start to start), and never sooner than ``REMAP_COST_FACTOR`` (4)
+  times the last remap's duration after it ended (a disk that takes 2 s to
+  map is remapped at most every 8 s: the mapper's share of a core stays
+  under a fifth, and it runs in a process of its own);
 - remaps **on request**: the UI's ``m`` key calls ``request()``;
 - **tries again** (at most ``REMAP_RETRIES`` times in a row, each after
   the same intervals) when the unnamed writes that led to a remap are still
@@ -70,14 +79,19 @@ from .bmap.worker import MapperFailed, MapperLimits, run_mapper
 from .events import Bus, Progress, Request
 from .wire import WRITE_COMMANDS
 
-__all__ = ["REMAP_COST_FACTOR", "REMAP_MIN_INTERVAL", "REMAP_MODES", "REMAP_THRESHOLD",
+__all__ = ["REMAP_COST_FACTOR", "REMAP_MAX_WAIT", "REMAP_MIN_INTERVAL", "REMAP_MODES",
+           "REMAP_SETTLE", "REMAP_THRESHOLD",
            "RemapResult", "Remapper", "remap"]
 
 REMAP_MODES = ("auto", "key", "off")
 #: unnamed write bytes since the last remap that make an automatic one
 REMAP_THRESHOLD = 1 << 20
 #: seconds between the starts of two automatic remaps, at least
-REMAP_MIN_INTERVAL = 5.0
+REMAP_MIN_INTERVAL = 2.0
+#: after a structure write: seconds without writes before the remap...
+REMAP_SETTLE = 0.5
+#: ...or seconds after the first, whichever comes first
+REMAP_MAX_WAIT = 2.0
 #: and at least this many times the last remap's duration after it ended
 REMAP_COST_FACTOR = 4.0
 #: automatic remaps in a row while what triggered them stays unnamed
@@ -191,6 +205,8 @@ class Remapper:
         self.min_interval = min_interval
         self.clock = clock
         self.unnamed = 0  # unnamed write bytes since the last remap started
+        self.structure = 0  # structure write bytes since the last remap started
+        self._first_change = self._last_change = 0.0  # of those writes (clock)
         self.remaps = 0  # remaps swapped in
         self.last: RemapResult | None = None
         self.said: deque[str] = deque(maxlen=20)  # the last remaps' lines
@@ -210,7 +226,7 @@ class Remapper:
         """Start a remap unless one is running (or remapping is off); True if started."""
         if self.mode == "off" or self._closing or self.running:
             return False
-        self.unnamed = 0
+        self.unnamed = self.structure = 0
         self._window, self._ranges = self._ranges, []
         started = self.clock()
         self._next_auto = started + self.min_interval
@@ -243,7 +259,7 @@ class Remapper:
     def feed(self, batch: Sequence[Request], pieces) -> None:
         if pieces is None or self.mode != "auto":
             return
-        unnamed = 0
+        unnamed = structure = 0
         ranges = self._ranges
         for req, ps in zip(batch, pieces, strict=True):
             if req[2] in _WRITES and ps:
@@ -252,7 +268,15 @@ class Remapper:
                         unnamed += end - start
                         if len(ranges) < RANGES_KEPT:
                             ranges.append((start, end))
-        self.unnamed += unnamed
+                    elif obj.type == "d" or obj.is_structure:
+                        structure += end - start
+        if unnamed or structure:
+            now = self.clock()
+            if not (self.unnamed or self.structure):
+                self._first_change = now
+            self._last_change = now
+            self.unnamed += unnamed
+            self.structure += structure
 
     def on_event(self, event: object) -> None:
         pass
@@ -274,8 +298,12 @@ class Remapper:
                 line += " (automatic remapping stopped; m tries again)"
             self.said.append(line)
             self.say(line, "warning" if done.error or done.warnings else "info")
-        if (self.mode == "auto" and not self._closing and self.unnamed >= self.threshold
-                and now != float("inf") and self.clock() >= self._next_auto):
+        if self.mode != "auto" or self._closing or now == float("inf"):
+            return
+        clock = self.clock()
+        settled = self.structure and (clock - self._last_change >= REMAP_SETTLE
+                                      or clock - self._first_change >= REMAP_MAX_WAIT)
+        if (self.unnamed >= self.threshold or settled) and clock >= self._next_auto:
             self.request("auto")
 
     def _retry_if_still_unnamed(self, blockmap) -> None:
