@@ -63,6 +63,17 @@ class Dropped:
 
 
 @dataclass(frozen=True)
+class LateNamed:
+    """Writes made before the map named their bytes, now named by a new map
+    (a live remap): ``writes`` holds ``(start, command, first byte, end,
+    old object or None, new object)``, one per piece, in the order written.
+    Sinks give those bytes to their owner (``remap.Remapper`` publishes it)."""
+
+    writes: tuple
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class Progress:
     """Progress of a long job (block-map generation)."""
 

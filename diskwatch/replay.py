@@ -36,6 +36,7 @@ from operator import itemgetter, sub
 from typing import Any
 
 from .events import Bus, Request
+from .late import LateNamer
 from .record import MapSchedule, Recording, maps_for, open_recording
 from .record import choose_map as record_choose_map
 from .session import Pieces, Pump, Session
@@ -170,6 +171,12 @@ class Player:
         events = [e for _, e in self.events[self._ecursor:ev_end]]
         self._ecursor = ev_end
         end = min(bisect_right(self.reach, now, self._cursor), self._cursor + MAX_BATCH)
+        if self.maps is not None and self.maps.at:
+            # A batch never spans a map swap: the swap (and what it names
+            # late) comes between the same two requests as live.
+            k = bisect_right(self.maps.at, self._cursor)
+            if k < len(self.maps.at):
+                end = min(end, max(self.maps.at[k], self._cursor))
         batch = self.columns.requests(self._cursor, end)
         self._taken, self._cursor = self._cursor, end
         self.delivered = max(self.delivered, now)
@@ -243,12 +250,16 @@ def replay_session(recording: Recording, maps: MapSchedule | None, *, speed: flo
                       pump=Pump(player, look_up=player.look_up), player=player)
     pump = session.pump
     pump.blockmap = lambda: session.blockmap
+    late = pump.add(LateNamer())
 
-    def swap(blockmap: Any) -> None:  # as Runner.swap_map does live
+    def swap(blockmap: Any) -> None:  # as Runner.swap_map and the Remapper do live
         session.blockmap = blockmap
         for sink in pump.sinks:
             if hasattr(sink, "blockmap"):
                 sink.blockmap = blockmap
+        named = late.name(blockmap)
+        if named is not None:
+            pump.deliver(named)
     player.on_map = swap
     return session
 

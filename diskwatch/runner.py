@@ -621,7 +621,7 @@ class Runner:
             swap=lambda result: self.swap_map(session, result.blockmap, remapped=True,
                                               why=f"remap ({result.why})"),
             say=say, mode=cfg.remap, bus=None if cfg.headless else session.bus,
-            threshold=cfg.remap_threshold or REMAP_THRESHOLD))
+            threshold=cfg.remap_threshold or REMAP_THRESHOLD, deliver=session.pump.deliver))
 
     def _add_metrics(self, session: Session, source, undo: contextlib.ExitStack) -> None:
         from .journal import notice

@@ -123,6 +123,12 @@ class Pump:
         self.sinks.append(sink)
         return sink
 
+    def deliver(self, event: object) -> None:
+        """Hand ``event`` to every sink now, in the pump's thread (a map swap's
+        ``LateNamed``: before the requests the new map names)."""
+        for s in self.sinks:
+            s.on_event(event)
+
     def remove(self, sink: Sink) -> None:
         if sink in self.sinks:
             self.sinks.remove(sink)

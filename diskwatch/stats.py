@@ -18,7 +18,7 @@ from operator import floordiv, itemgetter
 from operator import sub as _sub
 from typing import Any
 
-from .events import COMMAND_NAMES, Command, ConnectionEvent, Dropped, Request
+from .events import COMMAND_NAMES, Command, ConnectionEvent, Dropped, LateNamed, Request
 
 READ = int(Command.READ)
 WRITE = int(Command.WRITE)
@@ -316,7 +316,9 @@ class Stats:
         return sum(self.ops)
 
     def on_event(self, event: object) -> None:
-        if isinstance(event, Dropped):
+        if isinstance(event, LateNamed):
+            self._name_late(event)
+        elif isinstance(event, Dropped):
             self.dropped += event.count
         elif isinstance(event, ConnectionEvent):
             if event.opened:
@@ -387,6 +389,28 @@ class Stats:
             pieces = list(map(blockmap.lookup, map(_OFFSET, batch), map(_LENGTH, batch)))
         self._attribute(batch, pieces)
         return list(zip(batch, pieces, strict=True))
+
+    def _name_late(self, event: LateNamed) -> None:
+        """Written bytes a new map named: moved from what they were counted
+        under (a partition, or nothing) to their owner; a request counts as
+        one write of each owner it reached."""
+        objects = self.objects
+        seen: set = set()
+        for t, cmd, start, end, old, obj in event.writes:
+            if cmd != WRITE:
+                continue
+            n = end - start
+            before = objects.get(old) if old is not None else self.unmapped
+            if before is not None:
+                before.write_bytes = max(0, before.write_bytes - n)
+            c = objects.get(obj)
+            if c is None:
+                c = objects[obj] = ObjectCounts()
+            c.write_bytes += n
+            if (t, obj) not in seen:  # a request is known by its start
+                seen.add((t, obj))
+                c.writes += 1
+                c.hits += 1
 
     def _attribute(self, batch: Sequence[Request], pieces: Sequence[list[Piece] | None]
                    ) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import IO
 
-from .events import Request
+from .events import LateNamed, Request
 from .session import Pieces
 from .text import safe_text
 from .units import count, format_bytes, format_duration_compact
@@ -71,7 +71,30 @@ class TextTrace:
             self._flush_pending()
 
     def on_event(self, event: object) -> None:
-        pass
+        if isinstance(event, LateNamed):
+            self._late(event)
+
+    def _late(self, event: LateNamed) -> None:
+        """One line per object a new map named earlier writes of: when they
+        were made, how many, how much (``diskwatch/remap.py``)."""
+        self._emit()
+        by_obj: dict = {}
+        for t, cmd, start, end, _old, obj in event.writes:
+            row = by_obj.get((obj, cmd))
+            if row is None:
+                row = by_obj[obj, cmd] = [t, t, set(), 0, start, end]
+            row[1] = t
+            row[2].add((t, start))
+            row[3] += end - start
+            row[4], row[5] = min(row[4], start), max(row[5], end)
+        for (obj, cmd), (first, last, requests, nbytes, lo, hi) in by_obj.items():
+            n = len(requests)
+            when = f"{first - self.t0:.3f}" if n == 1 else f"{first - self.t0:.3f}-{last - self.t0:.3f}"
+            op = COMMAND_NAMES[cmd] if 0 <= cmd < len(COMMAND_NAMES) else "write"
+            self._write(last, f"named late: {op} {safe_text(str(obj))}  [{lo:#x}-{hi:#x}] "
+                              f"{format_bytes(nbytes)}" + (f" in {n} requests" if n > 1 else "")
+                        + f", written at {when}")
+        self._flush_pending()
 
     def _flush_pending(self) -> None:
         if self._pending:

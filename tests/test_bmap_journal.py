@@ -265,7 +265,7 @@ def test_a_small_new_file_written_through_the_server_is_named_by_an_automatic_re
     from diskwatch.server import serve_in_thread
     from diskwatch.session import Session
     from diskwatch.sources.snapshot import Snapshot
-    from diskwatch.trace import TextTrace
+    from diskwatch.trace import Summary, TextTrace
     a_journaled, b, data, _ = journaled
     a = tmp_path / "a.img"  # A as it was: the new file nowhere
     make_fs(a, tmp_path, {"/srv/old.txt": b"old\n" * 100, "/etc/hostname": b"guest\n"})
@@ -279,12 +279,14 @@ def test_a_small_new_file_written_through_the_server_is_named_by_an_automatic_re
     session = Session(bus=bus, size=source.size, description="a.img", blockmap=old)
     out = io.StringIO()
     trace = session.pump.add(TextTrace(out, session.blockmap, session.started))
+    summary = session.pump.add(Summary(source.size))
     said: list[str] = []
 
     def swap(result) -> None:
         session.blockmap = trace.blockmap = result.blockmap
     remapper = session.pump.add(Remapper(source, current=lambda: session.blockmap, swap=swap,
-                                         say=lambda text, level: said.append(text)))
+                                         say=lambda text, level: said.append(text),
+                                         deliver=session.pump.deliver))
     new = a_journaled.read_bytes()
     h = nbd.NBD()
     try:
@@ -310,4 +312,12 @@ def test_a_small_new_file_written_through_the_server_is_named_by_an_automatic_re
         h.shutdown()
         running.stop()
         source.close()
-    assert "read f /dev/sda /srv/new.log" in out.getvalue()
+    text = out.getvalue()
+    assert "read f /dev/sda /srv/new.log" in text
+    # Its data was written before any map knew it: named late, in one line,
+    # and counted as its writes in the summary (the top objects' counts).
+    (line,) = [ln for ln in text.splitlines() if "named late: write f /dev/sda /srv/new.log" in ln]
+    assert f"in {len(data)} requests" in line or len(data) == 1, line
+    counts = summary.stats.objects[BmapObject("f", "/dev/sda", "/srv/new.log")]
+    assert counts.write_bytes == len(data) * BS and counts.writes == len(data)
+    assert remapper.late.named_late >= len(data) * BS

@@ -309,6 +309,9 @@ def test_report_of_a_remapped_session_gives_the_new_file_its_bytes(headless_rema
     doc = json.loads(r.stdout)
     (new,) = [o for o in doc["objects"] if o["name"] == f"f /dev/sda1 {NEW_FILE}"]
     assert new["reads"] == 1 and new["read_bytes"] == length  # the client's one read of it
+    # B's files were written before the remap knew them: the last map names
+    # those writes (late), and they are no longer the partition's
+    assert new["write_bytes"] > 0 and doc["named_late"] >= new["write_bytes"]
     assert doc["maps"] and all(m["why"] == "remap (auto)" for m in doc["maps"])
     assert new["first_read_t"] >= doc["maps"][0]["t"]
     # with the first map alone the file is nowhere

@@ -143,6 +143,8 @@ class Analysis:
     dirs: dict[tuple[str, str], Traffic] = field(default_factory=dict)
     unmapped: Traffic = field(default_factory=Traffic)
     partition_only: Traffic = field(default_factory=Traffic)
+    #: write bytes their own map did not name, named by the session's last map
+    named_late: int = 0
     latencies: dict[tuple[str, str], array] = field(default_factory=dict)
     truncated: bool = False
     #: without a map: traffic per REGION_SHIFT-aligned region (its index),
@@ -249,6 +251,11 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     unmapped, partition_only = a.unmapped, a.partition_only
     regions = a.regions
     lookup = blockmap.lookup if blockmap is not None else None
+    # Late naming: a write its own map could not name (a file made after
+    # that map) is named by the session's last map if that one can (the
+    # owner learned later in the session wins), as the live views do.
+    last = maps.last() if maps is not None and maps.recorded else None
+    late = last.lookup if last is not None else None
     end = 0.0
     flushes = 0
     flush = CMD_FLUSH
@@ -292,7 +299,10 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
             continue
         best_rank = -1
         best_type = None
-        for start, stop, obj in lookup(r.offset, r.length):
+        pieces = lookup(r.offset, r.length)
+        if late is not None and not is_read and lookup is not late:
+            pieces = _name_late(pieces, late, a)
+        for start, stop, obj in pieces:
             n = stop - start
             if obj is None:
                 _count(unmapped, is_read, n)
@@ -323,6 +333,21 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     a.by_command = {k: v for k, v in by_command.items() if v[0]}
     a.dirs = _subtrees(objects)
     return a
+
+
+def _name_late(pieces: list, late, a: Analysis) -> list:
+    out = []
+    for start, stop, obj in pieces:
+        if obj is not None and obj.type in "fd":
+            out.append((start, stop, obj))
+            continue
+        for s, e, named in late(start, stop - start):
+            if named is not None and named.type in "fd":
+                out.append((s, e, named))
+                a.named_late += e - s
+            else:
+                out.append((s, e, obj))
+    return out
 
 
 def _count(t: Traffic, is_read: bool, n: int) -> None:

@@ -17,6 +17,7 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
      "timeline": [{"t": float, "op": "read"|"write", "name": str}],  # first access, in order
      "unmapped": TRAFFIC,        # bytes no range of the map covers
      "partition_only": TRAFFIC,  # bytes named only by a partition/LV/disk (metadata, free space)
+     "named_late": int,          # write bytes their own map did not name, named by the last map
      "latency": [{"type": str, "op": str, "count": int,
                   "p50": float, "p90": float, "p99": float, "max": float}],  # seconds
      "regions": [TRAFFIC + {"start": int, "end": int}],   # without a map: 1 MiB regions,
@@ -179,6 +180,9 @@ def _coverage(a: Analysis, w) -> None:
     w(f"  {_traffic_cols(a.unmapped)}  not covered by any range of the map\n")
     w(f"  {_traffic_cols(a.partition_only)}  named only by a partition/LV/disk "
       "(filesystem metadata, journal, free space)\n")
+    if a.named_late:
+        w(f"  {format_bytes(a.named_late)} written before a live remap named them: given to "
+          "their files (named late)\n")
 
 
 def _latency(a: Analysis, w) -> None:
@@ -223,6 +227,7 @@ def report_json(a: Analysis) -> dict[str, Any]:
         "timeline": [{"t": t, "op": op, "name": name} for t, op, name in a.timeline()],
         "unmapped": a.unmapped.as_dict(),
         "partition_only": a.partition_only.as_dict(),
+        "named_late": a.named_late,
         "latency": [vars(r) for r in a.latency_rows()],
         "regions": [{"start": start, "end": end, **t.as_dict()}
                     for start, end, t in a.top_regions("bytes", len(a.regions))],
