@@ -36,12 +36,15 @@ test-fast: setup
 	$(VENV)/bin/pytest -m 'not slow'
 
 # A longer fuzz run than CI's share: more hypothesis examples against the
-# protocol machine and more malformed sessions against the real server.
+# protocol machine, more malformed sessions against the real server, more
+# mutated filesystems walked by the mapper process.
 FUZZ_EXAMPLES ?= 20000
 FUZZ_SESSIONS ?= 20000
+FUZZ_MAPPER ?= 300
 fuzz: setup
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SESSIONS=$(FUZZ_SESSIONS) \
-		$(VENV)/bin/pytest -v -s tests/test_fuzz_protocol.py tests/test_fuzz_server.py
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SESSIONS=$(FUZZ_SESSIONS) FUZZ_MAPPER=$(FUZZ_MAPPER) \
+		$(VENV)/bin/pytest -v -s tests/test_fuzz_protocol.py tests/test_fuzz_server.py \
+		tests/test_mapper_fuzz.py
 
 demo: setup
 	$(VENV)/bin/diskwatch demo

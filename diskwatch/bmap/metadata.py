@@ -1031,6 +1031,10 @@ def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
         img = _volume_img(pytsk3, vsrc)
         fs = pytsk3.FS_Info(img, offset=0)
     except OSError as e:
+        if signature == "ntfs":
+            fallback = _map_ntfs_without_tsk(v, vsrc, report, entries, progress, cancelled)
+            if fallback is not None:
+                return fallback
         if not signature:
             report.method = "none"  # nothing there we know of (empty, or unknown)
             if v.kind == "v":
@@ -1055,6 +1059,49 @@ def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
     if walker.errors:
         report.warning = (f"{v.device}: {report.fstype} partly mapped: {walker.errors} objects "
                           f"could not be read (first: {walker.first_error})")
+    return report
+
+
+def _map_ntfs_without_tsk(v: Volume, vsrc: Source, report: FilesystemReport,
+                          entries: list[BmapEntry], progress: _Publisher,
+                          cancelled: Callable[[], bool]) -> FilesystemReport | None:
+    """An NTFS The Sleuth Kit cannot open (clusters over 64 KiB) through
+    libfsntfs and its MFT records (``ntfs.py``); None if that cannot read
+    it either (the caller says TSK's error)."""
+    try:
+        from .ntfs import NtfsLayout, map_ntfs
+        layout = NtfsLayout(lambda o, n: read_at(vsrc, o, n))
+    except (ImportError, OSError, ValueError, struct.error):
+        return None
+    start = len(entries)
+
+    def add(path: str, ranges: list[tuple[int, int]], kind: str) -> None:
+        if "\n" in path:
+            report.skipped += 1
+            return
+        for s, e in merge_ranges(ranges):
+            for ds, de in v.to_disk(s, e):
+                entries.append(BmapEntry(1, ds, de, kind, v.device, path))
+        progress.done += 1
+
+    def on_object(path: str) -> None:
+        progress.publish("files", f"{v.device} {path}")
+    try:
+        dirs, files, system, warning = map_ntfs(
+            lambda o, n: read_at(vsrc, o, n), vsrc.size, add, cancelled, on_object)
+    except InterruptedError:
+        del entries[start:]
+        raise MetadataError("block-map generation cancelled") from None
+    except (OSError, ValueError, struct.error) as e:
+        del entries[start:]
+        report.method = "none"
+        report.warning = f"{v.device}: ntfs cannot be read by libfsntfs either: {e}"[:200]
+        return report
+    report.fstype = "ntfs"
+    report.directories, report.files, report.metadata_objects = dirs, files, system
+    note = (f"{v.device}: ntfs with {layout.cluster >> 10} KiB clusters, mapped with libfsntfs "
+            "(The Sleuth Kit reads clusters up to 64 KiB)")
+    report.warning = "; ".join(filter(None, (note, warning)))
     return report
 
 

@@ -440,6 +440,9 @@ def main(argv: list[str]) -> int:
         from .format import BmapEntry, _sort_key, format_entry  # noqa: F401
         from .index import BlockMap
         from .metadata import MetadataError, _import_tsk, map_metadata
+        from .ntfs import map_ntfs  # noqa: F401 - NTFS that TSK refuses
+        with contextlib.suppress(ImportError):
+            import pyfsntfs  # noqa: F401
         for name in ("utf-8", "utf-16-be", "utf-16-le", "utf-16", "latin-1", "ascii", "cp437"):
             codecs.lookup(name)  # an encoding is a module imported when first used
         try:
