@@ -131,3 +131,32 @@ def test_mutated_ntfs_images_never_hurt_the_server(ntfs_image):
 def test_mutated_lvm_images_never_hurt_the_server(lvm_image):
     outcomes = _fuzz(lvm_image, "lvm")
     assert sum(outcomes.values()) == WALKS
+
+
+def test_lvm_segments_past_the_disk_are_not_mapped_and_fail_nothing():
+    """What the fuzzing found: LVM metadata (the guest's) with numbers past
+    the disk overflowed the map and failed the whole walk. Such an LV is
+    now 'not linear' with a note; the others are mapped, clipped to the disk."""
+    from diskwatch.bmap.volumes import Volume, _linear_lvs
+
+    class Disk:
+        size = 1 << 30
+    pv = Volume("/dev/sda2", "p", [(0, 1 << 20, (1 << 30) - (1 << 20))])
+    vg = {"extent_size": 8192, "physical_volumes": {"pv0": {"id": "U", "pe_start": 2048}},
+          "logical_volumes": {
+              "huge": {"status": ["VISIBLE"], "segment1": {
+                  "start_extent": 0, "extent_count": 10 ** 30, "type": "striped",
+                  "stripe_count": 1, "stripes": ["pv0", 10 ** 25]}},
+              "long": {"status": ["VISIBLE"], "segment1": {
+                  "start_extent": 0, "extent_count": 10 ** 6, "type": "striped",
+                  "stripe_count": 1, "stripes": ["pv0", 0]}},
+              "ok": {"status": ["VISIBLE"], "segment1": {
+                  "start_extent": 0, "extent_count": 10, "type": "striped",
+                  "stripe_count": 1, "stripes": ["pv0", 4]}}}}
+    warnings: list[str] = []
+    lvs = {v.device: v for v in _linear_lvs(Disk(), pv, "U", "vg", vg, warnings)}
+    assert lvs["/dev/vg/huge"].segments == [] and "outside the disk" in warnings[0]
+    ((_, disk, length),) = lvs["/dev/vg/long"].segments
+    assert disk + length == Disk.size  # clipped to the disk
+    assert lvs["/dev/vg/ok"].segments == [(0, (1 << 20) + 2048 * 512 + 4 * 8192 * 512,
+                                           10 * 8192 * 512)]
