@@ -23,9 +23,6 @@ made before boot names none of the new ones (their writes show as
   map is remapped at most every 8 s: the mapper's share of a core stays
   under a fifth, and it runs in a process of its own);
 - remaps **on request**: the UI's ``m`` key calls ``request()``;
-- **names late** (``late.py``): the unnamed writes it kept are looked up in
-  each new map, and what it names is handed to every sink (``deliver``, the
-  pump's) as one ``LateNamed`` event;
 - **tries again** (at most ``REMAP_RETRIES`` times in a row, each after
   the same intervals) when the unnamed writes that led to a remap are still
   unnamed by its map: a journalling filesystem writes a new file's data,
@@ -80,7 +77,6 @@ from typing import Any
 from .bmap.index import BmapObject
 from .bmap.worker import MapperFailed, MapperLimits, run_mapper
 from .events import Bus, Progress, Request
-from .late import LateNamer
 from .wire import WRITE_COMMANDS
 
 __all__ = ["REMAP_COST_FACTOR", "REMAP_MAX_WAIT", "REMAP_MIN_INTERVAL", "REMAP_MODES",
@@ -196,8 +192,7 @@ class Remapper:
                  swap: Callable[[RemapResult], None], say: Callable[[str, str], None],
                  mode: str = "auto", bus: Bus | None = None,
                  threshold: int = REMAP_THRESHOLD, min_interval: float = REMAP_MIN_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic,
-                 deliver: Callable[[object], None] | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if mode not in REMAP_MODES:
             raise ValueError(f"remap mode must be one of {', '.join(REMAP_MODES)}, not {mode!r}")
         self.source = source
@@ -209,9 +204,6 @@ class Remapper:
         self.threshold = threshold
         self.min_interval = min_interval
         self.clock = clock
-        #: where LateNamed goes: every sink of the pump (``Pump.deliver``)
-        self.deliver = deliver
-        self.late = LateNamer()
         self.unnamed = 0  # unnamed write bytes since the last remap started
         self.structure = 0  # structure write bytes since the last remap started
         self._first_change = self._last_change = 0.0  # of those writes (clock)
@@ -265,7 +257,6 @@ class Remapper:
     # -- the sink --
 
     def feed(self, batch: Sequence[Request], pieces) -> None:
-        self.late.feed(batch, pieces)
         if pieces is None or self.mode != "auto":
             return
         unnamed = structure = 0
@@ -297,9 +288,6 @@ class Remapper:
             if done.blockmap is not None and not self._closing:
                 self.swap(done)
                 self.remaps += 1
-                late = self.late.name(done.blockmap, f"remap ({done.why})")
-                if late is not None and self.deliver is not None:
-                    self.deliver(late)
                 self._retry_if_still_unnamed(done.blockmap)
             line = done.line()
             if done.fatal and self.mode == "auto" and not self._closing:

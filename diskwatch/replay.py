@@ -36,7 +36,6 @@ from operator import itemgetter, sub
 from typing import Any
 
 from .events import Bus, Request
-from .late import LateNamer
 from .record import MapSchedule, Recording, maps_for, open_recording
 from .record import choose_map as record_choose_map
 from .session import Pieces, Pump, Session
@@ -250,17 +249,7 @@ def replay_session(recording: Recording, maps: MapSchedule | None, *, speed: flo
                       pump=Pump(player, look_up=player.look_up), player=player)
     pump = session.pump
     pump.blockmap = lambda: session.blockmap
-    late = pump.add(LateNamer())
-
-    def swap(blockmap: Any) -> None:  # as Runner.swap_map and the Remapper do live
-        session.blockmap = blockmap
-        for sink in pump.sinks:
-            if hasattr(sink, "blockmap"):
-                sink.blockmap = blockmap
-        named = late.name(blockmap)
-        if named is not None:
-            pump.deliver(named)
-    player.on_map = swap
+    player.on_map = session.swap_map  # as a live remap swaps it
     return session
 
 

@@ -621,7 +621,7 @@ class Runner:
             swap=lambda result: self.swap_map(session, result.blockmap, remapped=True,
                                               why=f"remap ({result.why})"),
             say=say, mode=cfg.remap, bus=None if cfg.headless else session.bus,
-            threshold=cfg.remap_threshold or REMAP_THRESHOLD, deliver=session.pump.deliver))
+            threshold=cfg.remap_threshold or REMAP_THRESHOLD))
 
     def _add_metrics(self, session: Session, source, undo: contextlib.ExitStack) -> None:
         from .journal import notice
@@ -670,15 +670,12 @@ class Runner:
 
     def swap_map(self, session: Session, blockmap, *, path: str | None = None,
                  remapped: bool = False, why: str = "") -> None:
-        """The one place a new block map replaces the one in use (SIGHUP's
-        reload, a live remap), in the pump's thread between two rounds:
-        the pump looks requests up in it from the next round on. The
-        recording keeps it (a BMAP frame at the next request), so a replay
+        """A new block map in a live session (SIGHUP's reload, a live remap):
+        ``Session.swap_map`` (every sink, late naming), then what only a
+        live session has: the metrics forget old names, and the recording
+        keeps it (a BMAP frame at the next request), so a replay
         names each request with the map that named it live."""
-        session.blockmap = blockmap
-        for sink in session.pump.sinks:
-            if hasattr(sink, "blockmap"):
-                sink.blockmap = blockmap
+        session.swap_map(blockmap, why)
         if self.metrics is not None:
             self.metrics.forget_names()
         if remapped:

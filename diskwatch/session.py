@@ -25,6 +25,7 @@ from operator import itemgetter
 from typing import Any, Protocol, runtime_checkable
 
 from .events import Bus, Dropped, Request, RequestBuffer
+from .late import LateNamer
 
 #: a piece of a request: (start, end, object or None), as BlockMap.lookup gives it
 Piece = tuple[int, int, Any]
@@ -207,10 +208,29 @@ class Session:
     player: Any = None
     #: live remapping (diskwatch.remap.Remapper), None when off or replaying
     remapper: Any = None
+    #: the writes no map named yet (diskwatch.late), a sink of the pump
+    late: LateNamer = field(init=False)
 
     def __post_init__(self) -> None:
         if self.pump is None:
             self.pump = Pump(LiveFeed(self.bus), lambda: self.blockmap)
+        self.late = self.pump.add(LateNamer())
+
+    def swap_map(self, blockmap: Any, why: str = "") -> None:
+        """The one place a new block map replaces the one in use (a live
+        remap, SIGHUP's reload, a replay reaching a map the live session
+        swapped in), in the pump's thread between two rounds: every sink
+        that holds a map gets it, and the writes it names that no map named
+        before are handed to every sink (``late.py``), before the requests
+        it names. The runner adds what only a live session has (the
+        recording keeps the map, the metrics forget old names)."""
+        self.blockmap = blockmap
+        for sink in self.pump.sinks:
+            if hasattr(sink, "blockmap"):
+                sink.blockmap = blockmap
+        named = self.late.name(blockmap, why)
+        if named is not None:
+            self.pump.deliver(named)
 
     @property
     def command_running(self) -> bool:

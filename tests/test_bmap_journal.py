@@ -278,15 +278,13 @@ def test_a_small_new_file_written_through_the_server_is_named_by_an_automatic_re
     running = serve_in_thread({"": source}, bus)
     session = Session(bus=bus, size=source.size, description="a.img", blockmap=old)
     out = io.StringIO()
-    trace = session.pump.add(TextTrace(out, session.blockmap, session.started))
+    session.pump.add(TextTrace(out, session.blockmap, session.started))
     summary = session.pump.add(Summary(source.size))
     said: list[str] = []
 
-    def swap(result) -> None:
-        session.blockmap = trace.blockmap = result.blockmap
-    remapper = session.pump.add(Remapper(source, current=lambda: session.blockmap, swap=swap,
-                                         say=lambda text, level: said.append(text),
-                                         deliver=session.pump.deliver))
+    remapper = session.pump.add(Remapper(
+        source, current=lambda: session.blockmap, say=lambda text, level: said.append(text),
+        swap=lambda result: session.swap_map(result.blockmap, "remap")))
     new = a_journaled.read_bytes()
     h = nbd.NBD()
     try:
@@ -320,4 +318,4 @@ def test_a_small_new_file_written_through_the_server_is_named_by_an_automatic_re
     assert f"in {len(data)} requests" in line or len(data) == 1, line
     counts = summary.stats.objects[BmapObject("f", "/dev/sda", "/srv/new.log")]
     assert counts.write_bytes == len(data) * BS and counts.writes == len(data)
-    assert remapper.late.named_late >= len(data) * BS
+    assert session.late.named_late >= len(data) * BS
