@@ -24,6 +24,7 @@ from collections import Counter
 
 import pytest
 from fixtures_images import DiskImage
+from test_bmap_more_filesystems import iso  # noqa: F401 - the fixture (session scope)
 
 from diskwatch.bmap.index import BlockMap
 from diskwatch.bmap.metadata import map_metadata
@@ -89,11 +90,12 @@ def _mutation(rng: random.Random, targets, size: int) -> dict[int, int]:
 
 
 def _fuzz(image: DiskImage, name: str) -> Counter:
-    targets = _targets(image.path)
+    path = getattr(image, "path", image)
+    targets = _targets(path)
     seeds = ([int(os.environ["FUZZ_MAPPER_SEED"])] if "FUZZ_MAPPER_SEED" in os.environ
              else [zlib.crc32(f"{name} {k}".encode()) for k in range(WALKS)])
     outcomes: Counter = Counter()
-    with FileSource(str(image.path), readonly=True) as base:
+    with FileSource(str(path), readonly=True) as base:
         for seed in seeds:
             rng = random.Random(seed)
             source = Mutated(base, _mutation(rng, targets, base.size))
@@ -130,6 +132,13 @@ def test_mutated_ntfs_images_never_hurt_the_server(ntfs_image):
 
 def test_mutated_lvm_images_never_hurt_the_server(lvm_image):
     outcomes = _fuzz(lvm_image, "lvm")
+    assert sum(outcomes.values()) == WALKS
+
+
+def test_mutated_iso9660_images_never_hurt_the_server(iso):  # noqa: F811
+    """Rock Ridge and Joliet trees, their directory records, path tables and
+    descriptors mutated: the walker diskwatch has of its own, and TSK's."""
+    outcomes = _fuzz(iso, "iso9660")
     assert sum(outcomes.values()) == WALKS
 
 
