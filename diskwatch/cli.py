@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--remap", choices=("auto", "key", "off"), default="auto",
                    help="with --bmap: make the map again from the disk as it is now, in the "
                         "background, to name files made since: auto (on the UI's m key, and "
-                        "by itself once --remap-after bytes were written outside any named "
-                        "file, at most every 5 s), key (only on m), off")
+                        "by itself once a directory or a filesystem structure was written, or "
+                        "--remap-after bytes outside any named file; at most every 2 s), key "
+                        "(only on m), off")
     g.add_argument("--remap-after", type=_size, default="1M", metavar="SIZE",
                    help="unnamed write bytes that start an automatic remap (default 1M)")
     _method_arg(g)
@@ -223,6 +224,34 @@ def _method_arg(p) -> None:
                         "filesystem structures, exact, no appliance), watch (a libguestfs "
                         "appliance's reads), auto (metadata, and watch for what it cannot read; "
                         "the default)")
+    p.add_argument("--mapper-memory", type=_mapper_memory, default="4G", metavar="SIZE",
+                   help="address space the mapper process may use, at most (it parses the "
+                        "filesystems in a process of its own; default 4G)")
+    p.add_argument("--mapper-time", type=_mapper_time, default=600.0, metavar="SECONDS",
+                   help="CPU and wall time one walk of the mapper may take (default 600)")
+
+
+def _mapper_memory(text: str) -> int:
+    v = _size(text)
+    if v < 256 << 20:
+        raise argparse.ArgumentTypeError(f"the mapper needs 256M at least, not {text!r}")
+    return v
+
+
+def _mapper_time(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 1 <= v <= 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds (1 to 86400), not {text!r}")
+    return v
+
+
+def mapper_limits(args):
+    from .bmap.worker import MapperLimits
+    return MapperLimits(memory=args.mapper_memory, cpu=int(args.mapper_time),
+                        wall=args.mapper_time)
 
 
 def build_bmap_parser() -> argparse.ArgumentParser:
@@ -300,7 +329,8 @@ def run_config(args) -> RunConfig:
         handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
         headless=args.headless, no_trace=args.no_trace, log=args.log, record=args.record,
         accel=args.accel, method=args.method, remap=args.remap,
-        remap_threshold=args.remap_after, metrics=args.metrics, otlp=args.otlp, metrics_top=args.metrics_top,
+        remap_threshold=args.remap_after, mapper_limits=mapper_limits(args),
+        metrics=args.metrics, otlp=args.otlp, metrics_top=args.metrics_top,
         metrics_refresh=args.metrics_refresh)
 
 
@@ -322,7 +352,8 @@ def bmap_main(argv: list[str]) -> int:
     _setup_logging(args.verbose)
     source = _open_source(args)
     try:
-        generate_map(source, args.output, args.accel, method=args.method)
+        generate_map(source, args.output, args.accel, method=args.method,
+                     limits=mapper_limits(args))
     finally:
         source.close()
     return 0
@@ -333,7 +364,7 @@ def bmap_main(argv: list[str]) -> int:
 #: guest's disk is or how QEMU reaches it: attach decides those itself.
 _WATCHING_OPTIONS = ("--bmap", "--method", "--headless", "--no-trace", "--log", "--record",
                      "--accel", "--metrics", "--otlp", "--metrics-top", "--metrics-refresh",
-                     "--remap", "--remap-after")
+                     "--remap", "--remap-after", "--mapper-memory", "--mapper-time")
 
 
 def build_attach_parser() -> argparse.ArgumentParser:

@@ -192,7 +192,8 @@ class Remapper:
                  swap: Callable[[RemapResult], None], say: Callable[[str, str], None],
                  mode: str = "auto", bus: Bus | None = None,
                  threshold: int = REMAP_THRESHOLD, min_interval: float = REMAP_MIN_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 limits: MapperLimits | None = None) -> None:
         if mode not in REMAP_MODES:
             raise ValueError(f"remap mode must be one of {', '.join(REMAP_MODES)}, not {mode!r}")
         self.source = source
@@ -204,6 +205,7 @@ class Remapper:
         self.threshold = threshold
         self.min_interval = min_interval
         self.clock = clock
+        self.limits = limits
         self.unnamed = 0  # unnamed write bytes since the last remap started
         self.structure = 0  # structure write bytes since the last remap started
         self._first_change = self._last_change = 0.0  # of those writes (clock)
@@ -245,7 +247,7 @@ class Remapper:
 
     def _work(self, why: str) -> None:
         result = remap(self.source, self.current(), why=why, bus=self.bus,
-                       cancelled=lambda: self._closing)
+                       cancelled=lambda: self._closing, limits=self.limits)
         if self.bus is not None:
             summary = result.line()
             self.bus.publish(Progress("done", "", len(result.added), len(result.added), 0.0,

@@ -71,6 +71,8 @@ class RunConfig:
     #: automatic remap (diskwatch/remap.py)
     remap: str = "auto"
     remap_threshold: int | None = None
+    #: what one mapper process may spend (bmap.worker.MapperLimits; None: its defaults)
+    mapper_limits: Any = None
     #: --metrics [ADDR:]PORT (Prometheus endpoint), --otlp URL, and their knobs
     metrics: str | None = None
     otlp: str | None = None
@@ -128,7 +130,8 @@ class ProgressPrinter:
             self.stream.write("\r" + " " * (shutil.get_terminal_size().columns - 1) + "\r")
 
 
-def generate_map(source, out_path: str, accel: str, bus=None, method: str = "auto"):
+def generate_map(source, out_path: str, accel: str, bus=None, method: str = "auto",
+                 limits=None):
     """Make the map file (progress on stderr); returns the map, indexed."""
     from .bmap.make import make_bmap
     from .events import Bus
@@ -136,7 +139,7 @@ def generate_map(source, out_path: str, accel: str, bus=None, method: str = "aut
     printer = ProgressPrinter()
     bus.on_event(printer)
     try:
-        made = make_bmap(source, out_path, method=method, bus=bus, accel=accel)
+        made = make_bmap(source, out_path, method=method, bus=bus, accel=accel, limits=limits)
     finally:
         bus.unsubscribe(printer)
     return made.blockmap if made.blockmap is not None else load_map(out_path)
@@ -534,7 +537,8 @@ class Runner:
                 if cfg.headless:
                     print(f"diskwatch: {cfg.bmap} does not exist: generating it first",
                           file=sys.stderr)
-                    blockmap = generate_map(source, cfg.bmap, cfg.accel, method=cfg.method)
+                    blockmap = generate_map(source, cfg.bmap, cfg.accel, method=cfg.method,
+                                            limits=cfg.mapper_limits)
                 else:
                     pending_map = cfg.bmap
             if pending_map is None and blockmap is None:
@@ -621,7 +625,7 @@ class Runner:
             swap=lambda result: self.swap_map(session, result.blockmap, remapped=True,
                                               why=f"remap ({result.why})"),
             say=say, mode=cfg.remap, bus=None if cfg.headless else session.bus,
-            threshold=cfg.remap_threshold or REMAP_THRESHOLD))
+            threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits))
 
     def _add_metrics(self, session: Session, source, undo: contextlib.ExitStack) -> None:
         from .journal import notice
@@ -701,7 +705,7 @@ class Runner:
         try:
             from .bmap.make import make_bmap
             made = make_bmap(source, path, method=self.config.method, bus=session.bus,
-                             accel=self.config.accel)
+                             accel=self.config.accel, limits=self.config.mapper_limits)
             session.blockmap = made.blockmap if made.blockmap is not None else load_map(path)
             if self.recorder is not None:
                 from .record import map_identity

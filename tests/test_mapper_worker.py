@@ -306,3 +306,20 @@ def test_a_damaged_flat_map_is_refused_or_looks_up_without_failing(flips, cut):
             assert start < end and (obj is None or isinstance(obj, BmapObject))
         bm.first(rng.randrange(1 << 40), rng.randrange(1, 1 << 20))
     bm.partitions()
+
+
+def test_the_mapper_limits_are_options_and_a_limit_reached_is_one_line(tmp_path):
+    import subprocess
+
+    from fixtures_server import DISKWATCH
+    iso = _deadlocking_iso(tmp_path / "deadlock.iso")
+    out = tmp_path / "map"
+    r = subprocess.run([DISKWATCH, "bmap", str(iso), "-o", str(out), "--mapper-time", "3"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and not out.exists()
+    assert r.stderr.strip().splitlines() == [
+        f"diskwatch: block map of file {iso}: the mapper took longer than its 3 s and was "
+        "stopped"], r.stderr
+    r = subprocess.run([DISKWATCH, "bmap", str(iso), "-o", str(out), "--mapper-memory", "10M"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--mapper-memory: the mapper needs 256M at least" in r.stderr
