@@ -74,6 +74,16 @@ class LateNamed:
 
 
 @dataclass(frozen=True)
+class JournalCarried:
+    """Writes to a filesystem's journal, attributed to the files and
+    directories whose metadata they carried (a live remap read the
+    journal): ``writes`` holds ``(start, command, first byte, end, owner)``,
+    one per piece (``late.py``)."""
+
+    writes: tuple
+
+
+@dataclass(frozen=True)
 class Progress:
     """Progress of a long job (block-map generation)."""
 

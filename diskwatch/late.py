@@ -13,6 +13,11 @@ per object, the top objects and the summary move the bytes to their owner,
 and the report does the same from the recording (the owner learned later
 in the session wins). Live and replay deliver it at the same point of the
 request stream: before the first request the new map names.
+
+Writes to an ext3/4 journal are kept the same way, and given to the files
+and directories whose metadata they carried when a remap's journal map
+says so (``JournalCarried``: the mapper read the log, ``bmap/jbd2.py``). A
+recording does not keep journal maps yet: a replay does not attribute them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from .events import LateNamed, Request
+from .events import JournalCarried, LateNamed, Request
 from .wire import WRITE_COMMANDS
 
 __all__ = ["LATE_KEPT", "LATE_SECONDS", "LateNamer"]
@@ -40,6 +45,9 @@ class LateNamer:
         self.named_late = 0
         #: (start, command, first byte, end, object or None) of unnamed write pieces
         self._kept: deque[tuple] = deque(maxlen=LATE_KEPT)
+        #: (start, command, first byte, end) of writes to a journal
+        self._journal: deque[tuple] = deque(maxlen=LATE_KEPT)
+        self.journal_carried = 0  # journal write bytes given to their owners, in all
 
     def feed(self, batch: Sequence[Request], pieces) -> None:
         if pieces is None:
@@ -50,6 +58,8 @@ class LateNamer:
                 for start, end, obj in ps:
                     if obj is None or obj.type not in _NAMED:
                         kept.append((req[6], req[2], start, end, obj))
+                    elif obj.path == "/$Journal":
+                        self._journal.append((req[6], req[2], start, end))
 
     def name(self, blockmap, why: str = "") -> LateNamed | None:
         """The kept unnamed writes ``blockmap`` names, as one event (None if
@@ -72,6 +82,32 @@ class LateNamer:
         kept.clear()
         kept.extend(still)
         return LateNamed(tuple(named), why) if named else None
+
+    def carried(self, journal_map) -> JournalCarried | None:
+        """The kept journal writes ``journal_map`` (a remap's: journal blocks
+        by owner) attributes, as one event; each write is given once, and
+        those it does not cover wait for the next (a transaction written
+        while the remap ran)."""
+        kept = self._journal
+        if not kept or journal_map is None:
+            return None
+        horizon = kept[-1][0] - LATE_SECONDS
+        lookup = journal_map.lookup
+        carried, still = [], []
+        for t, cmd, start, end in kept:
+            if t < horizon:
+                continue
+            covered = False
+            for s, e, owner in lookup(start, end - start):
+                if owner is not None:
+                    carried.append((t, cmd, s, e, owner))
+                    self.journal_carried += e - s
+                    covered = True
+            if not covered:
+                still.append((t, cmd, start, end))
+        kept.clear()
+        kept.extend(still)
+        return JournalCarried(tuple(carried)) if carried else None
 
     def on_event(self, event: object) -> None:
         pass

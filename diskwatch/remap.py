@@ -116,6 +116,8 @@ class RemapResult:
     changed: int = 0  # objects in both whose ranges differ
     kept: int = 0  # objects kept from the old map (not read by metadata, or a partial walk)
     warnings: list[str] = field(default_factory=list)
+    #: journal blocks -> the files and directories whose metadata they carry
+    journal_map: Any = None
     elapsed: float = 0.0
     error: str = ""
     #: the mapper cannot run at all (pytsk3 missing): trying again is no use
@@ -171,6 +173,7 @@ def remap(source, old, *, why: str = "remap", bus: Bus | None = None,
             result.error = "the mapper's answer is malformed (its comparison)"
             return result
     result.blockmap = blockmap
+    result.journal_map = answer.journal
     result.elapsed = time.monotonic() - t0
     return result
 

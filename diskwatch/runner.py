@@ -623,7 +623,8 @@ class Runner:
         self.remapper = session.remapper = session.pump.add(Remapper(
             source, current=lambda: session.blockmap,
             swap=lambda result: self.swap_map(session, result.blockmap, remapped=True,
-                                              why=f"remap ({result.why})"),
+                                              why=f"remap ({result.why})",
+                                              journal_map=result.journal_map),
             say=say, mode=cfg.remap, bus=None if cfg.headless else session.bus,
             threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits))
 
@@ -673,13 +674,13 @@ class Runner:
         notice(f"SIGHUP: {what or 'nothing to reload'}", DISKWATCH_EVENT="reload")
 
     def swap_map(self, session: Session, blockmap, *, path: str | None = None,
-                 remapped: bool = False, why: str = "") -> None:
+                 remapped: bool = False, why: str = "", journal_map=None) -> None:
         """A new block map in a live session (SIGHUP's reload, a live remap):
         ``Session.swap_map`` (every sink, late naming), then what only a
         live session has: the metrics forget old names, and the recording
         keeps it (a BMAP frame at the next request), so a replay
         names each request with the map that named it live."""
-        session.swap_map(blockmap, why)
+        session.swap_map(blockmap, why, journal_map)
         if self.metrics is not None:
             self.metrics.forget_names()
         if remapped:

@@ -216,7 +216,7 @@ class Session:
             self.pump = Pump(LiveFeed(self.bus), lambda: self.blockmap)
         self.late = self.pump.add(LateNamer())
 
-    def swap_map(self, blockmap: Any, why: str = "") -> None:
+    def swap_map(self, blockmap: Any, why: str = "", journal_map: Any = None) -> None:
         """The one place a new block map replaces the one in use (a live
         remap, SIGHUP's reload, a replay reaching a map the live session
         swapped in), in the pump's thread between two rounds: every sink
@@ -231,6 +231,9 @@ class Session:
         named = self.late.name(blockmap, why)
         if named is not None:
             self.pump.deliver(named)
+        carried = self.late.carried(journal_map)
+        if carried is not None:
+            self.pump.deliver(carried)
 
     @property
     def command_running(self) -> bool:

@@ -18,7 +18,15 @@ from operator import floordiv, itemgetter
 from operator import sub as _sub
 from typing import Any
 
-from .events import COMMAND_NAMES, Command, ConnectionEvent, Dropped, LateNamed, Request
+from .events import (
+    COMMAND_NAMES,
+    Command,
+    ConnectionEvent,
+    Dropped,
+    JournalCarried,
+    LateNamed,
+    Request,
+)
 
 READ = int(Command.READ)
 WRITE = int(Command.WRITE)
@@ -165,10 +173,12 @@ class ObjectCounts:
     count read/write requests (a request spanning three files counts once
     for each of them); bytes count only the piece inside the object."""
 
-    __slots__ = ("reads", "writes", "read_bytes", "write_bytes", "hits")
+    __slots__ = ("reads", "writes", "read_bytes", "write_bytes", "hits", "journal_bytes")
 
     def __init__(self) -> None:
         self.reads = self.writes = self.read_bytes = self.write_bytes = self.hits = 0
+        #: bytes of journal writes that carried this object's metadata
+        self.journal_bytes = 0
 
     def __repr__(self) -> str:
         return (
@@ -318,6 +328,13 @@ class Stats:
     def on_event(self, event: object) -> None:
         if isinstance(event, LateNamed):
             self._name_late(event)
+        elif isinstance(event, JournalCarried):
+            objects = self.objects
+            for _t, _cmd, start, end, owner in event.writes:
+                c = objects.get(owner)
+                if c is None:
+                    c = objects[owner] = ObjectCounts()
+                c.journal_bytes += end - start
         elif isinstance(event, Dropped):
             self.dropped += event.count
         elif isinstance(event, ConnectionEvent):

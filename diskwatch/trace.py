@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import IO
 
-from .events import LateNamed, Request
+from .events import JournalCarried, LateNamed, Request
 from .session import Pieces
 from .text import safe_text
 from .units import count, format_bytes, format_duration_compact
@@ -73,6 +73,25 @@ class TextTrace:
     def on_event(self, event: object) -> None:
         if isinstance(event, LateNamed):
             self._late(event)
+        elif isinstance(event, JournalCarried):
+            self._journal(event)
+
+    def _journal(self, event: JournalCarried) -> None:
+        """One line: the journal writes a remap attributed, by owner."""
+        self._emit()
+        by_owner: dict = {}
+        for _t, _cmd, start, end, owner in event.writes:
+            by_owner[owner] = by_owner.get(owner, 0) + end - start
+        total = sum(by_owner.values())
+        # the guest's files and directories first: the structures (bitmaps,
+        # descriptors) are in every transaction
+        ranked = sorted(by_owner.items(),
+                        key=lambda kv: (kv[0].is_structure, -kv[1], str(kv[0])))
+        shown = ", ".join(f"{safe_text(str(o))} ({format_bytes(n)})" for o, n in ranked[:4])
+        more = f" and {len(ranked) - 4} more" if len(ranked) > 4 else ""
+        self._write(event.writes[-1][0], f"journal: {format_bytes(total)} written to the "
+                                         f"journal carried {shown}{more}")
+        self._flush_pending()
 
     def _late(self, event: LateNamed) -> None:
         """One line per object a new map named earlier writes of: when they
@@ -263,3 +282,11 @@ class Summary:
                         print(f"diskwatch: most {by}{label}: " + "; ".join(
                             f"{safe_text(str(obj))} x{getattr(c, by)}" for obj, c in top),
                             file=out)
+            journaled = sorted(((c.journal_bytes, obj) for obj, c in st.objects.items()
+                                if obj is not None and c.journal_bytes and guests(obj)),
+                               key=lambda jc: (-jc[0], str(jc[1])))[:5]
+            if journaled:
+                # what no other tool shows: the journal writes each file cost
+                print("diskwatch: most journal writes carried for: " + "; ".join(
+                    f"{safe_text(str(obj))} {format_bytes(n)}" for n, obj in journaled),
+                    file=out)

@@ -165,6 +165,24 @@ def test_a_file_only_in_the_journal_is_named_where_debugfs_finds_it(journaled):
     assert meta.filesystems[0].journal.startswith("journal: 1 transactions")
 
 
+def test_each_journal_copy_is_given_to_what_debugfs_says_it_carries(journaled):
+    """The copy of the inode-table block that holds the new file's inode
+    (debugfs imap) is the file's; the copy of its directory's block (debugfs
+    blocks) is the directory's. Where each copy lies: logdump's journal
+    block, through the journal inode's blocks (debugfs blocks <8>)."""
+    a, b, _, _ = journaled
+    jblocks = file_blocks(a, "<8>")
+    logged = dict(logdump(a))  # FS block -> journal block
+    imap = debugfs(b, "imap /srv/new.log")
+    inode_block = int(re.search(r"located at block (\d+)", imap).group(1))
+    (dir_block,) = file_blocks(b, "/srv")
+    with FileSource(str(a), readonly=True) as vol:
+        meta = map_metadata(vol, done_event=False)
+    carried = {(e.start // BS): (e.type, e.path) for e in meta.journal}
+    assert carried[jblocks[logged[inode_block]]] == ("f", "/srv/new.log")
+    assert carried[jblocks[logged[dir_block]]] == ("d", "/srv")
+
+
 def test_a_revoke_in_a_later_transaction_cancels_the_copy(journaled, tmp_path):
     a, b, _, meta = journaled
     c = tmp_path / "c.img"
@@ -284,7 +302,7 @@ def test_a_small_new_file_written_through_the_server_is_named_by_an_automatic_re
 
     remapper = session.pump.add(Remapper(
         source, current=lambda: session.blockmap, say=lambda text, level: said.append(text),
-        swap=lambda result: session.swap_map(result.blockmap, "remap")))
+        swap=lambda result: session.swap_map(result.blockmap, "remap", result.journal_map)))
     new = a_journaled.read_bytes()
     h = nbd.NBD()
     try:
@@ -319,3 +337,9 @@ def test_a_small_new_file_written_through_the_server_is_named_by_an_automatic_re
     counts = summary.stats.objects[BmapObject("f", "/dev/sda", "/srv/new.log")]
     assert counts.write_bytes == len(data) * BS and counts.writes == len(data)
     assert session.late.named_late >= len(data) * BS
+    # The journal's writes carried its inode and its directory's block: given
+    # to them (what each file cost in journal writes), and said in one line.
+    assert counts.journal_bytes > 0
+    assert summary.stats.objects[BmapObject("d", "/dev/sda", "/srv")].journal_bytes > 0
+    (line,) = [ln for ln in text.splitlines() if "] journal: " in ln]
+    assert "written to the journal carried" in line and "/srv/new.log" in line, line

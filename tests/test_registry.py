@@ -67,7 +67,7 @@ def test_thread_model_is_enforced():
     try:
         REGISTRY.load_plugin("memory_source:MemorySource")
         src = open_source("memory:1M", SourceOptions())
-        assert isinstance(src, Serialized) and src.thread_model == "serialize_all"
+        assert isinstance(src, Serialized) and src.thread_model == "serialize_all_requests"
         src.close()
     finally:
         REGISTRY.sources[:] = [p for p in REGISTRY.sources if p.name != "memory"]

@@ -80,6 +80,8 @@ class JournalScan:
     replay: dict[int, tuple[int, bool]] = field(default_factory=dict)
     #: why the scan stopped where it did, or what it could not read
     note: str = ""
+    #: journal block -> its byte offset in the volume (set by the caller)
+    offset_of: Callable[[int], int] | None = None
 
     def summary(self) -> str:
         if not self.transactions:

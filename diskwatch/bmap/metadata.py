@@ -127,6 +127,9 @@ class FilesystemReport:
 @dataclass
 class MetadataResult:
     entries: list[BmapEntry] = field(default_factory=list)
+    #: ext3/4: which file or directory each journal block of the current log
+    #: carries metadata of (disk ranges of the journal's copies; ``jbd2.py``)
+    journal: list[BmapEntry] = field(default_factory=list)
     volumes: list[Volume] = field(default_factory=list)
     filesystems: list[FilesystemReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -273,6 +276,10 @@ class _Filesystem:
         self.is_iso = bool(ftype & int(pytsk3.TSK_FS_TYPE_ISO9660_DETECT))
         #: inode -> [smallest path so far, ranges by object suffix]
         self.files: dict[int, list] = {}
+        #: inode -> path of each directory walked
+        self.dir_paths: dict[int, str] = {}
+        #: journal block -> volume offset of it (set for an ext journal)
+        self.journal_where: Callable[[int], int] = lambda n: 0
         self._structures: set[str] = set()  # named before the walk: not again
         self.seen_dirs: set[int] = set()
         self.errors = 0
@@ -497,6 +504,7 @@ class _Filesystem:
             own += self.record_bytes(inode)
         if is_dir:
             self.report.directories += 1
+            self.dir_paths[inode] = path
             self.add(path, own, "d")
             for suffix, ranges in pieces.items():
                 self.add(path + suffix, ranges)
@@ -992,7 +1000,8 @@ def map_metadata(
     # Every TSK object is made here and used by this call only: calls in
     # several threads at once share nothing.
     for v in volumes:
-        report = _map_volume(pytsk3, source, v, result.entries, progress, cancelled)
+        report = _map_volume(pytsk3, source, v, result.entries, progress, cancelled,
+                             result.journal)
         result.filesystems.append(report)
         if report.warning:
             result.warnings.append(report.warning)
@@ -1003,7 +1012,8 @@ def map_metadata(
 
 
 def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
-                progress: _Publisher, cancelled: Callable[[], bool]) -> FilesystemReport:
+                progress: _Publisher, cancelled: Callable[[], bool],
+                journal: list[BmapEntry] | None = None) -> FilesystemReport:
     if not v.segments:
         return FilesystemReport(v.device, "", "watch" if v.kind == "l" else "none",
                                 warning="; ".join(v.notes))
@@ -1019,6 +1029,8 @@ def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
     if signature in WATCH_ONLY:
         return FilesystemReport(v.device, signature, "watch")
     report = FilesystemReport(v.device, signature, "metadata")
+    scan = None
+    raw = vsrc
     if signature == "ext4":
         # The walk reads the volume as its committed transactions leave it
         # (jbd2.py): files whose metadata is only in the journal are named.
@@ -1048,6 +1060,8 @@ def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
     report.fstype = _tsk_name(pytsk3, int(fs.info.ftype)) or signature
     progress.publish("files", f"{v.device} /", force=True)
     walker = _Filesystem(pytsk3, fs, v, vsrc, report, entries, progress, cancelled)
+    if scan is not None and scan.offset_of is not None:
+        walker.journal_where = scan.offset_of
     start = len(entries)
     try:
         walker.map()
@@ -1059,7 +1073,82 @@ def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
     if walker.errors:
         report.warning = (f"{v.device}: {report.fstype} partly mapped: {walker.errors} objects "
                           f"could not be read (first: {walker.first_error})")
+    if journal is not None and scan is not None and scan.transactions:
+        try:
+            journal += _journal_owners(scan, raw, v, walker, entries[start:])
+        except (OSError, ValueError, IndexError, struct.error) as e:
+            report.journal += f"; what it carries not read ({e})"[:160]
     return report
+
+
+def _journal_owners(scan: JournalScan, raw: Source, v: Volume, walker: _Filesystem,
+                    walked: list[BmapEntry]) -> list[BmapEntry]:
+    """For each logged block of the log, whose metadata it carries: the
+    journal copy's bytes as entries of its owners. A copy of an inode-table
+    block belongs to the files and directories whose inodes it changes
+    (compared with the block's previous version: the last copy before it,
+    else the home block), split evenly; a directory block to that directory;
+    a file's extent-tree block to the file. Bitmaps, descriptors and the
+    superblock are no one's: they stay the journal's."""
+    layout = Ext4Layout(raw)
+    bs = layout.block
+    isz = layout.inode_size
+    per_block = bs // isz
+    tables: dict[int, int] = {}  # first inode-table block -> its group
+    table_blocks = -(-layout.inodes_per_group * isz // bs)
+    for g in range(layout.groups):
+        it = layout.group_desc(g)[2]
+        if it:
+            tables[it] = g
+    firsts = sorted(tables)
+    paths: dict[int, tuple[str, str]] = {i: ("f", p) for i, (p, _) in walker.files.items()}
+    paths.update((i, ("d", p)) for i, p in walker.dir_paths.items())
+    spans = sorted((e.start, e.end, e.type, e.path) for e in walked if e.type in "df")
+    starts = [sp[0] for sp in spans]
+    jruns = walker.journal_where
+    previous: dict[int, bytes] = {}
+    out: list[BmapEntry] = []
+
+    def owner_at(disk: int) -> tuple[str, str] | None:
+        i = bisect_right(starts, disk) - 1
+        if i >= 0 and spans[i][0] <= disk < spans[i][1] and spans[i][3]:
+            return spans[i][2], spans[i][3]
+        return None
+
+    for t in scan.transactions:
+        for home, jblock, flags in t.blocks:
+            if home < 0:
+                continue
+            at = jruns(jblock)
+            owners: list[tuple[str, str]] = []
+            i = bisect_right(firsts, home) - 1
+            if i >= 0 and home < firsts[i] + table_blocks:
+                g = tables[firsts[i]]
+                first = g * layout.inodes_per_group + (home - firsts[i]) * per_block + 1
+                new = bytearray(read_at(raw, at, bs))
+                if flags & 1:  # escaped: its magic back
+                    new[0:4] = (0xC03B3998).to_bytes(4, "big")
+                old = previous.get(home) or read_at(raw, home * bs, bs)
+                previous[home] = bytes(new)
+                for k in range(per_block):
+                    if new[k * isz:(k + 1) * isz] != old[k * isz:(k + 1) * isz]:
+                        who = paths.get(first + k)
+                        if who is not None:
+                            owners.append(who)
+            else:
+                disks = v.to_disk(home * bs, home * bs + bs)
+                who = owner_at(disks[0][0]) if disks else None
+                if who is not None:
+                    owners.append(who)
+            if not owners:
+                continue
+            share = bs // len(owners)
+            for k, (kind, path) in enumerate(owners):
+                lo = at + k * share
+                hi = at + bs if k == len(owners) - 1 else lo + share
+                for ds, de in v.to_disk(lo, hi):
+                    out.append(BmapEntry(1, ds, de, kind, v.device, path))
+    return out
 
 
 def _map_ntfs_without_tsk(v: Volume, vsrc: Source, report: FilesystemReport,
@@ -1138,6 +1227,7 @@ def ext_journal(pytsk3, vsrc: Source) -> tuple[JournalScan | None, dict[int, tup
             return (runs[i][1] + n - runs[i][0]) * bs
 
         scan = scan_journal(lambda n: read_at(vsrc, where(n), bs), nblocks)
+        scan.offset_of = where
         copies = {home: (where(jblock), escaped) for home, (jblock, escaped) in scan.replay.items()
                   if home < layout.blocks}
         return scan, copies

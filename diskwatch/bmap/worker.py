@@ -115,6 +115,8 @@ class MapperAnswer:
     info: dict
     blockmap: object  # BlockMap
     text: bytes = b""  # the map's lines (a job with "text"), for a map file
+    #: ext3/4: the journal's blocks by the object whose metadata each carries
+    journal: object = None
 
 
 # --------------------------------------------------------------------------
@@ -252,14 +254,18 @@ def _answer(payload: bytes, BlockMap) -> MapperAnswer:
         (ilen,) = struct.unpack_from("<I", mv, 0)
         info = json.loads(bytes(mv[4:4 + ilen]))
         flat_len, text_len = int(info["flat"]), int(info.get("text", 0))
-        if min(flat_len, text_len) < 0 or 4 + ilen + flat_len + text_len != len(mv):
+        journal_len = int(info.get("journal", 0))
+        if min(flat_len, text_len, journal_len) < 0 or \
+                4 + ilen + flat_len + text_len + journal_len != len(mv):
             raise ValueError("lengths do not add up")
         start = 4 + ilen
         blockmap = BlockMap.from_flat(mv[start:start + flat_len])
-        text = bytes(mv[start + flat_len:])
+        text = bytes(mv[start + flat_len:start + flat_len + text_len])
+        journal = (BlockMap.from_flat(mv[start + flat_len + text_len:]) if journal_len
+                   else None)
     except (struct.error, ValueError, KeyError, TypeError) as e:
         raise MapperFailed(f"the mapper's answer is malformed ({e})") from None
-    return MapperAnswer(info, blockmap, text)
+    return MapperAnswer(info, blockmap, text, journal)
 
 
 def _failed(payload: bytes) -> None:
@@ -489,10 +495,11 @@ def _walk(channel: _Channel, job: dict, source: _ChannelSource, old_flat, confin
     if old is not None:
         info.update(compare(old, blockmap))
     flat = blockmap.to_flat()
-    info["flat"], info["text"] = len(flat), len(text)
+    journal = BlockMap(meta.journal).to_flat() if meta.journal else b""
+    info["flat"], info["text"], info["journal"] = len(flat), len(text), len(journal)
     info["mapped"] = time.monotonic() - t0
     head = json.dumps(info).encode()
-    channel.send(b"A", b"".join((struct.pack("<I", len(head)), head, flat, text)))
+    channel.send(b"A", b"".join((struct.pack("<I", len(head)), head, flat, text, journal)))
 
 
 #: the object types a remap keeps from the old map where the walk could not read

@@ -54,7 +54,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..events import Bus, ConnectionEvent, make_request
-from ..sources.base import EXTENT_ZERO, FastZeroUnsupported, Source
+from ..sources.base import EXTENT_ZERO, FastZeroUnsupported, Source, stack
+from ..sources.watch import Watch
 from . import protocol as P
 from .loop import EpollLoop
 
@@ -160,8 +161,8 @@ class Server:
         self._async_ready: dict[int, _Conn] = {}  # connections with replies to send
         # Watch layers (sources/watch.py) in the stacks: what they saw is
         # published after each batch of the server's own requests.
-        self._watchers = [layer for s in exports.values() for layer in _stack(s)
-                          if hasattr(type(layer), "take_events")]
+        self._watchers = [layer for s in exports.values() for layer in stack(s)
+                          if isinstance(layer, Watch)]
         self.max_connections = max_connections
         # None: no budget (the bmap generator's private server: its one
         # client is the libguestfs appliance; see bmap/generate.py)
@@ -1106,13 +1107,6 @@ def _short_read(offset: int, length: int, data) -> OSError:
     """A source that returned fewer bytes than asked: an EIO for that read
     (sending them would put the reply stream out of step)."""
     return OSError(errno.EIO, f"source returned {len(data)} of {length} bytes at {offset}")
-
-
-def _stack(source: Source):
-    """A source and every layer below it."""
-    while source is not None:
-        yield source
-        source = vars(source).get("inner")
 
 
 ASYNC_WINDOW = 64  # requests in flight per connection to an asynchronous source

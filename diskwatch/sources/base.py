@@ -6,8 +6,33 @@ what it can do through the ``can_*`` attributes. Errors are raised as
 ``OSError`` with an errno (``SourceError`` adds a message a person can read);
 the server turns the errno into the NBD error code.
 
-A ``Layer`` wraps another source and passes every call through; read-only and
-snapshot are layers, so is anything that wants to watch or alter calls.
+A ``Layer`` wraps the ``next`` source (nbdkit's filter over its next
+plugin or filter) and passes every call of the interface through; read-only
+and snapshot are layers, so is anything that wants to watch or alter calls.
+``stack(top)`` lists a stack from its top layer down to the source.
+
+Every source and every layer declares a **thread model**, nbdkit's four
+(nbdkit-plugin(3), "Threads"), from the most serialised to the least:
+
+``serialize_connections``
+    one connection at a time: a second client is accepted, and its requests
+    wait until the first one has gone; that one's requests come one at a
+    time.
+``serialize_all_requests``
+    many connections, but one request at a time in the whole stack,
+    whichever connection it comes from (for code that is not thread-safe
+    at all). ``serialize_all`` is an older name for it.
+``serialize_requests``
+    one request at a time per connection; requests of different
+    connections may run at once (for state kept per connection, or a
+    handle that takes one call at a time).
+``parallel``
+    requests may run at once, from one connection or several, and be
+    answered in any order (the default: the code is thread-safe).
+
+The server applies the most serialised model of the whole stack (nbdkit
+takes the strictest of the plugin and all its filters); see
+``Server`` in ``server/server.py`` for how.
 """
 
 from __future__ import annotations
@@ -17,6 +42,14 @@ import errno
 # Extent flags, the same bits as NBD's base:allocation context.
 EXTENT_HOLE = 1
 EXTENT_ZERO = 2
+
+# The thread models (see the module docstring), most serialised first.
+SERIALIZE_CONNECTIONS = "serialize_connections"
+SERIALIZE_ALL_REQUESTS = "serialize_all_requests"
+SERIALIZE_REQUESTS = "serialize_requests"
+PARALLEL = "parallel"
+THREAD_MODELS = (SERIALIZE_CONNECTIONS, SERIALIZE_ALL_REQUESTS, SERIALIZE_REQUESTS, PARALLEL)
+_OLD_NAMES = {"serialize_all": SERIALIZE_ALL_REQUESTS}  # tests/plugins/memory_source.py
 
 
 class SourceError(OSError):
@@ -70,9 +103,11 @@ class Source:
     #: said once to the person when the source is opened (e.g. "this raw image
     #: looks like a qcow2 inside"), or None
     warning: str | None = None
-    #: nbdkit's thread model, declared by the source's plugin (registry.py):
-    #: "parallel", "serialize_requests" or "serialize_all"
-    thread_model: str = "parallel"
+    #: this source's (or layer's) own thread model, one of THREAD_MODELS (see
+    #: the module docstring); a layer declares its own, it is not its next's
+    thread_model: str = PARALLEL
+    #: what this one calls: the layer below, or None for a source
+    next: Source | None = None
 
     def pread(self, offset: int, length: int) -> bytes:
         raise SourceError(errno.EIO, f"{type(self).__name__} cannot read")
@@ -134,70 +169,81 @@ class Source:
 
 
 class Layer(Source):
-    """Wraps another source; every call and attribute passes through unless
-    the subclass overrides it (nbdkit's filter model)."""
+    """Wraps the ``next`` source; every call and attribute of the Source
+    interface passes through unless the subclass overrides it (nbdkit's
+    filter model).
 
-    def __init__(self, inner: Source):
-        self.inner = inner
+    Only the interface passes through. Anything else a particular source
+    has (xz's cache counters, qemu's hostmap) is that source's: reach it
+    through ``stack(top)``, not through the layers over it, so that a name
+    a layer does not know is an AttributeError rather than a call that
+    skips the layer."""
 
-    def __getattr__(self, name: str):
-        # Only reached for attributes not found on the layer itself (the
-        # class-level defaults of Source are shadowed below by properties).
-        return getattr(self.inner, name)
+    def __init__(self, next: Source):
+        self.next = next
 
-    size = property(lambda self: self.inner.size)  # type: ignore[assignment]
-    description = property(lambda self: self.inner.description)  # type: ignore[assignment]
-    blocking = property(lambda self: self.inner.blocking)  # type: ignore[assignment]
-    block_size = property(lambda self: self.inner.block_size)  # type: ignore[assignment]
-    can_write = property(lambda self: self.inner.can_write)  # type: ignore[assignment]
-    can_flush = property(lambda self: self.inner.can_flush)  # type: ignore[assignment]
-    can_fua = property(lambda self: self.inner.can_fua)  # type: ignore[assignment]
-    can_trim = property(lambda self: self.inner.can_trim)  # type: ignore[assignment]
-    can_zero = property(lambda self: self.inner.can_zero)  # type: ignore[assignment]
-    can_fast_zero = property(lambda self: self.inner.can_fast_zero)  # type: ignore[assignment]
-    can_extents = property(lambda self: self.inner.can_extents)  # type: ignore[assignment]
-    can_cache = property(lambda self: self.inner.can_cache)  # type: ignore[assignment]
-    can_multi_conn = property(lambda self: self.inner.can_multi_conn)  # type: ignore[assignment]
-    warning = property(lambda self: self.inner.warning)  # type: ignore[assignment]
-    thread_model = property(lambda self: self.inner.thread_model)  # type: ignore[assignment]
+    @property
+    def inner(self) -> Source:
+        """The older name of ``next``."""
+        return self.next
+
+    @inner.setter
+    def inner(self, source: Source) -> None:
+        self.next = source
+
+    size = property(lambda self: self.next.size)  # type: ignore[assignment]
+    description = property(lambda self: self.next.description)  # type: ignore[assignment]
+    blocking = property(lambda self: self.next.blocking)  # type: ignore[assignment]
+    block_size = property(lambda self: self.next.block_size)  # type: ignore[assignment]
+    can_write = property(lambda self: self.next.can_write)  # type: ignore[assignment]
+    can_flush = property(lambda self: self.next.can_flush)  # type: ignore[assignment]
+    can_fua = property(lambda self: self.next.can_fua)  # type: ignore[assignment]
+    can_trim = property(lambda self: self.next.can_trim)  # type: ignore[assignment]
+    can_zero = property(lambda self: self.next.can_zero)  # type: ignore[assignment]
+    can_fast_zero = property(lambda self: self.next.can_fast_zero)  # type: ignore[assignment]
+    can_extents = property(lambda self: self.next.can_extents)  # type: ignore[assignment]
+    can_cache = property(lambda self: self.next.can_cache)  # type: ignore[assignment]
+    can_multi_conn = property(lambda self: self.next.can_multi_conn)  # type: ignore[assignment]
+    is_rotational = property(lambda self: self.next.is_rotational)  # type: ignore[assignment]
+    warning = property(lambda self: self.next.warning)  # type: ignore[assignment]
 
     def abort(self) -> None:
-        self.inner.abort()
+        self.next.abort()
 
     def pread(self, offset, length):
-        return self.inner.pread(offset, length)
+        return self.next.pread(offset, length)
 
     def pwrite(self, offset, data, fua=False):
-        return self.inner.pwrite(offset, data, fua)
+        return self.next.pwrite(offset, data, fua)
 
     def flush(self):
-        return self.inner.flush()
+        return self.next.flush()
 
     def trim(self, offset, length, fua=False):
-        return self.inner.trim(offset, length, fua)
+        return self.next.trim(offset, length, fua)
 
     def zero(self, offset, length, may_trim=False, fua=False, fast=False):
-        return self.inner.zero(offset, length, may_trim, fua, fast)
+        return self.next.zero(offset, length, may_trim, fua, fast)
 
     def extents(self, offset, length):
-        return self.inner.extents(offset, length)
+        return self.next.extents(offset, length)
 
     def cache(self, offset, length):
-        return self.inner.cache(offset, length)
+        return self.next.cache(offset, length)
 
     def __init_subclass__(cls, **kwargs) -> None:
         # A layer that changes reads (its own pread) and says nothing of
-        # views must not be bypassed by the inner source's buffers: it gets
+        # views must not be bypassed by the next source's buffers: it gets
         # none, decided once here rather than on every read.
         super().__init_subclass__(**kwargs)
         if "pread" in cls.__dict__ and "view_for" not in cls.__dict__:
             cls.view_for = Source.view_for
 
     def view_for(self, offset, length):
-        return self.inner.view_for(offset, length)
+        return self.next.view_for(offset, length)
 
     def close(self):
-        self.inner.close()
+        self.next.close()
 
 
 class ReadOnly(Layer):
@@ -209,12 +255,12 @@ class ReadOnly(Layer):
     can_fast_zero = False  # type: ignore[assignment]
     can_fua = False  # type: ignore[assignment]
     # The server refuses writes to a read-only export before they reach a
-    # source, so reads may take the inner source's asynchronous way.
-    aio = property(lambda self: self.inner.aio)  # type: ignore[assignment]
+    # source, so reads may take the next source's asynchronous way.
+    aio = property(lambda self: self.next.aio)  # type: ignore[assignment]
 
     @property
     def description(self):  # type: ignore[override]
-        return f"{self.inner.description} (read-only)"
+        return f"{self.next.description} (read-only)"
 
     def pwrite(self, offset, data, fua=False):
         raise SourceError(errno.EPERM, "export is read-only")
@@ -230,3 +276,34 @@ def check_range(source: Source, offset: int, length: int) -> None:
     """Raise EINVAL for a range outside the source (helper for sources)."""
     if offset < 0 or length < 0 or offset + length > source.size:
         raise SourceError(errno.EINVAL, f"range {offset}+{length} outside 0..{source.size}")
+
+
+def stack(top: Source) -> list[Source]:
+    """The stack under ``top``: ``top``, each layer's ``next`` in turn, and
+    the source last."""
+    out = [top]
+    while (top := top.next) is not None:
+        out.append(top)
+    return out
+
+
+def thread_model(name: str) -> str:
+    """A thread model's name as THREAD_MODELS spells it; ValueError if it
+    is not one."""
+    name = _OLD_NAMES.get(name, name)
+    if name not in THREAD_MODELS:
+        raise ValueError(f"thread model must be one of {', '.join(THREAD_MODELS)}, "
+                         f"not {name!r}")
+    return name
+
+
+def stack_thread_model(top: Source) -> str:
+    """The most serialised thread model of every layer and the source of
+    the stack under ``top``: what the server applies (as nbdkit does)."""
+    models = []
+    for member in stack(top):
+        try:
+            models.append(THREAD_MODELS.index(thread_model(member.thread_model)))
+        except ValueError as e:
+            raise ValueError(f"{type(member).__name__}: {e}") from None
+    return THREAD_MODELS[min(models)]

@@ -38,35 +38,35 @@ class Delay(Layer):
 
     @property
     def description(self):  # type: ignore[override]
-        return f"{self.inner.description} (delayed)"
+        return f"{self.next.description} (delayed)"
 
     def view_for(self, offset, length):
         return None  # every read goes through pread, and waits
 
     def pread(self, offset, length):
         time.sleep(self.read)
-        return self.inner.pread(offset, length)
+        return self.next.pread(offset, length)
 
     def pwrite(self, offset, data, fua=False):
         time.sleep(self.write)
-        return self.inner.pwrite(offset, data, fua)
+        return self.next.pwrite(offset, data, fua)
 
     def trim(self, offset, length, fua=False):
         time.sleep(self.write)
-        return self.inner.trim(offset, length, fua)
+        return self.next.trim(offset, length, fua)
 
     def zero(self, offset, length, may_trim=False, fua=False, fast=False):
         time.sleep(self.write)
-        return self.inner.zero(offset, length, may_trim, fua, fast)
+        return self.next.zero(offset, length, may_trim, fua, fast)
 
     def flush(self):
         time.sleep(self.other)
-        return self.inner.flush()
+        return self.next.flush()
 
     def extents(self, offset, length):
         time.sleep(self.other)
-        return self.inner.extents(offset, length)
+        return self.next.extents(offset, length)
 
     def cache(self, offset, length):
         time.sleep(self.other)
-        return self.inner.cache(offset, length)
+        return self.next.cache(offset, length)

@@ -124,7 +124,7 @@ class ErrorInjection(Layer):
 
     @property
     def description(self):  # type: ignore[override]
-        return f"{self.inner.description} (with injected errors)"
+        return f"{self.next.description} (with injected errors)"
 
     def _check(self, op: str, offset: int = 0, length: int = 0) -> None:
         if not self.enabled:
@@ -144,36 +144,36 @@ class ErrorInjection(Layer):
 
     def pread(self, offset, length):
         self._check("pread", offset, length)
-        return self.inner.pread(offset, length)
+        return self.next.pread(offset, length)
 
     def view_for(self, offset, length):
         if self.enabled and any("pread" in r.ops for r in self.rules):
             return None
-        return self.inner.view_for(offset, length)
+        return self.next.view_for(offset, length)
 
     def pwrite(self, offset, data, fua=False):
         self._check("pwrite", offset, len(data))
-        return self.inner.pwrite(offset, data, fua)
+        return self.next.pwrite(offset, data, fua)
 
     def flush(self):
         self._check("flush")
-        return self.inner.flush()
+        return self.next.flush()
 
     def trim(self, offset, length, fua=False):
         self._check("trim", offset, length)
-        return self.inner.trim(offset, length, fua)
+        return self.next.trim(offset, length, fua)
 
     def zero(self, offset, length, may_trim=False, fua=False, fast=False):
         self._check("zero", offset, length)
-        return self.inner.zero(offset, length, may_trim, fua, fast)
+        return self.next.zero(offset, length, may_trim, fua, fast)
 
     def extents(self, offset, length):
         self._check("extents", offset, length)
-        return self.inner.extents(offset, length)
+        return self.next.extents(offset, length)
 
     def cache(self, offset, length):
         self._check("cache", offset, length)
-        return self.inner.cache(offset, length)
+        return self.next.cache(offset, length)
 
 
 __all__ = ["ErrorInjection", "ErrorRule", "parse_error_rule", "OPS"]

@@ -10,14 +10,16 @@ A **source plugin** declares, once:
 - its ``options`` (``Option``: flag, help, type, default): the CLI builds
   one option group per plugin from them, and their values reach
   ``open(spec, options)`` as ``options.get(dest)``;
-- its ``thread_model``, nbdkit's names:
-    ``parallel``            calls may come from several threads at once;
-    ``serialize_requests``  one call at a time (diskwatch has no per-
-                            connection source state, so this is the same
-                            as serialize_all);
-    ``serialize_all``       one call at a time, whatever the connection.
-  The registry enforces it: a serializing source is wrapped in a layer
-  that holds a lock around each call.
+- its ``thread_model``, one of nbdkit's four (``sources/base.py`` says
+  what each means): ``serialize_connections``, ``serialize_all_requests``
+  (``serialize_all`` is an older name), ``serialize_requests`` or
+  ``parallel`` (the default). A source that is not parallel is opened
+  under a ``Serialized`` layer that declares the model, so the stack
+  carries it whatever class ``open`` returns; the server applies the
+  stack's model to the requests it serves. For the two models that allow
+  one call at a time in the whole source, that layer also holds a lock
+  around each call: the block-map generator and the remapper read the
+  served stack from threads of their own, beside the server.
 
 Plugins from outside the package are tried first, then the built-in ones in
 registration order; those are declared in ``sources/builtin.py`` (imported
@@ -46,14 +48,22 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import Layer, Source, SourceError
+from .base import (
+    PARALLEL,
+    SERIALIZE_REQUESTS,
+    THREAD_MODELS,
+    Layer,
+    Source,
+    SourceError,
+    thread_model,
+)
 
 log = logging.getLogger("diskwatch.sources")
 
-THREAD_MODELS = ("serialize_all", "serialize_requests", "parallel")
 ENTRY_POINT_GROUP = "diskwatch.sources"
 
 
@@ -96,13 +106,14 @@ class SourcePlugin:
     recognises: Callable[[str, Any], bool] | str | None = None
     selected_by: str | None = None  # an option key that chooses this plugin
     options: tuple[Option, ...] = ()
-    thread_model: str = "parallel"
+    thread_model: str = PARALLEL
     builtin: bool = False
 
     def __post_init__(self) -> None:
-        if self.thread_model not in THREAD_MODELS:
-            raise ValueError(f"source plugin {self.name}: thread_model must be one of "
-                             f"{', '.join(THREAD_MODELS)}, not {self.thread_model!r}")
+        try:
+            self.thread_model = thread_model(self.thread_model)
+        except ValueError as e:
+            raise ValueError(f"source plugin {self.name}: {e}") from None
 
     def claims(self, spec: str | None, options) -> bool:
         if self.selected_by is not None:
@@ -115,8 +126,8 @@ class SourcePlugin:
 
     def open_source(self, spec: str | None, options) -> Source:
         src = _lazy(self.open)(spec, options)
-        if self.thread_model != "parallel":
-            src = Serialized(src)
+        if self.thread_model != PARALLEL:
+            src = Serialized(src, self.thread_model)
         return src
 
     @classmethod
@@ -129,7 +140,7 @@ class SourcePlugin:
                    open=lambda spec, options: source_class(spec, options),
                    schemes=tuple(getattr(source_class, "schemes", ())),
                    recognises=recognises, options=tuple(getattr(source_class, "options", ())),
-                   thread_model=getattr(source_class, "thread_model", "parallel"))
+                   thread_model=getattr(source_class, "thread_model", PARALLEL))
 
 
 @dataclass
@@ -227,17 +238,22 @@ class Registry:
 
 
 class Serialized(Layer):
-    """One call at a time: what a serialize_all/serialize_requests source
-    asked for. The lock is held for the whole call."""
+    """A source plugin's thread model, declared over what its ``open``
+    returned (see the module docstring). For serialize_requests that is
+    all: each caller (a connection of the server, the remapper) is its own
+    handle. For serialize_all_requests and serialize_connections a lock is
+    held for the whole call, whoever calls; the server's own requests never
+    wait on it for one another (it serves them one at a time already)."""
 
-    def __init__(self, inner: Source):
-        super().__init__(inner)
-        self._lock = threading.Lock()
+    def __init__(self, next: Source, model: str):
+        super().__init__(next)
+        self.thread_model = model
+        self._lock = threading.Lock() if model != SERIALIZE_REQUESTS else nullcontext()
 
     def _locked(name):  # noqa: N805 - a helper building methods, not a method
         def call(self, *args, **kw):
             with self._lock:
-                return getattr(self.inner, name)(*args, **kw)
+                return getattr(self.next, name)(*args, **kw)
         call.__name__ = name
         return call
 
@@ -251,7 +267,7 @@ class Serialized(Layer):
     del _locked
 
     def view_for(self, offset, length):
-        return None  # a view would be read outside the lock
+        return None  # a view would be read outside the lock, and outside the server's turns
 
 
 REGISTRY = Registry()

@@ -40,11 +40,11 @@ class Snapshot(Layer):
     can_fast_zero = False  # type: ignore[assignment]
     can_extents = True  # type: ignore[assignment]
     can_multi_conn = True  # type: ignore[assignment]
-    blocking = property(lambda self: self.inner.blocking)  # type: ignore[assignment]
+    blocking = property(lambda self: self.next.blocking)  # type: ignore[assignment]
 
     @property
     def description(self):  # type: ignore[override]
-        return f"{self.inner.description} (snapshot: writes are discarded at exit)"
+        return f"{self.next.description} (snapshot: writes are discarded at exit)"
 
     def _runs(self, offset: int, length: int):
         """(start, end, dirty) runs of clusters covering the range."""
@@ -65,19 +65,19 @@ class Snapshot(Layer):
     def view_for(self, offset: int, length: int):
         first = offset // CLUSTER
         if self.dirty.find(1, first, (offset + length - 1) // CLUSTER + 1) < 0:
-            return self.inner.view_for(offset, length)
+            return self.next.view_for(offset, length)
         return None
 
     def pread(self, offset: int, length: int) -> bytes:
         first = offset // CLUSTER
         if self.dirty.find(1, first, (offset + length - 1) // CLUSTER + 1) < 0:
-            return self.inner.pread(offset, length)
+            return self.next.pread(offset, length)
         parts = []
         for s, e, d in self._runs(offset, length):
             if d:
                 parts.append(os.pread(self.overlay_fd, e - s, s))
             else:
-                parts.append(self.inner.pread(s, e - s))
+                parts.append(self.next.pread(s, e - s))
         return b"".join(parts)
 
     def _ensure(self, offset: int, length: int) -> None:
@@ -85,14 +85,14 @@ class Snapshot(Layer):
         for c in {offset // CLUSTER, (offset + length - 1) // CLUSTER}:
             if not self.dirty[c]:
                 s = c * CLUSTER
-                e = min(s + CLUSTER, self.inner.size)
+                e = min(s + CLUSTER, self.next.size)
                 if offset > s or offset + length < e:
-                    os.pwrite(self.overlay_fd, self.inner.pread(s, e - s), s)
+                    os.pwrite(self.overlay_fd, self.next.pread(s, e - s), s)
                 self.dirty[c] = 1
 
     def pwrite(self, offset: int, data, fua: bool = False) -> None:
         length = len(data)
-        if offset + length > self.inner.size:
+        if offset + length > self.next.size:
             raise SourceError(errno.ENOSPC, "write past the end of the disk")
         with self._lock:
             self._write(offset, data)
@@ -128,16 +128,16 @@ class Snapshot(Layer):
             fallocate,
         )
         end = offset + length
-        if end > self.inner.size:
+        if end > self.next.size:
             raise SourceError(errno.ENOSPC, "zero past the end of the disk")
         first_full = -(-offset // CLUSTER)
-        last_full = end // CLUSTER if end < self.inner.size else self.nclusters
+        last_full = end // CLUSTER if end < self.next.size else self.nclusters
         with self._lock:
             if first_full >= last_full:
                 self._write_zeroes(offset, end)
                 return
             hole_start = first_full * CLUSTER
-            hole_end = min(last_full * CLUSTER, self.inner.size)
+            hole_end = min(last_full * CLUSTER, self.next.size)
             self._write_zeroes(offset, hole_start)
             mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if may_trim
                     else FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
@@ -161,8 +161,8 @@ class Snapshot(Layer):
         for s, e, d in self._runs(offset, length):
             if d:
                 out.append((s, e - s, 0))
-            elif self.inner.can_extents:
-                out.extend(self.inner.extents(s, e - s))
+            elif self.next.can_extents:
+                out.extend(self.next.extents(s, e - s))
             else:
                 out.append((s, e - s, 0))
         return out
@@ -171,7 +171,7 @@ class Snapshot(Layer):
         if self.overlay_fd >= 0:
             os.close(self.overlay_fd)
             self.overlay_fd = -1
-        self.inner.close()
+        self.next.close()
 
 
 __all__ = ["Snapshot", "EXTENT_HOLE", "EXTENT_ZERO"]

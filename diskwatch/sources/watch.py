@@ -64,24 +64,24 @@ class Watch(Layer):
         return None  # every read is a call this layer sees
 
     def pread(self, offset, length):
-        return self._call(Command.READ, offset, length, self.inner.pread, offset, length)
+        return self._call(Command.READ, offset, length, self.next.pread, offset, length)
 
     def pwrite(self, offset, data, fua=False):
-        return self._call(Command.WRITE, offset, len(data), self.inner.pwrite, offset, data, fua)
+        return self._call(Command.WRITE, offset, len(data), self.next.pwrite, offset, data, fua)
 
     def flush(self):
-        return self._call(Command.FLUSH, 0, 0, self.inner.flush)
+        return self._call(Command.FLUSH, 0, 0, self.next.flush)
 
     def trim(self, offset, length, fua=False):
-        return self._call(Command.TRIM, offset, length, self.inner.trim, offset, length, fua)
+        return self._call(Command.TRIM, offset, length, self.next.trim, offset, length, fua)
 
     def zero(self, offset, length, may_trim=False, fua=False, fast=False):
-        return self._call(Command.WRITE_ZEROES, offset, length, self.inner.zero, offset, length,
+        return self._call(Command.WRITE_ZEROES, offset, length, self.next.zero, offset, length,
                           may_trim, fua, fast)
 
     def extents(self, offset, length):
-        return self._call(Command.BLOCK_STATUS, offset, length, self.inner.extents, offset,
+        return self._call(Command.BLOCK_STATUS, offset, length, self.next.extents, offset,
                           length)
 
     def cache(self, offset, length):
-        return self._call(Command.CACHE, offset, length, self.inner.cache, offset, length)
+        return self._call(Command.CACHE, offset, length, self.next.cache, offset, length)
