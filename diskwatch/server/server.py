@@ -12,6 +12,31 @@ Sources that may block (network, decompression) run in worker threads so
 other requests, and other connections, go on; their replies go out in
 whatever order they finish, as NBD allows.
 
+Thread models (``sources/base.py``): each export is served under the most
+serialised model of its stack, as nbdkit does, decided once when the
+server is made:
+
+- parallel: as described above, nothing taken or checked per request;
+- serialize_requests: a connection has at most one request in a worker
+  thread; the others wait, parsed, in its queue (``_Turns``), and
+  connections run side by side;
+- serialize_all_requests: one ``_Turns`` for the export: one request in a
+  worker at a time, whichever connection it comes from, connections taking
+  turns request by request;
+- serialize_connections: a connection that finishes its handshake while
+  another is served waits, not read from, until that one has gone
+  (nbdkit accepts it and serialises; its requests then take turns as
+  under serialize_all_requests).
+
+A request waiting its turn holds no worker (nbdkit's threads block on a
+lock; here the pool is shared by every export, so a waiting request stays
+in the loop's queue instead). Sources that do not block are served inline,
+on the loop's one thread, so their requests never overlap anyway; under a
+serialising model their big zero, trim and cache requests stay inline too,
+and a stack that serialises is never driven through an asynchronous
+engine (whose point is many requests in flight) nor read from a view
+outside its turn.
+
 Memory budget (a client never decides how much memory the server uses):
 
 - per connection, a receive buffer of RECV_BUFFER (HANDSHAKE_BUFFER until
@@ -54,7 +79,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..events import Bus, ConnectionEvent, make_request
-from ..sources.base import EXTENT_ZERO, FastZeroUnsupported, Source, stack
+from ..sources.base import (
+    EXTENT_ZERO,
+    PARALLEL,
+    SERIALIZE_ALL_REQUESTS,
+    SERIALIZE_CONNECTIONS,
+    FastZeroUnsupported,
+    Source,
+    stack,
+    stack_thread_model,
+)
 from ..sources.watch import Watch
 from . import protocol as P
 from .loop import EpollLoop
@@ -128,6 +162,10 @@ class _Conn:
         self.futures: dict = {}  # requests in worker threads: future -> handle
         self.export_name = ""
         self.events: list = []
+        #: the turns this connection's worker requests take (None: parallel)
+        self.turns: _Turns | None = None
+        self.in_turns = False  # in turns.ready, with requests in self.waiting
+        self.benched = False  # serialize_connections: waits for the export's connection
 
 
 class Server:
@@ -153,10 +191,18 @@ class Server:
         self._next_cid = 1
         self._pool: ThreadPoolExecutor | None = None
         self._workers = workers
+        # The thread model of each export's stack (see the module docstring).
+        self.thread_models = {name: stack_thread_model(s) for name, s in exports.items()}
+        self._export_turns = {name: _Turns() for name, m in self.thread_models.items()
+                              if m in (SERIALIZE_ALL_REQUESTS, SERIALIZE_CONNECTIONS)}
+        self._admissions = {name: _Admission() for name, m in self.thread_models.items()
+                            if m == SERIALIZE_CONNECTIONS}
         # Sources the loop drives asynchronously (an upstream NBD server, a
         # URL): one engine per source, asked for once here (a source may make
-        # a new one for each server) and attached with the loop.
-        self._export_aios = {name: s.aio for name, s in exports.items()}
+        # a new one for each server) and attached with the loop. A stack
+        # that serialises is called through its plain methods instead.
+        self._export_aios = {name: s.aio if self.thread_models[name] == PARALLEL else None
+                             for name, s in exports.items()}
         self._aios = {id(a): a for a in self._export_aios.values() if a is not None}
         self._async_ready: dict[int, _Conn] = {}  # connections with replies to send
         # Watch layers (sources/watch.py) in the stacks: what they saw is
@@ -350,6 +396,8 @@ class Server:
             self.buffer_bytes -= conn.extra
             conn.extra = 0
         self._wake_starved()
+        if conn.source is not None and conn.export_name in self._admissions:
+            self._admit_next(conn)
         if conn.events:
             self.bus.publish_requests(conn.events)
             conn.events = []
@@ -413,11 +461,12 @@ class Server:
         """TLS may hold decrypted input the loop cannot see (a full receive
         buffer stopped the read): read it as if the socket were readable."""
         if (conn.tls.buffered and conn.reading and not conn.paused and not conn.held
-                and not conn.closed):
+                and not conn.benched and not conn.closed):
             self.loop.call_soon_threadsafe(self._on_readable_if_open, conn)
 
     def _on_readable_if_open(self, conn: _Conn) -> None:
-        if not conn.closed and conn.reading and not conn.paused and not conn.held:
+        if (not conn.closed and conn.reading and not conn.paused and not conn.held
+                and not conn.benched):
             self._on_readable(conn)
 
     def _make_room(self, conn: _Conn) -> bool:
@@ -473,7 +522,8 @@ class Server:
 
     def _apply_reading(self, conn: _Conn) -> None:
         """Watch the socket for requests unless closing, paused or held."""
-        if conn.reading and not conn.paused and not conn.held and not conn.starved:
+        if (conn.reading and not conn.paused and not conn.held and not conn.starved
+                and not conn.benched):
             self.loop.add_reader(conn.fd, self._on_readable, conn)
             if conn.tls is not None:
                 self._read_tls_buffered(conn)
@@ -514,9 +564,10 @@ class Server:
             self._maybe_close(conn)
             return
         if proto.phase == P.TRANSMISSION:
-            conn.export_name = proto.export.name
-            conn.source = self.sources[proto.export.name]
-            conn.aio = self._export_aios[proto.export.name]
+            name = conn.export_name = proto.export.name
+            conn.source = self.sources[name]
+            conn.aio = self._export_aios[name]
+            self._take_model(conn)
             self.bus.publish(ConnectionEvent(conn.cid, True, conn.peer, conn.export_name))
             left = proto.take_leftover()
             conn.view.release()
@@ -526,10 +577,69 @@ class Server:
                 conn.buf[:len(left)] = left
                 conn.end = len(left)
             self._send(conn)
-            if conn.end:
+            if conn.end and not conn.benched:
                 self._transmission(conn)
             return
         self._send(conn)
+
+    # --- thread models ------------------------------------------------------
+
+    def _take_model(self, conn: _Conn) -> None:
+        """A connection enters transmission: its turns, and under
+        serialize_connections its place in the queue for the export."""
+        name = conn.export_name
+        model = self.thread_models[name]
+        if model == PARALLEL:
+            return
+        conn.turns = self._export_turns.get(name) or _Turns()
+        admission = self._admissions.get(name)
+        if admission is None:
+            return
+        if admission.serving is None:
+            admission.serving = conn
+        else:
+            # nbdkit accepts the second client and keeps it waiting: its
+            # handshake is done, its requests are not read until its turn.
+            conn.benched = True
+            admission.queue.append(conn)
+            self._apply_reading(conn)
+            log.info("connection %d: export %r serves one connection at a time "
+                     "(serialize_connections): waiting for connection %d to end",
+                     conn.cid, name, admission.serving.cid)
+
+    def _admit_next(self, conn: _Conn) -> None:
+        """A connection to a serialize_connections export has closed: the
+        next one waiting, if any, is served."""
+        admission = self._admissions[conn.export_name]
+        if admission.serving is not conn:
+            return  # one that waited and went
+        admission.serving = None
+        while admission.queue:
+            nxt = admission.queue.popleft()
+            if not nxt.closed:
+                admission.serving = nxt
+                nxt.benched = False
+                self.loop.call_soon_threadsafe(self._resume, nxt)
+                return
+
+    def _take_turns(self, turns: _Turns) -> None:
+        """Start the next waiting request of the connections sharing
+        ``turns``, unless one is running: one connection after another."""
+        ready = turns.ready
+        while not turns.busy and ready:
+            conn = ready.popleft()
+            if conn.closed or not conn.waiting:
+                conn.in_turns = False
+                continue
+            req, now = conn.waiting.popleft()
+            if conn.waiting:
+                ready.append(conn)
+            else:
+                conn.in_turns = False
+            turns.busy = True
+            cmd, length = req[0], req[4]
+            self._submit(conn, req, req[5], now,
+                         length if cmd <= P.CMD_WRITE and not req[6] else 0)
 
     def _start_tls(self, conn: _Conn) -> None:
         """STARTTLS was acknowledged: the ACK goes out in the clear, then the
@@ -638,7 +748,7 @@ class Server:
     def _resume(self, conn: _Conn) -> None:
         """Carry on with a connection that waited for the budget: what is
         in its buffer first, then reading."""
-        if conn.closed or conn.paused or conn.starved:
+        if conn.closed or conn.paused or conn.starved or conn.benched:
             return
         try:
             if conn.source is None:
@@ -667,7 +777,8 @@ class Server:
             if hs and conn.source is None and now - conn.born > hs:
                 why = f"handshake not finished in {hs:g}s"
             elif (idle and conn.source is not None and now - conn.active > idle
-                  and not conn.out and not conn.inflight and not conn.waiting):
+                  and not conn.out and not conn.inflight and not conn.waiting
+                  and not conn.benched):  # waiting for its turn is not its silence
                 why = f"idle for {idle:g}s"
             elif conn.closing and conn.out and now - conn.active > (hs or HANDSHAKE_TIMEOUT):
                 # After DISC or EOF, replies the client does not read would
@@ -733,10 +844,11 @@ class Server:
                     self._stop_reading(conn)
                     eappend(make_request((cid, ename, cmd, offset, length, flags, now, 0.0, 0)))
                     break
-                if length > INLINE_MAX and cmd in _OFFLOADED:
+                if length > INLINE_MAX and cmd in _OFFLOADED and conn.turns is None:
                     # A big zero, trim or cache may be thousands of writes (a
                     # block device with no fast zeroing): done in a worker so
-                    # the loop, and every other connection, go on.
+                    # the loop, and every other connection, go on. Not under
+                    # a serialising model: it would overlap what runs here.
                     conn.requests -= 1  # counted again by the blocking path
                     self._dispatch_blocking(conn, [req])
                     continue
@@ -816,13 +928,12 @@ class Server:
         return proto.reply_header(handle)
 
     def _dispatch_blocking(self, conn: _Conn, reqs: list) -> None:
-        """Run requests of a blocking source in worker threads."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="diskwatch-io")
-        loop = self.loop
+        """Run requests of a blocking source in worker threads (one at a
+        time, taking turns, under a serialising model)."""
         conn.requests += len(reqs)
         now = monotonic()
-        view_for = conn.source.view_for
+        turns = conn.turns
+        view_for = conn.source.view_for if turns is None else _no_view
         for req in reqs:
             cmd, flags, handle, offset, length, pstart, err = req
             if cmd == P.CMD_READ and not err:
@@ -839,13 +950,31 @@ class Server:
                                                  length, flags, now, 0.0, 0)))
                 break
             payload = bytes(conn.view[pstart:pstart + length]) if pstart >= 0 else None
-            conn.inflight += 1
             cost = length if cmd <= P.CMD_WRITE and not err else 0
             conn.executing += cost
-            fut = self._pool.submit(self._run_one, conn, req, payload, now)
-            conn.futures[fut] = (req[2], cost)
-            fut.add_done_callback(
-                lambda f, c=conn: loop.call_soon_threadsafe(self._finish_blocking, c, f))
+            if turns is None:
+                self._submit(conn, req, payload, now, cost)
+                continue
+            # Waits its turn, as an asynchronous source's requests wait (the
+            # payload in the place of its offset in the receive buffer).
+            conn.waiting.append(((cmd, flags, handle, offset, length, payload, err), now))
+            if not conn.in_turns:
+                conn.in_turns = True
+                turns.ready.append(conn)
+        if turns is not None:
+            self._take_turns(turns)
+
+    def _submit(self, conn: _Conn, req: tuple, payload, now: float, cost: int) -> None:
+        """Hand one request to a worker thread (``cost``, the bytes it
+        holds, is charged to conn.executing already)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="diskwatch-io")
+        conn.inflight += 1
+        fut = self._pool.submit(self._run_one, conn, req, payload, now)
+        conn.futures[fut] = (req[2], cost)
+        loop = self.loop
+        fut.add_done_callback(
+            lambda f, c=conn: loop.call_soon_threadsafe(self._finish_blocking, c, f))
 
     def _run_one(self, conn: _Conn, req: tuple, payload, now: float):
         """In a worker thread: carry out one request, return (replies, event)."""
@@ -876,6 +1005,11 @@ class Server:
         conn.inflight -= 1
         _handle, cost = conn.futures.pop(fut, (0, 0))
         conn.executing -= cost
+        turns = conn.turns
+        if turns is not None:
+            turns.busy = False
+            if not fut.cancelled():  # cancelled: the server is shutting down
+                self._take_turns(turns)
         if conn.closed or fut.cancelled():
             return
         try:
@@ -1064,7 +1198,7 @@ class Server:
     def _writable(self, conn: _Conn) -> None:
         conn.active = monotonic()  # the client reads: it is not idle
         self._send(conn)
-        if conn.waiting and not conn.closed:
+        if conn.waiting and conn.aio is not None and not conn.closed:
             self._issue_async(conn)
             self._send(conn)
         self._maybe_close(conn)
@@ -1107,6 +1241,36 @@ def _short_read(offset: int, length: int, data) -> OSError:
     """A source that returned fewer bytes than asked: an EIO for that read
     (sending them would put the reply stream out of step)."""
     return OSError(errno.EIO, f"source returned {len(data)} of {length} bytes at {offset}")
+
+
+def _no_view(offset: int, length: int) -> None:
+    """``view_for`` of a stack that serialises: every read is a call in turn."""
+    return None
+
+
+class _Turns:
+    """One request at a time in worker threads for the connections that
+    share it (one connection's own under serialize_requests, the export's
+    under serialize_all_requests and serialize_connections). ``ready``:
+    connections with requests waiting, each taking one turn and going to
+    the back. Used from the loop's thread only."""
+
+    __slots__ = ("busy", "ready")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.ready: deque[_Conn] = deque()
+
+
+class _Admission:
+    """serialize_connections: the connection served, and those waiting for
+    it to end (in the order they finished their handshakes)."""
+
+    __slots__ = ("serving", "queue")
+
+    def __init__(self) -> None:
+        self.serving: _Conn | None = None
+        self.queue: deque[_Conn] = deque()
 
 
 ASYNC_WINDOW = 64  # requests in flight per connection to an asynchronous source
