@@ -208,13 +208,15 @@ def _timeout(text: str) -> float:
     return v
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str, low: float = 0.0, high: float = 3600.0) -> float:
+    """Seconds in (low, high] (low 0) or [low, high]."""
     try:
         v = float(text)
     except ValueError:
         v = -1.0
-    if not 0 < v <= 3600:
-        raise argparse.ArgumentTypeError(f"expected seconds (0 < s <= 3600), not {text!r}")
+    if not (0 < v <= high if low == 0 else low <= v <= high):
+        span = f"0 < s <= {high:g}" if low == 0 else f"{low:g} to {high:g}"
+        raise argparse.ArgumentTypeError(f"expected seconds ({span}), not {text!r}")
     return v
 
 
@@ -239,13 +241,7 @@ def _mapper_memory(text: str) -> int:
 
 
 def _mapper_time(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 1 <= v <= 86400:
-        raise argparse.ArgumentTypeError(f"expected seconds (1 to 86400), not {text!r}")
-    return v
+    return _seconds(text, low=1.0, high=86400.0)
 
 
 def mapper_limits(args):

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from .events import JournalCarried, LateNamed, Request
+from .sink import SinkBase
 from .wire import WRITE_COMMANDS
 
 __all__ = ["LATE_KEPT", "LATE_SECONDS", "LateNamer"]
@@ -38,7 +39,7 @@ _WRITES = frozenset(int(c) for c in WRITE_COMMANDS)
 _NAMED = frozenset("fd")
 
 
-class LateNamer:
+class LateNamer(SinkBase):
     """See the module docstring. ``named_late``: write bytes named late, in all."""
 
     def __init__(self) -> None:
@@ -109,11 +110,3 @@ class LateNamer:
         kept.extend(still)
         return JournalCarried(tuple(carried)) if carried else None
 
-    def on_event(self, event: object) -> None:
-        pass
-
-    def tick(self, now: float) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -123,6 +123,12 @@ class RemapResult:
     #: the mapper cannot run at all (pytsk3 missing): trying again is no use
     fatal: bool = False
 
+    @property
+    def unchanged(self) -> bool:
+        """A map was made and it names everything as the old one did."""
+        return (self.blockmap is not None and not self.added and not self.removed
+                and not self.changed)
+
     def line(self) -> str:
         """The one line a remap is announced with."""
         if self.blockmap is None:
@@ -212,7 +218,8 @@ class Remapper:
         self.unnamed = 0  # unnamed write bytes since the last remap started
         self.structure = 0  # structure write bytes since the last remap started
         self._first_change = self._last_change = 0.0  # of those writes (clock)
-        self.remaps = 0  # remaps swapped in
+        self.remaps = 0  # remaps that changed the map
+        self.quiet = 0  # automatic remaps that found the map unchanged (not said)
         self.last: RemapResult | None = None
         self.said: deque[str] = deque(maxlen=20)  # the last remaps' lines
         self._thread: threading.Thread | None = None
@@ -291,9 +298,15 @@ class Remapper:
         if done is not None:
             self.last = done
             if done.blockmap is not None and not self._closing:
-                self.swap(done)
-                self.remaps += 1
+                self.swap(done)  # unchanged too: what the journal carried is news
+                self.remaps += 0 if done.unchanged else 1
                 self._retry_if_still_unnamed(done.blockmap)
+            if done.unchanged and done.why == "auto" and not done.warnings:
+                # A guest's journal commits every few seconds: an automatic
+                # remap that found nothing new is counted, not said.
+                self.quiet += 1
+                done = None
+        if done is not None:
             line = done.line()
             if done.fatal and self.mode == "auto" and not self._closing:
                 # A mapper that cannot run (pytsk3 missing) would fail again

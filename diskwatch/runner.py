@@ -622,9 +622,7 @@ class Runner:
                 session.bus.publish(Message(text, level=level))
         self.remapper = session.remapper = session.pump.add(Remapper(
             source, current=lambda: session.blockmap,
-            swap=lambda result: self.swap_map(session, result.blockmap, remapped=True,
-                                              why=f"remap ({result.why})",
-                                              journal_map=result.journal_map),
+            swap=lambda result: self.take_remap(session, result),
             say=say, mode=cfg.remap, bus=None if cfg.headless else session.bus,
             threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits))
 
@@ -672,6 +670,16 @@ class Runner:
                 self.swap_map(session, blockmap, path=path)
                 what = ", ".join(filter(None, (what, f"reloaded the block map {path}")))
         notice(f"SIGHUP: {what or 'nothing to reload'}", DISKWATCH_EVENT="reload")
+
+    def take_remap(self, session: Session, result) -> None:
+        """A live remap's result: swapped in, unless it names everything as
+        the map in use does (then it is not swapped, nor kept in the
+        recording, and only what the journal's writes carried is handed on)."""
+        if result.unchanged:
+            session.carry_journal(result.journal_map)
+            return
+        self.swap_map(session, result.blockmap, remapped=True, why=f"remap ({result.why})",
+                      journal_map=result.journal_map)
 
     def swap_map(self, session: Session, blockmap, *, path: str | None = None,
                  remapped: bool = False, why: str = "", journal_map=None) -> None:

@@ -22,47 +22,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from .events import Bus, Dropped, Request, RequestBuffer
 from .late import LateNamer
-
-#: a piece of a request: (start, end, object or None), as BlockMap.lookup gives it
-Piece = tuple[int, int, Any]
-#: per request of a batch, its pieces (None: no length, or no map)
-Pieces = Sequence[list[Piece] | None]
+from .sink import Piece, Pieces, Sink, SinkBase  # noqa: F401 - the pump's vocabulary
 
 _OFFSET, _LENGTH = itemgetter(3), itemgetter(4)
-
-
-@runtime_checkable
-class Sink(Protocol):
-    """Something that consumes the request stream, in the pump's thread.
-
-    ``feed(batch, pieces)``: requests in the order the server published them;
-    ``pieces`` is None when there is no block map, else a list parallel to
-    ``batch`` of ``BlockMap.lookup`` results (None for requests without a
-    length). The lookup is done once, by the pump, for every sink.
-    ``on_event(event)``: a ``ConnectionEvent``, ``Message``, ``Progress`` or
-    ``Dropped`` (requests the pump's buffer could not hold), before the
-    requests drained in the same round.
-    ``tick(now)``: after every round, even an empty one (``now`` on the
-    clock of ``Request.start``; ``float('inf')`` on the last round): a sink
-    that holds text back writes it out when things go quiet.
-    ``close()``: once, after the last round: write out and flush.
-
-    A sink must not block: it runs in the thread that also drains the
-    buffer. Sinks that need every request whatever the pump does (the
-    recorder) subscribe to the bus themselves, and are still closed here.
-    """
-
-    def feed(self, batch: Sequence[Request], pieces: Pieces | None) -> None: ...
-
-    def on_event(self, event: object) -> None: ...
-
-    def tick(self, now: float) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class LiveFeed:
@@ -231,6 +197,11 @@ class Session:
         named = self.late.name(blockmap, why)
         if named is not None:
             self.pump.deliver(named)
+        self.carry_journal(journal_map)
+
+    def carry_journal(self, journal_map: Any) -> None:
+        """The journal writes ``journal_map`` (a remap's) attributes, handed
+        to every sink; also when the remap left the block map as it was."""
         carried = self.late.carried(journal_map)
         if carried is not None:
             self.pump.deliver(carried)

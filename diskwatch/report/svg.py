@@ -38,6 +38,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from ..errors import DiskwatchError
 from ..events import Request
+from ..sink import SinkBase
 from ..text import safe_text
 from ..units import format_bytes
 from ..wire import CMD_READ, WRITE_COMMANDS
@@ -51,7 +52,7 @@ SHADES = (0.35, 0.55, 0.78, 1.0)  # opacity by how many requests a cell holds (l
 _START, _OFFSET, _LENGTH = itemgetter(6), itemgetter(3), itemgetter(4)
 
 
-class PictureBins:
+class PictureBins(SinkBase):
     """Requests counted per (time column, offset row), bounded in memory.
 
     Columns start ``width`` seconds wide; when a request falls beyond the
@@ -152,14 +153,6 @@ class PictureBins:
     def feed(self, batch: Sequence[Request], pieces: Any = None) -> None:
         self.add_requests(batch)
 
-    def on_event(self, event: object) -> None:
-        pass
-
-    def tick(self, now: float) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def _halve(self) -> None:
         half = self.cols // 2
