@@ -6,7 +6,7 @@ File format (version 1). All integers little-endian.
     file   := MAGIC frame*
     MAGIC  := b"DWREC01\\n"                                  (8 bytes)
     frame  := kind:4s  length:u32  crc32:u32  payload[length]
-    kind   := b"HEAD" | b"META" | b"REQS" | b"EVTS" | b"BMAP"
+    kind   := b"HEAD" | b"META" | b"REQS" | b"EVTS" | b"BMAP" | b"JMAP"
 
 - ``HEAD`` (the first frame, exactly one): UTF-8 JSON, uncompressed (``head -c
   400 FILE`` shows it): ``format`` (1), ``diskwatch`` (its version),
@@ -22,6 +22,11 @@ File format (version 1). All integers little-endian.
   end ``ended_wall``, ``requests`` and ``dropped`` (requests the recorder
   could not hold). A file without the closing META was cut short (a crash,
   kill -9).
+- ``JMAP``: a journal map a live remap made (``late.py``: which file or
+  directory each journal block carried metadata of), in a BMAP frame's
+  form (``why`` "journal"); from its ``at`` on, a replay gives the journal
+  writes it kept to their owners, as the live session did there. Readers
+  older than it skip it.
 - ``BMAP``: a block map the live session swapped in (a live remap, or the
   ``--bmap`` file read again on SIGHUP), kept whole because the session's
   names changed with it: zstd-compressed (one zstd frame) text in the block
@@ -414,6 +419,16 @@ class Recorder:
         self._current_map = item
         self._maps.append(item)
 
+    def add_journal_map(self, journal_map: Any) -> None:
+        """A remap's journal map (which file each journal block carried,
+        ``late.py``), handed to the sinks now: a JMAP frame at the next
+        request, so a replay attributes the journal's writes as live did."""
+        with self._pending_lock:
+            if self.error is not None:
+                return
+            at = self._accepted
+        self._maps.append((at, time.monotonic(), journal_map, {"why": "journal"}, b"JMAP"))
+
     def set_meta(self, **fields: Any) -> None:
         """Header fields learned later (e.g. ``bmap=map_identity(path)``):
         written with the next flush as a META frame."""
@@ -474,7 +489,8 @@ class Recorder:
                 raise
         self.requests += len(batch)
 
-    def _map_frame(self, accepted: int, t: float, blockmap: Any, fields: dict) -> bytes:
+    def _map_frame(self, accepted: int, t: float, blockmap: Any, fields: dict,
+                   kind: bytes = b"BMAP") -> bytes:
         skipped = [0]
         fields = {"at": accepted - self._file_start, "time": t, **fields,
                   "entries": len(blockmap)}
@@ -483,8 +499,9 @@ class Recorder:
             self._bus.publish(Message(
                 f"recording: {skipped[0]} entries of the block map swapped in could not be "
                 "kept (names the map format cannot carry)", level="warning"))
-        self.maps += 1
-        return _frame(b"BMAP", payload)
+        if kind == b"BMAP":
+            self.maps += 1
+        return _frame(kind, payload)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -650,6 +667,9 @@ class Recording:
         #: the maps the live session swapped in, by request (BMAP frames)
         self.maps = sorted((self._map_head(f) for f in self._frames if f[0] == b"BMAP"),
                            key=lambda m: m.at)
+        #: the journal maps its remaps made, by request (JMAP frames: late.py)
+        self.journal_maps = sorted(
+            (self._map_head(f) for f in self._frames if f[0] == b"JMAP"), key=lambda m: m.at)
 
     def _index(self, f) -> None:
         size = os.fstat(f.fileno()).st_size

@@ -61,13 +61,19 @@ class Player:
     def __init__(self, recording: Recording, *, speed: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
                  maps: MapSchedule | None = None,
-                 on_map: Callable[[Any], None] = lambda blockmap: None) -> None:
+                 on_map: Callable[[Any], None] = lambda blockmap: None,
+                 on_journal: Callable[[Any], None] = lambda journal_map: None) -> None:
         self.recording = recording
         #: which map names which request (None: no map); ``on_map`` is told
         #: when the map in effect changes (the session's, for the views)
         self.maps = maps
         self.blockmap = maps.first if maps is not None else None
         self.on_map = on_map
+        #: journal maps (JMAP frames), handed to ``on_journal`` at their request
+        self.journal_maps = list(recording.journal_maps) if maps is not None else []
+        self.journal_at = [m.at for m in self.journal_maps]
+        self.on_journal = on_journal
+        self._jnext = 0  # the next journal map to hand on
         self.columns = cols = recording.columns()
         self.times = array("d", map(sub, cols.start, repeat(cols.t0)))
         # requests keep the order sinks saw them in, which is not strictly by
@@ -136,7 +142,7 @@ class Player:
         """Move the clock to ``t``; True if it went back (start counting over)."""
         back = t < self.delivered
         if back:
-            self._cursor = self._ecursor = 0
+            self._cursor = self._ecursor = self._jnext = 0
             self.delivered = 0.0
             self.generation += 1
         self._rebase(t)
@@ -170,13 +176,15 @@ class Player:
         events = [e for _, e in self.events[self._ecursor:ev_end]]
         self._ecursor = ev_end
         end = min(bisect_right(self.reach, now, self._cursor), self._cursor + MAX_BATCH)
-        if self.maps is not None and self.maps.at:
-            # A batch never spans a map swap: the swap (and what it names
-            # late) comes between the same two requests as live.
-            k = bisect_right(self.maps.at, self._cursor)
-            if k < len(self.maps.at):
-                end = min(end, max(self.maps.at[k], self._cursor))
+        for at in (self.maps.at if self.maps is not None else (), self.journal_at):
+            # A batch never spans a map swap or a journal map: the swap (and
+            # what it names late) comes between the same two requests as live.
+            k = bisect_right(at, self._cursor)
+            if k < len(at):
+                end = min(end, max(at[k], self._cursor))
         batch = self.columns.requests(self._cursor, end)
+        if not batch and end >= len(self.times):
+            self._journals_until(end)  # made after the last request
         self._taken, self._cursor = self._cursor, end
         self.delivered = max(self.delivered, now)
         return events, batch, 0
@@ -197,7 +205,14 @@ class Player:
         if blockmap is not self.blockmap:
             self.blockmap = blockmap
             self.on_map(blockmap)
+        self._journals_until(first)
         return pieces
+
+    def _journals_until(self, at: int) -> None:
+        """Journal maps recorded at requests up to ``at``, not yet handed on."""
+        while self._jnext < len(self.journal_at) and self.journal_at[self._jnext] <= at:
+            self.on_journal(self.recording.load_map(self.journal_maps[self._jnext]))
+            self._jnext += 1
 
     def close(self) -> None:
         pass
@@ -250,6 +265,7 @@ def replay_session(recording: Recording, maps: MapSchedule | None, *, speed: flo
     pump = session.pump
     pump.blockmap = lambda: session.blockmap
     player.on_map = session.swap_map  # as a live remap swaps it
+    player.on_journal = session.carry_journal
     return session
 
 

@@ -677,9 +677,11 @@ class Runner:
         recording, and only what the journal's writes carried is handed on)."""
         if result.unchanged:
             session.carry_journal(result.journal_map)
-            return
-        self.swap_map(session, result.blockmap, remapped=True, why=f"remap ({result.why})",
-                      journal_map=result.journal_map)
+        else:
+            self.swap_map(session, result.blockmap, remapped=True, why=f"remap ({result.why})",
+                          journal_map=result.journal_map)
+        if self.recorder is not None and result.journal_map is not None:
+            self.recorder.add_journal_map(result.journal_map)
 
     def swap_map(self, session: Session, blockmap, *, path: str | None = None,
                  remapped: bool = False, why: str = "", journal_map=None) -> None:
