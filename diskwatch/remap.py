@@ -265,6 +265,10 @@ class Remapper:
                        cancelled=lambda: self._closing, limits=self.limits)
         if self.bus is not None:
             summary = result.line()
+            if self._quiet(result) and self.said:
+                # the block-map panel keeps saying what the last remap that
+                # changed something found
+                summary = self.said[-1]
             self.bus.publish(Progress("done", "", len(result.added), len(result.added), 0.0,
                                       result.elapsed, summary))
         ended = self.clock()
@@ -306,7 +310,7 @@ class Remapper:
                 self.swap(done)  # unchanged too: what the journal carried is news
                 self.remaps += 0 if done.unchanged else 1
                 self._retry_if_still_unnamed(done.blockmap)
-            if done.unchanged and done.why == "auto" and not done.warnings:
+            if self._quiet(done):
                 # A guest's journal commits every few seconds: an automatic
                 # remap that found nothing new is counted, not said.
                 self.quiet += 1
@@ -328,6 +332,11 @@ class Remapper:
                                       or clock - self._first_change >= REMAP_MAX_WAIT)
         if (self.unnamed >= self.threshold or settled) and clock >= self._next_auto:
             self.request("auto")
+
+    @staticmethod
+    def _quiet(result: RemapResult) -> bool:
+        """An automatic remap that found nothing new: counted, not said."""
+        return result.unchanged and result.why == "auto" and not result.warnings
 
     def _retry_if_still_unnamed(self, blockmap) -> None:
         """The writes that led to this remap, still unnamed by its map (a
