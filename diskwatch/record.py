@@ -808,9 +808,13 @@ class MapSchedule:
     after another (a replay seeking back)."""
 
     def __init__(self, first: Any, recorded: Sequence[RecordedMap] = (),
-                 load: Callable[[RecordedMap], Any] | None = None) -> None:
+                 load: Callable[[RecordedMap], Any] | None = None,
+                 journal: Sequence[RecordedMap] = ()) -> None:
         self.first = first
         self.recorded = list(recorded)
+        #: the journal maps (JMAP frames) that go with the recorded maps:
+        #: none when a --bmap names every request instead
+        self.journal = list(journal)
         self.at = [m.at for m in self.recorded]
         self._load = load
         self._cached: tuple[int, Any] = (-1, first)
@@ -847,6 +851,7 @@ def maps_for(recording: Recording, given: str | None, first: Any,
     None when nothing names anything. ``say`` gets one line."""
     from .bmap.index import BlockMap
     recorded = recording.maps
+    journal = [] if given else recording.journal_maps
     if recorded:
         n = len(recorded)
         maps, verb = (f"{n} block maps", "are") if n > 1 else ("block map", "is")
@@ -860,4 +865,5 @@ def maps_for(recording: Recording, given: str | None, first: Any,
                 f"its requests from {recorded[0].t:.3f} s on, as live")
     if first is None and not recorded:
         return None
-    return MapSchedule(BlockMap([]) if first is None else first, recorded, recording.load_map)
+    return MapSchedule(BlockMap([]) if first is None else first, recorded, recording.load_map,
+                       journal)

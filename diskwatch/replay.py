@@ -70,7 +70,7 @@ class Player:
         self.blockmap = maps.first if maps is not None else None
         self.on_map = on_map
         #: journal maps (JMAP frames), handed to ``on_journal`` at their request
-        self.journal_maps = list(recording.journal_maps) if maps is not None else []
+        self.journal_maps = list(maps.journal) if maps is not None else []
         self.journal_at = [m.at for m in self.journal_maps]
         self.on_journal = on_journal
         self._jnext = 0  # the next journal map to hand on

@@ -358,6 +358,9 @@ def test_the_remapped_churn_boot_replays_and_reports_as_it_was_live(churn_guest_
     (log,) = [o for o in doc["objects"] if o["name"] == f"f /dev/sda1 {created}"]
     counts = churn_boot["counts"][f"f /dev/sda1 {created}"]  # what the live view counted
     assert log["writes"] >= counts.writes > 0 and log["write_bytes"] >= counts.write_bytes
+    # the journal writes that carried its metadata: the live view and the
+    # report (from the recording's JMAP frames) give it the same bytes
+    assert rec.journal_maps and log["journal_bytes"] == counts.journal_bytes > 0
     assert [m["t"] for m in doc["maps"]] == [m.t for m in rec.maps]
     first_only = json.loads(_report(str(churn_boot["recording"]), "--json",
                                     "--bmap", str(churn_map)).stdout)

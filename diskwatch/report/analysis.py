@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,8 @@ class ObjectTraffic(Traffic):
     last_write_t: float = -math.inf
     last_write_flushes: int = -1  # flushes seen before its last write
     bursts: array = field(default_factory=lambda: array("d"))
+    #: bytes of journal writes that carried its metadata (the recording's JMAP frames)
+    journal_bytes: int = 0
 
 
 def is_fs_structure(obj: Any) -> bool:
@@ -256,12 +259,23 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     # owner learned later in the session wins), as the live views do.
     last = maps.last() if maps is not None and maps.recorded else None
     late = last.lookup if last is not None else None
+    # Journal writes go to the files whose metadata they carried, as the live
+    # session gave them: each JMAP frame (a remap's journal map) attributes
+    # the journal writes kept since the one before.
+    recorded = getattr(recording, "recorded", None)
+    jmaps = list(maps.journal) if maps is not None and recorded is not None else []
+    jat = [m.at for m in jmaps]
+    jnext = 0
+    journal_writes: deque[tuple[float, int, int]] = deque(maxlen=JOURNAL_KEPT)
     end = 0.0
     flushes = 0
     flush = CMD_FLUSH
     k = 0  # the next map to switch to, at request switch_at[k]
     next_switch = switch_at[0] if switch_at else -1
     for i, r in enumerate(recording.requests):
+        while jnext < len(jat) and jat[jnext] <= i:
+            _carry(journal_writes, recorded.load_map(jmaps[jnext]), objects)
+            jnext += 1
         if i == next_switch:  # the live session swapped maps before this request
             while k < len(switch_at) and switch_at[k] <= i:
                 k += 1  # (several at one request: the last one named it)
@@ -316,6 +330,8 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
             if ot is None:
                 ot = objects[obj] = ObjectTraffic(first_t=t, first_op="read" if is_read
                                                   else "write")
+            if jmaps and not is_read and obj.path == "/$Journal":
+                journal_writes.append((t, start, stop))
             if is_read:
                 ot.reads += 1
                 ot.read_bytes += n
@@ -329,10 +345,36 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
                 ot.last_write_t = t
                 ot.last_write_flushes = flushes
         _latency(latencies, TYPE_NAMES[best_type], name, r.duration)
+    while jnext < len(jat):  # made after the last request
+        _carry(journal_writes, recorded.load_map(jmaps[jnext]), objects)
+        jnext += 1
     a.duration = end
     a.by_command = {k: v for k, v in by_command.items() if v[0]}
     a.dirs = _subtrees(objects)
     return a
+
+
+#: journal write pieces kept for the next journal map, at most (as live: late.py)
+JOURNAL_KEPT = 8192
+
+
+def _carry(kept: deque, journal_map: Any, objects: dict) -> None:
+    """The kept journal writes ``journal_map`` covers, to their owners."""
+    lookup = journal_map.lookup
+    still = []
+    for t, start, stop in kept:
+        covered = False
+        for s, e, owner in lookup(start, stop - start):
+            if owner is not None:
+                ot = objects.get(owner)
+                if ot is None:
+                    ot = objects[owner] = ObjectTraffic(first_t=t, first_op="write")
+                ot.journal_bytes += e - s
+                covered = True
+        if not covered:
+            still.append((t, start, stop))
+    kept.clear()
+    kept.extend(still)
 
 
 def _name_late(pieces: list, late, a: Analysis) -> list:

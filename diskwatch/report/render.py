@@ -28,7 +28,8 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
     TRAFFIC = {"reads": int, "read_bytes": int, "writes": int, "write_bytes": int}
     OBJECT  = TRAFFIC + {"name": str, "type": "f"|"d", "device": str, "path": str,
                          "fs_structure": bool,   # /$Journal, /$MFT, PATH:$extents
-                         "first_t": float, "first_op": str, "first_read_t": float|null}
+                         "first_t": float, "first_op": str, "first_read_t": float|null,
+                         "journal_bytes": int}   # journal writes that carried its metadata
     SUBTREE = TRAFFIC + {"device": str, "path": str}
     CHURN   = {"name": str, "type": str, "fs_structure": bool,   # /$Journal, /$MFT, PATH:$extents
                "bursts": int, "writes": int, "write_bytes": int,
@@ -215,7 +216,8 @@ def report_json(a: Analysis) -> dict[str, Any]:
                          key=lambda ot: (-ot[1].bytes, str(ot[0]))):
         objects.append({"name": str(obj), "type": obj.type, "device": obj.device,
                         "path": obj.path, "fs_structure": is_fs_structure(obj), **t.as_dict(), "first_t": t.first_t,
-                        "first_op": t.first_op, "first_read_t": t.first_read_t})
+                        "first_op": t.first_op, "first_read_t": t.first_read_t,
+                        "journal_bytes": t.journal_bytes})
     dirs = [{"device": dev, "path": path, **t.as_dict()}
             for (dev, path), t in sorted(a.dirs.items(), key=lambda kv: (-kv[1].bytes, kv[0]))]
     return {
