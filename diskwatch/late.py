@@ -16,8 +16,10 @@ request stream: before the first request the new map names.
 
 Writes to an ext3/4 journal are kept the same way, and given to the files
 and directories whose metadata they carried when a remap's journal map
-says so (``JournalCarried``: the mapper read the log, ``bmap/jbd2.py``). A
-recording does not keep journal maps yet: a replay does not attribute them.
+says so (``JournalCarried``: the mapper read the log, ``bmap/jbd2.py``).
+A recording keeps the journal maps (JMAP frames), so a replay and the
+report (``report/analysis.py``, with a LateNamer of its own) attribute them
+where the live session did.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from .events import JournalCarried, LateNamed, Request
 from .sink import SinkBase
 from .wire import WRITE_COMMANDS
 
-__all__ = ["LATE_KEPT", "LATE_SECONDS", "LateNamer"]
+__all__ = ["JOURNAL", "LATE_KEPT", "LATE_SECONDS", "LateNamer"]
+
+#: the object an ext3/4 journal's writes are named by (bmap/metadata.py)
+JOURNAL = "/$Journal"
 
 #: unnamed write pieces kept to be named late, at most, and for how long
 LATE_KEPT = 8192
 LATE_SECONDS = 300.0
 
-_WRITES = frozenset(int(c) for c in WRITE_COMMANDS)
 _NAMED = frozenset("fd")
 
 
@@ -48,19 +52,23 @@ class LateNamer(SinkBase):
         self._kept: deque[tuple] = deque(maxlen=LATE_KEPT)
         #: (start, command, first byte, end) of writes to a journal
         self._journal: deque[tuple] = deque(maxlen=LATE_KEPT)
-        self.journal_carried = 0  # journal write bytes given to their owners, in all
 
     def feed(self, batch: Sequence[Request], pieces) -> None:
         if pieces is None:
             return
         kept = self._kept
         for req, ps in zip(batch, pieces, strict=True):
-            if req[2] in _WRITES and ps:
+            if req[2] in WRITE_COMMANDS and ps:
                 for start, end, obj in ps:
                     if obj is None or obj.type not in _NAMED:
                         kept.append((req[6], req[2], start, end, obj))
-                    elif obj.path == "/$Journal":
+                    elif obj.path == JOURNAL:
                         self._journal.append((req[6], req[2], start, end))
+
+    def keep_journal_write(self, t: float, command: int, start: int, end: int) -> None:
+        """A write to a journal, for the next ``carried`` (the report's
+        pass over a recording, which has no batches)."""
+        self._journal.append((t, command, start, end))
 
     def name(self, blockmap, why: str = "") -> LateNamed | None:
         """The kept unnamed writes ``blockmap`` names, as one event (None if
@@ -102,7 +110,6 @@ class LateNamer(SinkBase):
             for s, e, owner in lookup(start, end - start):
                 if owner is not None:
                     carried.append((t, cmd, s, e, owner))
-                    self.journal_carried += e - s
                     covered = True
             if not covered:
                 still.append((t, cmd, start, end))

@@ -104,7 +104,6 @@ REMAP_RETRIES = 3
 #: unnamed write ranges kept per remap window
 RANGES_KEPT = 4096
 
-_WRITES = frozenset(int(c) for c in WRITE_COMMANDS)
 _NAMED = frozenset("fd")  # the types a write is named by
 #: new names said in the one line, at most
 _SAY_NAMES = 3
@@ -283,7 +282,7 @@ class Remapper:
         unnamed = structure = 0
         ranges = self._ranges
         for req, ps in zip(batch, pieces, strict=True):
-            if req[2] in _WRITES and ps:
+            if req[2] in WRITE_COMMANDS and ps:
                 for start, end, obj in ps:
                     if obj is None or obj.type not in _NAMED:
                         unnamed += end - start

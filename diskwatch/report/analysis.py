@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..bmap.format import TYPE_RANK, is_structure_path
+from ..late import JOURNAL, LateNamer
 from ..wire import CMD_FLUSH, CMD_READ, COMMAND_NAMES, WRITE_COMMANDS
 from .recording import Recording
 
@@ -266,7 +266,7 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     jmaps = list(maps.journal) if maps is not None and recorded is not None else []
     jat = [m.at for m in jmaps]
     jnext = 0
-    journal_writes: deque[tuple[float, int, int]] = deque(maxlen=JOURNAL_KEPT)
+    journal = LateNamer()  # as the live session kept the journal's writes
     end = 0.0
     flushes = 0
     flush = CMD_FLUSH
@@ -274,7 +274,7 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     next_switch = switch_at[0] if switch_at else -1
     for i, r in enumerate(recording.requests):
         while jnext < len(jat) and jat[jnext] <= i:
-            _carry(journal_writes, recorded.load_map(jmaps[jnext]), objects)
+            _carry(journal, recorded.load_map(jmaps[jnext]), objects)
             jnext += 1
         if i == next_switch:  # the live session swapped maps before this request
             while k < len(switch_at) and switch_at[k] <= i:
@@ -330,8 +330,8 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
             if ot is None:
                 ot = objects[obj] = ObjectTraffic(first_t=t, first_op="read" if is_read
                                                   else "write")
-            if jmaps and not is_read and obj.path == "/$Journal":
-                journal_writes.append((t, start, stop))
+            if jmaps and not is_read and obj.path == JOURNAL:
+                journal.keep_journal_write(t, cmd, start, stop)
             if is_read:
                 ot.reads += 1
                 ot.read_bytes += n
@@ -346,7 +346,7 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
                 ot.last_write_flushes = flushes
         _latency(latencies, TYPE_NAMES[best_type], name, r.duration)
     while jnext < len(jat):  # made after the last request
-        _carry(journal_writes, recorded.load_map(jmaps[jnext]), objects)
+        _carry(journal, recorded.load_map(jmaps[jnext]), objects)
         jnext += 1
     a.duration = end
     a.by_command = {k: v for k, v in by_command.items() if v[0]}
@@ -354,27 +354,14 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     return a
 
 
-#: journal write pieces kept for the next journal map, at most (as live: late.py)
-JOURNAL_KEPT = 8192
-
-
-def _carry(kept: deque, journal_map: Any, objects: dict) -> None:
-    """The kept journal writes ``journal_map`` covers, to their owners."""
-    lookup = journal_map.lookup
-    still = []
-    for t, start, stop in kept:
-        covered = False
-        for s, e, owner in lookup(start, stop - start):
-            if owner is not None:
-                ot = objects.get(owner)
-                if ot is None:
-                    ot = objects[owner] = ObjectTraffic(first_t=t, first_op="write")
-                ot.journal_bytes += e - s
-                covered = True
-        if not covered:
-            still.append((t, start, stop))
-    kept.clear()
-    kept.extend(still)
+def _carry(journal: LateNamer, journal_map: Any, objects: dict) -> None:
+    """The journal writes kept since the last journal map, to their owners."""
+    carried = journal.carried(journal_map)
+    for t, _cmd, start, end, owner in carried.writes if carried is not None else ():
+        ot = objects.get(owner)
+        if ot is None:
+            ot = objects[owner] = ObjectTraffic(first_t=t, first_op="write")
+        ot.journal_bytes += end - start
 
 
 def _name_late(pieces: list, late, a: Analysis) -> list:
