@@ -168,6 +168,13 @@ class _Conn:
         self.benched = False  # serialize_connections: waits for the export's connection
 
 
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return True  # nothing there now: the error is not about its kind
+
 class Server:
     """Serves one or more exports (name -> Source) to NBD clients."""
 
@@ -228,8 +235,37 @@ class Server:
     # --- listening ---------------------------------------------------------
 
     def listen_unix(self, path: str) -> None:
+        """The socket appears at ``path`` already listening: it is bound
+        under a temporary name beside it and linked into place (link(2)
+        refuses an existing name, as bind does), so a client that waits for
+        the path to exist is never refused."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listen(sock, path, path)
+        head, tail = os.path.split(path)
+        temp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
+        if len(os.fsencode(temp)) >= 108:  # sun_path: bind the name itself
+            self._listen(sock, path, path)
+            return
+        try:
+            os.unlink(temp)  # left by a killed process of our pid
+        except OSError:
+            pass
+        self._listen(sock, temp, path)
+        try:
+            os.link(temp, path)
+        except OSError as e:
+            self._listeners.remove(sock)
+            if self.loop is not None:
+                self.loop.remove_reader(sock.fileno())
+            sock.close()
+            code = errno.EADDRINUSE if e.errno == errno.EEXIST else e.errno
+            why = ("something that is not a socket is there (give a new path)"
+                   if code == errno.EADDRINUSE and not _is_socket(path) else os.strerror(code))
+            raise OSError(code, f"cannot listen on {path}: {why}") from None
+        finally:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
 
     def listen_tcp(self, host: str, port: int) -> int:
         try:
@@ -251,8 +287,7 @@ class Server:
             unix = sock.family == socket.AF_UNIX
             sock.close()
             why = e.strerror
-            if (e.errno == errno.EADDRINUSE and unix
-                    and os.path.exists(addr) and not stat.S_ISSOCK(os.stat(addr).st_mode)):
+            if e.errno == errno.EADDRINUSE and unix and not _is_socket(addr):
                 why = "something that is not a socket is there (give a new path)"
             raise OSError(e.errno, f"cannot listen on {label}: {why}") from None
         if sock.family == socket.AF_UNIX:

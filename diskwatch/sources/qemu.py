@@ -141,6 +141,8 @@ class QemuDaemon:
         self.stopping = False
         self.serving = False  # set once connected: a death after that is news
         self.exit_status: int | None = None
+        self._death_told = False
+        self._death_lock = threading.Lock()
         #: called (from a helper thread) once the daemon has exited
         self.on_exit: Callable[[], None] = lambda: None
         node = {"driver": fmt, "node-name": "disk", "read-only": readonly,
@@ -196,10 +198,34 @@ class QemuDaemon:
         self.exit_status = status
         self.on_exit()
         if self.serving and not self.stopping:
-            log.error("%s", self.died_message())
+            self._tell_death()
+
+    def _tell_death(self) -> None:
+        """The one error line of a death we did not cause (from the reader
+        thread, or from stop() when the death came just before it)."""
+        with self._death_lock:
+            if self._death_told:
+                return
+            self._death_told = True
+        log.error("%s", self.died_message())
+
+    def _status(self) -> int | None:
+        """Its exit status as Popen spells it (-N for signal N), None while
+        it runs; read without reaping (see alive)."""
+        if self.proc.returncode is not None:
+            return self.proc.returncode
+        try:
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return self.proc.returncode
+        if info is None:
+            return None
+        if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+            return -info.si_status
+        return info.si_status
 
     def died_message(self) -> str:
-        status = self.proc.poll()
+        status = self._status()
         how = (f"was killed by signal {-status}" if status is not None and status < 0
                else f"exited with status {status}")
         last = f": {self.stderr_tail[-1]}" if self.stderr_tail else ""
@@ -207,7 +233,10 @@ class QemuDaemon:
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        # Asked without reaping: Popen.poll() answers None while the reader
+        # thread waits on the process, so a daemon killed a moment ago
+        # would still look alive and its death be told as a lost connection.
+        return self._status() is None
 
     def open_files(self) -> set[tuple[int, int]]:
         """(st_dev, st_ino) of the regular files the daemon has open (the
@@ -224,8 +253,9 @@ class QemuDaemon:
         return out
 
     def stop(self) -> None:
+        dead_before = not self.alive
         self.stopping = True
-        if self.proc.poll() is None:
+        if not dead_before:
             self.proc.terminate()  # qemu flushes and closes the image
             try:
                 self.proc.wait(STOP_TIMEOUT)
@@ -233,6 +263,11 @@ class QemuDaemon:
                 self.proc.kill()
                 self.proc.wait()
         self._reader.join(timeout=2)
+        if dead_before and self.serving:
+            # It died before we stopped it, and the reader thread had not
+            # told it yet: a death reported late is still reported.
+            self.proc.wait()
+            self._tell_death()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
