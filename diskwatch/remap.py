@@ -80,7 +80,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .bmap.index import BmapObject
-from .bmap.worker import MapperFailed, MapperLimits, run_mapper
+from .bmap.worker import MapperFailed, MapperLimits, MapperSession
 from .events import Bus, Progress, Request
 from .wire import WRITE_COMMANDS
 
@@ -103,6 +103,8 @@ REMAP_COST_FACTOR = 4.0
 REMAP_RETRIES = 3
 #: unnamed write ranges kept per remap window
 RANGES_KEPT = 4096
+#: written ranges an incremental remap is handed, at most (more: the whole walk)
+DIRTY_KEPT = 4096
 
 _NAMED = frozenset("fd")  # the types a write is named by
 #: new names said in the one line, at most
@@ -126,6 +128,10 @@ class RemapResult:
     error: str = ""
     #: the mapper cannot run at all (pytsk3 missing): trying again is no use
     fatal: bool = False
+    #: an update's counts (directories and inodes read again...), None for a whole walk
+    incremental: dict | None = None
+    #: why an update became the whole walk ("" if it did not)
+    full_because: str = ""
 
     @property
     def unchanged(self) -> bool:
@@ -139,6 +145,12 @@ class RemapResult:
             return f"remap ({self.why}) failed: {self.error}; the old map stays"
         text = (f"remap ({self.why}): +{len(self.added)} objects, -{len(self.removed)}, "
                 f"{self.changed} changed in {self.elapsed:.2f} s")
+        if self.incremental is not None:
+            inc = self.incremental
+            text += (f" (read again: {inc.get('dirs', 0)} directories, "
+                     f"{inc.get('inodes', 0)} inodes)")
+        elif self.full_because:
+            text += f" (whole walk: {self.full_because})"
         # files first: they are what a person looks for
         named = [o.path for t in "fd" for o in self.added if o.type == t and o.path][:_SAY_NAMES]
         if named:
@@ -153,36 +165,61 @@ class RemapResult:
 
 def remap(source, old, *, why: str = "remap", bus: Bus | None = None,
           cancelled: Callable[[], bool] | None = None, disk: str = "/dev/sda",
-          limits: MapperLimits | None = None) -> RemapResult:
+          limits: MapperLimits | None = None, session: MapperSession | None = None,
+          dirty: list[tuple[int, int]] | None = None) -> RemapResult:
     """Map ``source`` again by metadata, in the mapper's own process
     (``bmap/worker.py``), and compare with ``old`` (a ``BlockMap`` or None).
-    Never raises for what the disk holds, nor for how the mapper ends (a
-    crash, a limit): that is the result's ``error``, and the old map stays."""
+    With a ``session`` (a ``MapperSession``: the process is kept) whose
+    last answer is ``old``, and ``dirty`` (the disk ranges written to named
+    structures since), only what those ranges name is read again
+    (``bmap/incremental.py``); without, the whole walk. Never raises for
+    what the disk holds, nor for how the mapper ends (a crash, a limit):
+    that is the result's ``error``, and the old map stays."""
     t0 = time.monotonic()
     result = RemapResult(why)
+    own = session is None
+    if own:
+        session = MapperSession(source, limits=limits)
+    update = (dirty is not None and old is not None and session.has_state
+              and session.answered is old)
     try:
-        answer = run_mapper(source, {"disk": disk}, old_flat=None if old is None else old.to_flat(),
-                            bus=bus, cancelled=cancelled, limits=limits)
+        if update:
+            answer = session.run({"kind": "update", "disk": disk, "keep": True,
+                                  "dirty": dirty}, bus=bus, cancelled=cancelled)
+        else:
+            answer = session.run({"kind": "walk", "disk": disk, "keep": not own},
+                                 old_flat=None if old is None else old.to_flat(),
+                                 bus=bus, cancelled=cancelled)
     except MapperFailed as e:
         result.error = str(e)
         result.fatal = e.fatal
         return result
+    finally:
+        if own:
+            session.close()
     info = answer.info
-    blockmap = answer.blockmap
+    blockmap = answer.blockmap if answer.blockmap is not None else old
     result.warnings = [str(w) for w in info.get("warnings", [])]
     result.kept = int(info.get("kept", 0))
+    result.incremental = info.get("incremental")
+    result.full_because = str(info.get("full_because", ""))[:200]
     if old is None:
         result.added = sorted(blockmap.object_table(), key=_object_key)
     else:
         table = blockmap.object_table()
         try:
-            result.added = [table[i] for i in info["added"]]
+            if "added_objects" in info:
+                result.added = [BmapObject(*o) for o in info["added_objects"]]
+            else:
+                result.added = [table[i] for i in info["added"]]
             result.removed = [BmapObject(*o) for o in info["removed"]]
             result.changed = int(info["changed"])
         except (KeyError, IndexError, TypeError, ValueError):
             result.error = "the mapper's answer is malformed (its comparison)"
             return result
+        result.added.sort(key=_object_key)
     result.blockmap = blockmap
+    session.answered = blockmap
     result.journal_map = answer.journal
     result.elapsed = time.monotonic() - t0
     return result
@@ -227,41 +264,82 @@ class Remapper:
         self.last: RemapResult | None = None
         self.said: deque[str] = deque(maxlen=20)  # the last remaps' lines
         self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._busy = False
+        self._job: str = ""
         self._done: RemapResult | None = None
         self._closing = False
         self._next_auto = float("-inf")
         self._ranges: list[tuple[int, int]] = []  # unnamed writes since the last remap
         self._window: list[tuple[int, int]] = []  # those that led to the running remap
         self._retries = 0
+        #: what the guest wrote to named structures (and unnamed bytes) since
+        #: the last remap started: what an incremental one reads again
+        self._dirty: list[tuple[int, int]] | None = []
+        self._dirty_job: list[tuple[int, int]] | None = None
+        self._primed = False
+        #: the mapper process, kept from remap to remap (it lives and dies
+        #: with the remap thread, which starts it)
+        self.mapper: MapperSession | None = None
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._busy
 
     def request(self, why: str = "key") -> bool:
-        """Start a remap unless one is running (or remapping is off); True if started."""
-        if self.mode == "off" or self._closing or self.running:
+        """Start a remap unless one is running (or remapping is off); True if
+        started. The key's remap (``m``) is always the whole walk; an
+        automatic one reads again what was written (``bmap/incremental.py``)."""
+        if self.mode == "off" or self._closing or self._busy:
             return False
         self.unnamed = self.structure = 0
         self._window, self._ranges = self._ranges, []
+        self._dirty_job = None if why == "key" else self._dirty
+        self._dirty = []
         started = self.clock()
         self._next_auto = started + self.min_interval
-        self._thread = threading.Thread(target=self._work, args=(why,), daemon=True,
-                                        name="remap")
-        self._thread.start()
+        self._busy = True
+        self._idle.clear()
+        self._job = why
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="remap")
+            self._thread.start()
+        self._wake.set()
         return True
+
+    def prime(self) -> bool:
+        """The walk incremental remaps start from, made now (in the mapper
+        process) rather than at the first automatic remap, so that the first
+        remap the guest's writes call for reads only what they changed. Its
+        result is taken as any automatic remap's (unchanged: not said)."""
+        return self.mode == "auto" and self.request("auto")
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until the running remap (if any) is done; True if none runs any more.
         The result is swapped in by the next ``tick``."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-        return not self.running
+        self._idle.wait(timeout)
+        return not self._busy
+
+    def _loop(self) -> None:
+        self.mapper = MapperSession(self.source, limits=self.limits)
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._closing:
+                    return
+                self._work(self._job)
+        finally:
+            self.mapper.close()
+            self._busy = False
+            self._idle.set()
 
     def _work(self, why: str) -> None:
         result = remap(self.source, self.current(), why=why, bus=self.bus,
-                       cancelled=lambda: self._closing, limits=self.limits)
+                       cancelled=lambda: self._closing, limits=self.limits,
+                       session=self.mapper, dirty=self._dirty_job)
         if self.bus is not None:
             summary = result.line()
             if self._quiet(result) and self.said:
@@ -273,6 +351,8 @@ class Remapper:
         ended = self.clock()
         self._next_auto = max(self._next_auto, ended + REMAP_COST_FACTOR * result.elapsed)
         self._done = result  # taken by tick, in the pump's thread
+        self._busy = False
+        self._idle.set()
 
     # -- the sink --
 
@@ -281,6 +361,7 @@ class Remapper:
             return
         unnamed = structure = 0
         ranges = self._ranges
+        dirty = self._dirty
         for req, ps in zip(batch, pieces, strict=True):
             if req[2] in WRITE_COMMANDS and ps:
                 for start, end, obj in ps:
@@ -290,6 +371,15 @@ class Remapper:
                             ranges.append((start, end))
                     elif obj.type == "d" or obj.is_structure:
                         structure += end - start
+                    else:
+                        continue  # a file's data: nothing to read again
+                    if dirty is not None:
+                        if dirty and dirty[-1][1] == start:
+                            dirty[-1] = (dirty[-1][0], end)  # sequential: one range
+                        elif len(dirty) < DIRTY_KEPT:
+                            dirty.append((start, end))
+                        else:
+                            dirty = self._dirty = None  # too many: the whole walk
         if unnamed or structure:
             now = self.clock()
             if not (self.unnamed or self.structure):
@@ -326,6 +416,14 @@ class Remapper:
             self.say(line, "warning" if done.error or done.warnings else "info")
         if self.mode != "auto" or self._closing or now == float("inf"):
             return
+        if not self._primed:
+            # The session's first round: the walk updates start from, now,
+            # unless the guest has written already (then its writes call
+            # for a remap, the whole walk, as they would without this).
+            self._primed = True
+            if not (self.unnamed or self.structure):
+                self.prime()
+                return
         clock = self.clock()
         settled = self.structure and (clock - self._last_change >= REMAP_SETTLE
                                       or clock - self._first_change >= REMAP_MAX_WAIT)
@@ -348,10 +446,15 @@ class Remapper:
         if self.mode == "auto" and still >= self.threshold // 2 and self._retries < REMAP_RETRIES:
             self._retries += 1
             self.unnamed = max(self.unnamed, self.threshold)
+            # What an update read again did not name them: the next is the
+            # whole walk, as every remap was before updates.
+            self._dirty = None
         else:
             self._retries = 0
 
     def close(self) -> None:
         """A running remap is cancelled (the mapper polls between directories)."""
         self._closing = True
-        self.wait(10.0)
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10.0)

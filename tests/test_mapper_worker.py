@@ -151,6 +151,11 @@ def test_a_mapper_killed_by_sigsegv_mid_remap_costs_one_line_and_nothing_else(di
     assert remapper.request("key") and remapper.wait(60)
     session.pump.run_once(time.monotonic())
     assert len(swapped) == 1 and session.blockmap is swapped[0].blockmap
+    # The remapper keeps its mapper process for the next remap (an update),
+    # until it is closed.
+    assert _mapper_pids()
+    remapper.close()
+    assert not _mapper_pids()
     source.close()
 
 

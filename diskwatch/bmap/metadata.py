@@ -282,6 +282,9 @@ class _Filesystem:
         self.journal_where: Callable[[int], int] = lambda n: 0
         self._structures: set[str] = set()  # named before the walk: not again
         self.seen_dirs: set[int] = set()
+        #: directory inode -> its entries as last listed (incremental remaps)
+        self.children: dict[int, list[tuple[bytes, int, int]]] = {}
+        self._name_alloc = int(pytsk3.TSK_FS_NAME_FLAG_ALLOC)
         self.errors = 0
         self.first_error = ""
         self._record_locator: Callable[[int], list[tuple[int, int]]] | None = None
@@ -385,43 +388,65 @@ class _Filesystem:
             self.add_object(root, "/", is_dir=True)
         except (OSError, RuntimeError) as e:
             self.error("/", e)
-        stack = [(root, "/")]
         self.seen_dirs.add(root)
+        self.walk([(root, "/")])
+        for path, pieces in self.files.values():
+            for suffix, ranges in pieces:
+                self.add(path + suffix, ranges)
+        if self.is_iso:
+            try:
+                self.map_iso_trees(tsk_walked=True)
+            except (OSError, ValueError, struct.error) as e:
+                self.error("ISO 9660 directories", e)
+
+    def list_dir(self, inode: int, path: str) -> list[tuple[bytes, int, int]] | None:
+        """A directory's allocated entries ``(name, inode, TSK meta type)``
+        ("." and ".." left out), also kept in ``children``; None if it
+        cannot be read (counted as an error)."""
+        name_alloc = self._name_alloc
+        try:
+            directory = self.fs.open_dir(inode=inode)
+            listing = []
+            dots = 0
+            for entry in directory:
+                info = entry.info
+                meta = info.meta
+                if meta is None:
+                    continue
+                name = info.name
+                if not int(name.flags) & name_alloc:
+                    continue
+                raw = name.name
+                if raw == b"." or raw == b"..":
+                    dots += 1
+                    continue
+                listing.append((raw, meta.addr, int(meta.type)))
+        except (OSError, RuntimeError) as e:
+            self.error(path, e)
+            return None
+        if self.is_ext and not dots:
+            # Every ext directory starts with "." and "..": a block without
+            # them is garbage (torn by a write, or corrupt), not empty.
+            self.error(path, OSError("directory block unreadable"))
+        self.children[inode] = listing
+        return listing
+
+    def walk(self, stack: list[tuple[int, str]]) -> None:
+        """Every directory below those on ``stack`` (inode, path), depth first:
+        their files and directories added (``files``, ``dir_paths``)."""
         tsk = self.tsk
         dir_type = int(tsk.TSK_FS_META_TYPE_DIR)
         reg_type = int(tsk.TSK_FS_META_TYPE_REG)
         virt_type = int(tsk.TSK_FS_META_TYPE_VIRT)
-        name_alloc = int(tsk.TSK_FS_NAME_FLAG_ALLOC)
         progress = self.progress
         while stack:
             if self.cancelled():
                 raise _Cancelled
             inode, path = stack.pop()
             progress.publish("files", f"{self.device} {path}")
-            try:
-                directory = self.fs.open_dir(inode=inode)
-                listing = []
-                dots = 0
-                for entry in directory:
-                    info = entry.info
-                    meta = info.meta
-                    if meta is None:
-                        continue
-                    name = info.name
-                    if not int(name.flags) & name_alloc:
-                        continue
-                    raw = name.name
-                    if raw == b"." or raw == b"..":
-                        dots += 1
-                        continue
-                    listing.append((raw, meta.addr, int(meta.type)))
-            except (OSError, RuntimeError) as e:
-                self.error(path, e)
+            listing = self.list_dir(inode, path)
+            if listing is None:
                 continue
-            if self.is_ext and not dots:
-                # Every ext directory starts with "." and "..": a block without
-                # them is garbage (torn by a write, or corrupt), not empty.
-                self.error(path, OSError("directory block unreadable"))
             prefix = path if path.endswith("/") else path + "/"
             for raw, addr, mtype in listing:
                 child = prefix + raw.decode("utf-8", "surrogateescape")
@@ -448,14 +473,6 @@ class _Filesystem:
                         self.add_object(addr, child, is_dir=False)
                     except (OSError, RuntimeError) as e:
                         self.error(child, e)
-        for path, pieces in self.files.values():
-            for suffix, ranges in pieces:
-                self.add(path + suffix, ranges)
-        if self.is_iso:
-            try:
-                self.map_iso_trees(tsk_walked=True)
-            except (OSError, ValueError, struct.error) as e:
-                self.error("ISO 9660 directories", e)
 
     def _iso_rock_ridge(self) -> bool:
         """Whether the primary tree's root holds Rock Ridge names."""
@@ -965,6 +982,7 @@ def map_metadata(
     bus: Bus | None = None,
     cancelled: Callable[[], bool] | None = None,
     done_event: bool = True,
+    keep: dict | None = None,
 ) -> MetadataResult:
     """Map ``source`` (a whole disk) from its partition tables and filesystem
     metadata. Returns the entries (whole disk, partitions, LVs, directories,
@@ -977,6 +995,8 @@ def map_metadata(
     metadata: the volume's report and ``warnings`` say what could not be read.
     ``done_event``: publish the final Progress (phase "done", with the
     summary); a caller that goes on working after this says False.
+    ``keep``: a dict that gets, by device, each walked volume's
+    ``WalkedVolume`` (what an incremental remap reads again, ``incremental.py``).
     """
     pytsk3 = _import_tsk()
     t0 = time.monotonic()
@@ -1001,7 +1021,7 @@ def map_metadata(
     # several threads at once share nothing.
     for v in volumes:
         report = _map_volume(pytsk3, source, v, result.entries, progress, cancelled,
-                             result.journal)
+                             result.journal, keep)
         result.filesystems.append(report)
         if report.warning:
             result.warnings.append(report.warning)
@@ -1013,7 +1033,8 @@ def map_metadata(
 
 def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
                 progress: _Publisher, cancelled: Callable[[], bool],
-                journal: list[BmapEntry] | None = None) -> FilesystemReport:
+                journal: list[BmapEntry] | None = None,
+                keep: dict | None = None) -> FilesystemReport:
     if not v.segments:
         return FilesystemReport(v.device, "", "watch" if v.kind == "l" else "none",
                                 warning="; ".join(v.notes))
@@ -1078,7 +1099,23 @@ def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
             journal += _journal_owners(scan, raw, v, walker, entries[start:])
         except (OSError, ValueError, IndexError, struct.error) as e:
             report.journal += f"; what it carries not read ({e})"[:160]
+    if keep is not None:
+        keep[v.device] = WalkedVolume(v, raw, signature, walker, scan,
+                                      copies if signature == "ext4" else {})
     return report
+
+
+@dataclass
+class WalkedVolume:
+    """One volume as a TSK walk left it: enough to read parts of it again."""
+
+    volume: Volume
+    raw: Source  # the volume as the disk holds it (no journal view)
+    signature: str
+    walker: _Filesystem
+    scan: JournalScan | None
+    #: home block -> journal copy, as the walk read them (ext3/4)
+    copies: dict
 
 
 def _journal_owners(scan: JournalScan, raw: Source, v: Volume, walker: _Filesystem,

@@ -73,7 +73,8 @@ from dataclasses import dataclass
 
 from ..errors import DiskwatchError
 
-__all__ = ["MAX_READ", "MapperAnswer", "MapperFailed", "MapperLimits", "run_mapper"]
+__all__ = ["MAX_READ", "MapperAnswer", "MapperFailed", "MapperLimits", "MapperSession",
+           "run_mapper"]
 
 #: one read the mapper may ask for (TSK asks 64 KiB; the ISO walker up to a few MiB)
 MAX_READ = 32 << 20
@@ -128,50 +129,136 @@ def run_mapper(source, job: dict, *, old_flat: bytes | None = None, bus=None,
                limits: MapperLimits | None = None) -> MapperAnswer:
     """Run one mapper process over ``source`` and return its answer.
 
-    Runs in the calling thread (a remap's, or the main thread for
-    ``diskwatch bmap``), which serves the mapper's reads. ``job``: ``disk``
-    (the device name, "/dev/sda"), ``text`` (also answer the map's lines).
-    With ``old_flat`` (``BlockMap.to_flat()`` of the map in use) the mapper
-    keeps what it could not read from it and says how the maps differ.
-    Raises ``MapperFailed`` (one line) for every way it can end without an
-    answer; never anything else for what the disk holds."""
-    from .index import BlockMap
-    limits = limits or MapperLimits()
-    cancelled = cancelled or (lambda: False)
-    job = dict(job, size=source.size, description=source.description or "a disk",
-               old=old_flat is not None)
-    ours, theirs = socket.socketpair()
+    Runs in the calling thread (the main thread for ``diskwatch bmap``),
+    which serves the mapper's reads. ``job``: ``disk`` (the device name,
+    "/dev/sda"), ``text`` (also answer the map's lines). With ``old_flat``
+    (``BlockMap.to_flat()`` of the map in use) the mapper keeps what it could
+    not read from it and says how the maps differ. Raises ``MapperFailed``
+    (one line) for every way it can end without an answer; never anything
+    else for what the disk holds."""
+    session = MapperSession(source, limits=limits)
     try:
-        proc = _spawn(theirs, limits)
-    except OSError as e:
-        ours.close()
-        theirs.close()
-        raise MapperFailed(f"the mapper process cannot start: {e}") from None
-    theirs.close()
-    deadline = time.monotonic() + limits.wall
-    channel = _Channel(ours, lambda: _check(proc, cancelled, deadline, limits, channel))
-    try:
-        try:
-            channel.send(b"J", json.dumps(job).encode())
-            if old_flat is not None:
-                channel.send(b"O", old_flat)
-            while True:
-                kind, payload = channel.recv(b"A", limits.answer)
-                if kind == b"R":
-                    _serve_read(channel, source, payload)
-                elif kind == b"P":
-                    _progress(bus, payload, channel)
-                elif kind == b"A":
-                    return _answer(payload, BlockMap)
-                elif kind == b"X":
-                    _failed(payload)
-                else:
-                    raise MapperFailed(f"the mapper said something unknown ({kind!r})")
-        except _Ended:
-            raise _why_ended(proc, limits) from None
+        return session.run(job, old_flat=old_flat, bus=bus, cancelled=cancelled)
     finally:
-        ours.close()
-        _reap(proc)
+        session.close()
+
+
+class MapperSession:
+    """One mapper process kept for a session's remaps, job after job.
+
+    A job is the whole walk (``{"kind": "walk", "keep": True}``: the process
+    keeps what it found) or an **update** (``{"kind": "update", "dirty":
+    [[start, end], ...]}``: the disk byte ranges the guest wrote to named
+    structures since the last answer), which reads again only what those
+    ranges name (``incremental.py``) and answers ``same`` when nothing
+    changed. The first job, or any after a failure, starts a new process:
+    a crash, a limit or a hang costs that job, and the next one walks anew.
+
+    Each job has the limits of a walk: the wall time and the idle time are
+    the parent's (it kills the process), the CPU time is set for each job
+    with ``prlimit`` (the process's use so far plus ``limits.cpu``). The
+    process must be started and used from one long-lived thread: it dies
+    with the thread that started it (``PR_SET_PDEATHSIG``).
+    """
+
+    def __init__(self, source, *, limits: MapperLimits | None = None):
+        self.source = source
+        self.limits = limits or MapperLimits()
+        self._proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        #: the process holds a walk's state (an update can start from it)
+        self.has_state = False
+        #: the map the process's state is (set by the caller: the answer's map)
+        self.answered = None
+        self.jobs = 0  # jobs answered by the running process
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def run(self, job: dict, *, old_flat: bytes | None = None, bus=None,
+            cancelled: Callable[[], bool] | None = None) -> MapperAnswer:
+        """One job; raises ``MapperFailed`` (and ends the process) as ``run_mapper``."""
+        from .index import BlockMap
+        limits = self.limits
+        cancelled = cancelled or (lambda: False)
+        source = self.source
+        job = dict(job, size=source.size, description=source.description or "a disk",
+                   old=old_flat is not None)
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        proc, sock = self._proc, self._sock
+        assert proc is not None and sock is not None
+        self._cpu_for_job(proc, limits.cpu)
+        deadline = time.monotonic() + limits.wall
+        channel = _Channel(sock, lambda: _check(proc, cancelled, deadline, limits, channel))
+        ok = False
+        try:
+            try:
+                channel.send(b"J", json.dumps(job).encode())
+                if old_flat is not None:
+                    channel.send(b"O", old_flat)
+                while True:
+                    kind, payload = channel.recv(b"A", limits.answer)
+                    if kind == b"R":
+                        _serve_read(channel, source, payload)
+                    elif kind == b"P":
+                        _progress(bus, payload, channel)
+                    elif kind == b"A":
+                        answer = _answer(payload, BlockMap)
+                        ok = True
+                        self.jobs += 1
+                        self.has_state = bool(job.get("keep"))
+                        return answer
+                    elif kind == b"X":
+                        ok = True  # it said why; the process goes on, without its state
+                        self.has_state = False
+                        self.answered = None
+                        _failed(payload)
+                    else:
+                        raise MapperFailed(f"the mapper said something unknown ({kind!r})")
+            except _Ended:
+                raise _why_ended(proc, limits) from None
+        finally:
+            if not ok:
+                self.close()
+
+    def _start(self) -> None:
+        self.close()
+        ours, theirs = socket.socketpair()
+        try:
+            self._proc = _spawn(theirs, self.limits)
+        except OSError as e:
+            ours.close()
+            raise MapperFailed(f"the mapper process cannot start: {e}") from None
+        finally:
+            theirs.close()
+        self._sock = ours
+        self.has_state = False
+        self.jobs = 0
+
+    @staticmethod
+    def _cpu_for_job(proc: subprocess.Popen, cpu: int) -> None:
+        """This job may use ``cpu`` seconds more than the process has so far."""
+        import resource
+        try:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            used = (int(fields[11]) + int(fields[12])) // os.sysconf("SC_CLK_TCK")
+            resource.prlimit(proc.pid, resource.RLIMIT_CPU,
+                             (used + cpu, resource.RLIM_INFINITY))
+        except (OSError, ValueError, IndexError):
+            pass  # it has ended: the job's first frame says so
+
+    def close(self) -> None:
+        sock, proc = self._sock, self._proc
+        self._sock = self._proc = None
+        self.has_state = False
+        self.answered = None
+        if sock is not None:
+            sock.close()
+        if proc is not None:
+            _reap(proc)
 
 
 class _Ended(Exception):
@@ -259,7 +346,9 @@ def _answer(payload: bytes, BlockMap) -> MapperAnswer:
                 4 + ilen + flat_len + text_len + journal_len != len(mv):
             raise ValueError("lengths do not add up")
         start = 4 + ilen
-        blockmap = BlockMap.from_flat(mv[start:start + flat_len])
+        # an update that changed nothing: the map in use stays (None here)
+        blockmap = (None if info.get("same") is True and flat_len == 0
+                    else BlockMap.from_flat(mv[start:start + flat_len]))
         text = bytes(mv[start + flat_len:start + flat_len + text_len])
         journal = (BlockMap.from_flat(mv[start + flat_len + text_len:]) if journal_len
                    else None)
@@ -367,7 +456,9 @@ def _confine(memory: int, cpu: int) -> str:
     the network was taken away ("" where it could not be)."""
     import resource
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
+    # The soft limit is set again for each job by the parent (prlimit); a
+    # mapper that lifted it itself still meets the parent's wall time.
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, resource.RLIM_INFINITY))
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     libc = ctypes.CDLL(None, use_errno=True)
@@ -438,54 +529,118 @@ def main(argv: list[str]) -> int:
     channel = _Channel(socket.socket(fileno=fd))
     try:
         kind, payload = channel.recv()
-        job = json.loads(payload)
-        old_flat = channel.recv(b"O", 1 << 40)[1] if job.get("old") else None
         # Everything the walk needs, imported now: after this no file opens.
         import codecs
 
         from .format import BmapEntry, _sort_key, format_entry  # noqa: F401
-        from .index import BlockMap
-        from .metadata import MetadataError, _import_tsk, map_metadata
+        from .incremental import MapperState, NeedsFullWalk  # noqa: F401
+        from .index import BlockMap  # noqa: F401
+        from .metadata import MetadataError, _import_tsk, map_metadata  # noqa: F401
         from .ntfs import map_ntfs  # noqa: F401 - NTFS that TSK refuses
         with contextlib.suppress(ImportError):
             import pyfsntfs  # noqa: F401
         for name in ("utf-8", "utf-16-be", "utf-16-le", "utf-16", "latin-1", "ascii", "cp437"):
             codecs.lookup(name)  # an encoding is a module imported when first used
         try:
-            _import_tsk()
+            pytsk3 = _import_tsk()
         except MetadataError as e:
             channel.send(b"X", json.dumps({"error": str(e), "fatal": True}).encode())
             return 0
         import resource
         resource.setrlimit(resource.RLIMIT_NOFILE, (0, 0))
-        source = _ChannelSource(channel, int(job["size"]), str(job["description"]))
-        try:
-            _walk(channel, job, source, old_flat, confined, BlockMap, map_metadata)
-        except MemoryError:
-            channel.send(b"X", json.dumps({"error": (
-                f"the mapper reached its {_gib(memory)} memory limit")}).encode())
-        except MetadataError as e:
-            channel.send(b"X", json.dumps({"error": str(e), "fatal": True}).encode())
-        except Exception as e:  # noqa: BLE001 - a disk may hold anything: said in one line
-            channel.send(b"X", json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+        state = None
+        source = None
+        while True:  # one job after another, until the parent closes its end
+            job = json.loads(payload)
+            old_flat = channel.recv(b"O", 1 << 40)[1] if job.get("old") else None
+            if source is None or source.size != int(job["size"]):
+                source, state = _ChannelSource(channel, int(job["size"]),
+                                               str(job["description"])), None
+            try:
+                state = _job(channel, job, source, old_flat, confined, pytsk3, state)
+            except MemoryError:
+                state = None
+                channel.send(b"X", json.dumps({"error": (
+                    f"the mapper reached its {_gib(memory)} memory limit")}).encode())
+            except MetadataError as e:
+                state = None
+                channel.send(b"X", json.dumps({"error": str(e), "fatal": True}).encode())
+            except Exception as e:  # noqa: BLE001 - a disk may hold anything: said in one line
+                state = None
+                channel.send(b"X", json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+            kind, payload = channel.recv()
     except _Ended:
         return 1
     return 0
 
 
-def _walk(channel: _Channel, job: dict, source: _ChannelSource, old_flat, confined: str,
-          BlockMap, map_metadata) -> None:
-    from .format import _sort_key, format_entry
+def _job(channel: _Channel, job: dict, source: _ChannelSource, old_flat, confined: str,
+         pytsk3, state):
+    """One job: ``update`` (the byte ranges written since the last answer:
+    read again what they name, ``incremental.py``) or the whole walk.
+    Returns the state the next update starts from."""
+    from .incremental import NeedsFullWalk
+    why_full = ""
+    if job.get("kind") == "update":
+        if state is None:
+            why_full = "no walk to start from"
+        else:
+            try:
+                return _update(channel, job, state, confined)
+            except NeedsFullWalk as e:
+                why_full = str(e)
+    return _walk(channel, job, source, old_flat, confined, pytsk3, why_full,
+                 None if state is None else state.blockmap)
+
+
+def _update(channel: _Channel, job: dict, state, confined: str):
+    from .index import BlockMap
     t0 = time.monotonic()
+    reads = state.source.reads
+    dirty = [(int(s), int(e)) for s, e in job.get("dirty", ()) if 0 <= int(s) < int(e)]
+    up = state.update(dirty, cancelled=lambda: False)
+    info: dict = {
+        "incremental": {"dirs": up.dirs, "inodes": up.inodes, "journals": up.journals,
+                        "dirty": len(dirty)},
+        "warnings": up.warnings, "objects": len(up.blockmap.object_table()),
+        "reads": state.source.reads - reads, "confined": confined,
+        "added_objects": [list(o) for o in up.added], "removed": [list(o) for o in up.removed],
+        "changed": up.changed, "added": [],
+    }
+    flat = journal = b""
+    if not up.same:
+        flat = up.blockmap.to_flat()
+    if not up.same or up.journal_changed:
+        journal = BlockMap(up.journal).to_flat() if up.journal else b""
+    info["journal_changed"] = not up.same or up.journal_changed
+    info["same"] = up.same
+    info["flat"], info["text"], info["journal"] = len(flat), 0, len(journal)
+    info["mapped"] = time.monotonic() - t0
+    head = json.dumps(info).encode()
+    channel.send(b"A", b"".join((struct.pack("<I", len(head)), head, flat, journal)))
+    return state
+
+
+def _walk(channel: _Channel, job: dict, source: _ChannelSource, old_flat, confined: str,
+          pytsk3, why_full: str = "", old_map=None):
+    from .format import _sort_key, format_entry
+    from .incremental import MapperState
+    from .index import BlockMap
+    from .metadata import map_metadata
+    t0 = time.monotonic()
+    walked: dict = {}
     meta = map_metadata(source, disk=str(job.get("disk", "/dev/sda")),
-                        bus=_ProgressBus(channel), done_event=False)
+                        bus=_ProgressBus(channel), done_event=False,
+                        keep=walked if job.get("keep") else None)
     entries = meta.entries
     info: dict = {
         "filesystems": [vars(f) for f in meta.filesystems], "warnings": meta.warnings,
         "objects": meta.objects, "elapsed": meta.elapsed, "reads": source.reads,
         "confined": confined,
     }
-    old = BlockMap.from_flat(old_flat) if old_flat is not None else None
+    if why_full:
+        info["full_because"] = why_full
+    old = BlockMap.from_flat(old_flat) if old_flat is not None else old_map
     if old is not None:
         info["kept"] = keep_unread(meta, old.entries())
     text = b""
@@ -498,8 +653,12 @@ def _walk(channel: _Channel, job: dict, source: _ChannelSource, old_flat, confin
     journal = BlockMap(meta.journal).to_flat() if meta.journal else b""
     info["flat"], info["text"], info["journal"] = len(flat), len(text), len(journal)
     info["mapped"] = time.monotonic() - t0
+    # The state reads what it needs now: after the answer the parent
+    # serves no reads until the next job.
+    state = MapperState(pytsk3, source, meta, walked, blockmap) if job.get("keep") else None
     head = json.dumps(info).encode()
     channel.send(b"A", b"".join((struct.pack("<I", len(head)), head, flat, text, journal)))
+    return state
 
 
 #: the object types a remap keeps from the old map where the walk could not read
