@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diskwatch.bmap.format import TYPE_RANK, BmapEntry, BmapFormatError, write_bmap
 from diskwatch.bmap.index import BlockMap, BmapObject
@@ -275,3 +278,84 @@ def test_unaligned_requests_on_a_many_bucket_map() -> None:
             if s < offset + length and e > offset
         ]
         assert got == clipped
+
+
+# --- patches: what an incremental remap changes, at the cost of what changed ---
+
+_DISK = 1 << 20
+
+
+@st.composite
+def _filesystem_map(draw):
+    """A map shaped as a filesystem's: the disk, a partition, a structure
+    (``/$MFT``) holding resident files' and directories' records, and files
+    and directories elsewhere, no two of them sharing bytes."""
+    mft_start = 4096 + draw(st.integers(1, 100)) * 512
+    mft_end = mft_start + draw(st.integers(1, 50)) * 512
+    entries = [BmapEntry(1, 0, _DISK, "v", "/dev/sda", None),
+               BmapEntry(1, 4096, _DISK - 4096, "p", "/dev/sda1", None),
+               BmapEntry(1, mft_start, mft_end, "f", "/dev/sda1", "/$MFT")]
+    used: list[tuple[int, int]] = []
+    objects = [("f", "/$MFT")]
+    for k in range(draw(st.integers(0, 25))):
+        kind = draw(st.sampled_from("fd"))
+        for _ in range(draw(st.integers(1, 3))):
+            if draw(st.booleans()):  # resident: one record inside /$MFT
+                s = mft_start + draw(st.integers(0, (mft_end - mft_start) // 512 - 1)) * 512
+                e = s + 512
+            else:
+                s = draw(st.integers(1, 1900)) * 512
+                e = s + draw(st.integers(1, 8)) * 512
+            if any(s < ue and e > us for us, ue in used):
+                continue
+            used.append((s, e))
+            entries.append(BmapEntry(1, s, e, kind, "/dev/sda1", f"/o{k}"))
+        objects.append((kind, f"/o{k}"))
+    return entries, objects, used, (mft_start, mft_end)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_filesystem_map(), st.data())
+def test_a_patched_map_is_the_map_built_from_the_patched_entries(fs, data):
+    """BlockMap.patched (incremental remaps) against a build of the same
+    entries from scratch: segments, lookups and entries all equal."""
+    entries, objects, used, (mft_start, mft_end) = fs
+    blockmap = BlockMap(entries)
+    gone = {BmapObject(t, "/dev/sda1", p) for t, p in data.draw(st.sets(st.sampled_from(objects)))}
+    kept = [(s, e) for (s, e), x in zip(used, [x for x in entries[3:]], strict=False)
+            if BmapObject(x.type, x.device, x.path) not in gone]
+    fresh: list[tuple[int, int, BmapObject]] = []
+    for k in range(data.draw(st.integers(0, 4))):
+        if data.draw(st.booleans()):
+            s = mft_start + data.draw(st.integers(0, (mft_end - mft_start) // 512 - 1)) * 512
+            e = s + 512
+        else:
+            s = data.draw(st.integers(1, 1900)) * 512
+            e = s + data.draw(st.integers(1, 8)) * 512
+        if any(s < ue and e > us for us, ue in kept + [(f[0], f[1]) for f in fresh]):
+            continue
+        fresh.append((s, e, BmapObject(data.draw(st.sampled_from("fd")), "/dev/sda1", f"/new{k}")))
+    patched = blockmap.patched(gone, fresh)
+    built = BlockMap([x for x in entries if BmapObject(x.type, x.device, x.path) not in gone]
+                     + [BmapEntry(1, s, e, o.type, o.device, o.path) for s, e, o in fresh])
+    assert patched._bounds == built._bounds
+    assert patched._seg_objs == built._seg_objs
+    shift, bounds = patched._shift, patched._bounds
+    covered = bounds[-2] if len(bounds) > 2 else 0
+    assert list(patched._buckets) == [bisect_right(bounds, b << shift) - 1
+                                      for b in range((covered >> shift) + 2)]
+    for offset in range(0, _DISK, 2048):
+        assert patched.lookup(offset, 4096) == built.lookup(offset, 4096)
+    assert sorted(patched.iter_entries()) == sorted(built.iter_entries())
+    assert patched.to_flat() == BlockMap.from_flat(patched.to_flat()).to_flat()
+    # the map patched is left as it was
+    assert blockmap.lookup(0, _DISK) == BlockMap(entries).lookup(0, _DISK)
+
+
+def test_a_patch_cannot_add_what_a_map_cannot_hold():
+    blockmap = BlockMap([BmapEntry(1, 0, _DISK, "v", "/dev/sda", None)])
+    for bad in [(10, 10, BmapObject("f", "/dev/sda1", "/x")), (-1, 5, BmapObject("f", "/dev/sda1", "/x")),
+                (0, 1 << 64, BmapObject("f", "/dev/sda1", "/x")), (0, 512, BmapObject("p", "/dev/sda1", None)),
+                (0, 512, BmapObject("q", "/dev/sda1", "/x"))]:
+        with pytest.raises(ValueError):
+            blockmap.patched(set(), [bad])

@@ -54,9 +54,10 @@ import struct
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import compress
 
 from .format import BmapEntry, merge_ranges
-from .index import BlockMap
+from .index import BlockMap, BmapObject
 from .jbd2 import JournalView
 from .metadata import Ext4Layout, WalkedVolume, _volume_img, ext_journal, probe_signature
 
@@ -76,7 +77,6 @@ _IGNORED_STRUCTURES = frozenset((
 class Update:
     """What one incremental update did."""
 
-    entries: list[BmapEntry]
     journal: list[BmapEntry]
     blockmap: BlockMap
     added: list = field(default_factory=list)  # objects (type, device, path)
@@ -88,6 +88,9 @@ class Update:
     warnings: list[str] = field(default_factory=list)
     #: the map is the one before (what the journal carries may differ)
     same: bool = False
+    #: the patch: objects whose ranges went, ranges added (``BlockMap.patched``)
+    gone: set = field(default_factory=set)
+    fresh: list = field(default_factory=list)
     journal_changed: bool = False
 
 
@@ -110,7 +113,6 @@ class MapperState:
                  blockmap: BlockMap) -> None:
         self.tsk = pytsk3
         self.source = source
-        self.entries: list[BmapEntry] = meta.entries
         self.journal: list[BmapEntry] = meta.journal
         self.walked = walked
         self.blockmap = blockmap
@@ -215,7 +217,7 @@ class MapperState:
         ``NeedsFullWalk`` (its text: why) when only the whole walk can follow."""
         self._probed = set()
         work = self._classify(dirty[:DIRTY_KEPT])
-        up = Update([], [], self.blockmap)
+        up = Update([], self.blockmap)
         touched: set[tuple[str, str]] = set()
         fresh: list[BmapEntry] = []
         journals: dict[str, list[BmapEntry]] = {}
@@ -226,33 +228,34 @@ class MapperState:
             self._update_volume(dev, w, job, up, touched, fresh, journals)
         if not touched:
             up.same = True
-            up.entries = self.entries
             if journals:
                 self._swap_journal(up, journals)
             else:
                 up.journal = self.journal
             return up
+        old = self.blockmap
+        interned = old._interned
+        gone = {o for dev, path in touched for t in "fd"
+                if (o := interned.get((t, dev, path))) is not None}
+        drop = list(map(gone.__contains__, old._entry_objs))
         old_ranges: dict = {}
-        kept: list[BmapEntry] = []
-        for e in self.entries:
-            if (e.device, e.path) in touched:
-                old_ranges.setdefault((e.type, e.device, e.path), []).append((e.start, e.end))
-            else:
-                kept.append(e)
+        for s, e, o in compress(zip(old._entry_starts, old._entry_ends, old._entry_objs, strict=True),
+                                drop):
+            old_ranges.setdefault(o, []).append((s, e))
         new_ranges: dict = {}
         for e in fresh:
             new_ranges.setdefault((e.type, e.device, e.path), []).append((e.start, e.end))
-        up.added = sorted(k for k in new_ranges if k not in old_ranges)
-        up.removed = sorted(k for k in old_ranges if k not in new_ranges)
+        up.added = sorted(k for k in new_ranges if k not in interned)
+        up.removed = sorted(tuple(o) for o in gone if tuple(o) not in new_ranges)
         up.changed = sum(1 for k, r in new_ranges.items()
                          if k in old_ranges and sorted(old_ranges[k]) != sorted(r))
-        up.entries = kept + fresh
         if journals:
             self._swap_journal(up, journals)
         else:
             up.journal = self.journal
-        up.blockmap = BlockMap(up.entries)
-        self.entries, self.blockmap = up.entries, up.blockmap
+        up.gone = gone
+        up.fresh = [(e.start, e.end, BmapObject(e.type, e.device, e.path)) for e in fresh]
+        up.blockmap = self.blockmap = old.patched(gone, up.fresh)
         return up
 
     def _swap_journal(self, up: Update, journals: dict) -> None:
@@ -297,12 +300,12 @@ class MapperState:
         try:
             walker.fs = self.tsk.FS_Info(_volume_img(self.tsk, vsrc), offset=0)
         except OSError as e:
-            raise NeedsFullWalk(f"{dev} cannot be opened again ({' '.join(str(e).split())[:100]})")
+            raise NeedsFullWalk(
+                f"{dev} cannot be opened again ({' '.join(str(e).split())[:100]})") from None
         walker.vsrc = vsrc
         walker._locator_ready = False
         walker.errors, walker.first_error = 0, ""
         walker.entries = out = []
-        self._inode_of.pop(dev, None)
         reread: set[int] = set()
         # A directory's inode or record written: its entries may have
         # changed (NTFS keeps a small index in the record), listed again.
@@ -346,16 +349,15 @@ class MapperState:
                 except (OSError, RuntimeError) as e:
                     walker.error(child, e)
                     continue
-                before = set(walker.files)
+                before, before_dirs = set(walker.files), set(walker.dir_paths)
                 walker.walk([(addr, child)])
                 for k in set(walker.files) - before:
                     self._emit_file(walker, k, touched, dev)
                     reread.add(k)
-                reread.update(k for k, p in walker.dir_paths.items()
-                              if p.startswith(child + "/"))
-                for k, p in walker.dir_paths.items():
-                    if p == child or p.startswith(child + "/"):
-                        touched.add((dev, p))
+                for k in set(walker.dir_paths) - before_dirs:
+                    touched.add((dev, walker.dir_paths[k]))
+                    reread.add(k)
+                touched.add((dev, child))
                 reread.add(addr)
             elif mtype == reg_type:
                 known = walker.files.get(addr)
@@ -392,15 +394,32 @@ class MapperState:
                 self._emit_file(walker, k, touched, dev)
                 up.inodes += 1
         fresh += out
+        index = self._inode_of.get(dev)
+        if index is not None:  # names gone stay: their inodes are checked where used
+            for k in reread:
+                p = walker.dir_paths.get(k) or (walker.files.get(k) or (None,))[0]
+                if p is not None:
+                    index[p] = k
         if walker.errors:
             up.warnings.append(f"{dev}: {walker.errors} objects could not be read again "
                                f"(first: {walker.first_error}); they keep their old names")
         if walker.is_ext and w.scan is not None and w.scan.transactions:
             from .metadata import _journal_owners
-            mine = [e for e in self.entries if e.device == dev and (e.device, e.path)
-                    not in touched] + [e for e in out]
+            fresh_at = sorted((e.start, e.end, e.type, e.path) for e in out if e.type in "df")
+            starts = [f[0] for f in fresh_at]
+            first = self.blockmap.first
+
+            def owner(disk: int) -> tuple[str, str] | None:
+                i = bisect_right(starts, disk) - 1
+                if i >= 0 and fresh_at[i][1] > disk:
+                    return fresh_at[i][2], fresh_at[i][3]
+                o = first(disk, 1)
+                if o is None or o.type not in "df" or o.device != dev or not o.path \
+                        or (dev, o.path) in touched:
+                    return None
+                return o.type, o.path
             try:
-                journals[dev] = _journal_owners(w.scan, w.raw, w.volume, walker, mine)
+                journals[dev] = _journal_owners(w.scan, w.raw, w.volume, walker, None, owner)
             except (OSError, ValueError, IndexError, struct.error):
                 pass
 
@@ -442,7 +461,7 @@ class MapperState:
                 if dpath is not None:
                     touched.add((dev, dpath))
                     touched.add((dev, dpath + ":$extents"))
-                for raw, a, t in walker.children.pop(d, []):
+                for _raw, a, t in walker.children.pop(d, []):
                     if t == int(self.tsk.TSK_FS_META_TYPE_DIR):
                         stack.append(a)
                     elif a in walker.files and dpath is not None and \

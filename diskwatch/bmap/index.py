@@ -157,6 +157,7 @@ class BlockMap:
         self._size_hint = max(ends, default=0)
         self._flat: bytes | None = None
         self._order: list[BmapObject] | None = None
+        self._containers: list | None = None
 
     # -- the flat form: how a map crosses from the mapper's process --
 
@@ -283,13 +284,152 @@ class BlockMap:
         self._size_hint = max(ends, default=0)
         self._flat = bytes(mv)
         self._order = objects
+        self._containers = None
         return self
 
     @property
     def _interned(self) -> dict[tuple[str, str, str | None], BmapObject]:
         if self._interned_dict is None:
-            self._interned_dict = {o: o for o in self._order or ()}
+            objects = self._order if self._order is not None else dict.fromkeys(self._entry_objs)
+            self._interned_dict = {o: o for o in objects}
         return self._interned_dict
+
+    # -- a patch: the map with some objects' ranges replaced --
+
+    def patched(self, gone: Iterable[BmapObject],
+                fresh: Iterable[tuple[int, int, BmapObject]]) -> BlockMap:
+        """This map with every range of the objects ``gone`` removed and the
+        ranges ``fresh`` ``(start, end, object)`` (files and directories
+        only) added, as if built from those entries, at the cost of what
+        changed: only the segments the removed and added ranges touch are
+        resolved again (``incremental.py``'s remaps of a 500,000-object
+        disk). This map is left as it is.
+
+        Exact when no file or directory holds another's ranges inside its
+        own unless it is a structure (``/$MFT`` holds resident files' records,
+        ``/$InodeTable`` inline data): what a filesystem's map is. Anything
+        else still gives a valid map (a lookup never fails), which may name
+        a hidden range differently than a build would. ``fresh`` comes from
+        the mapper's process: ``ValueError`` for a range or type a map
+        cannot hold."""
+        gone = set(gone)
+        fresh = sorted(fresh, key=operator.itemgetter(0))
+        interned = self._interned
+        adds: list[tuple[int, int, BmapObject]] = []
+        for start, end, obj in fresh:
+            if not (0 <= start < end < _END_OF_SPACE) or obj.type not in ("f", "d"):
+                raise ValueError(f"a patch cannot hold {start:#x}-{end:#x} {obj}")
+            adds.append((start, end, interned.get(obj, obj)))
+        drop = list(map(gone.__contains__, self._entry_objs))
+        starts, ends, objs = self._entry_starts, self._entry_ends, self._entry_objs
+        regions = merge_ranges([*zip(compress(starts, drop), compress(ends, drop), strict=True),
+                                *((s, e) for s, e, _ in adds)])
+        new = BlockMap.__new__(BlockMap)
+        dropped = list(compress(range(len(drop)), drop))
+        if len(dropped) <= 256:  # the usual patch: a few objects, deleted in place
+            new._entry_starts, new._entry_ends = array("Q", starts), array("Q", ends)
+            new._entry_objs = list(objs)
+            for i in reversed(dropped):
+                del new._entry_starts[i], new._entry_ends[i], new._entry_objs[i]
+        else:
+            kept = list(map(operator.not_, drop))
+            new._entry_starts = array("Q", compress(starts, kept))
+            new._entry_ends = array("Q", compress(ends, kept))
+            new._entry_objs = list(compress(objs, kept))
+        new._entry_starts.extend(s for s, _, _ in adds)
+        new._entry_ends.extend(e for _, e, _ in adds)
+        new._entry_objs += [o for _, _, o in adds]
+        new._partitions = self._partitions
+        new._size_hint = max(self._size_hint, max((e for _, e, _ in adds), default=0))
+        new._flat = new._order = None
+        still = set(new._entry_objs[len(new._entry_objs) - len(adds):])
+        new._interned_dict = dict(interned)
+        for o in gone:
+            if o not in still:
+                new._interned_dict.pop(o, None)
+        for o in still:
+            new._interned_dict.setdefault(o, o)
+        new._containers = None
+        bounds, segs = list(self._bounds), list(self._seg_objs)
+        containers, dirs = self._container_entries()
+        cstarts = [c[0] for c in containers]
+        dstarts = [d[0] for d in dirs]
+        dlong = max((d[1] - d[0] for d in dirs), default=0)
+        add_starts = [a[0] for a in adds]
+        old_bounds, old_segs = self._bounds, self._seg_objs
+        windows: list[tuple[int, int]] = []  # old segments i..k of each region
+        for a, b in reversed(regions):
+            # Every range that may win somewhere in [a, b), whole (precedence
+            # counts a range's length): the volumes and structures there, the
+            # old winners that stay (a file's range holds no other's), the
+            # ranges added.
+            cands = [c for c in containers[:bisect_right(cstarts, b - 1)]
+                     if c[1] > a and c[2] not in gone]
+            # a directory's range may lie hidden under a structure (an NTFS
+            # directory's resident index is in its $MFT record): every one
+            cands += [d for d in dirs[bisect_right(dstarts, a - dlong):bisect_right(dstarts, b - 1)]
+                      if d[1] > a and d[2] not in gone]
+            i = bisect_right(old_bounds, a) - 1
+            k = i
+            while old_bounds[k] < b:
+                o = old_segs[k]
+                if o is not None and o not in gone and not _is_container(o) and o.type != "d":
+                    cands.append((old_bounds[k], old_bounds[k + 1], o))
+                k += 1
+            cands += [c for c in adds[:bisect_right(add_starts, b - 1)] if c[1] > a]
+            windows.append((i, k))
+            sub_bounds, sub_objs = _flatten([c[0] for c in cands], [c[1] for c in cands],
+                                            [c[2] for c in cands])
+            # Old segments i..k-1 cover [old_bounds[i], old_bounds[k]) ⊇ [a, b):
+            # they become their part before a, the new segments, their part after b.
+            repl: list[tuple[int, BmapObject | None]] = []
+            if old_bounds[i] < a:
+                repl.append((old_bounds[i], old_segs[i]))
+            j = bisect_right(sub_bounds, a) - 1
+            while sub_bounds[j] < b:
+                repl.append((max(sub_bounds[j], a), sub_objs[j]))
+                j += 1
+            if old_bounds[k] > b:
+                repl.append((b, old_segs[k - 1]))
+            merged: list[tuple[int, BmapObject | None]] = []
+            for start, obj in repl:
+                if not merged or merged[-1][1] != obj:
+                    merged.append((start, obj))
+            # Neighbours never share an object: the one before is as it was,
+            # the one after is final (regions are spliced from the right).
+            if i > 0 and segs[i - 1] == merged[0][1]:
+                merged.pop(0)
+            bounds[i:k] = [m[0] for m in merged]
+            segs[i:k] = [m[1] for m in merged]
+            after = i + len(merged)
+            if 0 < after < len(segs) and segs[after] == segs[after - 1]:
+                del bounds[after]
+                del segs[after]
+        new._bounds, new._seg_objs = bounds, segs
+        new._containers = (
+            sorted([c for c in containers if c[2] not in gone]
+                   + [x for x in adds if _is_container(x[2])]),
+            sorted([d for d in dirs if d[2] not in gone]
+                   + [x for x in adds if x[2].type == "d" and not _is_container(x[2])]))
+        new._shift = self._shift
+        new._buckets = _patched_buckets(self._buckets, self._shift, old_bounds, bounds, windows)
+        return new
+
+    def _container_entries(self) -> tuple[list, list]:
+        """(volumes and structures, directories): the entries whose ranges
+        may hold or hide under others', by start; kept from patch to patch."""
+        if self._containers is None:
+            containers, dirs = [], []
+            for s, e, o in zip(self._entry_starts, self._entry_ends, self._entry_objs,
+                                 strict=True):
+                if _is_container(o):
+                    containers.append((s, e, o))
+                elif o.type == "d":
+                    dirs.append((s, e, o))
+            containers.sort()
+            dirs.sort()
+            self._containers = (containers, dirs)
+        return self._containers
 
     def object_table(self) -> list[BmapObject]:
         """Every object of the map, once each (in ``to_flat``'s order)."""
@@ -420,6 +560,15 @@ class BlockMap:
         return f"<BlockMap {len(self)} entries, {self.segment_count} segments>"
 
 
+def _is_container(obj: BmapObject) -> bool:
+    t = obj.type
+    if t in _PARTITION_TYPES:
+        return True
+    path = obj.path
+    # "$" first: most paths have none, and that test is one C call
+    return t == "f" and path is not None and "$" in path and is_structure_path(path)
+
+
 def _flatten(
     starts: list[int], ends: list[int], objs: list[BmapObject]
 ) -> tuple[list[int], list[BmapObject | None]]:
@@ -470,6 +619,44 @@ def _flatten(
     bounds = array("Q", bounds).tolist()
     bounds.append(_END_OF_SPACE)
     return bounds, seg_objs
+
+
+def _patched_buckets(old: array, shift: int, old_bounds: list[int], bounds: list[int],
+                     windows: list[tuple[int, int]]) -> array:
+    """The bucket table of ``bounds``, which differ from ``old_bounds`` only
+    in the old segments ``i..k`` of each window: buckets there (and in the
+    segment after, which a splice may merge) are found again by bisection,
+    the others are the old ones shifted by the segments added before them.
+    With a different coverage the whole table is made again."""
+    covered = bounds[-2] if len(bounds) > 2 else 0
+    nb = (covered >> shift) + 2
+    if nb != len(old) or not windows:
+        if nb == len(old) and bounds == old_bounds:
+            return array(old.typecode, old)
+        steps = range(0, nb << shift, 1 << shift)
+        return array(old.typecode if len(bounds) <= 2**32 else "Q",
+                     map((-1).__add__, map(partial(bisect_right, bounds), steps)))
+    m = len(old_bounds) - 1
+    spans: list[list[int]] = []  # [first offset, end offset) to find again, left to right
+    for i, k in sorted(windows):
+        lo, hi = old_bounds[i], old_bounds[min(k + 1, m)]
+        if spans and lo <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], hi)
+        else:
+            spans.append([lo, hi])
+    out = array(old.typecode)
+    pos, delta, step = 0, 0, 1 << shift
+    find = partial(bisect_right, bounds)
+    for lo, hi in spans:
+        first = min(-(-lo >> shift), nb)
+        out.extend(map(delta.__add__, old[pos:first]))
+        last = min(-(-hi >> shift), nb)
+        out.extend(map((-1).__add__, map(find, range(first * step, last * step, step))))
+        pos = last
+        if hi < _END_OF_SPACE:
+            delta = (find(hi) - 1) - (bisect_right(old_bounds, hi) - 1)
+    out.extend(map(delta.__add__, old[pos:]))
+    return out
 
 
 def _bucket_table(bounds: list[int]) -> tuple[int, array]:

@@ -1119,7 +1119,9 @@ class WalkedVolume:
 
 
 def _journal_owners(scan: JournalScan, raw: Source, v: Volume, walker: _Filesystem,
-                    walked: list[BmapEntry]) -> list[BmapEntry]:
+                    walked: list[BmapEntry] | None,
+                    owner: Callable[[int], tuple[str, str] | None] | None = None
+                    ) -> list[BmapEntry]:
     """For each logged block of the log, whose metadata it carries: the
     journal copy's bytes as entries of its owners. A copy of an inode-table
     block belongs to the files and directories whose inodes it changes
@@ -1140,13 +1142,15 @@ def _journal_owners(scan: JournalScan, raw: Source, v: Volume, walker: _Filesyst
     firsts = sorted(tables)
     paths: dict[int, tuple[str, str]] = {i: ("f", p) for i, (p, _) in walker.files.items()}
     paths.update((i, ("d", p)) for i, p in walker.dir_paths.items())
-    spans = sorted((e.start, e.end, e.type, e.path) for e in walked if e.type in "df")
+    spans = sorted((e.start, e.end, e.type, e.path) for e in walked or () if e.type in "df")
     starts = [sp[0] for sp in spans]
     jruns = walker.journal_where
     previous: dict[int, bytes] = {}
     out: list[BmapEntry] = []
 
     def owner_at(disk: int) -> tuple[str, str] | None:
+        if owner is not None:  # a map's lookup (an incremental remap's)
+            return owner(disk)
         i = bisect_right(starts, disk) - 1
         if i >= 0 and spans[i][0] <= disk < spans[i][1] and spans[i][3]:
             return spans[i][2], spans[i][3]

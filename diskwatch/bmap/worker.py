@@ -32,7 +32,7 @@ old map stays):
 
 - memory: ``RLIMIT_AS`` (default 4 GiB; a 1,000,000-object walk peaks near
   600 MB), set before anything is parsed;
-- CPU: ``RLIMIT_CPU`` (default 600 s), then SIGXCPU; wall time: the parent
+- CPU: ``RLIMIT_CPU`` (default 600 s a job), then SIGXCPU; wall time: the parent
   kills it after ``wall`` seconds (default 600), after ``idle`` seconds
   without a frame (default 60: a walk reads all the time, so silence is a
   hang; a crafted ISO 9660 makes The Sleuth Kit wait for good on a lock of
@@ -51,8 +51,19 @@ old map stays):
 compromised mapper can name bytes wrongly, not crash the server or make it
 allocate what it chooses. Its names are text like any the guest wrote.
 
-The mapper is a new process per walk (about 0.2 s to start, on the other
-core): nothing a hostile filesystem did to one walk survives into the next.
+**One process per session, job after job** (``MapperSession``). ``diskwatch
+bmap`` and the first map of ``--bmap`` run one job in a new process
+(``run_mapper``). A live session's remapper keeps its process, which keeps
+what its last walk found (``incremental.py``'s ``MapperState``), so an
+automatic remap is an *update* that reads again only what the guest wrote
+and answers a patch (``BlockMap.patched``) instead of the map. Each job has
+a walk's limits (the wall and idle times are the parent's; the CPU limit is
+set again for each job with ``prlimit``: what the process used so far plus
+``cpu``). A job that fails ends its process (a crash, a limit, a hang, a
+malformed answer), and the next job starts a new one with the whole walk.
+What a hostile filesystem can do to a kept process is what it could do to
+one walk: the process is as confined, and its answers as untrusted; it can
+name bytes wrongly in the next answers too, until a whole walk.
 """
 
 from __future__ import annotations
@@ -68,6 +79,7 @@ import struct
 import subprocess
 import sys
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,6 +130,9 @@ class MapperAnswer:
     text: bytes = b""  # the map's lines (a job with "text"), for a map file
     #: ext3/4: the journal's blocks by the object whose metadata each carries
     journal: object = None
+    #: an update's answer: (objects gone, ranges added) for ``BlockMap.patched``
+    #: of the map the process last answered (``blockmap`` is then None)
+    patch: tuple | None = None
 
 
 # --------------------------------------------------------------------------
@@ -346,15 +361,43 @@ def _answer(payload: bytes, BlockMap) -> MapperAnswer:
                 4 + ilen + flat_len + text_len + journal_len != len(mv):
             raise ValueError("lengths do not add up")
         start = 4 + ilen
-        # an update that changed nothing: the map in use stays (None here)
-        blockmap = (None if info.get("same") is True and flat_len == 0
-                    else BlockMap.from_flat(mv[start:start + flat_len]))
+        patch = None
+        if info.get("same") is True and flat_len == 0:
+            blockmap = None  # an update that changed nothing: the map in use stays
+        elif "patch" in info:
+            blockmap, patch = None, _patch(info["patch"], mv[start:start + flat_len])
+        else:
+            blockmap = BlockMap.from_flat(mv[start:start + flat_len])
         text = bytes(mv[start + flat_len:start + flat_len + text_len])
         journal = (BlockMap.from_flat(mv[start + flat_len + text_len:]) if journal_len
                    else None)
     except (struct.error, ValueError, KeyError, TypeError) as e:
         raise MapperFailed(f"the mapper's answer is malformed ({e})") from None
-    return MapperAnswer(info, blockmap, text, journal)
+    return MapperAnswer(info, blockmap, text, journal, patch)
+
+
+def _patch(head: dict, packed: memoryview) -> tuple[set, list]:
+    """An update's patch, checked as untrusted (``BlockMap.patched`` checks
+    the ranges and types)."""
+    from .index import BmapObject
+
+    def obj(o) -> BmapObject:
+        if not (isinstance(o, list) and len(o) == 3 and all(isinstance(x, str) for x in o[:2])
+                and (o[2] is None or isinstance(o[2], str))):
+            raise ValueError("a patch names an object wrongly")
+        return BmapObject(*o)
+    gone = {obj(o) for o in head["gone"]}
+    table = [obj(o) for o in head["objects"]]
+    n = int(head["fresh"])
+    if n < 0 or len(packed) != n * 20:
+        raise ValueError("a patch's ranges do not add up")
+    starts, ends, idx = array("Q"), array("Q"), array("I")
+    starts.frombytes(packed[:8 * n])
+    ends.frombytes(packed[8 * n:16 * n])
+    idx.frombytes(packed[16 * n:])
+    if n and max(idx) >= len(table):
+        raise ValueError("a patch's range names no object")
+    return gone, list(zip(starts, ends, map(table.__getitem__, idx), strict=True))
 
 
 def _failed(payload: bytes) -> None:
@@ -607,9 +650,17 @@ def _update(channel: _Channel, job: dict, state, confined: str):
         "added_objects": [list(o) for o in up.added], "removed": [list(o) for o in up.removed],
         "changed": up.changed, "added": [],
     }
+    # Not the map: the patch the parent applies to its own copy of the same
+    # map (BlockMap.patched), so an update costs what changed on both sides.
     flat = journal = b""
     if not up.same:
-        flat = up.blockmap.to_flat()
+        table = list(dict.fromkeys(o for _, _, o in up.fresh))
+        index = {o: i for i, o in enumerate(table)}
+        info["patch"] = {"gone": [list(o) for o in up.gone], "objects": [list(o) for o in table],
+                         "fresh": len(up.fresh)}
+        flat = b"".join((array("Q", [f[0] for f in up.fresh]).tobytes(),
+                         array("Q", [f[1] for f in up.fresh]).tobytes(),
+                         array("I", [index[f[2]] for f in up.fresh]).tobytes()))
     if not up.same or up.journal_changed:
         journal = BlockMap(up.journal).to_flat() if up.journal else b""
     info["journal_changed"] = not up.same or up.journal_changed
