@@ -586,3 +586,38 @@ def test_an_xz_image_maps_the_same_through_its_source(gpt_fat_image, tmp_path):
     with FileSource(str(gpt_fat_image.path), readonly=True) as src:
         from_raw = map_metadata(src).entries
     assert from_xz == from_raw and len(from_raw) > 30
+
+
+@pytest.mark.parametrize("label", ["dos", "gpt"])
+def test_the_partition_table_and_the_gap_after_it_are_named(tmp_path, label):
+    """The MBR, the GPT header, its partition array and their backup, and the
+    gap before the first partition (GRUB's core.img) are structures of the
+    disk, where ``fdisk -l -x`` (util-linux) says they lie."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["sfdisk", "-q", str(image)], check=True, text=True,
+                   input=f"label: {label}\nstart=2048, size=20480, type=L\n")
+    listing = subprocess.run(["fdisk", "-l", "-x", str(image)], check=True, text=True,
+                             capture_output=True).stdout
+
+    def field(name: str) -> int:
+        return int(re.search(rf"^{name}:\s+(\d+)$", listing, re.M).group(1))
+    with FileSource(str(image), readonly=True) as src:
+        entries = map_metadata(src, done_event=False).entries
+    named = {}
+    for e in entries:
+        if e.device == "/dev/sda" and e.type == "f":
+            named.setdefault(e.path, []).append((e.start, e.end))
+    start = 2048 * 512  # the partition, as given to sfdisk
+    if label == "dos":
+        assert named == {"/$MBR": [(0, 512)], "/$BootGap": [(512, start)]}
+        return
+    first, last = field("Partition entries starting LBA"), field("Partition entries ending LBA")
+    alternate = field("Alternative LBA")
+    backup_entries = alternate - (last - first + 1)
+    assert named == {
+        "/$MBR": [(0, 512)], "/$GPTHeader": [(512, 1024)],
+        "/$GPTEntries": [(first * 512, (last + 1) * 512)],
+        "/$GPTBackup": [(backup_entries * 512, (alternate + 1) * 512)],
+        "/$BootGap": [((last + 1) * 512, start)]}

@@ -60,6 +60,8 @@ STRUCTURE_NAMES = frozenset({
     "$Secure", "$UpCase", "$Extend",
     "$Journal", "$Superblock", "$GroupDescriptors", "$BlockBitmap", "$InodeBitmap", "$InodeTable",
     "$BootSector", "$FAT1", "$FAT2", "$FAT3", "$FAT4",
+    # the disk's own, outside every partition (volumes.disk_structures)
+    "$MBR", "$GPTHeader", "$GPTEntries", "$GPTBackup", "$BootGap",
 })
 
 

@@ -166,6 +166,8 @@ class MapperState:
                     if now and now != self.signatures.get(dev, ""):
                         raise NeedsFullWalk(f"a new {now} filesystem on {dev}")
             return
+        if obj.type == "f" and self.volumes.get(dev) is None and obj.is_structure:
+            raise NeedsFullWalk("the partition table written")
         if w is None:
             if obj.type == "d" or obj.is_structure:
                 raise NeedsFullWalk(f"{dev}'s structures written (not walked by The Sleuth Kit)")

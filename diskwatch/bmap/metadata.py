@@ -63,7 +63,14 @@ from ..events import Bus, Progress
 from ..sources.base import Source
 from .format import BmapEntry, is_structure_path, merge_ranges
 from .jbd2 import JournalScan, JournalView, scan_journal
-from .volumes import NO_FILESYSTEM, Volume, VolumeSource, find_volumes, read_at
+from .volumes import (
+    NO_FILESYSTEM,
+    Volume,
+    VolumeSource,
+    disk_structures,
+    find_volumes,
+    read_at,
+)
 
 __all__ = [
     "FilesystemReport",
@@ -1008,6 +1015,8 @@ def map_metadata(
     volumes, warnings = find_volumes(source, disk)
     result.volumes = volumes
     result.warnings += warnings
+    for name, ranges in disk_structures(source, volumes).items():
+        result.entries += [BmapEntry(1, s, e, "f", disk, name) for s, e in ranges]
     for v in volumes:
         if v.kind != "v":
             for s, e in v.disk_ranges():

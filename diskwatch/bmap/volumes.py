@@ -199,6 +199,41 @@ def _parse_gpt(source: Source, disk: str, warnings: list[str]) -> list[Volume] |
     return volumes
 
 
+def disk_structures(source: Source, volumes: list[Volume]) -> dict[str, list[tuple[int, int]]]:
+    """The partition table's own bytes, as structures of the disk: the MBR
+    (``/$MBR``, the protective one of a GPT disk too), the GPT header and its
+    partition array (``/$GPTHeader``, ``/$GPTEntries``) and their backup at the
+    disk's end (``/$GPTBackup``), and the gap between the table and the
+    first partition (``/$BootGap``: GRUB's core.img lives there). Nothing for
+    a disk without a partition table; never raises for a bad one."""
+    parts = [v for v in volumes if v.kind == "p" and v.segments]
+    if not parts or any(v.kind == "v" for v in volumes):
+        return {}
+    out: dict[str, list[tuple[int, int]]] = {"/$MBR": [(0, SECTOR)]}
+    table_end = SECTOR
+    for sector in (512, 4096):
+        header = read_at(source, sector, 92)
+        if header[:8] != _GPT_SIGNATURE:
+            continue
+        (alternate,) = struct.unpack_from("<Q", header, 32)
+        (entries_lba, count, entry_size) = struct.unpack_from("<QII", header, 72)
+        if entry_size < 128 or count > 4096:
+            break
+        array_len = -(-count * entry_size // sector) * sector
+        out["/$GPTHeader"] = [(sector, 2 * sector)]
+        out["/$GPTEntries"] = [(entries_lba * sector, entries_lba * sector + array_len)]
+        table_end = max(2 * sector, entries_lba * sector + array_len)
+        backup = alternate * sector
+        if array_len < backup < source.size:
+            out["/$GPTBackup"] = [(backup - array_len, backup + sector)]
+        break
+    first = min(v.offset for v in parts)
+    if first > table_end:
+        out["/$BootGap"] = [(table_end, first)]
+    return {name: [(s, min(e, source.size)) for s, e in ranges if s < min(e, source.size)]
+            for name, ranges in out.items()}
+
+
 def find_volumes(source: Source, disk: str = "/dev/sda") -> tuple[list[Volume], list[str]]:
     """The partitions of the disk (or the disk itself when it has no
     partition table), then the logical volumes of LVM physical volumes
