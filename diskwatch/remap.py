@@ -198,6 +198,9 @@ def remap(source, old, *, why: str = "remap", bus: Bus | None = None,
         session = MapperSession(source, limits=limits)
     update = (dirty is not None and old is not None and session.has_state
               and session.answered is old)
+    why_walk = ""
+    if dirty is not None and not update and old is not None and session.has_state:
+        why_walk = "the map in use is not the one the mapper made (reloaded?)"
     try:
         if update:
             answer = session.run({"kind": "update", "disk": disk, "keep": True,
@@ -225,7 +228,7 @@ def remap(source, old, *, why: str = "remap", bus: Bus | None = None,
     result.warnings = [str(w) for w in info.get("warnings", [])]
     result.kept = int(info.get("kept", 0))
     result.incremental = info.get("incremental")
-    result.full_because = str(info.get("full_because", ""))[:200]
+    result.full_because = str(info.get("full_because", why_walk))[:200]
     if old is None:
         result.added = sorted(blockmap.object_table(), key=_object_key)
     else:
@@ -241,6 +244,10 @@ def remap(source, old, *, why: str = "remap", bus: Bus | None = None,
             result.error = "the mapper's answer is malformed (its comparison)"
             return result
         result.added.sort(key=_object_key)
+    if old is not None and not (result.added or result.removed or result.changed):
+        # The same map: the one in use stays the one the mapper's state is
+        # (an unchanged map is not swapped in), so the next remap can update it.
+        blockmap = old
     result.blockmap = blockmap
     session.answered = blockmap
     result.journal_map = answer.journal
