@@ -18,15 +18,17 @@ import time
 
 import pytest
 from fixtures_images import GUESTFS_ENV
-from groundtruth import ext4_file_ranges, ext4_list
+from groundtruth import ext4_file_ranges, ext4_list, ntfs_object_ranges
 
 from diskwatch.bmap.index import BlockMap, BmapObject
 from diskwatch.bmap.metadata import map_metadata
-from diskwatch.events import Bus
+from diskwatch.events import Bus, LateNamed
 from diskwatch.remap import Remapper
 from diskwatch.server import serve_in_thread
 from diskwatch.session import Session
+from diskwatch.sink import SinkBase
 from diskwatch.sources.file import FileSource
+from diskwatch.wire import WRITE_COMMANDS
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("debugfs") is None, reason="e2fsprogs")]
@@ -135,3 +137,124 @@ def test_a_kernel_s_creates_appends_renames_and_deletes_are_followed_by_updates(
              and ":" not in o.path}
     assert named - set(listing) == set(), "objects the filesystem no longer has"
     assert final.ranges_of(BmapObject("f", "/dev/sda1", "/newdir/created.log"))
+
+
+class _WriteCounter(SinkBase):
+    """Bytes written to one device, those a file, directory or structure
+    named as they were written (the live lookups), and those a remap named
+    afterwards (a new file's data, written before its record)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.written = self.named = self.named_late = 0
+
+    def on_event(self, event) -> None:
+        if isinstance(event, LateNamed):
+            for _, _, start, end, _, new in event.writes:
+                if new.device == self.device and new.type in "fd":
+                    self.named_late += end - start
+
+    def feed(self, batch, pieces) -> None:
+        if pieces is None:
+            return
+        for req, ps in zip(batch, pieces, strict=True):
+            if req[2] not in WRITE_COMMANDS:
+                continue
+            for start, end, obj in ps:
+                if obj is not None and obj.device == self.device:
+                    self.written += end - start
+                    self.named += (end - start) if obj.type in "fd" else 0
+
+
+def test_ntfs_3g_s_creates_appends_and_deletes_are_followed_by_updates(ntfs_image, tmp_path):
+    """An "antivirus" through ntfs-3g (libguestfs's appliance): reads its
+    DLLs, appends to its log, makes a new small log (resident: its appends
+    are writes to its own MFT record), writes and deletes a 300 KB
+    quarantine file. Each is named by updates; >= 90% of the bytes it writes
+    to the partition are named, as they are written or (a new file's data,
+    which comes before its record) as soon as an update names them; the map
+    at the end matches ntfsinfo's runlists."""
+    guestfs = pytest.importorskip("guestfs")
+    if shutil.which("ntfsinfo") is None:
+        pytest.skip("ntfs-3g")
+    os.environ.update(GUESTFS_ENV)
+    disk = tmp_path / "disk.img"
+    shutil.copy(ntfs_image.path, disk)
+    vol = ntfs_image.volume("/dev/sda2")
+    source = FileSource(str(disk))
+    with FileSource(str(disk), readonly=True) as s:
+        old = BlockMap(map_metadata(s, done_event=False).entries)
+    bus = Bus()
+    running = serve_in_thread({"": source}, bus)
+    session = Session(bus=bus, size=source.size, description="disk.img", blockmap=old)
+    said: list[str] = []
+    counter = session.pump.add(_WriteCounter("/dev/sda2"))
+    remapper = session.pump.add(Remapper(
+        source, current=lambda: session.blockmap, say=lambda text, level: said.append(text),
+        swap=lambda result: session.swap_map(result.blockmap, "remap", result.journal_map)))
+    pump = _Pump(session)
+    pump.start()
+    g = guestfs.GuestFS(python_return_dict=True)
+    quarantine = "/ProgramData/AV/Quarantine/sample.bin"
+    try:
+        _until("the first walk", lambda: remapper.mapper is not None
+               and remapper.mapper.has_state and not remapper.running)
+        g.add_drive_opts("", format="raw", protocol="nbd",
+                         server=[f"unix:{running.socket_path}"])
+        g.launch()
+        g.mount("/dev/sda2", "/")
+        dlls = [p for p in ntfs_image.files["/dev/sda2"] if p.lower().endswith(".dll")][:4]
+        for p in dlls:
+            g.read_file(p)
+        g.mkdir_p("/ProgramData/AV/Quarantine")
+        g.write("/ProgramData/AV/scan.log", b"scan started\r\n")
+        g.write("/ProgramData/AV/new.log", b"x")  # small: resident
+        for i in range(6):
+            g.write_append("/ProgramData/AV/scan.log", b"scanned a file, clean\r\n" * 200)
+            g.write_append("/ProgramData/AV/new.log", b"%d\r\n" % i)
+            g.sync()
+        g.write(quarantine, os.urandom(300 * KiB))
+        g.sync()
+
+        def names() -> set[str]:
+            return {o.path for o in session.blockmap.object_table() if o.device == "/dev/sda2"}
+        _until("the logs and the quarantined file named",
+               lambda: {"/ProgramData/AV/scan.log", "/ProgramData/AV/new.log", quarantine}
+               <= names(), said=said)
+        g.rm(quarantine)
+        g.sync()
+        _until("the quarantined file gone", lambda: quarantine not in names(), said=said)
+        g.umount_all()
+        g.shutdown()
+    finally:
+        g.close()
+    try:
+        _until("the last remap", lambda: not remapper.running
+               and remapper.structure == 0 and remapper.unnamed == 0, said=said)
+        assert remapper.request("auto") and remapper.wait(60)
+        _until("its swap", lambda: remapper._done is None)
+    finally:
+        pump.stop.set()
+        pump.join(10)
+        remapper.close()
+        running.stop()
+        source.close()
+    print("\n".join(said))
+    print(f"written to /dev/sda2: {counter.written} bytes, named live {counter.named}, "
+          f"named late {counter.named_late}")
+    assert [s for s in said if "read again:" in s], said
+    assert not [s for s in said if "whole walk" in s or "failed" in s], said
+    assert counter.written > 300 * KiB
+    assert counter.named + counter.named_late >= 0.9 * counter.written
+    # Ground truth: ntfsinfo on the partition, as the driver left it.
+    part = tmp_path / "c.ntfs"
+    with open(disk, "rb") as f, open(part, "wb") as out:
+        f.seek(vol.offset)
+        out.write(f.read(vol.length))
+    paths = ["/ProgramData/AV/scan.log", "/ProgramData/AV/new.log", *dlls]
+    truth = ntfs_object_ranges(part, vol.offset, paths)
+    final = session.blockmap
+    for path in paths:
+        assert final.ranges_of(BmapObject("f", "/dev/sda2", path)) == truth[path], path
+    with pytest.raises(KeyError):
+        ntfs_object_ranges(part, vol.offset, [quarantine])
