@@ -327,6 +327,36 @@ def test_attach_traces_the_loop_and_detach_puts_the_disk_back(running_guest, tmp
     assert stall < MAX_STALL, g.tail()
 
 
+def test_attach_remaps_live_a_file_the_guest_creates_is_named(running_guest, tmp_path, guest_map):
+    """Issue 18, item 6: attached, the map follows the guest as it does for
+    one started under diskwatch. The guest makes a file the map made before
+    does not name; an automatic remap (an update, reading again what was
+    written) names it, and its write is given to it."""
+    g = running_guest
+    trace = tmp_path / "attach.trace"
+    proc, err = start_attach(g, "--bmap", str(guest_map), "--log", str(trace))
+    try:
+        g.wait_ticks(1)
+        after = len(g.lines)
+        g.console.sendall(b"create\n")
+        line = g.wait_line(r"diskwatch-loop: created /var/log/created-\d+\.log", 30, after)
+        created = line.split("created ", 1)[1].strip()
+        deadline = time.monotonic() + 60
+        while not any(f"new {created}" in e or (created in e and "remap (auto)" in e)
+                      for e in err):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(err)
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(60)
+    stderr = "".join(err)
+    assert status == 0, stderr
+    (remapped,) = [e for e in err if created in e and "remap (auto)" in e][:1]
+    assert "read again:" in remapped, remapped
+    text = trace.read_text()
+    assert f"write f /dev/sda1 {created}" in text, text[-3000:]
+
+
 # --- the UI on a running guest -----------------------------------------------------------------
 
 

@@ -9,6 +9,8 @@
 #   burst  start a writer that rewrites the log's first 4 KiB again and again
 #          (O_DIRECT, numbered) and reads each write back: a write lost or
 #          overwritten by stale data under it prints "MISMATCH"
+#   create make a new file, /var/log/created-N.log (N the tick), and sync:
+#          what a map made before it does not name
 #   stop   end the loop: the root filesystem is remounted read-only and the
 #          guest powers off, so the image is clean for e2fsck afterwards.
 #
@@ -58,6 +60,10 @@ while :; do
     if read -t 1 line; then
         case "$line" in
             *stop*) break ;;
+            *create*)
+                printf 'made at tick %s\n' "$n" > "/var/log/created-$n.log"
+                sync
+                echo "diskwatch-loop: created /var/log/created-$n.log" ;;
             *burst*)
                 if [ -z "$writer" ]; then
                     burst &
