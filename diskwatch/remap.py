@@ -121,6 +121,8 @@ REMAP_RETRIES = 3
 RANGES_KEPT = 4096
 #: written ranges an incremental remap is handed, at most (more: the whole walk)
 DIRTY_KEPT = 4096
+#: the why of the first walk (``Remapper.prime``)
+PRIME = "first walk"
 
 _NAMED = frozenset("fd")  # the types a write is named by
 #: new names said in the one line, at most
@@ -200,7 +202,7 @@ def remap(source, old, *, why: str = "remap", bus: Bus | None = None,
               and session.answered is old)
     why_walk = ""
     if dirty is not None and not update and old is not None and session.has_state:
-        why_walk = "the map in use is not the one the mapper made (reloaded?)"
+        why_walk = "the map in use is not the disk as the mapper last read it"
     try:
         if update:
             answer = session.run({"kind": "update", "disk": disk, "keep": True,
@@ -342,9 +344,12 @@ class Remapper:
     def prime(self) -> bool:
         """The walk incremental remaps start from, made now (in the mapper
         process) rather than at the first automatic remap, so that the first
-        remap the guest's writes call for reads only what they changed. Its
-        result is taken as any automatic remap's (unchanged: not said)."""
-        return self.mode == "auto" and self.request("auto")
+        remap the guest's writes call for reads only what they changed. It is
+        never swapped in nor said (only a failure is): the map in use stays
+        what the person gave until the guest writes. When the walk names the
+        disk as that map does, updates start from it; else the first
+        automatic remap is the whole walk."""
+        return self.mode == "auto" and self.request(PRIME)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until the running remap (if any) is done; True if none runs any more.
@@ -367,10 +372,12 @@ class Remapper:
             self._idle.set()
 
     def _work(self, why: str) -> None:
-        result = remap(self.source, self.current(), why=why, bus=self.bus,
+        quiet = why == PRIME  # no progress nor summary in the block-map panel
+        result = remap(self.source, self.current(), why=why,
+                       bus=None if quiet else self.bus,
                        cancelled=lambda: self._closing, limits=self.limits,
                        session=self.mapper, dirty=self._dirty_job)
-        if self.bus is not None:
+        if self.bus is not None and not (quiet and not result.error):
             summary = result.line()
             if self._quiet(result) and self.said:
                 # the block-map panel keeps saying what the last remap that
@@ -425,11 +432,14 @@ class Remapper:
         done, self._done = self._done, None
         if done is not None:
             self.last = done
-            if done.blockmap is not None and not self._closing:
+            if done.why == PRIME:
+                if done.blockmap is not None:
+                    done = None  # built the mapper's state; the map in use stays
+            elif done.blockmap is not None and not self._closing:
                 self.swap(done)  # unchanged too: what the journal carried is news
                 self.remaps += 0 if done.unchanged else 1
                 self._retry_if_still_unnamed(done.blockmap)
-            if self._quiet(done):
+            if done is not None and self._quiet(done):
                 # A guest's journal commits every few seconds: an automatic
                 # remap that found nothing new is counted, not said.
                 self.quiet += 1

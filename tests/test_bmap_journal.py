@@ -279,6 +279,7 @@ def test_a_small_new_file_written_through_the_server_is_named_by_an_automatic_re
     nbd = pytest.importorskip("nbd")
     from diskwatch.bmap.index import BlockMap, BmapObject
     from diskwatch.events import Bus
+    from diskwatch.metrics import MetricsSink, families
     from diskwatch.remap import Remapper
     from diskwatch.server import serve_in_thread
     from diskwatch.session import Session
@@ -298,6 +299,7 @@ def test_a_small_new_file_written_through_the_server_is_named_by_an_automatic_re
     out = io.StringIO()
     session.pump.add(TextTrace(out, session.blockmap, session.started))
     summary = session.pump.add(Summary(source.size))
+    metrics = session.pump.add(MetricsSink({"": source.size}))
     said: list[str] = []
 
     remapper = session.pump.add(Remapper(
@@ -343,3 +345,9 @@ def test_a_small_new_file_written_through_the_server_is_named_by_an_automatic_re
     assert summary.stats.objects[BmapObject("d", "/dev/sda", "/srv")].journal_bytes > 0
     (line,) = [ln for ln in text.splitlines() if "] journal: " in ln]
     assert "written to the journal carried" in line and "/srv/new.log" in line, line
+    # And the metrics: each owner's journal bytes, as a counter (the same total).
+    (carried,) = [f for f in families(metrics.snapshot())
+                  if f.name == "diskwatch_journal_carried_bytes_total"]
+    by_path = {labels: n for labels, n in carried.samples}
+    assert by_path[("/dev/sda", "/srv/new.log")] == counts.journal_bytes
+    assert by_path[("/dev/sda", "/srv")] > 0

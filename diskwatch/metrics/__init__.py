@@ -71,6 +71,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "diskwatch_file_bytes_total": (
         COUNTER, ("partition", "path", "op"),
         "Bytes inside a file; the busiest files only, the rest as path='other'"),
+    "diskwatch_journal_carried_bytes_total": (
+        COUNTER, ("partition", "path"),
+        "Bytes the filesystem's journal wrote carrying a file's or directory's metadata "
+        "(ext3/4, named by live remaps); the busiest only, the rest as path='other'"),
 }
 
 
@@ -137,4 +141,9 @@ def families(snap: Snapshot) -> Iterator[Family]:
             for key, counts in members.items():
                 _object_samples(req, nbytes, tuple(key.split("\0", 1)), counts, every_op=True)
             _object_samples(req, nbytes, ("", OTHER), other, every_op=True)
+        if snap.journal or snap.journal_other:
+            carried = f["diskwatch_journal_carried_bytes_total"]
+            for key, n in sorted(snap.journal.items()):
+                carried.samples.append((tuple(key.split("\0", 1)), n))
+            carried.samples.append((("", OTHER), snap.journal_other))
     yield from f.values()

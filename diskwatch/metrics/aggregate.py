@@ -23,6 +23,7 @@ What is counted (the exported names are in ``diskwatch.metrics``):
 
 from __future__ import annotations
 
+import heapq
 import threading
 from bisect import bisect_right
 from collections import Counter
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from itertools import compress
 from operator import itemgetter
 
-from ..events import ConnectionEvent, Dropped, Request
+from ..events import ConnectionEvent, Dropped, JournalCarried, Request
 from ..text import safe_text
 from ..wire import COMMAND_NAMES, DATA_COMMANDS, ERROR_NAMES, Command
 from .topn import WIDTH, TopSeries
@@ -94,7 +95,8 @@ def series_bound(top: int, exports: int = 1) -> int:
                   + 3)  # connections, connections_total, size
     values = 2 * len(OPS)  # requests and bytes per op
     objects = ((MAX_PARTITIONS + 2) + 2 * (top + 1)) * values  # + unmapped, other
-    return exports * per_export + 1 + objects  # + dropped
+    journal = top + 1  # the journal's bytes by owner, and other
+    return exports * per_export + 1 + objects + journal  # + dropped
 
 
 class ExportCounters:
@@ -135,6 +137,9 @@ class Snapshot:
     directories_other: list[int]
     files: dict[str, list[int]]  # "partition\0path" -> counts
     files_other: list[int]
+    #: "partition\0path" -> journal bytes that carried its metadata (the busiest)
+    journal: dict[str, int] = None  # type: ignore[assignment]
+    journal_other: int = 0
 
 
 class MetricsSink:
@@ -152,6 +157,12 @@ class MetricsSink:
         self.files = TopSeries(top, tracked, refresh, half_life=6 * refresh)
         self._routes: dict[int, tuple[str, str | None, str | None]] = {}  # by id(object)
         self._route_objects: list = []
+        self.top = top
+        #: journal bytes by the file or directory whose metadata they carried:
+        #: exact for the first ``tracked`` keys, the rest counted as other
+        self._journal: dict[str, int] = {}
+        self._journal_tracked = tracked
+        self._journal_other = 0
 
     # --- the Sink protocol (the pump's thread) ---------------------------------
 
@@ -183,6 +194,17 @@ class MetricsSink:
         elif isinstance(event, Dropped):  # the pump's buffer was full: not counted
             with self._lock:
                 self.dropped += event.count
+        elif isinstance(event, JournalCarried):
+            with self._lock:
+                journal = self._journal
+                for _, _, start, end, owner in event.writes:
+                    if owner is None or not owner.path:
+                        continue
+                    key = f"{label_text(owner.device)}\0{label_text(owner.path)}"
+                    if key in journal or len(journal) < self._journal_tracked:
+                        journal[key] = journal.get(key, 0) + end - start
+                    else:
+                        self._journal_other += end - start
 
     def tick(self, now: float) -> None:
         with self._lock:
@@ -384,4 +406,11 @@ class MetricsSink:
                 dropped=self.dropped, mapped=self.mapped,
                 partitions={k: list(v) for k, v in self._partitions.items()},
                 directories=dirs, directories_other=dirs_other,  # type: ignore[arg-type]
-                files=files, files_other=files_other)  # type: ignore[arg-type]
+                files=files, files_other=files_other,  # type: ignore[arg-type]
+                **self._journal_snapshot())
+
+    def _journal_snapshot(self) -> dict:
+        busiest = heapq.nlargest(self.top, self._journal.items(), key=itemgetter(1))
+        shown = dict(busiest)
+        other = self._journal_other + sum(n for k, n in self._journal.items() if k not in shown)
+        return {"journal": shown, "journal_other": other}
