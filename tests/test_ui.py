@@ -146,6 +146,34 @@ async def test_trace_names_the_files_a_client_reads(served):
 
 
 @sync
+async def test_top_objects_by_writes_show_what_the_journal_wrote_for_each(served):
+    """Issue 18 (3a): once a remap read the journal, the top objects by
+    writes have a journal column, each object's share of the journal's
+    writes (its write amplification); none before."""
+    from diskwatch.bmap.index import BmapObject
+    from diskwatch.events import JournalCarried
+    app = DiskwatchApp(served.session)
+    async with app.run_test(size=(160, 40)) as pilot:
+        h = served.client()
+        for i in range(3):
+            h.pwrite(b"log line\n".ljust(4096), LOG + i * 4096)
+        await wait_for(pilot, app, lambda: app.stats.requests == 3)
+        top = app.query_one(TopObjects)
+        await pilot.press("s")
+        app._refresh_views(force=True)
+        await pilot.pause()
+        assert "journal" not in str(top.render()).splitlines()[0]
+        log = BmapObject("f", "/dev/sda1", "/var/log/boot log.txt")
+        served.session.pump.deliver(JournalCarried(((1.0, 1, 0, 12288, log),)))
+        app._refresh_views(force=True)
+        await pilot.pause()
+        header, row = str(top.render()).splitlines()[:2]
+        assert header.split()[-1] == "journal", header
+        assert "/var/log/boot log.txt" in row and row.split()[-1] == "12K", row
+        h.shutdown()
+
+
+@sync
 async def test_heatmap_lights_the_cells_read_and_written(served):
     app = DiskwatchApp(served.session)
     async with app.run_test(size=(100, 30)) as pilot:

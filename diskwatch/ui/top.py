@@ -71,10 +71,17 @@ class TopObjects(Static):
         top = stats.top(self.sort, rows, keep)
         num_w = 7 if width >= 60 else 6
         show_bytes = width >= 44
-        name_w = max(8, width - (3 if show_bytes else 2) * (num_w + 1) - 2)
+        # By writes, what the journal wrote for each object's metadata (ext3/4,
+        # once a remap read the journal): a file's write amplification.
+        show_journal = (show_bytes and width >= 56 and self.sort == "writes"
+                        and any(c.journal_bytes for _, c in top))
+        columns = 2 + show_bytes + show_journal
+        name_w = max(8, width - columns * (num_w + 1) - 2)
         header = f"{'T':<2}{'object':<{name_w}} {'reads':>{num_w}} {'writes':>{num_w}}"
         if show_bytes:
             header += f" {'bytes':>{num_w}}"
+        if show_journal:
+            header += f" {'journal':>{num_w}}"
         text.append(header[:width] + "\n", style=style("top-objects--header"))
         if not top:
             text.append(f"nothing {'read' if self.sort == 'reads' else 'written'} yet",
@@ -96,6 +103,9 @@ class TopObjects(Static):
             if show_bytes:
                 nbytes = c.read_bytes if self.sort == "reads" else c.write_bytes
                 text.append(f" {format_bytes_compact(nbytes):>{num_w}}", style=muted)
+            if show_journal:
+                jb = format_bytes_compact(c.journal_bytes) if c.journal_bytes else "-"
+                text.append(f" {jb:>{num_w}}", style=muted)
             if i < len(top) - 1:
                 text.append("\n")
         self._show(text)
