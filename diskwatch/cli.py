@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --bmap: make the map again from the disk as it is now, in the "
                         "background, to name files made since: auto (on the UI's m key, and "
                         "by itself once a directory or a filesystem structure was written, or "
-                        "--remap-after bytes outside any named file; at most every 2 s), key "
+                        "--remap-after bytes outside any named file; at most every second, reading "
+                        "again only what was written), key "
                         "(only on m), off")
     g.add_argument("--remap-after", type=_size, default="1M", metavar="SIZE",
                    help="unnamed write bytes that start an automatic remap (default 1M)")
