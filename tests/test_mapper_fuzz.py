@@ -11,8 +11,15 @@ never touched, so a mutation reaches the attribute parsers instead of being
 refused at the fixup check); ext4's checksums are not recomputed, which is
 no obstacle: The Sleuth Kit does not verify them.
 
-``FUZZ_MAPPER`` walks per image (CI's share: 12; ``make fuzz``: 300). The
-seed of each walk is in the failure message: ``FUZZ_MAPPER_SEED`` replays it.
+The same mutations are also fed to **updates** (incremental remaps): one
+kept mapper process walks the image, then each round's mutated bytes are
+"written" (they stay, round after round, as a guest's writes do) and
+handed to an update as the written ranges; each update answers a patch
+the server applies, falls back to the whole walk, or fails in one line.
+
+``FUZZ_MAPPER`` walks (and updates) per image (CI's share: 12; ``make
+fuzz``: 300). The seed of each walk is in the failure message:
+``FUZZ_MAPPER_SEED`` replays it.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ import pytest
 from fixtures_images import DiskImage
 from test_bmap_more_filesystems import iso  # noqa: F401 - the fixture (session scope)
 
+from diskwatch.bmap.format import merge_ranges
 from diskwatch.bmap.index import BlockMap
 from diskwatch.bmap.metadata import map_metadata
-from diskwatch.bmap.worker import MapperFailed, MapperLimits, run_mapper
+from diskwatch.bmap.worker import MapperFailed, MapperLimits, MapperSession, run_mapper
+from diskwatch.remap import remap
 from diskwatch.sources.base import Layer
 from diskwatch.sources.file import FileSource
 
@@ -113,6 +122,51 @@ def _fuzz(image: DiskImage, name: str) -> Counter:
             outcomes["mapped"] += 1
     print(f"\n{name}: {dict(outcomes)}")
     return outcomes
+
+
+def _fuzz_updates(image: DiskImage, name: str) -> Counter:
+    path = getattr(image, "path", image)
+    targets = _targets(path)
+    seeds = ([int(os.environ["FUZZ_MAPPER_SEED"])] if "FUZZ_MAPPER_SEED" in os.environ
+             else [zlib.crc32(f"{name} update {k}".encode()) for k in range(WALKS)])
+    outcomes: Counter = Counter()
+    with FileSource(str(path), readonly=True) as base:
+        source = Mutated(base, {})
+        session = MapperSession(source, limits=LIMITS)
+        try:
+            first = remap(source, None, session=session)
+            assert first.error == "", first.error
+            current = first.blockmap
+            for seed in seeds:
+                rng = random.Random(seed)
+                new = _mutation(rng, targets, base.size)
+                source.changes.update(new)  # written: they stay
+                source.sorted = sorted(source.changes)
+                dirty = merge_ranges([(at & ~4095, (at & ~4095) + 4096) for at in new])
+                try:
+                    result = remap(source, current, session=session, dirty=dirty)
+                except Exception as e:  # noqa: BLE001 - the finding: said with its seed
+                    pytest.fail(f"{name}: FUZZ_MAPPER_SEED={seed}: {type(e).__name__}: {e}")
+                if result.error:
+                    assert "\n" not in result.error, (seed, result.error)
+                    outcomes["failed: " + result.error.split(" (")[0][:60]] += 1
+                    print(f"{name} update: FUZZ_MAPPER_SEED={seed}: {result.error}")
+                    continue
+                current = result.blockmap
+                current.lookup(0, base.size)  # usable whole
+                outcomes["updated" if result.incremental is not None else
+                         "whole walk: " + result.full_because[:40]] += 1
+        finally:
+            session.close()
+    print(f"\n{name} updates: {dict(outcomes)}")
+    return outcomes
+
+
+@pytest.mark.parametrize("which", ["ext4_mbr_image", "gpt_fat_image", "ntfs_image"])
+def test_mutations_written_while_watched_never_hurt_the_server(request, which):
+    """The guest writes the mutations while the map follows it: updates."""
+    outcomes = _fuzz_updates(request.getfixturevalue(which), which)
+    assert sum(outcomes.values()) == WALKS
 
 
 def test_mutated_ext4_images_never_hurt_the_server(ext4_mbr_image):
