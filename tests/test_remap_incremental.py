@@ -18,7 +18,7 @@ import time
 
 import pytest
 from fixtures_images import GUESTFS_ENV
-from groundtruth import ext4_file_ranges, ext4_list, ntfs_object_ranges
+from groundtruth import ext4_file_ranges, ext4_list, fat_file_ranges, ntfs_object_ranges
 
 from diskwatch.bmap.index import BlockMap, BmapObject
 from diskwatch.bmap.metadata import map_metadata
@@ -258,3 +258,69 @@ def test_ntfs_3g_s_creates_appends_and_deletes_are_followed_by_updates(ntfs_imag
         assert final.ranges_of(BmapObject("f", "/dev/sda2", path)) == truth[path], path
     with pytest.raises(KeyError):
         ntfs_object_ranges(part, vol.offset, [quarantine])
+
+
+def test_vfat_s_appends_creates_and_deletes_are_followed_by_updates(gpt_fat_image, tmp_path):
+    """FAT keeps a file's size and first cluster in its directory entry:
+    a directory written has every file of it read again. Linux's vfat
+    driver (libguestfs) grows a file, makes a directory and a file, and
+    deletes one; the map follows by updates and ends as mtools says."""
+    guestfs = pytest.importorskip("guestfs")
+    if shutil.which("mshowfat") is None:
+        pytest.skip("mtools")
+    os.environ.update(GUESTFS_ENV)
+    disk = tmp_path / "disk.img"
+    shutil.copy(gpt_fat_image.path, disk)
+    vol = gpt_fat_image.volume("/dev/sda2")
+    source = FileSource(str(disk))
+    with FileSource(str(disk), readonly=True) as s:
+        old = BlockMap(map_metadata(s, done_event=False).entries)
+    bus = Bus()
+    running = serve_in_thread({"": source}, bus)
+    session = Session(bus=bus, size=source.size, description="disk.img", blockmap=old)
+    said: list[str] = []
+    remapper = session.pump.add(Remapper(
+        source, current=lambda: session.blockmap, say=lambda text, level: said.append(text),
+        swap=lambda result: session.swap_map(result.blockmap, "remap", result.journal_map)))
+    pump = _Pump(session)
+    pump.start()
+    g = guestfs.GuestFS(python_return_dict=True)
+    grown, gone, made = "/readme.txt", "/Docs/Nested/other.dat", "/Logs/new log.txt"
+    try:
+        _until("the first walk", lambda: remapper.mapper is not None
+               and remapper.mapper.has_state and not remapper.running)
+        g.add_drive_opts("", format="raw", protocol="nbd",
+                         server=[f"unix:{running.socket_path}"])
+        g.launch()
+        g.mount("/dev/sda2", "/")
+        g.write_append(grown, b"one more line of the readme\r\n" * 1000)  # 29 KB more
+        g.mkdir("/Logs")
+        g.write(made, b"log\r\n" * 2000)
+        g.rm(gone)
+        g.sync()
+
+        def ranges(path: str) -> list:
+            return session.blockmap.ranges_of(BmapObject("f", "/dev/sda2", path))
+        _until("the grown, made and deleted files followed",
+               lambda: ranges(made) and not ranges(gone)
+               and sum(e - s for s, e in ranges(grown)) >= 30000, said=said)
+        g.umount_all()
+        g.shutdown()
+    finally:
+        g.close()
+    try:
+        _until("the last remap", lambda: not remapper.running
+               and remapper.structure == 0 and remapper.unnamed == 0, said=said)
+    finally:
+        pump.stop.set()
+        pump.join(10)
+        remapper.close()
+        running.stop()
+        source.close()
+    print("\n".join(said))
+    assert [s for s in said if "read again:" in s], said
+    assert not [s for s in said if "whole walk" in s or "failed" in s], said
+    truth = fat_file_ranges(disk, vol.offset, [grown, made])
+    for path in (grown, made):
+        assert sorted(session.blockmap.ranges_of(BmapObject("f", "/dev/sda2", path))) \
+            == sorted(truth[path]), path

@@ -31,7 +31,8 @@ ext4 ``/$Superblock``,      nothing, unless the geometry changed (a resize,
 ``/$GroupDescriptors``      a new filesystem): then the whole walk
 file data, bitmaps, FATs    nothing (a FAT file's size and first cluster are
                             in its directory entry: its directory is
-                            written too)
+                            written too, and every file of a FAT directory
+                            listed again is read again)
 a partition's unnamed       nothing, unless the partition's signature
 bytes                       changed (a new filesystem made on it): the
                             whole walk
@@ -378,6 +379,14 @@ class MapperState:
             path = walker.dir_paths.get(d)
             if path is not None:
                 self._reread_dir(walker, d, path, touched, dev)
+        if walker.is_fat:
+            # A FAT file's size and first cluster are in its directory entry,
+            # which TSK's listing does not compare: every file of a directory
+            # written is read again (FAT directories are small).
+            for d in listings:
+                for _raw, addr, mtype in walker.children.get(d, ()):
+                    if mtype == reg_type and addr in walker.files:
+                        job.inodes.add(addr)
         for k in job.inodes:
             if k in reread:
                 continue
