@@ -432,6 +432,29 @@ def test_pipelined_requests_in_one_buffer():
     assert out[0][5] == -1  # no payload for a read
 
 
+def test_requests_are_typed():
+    c = in_transmission()
+    (req,) = parse(c, request(P.CMD_WRITE, 4096, 3, handle=9, flags=P.CMD_FLAG_FUA,
+                              payload=b"abc"))[1]
+    assert isinstance(req, P.Request)
+    assert req == P.Request(P.CMD_WRITE, P.CMD_FLAG_FUA, 9, 4096, 3, P.REQUEST_SIZE, 0)
+    assert (req.command, req.handle, req.payload_start, req.error) == (P.CMD_WRITE, 9, 28, 0)
+    (bad,) = parse(c, request(42, 0, 0, handle=2))[1]
+    assert (bad.command, bad.error) == (P.CMD_UNKNOWN, P.NBD_EINVAL)
+
+
+def test_write_payload_at_says_what_the_transport_must_buffer():
+    write = request(P.CMD_WRITE, 0, 1000, handle=1)
+    assert P.write_payload_at(write, 0, len(write)) == 1000
+    assert P.write_payload_at(write, 0, P.REQUEST_SIZE - 1) == -1  # header not all there
+    buf = bytearray(b"x" * 5) + write
+    assert P.write_payload_at(buf, 5, len(buf)) == 1000
+    read = request(P.CMD_READ, 0, 1 << 20)
+    assert P.write_payload_at(read, 0, len(read)) == -1  # no payload
+    huge = request(P.CMD_WRITE, 0, P.MAX_ACCEPTED + 1)
+    assert P.write_payload_at(huge, 0, len(huge)) == -1  # skipped as it arrives, never held
+
+
 def test_partial_request_header_waits():
     c = in_transmission()
     data = request(P.CMD_READ, 512, 512, handle=9)
@@ -801,6 +824,33 @@ def test_structured_hole_chunk():
     assert (flags, rtype, handle, rest) == (P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_HOLE, 4, b"")
     assert struct.unpack(">QI", payload) == (8192, 1 << 20)
     assert parse_chunk(c.read_hole_chunk(4, 0, 1, False))[0] == 0
+
+
+def test_refused_requests_get_the_protocols_reason():
+    c = in_transmission(structured=True)
+    for err, text in P.ERROR_TEXT.items():
+        flags, rtype, handle, payload, rest = parse_chunk(c.reply_refused(3, err))
+        assert (flags, rtype, handle, rest) == (P.REPLY_FLAG_DONE, P.REPLY_TYPE_ERROR, 3, b"")
+        assert struct.unpack_from(">IH", payload) == (err, len(text)) and payload[6:] == text.encode()
+    assert in_transmission().reply_refused(4, P.NBD_ESHUTDOWN) == struct.pack(
+        ">IIQ", P.SIMPLE_REPLY_MAGIC, P.NBD_ESHUTDOWN, 4)
+
+
+def test_read_chunks_frame_data_and_holes_in_order():
+    c = in_transmission(structured=True)
+    out = c.read_chunks(8, 4096, [(512, b"a" * 512), (1024, None), (256, b"b" * 256)])
+    assert out[1] == b"a" * 512 and out[4] == b"b" * 256
+    assert struct.unpack(">IHHQIQ", out[0]) == (P.STRUCTURED_REPLY_MAGIC, 0,
+                                                P.REPLY_TYPE_OFFSET_DATA, 8, 512 + 8, 4096)
+    flags, rtype, handle, payload, _ = parse_chunk(out[2])
+    assert (flags, rtype, handle) == (0, P.REPLY_TYPE_OFFSET_HOLE, 8)
+    assert struct.unpack(">QI", payload) == (4096 + 512, 1024)
+    assert struct.unpack(">IHHQIQ", out[3]) == (P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                                P.REPLY_TYPE_OFFSET_DATA, 8, 256 + 8,
+                                                4096 + 512 + 1024)
+    assert len(out) == 5
+    # a hole at the end carries DONE
+    assert parse_chunk(c.read_chunks(8, 0, [(512, None)])[0])[0] == P.REPLY_FLAG_DONE
 
 
 def test_block_status_chunk():

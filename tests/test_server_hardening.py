@@ -451,7 +451,7 @@ class CacheRecorder(Layer):
 
 
 def test_cache_is_a_bounded_hint(serve_source, server_image):
-    from diskwatch.server import server as S
+    from diskwatch.server import dispatch as S
     assert Source().cache(0, 1 << 40) is None  # the default prefetches nothing
     src = CacheRecorder(ReadOnly(FileSource(str(server_image.path), readonly=True)))
     served = serve_source(src)

@@ -504,7 +504,7 @@ def served(src: CurlSource):
         finally:
             h.shutdown()
         # every read went through the loop's engine: no worker thread was started
-        assert running.server._pool is None
+        assert running.server._workers._pool is None
 
 
 def read_in_flight(h, ranges) -> list:
@@ -643,8 +643,8 @@ def test_loop_close_fails_reads_in_flight(ranged):
             cookie = h.aio_pread(buf, 0)
             wait_until(lambda: (h.poll(0), ranged.state["stalled"].is_set())[1],
                        what="the stalled transfer")
-            engine, = running.server._aios.values()
-            running.thread.call(engine.close)
+            engine, = running.server._async.values()
+            running.thread.call(engine.aio.close)
             while h.aio_in_flight() > 0:
                 h.poll(-1)
             with pytest.raises(nbd.Error) as e:

@@ -1,9 +1,13 @@
 """The NBD protocol, server side, as a pure state machine (no sockets).
 
 Modelled on h11: bytes go in (``receive_data`` during the handshake,
-``parse_requests`` during transmission), what to send comes out as bytes, and
-every corner of the protocol is a plain unit test. The transport
-(``server.py``) only moves bytes and calls sources.
+``parse_requests`` during transmission), typed requests (``Request``) and
+what to send come out, and every corner of the protocol is a plain unit
+test. All framing is here: every reply header, simple or structured, data,
+hole, block status or error, is built by a ``ServerConnection`` method, and
+the transport (``server.py``) reads request headers only through
+``write_payload_at``. The transport moves bytes; the request path
+(``dispatch.py``) calls sources.
 
 Reference: doc/proto.md of the NetworkBlockDevice/nbd project (fixed newstyle
 negotiation, structured replies, base:allocation block status).
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # The wire's numbers are defined in diskwatch/wire.py; all of them are also
 # found here (the transport and the tests say P.NBD_EIO): those this module
@@ -44,8 +49,10 @@ from ..wire import (
     META_BASE_ALLOCATION,
     NBD_EINVAL,
     NBD_ENOSPC,
+    NBD_ENOTSUP,
     NBD_EOVERFLOW,
     NBD_EPERM,
+    NBD_ESHUTDOWN,
     NBDMAGIC,
     OPT_ABORT,
     OPT_EXPORT_NAME,
@@ -89,8 +96,6 @@ from ..wire import (
 )
 from ..wire import NBD_EIO as NBD_EIO
 from ..wire import NBD_ENOMEM as NBD_ENOMEM
-from ..wire import NBD_ENOTSUP as NBD_ENOTSUP
-from ..wire import NBD_ESHUTDOWN as NBD_ESHUTDOWN
 from ..wire import REP_ERR_BLOCK_SIZE_REQD as REP_ERR_BLOCK_SIZE_REQD
 from ..wire import REP_ERR_PLATFORM as REP_ERR_PLATFORM
 from ..wire import REP_ERR_SHUTDOWN as REP_ERR_SHUTDOWN
@@ -128,6 +133,37 @@ REQUEST_SIZE = REQUEST.size  # 28
 #: what parse_requests counts for a request besides its payload: the tuple,
 #: its event and its reply header (Python objects, a few hundred bytes)
 REQUEST_COST = 512
+#: block status answers for at most this much of what it was asked (the
+#: client only needs the start; a source's extents of a window stay small)
+BLOCK_STATUS_MAX = 1 << 30
+
+#: the message of an error reply for a request the protocol refused
+#: (``Request.error``), or one the server refused as a whole
+ERROR_TEXT = {
+    NBD_EINVAL: "invalid request (range, flags or length)",
+    NBD_ENOSPC: "request goes past the end of the disk",
+    NBD_EPERM: "export is read-only",
+    NBD_EOVERFLOW: "request larger than the maximum payload",
+    NBD_ENOTSUP: "not supported",
+    NBD_ESHUTDOWN: "server is shutting down",
+}
+
+
+class Request(NamedTuple):
+    """One request, as ``parse_requests`` hands it to the transport."""
+
+    command: int  # CMD_*; CMD_UNKNOWN for a number the protocol does not know
+    flags: int
+    handle: int
+    offset: int
+    length: int
+    #: where a write's payload starts in the buffer parsed (-1: none)
+    payload_start: int
+    #: an NBD error to answer instead of carrying it out (0: valid)
+    error: int
+
+
+_new_request = tuple.__new__  # Request(...) without the keyword-handling __new__: on the hot path
 
 # proto.md: FUA "is valid for all commands ... the server MUST accept all
 # commands with this bit set (even by ignoring the bit)"; old qemu sets it on
@@ -497,11 +533,12 @@ class ServerConnection:
                        budget: int = 1 << 62) -> int:
         """Parse complete requests from ``buf[start:end]`` into ``out``.
 
-        Appends tuples ``(command, flags, handle, offset, length, payload_start,
-        error)`` where ``payload_start`` indexes the write payload in ``buf``
-        (-1 when none) and ``error`` is an NBD error to reply with instead of
-        doing the request (0 when the request is valid). Returns the new
-        start: bytes of an incomplete request stay in the buffer.
+        Appends ``Request``s (``command, flags, handle, offset, length,
+        payload_start, error``) where ``payload_start`` indexes the write
+        payload in ``buf`` (-1 when none) and ``error`` is an NBD error to
+        reply with instead of doing the request (0 when the request is
+        valid). Returns the new start: bytes of an incomplete request stay in
+        the buffer.
 
         ``budget`` bounds what one call lets loose: parsing stops once the
         requests parsed would move that many bytes (read and write lengths,
@@ -522,6 +559,7 @@ class ServerConnection:
         allowed = self._allowed or COMMAND_FLAGS_ALLOWED
         align = self._align
         append = out.append
+        new = _new_request
         cost = 0
         while end - start >= REQUEST_SIZE and cost < budget:
             magic, flags, cmd, handle, offset, length = unpack(buf, start)
@@ -534,7 +572,7 @@ class ServerConnection:
                     n = min(length, end - start)
                     start += n
                     self.skip = length - n
-                    append((cmd, flags, handle, offset, length, -1, NBD_EINVAL))
+                    append(new(Request, (cmd, flags, handle, offset, length, -1, NBD_EINVAL)))
                     if self.skip:
                         return start
                     continue
@@ -566,7 +604,7 @@ class ServerConnection:
                 if cmd > CMD_BLOCK_STATUS:
                     cmd = CMD_UNKNOWN  # answered EINVAL; events carry one "unknown" value
             cost += REQUEST_COST
-            append((cmd, flags, handle, offset, length, pstart, err))
+            append(new(Request, (cmd, flags, handle, offset, length, pstart, err)))
         return start
 
     def _validate_other(self, cmd: int, flags: int, offset: int, length: int) -> int:
@@ -608,6 +646,11 @@ class ServerConnection:
             return STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0)
         return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
 
+    def reply_refused(self, handle: int, error: int) -> bytes:
+        """The answer to a request refused as a whole: ``Request.error`` from
+        parse_requests, or NBD_ESHUTDOWN at shutdown (ERROR_TEXT says why)."""
+        return self.reply_error(handle, error, ERROR_TEXT.get(error, ""))
+
     def reply_error(self, handle: int, error: int, message: str = "") -> bytes:
         if not self.structured:
             return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
@@ -622,6 +665,24 @@ class ServerConnection:
             return STRUCTURED_DATA.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
                                          REPLY_TYPE_OFFSET_DATA, handle, length + 8, offset)
         return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+
+    def read_chunks(self, handle: int, offset: int, pieces: list) -> list:
+        """The chunks of a structured read split where the disk has holes:
+        ``pieces`` are ``(length, data)`` in order from ``offset``, data None
+        for a range that reads as zeroes (a hole chunk, no payload). Returns
+        headers and payloads to send in order, the last chunk marked DONE."""
+        out: list = []
+        append = out.append
+        pos = offset
+        last = len(pieces) - 1
+        for i, (n, data) in enumerate(pieces):
+            if data is None:
+                append(self.read_hole_chunk(handle, pos, n, i == last))
+            else:
+                append(self.read_data_header(handle, pos, n, i == last))
+                append(data)
+            pos += n
+        return out
 
     def read_hole_chunk(self, handle: int, offset: int, length: int, done: bool) -> bytes:
         return (STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
@@ -638,6 +699,18 @@ class ServerConnection:
             chunks.append(STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, done, REPLY_TYPE_BLOCK_STATUS,
                                           handle, 4 + len(body)) + struct.pack(">I", ctx) + body)
         return b"".join(chunks)
+
+
+def write_payload_at(buf, start: int, end: int) -> int:
+    """The payload length of the write whose header starts at ``buf[start]``
+    when parse_requests will wait for all of it in the buffer (it is at most
+    MAX_ACCEPTED); -1 when the header is not all there or it is no such
+    write. What the transport needs to know of a request it has not parsed:
+    whether it is complete, and how big the buffer must grow to hold it."""
+    if end - start < REQUEST_SIZE:
+        return -1
+    _magic, _flags, cmd, _handle, _offset, length = REQUEST.unpack_from(buf, start)
+    return length if cmd == CMD_WRITE and length <= MAX_ACCEPTED else -1
 
 
 def clip_extents(extents, offset: int, length: int, req_one: bool,

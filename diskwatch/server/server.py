@@ -1,41 +1,22 @@
 """The NBD transport: non-blocking unix and TCP sockets, many connections.
 
-The protocol logic lives in ``protocol.py``; this module moves bytes. It is
-written for speed: sockets are non-blocking and driven with ``add_reader``,
-each wake-up reads everything available with one ``recv_into`` into a
-per-connection buffer, parses every complete request in it, carries them out,
-and sends all the replies with one ``sendmsg`` (read data of a raw image goes
-out straight from its mmap, never copied through Python). Events are
-published once per wake-up, after the replies are on their way.
+The protocol (``protocol.py``) owns all framing and the request path
+(``dispatch.py``) calls sources and makes replies and events; this module
+moves bytes. It is written for speed: sockets are non-blocking and driven
+with ``add_reader``, each wake-up reads everything available with one
+``recv_into`` into a per-connection buffer, parses every complete request in
+it, hands them to the request path, and sends all the replies with one
+``sendmsg`` (read data of a raw image goes out straight from its mmap, never
+copied through Python). Events are published once per wake-up, after the
+replies are on their way. Requests that complete later (in a worker thread,
+upstream) make their connection ready; ``flush`` sends and publishes for
+every ready connection at once.
 
 Sources that may block (network, decompression) run in worker threads so
 other requests, and other connections, go on; their replies go out in
-whatever order they finish, as NBD allows.
-
-Thread models (``sources/base.py``): each export is served under the most
-serialised model of its stack, as nbdkit does, decided once when the
-server is made:
-
-- parallel: as described above, nothing taken or checked per request;
-- serialize_requests: a connection has at most one request in a worker
-  thread; the others wait, parsed, in its queue (``_Turns``), and
-  connections run side by side;
-- serialize_all_requests: one ``_Turns`` for the export: one request in a
-  worker at a time, whichever connection it comes from, connections taking
-  turns request by request;
-- serialize_connections: a connection that finishes its handshake while
-  another is served waits, not read from, until that one has gone
-  (nbdkit accepts it and serialises; its requests then take turns as
-  under serialize_all_requests).
-
-A request waiting its turn holds no worker (nbdkit's threads block on a
-lock; here the pool is shared by every export, so a waiting request stays
-in the loop's queue instead). Sources that do not block are served inline,
-on the loop's one thread, so their requests never overlap anyway; under a
-serialising model their big zero, trim and cache requests stay inline too,
-and a stack that serialises is never driven through an asynchronous
-engine (whose point is many requests in flight) nor read from a view
-outside its turn.
+whatever order they finish, as NBD allows. Thread models are applied by the
+request path (see ``dispatch.py``), but for serialize_connections, whose
+queue of connections waiting for the one served is kept here (``_Admission``).
 
 Memory budget (a client never decides how much memory the server uses):
 
@@ -57,11 +38,20 @@ Memory budget (a client never decides how much memory the server uses):
   are closed at once (nbdkit's limit filter); a handshake not finished in
   ``handshake_timeout`` seconds, and with ``idle_timeout`` a connection
   silent that long with nothing in flight, are closed;
-- NBD_CMD_CACHE prefetches at most CACHE_MAX, the source's cheap way.
+- NBD_CMD_CACHE prefetches at most dispatch.CACHE_MAX, the source's cheap way.
 
 Together: 128 connections x 256 KiB + 96 MiB + 64 MiB, plus the
 interpreter (about 50 MiB): under 256 MiB whatever the clients send
 (benchmarks/bench_hostile.py measures the hostile cases).
+
+Why this module is over 800 lines: it does one job, the transport
+(accepting, reading into and growing buffers, the handshake's bytes, the
+memory budget, sending, timeouts), and every part of it keeps the same
+counters of the one Server and calls the others (a send resumes a paused
+read, a close wakes a starved connection). What could stand alone has
+its own module: framing (protocol.py), the request path (dispatch.py),
+connection state (connection.py), listening sockets (listen.py), the loop
+(loop.py), TLS (tls.py).
 """
 
 from __future__ import annotations
@@ -69,47 +59,39 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
-import os
 import socket
-import stat
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
-from ..events import Bus, ConnectionEvent, make_request
+from ..events import Bus, ConnectionEvent
 from ..sources.base import (
-    EXTENT_ZERO,
     PARALLEL,
     SERIALIZE_ALL_REQUESTS,
     SERIALIZE_CONNECTIONS,
-    FastZeroUnsupported,
     Source,
     stack,
     stack_thread_model,
 )
 from ..sources.watch import Watch
 from . import protocol as P
+from .connection import HANDSHAKE_BUFFER as HANDSHAKE_BUFFER
+from .connection import RECV_BUFFER, Connection, Turns
+from .dispatch import AsyncEngine, Engine, InlineEngine, WorkerEngine, dispatch
+from .listen import listen_tcp, listen_unix
 from .loop import EpollLoop
 
 log = logging.getLogger("diskwatch.server")
 
-RECV_BUFFER = 256 * 1024  # grows to hold one maximal write, then shrinks back
-HANDSHAKE_BUFFER = 16 * 1024
 CONN_BUDGET = 32 * 1024 * 1024  # bytes in flight per connection
 TOTAL_BUDGET = 96 * 1024 * 1024  # bytes in flight (and grown buffers), all connections
 HANDSHAKE_OUT_MAX = 256 * 1024  # option replies queued before a handshake is not read
 MAX_CONNECTIONS = 128
 HANDSHAKE_TIMEOUT = 10.0
 SWEEP_INTERVAL = 1.0  # how often timeouts are checked
-HOLE_SCAN_MIN = 64 * 1024  # structured reads this big are checked for holes
 IOV_MAX = 1024
-#: zero, trim and cache requests longer than this run in a worker thread
-INLINE_MAX = 4 * 1024 * 1024
-_OFFLOADED = (P.CMD_TRIM, P.CMD_WRITE_ZEROES, P.CMD_CACHE)
-#: NBD_CMD_CACHE prefetches at most this much of its range (it is a hint)
-CACHE_MAX = 64 * 1024 * 1024
 monotonic = time.monotonic
 
 
@@ -124,56 +106,6 @@ def export_info(name: str, src: Source, description: str | None = None) -> P.Exp
         block_size=(mn, pref, min(mx, P.MAX_PAYLOAD)),
     )
 
-
-class _Conn:
-    """One client connection (transport state; protocol state is ``proto``)."""
-
-    def __init__(self, server: Server, sock: socket.socket, cid: int, peer: str):
-        self.server = server
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.cid = cid
-        self.peer = peer
-        self.proto = P.ServerConnection(server.export_infos, default_export=server.default_export,
-                                        tls=server.tls.mode if server.tls else "off")
-        self.tls = None  # the TLSSocket once STARTTLS is done (then also self.sock)
-        self.buf = bytearray(HANDSHAKE_BUFFER)
-        self.view = memoryview(self.buf)
-        self.start = 0
-        self.end = 0
-        self.out: deque = deque()  # bytes and memoryviews, sent in order
-        self.writing = False
-        self.reading = True
-        self.paused = False  # not read from while its replies drain (back-pressure)
-        self.starved = False  # waits for the total budget (in Server._starved)
-        self.queued = 0  # bytes in self.out (as of the last _send)
-        self.executing = 0  # bytes held by requests in workers or asynchronous
-        self.extra = 0  # receive buffer beyond RECV_BUFFER
-        self.charged = 0  # queued + executing, as counted in Server.inflight_bytes
-        self.born = self.active = monotonic()
-        self.held = False  # not read from while parsed requests wait to be issued
-        self.inflight = 0  # requests out in worker threads
-        self.closing = False  # after DISC or EOF: close once replies are out
-        self.closed = False
-        self.requests = 0
-        self.source: Source | None = None
-        self.aio = None  # the source's asynchronous way in, when it has one
-        self.waiting: deque = deque()  # parsed requests beyond the in-flight window
-        self.futures: dict = {}  # requests in worker threads: future -> handle
-        self.export_name = ""
-        self.events: list = []
-        #: the turns this connection's worker requests take (None: parallel)
-        self.turns: _Turns | None = None
-        self.in_turns = False  # in turns.ready, with requests in self.waiting
-        self.benched = False  # serialize_connections: waits for the export's connection
-
-
-
-def _is_socket(path: str) -> bool:
-    try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError:
-        return True  # nothing there now: the error is not about its kind
 
 class Server:
     """Serves one or more exports (name -> Source) to NBD clients."""
@@ -194,24 +126,32 @@ class Server:
         self.export_infos = {n: export_info(n, s) for n, s in exports.items()}
         self.loop = None  # an EpollLoop, or an asyncio loop: anything with add_reader & co
         self._listeners: list[socket.socket] = []
-        self._conns: dict[int, _Conn] = {}
+        self._conns: dict[int, Connection] = {}
         self._next_cid = 1
-        self._pool: ThreadPoolExecutor | None = None
-        self._workers = workers
-        # The thread model of each export's stack (see the module docstring).
+        # The thread model of each export's stack (see dispatch.py).
         self.thread_models = {name: stack_thread_model(s) for name, s in exports.items()}
-        self._export_turns = {name: _Turns() for name, m in self.thread_models.items()
+        self._export_turns = {name: Turns() for name, m in self.thread_models.items()
                               if m in (SERIALIZE_ALL_REQUESTS, SERIALIZE_CONNECTIONS)}
         self._admissions = {name: _Admission() for name, m in self.thread_models.items()
                             if m == SERIALIZE_CONNECTIONS}
-        # Sources the loop drives asynchronously (an upstream NBD server, a
-        # URL): one engine per source, asked for once here (a source may make
-        # a new one for each server) and attached with the loop. A stack
-        # that serialises is called through its plain methods instead.
-        self._export_aios = {name: s.aio if self.thread_models[name] == PARALLEL else None
-                             for name, s in exports.items()}
-        self._aios = {id(a): a for a in self._export_aios.values() if a is not None}
-        self._async_ready: dict[int, _Conn] = {}  # connections with replies to send
+        # How each export's requests reach its source (dispatch.py): the
+        # workers' pool is shared; a source the loop drives asynchronously
+        # (an upstream NBD server, a URL) has one engine, its ``aio`` asked
+        # for once here (a source may make a new one for each server) and
+        # attached with the loop. A stack that serialises is called through
+        # its plain methods instead.
+        self._workers = WorkerEngine(self, workers)
+        inline = InlineEngine(self._workers)
+        self._async: dict[int, AsyncEngine] = {}
+        self._engines: dict[str, Engine] = {}
+        for name, src in exports.items():
+            aio = src.aio if self.thread_models[name] == PARALLEL else None
+            if aio is not None:
+                engine = self._async.setdefault(id(aio), AsyncEngine(self, aio))
+            else:
+                engine = self._workers if src.blocking else inline
+            self._engines[name] = engine
+        self._ready: dict[int, Connection] = {}  # connections with replies to send
         # Watch layers (sources/watch.py) in the stacks: what they saw is
         # published after each batch of the server's own requests.
         self._watchers = [layer for s in exports.values() for layer in stack(s)
@@ -229,73 +169,19 @@ class Server:
         self.inflight_bytes = 0  # sum of every connection's queued + executing
         self.buffer_bytes = 0  # sum of every connection's grown receive buffer
         self.peak_bytes = 0  # highest inflight_bytes + buffer_bytes seen
-        self._starved: dict[int, _Conn] = {}
-        self._resuming = False
+        self._starved: dict[int, Connection] = {}
 
     # --- listening ---------------------------------------------------------
 
     def listen_unix(self, path: str) -> None:
-        """The socket appears at ``path`` already listening: it is bound
-        under a temporary name beside it and linked into place (link(2)
-        refuses an existing name, as bind does), so a client that waits for
-        the path to exist is never refused."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        head, tail = os.path.split(path)
-        temp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
-        if len(os.fsencode(temp)) >= 108:  # sun_path: bind the name itself
-            self._listen(sock, path, path)
-            return
-        try:
-            os.unlink(temp)  # left by a killed process of our pid
-        except OSError:
-            pass
-        self._listen(sock, temp, path)
-        try:
-            os.link(temp, path)
-        except OSError as e:
-            self._listeners.remove(sock)
-            if self.loop is not None:
-                self.loop.remove_reader(sock.fileno())
-            sock.close()
-            code = errno.EADDRINUSE if e.errno == errno.EEXIST else e.errno
-            why = ("something that is not a socket is there (give a new path)"
-                   if code == errno.EADDRINUSE and not _is_socket(path) else os.strerror(code))
-            raise OSError(code, f"cannot listen on {path}: {why}") from None
-        finally:
-            try:
-                os.unlink(temp)
-            except OSError:
-                pass
+        """Listen at ``path`` (see listen.listen_unix)."""
+        self.add_listener(listen_unix(path))
 
     def listen_tcp(self, host: str, port: int) -> int:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-        except socket.gaierror as e:
-            raise OSError(errno.EADDRNOTAVAIL,
-                          f"cannot listen on {host}:{port}: {e.strerror}") from None
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listen(sock, addr, f"{host}:{port}")
-        return sock.getsockname()[1]
-
-    def _listen(self, sock: socket.socket, addr, label: str) -> None:
-        try:
-            sock.bind(addr)
-        except OSError as e:
-            unix = sock.family == socket.AF_UNIX
-            sock.close()
-            why = e.strerror
-            if e.errno == errno.EADDRINUSE and unix and not _is_socket(addr):
-                why = "something that is not a socket is there (give a new path)"
-            raise OSError(e.errno, f"cannot listen on {label}: {why}") from None
-        if sock.family == socket.AF_UNIX:
-            # Only our user may connect. Between bind and listen a connect is
-            # refused, so there is no window with the umask's wider mode.
-            os.chmod(addr, 0o600)
-        sock.listen(128)
+        """Listen on ``host``:``port``; returns the port (0 picks one)."""
+        sock = listen_tcp(host, port)
         self.add_listener(sock)
+        return sock.getsockname()[1]
 
     def add_listener(self, sock: socket.socket) -> None:
         """Serve on a socket that already listens (one given by socket activation)."""
@@ -313,8 +199,8 @@ class Server:
             loop.call_later(SWEEP_INTERVAL, self._sweep)
         for sock in self._listeners:
             loop.add_reader(sock.fileno(), self._accept, sock)
-        for aio in self._aios.values():
-            aio.attach(loop, self._flush_async)
+        for engine in self._async.values():
+            engine.attach(loop)
 
     def close(self) -> None:
         """Stop listening and drop every connection (from the loop's thread)."""
@@ -329,14 +215,9 @@ class Server:
             except Exception:  # noqa: BLE001 - closing goes on whatever happens
                 log.exception("connection %d: error while shutting down", conn.cid)
             self._close(conn)
-        if self._pool is not None:
-            # Queued requests are dropped; running ones finish before the
-            # sources are closed under them (a network read is bounded by its
-            # timeout; a stream waiting for its reader by the caller's abort).
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self._workers.close()
 
-    def _refuse_pending(self, conn: _Conn) -> None:
+    def _refuse_pending(self, conn: Connection) -> None:
         """At shutdown: requests received but not started get NBD_ESHUTDOWN
         (proto.md), sent as far as the socket takes them without waiting.
         Requests already running cannot be answered: the socket closes."""
@@ -344,12 +225,10 @@ class Server:
             return
         proto = conn.proto
         handles = []
-        for fut, (handle, _cost) in list(conn.futures.items()):
+        for fut, (req, _now) in list(conn.futures.items()):
             if fut.cancel():
-                handles.append(handle)
-        for (cmd, _flags, handle, *_rest), _now in conn.waiting:
-            if cmd != P.CMD_DISC:
-                handles.append(handle)
+                handles.append(req.handle)
+        handles.extend(req.handle for req, _payload, _now in conn.waiting)
         conn.waiting.clear()
         if not conn.closing:
             reqs: list = []
@@ -361,7 +240,7 @@ class Server:
         if not handles:
             return
         for handle in handles:
-            conn.out.append(proto.reply_error(handle, P.NBD_ESHUTDOWN, "server is shutting down"))
+            conn.out.append(proto.reply_refused(handle, P.NBD_ESHUTDOWN))
         try:
             while conn.out:
                 n = conn.sock.send(conn.out[0])
@@ -404,7 +283,9 @@ class Server:
                 continue
             cid = self._next_cid
             self._next_cid += 1
-            conn = _Conn(self, sock, cid, peer)
+            conn = Connection(sock, cid, peer, P.ServerConnection(
+                self.export_infos, default_export=self.default_export,
+                tls=self.tls.mode if self.tls else "off"))
             self._conns[cid] = conn
             # Registered before the greeting is sent: a peer already gone
             # makes _send close the connection, which then unregisters it.
@@ -412,7 +293,7 @@ class Server:
             conn.out.append(conn.proto.data_to_send())
             self._send(conn)
 
-    def _close(self, conn: _Conn) -> None:
+    def _close(self, conn: Connection) -> None:
         if conn.closed:
             return
         conn.closed = True
@@ -442,13 +323,13 @@ class Server:
             self.bus.publish(ConnectionEvent(conn.cid, False, conn.peer, conn.export_name,
                                              conn.requests))
 
-    def _on_readable(self, conn: _Conn) -> None:
+    def _on_readable(self, conn: Connection) -> None:
         try:
             self._readable(conn)
         except Exception:  # noqa: BLE001 - a bug in one connection closes that one
             self._crashed(conn)
 
-    def _crashed(self, conn: _Conn) -> None:
+    def _crashed(self, conn: Connection) -> None:
         """An unexpected exception while serving ``conn``: log it and close
         the socket, so the peer sees the end instead of waiting forever."""
         log.exception("connection %d: internal error: closing it", conn.cid)
@@ -459,7 +340,7 @@ class Server:
             log.exception("connection %d: error while closing", conn.cid)
             conn.sock.close()
 
-    def _readable(self, conn: _Conn) -> None:
+    def _readable(self, conn: Connection) -> None:
         end = conn.end
         if end == len(conn.buf):
             if not self._make_room(conn):
@@ -492,19 +373,19 @@ class Server:
         if conn.tls is not None:
             self._read_tls_buffered(conn)
 
-    def _read_tls_buffered(self, conn: _Conn) -> None:
+    def _read_tls_buffered(self, conn: Connection) -> None:
         """TLS may hold decrypted input the loop cannot see (a full receive
         buffer stopped the read): read it as if the socket were readable."""
         if (conn.tls.buffered and conn.reading and not conn.paused and not conn.held
                 and not conn.benched and not conn.closed):
             self.loop.call_soon_threadsafe(self._on_readable_if_open, conn)
 
-    def _on_readable_if_open(self, conn: _Conn) -> None:
+    def _on_readable_if_open(self, conn: Connection) -> None:
         if (not conn.closed and conn.reading and not conn.paused and not conn.held
                 and not conn.benched):
             self._on_readable(conn)
 
-    def _make_room(self, conn: _Conn) -> bool:
+    def _make_room(self, conn: Connection) -> bool:
         """Room at the end of the receive buffer; False when growing it must
         wait for the total budget (the connection is then starved)."""
         start, end = conn.start, conn.end
@@ -518,10 +399,9 @@ class Server:
             # cannot resize while a memoryview of it exists, so the view goes
             # first (it raised BufferError on every 2 MiB write).
             need = len(conn.buf) * 2
-            if end - start >= P.REQUEST_SIZE:
-                magic, _f, cmd, _h, _o, length = P.REQUEST.unpack_from(conn.buf, start)
-                if cmd == P.CMD_WRITE and length <= P.MAX_ACCEPTED:
-                    need = P.REQUEST_SIZE + length
+            length = P.write_payload_at(conn.buf, start, end)
+            if length >= 0:
+                need = P.REQUEST_SIZE + length
             need = min(need, P.REQUEST_SIZE + P.MAX_ACCEPTED + RECV_BUFFER)
             if need <= len(conn.buf):
                 raise RuntimeError("receive buffer full of unparsed requests")  # a bug
@@ -540,7 +420,7 @@ class Server:
             self._note_peak()
         return True
 
-    def _shrink(self, conn: _Conn) -> None:
+    def _shrink(self, conn: Connection) -> None:
         """Give back a buffer grown for a big write once it is done."""
         left = conn.end - conn.start
         if left > RECV_BUFFER // 2:
@@ -555,7 +435,7 @@ class Server:
         conn.extra = 0
         self._wake_starved()
 
-    def _apply_reading(self, conn: _Conn) -> None:
+    def _apply_reading(self, conn: Connection) -> None:
         """Watch the socket for requests unless closing, paused or held."""
         if (conn.reading and not conn.paused and not conn.held and not conn.starved
                 and not conn.benched):
@@ -565,12 +445,12 @@ class Server:
         else:
             self.loop.remove_reader(conn.fd)
 
-    def _stop_reading(self, conn: _Conn) -> None:
+    def _stop_reading(self, conn: Connection) -> None:
         if conn.reading:
             conn.reading = False
             self.loop.remove_reader(conn.fd)
 
-    def _handshake(self, conn: _Conn) -> None:
+    def _handshake(self, conn: Connection) -> None:
         proto = conn.proto
         proto.receive_data(bytes(conn.view[conn.start:conn.end]))
         conn.start = conn.end = 0
@@ -601,8 +481,9 @@ class Server:
         if proto.phase == P.TRANSMISSION:
             name = conn.export_name = proto.export.name
             conn.source = self.sources[name]
-            conn.aio = self._export_aios[name]
             self._take_model(conn)
+            conn.engine = self._engines[name]
+            conn.engine.bind(conn)
             self.bus.publish(ConnectionEvent(conn.cid, True, conn.peer, conn.export_name))
             left = proto.take_leftover()
             conn.view.release()
@@ -619,14 +500,14 @@ class Server:
 
     # --- thread models ------------------------------------------------------
 
-    def _take_model(self, conn: _Conn) -> None:
+    def _take_model(self, conn: Connection) -> None:
         """A connection enters transmission: its turns, and under
         serialize_connections its place in the queue for the export."""
         name = conn.export_name
         model = self.thread_models[name]
         if model == PARALLEL:
             return
-        conn.turns = self._export_turns.get(name) or _Turns()
+        conn.turns = self._export_turns.get(name) or Turns()
         admission = self._admissions.get(name)
         if admission is None:
             return
@@ -642,7 +523,7 @@ class Server:
                      "(serialize_connections): waiting for connection %d to end",
                      conn.cid, name, admission.serving.cid)
 
-    def _admit_next(self, conn: _Conn) -> None:
+    def _admit_next(self, conn: Connection) -> None:
         """A connection to a serialize_connections export has closed: the
         next one waiting, if any, is served."""
         admission = self._admissions[conn.export_name]
@@ -657,26 +538,7 @@ class Server:
                 self.loop.call_soon_threadsafe(self._resume, nxt)
                 return
 
-    def _take_turns(self, turns: _Turns) -> None:
-        """Start the next waiting request of the connections sharing
-        ``turns``, unless one is running: one connection after another."""
-        ready = turns.ready
-        while not turns.busy and ready:
-            conn = ready.popleft()
-            if conn.closed or not conn.waiting:
-                conn.in_turns = False
-                continue
-            req, now = conn.waiting.popleft()
-            if conn.waiting:
-                ready.append(conn)
-            else:
-                conn.in_turns = False
-            turns.busy = True
-            cmd, length = req[0], req[4]
-            self._submit(conn, req, req[5], now,
-                         length if cmd <= P.CMD_WRITE and not req[6] else 0)
-
-    def _start_tls(self, conn: _Conn) -> None:
+    def _start_tls(self, conn: Connection) -> None:
         """STARTTLS was acknowledged: the ACK goes out in the clear, then the
         connection speaks TLS (the handshake is driven by the next reads)."""
         from .tls import TLSSocket
@@ -694,7 +556,7 @@ class Server:
         if received:
             self.loop.call_soon_threadsafe(self._on_readable_if_open, conn)
 
-    def _transmission(self, conn: _Conn) -> None:
+    def _transmission(self, conn: Connection) -> None:
         """Parse and carry out the requests in the receive buffer, as many
         as the memory budget allows; the rest wait for replies to drain."""
         proto = conn.proto
@@ -714,16 +576,11 @@ class Server:
                 conn.start = proto.parse_requests(conn.buf, conn.start, conn.end, reqs, budget)
             except P.ProtocolError as e:
                 log.info("connection %d: %s: closing it", conn.cid, e)
-                self._stop_reading(conn)
                 # Carry out what was parsed before the bad request, then close.
                 conn.closing = True
-            src = conn.source
-            if conn.aio is not None:
-                self._dispatch_async(conn, reqs)
-            elif src.blocking:
-                self._dispatch_blocking(conn, reqs)
-            else:
-                self._execute(conn, reqs)
+            self._hold(conn, dispatch(conn, reqs))
+            if conn.closing:  # after DISC, or a bad request: nothing more is read
+                self._stop_reading(conn)
             if conn.start == conn.end:
                 conn.start = conn.end = 0
             if len(conn.buf) > RECV_BUFFER:
@@ -739,18 +596,17 @@ class Server:
                 return
             # The budget stopped the parse: go on if the replies went out.
 
-    def _backlog(self, conn: _Conn) -> bool:
+    def _backlog(self, conn: Connection) -> bool:
         """Whether a complete request waits in the receive buffer."""
         start, end = conn.start, conn.end
         if end - start < P.REQUEST_SIZE:
             return False
-        cmd, length = P.REQUEST.unpack_from(conn.buf, start)[2::3]
-        return cmd != P.CMD_WRITE or end - start >= P.REQUEST_SIZE + length \
-            or length > P.MAX_ACCEPTED
+        length = P.write_payload_at(conn.buf, start, end)
+        return length < 0 or end - start >= P.REQUEST_SIZE + length
 
     # --- the memory budget --------------------------------------------------
 
-    def _recharge(self, conn: _Conn) -> None:
+    def _recharge(self, conn: Connection) -> None:
         new = conn.queued + conn.executing
         self.inflight_bytes += new - conn.charged
         conn.charged = new
@@ -761,12 +617,12 @@ class Server:
         if total > self.peak_bytes:
             self.peak_bytes = total
 
-    def _pause(self, conn: _Conn) -> None:
+    def _pause(self, conn: Connection) -> None:
         if not conn.paused:
             conn.paused = True
             self._apply_reading(conn)
 
-    def _starve(self, conn: _Conn) -> None:
+    def _starve(self, conn: Connection) -> None:
         if not conn.starved:
             conn.starved = True
             self._starved[conn.cid] = conn
@@ -780,7 +636,7 @@ class Server:
                 conn.starved = False
                 self.loop.call_soon_threadsafe(self._resume, conn)
 
-    def _resume(self, conn: _Conn) -> None:
+    def _resume(self, conn: Connection) -> None:
         """Carry on with a connection that waited for the budget: what is
         in its buffer first, then reading."""
         if conn.closed or conn.paused or conn.starved or conn.benched:
@@ -825,334 +681,28 @@ class Server:
                 self._crashed_quietly(conn)
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
-    def _crashed_quietly(self, conn: _Conn) -> None:
+    def _crashed_quietly(self, conn: Connection) -> None:
         conn.out.clear()
         try:
             self._close(conn)
         except Exception:  # noqa: BLE001
             log.exception("connection %d: error while closing", conn.cid)
 
-    # --- carrying out requests --------------------------------------------
+    # --- requests that complete later (dispatch.Transport) -----------------
 
-    def _execute(self, conn: _Conn, reqs: list) -> None:
-        """Carry out requests inline (fast sources) and queue their replies."""
-        proto = conn.proto
-        src = conn.source
-        out = conn.out
-        append = out.append
-        events = conn.events
-        eappend = events.append
-        view = conn.view
-        cid = conn.cid
-        ename = conn.export_name
-        structured = proto.structured
-        simple_pack = P.SIMPLE_REPLY.pack
-        data_pack = P.STRUCTURED_DATA.pack
-        view_for = src.view_for
-        scan_holes = structured and src.can_extents
-        now = monotonic()
-        conn.requests += len(reqs)
-        for req in reqs:
-            cmd, flags, handle, offset, length, pstart, err = req
-            if err == 0 and cmd == 0:  # READ: the hot path
-                try:
-                    if scan_holes and length >= HOLE_SCAN_MIN and not flags & P.CMD_FLAG_DF:
-                        self._read_chunks(conn, src, handle, offset, length)
-                    else:
-                        data = view_for(offset, length)
-                        if data is None:
-                            data = src.pread(offset, length)
-                            if len(data) != length:
-                                raise _short_read(offset, length, data)
-                        if structured:
-                            append(data_pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
-                                             P.REPLY_TYPE_OFFSET_DATA, handle, length + 8, offset))
-                        else:
-                            append(simple_pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
-                        append(data)
-                except Exception as e:  # noqa: BLE001 - any failure is this request's error
-                    err = self._fail(conn, e)
-                    append(proto.reply_error(handle, err, str(e)))
-            elif err == 0:
-                if cmd == P.CMD_DISC:
-                    conn.closing = True
-                    self._stop_reading(conn)
-                    eappend(make_request((cid, ename, cmd, offset, length, flags, now, 0.0, 0)))
-                    break
-                if length > INLINE_MAX and cmd in _OFFLOADED and conn.turns is None:
-                    # A big zero, trim or cache may be thousands of writes (a
-                    # block device with no fast zeroing): done in a worker so
-                    # the loop, and every other connection, go on. Not under
-                    # a serialising model: it would overlap what runs here.
-                    conn.requests -= 1  # counted again by the blocking path
-                    self._dispatch_blocking(conn, [req])
-                    continue
-                try:
-                    reply = self._other(conn, src, cmd, flags, handle, offset, length,
-                                        view[pstart:pstart + length] if pstart >= 0 else None)
-                except Exception as e:  # noqa: BLE001
-                    err = self._fail(conn, e)
-                    reply = proto.reply_error(handle, err, str(e))
-                append(reply)
-            else:
-                append(proto.reply_error(handle, err, _ERROR_TEXT.get(err, "")))
-            eappend(make_request((cid, ename, cmd, offset, length, flags, now,
-                                  monotonic() - now, err)))
+    def ready(self, conn: Connection) -> None:
+        self._ready[conn.cid] = conn
 
-    def _fail(self, conn: _Conn, e: Exception) -> int:
-        if isinstance(e, OSError):
-            return P.wire_error(e.errno)
-        log.exception("connection %d: unexpected error", conn.cid)
-        return P.NBD_EIO
-
-    def _read_chunks(self, conn, src, handle, offset, length) -> None:
-        """A structured read: data chunks, and hole chunks for ranges that
-        read as zeroes (so the client need not receive them).
-
-        Every piece is read before anything is queued: once a chunk header
-        is out its payload must follow (proto.md: the server "MUST still
-        complete the transmission of any current chunk"), so a read that
-        fails half-way must leave nothing behind but the error reply."""
-        proto = conn.proto
-        exts = src.extents(offset, length)
-        pieces = P.clip_extents(exts, offset, length, False, fill=True)
-        chunks = []
-        append = chunks.append
-        pos = offset
-        last = len(pieces) - 1
-        for i, (n, f) in enumerate(pieces):
-            done = i == last
-            if f & EXTENT_ZERO:
-                append(proto.read_hole_chunk(handle, pos, n, done))
-            else:
-                data = src.view_for(pos, n)
-                if data is None:
-                    data = src.pread(pos, n)
-                    if len(data) != n:
-                        raise _short_read(pos, n, data)
-                append(proto.read_data_header(handle, pos, n, done))
-                append(data)
-            pos += n
-        conn.out.extend(chunks)
-
-    def _other(self, conn, src, cmd, flags, handle, offset, length, payload) -> bytes:
-        """Everything but READ and DISC; returns the reply bytes."""
-        proto = conn.proto
-        fua = bool(flags & P.CMD_FLAG_FUA)
-        if cmd == P.CMD_WRITE:
-            src.pwrite(offset, payload, fua)
-        elif cmd == P.CMD_FLUSH:
-            src.flush()
-        elif cmd == P.CMD_TRIM:
-            src.trim(offset, length, fua)
-        elif cmd == P.CMD_WRITE_ZEROES:
-            try:
-                src.zero(offset, length, may_trim=not flags & P.CMD_FLAG_NO_HOLE, fua=fua,
-                         fast=bool(flags & P.CMD_FLAG_FAST_ZERO))
-            except FastZeroUnsupported:
-                return proto.reply_error(handle, P.NBD_ENOTSUP, "fast zero not supported")
-        elif cmd == P.CMD_CACHE:
-            # Advisory: a bounded prefetch of the start is all a source does.
-            src.cache(offset, min(length, CACHE_MAX))
-        elif cmd == P.CMD_BLOCK_STATUS:
-            # Ask for a bounded window: the client only needs the start.
-            want = min(length, 1 << 30)
-            exts = src.extents(offset, want) if src.can_extents else [(offset, want, 0)]
-            return proto.reply_block_status(
-                handle, P.clip_extents(exts, offset, want, bool(flags & P.CMD_FLAG_REQ_ONE)))
-        return proto.reply_header(handle)
-
-    def _dispatch_blocking(self, conn: _Conn, reqs: list) -> None:
-        """Run requests of a blocking source in worker threads (one at a
-        time, taking turns, under a serialising model)."""
-        conn.requests += len(reqs)
-        now = monotonic()
-        turns = conn.turns
-        view_for = conn.source.view_for if turns is None else _no_view
-        for req in reqs:
-            cmd, flags, handle, offset, length, pstart, err = req
-            if cmd == P.CMD_READ and not err:
-                # A blocking source may still hold some ranges in memory or
-                # in a mapped file (a qcow2's plain clusters): no thread.
-                data = view_for(offset, length)
-                if data is not None:
-                    self._read_inline(conn, handle, offset, length, flags, data, now)
-                    continue
-            if cmd == P.CMD_DISC and not err:
-                conn.closing = True
-                self._stop_reading(conn)
-                conn.events.append(make_request((conn.cid, conn.export_name, cmd, offset,
-                                                 length, flags, now, 0.0, 0)))
-                break
-            payload = bytes(conn.view[pstart:pstart + length]) if pstart >= 0 else None
-            cost = length if cmd <= P.CMD_WRITE and not err else 0
-            conn.executing += cost
-            if turns is None:
-                self._submit(conn, req, payload, now, cost)
-                continue
-            # Waits its turn, as an asynchronous source's requests wait (the
-            # payload in the place of its offset in the receive buffer).
-            conn.waiting.append(((cmd, flags, handle, offset, length, payload, err), now))
-            if not conn.in_turns:
-                conn.in_turns = True
-                turns.ready.append(conn)
-        if turns is not None:
-            self._take_turns(turns)
-
-    def _submit(self, conn: _Conn, req: tuple, payload, now: float, cost: int) -> None:
-        """Hand one request to a worker thread (``cost``, the bytes it
-        holds, is charged to conn.executing already)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="diskwatch-io")
-        conn.inflight += 1
-        fut = self._pool.submit(self._run_one, conn, req, payload, now)
-        conn.futures[fut] = (req[2], cost)
-        loop = self.loop
-        fut.add_done_callback(
-            lambda f, c=conn: loop.call_soon_threadsafe(self._finish_blocking, c, f))
-
-    def _run_one(self, conn: _Conn, req: tuple, payload, now: float):
-        """In a worker thread: carry out one request, return (replies, event)."""
-        cmd, flags, handle, offset, length, pstart, err = req
-        proto = conn.proto
-        src = conn.source
-        replies: list = []
-        if not err:
-            try:
-                if cmd == P.CMD_READ:
-                    data = src.pread(offset, length)
-                    if len(data) != length:
-                        raise _short_read(offset, length, data)
-                    replies = [proto.read_data_header(handle, offset, length), data]
-                else:
-                    replies = [self._other(conn, src, cmd, flags, handle, offset, length,
-                                           payload)]
-            except Exception as e:  # noqa: BLE001
-                err = self._fail(conn, e)
-                replies = [proto.reply_error(handle, err, str(e))]
-        else:
-            replies = [proto.reply_error(handle, err, _ERROR_TEXT.get(err, ""))]
-        event = make_request((conn.cid, conn.export_name, cmd, offset, length, flags, now,
-                              monotonic() - now, err))
-        return replies, event
-
-    def _finish_blocking(self, conn: _Conn, fut) -> None:
-        conn.inflight -= 1
-        _handle, cost = conn.futures.pop(fut, (0, 0))
-        conn.executing -= cost
-        turns = conn.turns
-        if turns is not None:
-            turns.busy = False
-            if not fut.cancelled():  # cancelled: the server is shutting down
-                self._take_turns(turns)
-        if conn.closed or fut.cancelled():
-            return
-        try:
-            replies, event = fut.result()
-            conn.out.extend(replies)
-            self._send(conn)
-            self.bus.publish_requests([event])
-            if self._watchers:
-                self._publish_watched()
-            self._maybe_close(conn)
-        except Exception:  # noqa: BLE001
-            self._crashed(conn)
-
-    # --- asynchronous sources (driven from this loop) -----------------------
-
-    def _dispatch_async(self, conn: _Conn, reqs: list) -> None:
-        """Issue requests to an asynchronous source. At most ASYNC_WINDOW per
-        connection are in flight (so at most that many read buffers exist);
-        the rest wait, parsed, and the connection is not read from until
-        they are issued."""
-        now = monotonic()
-        conn.requests += len(reqs)
-        waiting = conn.waiting
-        view_for = conn.source.view_for
-        for req in reqs:
-            if req[6] == 0 and req[0] == P.CMD_READ:
-                # Ranges the source can hand over at once (a read-only
-                # qcow2's plain clusters, mapped) need no round trip.
-                data = view_for(req[3], req[4])
-                if data is not None:
-                    self._read_inline(conn, req[2], req[3], req[4], req[1], data, now)
-                    continue
-            if req[6] == 0 and req[0] == P.CMD_WRITE:
-                # The receive buffer is reused: a write keeps its own payload.
-                pstart = req[5]
-                req = (*req[:5], bytes(conn.view[pstart:pstart + req[4]]), 0)
-            if req[6] == 0 and req[0] <= P.CMD_WRITE:
-                conn.executing += req[4]  # released when its reply is queued
-            waiting.append((req, now))
-        self._issue_async(conn)
-
-    def _read_inline(self, conn: _Conn, handle, offset, length, flags, data, now) -> None:
-        """Queue the reply of a read a source answered with a buffer."""
-        conn.out.append(conn.proto.read_data_header(handle, offset, length))
-        conn.out.append(data)
-        conn.events.append(make_request((conn.cid, conn.export_name, P.CMD_READ, offset,
-                                         length, flags, now, monotonic() - now, 0)))
-
-    def _issue_async(self, conn: _Conn) -> None:
-        waiting = conn.waiting
-        aio = conn.aio
-        proto = conn.proto
-        # Issued even while the connection is paused: a waiting request is
-        # charged to the budget from its parse (conn.executing), so issuing
-        # it adds nothing; holding it back could stall for good (paused
-        # until executing drains, which waits for the issue).
-        while waiting and conn.inflight < ASYNC_WINDOW:
-            (cmd, flags, handle, offset, length, payload, err), now = waiting.popleft()
-            if err:
-                conn.out.append(proto.reply_error(handle, err, _ERROR_TEXT.get(err, "")))
-                conn.events.append(make_request((conn.cid, conn.export_name, cmd, offset,
-                                                 length, flags, now, monotonic() - now, err)))
-                continue
-            if cmd == P.CMD_DISC:
-                conn.closing = True
-                self._stop_reading(conn)
-                waiting.clear()
-                conn.events.append(make_request((conn.cid, conn.export_name, cmd, offset,
-                                                 length, flags, now, 0.0, 0)))
-                break
-            conn.inflight += 1
-            done = _AsyncReply(self, conn, cmd, flags, handle, offset, length, now)
-            fua = bool(flags & P.CMD_FLAG_FUA)
-            if cmd == P.CMD_READ:
-                aio.pread(offset, length, done)
-            elif cmd == P.CMD_WRITE:
-                aio.pwrite(offset, payload, fua, done)
-            elif cmd == P.CMD_FLUSH:
-                aio.flush(done)
-            elif cmd == P.CMD_TRIM:
-                aio.trim(offset, length, fua, done)
-            elif cmd == P.CMD_WRITE_ZEROES:
-                aio.zero(offset, length, not flags & P.CMD_FLAG_NO_HOLE, fua,
-                         bool(flags & P.CMD_FLAG_FAST_ZERO), done)
-            elif cmd == P.CMD_CACHE:
-                aio.cache(offset, length, done)
-            elif cmd == P.CMD_BLOCK_STATUS:
-                done.length = min(length, 1 << 30)
-                aio.extents(offset, done.length, done)
-            else:
-                done(None, OSError(errno.EINVAL, "unknown command"))
-        aio.issued()
-        # Not read from while requests wait; read again once they are issued.
-        held = bool(waiting)
-        if held != conn.held:
-            conn.held = held
-            self._apply_reading(conn)
-
-    def _flush_async(self) -> None:
-        """After a batch of completions: send the replies, publish the events,
-        issue what waited."""
-        ready, self._async_ready = self._async_ready, {}
+    def flush(self) -> None:
+        """After completions: send the replies, publish the events, issue
+        what waited."""
+        ready, self._ready = self._ready, {}
         for conn in ready.values():
             if conn.closed:
                 continue
             try:
                 if conn.waiting:
-                    self._issue_async(conn)
+                    self._hold(conn, conn.engine.issue(conn))
                 self._send(conn)
                 if conn.events:
                     events, conn.events = conn.events, []
@@ -1163,6 +713,13 @@ class Server:
         if self._watchers:
             self._publish_watched()
 
+    def _hold(self, conn: Connection, held: bool) -> None:
+        """Not read from while parsed requests wait to be issued; read again
+        once they are."""
+        if held != conn.held:
+            conn.held = held
+            self._apply_reading(conn)
+
     def _publish_watched(self) -> None:
         for layer in self._watchers:
             events = layer.take_events()
@@ -1171,7 +728,7 @@ class Server:
 
     # --- sending -----------------------------------------------------------
 
-    def _send(self, conn: _Conn) -> None:
+    def _send(self, conn: Connection) -> None:
         out = conn.out
         sock = conn.sock
         tls = conn.tls
@@ -1224,21 +781,21 @@ class Server:
         if self._starved:
             self._wake_starved()
 
-    def _on_writable(self, conn: _Conn) -> None:
+    def _on_writable(self, conn: Connection) -> None:
         try:
             self._writable(conn)
         except Exception:  # noqa: BLE001
             self._crashed(conn)
 
-    def _writable(self, conn: _Conn) -> None:
+    def _writable(self, conn: Connection) -> None:
         conn.active = monotonic()  # the client reads: it is not idle
         self._send(conn)
-        if conn.waiting and conn.aio is not None and not conn.closed:
-            self._issue_async(conn)
+        if conn.waiting and not conn.closed:
+            self._hold(conn, conn.engine.issue(conn))
             self._send(conn)
         self._maybe_close(conn)
 
-    def _maybe_close(self, conn: _Conn) -> None:
+    def _maybe_close(self, conn: Connection) -> None:
         if (conn.closing and not conn.closed and not conn.out and conn.inflight == 0
                 and not conn.waiting and not (conn.tls is not None and conn.tls.pending)):
             self._close(conn)
@@ -1272,30 +829,6 @@ def _tune_malloc() -> None:
     mallopt(_M_TRIM_THRESHOLD, 16 << 20)
 
 
-def _short_read(offset: int, length: int, data) -> OSError:
-    """A source that returned fewer bytes than asked: an EIO for that read
-    (sending them would put the reply stream out of step)."""
-    return OSError(errno.EIO, f"source returned {len(data)} of {length} bytes at {offset}")
-
-
-def _no_view(offset: int, length: int) -> None:
-    """``view_for`` of a stack that serialises: every read is a call in turn."""
-    return None
-
-
-class _Turns:
-    """One request at a time in worker threads for the connections that
-    share it (one connection's own under serialize_requests, the export's
-    under serialize_all_requests and serialize_connections). ``ready``:
-    connections with requests waiting, each taking one turn and going to
-    the back. Used from the loop's thread only."""
-
-    __slots__ = ("busy", "ready")
-
-    def __init__(self) -> None:
-        self.busy = False
-        self.ready: deque[_Conn] = deque()
-
 
 class _Admission:
     """serialize_connections: the connection served, and those waiting for
@@ -1304,67 +837,8 @@ class _Admission:
     __slots__ = ("serving", "queue")
 
     def __init__(self) -> None:
-        self.serving: _Conn | None = None
-        self.queue: deque[_Conn] = deque()
-
-
-ASYNC_WINDOW = 64  # requests in flight per connection to an asynchronous source
-
-
-class _AsyncReply:
-    """The completion of one request to an asynchronous source: queues its
-    reply and its event (sent by ``_flush_async`` after the batch)."""
-
-    __slots__ = ("server", "conn", "cmd", "flags", "handle", "offset", "length", "start")
-
-    def __init__(self, server, conn, cmd, flags, handle, offset, length, start):
-        self.server = server
-        self.conn = conn
-        self.cmd = cmd
-        self.flags = flags
-        self.handle = handle
-        self.offset = offset
-        self.length = length
-        self.start = start
-
-    def __call__(self, result, error) -> None:
-        conn = self.conn
-        conn.inflight -= 1
-        if self.cmd <= P.CMD_WRITE:
-            conn.executing -= self.length
-        if conn.closed:
-            return
-        proto = conn.proto
-        cmd = self.cmd
-        err = 0
-        if error is not None:
-            if isinstance(error, FastZeroUnsupported):
-                err = P.NBD_ENOTSUP
-            else:
-                err = P.wire_error(error.errno) if isinstance(error, OSError) else P.NBD_EIO
-            conn.out.append(proto.reply_error(self.handle, err, str(error)))
-        elif cmd == P.CMD_READ:
-            conn.out.append(proto.read_data_header(self.handle, self.offset, self.length))
-            conn.out.append(result)
-        elif cmd == P.CMD_BLOCK_STATUS:
-            conn.out.append(proto.reply_block_status(self.handle, P.clip_extents(
-                result, self.offset, self.length, bool(self.flags & P.CMD_FLAG_REQ_ONE))))
-        else:
-            conn.out.append(proto.reply_header(self.handle))
-        now = monotonic()
-        conn.events.append(make_request((conn.cid, conn.export_name, cmd, self.offset,
-                                         self.length, self.flags, self.start,
-                                         now - self.start, err)))
-        self.server._async_ready[conn.cid] = conn
-
-
-_ERROR_TEXT = {
-    P.NBD_EINVAL: "invalid request (range, flags or length)",
-    P.NBD_ENOSPC: "request goes past the end of the disk",
-    P.NBD_EPERM: "export is read-only",
-    P.NBD_EOVERFLOW: "request larger than the maximum payload",
-    P.NBD_ENOTSUP: "not supported",
-}
+        self.serving: Connection | None = None
+        self.queue: deque[Connection] = deque()
 
 
 @dataclass
