@@ -223,3 +223,16 @@ def test_lvm_segments_past_the_disk_are_not_mapped_and_fail_nothing():
     assert disk + length == Disk.size  # clipped to the disk
     assert lvs["/dev/vg/ok"].segments == [(0, (1 << 20) + 2048 * 512 + 4 * 8192 * 512,
                                            10 * 8192 * 512)]
+
+
+def test_structures_said_to_lie_past_the_volume_are_not_mapped(gpt_fat_image):
+    """A finding of ``make fuzz`` (gpt+fat, seed 3207878809): group
+    descriptors mutated to name bitmaps 2^63 bytes in; the map held ranges
+    past 2^64 and the walk failed. They are not on the volume: dropped."""
+    rng = random.Random(3207878809)
+    with FileSource(str(gpt_fat_image.path), readonly=True) as base:
+        source = Mutated(base, _mutation(rng, _targets(gpt_fat_image.path), base.size))
+        answer = run_mapper(source, {}, limits=LIMITS)
+        vol = gpt_fat_image.volume("/dev/sda1")
+        assert all(end <= vol.offset + vol.length for start, end, obj in
+                   answer.blockmap.iter_entries() if obj.device == "/dev/sda1")

@@ -275,6 +275,7 @@ class _Filesystem:
         segs = vol.segments
         #: volume offset -> disk offset, when that is one addition
         self.shift: int | None = segs[0][1] if len(segs) == 1 and segs[0][0] == 0 else None
+        self.vol_size = vol.size
         ftype = int(fs.info.ftype)
         self.is_ntfs = bool(ftype & int(pytsk3.TSK_FS_TYPE_NTFS_DETECT))
         self.is_ext = bool(ftype & int(pytsk3.TSK_FS_TYPE_EXT_DETECT))
@@ -309,8 +310,9 @@ class _Filesystem:
             ranges = merge_ranges(ranges)
         shift = self.shift
         if shift is not None:  # a partition: one segment (the common case, kept lean)
-            self.entries += [BmapEntry(1, s + shift, e + shift, kind, dev, path)
-                             for s, e in ranges if e > s]
+            size = self.vol_size  # what lies past the volume is not on it (corrupt metadata)
+            self.entries += [BmapEntry(1, s + shift, min(e, size) + shift, kind, dev, path)
+                             for s, e in ranges if min(e, size) > s]
             return
         out = self.entries
         for s, e in ranges:
