@@ -411,3 +411,79 @@ def test_garbage_instead_of_a_handshake_closes_only_that_connection(tls_server, 
         recv_until_closed(s)  # whatever alert TLS sends, then the end
     p = run(["nbdinfo", "--size", f"{rs.uri}&tls-certificates={tls_dir}"])
     assert p.stdout.strip() == str(image.stat().st_size).encode(), p.stderr
+
+
+# --- big replies encrypted off the loop's thread (issue 19, item 1) ---------------------
+
+def _tls_handle(rs, tls_dir: Path):
+    import nbd
+    h = nbd.NBD()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_certificates(str(tls_dir))
+    h.connect_uri(rs.uri)
+    return h
+
+
+@pytest.mark.usefixtures("no_loop_errors")
+def test_big_replies_are_encrypted_off_the_loop_and_small_ones_on_it(tls_server, tls_dir,
+                                                                     image):
+    rs = tls_server("require", certificates=str(tls_dir))
+    encryptor = rs.server._encryptor
+    data = image.read_bytes()
+    handles = [_tls_handle(rs, tls_dir) for _ in range(3)]
+    for h in handles:  # 4 KiB reads, one at a time: every reply encrypted on the loop
+        assert h.pread(4096, 3 * MiB) == data[3 * MiB:3 * MiB + 4096]
+    assert encryptor.jobs == 0
+    # Three connections, big reads in flight on each: the encryptor's threads.
+    offsets = list(range(0, 16 * MiB, MiB))
+    bufs = {}
+    import nbd
+    for i, off in enumerate(offsets):
+        h = handles[i % 3]
+        buf = nbd.Buffer(MiB)
+        h.aio_pread(buf, off)
+        bufs[off] = buf
+    for h in handles:
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+    for off, buf in bufs.items():
+        assert buf.to_bytearray() == data[off:off + MiB], off
+    assert encryptor.jobs >= 16 * MiB // (256 * 1024)
+    assert all(h.pread(65536, 5 * MiB) == data[5 * MiB:5 * MiB + 65536] for h in handles)
+    for h in handles:
+        h.shutdown()
+
+
+@pytest.mark.usefixtures("no_loop_errors")
+def test_a_tls_client_that_leaves_mid_reply_or_never_reads_costs_only_itself(tls_server,
+                                                                             tls_dir, image):
+    """Big replies encrypting while the client goes away, or while it does
+    not read: that connection alone ends or waits (bounded), the others are
+    served, and the one that waited gets every byte once it reads."""
+    import nbd
+    rs = tls_server("require", certificates=str(tls_dir))
+    data = image.read_bytes()
+    for _ in range(5):
+        h = _tls_handle(rs, tls_dir)
+        for off in range(0, 8 * MiB, 2 * MiB):
+            h.aio_pread(nbd.Buffer(2 * MiB), off)
+        h.poll(0)
+        # gone, its replies half encrypted and half sent
+        with socket.socket(fileno=os.dup(h.aio_get_fd())) as s:
+            s.shutdown(socket.SHUT_RDWR)
+        del h
+    slow = _tls_handle(rs, tls_dir)
+    bufs = [(off, nbd.Buffer(2 * MiB)) for off in range(0, 16 * MiB, 2 * MiB)] * 4
+    cookies = [slow.aio_pread(buf, off) for off, buf in bufs]
+    bystander = _tls_handle(rs, tls_dir)
+    assert bystander.pread(MiB, 9 * MiB) == data[9 * MiB:10 * MiB]
+    server = rs.server
+    assert server.peak_bytes <= 2 * (32 * MiB + 64 * MiB)  # its budget, not all it asked
+    while slow.aio_in_flight() > 0:
+        slow.poll(-1)
+    assert all(slow.aio_command_completed(c) for c in cookies)
+    for off, buf in bufs[:8]:
+        assert buf.to_bytearray() == data[off:off + 2 * MiB]
+    slow.shutdown()
+    bystander.shutdown()
+    assert rs.server._encryptor.jobs > 0

@@ -152,6 +152,7 @@ class Server:
                 engine = self._workers if src.blocking else inline
             self._engines[name] = engine
         self._ready: dict[int, Connection] = {}  # connections with replies to send
+        self._encryptor = None  # a tls.Encryptor, made with the loop when TLS is on
         # Watch layers (sources/watch.py) in the stacks: what they saw is
         # published after each batch of the server's own requests.
         self._watchers = [layer for s in exports.values() for layer in stack(s)
@@ -195,6 +196,9 @@ class Server:
         before the loop runs, or from its thread)."""
         self.loop = loop
         _tune_malloc()
+        if self.tls is not None:
+            from .tls import Encryptor
+            self._encryptor = Encryptor(loop)
         if self.handshake_timeout or self.idle_timeout:
             loop.call_later(SWEEP_INTERVAL, self._sweep)
         for sock in self._listeners:
@@ -216,6 +220,8 @@ class Server:
                 log.exception("connection %d: error while shutting down", conn.cid)
             self._close(conn)
         self._workers.close()
+        if self._encryptor is not None:
+            self._encryptor.close()
 
     def _refuse_pending(self, conn: Connection) -> None:
         """At shutdown: requests received but not started get NBD_ESHUTDOWN
@@ -243,7 +249,7 @@ class Server:
             conn.out.append(proto.reply_refused(handle, P.NBD_ESHUTDOWN))
         try:
             while conn.out:
-                n = conn.sock.send(conn.out[0])
+                n = conn.sock.sendmsg([conn.out[0]])  # a TLSSocket has no send
                 if n < len(conn.out[0]):
                     break  # the peer is not reading: what is left is lost
                 conn.out.popleft()
@@ -380,6 +386,19 @@ class Server:
                 and not conn.benched and not conn.closed):
             self.loop.call_soon_threadsafe(self._on_readable_if_open, conn)
 
+    def _on_encrypted(self, conn: Connection) -> None:
+        """A big send was encrypted off the loop: send it, go on sending, and
+        read again (not while the SSL object was busy)."""
+        if conn.closed:
+            return
+        try:
+            self._send(conn)
+            if not conn.closed:
+                self._apply_reading(conn)
+                self._maybe_close(conn)
+        except Exception:  # noqa: BLE001
+            self._crashed(conn)
+
     def _on_readable_if_open(self, conn: Connection) -> None:
         if (not conn.closed and conn.reading and not conn.paused and not conn.held
                 and not conn.benched):
@@ -438,7 +457,7 @@ class Server:
     def _apply_reading(self, conn: Connection) -> None:
         """Watch the socket for requests unless closing, paused or held."""
         if (conn.reading and not conn.paused and not conn.held and not conn.starved
-                and not conn.benched):
+                and not conn.benched and not (conn.tls is not None and conn.tls.encrypting)):
             self.loop.add_reader(conn.fd, self._on_readable, conn)
             if conn.tls is not None:
                 self._read_tls_buffered(conn)
@@ -552,7 +571,8 @@ class Server:
             self._close(conn)
             return
         received = conn.proto.start_tls()
-        conn.sock = conn.tls = TLSSocket(conn.sock, self.tls.context, received)
+        conn.sock = conn.tls = TLSSocket(conn.sock, self.tls.context, received, self._encryptor,
+                                         lambda: self._on_encrypted(conn))
         if received:
             self.loop.call_soon_threadsafe(self._on_readable_if_open, conn)
 
@@ -757,7 +777,16 @@ class Server:
             out.clear()
             self._close(conn)
             return
-        busy = bool(out) or (tls is not None and tls.pending)
+        if tls is None:
+            busy = bool(out)
+        elif tls.encrypting:
+            # The SSL object is the encryptor's until on_encrypted: not read
+            # from, and written to only to push ciphertext already made.
+            busy = tls.pending
+            if conn.reading:
+                self.loop.remove_reader(conn.fd)
+        else:
+            busy = bool(out) or tls.pending
         if busy and not conn.writing:
             conn.writing = True
             self.loop.add_writer(conn.fd, self._on_writable, conn)
@@ -797,7 +826,8 @@ class Server:
 
     def _maybe_close(self, conn: Connection) -> None:
         if (conn.closing and not conn.closed and not conn.out and conn.inflight == 0
-                and not conn.waiting and not (conn.tls is not None and conn.tls.pending)):
+                and not conn.waiting and not (conn.tls is not None
+                                              and (conn.tls.pending or conn.tls.encrypting))):
             self._close(conn)
 
 

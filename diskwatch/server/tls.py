@@ -18,6 +18,18 @@ the connection's receive buffer; replies are encrypted in pieces of at most
 ``SEND_CHUNK`` bytes, so at most that much ciphertext waits per connection
 (read data from an mmap is copied once, by the encryption).
 
+Big replies are encrypted off the loop's thread: a send of at least
+OFFLOAD_MIN of plaintext (a 256 KiB read's reply) is handed to one of the
+server's encryption threads (``Encryptor``; OpenSSL releases the GIL while
+it encrypts), so the loop serves other connections meanwhile, and several
+connections are encrypted at once on several cores, as nbdkit's threads
+do. An SSL object must not be used by two threads at once: while its job
+runs (``encrypting``) the socket is neither read (the transport stops
+watching it) nor written through, and the job's end, back on the loop,
+says so (``on_encrypted``). The loop sends one job's ciphertext while the
+next job encrypts. Smaller sends (a 4 KiB read's reply) are encrypted on
+the loop: handing them over would cost more than encrypting them.
+
 What the loop cannot see: plaintext or ciphertext TLS already holds in
 memory (a socket read can bring several records; the receive buffer may fill
 before they are all decrypted). ``buffered`` says so, and the transport asks
@@ -39,21 +51,31 @@ import re
 import ssl
 import sys
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 from ..errors import DiskwatchError
 
-__all__ = ["TLSConfig", "TLSError", "TLSSocket", "load_psk_file", "make_tls"]
+__all__ = ["Encryptor", "TLSConfig", "TLSError", "TLSSocket", "load_psk_file", "make_tls"]
 
 TLS_MODES = ("off", "on", "require")
 # Memory TLS adds to a connection, beyond the transport's own budget: at most
 # SEND_CHUNK of ciphertext waiting for a client that does not read (nothing
 # more is encrypted until it is sent), at most RECV_CHUNK of ciphertext read
-# ahead, and OpenSSL's record buffers (~34 KiB): under 420 KiB, so 128
-# connections stay under 55 MiB however their clients behave.
+# ahead, and OpenSSL's record buffers (~34 KiB): under 420 KiB. A big send
+# encrypted off the loop (OFFLOAD_MIN) holds at most SEND_CHUNK of plaintext
+# (out of the transport's count, which saw it leave) and its ciphertext, while
+# at most one earlier SEND_CHUNK of ciphertext waits: under 950 KiB, so 128
+# connections stay under 120 MiB however their clients behave.
 SEND_CHUNK = 1 << 18  # plaintext encrypted per send call: bounds the ciphertext waiting
 RECV_CHUNK = 1 << 17  # ciphertext read from the socket at once
 COALESCE = 16 * 1024  # pieces up to this size are joined into one TLS record
+#: sends of at least this much plaintext are encrypted in an Encryptor's thread
+OFFLOAD_MIN = 128 * 1024
+#: encryption threads of a server, shared by its TLS connections
+ENCRYPT_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 class TLSError(DiskwatchError):
@@ -210,11 +232,41 @@ def _set_psk_server_callback(ctx: ssl.SSLContext, keys: dict[bytes, bytes]) -> N
 
 # --- the connection ---------------------------------------------------------------
 
+class Encryptor:
+    """The threads that encrypt big sends off the loop's thread, for every
+    TLS connection of a server (each connection has one job at a time)."""
+
+    def __init__(self, loop, threads: int = ENCRYPT_THREADS) -> None:
+        self.loop = loop
+        self.threads = threads
+        self.jobs = 0  # jobs run (the tests look)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def run(self, job: Callable[[], bytes], done: Callable) -> None:
+        """``job()`` in a thread, then ``done(future)`` on the loop's thread."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="diskwatch-tls")
+        self.jobs += 1
+        loop = self.loop
+        self._pool.submit(job).add_done_callback(
+            lambda fut: loop.call_soon_threadsafe(done, fut))
+
+    def close(self) -> None:
+        """Wait for the jobs running (they only encrypt) and stop the threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 class TLSSocket:
     """A connected, non-blocking socket seen through TLS: ``recv_into`` and
-    ``sendmsg`` as the transport uses them on a plain socket."""
+    ``sendmsg`` as the transport uses them on a plain socket. With an
+    ``encryptor``, big sends are encrypted in its threads and
+    ``on_encrypted()`` is called on the loop's thread after each."""
 
-    def __init__(self, sock, context: ssl.SSLContext, received: bytes = b"") -> None:
+    def __init__(self, sock, context: ssl.SSLContext, received: bytes = b"",
+                 encryptor: Encryptor | None = None,
+                 on_encrypted: Callable[[], None] | None = None) -> None:
         self.sock = sock
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
@@ -224,6 +276,11 @@ class TLSSocket:
         self.handshake_done = False
         self.eof = False
         self._out: deque = deque()  # ciphertext the socket did not take yet
+        self.encryptor = encryptor
+        self.on_encrypted = on_encrypted
+        #: a job of the encryptor uses the SSL object: nothing else may
+        self.encrypting = False
+        self._failed: BaseException | None = None  # what a job raised, for the next send
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -234,13 +291,15 @@ class TLSSocket:
 
     @property
     def pending(self) -> bool:
-        """Ciphertext waits for the socket (the transport watches for writability)."""
-        return bool(self._out) or self.outgoing.pending > 0
+        """Ciphertext waits for the socket (the transport watches for
+        writability). Not a job encrypting: its end is said by on_encrypted."""
+        return bool(self._out) or (not self.encrypting and self.outgoing.pending > 0)
 
     @property
     def buffered(self) -> bool:
         """TLS holds input the loop cannot see (the transport reads again)."""
-        return self.handshake_done and (self.obj.pending() > 0 or self.incoming.pending > 0)
+        return (self.handshake_done and not self.encrypting
+                and (self.obj.pending() > 0 or self.incoming.pending > 0))
 
     # --- reading ---------------------------------------------------------
 
@@ -278,6 +337,8 @@ class TLSSocket:
     def recv_into(self, view) -> int:
         """Decrypted bytes into ``view``; 0 at the end of the stream; raises
         BlockingIOError when nothing can be had without waiting."""
+        if self.encrypting:
+            raise BlockingIOError  # the transport reads again once the job is done
         if not self.handshake_done:
             self._handshake()
         want = len(view)
@@ -308,8 +369,13 @@ class TLSSocket:
 
     def flush(self) -> bool:
         """Send waiting ciphertext; True if some is still waiting."""
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            if isinstance(failed, OSError):
+                raise failed
+            raise OSError(f"TLS encryption failed: {failed}")
         out = self._out
-        if self.outgoing.pending:
+        if not self.encrypting and self.outgoing.pending:
             out.append(self.outgoing.read())
         while out:
             try:
@@ -328,43 +394,45 @@ class TLSSocket:
 
     def sendmsg(self, iov) -> int:
         """Encrypt from ``iov`` (at most SEND_CHUNK bytes) and send; returns the
-        plaintext bytes taken. Raises BlockingIOError while earlier ciphertext
-        still waits for the socket."""
-        if self.flush():
+        plaintext bytes taken. Raises BlockingIOError while a job encrypts,
+        or while earlier ciphertext still waits for the socket (a big send
+        is handed to the encryptor then, if none runs: the loop sends the
+        one while the other encrypts)."""
+        if self.encrypting:
             raise BlockingIOError
-        taken = 0
-        write = self.obj.write
-        # Small pieces (a reply header, a 4 KiB read) are joined into one
-        # record: a record per piece costs a MAC and 22 bytes each.
-        small: list = []
-        small_len = 0
-        for item in iov:
-            n = len(item)
-            if n == 0:
-                continue
-            if n <= COALESCE and taken + small_len + n <= SEND_CHUNK:
-                small.append(item)
-                small_len += n
-                continue
-            if small:
-                taken += write(b"".join(small))
-                small.clear()
-                small_len = 0
-            room = SEND_CHUNK - taken
-            if n > room:
-                taken += write(memoryview(item)[:room])
-                break
-            taken += write(item)
-            if taken >= SEND_CHUNK:
-                break
-        if small:
-            taken += write(b"".join(small))
+        waiting = self.flush()
+        big = self.encryptor is not None and _at_least(iov, OFFLOAD_MIN)
+        if waiting and not big:
+            raise BlockingIOError
+        records, taken = _records(iov)
+        if big:
+            self.encrypting = True
+            self.encryptor.run(partial(self._encrypt, records), self._encrypted)
+            return taken
+        self._out.append(self._encrypt(records))
         self.flush()
         return taken
 
+    def _encrypt(self, records: list) -> bytes:
+        """The ciphertext of ``records`` (in an encryptor's thread, or on the loop)."""
+        write = self.obj.write
+        for record in records:
+            write(record)
+        return self.outgoing.read()
+
+    def _encrypted(self, fut) -> None:
+        """On the loop's thread: a job is done; its ciphertext goes out next."""
+        self.encrypting = False
+        try:
+            self._out.append(fut.result())
+        except BaseException as e:  # noqa: BLE001 - raised by the next flush, on the loop
+            self._failed = e
+        if self.on_encrypted is not None:
+            self.on_encrypted()
+
     def close(self) -> None:
         try:
-            if self.handshake_done:
+            if self.handshake_done and not self.encrypting:  # (a job still uses obj)
                 self.obj.unwrap()  # close_notify; the reply is not waited for
         except (ssl.SSLError, OSError):
             pass
@@ -373,3 +441,50 @@ class TLSSocket:
         except OSError:
             pass
         self.sock.close()
+
+
+def _at_least(iov, n: int) -> bool:
+    """Whether the pieces of ``iov`` hold ``n`` bytes or more."""
+    total = 0
+    for item in iov:
+        total += len(item)
+        if total >= n:
+            return True
+    return False
+
+
+def _records(iov) -> tuple[list, int]:
+    """What one send encrypts: the start of ``iov`` up to SEND_CHUNK bytes,
+    small pieces (a reply header, a 4 KiB read) joined into one record (a
+    record per piece costs a MAC and 22 bytes each); and how many bytes."""
+    records: list = []
+    taken = 0
+    small: list = []
+    small_len = 0
+    for item in iov:
+        n = len(item)
+        if n == 0:
+            continue
+        if n <= COALESCE and taken + small_len + n <= SEND_CHUNK:
+            small.append(item)
+            small_len += n
+            continue
+        if small:
+            records.append(b"".join(small))
+            taken += small_len
+            small.clear()
+            small_len = 0
+        room = SEND_CHUNK - taken
+        if n > room:
+            if room:
+                records.append(memoryview(item)[:room])
+                taken += room
+            break
+        records.append(item)
+        taken += n
+        if taken >= SEND_CHUNK:
+            break
+    if small:
+        records.append(b"".join(small))
+        taken += small_len
+    return records, taken
