@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from .events import JournalCarried, LateNamed, Request
-from .sink import SinkBase
+from .pipeline.sink import SinkBase
 from .wire import WRITE_COMMANDS
 
 __all__ = ["JOURNAL", "LATE_KEPT", "LATE_SECONDS", "LateNamer"]

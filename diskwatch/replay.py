@@ -36,9 +36,9 @@ from operator import itemgetter, sub
 from typing import Any
 
 from .events import Bus, Request
+from .pipeline.session import Pieces, Pump, Session
 from .record import MapSchedule, Recording, maps_for, open_recording
 from .record import choose_map as record_choose_map
-from .session import Pieces, Pump, Session
 from .text import safe_text
 
 #: seconds of quiet before a request that make it the start of a burst
@@ -273,7 +273,7 @@ def replay(cfg: ReplayConfig) -> int:
     import contextlib
 
     from .files import open_output
-    from .runner import Wakeups, signals_handled
+    from .pipeline.loop import run_session
     from .trace import Summary, TextTrace
 
     def say(text: str) -> None:
@@ -303,16 +303,10 @@ def replay(cfg: ReplayConfig) -> int:
             summary = pump.add(Summary(header.size))
         try:
             if not cfg.headless:
-                from .runner import run_session
                 from .ui.replay import ReplayApp
                 return run_session(session, headless=False, app=ReplayApp(session))
-            wakeups = Wakeups()  # what a signal handler may touch (runner.py says why)
-            with signals_handled(wakeups.put):
-                while not player.finished:
-                    if wakeups.wait(0 if fast else 0.1) is not None:
-                        session.interrupted = True
-                        break
-                    pump.run_once(player.next_time() if fast else player.now())
+            run_session(session, headless=True, clock=player.next_time if fast else player.now,
+                        done=lambda: player.finished, wait=0 if fast else 0.1)
         finally:
             pump.close()
     if summary is not None:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import IO
 
 from .events import JournalCarried, LateNamed, Request
-from .session import Pieces
+from .pipeline.sink import Pieces
 from .text import safe_text
 from .units import count, format_bytes, format_duration_compact
 from .wire import COMMAND_NAMES, DATA_COMMANDS, Command

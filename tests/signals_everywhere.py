@@ -18,12 +18,13 @@ import sys
 from pathlib import Path
 
 from diskwatch import runner
+from diskwatch.pipeline import loop
 from diskwatch.events import Bus
 from diskwatch.logfile import ReopenableFile
-from diskwatch.session import Pump, Session
+from diskwatch.pipeline.session import Pump, Session
 
 #: short rounds: a case stops after a few of them
-runner.TICK = 0.002
+loop.TICK = 0.002
 #: lines not counted: the block map's parser (thousands of them in a reload,
 #: all alike: no lock, nothing shared)
 BMAP = str(Path(runner.__file__).with_name("bmap"))
@@ -88,14 +89,14 @@ def run_loop(tmp: Path, plan: dict[int, list[int]], stop_after_rounds: int = 0):
         else:
             sys.settrace(tracer)
         try:
-            status = runner.run_session(session, headless=True, on_reload=on_reload)
+            status = loop.run_session(session, headless=True, on_reload=on_reload)
         finally:
             sys.settrace(None)
     return tracer, reloads, status, session.interrupted
 
 
 def main(tmp: Path) -> int:
-    if runner.has_controlling_terminal():
+    if loop.has_controlling_terminal():
         print("run me without a controlling terminal (SIGHUP would end the loop)")
         return 2
     cases = 0

@@ -370,7 +370,7 @@ def run_attached_ui(guest: RunningGuest, bmap: Path, check, size=(140, 42)):
     from diskwatch.bmap.index import BlockMap
     from diskwatch.events import Bus
     from diskwatch.server import serve_in_thread
-    from diskwatch.session import Session
+    from diskwatch.pipeline.session import Session
     from diskwatch.sources.file import FileSource
     from diskwatch.ui.app import DiskwatchApp
     from diskwatch.ui.screens import ConfirmQuit

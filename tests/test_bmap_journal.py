@@ -282,7 +282,7 @@ def test_a_small_new_file_written_through_the_server_is_named_by_an_automatic_re
     from diskwatch.metrics import MetricsSink, families
     from diskwatch.remap import Remapper
     from diskwatch.server import serve_in_thread
-    from diskwatch.session import Session
+    from diskwatch.pipeline.session import Session
     from diskwatch.sources.snapshot import Snapshot
     from diskwatch.trace import Summary, TextTrace
     a_journaled, b, data, _ = journaled

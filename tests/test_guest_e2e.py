@@ -124,7 +124,7 @@ def test_replaying_the_boot_under_the_pilot_shows_the_same_names(headless_boot, 
     from diskwatch.events import Bus
     from diskwatch.record import open_recording
     from diskwatch.replay import Player
-    from diskwatch.session import Pump, Session
+    from diskwatch.pipeline.session import Pump, Session
     from diskwatch.ui.replay import ReplayApp
     from diskwatch.ui.top import TopObjects
 
@@ -169,7 +169,7 @@ def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record
     from diskwatch.events import Bus
     from diskwatch.server import serve_in_thread
     from diskwatch.server.captive import Captive, captive_env
-    from diskwatch.session import Session
+    from diskwatch.pipeline.session import Session
     from diskwatch.sources import SourceOptions, open_source
     from diskwatch.ui.app import DiskwatchApp
 

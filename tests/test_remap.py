@@ -31,7 +31,7 @@ from diskwatch.demo.guest import MiB, make_partition_table, mkfs_ext4_at
 from diskwatch.events import Bus
 from diskwatch.remap import Remapper, remap
 from diskwatch.server import serve_in_thread
-from diskwatch.session import Session
+from diskwatch.pipeline.session import Session
 from diskwatch.sources.file import FileSource
 from diskwatch.sources.snapshot import Snapshot
 from diskwatch.trace import TextTrace

@@ -25,8 +25,8 @@ from diskwatch.bmap.metadata import map_metadata
 from diskwatch.events import Bus, LateNamed
 from diskwatch.remap import Remapper
 from diskwatch.server import serve_in_thread
-from diskwatch.session import Session
-from diskwatch.sink import SinkBase
+from diskwatch.pipeline.session import Session
+from diskwatch.pipeline.sink import SinkBase
 from diskwatch.sources.file import FileSource
 from diskwatch.wire import WRITE_COMMANDS
 

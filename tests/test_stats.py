@@ -127,7 +127,7 @@ def test_stats_counts_and_attributes(blockmap):
 def test_pump_is_the_thread_boundary(blockmap):
     """The session's pump: the server thread only fills a bounded buffer;
     the pump drains it, looks each request up once and feeds every sink."""
-    from diskwatch.session import LiveFeed, Pump
+    from diskwatch.pipeline.session import LiveFeed, Pump
 
     class Seen:
         def __init__(self):

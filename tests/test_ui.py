@@ -15,7 +15,7 @@ import pytest
 from diskwatch.bmap.index import BlockMap
 from diskwatch.events import Bus, ConnectionEvent, Message, Progress
 from diskwatch.server.server import Server, ServerThread
-from diskwatch.session import Session
+from diskwatch.pipeline.session import Session
 from diskwatch.sources.file import FileSource
 from diskwatch.ui.app import DiskwatchApp
 from diskwatch.ui.heatmap import Heatmap

@@ -11,7 +11,7 @@ import pytest
 
 from diskwatch.bmap.index import BlockMap
 from diskwatch.events import Bus, ConnectionEvent, Message, Progress, make_request
-from diskwatch.session import Session
+from diskwatch.pipeline.session import Session
 from diskwatch.ui.app import DiskwatchApp
 
 MiB = 1 << 20
@@ -121,7 +121,7 @@ def test_snapshot_replay_paused_with_its_time_bar(snap_compare, tmp_path):
     """diskwatch replay: the boot-like workload recorded, played to 9 s, paused."""
     from diskwatch.record import Recorder, RecordingHeader, open_recording
     from diskwatch.replay import Player
-    from diskwatch.session import Pump
+    from diskwatch.pipeline.session import Pump
     from diskwatch.ui.replay import ReplayApp
 
     path = tmp_path / "snap.bmap"

@@ -20,7 +20,7 @@ from rich.text import Text
 from diskwatch.bmap.index import BlockMap
 from diskwatch.events import Bus, ConnectionEvent, make_request
 from diskwatch.server.captive import Captive
-from diskwatch.session import Session
+from diskwatch.pipeline.session import Session
 from diskwatch.text import TerminalText, safe_text
 from diskwatch.ui.app import DiskwatchApp
 from diskwatch.ui.heatmap import Heatmap
@@ -323,7 +323,7 @@ def test_log_lines_under_the_ui_become_messages_not_terminal_writes():
     import threading
 
     from diskwatch.events import Message
-    from diskwatch.runner import logs_as_messages
+    from diskwatch.pipeline.loop import logs_as_messages
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     root = logging.getLogger()

@@ -38,7 +38,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from ..errors import DiskwatchError
 from ..events import Request
-from ..sink import SinkBase
+from ..pipeline.sink import SinkBase
 from ..text import safe_text
 from ..units import format_bytes
 from ..wire import CMD_READ, WRITE_COMMANDS

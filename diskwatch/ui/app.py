@@ -45,8 +45,9 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 
 from ..events import ConnectionEvent, Message, Progress
+from ..pipeline.session import Session
+from ..pipeline.sink import Pieces, Sink
 from ..report.picture import SessionPicture
-from ..session import Pieces, Session, Sink
 from ..stats import Stats
 from .heatmap import Heatmap
 from .output import CommandOutput

@@ -10,7 +10,7 @@ from typing import Any
 from textual.binding import Binding
 from textual.widgets import Footer
 
-from ..session import Session
+from ..pipeline.session import Session
 from .app import DiskwatchApp
 from .messages import Seek
 from .timebar import TimeBar, speed_text

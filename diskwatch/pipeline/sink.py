@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from .events import Request
+from ..events import Request
 
 __all__ = ["Piece", "Pieces", "Sink", "SinkBase"]
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Protocol
 
-from .events import Bus, Dropped, Request, RequestBuffer
-from .late import LateNamer
+from ..events import Bus, Dropped, Request, RequestBuffer
+from ..late import LateNamer
 from .sink import Piece, Pieces, Sink, SinkBase  # noqa: F401 - the pump's vocabulary
 
 _OFFSET, _LENGTH = itemgetter(3), itemgetter(4)
