@@ -621,3 +621,30 @@ def test_the_partition_table_and_the_gap_after_it_are_named(tmp_path, label):
         "/$GPTEntries": [(first * 512, (last + 1) * 512)],
         "/$GPTBackup": [(backup_entries * 512, (alternate + 1) * 512)],
         "/$BootGap": [((last + 1) * 512, start)]}
+
+
+def test_a_partition_s_bytes_past_its_filesystem_are_named(tmp_path):
+    """ext4 made smaller than its partition (mke2fs with a size): the rest of
+    the partition is /$BeyondFilesystem, from where dumpe2fs says the
+    filesystem ends to the partition's end (sfdisk)."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["sfdisk", "-q", str(image)], check=True, text=True,
+                   input="label: dos\nstart=2048, type=83\n")
+    start = 2048 * 512
+    part = tmp_path / "part.img"
+    with open(part, "wb") as f:
+        f.truncate((64 << 20) - start)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(part), "8192"], check=True)
+    info = subprocess.run(["dumpe2fs", "-h", str(part)], capture_output=True, text=True,
+                          check=True).stdout
+    blocks = int(re.search(r"^Block count:\s+(\d+)", info, re.M).group(1))
+    size = int(re.search(r"^Block size:\s+(\d+)", info, re.M).group(1))
+    with open(image, "r+b") as f:
+        f.seek(start)
+        f.write(part.read_bytes())
+    with FileSource(str(image), readonly=True) as src:
+        entries = map_metadata(src, done_event=False).entries
+    beyond = [(e.start, e.end) for e in entries if e.path == "/$BeyondFilesystem"]
+    assert beyond == [(start + blocks * size, 64 << 20)]

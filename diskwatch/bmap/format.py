@@ -62,6 +62,8 @@ STRUCTURE_NAMES = frozenset({
     "$BootSector", "$FAT1", "$FAT2", "$FAT3", "$FAT4",
     # the disk's own, outside every partition (volumes.disk_structures)
     "$MBR", "$GPTHeader", "$GPTEntries", "$GPTBackup", "$BootGap",
+    # a partition's bytes past the end of its filesystem
+    "$BeyondFilesystem",
 })
 
 

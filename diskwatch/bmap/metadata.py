@@ -1095,6 +1095,12 @@ def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
     if scan is not None and scan.offset_of is not None:
         walker.journal_where = scan.offset_of
     start = len(entries)
+    if walker.is_ext or walker.is_fat:
+        # A partition bigger than its filesystem: the rest is no one's, and
+        # named so (a filesystem grown later, a probe reading the end).
+        end = int(fs.info.block_count) * walker.block
+        if 0 < end < v.size:
+            walker.add("/$BeyondFilesystem", [(end, v.size)])
     try:
         walker.map()
     except _Cancelled:
