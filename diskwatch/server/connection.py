@@ -64,6 +64,8 @@ class Connection:
         # --- the request path's (dispatch.py), set when transmission starts
         #: the dispatch.Engine that carries out this connection's requests
         self.engine: Any = None
+        #: its requests' one completion (dispatch.completion)
+        self.complete: Any = None
         #: the source's view_for, or one that never answers (a serialised stack)
         self.view_for: Any = None
         #: reads this long (and not DF) are read in pieces, holes left out

@@ -2,7 +2,7 @@
 event, whatever the source.
 
     protocol.parse_requests -> dispatch() -> an Engine carries it out
-                                          -> complete(): reply (protocol) + event (make_request)
+                                          -> conn.complete(): reply (protocol) + event
 
 ``dispatch`` does what is the same for every source, once: a request the
 protocol refused is answered at once (nbdkit, too, answers those outside
@@ -10,8 +10,9 @@ its request lock), DISC ends the connection's requests, a read the source
 can hand over as a buffer (``view_for``: an mmap, a qcow2's plain cluster)
 is answered without calling it, and what an engine holds past ``take`` (a
 read's or a write's bytes) is charged to the memory budget until it
-completes. ``complete`` is the one place a reply and an event are made, and
-the one place a source's error becomes a wire error (``wire.wire_error``).
+completes. ``completion`` makes the one place a reply and an event are made, and a
+source's error becomes a wire error (``wire.wire_error``): each
+connection's ``complete``.
 
 An ``Engine`` is how a source is called; each connection has one, chosen
 by its export when the server is made:
@@ -54,6 +55,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -92,7 +94,7 @@ class Engine(Protocol):
 
     def take(self, conn: Connection, req: P.Request, now: float) -> None:
         """Carry out a valid request (not DISC, not a read a view answered);
-        ``complete`` it, now or later."""
+        ``conn.complete`` it, now or later."""
 
     def issue(self, conn: Connection) -> bool:
         """Start what waits (after a batch, a completion, a write to the
@@ -123,18 +125,19 @@ def dispatch(conn: Connection, reqs: list) -> bool:
     engine = conn.engine
     deferred = engine.deferred
     take = engine.take
+    complete = conn.complete
     view_for = conn.view_for
     scan_from = conn.scan_from
     for req in reqs:
         cmd = req[0]
         if req[6]:
-            complete(conn, req, now, None, None)
+            complete(req, now, None, None)
         elif cmd == P.CMD_READ:  # the hot path
             length = req[4]
             if length < scan_from or req[1] & P.CMD_FLAG_DF:
                 data = view_for(req[3], length)
                 if data is not None:
-                    complete(conn, req, now, data, None)
+                    complete(req, now, data, None)
                     continue
             if deferred:
                 conn.executing += length  # released by finished()
@@ -143,7 +146,7 @@ def dispatch(conn: Connection, reqs: list) -> bool:
             # Never answered (the spec allows no reply); nothing after it is
             # carried out, what came before is.
             conn.closing = True
-            complete(conn, req, now, None, None, now)
+            complete(req, now, None, None, now)
             break
         else:
             if deferred and cmd == P.CMD_WRITE:
@@ -152,43 +155,65 @@ def dispatch(conn: Connection, reqs: list) -> bool:
     return engine.issue(conn)
 
 
-def complete(conn: Connection, req: P.Request, start: float, result, error: BaseException | None,
-             end: float = 0.0) -> None:
-    """A request is done: queue its reply and its event. ``result``: a
-    read's data (or ``(length, data or None)`` pieces from ``read_pieces``),
-    block status's extents as the source gave them, None for the rest;
-    ``error``: what the source raised, or None. ``end``: when it finished,
-    if not now."""
-    cmd, flags, handle, offset, length, _pstart, err = req
+def completion(conn: Connection) -> Callable[..., None]:
+    """The completion of ``conn``'s requests (``conn.complete``): the one
+    place a reply and an event are made, and a source's error becomes a wire
+    error. Made once per connection (``start``), so the hot path finds what
+    it needs in the closure instead of looking it up per request."""
     proto = conn.proto
     out = conn.out
-    if error is None and not err:
-        if cmd == P.CMD_READ:
-            if result.__class__ is list:
-                out.extend(proto.read_chunks(handle, offset, result))
+    append = out.append
+    read_header = proto.read_data_header
+    cid = conn.cid
+    export = conn.export_name
+    new_event = make_request
+
+    def complete(req: P.Request, start: float, result, error: BaseException | None,
+                 end: float = 0.0) -> None:
+        """``req`` is done: queue its reply and its event. ``result``: a
+        read's data (or ``(length, data or None)`` pieces from
+        ``read_pieces``), block status's extents as the source gave them,
+        None for the rest; ``error``: what the source raised, or None.
+        ``end``: when it finished, if not now."""
+        cmd = req[0]
+        err = req[6]
+        if error is None and not err:
+            if cmd == P.CMD_READ:
+                if result.__class__ is list:
+                    out.extend(proto.read_chunks(req[2], req[3], result))
+                else:
+                    append(read_header(req[2], req[3], req[4]))
+                    append(result)
+            elif cmd == P.CMD_BLOCK_STATUS:
+                try:
+                    append(proto.reply_block_status(req[2], P.clip_extents(
+                        result, req[3], min(req[4], P.BLOCK_STATUS_MAX),
+                        bool(req[1] & P.CMD_FLAG_REQ_ONE))))
+                except Exception as e:  # noqa: BLE001 - extents the source made up
+                    error = e
+            elif cmd != P.CMD_DISC:
+                append(proto.reply_header(req[2]))
+        if error is not None:
+            if isinstance(error, OSError):
+                err = P.wire_error(error.errno)
             else:
-                out.append(proto.read_data_header(handle, offset, length))
-                out.append(result)
-        elif cmd == P.CMD_BLOCK_STATUS:
-            try:
-                out.append(proto.reply_block_status(handle, P.clip_extents(
-                    result, offset, min(length, P.BLOCK_STATUS_MAX),
-                    bool(flags & P.CMD_FLAG_REQ_ONE))))
-            except Exception as e:  # noqa: BLE001 - extents the source made up
-                error = e
-        elif cmd != P.CMD_DISC:
-            out.append(proto.reply_header(handle))
-    if error is not None:
-        if isinstance(error, OSError):
-            err = P.wire_error(error.errno)
-        else:
-            log.error("connection %d: unexpected error", conn.cid, exc_info=error)
-            err = P.NBD_EIO
-        out.append(proto.reply_error(handle, err, str(error)))
-    elif err:
-        out.append(proto.reply_refused(handle, err))
-    conn.events.append(make_request((conn.cid, conn.export_name, cmd, offset, length, flags,
-                                     start, (end or monotonic()) - start, err)))
+                log.error("connection %d: unexpected error", cid, exc_info=error)
+                err = P.NBD_EIO
+            append(proto.reply_error(req[2], err, str(error)))
+        elif err:
+            append(proto.reply_refused(req[2], err))
+        conn.events.append(new_event((cid, export, cmd, req[3], req[4], req[1], start,
+                                      (end or monotonic()) - start, err)))
+
+    return complete
+
+
+def start(conn: Connection, engine: Engine) -> None:
+    """``conn`` enters transmission, its requests carried out by ``engine``
+    (``conn.turns`` is set already)."""
+    conn.engine = engine
+    engine.bind(conn)
+    conn.complete = completion(conn)
 
 
 def finished(transport: Transport, conn: Connection, req: P.Request, start: float, result,
@@ -200,13 +225,13 @@ def finished(transport: Transport, conn: Connection, req: P.Request, start: floa
         conn.executing -= req[4]
     if conn.closed:
         return
-    complete(conn, req, start, result, error, end)
+    conn.complete(req, start, result, error, end)
     transport.ready(conn)
 
 
 def carry_out(src: Source, req: P.Request, payload):
     """Call the source for one request (on the loop's thread or in a
-    worker); returns what ``complete`` takes as its result. ``payload``: a
+    worker); returns what ``conn.complete`` takes as its result. ``payload``: a
     write's bytes."""
     cmd, flags, _handle, offset, length, _pstart, _err = req
     if cmd == P.CMD_READ:
@@ -311,9 +336,9 @@ class InlineEngine:
             else:
                 result = carry_out(conn.source, req, _payload(conn, req, False))
         except Exception as e:  # noqa: BLE001 - any failure is this request's error
-            complete(conn, req, now, None, e)
+            conn.complete(req, now, None, e)
             return
-        complete(conn, req, now, result, None)
+        conn.complete(req, now, result, None)
 
     def issue(self, conn: Connection) -> bool:
         return False

@@ -79,7 +79,7 @@ from ..sources.watch import Watch
 from . import protocol as P
 from .connection import HANDSHAKE_BUFFER as HANDSHAKE_BUFFER
 from .connection import RECV_BUFFER, Connection, Turns
-from .dispatch import AsyncEngine, Engine, InlineEngine, WorkerEngine, dispatch
+from .dispatch import AsyncEngine, Engine, InlineEngine, WorkerEngine, dispatch, start
 from .listen import listen_tcp, listen_unix
 from .loop import EpollLoop
 
@@ -501,8 +501,7 @@ class Server:
             name = conn.export_name = proto.export.name
             conn.source = self.sources[name]
             self._take_model(conn)
-            conn.engine = self._engines[name]
-            conn.engine.bind(conn)
+            start(conn, self._engines[name])
             self.bus.publish(ConnectionEvent(conn.cid, True, conn.peer, conn.export_name))
             left = proto.take_leftover()
             conn.view.release()
