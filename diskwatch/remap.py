@@ -18,10 +18,12 @@ made before boot names none of the new ones (their writes show as
   without a structure or unnamed write, or ``REMAP_MAX_WAIT``, 1 s after
   the first: a small new file, a resident NTFS file, which never add up to
   a megabyte); at most every ``min_interval`` seconds (``REMAP_MIN_INTERVAL``,
-  1 s, start to start), and never sooner than ``REMAP_COST_FACTOR`` (4)
-  times the last remap's duration after it ended (after a whole walk of
-  2 s the next remap comes 8 s later at the soonest: the mapper's share of
-  a core stays under a fifth, and it runs in a process of its own);
+  1 s, start to start), and after a whole walk never sooner than
+  ``REMAP_COST_FACTOR`` (4) times its duration after it ended (after a
+  whole walk of 2 s the next remap comes 8 s later at the soonest: the
+  mapper's share of a core stays under a fifth); after an update, never
+  sooner than its own duration (the mapper's share at most half a core,
+  in a process of its own);
 - remaps **on request**: the UI's ``m`` key calls ``request()``;
 - **tries again** (at most ``REMAP_RETRIES`` times in a row, each after
   the same intervals) when the unnamed writes that led to a remap are still
@@ -386,7 +388,12 @@ class Remapper:
             self.bus.publish(Progress("done", "", len(result.added), len(result.added), 0.0,
                                       result.elapsed, summary))
         ended = self.clock()
-        self._next_auto = max(self._next_auto, ended + REMAP_COST_FACTOR * result.elapsed)
+        # A whole walk is followed by a pause of REMAP_COST_FACTOR times its
+        # length; an update (cheap, what changed) by its own length; the
+        # first walk by none (the updates it makes possible are cheap).
+        factor = (0.0 if why == PRIME else 1.0 if result.incremental is not None
+                  else REMAP_COST_FACTOR)
+        self._next_auto = max(self._next_auto, ended + factor * result.elapsed)
         self._done = result  # taken by tick, in the pump's thread
         self._busy = False
         self._idle.set()
