@@ -43,9 +43,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from diskwatch.bmap.index import BlockMap  # noqa: E402
 from diskwatch.bmap.metadata import map_metadata  # noqa: E402
 from diskwatch.events import Bus  # noqa: E402
+from diskwatch.pipeline.session import Session  # noqa: E402
 from diskwatch.remap import remap  # noqa: E402
 from diskwatch.server import serve_in_thread  # noqa: E402
-from diskwatch.pipeline.session import Session  # noqa: E402
 from diskwatch.sources.file import FileSource  # noqa: E402
 
 MiB = 1 << 20

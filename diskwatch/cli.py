@@ -334,10 +334,10 @@ def run_config(args) -> RunConfig:
 def serve(args, config: RunConfig | None = None) -> int:
     # Bad monitoring settings are told before anything starts.
     if args.metrics is not None:
-        from .metrics.prometheus import parse_address
+        from .sinks.metrics.prometheus import parse_address
         parse_address(args.metrics)
     if args.otlp:
-        from .metrics.otlp import export_interval, metrics_url
+        from .sinks.metrics.otlp import export_interval, metrics_url
         metrics_url(args.otlp)
         export_interval()
     return Runner(config or run_config(args), lambda: _open_source(args)).run()

@@ -3,7 +3,7 @@ session (the UI, the text trace, the summary).
 
     diskwatch replay boot.dwrec [--bmap MAP] [--speed N] [--headless]
 
-The ``Player`` is the pump's feed (diskwatch/session.py): instead of draining
+The ``Player`` is the pump's feed (diskwatch/pipeline/session.py): instead of draining
 a server's buffer, ``take(now)`` hands out the recorded requests and events
 whose time has come on a virtual clock that can run at any speed, stop, and
 jump. Requests keep the order the live sinks saw them in, so a replayed text
@@ -274,7 +274,7 @@ def replay(cfg: ReplayConfig) -> int:
 
     from .files import open_output
     from .pipeline.loop import run_session
-    from .trace import Summary, TextTrace
+    from .sinks import add_text_sinks
 
     def say(text: str) -> None:
         print(f"diskwatch: {safe_text(text)}", file=sys.stderr)
@@ -291,16 +291,10 @@ def replay(cfg: ReplayConfig) -> int:
     fast = cfg.headless and cfg.speed is None
     session = replay_session(recording, maps, speed=speed)
     player, pump = session.player, session.pump
-    blockmap = session.blockmap
-    summary = None
     with contextlib.ExitStack() as files:
-        if cfg.log:
-            out = files.enter_context(open_output(cfg.log))
-            pump.add(TextTrace(out, blockmap, 0.0))
-        elif cfg.headless and not cfg.no_trace:
-            pump.add(TextTrace(sys.stdout, blockmap, 0.0))
-        if cfg.headless:
-            summary = pump.add(Summary(header.size))
+        log = files.enter_context(open_output(cfg.log)) if cfg.log else None
+        summary = add_text_sinks(pump, size=header.size, blockmap=session.blockmap, t0=0.0,
+                                 headless=cfg.headless, no_trace=cfg.no_trace, log=log)
         try:
             if not cfg.headless:
                 from .ui.replay import ReplayApp

@@ -361,18 +361,16 @@ class Runner:
         """Sinks into the pump; what they open goes on ``undo``, which is
         unwound after the pump has closed them."""
         from .logfile import ReopenableFile
-        from .trace import Summary, TextTrace
+        from .sinks import add_text_sinks
         cfg = self.config
         pump = session.pump
-
-        def open_log(path: str):
-            f = undo.enter_context(ReopenableFile(path))
-            self.logs.append(f)
-            return f
+        log = None
         if cfg.log:
-            pump.add(TextTrace(open_log(cfg.log), session.blockmap, session.started))
-        elif cfg.headless and not cfg.no_trace:
-            pump.add(TextTrace(self.trace_out, session.blockmap, session.started))
+            log = undo.enter_context(ReopenableFile(cfg.log))
+            self.logs.append(log)
+        self.summary = add_text_sinks(pump, size=source.size, blockmap=session.blockmap,
+                                      t0=session.started, headless=cfg.headless,
+                                      no_trace=cfg.no_trace, log=log, trace_out=self.trace_out)
         if cfg.record:
             from .record import Recorder, RecordingHeader, map_identity
             header = RecordingHeader(
@@ -384,8 +382,6 @@ class Runner:
             undo.callback(self.recorder.close)  # failing early (else the pump closed it)
             self.logs.append(self.recorder)
             pump.add(self.recorder.attach(session.bus))
-        if cfg.headless:
-            self.summary = pump.add(Summary(source.size))
         if cfg.metrics is not None or cfg.otlp:
             self._add_metrics(session, source, undo)
         if cfg.bmap and cfg.remap != "off":
@@ -410,18 +406,18 @@ class Runner:
 
     def _add_metrics(self, session: Session, source, undo: contextlib.ExitStack) -> None:
         from .journal import notice
-        from .metrics import MetricsSink
+        from .sinks.metrics import MetricsSink
         cfg = self.config
         self.metrics = sink = session.pump.add(MetricsSink(
             {cfg.export_name: source.size}, top=cfg.metrics_top, refresh=cfg.metrics_refresh))
         if cfg.metrics is not None:
-            from .metrics.prometheus import MetricsServer, parse_address
+            from .sinks.metrics.prometheus import MetricsServer, parse_address
             server = MetricsServer(sink, *parse_address(cfg.metrics))
             undo.callback(server.close)
             notice(f"metrics at {server.url}", DISKWATCH_EVENT="metrics",
                    DISKWATCH_METRICS_URL=server.url)
         if cfg.otlp:
-            from .metrics.otlp import OtlpExporter, export_interval
+            from .sinks.metrics.otlp import OtlpExporter, export_interval
             exporter = OtlpExporter(sink, cfg.otlp, interval=export_interval())
             # Pushed before the pump's close: runs after it, so the final
             # export has the final counts.

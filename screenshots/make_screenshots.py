@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diskwatch.bmap.index import BlockMap  # noqa: E402
 from diskwatch.demo.guest import build_guest_image, probe_kvm  # noqa: E402
 from diskwatch.events import Bus  # noqa: E402
+from diskwatch.pipeline.session import Session  # noqa: E402
 from diskwatch.server.captive import Captive, captive_env  # noqa: E402
 from diskwatch.server.server import Server, ServerThread  # noqa: E402
-from diskwatch.pipeline.session import Session  # noqa: E402
 from diskwatch.sources.file import FileSource  # noqa: E402
 from diskwatch.ui.app import DiskwatchApp  # noqa: E402
 

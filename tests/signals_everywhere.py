@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from diskwatch import runner
-from diskwatch.pipeline import loop
 from diskwatch.events import Bus
 from diskwatch.logfile import ReopenableFile
+from diskwatch.pipeline import loop
 from diskwatch.pipeline.session import Pump, Session
 
 #: short rounds: a case stops after a few of them

@@ -369,8 +369,8 @@ def run_attached_ui(guest: RunningGuest, bmap: Path, check, size=(140, 42)):
     from diskwatch.attach import AttachedGuest, monitor_opener, prepare
     from diskwatch.bmap.index import BlockMap
     from diskwatch.events import Bus
-    from diskwatch.server import serve_in_thread
     from diskwatch.pipeline.session import Session
+    from diskwatch.server import serve_in_thread
     from diskwatch.sources.file import FileSource
     from diskwatch.ui.app import DiskwatchApp
     from diskwatch.ui.screens import ConfirmQuit

@@ -279,12 +279,13 @@ def test_a_small_new_file_written_through_the_server_is_named_by_an_automatic_re
     nbd = pytest.importorskip("nbd")
     from diskwatch.bmap.index import BlockMap, BmapObject
     from diskwatch.events import Bus
-    from diskwatch.metrics import MetricsSink, families
+    from diskwatch.pipeline.session import Session
     from diskwatch.remap import Remapper
     from diskwatch.server import serve_in_thread
-    from diskwatch.pipeline.session import Session
+    from diskwatch.sinks.metrics import MetricsSink, families
+    from diskwatch.sinks.summary import Summary
+    from diskwatch.sinks.text_trace import TextTrace
     from diskwatch.sources.snapshot import Snapshot
-    from diskwatch.trace import Summary, TextTrace
     a_journaled, b, data, _ = journaled
     a = tmp_path / "a.img"  # A as it was: the new file nowhere
     make_fs(a, tmp_path, {"/srv/old.txt": b"old\n" * 100, "/etc/hostname": b"guest\n"})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fixtures_server import DISKWATCH
 
-from diskwatch.metrics import METRICS
+from diskwatch.sinks.metrics import METRICS
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 DASHBOARD = CONTRIB / "grafana" / "diskwatch-dashboard.json"

@@ -122,9 +122,9 @@ def test_replaying_the_boot_prints_the_live_trace(headless_boot):
 def test_replaying_the_boot_under_the_pilot_shows_the_same_names(headless_boot, guest_map):
     from diskwatch.bmap.index import BlockMap
     from diskwatch.events import Bus
+    from diskwatch.pipeline.session import Pump, Session
     from diskwatch.record import open_recording
     from diskwatch.replay import Player
-    from diskwatch.pipeline.session import Pump, Session
     from diskwatch.ui.replay import ReplayApp
     from diskwatch.ui.top import TopObjects
 
@@ -167,9 +167,9 @@ def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record
     ``recording`` and ``log``: what ``--record`` and ``--log`` write."""
     from diskwatch.bmap.index import BlockMap
     from diskwatch.events import Bus
+    from diskwatch.pipeline.session import Session
     from diskwatch.server import serve_in_thread
     from diskwatch.server.captive import Captive, captive_env
-    from diskwatch.pipeline.session import Session
     from diskwatch.sources import SourceOptions, open_source
     from diskwatch.ui.app import DiskwatchApp
 
@@ -186,7 +186,7 @@ def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record
         session.pump.add(sink)
     log_file = open(log, "w") if log is not None else None  # noqa: SIM115 - closed below
     if log_file is not None:
-        from diskwatch.trace import TextTrace
+        from diskwatch.sinks.text_trace import TextTrace
         session.pump.add(TextTrace(log_file, session.blockmap, session.started))
     from diskwatch.runner import RunConfig, Runner
     runner = Runner(RunConfig(remap="auto"), lambda: source)
@@ -272,8 +272,8 @@ def churn_boot(churn_guest_image, churn_map, tmp_path_factory):
     --metrics' endpoint fed by the same pump (issue 13)."""
     from fixtures_metrics import scrape
 
-    from diskwatch.metrics import MetricsSink
-    from diskwatch.metrics.prometheus import MetricsServer
+    from diskwatch.sinks.metrics import MetricsSink
+    from diskwatch.sinks.metrics.prometheus import MetricsServer
     from diskwatch.ui.top import TopObjects
     guest = churn_guest_image.guest
     logs = {p for p in guest.writes if p.startswith("/var/log/av/")}

@@ -27,9 +27,9 @@ from diskwatch.bmap.index import BlockMap, BmapObject
 from diskwatch.bmap.worker import MapperFailed, MapperLimits, run_mapper
 from diskwatch.demo.guest import MiB, make_partition_table, mkfs_ext4_at
 from diskwatch.events import Bus, Progress
+from diskwatch.pipeline.session import Session
 from diskwatch.remap import Remapper, remap
 from diskwatch.server import serve_in_thread
-from diskwatch.pipeline.session import Session
 from diskwatch.sources.base import Layer
 from diskwatch.sources.file import FileSource
 

@@ -13,7 +13,7 @@ import pytest
 from fixtures_metrics import FILES, P2, KiB, scrape, scrape_until, value, write_map
 from fixtures_server import DISKWATCH, SUBPROCESS_ENV, MiB, nbd_handle
 
-from diskwatch.metrics import LATENCY_BOUNDS, series_bound
+from diskwatch.sinks.metrics import LATENCY_BOUNDS, series_bound
 
 
 def delta(after: dict, before: dict, name: str, **labels) -> float:
@@ -299,8 +299,8 @@ def test_idle_connections_to_the_endpoint_are_bounded():
     import time
     import urllib.request
 
-    from diskwatch.metrics import MetricsSink
-    from diskwatch.metrics.prometheus import MAX_CLIENTS, MetricsServer
+    from diskwatch.sinks.metrics import MetricsSink
+    from diskwatch.sinks.metrics.prometheus import MAX_CLIENTS, MetricsServer
 
     def threads() -> int:
         return len(os.listdir("/proc/self/task"))

@@ -1,4 +1,4 @@
-"""How the metrics count: the bounded top-N series (diskwatch/metrics/topn.py)
+"""How the metrics count: the bounded top-N series (diskwatch/sinks/metrics/topn.py)
 -- a fixed number of series whatever the keys, the heavy keys found among many
 light ones, every request counted once (members + other + retired) -- and the
 sink's batch counting, checked against a plain request-by-request count."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 
-from diskwatch.metrics.topn import WIDTH, TopSeries
+from diskwatch.sinks.metrics.topn import WIDTH, TopSeries
 
 
 def counts(reads: int = 0, writes: int = 0, size: int = 4096) -> list[int]:
@@ -108,7 +108,7 @@ def test_the_sink_counts_every_batch_exactly_as_request_by_request():
     from diskwatch.bmap.format import BmapEntry
     from diskwatch.bmap.index import BlockMap
     from diskwatch.events import Command, make_request
-    from diskwatch.metrics import MetricsSink
+    from diskwatch.sinks.metrics import MetricsSink
 
     rng = random.Random(13)
     entries = [BmapEntry(1, 0, 1 << 24, "v", "/dev/sda"),

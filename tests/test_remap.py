@@ -29,12 +29,12 @@ from pilot_helpers import play_to_end
 from diskwatch.bmap.index import BlockMap, BmapObject
 from diskwatch.demo.guest import MiB, make_partition_table, mkfs_ext4_at
 from diskwatch.events import Bus
+from diskwatch.pipeline.session import Session
 from diskwatch.remap import Remapper, remap
 from diskwatch.server import serve_in_thread
-from diskwatch.pipeline.session import Session
+from diskwatch.sinks.text_trace import TextTrace
 from diskwatch.sources.file import FileSource
 from diskwatch.sources.snapshot import Snapshot
-from diskwatch.trace import TextTrace
 
 nbd = pytest.importorskip("nbd")
 

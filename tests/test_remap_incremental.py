@@ -23,10 +23,10 @@ from groundtruth import ext4_file_ranges, ext4_list, fat_file_ranges, ntfs_objec
 from diskwatch.bmap.index import BlockMap, BmapObject
 from diskwatch.bmap.metadata import map_metadata
 from diskwatch.events import Bus, LateNamed
-from diskwatch.remap import Remapper
-from diskwatch.server import serve_in_thread
 from diskwatch.pipeline.session import Session
 from diskwatch.pipeline.sink import SinkBase
+from diskwatch.remap import Remapper
+from diskwatch.server import serve_in_thread
 from diskwatch.sources.file import FileSource
 from diskwatch.wire import WRITE_COMMANDS
 

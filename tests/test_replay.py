@@ -133,8 +133,8 @@ def test_player_clock_pause_seek_and_bursts(recorded):
 def test_pilot_pause_seek_next_burst_faster(recorded):
     from diskwatch.bmap.index import BlockMap
     from diskwatch.events import Bus
-    from diskwatch.replay import Player
     from diskwatch.pipeline.session import Pump, Session
+    from diskwatch.replay import Player
     from diskwatch.ui.replay import ReplayApp
     from diskwatch.ui.timebar import TimeBar
     from diskwatch.ui.top import TopObjects

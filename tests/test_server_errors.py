@@ -150,8 +150,8 @@ def test_unknown_command_event_is_safe_for_every_consumer(ro_server):
 
     from diskwatch.events import COMMAND_NAMES, Command
     from diskwatch.record import encode_requests
-    from diskwatch.stats import Stats
-    from diskwatch.trace import TextTrace
+    from diskwatch.sinks.stats import Stats
+    from diskwatch.sinks.text_trace import TextTrace
     with ro_server.connect_raw() as s:
         raw_handshake(s)
         s.sendall(raw_request(9, 0, 512, handle=1) + raw_request(0xFFFF, 0, 512, handle=2))

@@ -8,7 +8,7 @@ import pytest
 
 from diskwatch.bmap.index import BlockMap
 from diskwatch.events import Bus, Command, ConnectionEvent, Message, make_request
-from diskwatch.stats import (
+from diskwatch.sinks.stats import (
     Heat,
     LatencyHistogram,
     RateSeries,

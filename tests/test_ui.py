@@ -14,8 +14,8 @@ import pytest
 
 from diskwatch.bmap.index import BlockMap
 from diskwatch.events import Bus, ConnectionEvent, Message, Progress
-from diskwatch.server.server import Server, ServerThread
 from diskwatch.pipeline.session import Session
+from diskwatch.server.server import Server, ServerThread
 from diskwatch.sources.file import FileSource
 from diskwatch.ui.app import DiskwatchApp
 from diskwatch.ui.heatmap import Heatmap

@@ -119,9 +119,9 @@ def test_snapshot_modals(snap_compare, tmp_path, key):
 
 def test_snapshot_replay_paused_with_its_time_bar(snap_compare, tmp_path):
     """diskwatch replay: the boot-like workload recorded, played to 9 s, paused."""
+    from diskwatch.pipeline.session import Pump
     from diskwatch.record import Recorder, RecordingHeader, open_recording
     from diskwatch.replay import Player
-    from diskwatch.pipeline.session import Pump
     from diskwatch.ui.replay import ReplayApp
 
     path = tmp_path / "snap.bmap"

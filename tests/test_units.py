@@ -75,6 +75,7 @@ def test_durations():
 
 
 def test_the_old_formatters_are_gone():
-    from diskwatch import stats, trace
-    for module in (stats, trace):
+    from diskwatch.sinks import stats, summary
+    from diskwatch.sinks import text_trace as trace
+    for module in (stats, trace, summary):
         assert not hasattr(module, "human_bytes"), module

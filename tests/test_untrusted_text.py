@@ -19,8 +19,8 @@ from rich.text import Text
 
 from diskwatch.bmap.index import BlockMap
 from diskwatch.events import Bus, ConnectionEvent, make_request
-from diskwatch.server.captive import Captive
 from diskwatch.pipeline.session import Session
+from diskwatch.server.captive import Captive
 from diskwatch.text import TerminalText, safe_text
 from diskwatch.ui.app import DiskwatchApp
 from diskwatch.ui.heatmap import Heatmap

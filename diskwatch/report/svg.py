@@ -147,7 +147,7 @@ class PictureBins(SinkBase):
             if row < rows:
                 (self.writes if is_write else self.reads)[col][row] += n
 
-    # -- as a session Sink (diskwatch.session.Sink): the UI keeps one, so
+    # -- as a session Sink (diskwatch.pipeline.sink.Sink): the UI keeps one, so
     # -- it can save what has been seen so far
 
     def feed(self, batch: Sequence[Request], pieces: Any = None) -> None:

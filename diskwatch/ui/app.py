@@ -48,7 +48,7 @@ from ..events import ConnectionEvent, Message, Progress
 from ..pipeline.session import Session
 from ..pipeline.sink import Pieces, Sink
 from ..report.picture import SessionPicture
-from ..stats import Stats
+from ..sinks.stats import Stats
 from .heatmap import Heatmap
 from .output import CommandOutput
 from .progress import BmapProgress

@@ -28,7 +28,7 @@ from textual.geometry import Region
 from textual.strip import Strip
 from textual.widget import Widget
 
-from ..stats import Heat
+from ..sinks.stats import Heat
 from ..text import safe_text
 from ..units import format_bytes_compact
 from .messages import CellSelected

@@ -11,7 +11,7 @@ from textual.containers import Vertical
 from textual.widgets import Sparkline, Static
 
 from ..events import COMMAND_NAMES
-from ..stats import Stats
+from ..sinks.stats import Stats
 from ..units import format_bytes_compact, format_count_compact, format_duration_compact
 from .styles import part_styles
 

@@ -8,7 +8,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import Static
 
-from ..stats import Stats
+from ..sinks.stats import Stats
 from ..text import safe_text
 from ..units import format_bytes_compact
 from .styles import OBJECT_TYPE_CLASSES, part_style

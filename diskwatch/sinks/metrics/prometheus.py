@@ -13,7 +13,7 @@ import ipaddress
 import logging
 from collections.abc import Iterator
 
-from ..errors import DiskwatchError
+from ...errors import DiskwatchError
 from . import COUNTER, GAUGE, LATENCY_BOUNDS, MetricsSink, families
 
 log = logging.getLogger("diskwatch.metrics")

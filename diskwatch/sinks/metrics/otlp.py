@@ -1,6 +1,6 @@
 """``--otlp ENDPOINT``: the same metrics through OpenTelemetry's OTLP exporter.
 
-The metric families (``diskwatch.metrics.families``) become the SDK's
+The metric families (``diskwatch.sinks.metrics.families``) become the SDK's
 data model (Sum, Gauge, Histogram points, cumulative since diskwatch
 started) and go out through the SDK's OTLP/HTTP protobuf exporter on a
 timer, from a snapshot of the sink, like a Prometheus scrape. The SDK's
@@ -20,8 +20,8 @@ import threading
 import time
 import urllib.parse
 
-from .. import __version__
-from ..errors import DiskwatchError
+from ... import __version__
+from ...errors import DiskwatchError
 from . import COUNTER, GAUGE, LATENCY_BOUNDS, MetricsSink, families
 
 log = logging.getLogger("diskwatch.metrics")

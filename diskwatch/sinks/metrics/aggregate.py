@@ -9,7 +9,7 @@ into plain lists, and the exporters read a ``snapshot()`` when they are
 scraped or when they export. A lock makes the snapshot consistent: it is
 held once per round and once per scrape.
 
-What is counted (the exported names are in ``diskwatch.metrics``):
+What is counted (the exported names are in ``diskwatch.sinks.metrics``):
 
 - per export and command: requests, bytes (of the data commands), errors by
   errno, a latency histogram (fixed buckets, ``LATENCY_BOUNDS``);
@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from itertools import compress
 from operator import itemgetter
 
-from ..events import ConnectionEvent, Dropped, JournalCarried, Request
-from ..text import safe_text
-from ..wire import COMMAND_NAMES, DATA_COMMANDS, ERROR_NAMES, Command
+from ...events import ConnectionEvent, Dropped, JournalCarried, Request
+from ...text import safe_text
+from ...wire import COMMAND_NAMES, DATA_COMMANDS, ERROR_NAMES, Command
 from .topn import WIDTH, TopSeries
 
 #: the data operations object metrics count, by their ``op`` label

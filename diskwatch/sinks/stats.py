@@ -18,7 +18,7 @@ from operator import floordiv, itemgetter
 from operator import sub as _sub
 from typing import Any
 
-from .events import (
+from ..events import (
     COMMAND_NAMES,
     Command,
     ConnectionEvent,

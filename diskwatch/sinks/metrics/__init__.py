@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..wire import COMMAND_NAMES, DATA_COMMANDS
+from ...wire import COMMAND_NAMES, DATA_COMMANDS
 from .aggregate import (
     LATENCY_BOUNDS,
     OPS,
