@@ -39,6 +39,7 @@ from typing import Any
 
 from ..bmap.format import TYPE_RANK, is_structure_path
 from ..late import JOURNAL, LateNamer
+from ..scans import Scan, ScanTracker
 from ..wire import CMD_FLUSH, CMD_READ, COMMAND_NAMES, WRITE_COMMANDS
 from .recording import Recording
 
@@ -218,6 +219,18 @@ class Analysis:
         order = list(TYPE_NAMES.values()) + ["-"]
         rows.sort(key=lambda r: (order.index(r.type) if r.type in order else 99, r.op))
         return rows
+
+    def scans(self) -> list[Scan]:
+        """Sweeps of reads over many files, directory by directory
+        (``diskwatch/scans.py``): from each file's first read, in order."""
+        tracker = ScanTracker()
+        firsts = sorted((t.first_read_t, str(o), o, t.read_bytes) for o, t in self.objects.items()
+                        if o.type == "f" and t.first_read_t is not None
+                        and not is_fs_structure(o))
+        for t, _, obj, nbytes in firsts:
+            tracker.first_read(t, obj, nbytes)
+        tracker.tick(float("inf"))
+        return tracker.scans()
 
     def first_reads(self) -> dict[str, float]:
         """File name -> time of its first read."""
@@ -458,6 +471,9 @@ class Comparison:
     only_b: list[tuple[str, Traffic]]
     changed: list[Change]
     milestones: list[Milestone]
+    #: scans one run has and the other has not (same device and directory)
+    scans_only_a: list[Scan] = field(default_factory=list)
+    scans_only_b: list[Scan] = field(default_factory=list)
 
 
 def compare(a: Analysis, b: Analysis, milestones: Iterable[str] = ()) -> Comparison:
@@ -480,7 +496,12 @@ def compare(a: Analysis, b: Analysis, milestones: Iterable[str] = ()) -> Compari
     for name in names:
         ta, tb = fa.get(name), fb.get(name)
         rows.append(Milestone(name, ta, tb, _since(ta, a.first_t), _since(tb, b.first_t)))
-    return Comparison(a, b, only_a, only_b, changed, rows)
+    sa, sb = a.scans(), b.scans()
+    where_a = {(x.device, x.directory) for x in sa}
+    where_b = {(x.device, x.directory) for x in sb}
+    return Comparison(a, b, only_a, only_b, changed, rows,
+                      [x for x in sa if (x.device, x.directory) not in where_b],
+                      [x for x in sb if (x.device, x.directory) not in where_a])
 
 
 def _since(t: float | None, first: float | None) -> float | None:

@@ -14,6 +14,7 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
      "objects": [OBJECT],        # every file and directory touched, most bytes first
      "directories": [SUBTREE],   # every directory, traffic summed over its subtree
      "churn": [CHURN],           # most write bursts first
+     "scans": [SCAN],            # sweeps of reads over many files, by start
      "timeline": [{"t": float, "op": "read"|"write", "name": str}],  # first access, in order
      "unmapped": TRAFFIC,        # bytes no range of the map covers
      "partition_only": TRAFFIC,  # bytes named only by a partition/LV/disk (metadata, free space)
@@ -35,6 +36,12 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
                "bursts": int, "writes": int, "write_bytes": int,
                "first_t": float, "last_t": float, "period": float|null, "per_minute": float|null}
     # churn: the guest's files and directories first, then the filesystem's structures
+    SCAN    = {"device": str, "directory": str,  # the deepest directory holding all its files
+               "files": int, "directories": int, # files read, directories they were in
+               "bytes": int,                     # what was read of those files
+               "start": float, "duration": float, "rate": float}   # rate: files a second
+    # a scan: >= 20 files in >= 2 directories first read less than 2 s apart, taken
+    # directory by directory (see diskwatch/scans.py)
 
 ``diskwatch report A --against B --json`` gives ``diskwatch-compare/1``::
 
@@ -42,6 +49,7 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
      "a": SUMMARY, "b": SUMMARY,     # SUMMARY: the report's top-level scalars above
      "only_a": [TRAFFIC + {"name"}], "only_b": [TRAFFIC + {"name"}],
      "changed": [{"name": str, "a": TRAFFIC, "b": TRAFFIC, "delta_bytes": int}],
+     "scans_only_a": [SCAN], "scans_only_b": [SCAN],   # by device and directory
      "milestones": [{"name": str, "a": float|null, "b": float|null, "delta": float|null,
                      # the same counted from each run's first request
                      "a_from_first": float|null, "b_from_first": float|null,
@@ -103,6 +111,7 @@ def write_text(a: Analysis, out: IO[str], top: int = 10) -> None:
     else:
         _top_tables(a, w, top)
         _churn(a, w, top)
+        _scans(a, w, top)
         _timeline(a, w, top)
         _coverage(a, w)
     _latency(a, w)
@@ -166,6 +175,26 @@ def _churn_rows(a: Analysis, w, rows) -> None:
           f"{rate:>8}  {safe_text(c.name)}\n")
 
 
+def _scans(a: Analysis, w, top: int) -> None:
+    scans = a.scans()
+    w(f"\nScans: sweeps of reads over many files, directory by directory ({len(scans)})\n")
+    if not scans:
+        w("  (none)\n")
+        return
+    _scan_rows(a, w, scans[:top])
+
+
+def _scan_rows(a: Analysis, w, scans) -> None:
+    unit = "s" if a.timed else "req"
+    w(f"  {'start':>10} {'for':>9} {'files':>6} {'dirs':>5} {'read':>10} {'files/s':>8}  "
+      "directory\n")
+    for x in scans:
+        rate = f"{x.rate:.1f}" if a.timed else "-"
+        w(f"  {_when(x.start, a.timed):>10} {x.duration:>7.2f} {unit:<1} {x.files:>6} "
+          f"{x.directories:>5} {format_bytes(x.bytes):>10} {rate:>8}  "
+          f"{safe_text(x.device)} {safe_text(x.directory)}\n")
+
+
 def _timeline(a: Analysis, w, top: int) -> None:
     rows = a.timeline()
     limit = max(top * 4, 20)
@@ -226,6 +255,7 @@ def report_json(a: Analysis) -> dict[str, Any]:
         "objects": objects,
         "directories": dirs,
         "churn": [vars(c) for c in a.churn()],
+        "scans": [x.as_dict() for x in a.scans()],
         "timeline": [{"t": t, "op": op, "name": name} for t, op, name in a.timeline()],
         "unmapped": a.unmapped.as_dict(),
         "partition_only": a.partition_only.as_dict(),
@@ -244,6 +274,8 @@ def compare_json(c: Comparison) -> dict[str, Any]:
         "only_b": [{"name": n, **t.as_dict()} for n, t in c.only_b],
         "changed": [{"name": ch.name, "a": ch.a.as_dict(), "b": ch.b.as_dict(),
                      "delta_bytes": ch.delta_bytes} for ch in c.changed],
+        "scans_only_a": [x.as_dict() for x in c.scans_only_a],
+        "scans_only_b": [x.as_dict() for x in c.scans_only_b],
         "milestones": [{"name": m.name, "a": m.a, "b": m.b, "delta": m.delta,
                         "a_from_first": m.a_from_first, "b_from_first": m.b_from_first,
                         "delta_from_first": m.delta_from_first}
@@ -293,6 +325,10 @@ def write_compare_text(c: Comparison, out: IO[str], top: int = 10) -> None:
             w(f"  {_TRAFFIC_HEAD}  name\n")
         for name, t in rows[:top]:
             w(f"  {_traffic_cols(t)}  {safe_text(name)}\n")
+    for title, scans in (("Scans in B only", c.scans_only_b), ("Scans in A only", c.scans_only_a)):
+        w(f"\n{title} ({len(scans)})\n")
+        if scans:
+            _scan_rows(b if "B" in title else a, w, scans[:top])
     w(f"\nChanged most (bytes read + written, B - A; {len(c.changed)} changed)\n")
     for ch in c.changed[:top]:
         sign = "+" if ch.delta_bytes >= 0 else "-"
