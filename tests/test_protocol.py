@@ -913,3 +913,23 @@ def test_wire_error_mapping():
     assert P.wire_error(errno.EFBIG) == P.NBD_ENOSPC
     assert P.wire_error(errno.ENOENT) == P.NBD_EIO
     assert P.wire_error(None) == P.NBD_EIO
+
+
+def test_phases_follow_the_transition_table():
+    c = P.ServerConnection(exports())
+    seen = [c.phase]
+    c.receive_data(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES))
+    seen.append(c.phase)
+    c.receive_data(option(P.OPT_GO, name_and_requests("")))
+    seen.append(c.phase)
+    assert seen == [P.HANDSHAKE_FLAGS, P.OPTIONS, P.TRANSMISSION]
+    assert all(b in P.TRANSITIONS[a] for a, b in zip(seen, seen[1:], strict=False))
+    # closed is for good: bytes after it wait, nothing more is parsed or sent
+    c = P.ServerConnection(exports())
+    c.data_to_send()
+    c.receive_data(struct.pack(">I", 1 << 7))
+    assert c.phase == P.CLOSED and P.TRANSITIONS[P.CLOSED] == frozenset()
+    c.receive_data(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE) + option(P.OPT_LIST))
+    assert c.phase == P.CLOSED and c.data_to_send() == b""
+    with pytest.raises(RuntimeError, match="no way from closed to options"):
+        c._to(P.OPTIONS)

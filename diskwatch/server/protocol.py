@@ -235,11 +235,19 @@ class Export:
         return f
 
 
-# Phases of a connection.
+# Phases of a connection, and where each may go (h11 keeps its states in
+# such a table): the client's flags, then options (haggling, STARTTLS among
+# them), then transmission; closed from any of them, and for good.
 HANDSHAKE_FLAGS = "client-flags"
 OPTIONS = "options"
 TRANSMISSION = "transmission"
 CLOSED = "closed"
+TRANSITIONS = {
+    HANDSHAKE_FLAGS: frozenset({OPTIONS, CLOSED}),
+    OPTIONS: frozenset({TRANSMISSION, CLOSED}),
+    TRANSMISSION: frozenset({CLOSED}),
+    CLOSED: frozenset(),
+}
 
 
 @dataclass
@@ -311,51 +319,62 @@ class ServerConnection:
         self._in.clear()
         return data
 
+    def _to(self, phase: str) -> None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise RuntimeError(f"NBD handshake: no way from {self.phase} to {phase}")  # a bug
+        self.phase = phase
+
     def _close(self, reason: str) -> None:
-        self.phase = CLOSED
+        self._to(CLOSED)
         self.close_reason = reason
 
     def receive_data(self, data: bytes) -> None:
         """Feed handshake bytes. Errors the peer caused set phase CLOSED."""
-        if self.phase in (TRANSMISSION, CLOSED):
-            self._in += data
-            return
         self._in += data
+        read = _HANDSHAKE_READERS.get(self.phase)
+        if read is None:  # transmission, or closed: the bytes wait for take_leftover
+            return
         self.stalled = False
-        while self.phase not in (TRANSMISSION, CLOSED) and not self.starttls:
+        while read is not None and not self.starttls:
             if self._out_bytes >= MAX_PENDING_OUTPUT:
                 self.stalled = True
                 return
-            if self.phase == HANDSHAKE_FLAGS:
-                if len(self._in) < 4:
-                    return
-                (cflags,) = struct.unpack_from(">I", self._in)
-                del self._in[:4]
-                if cflags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
-                    self._close(f"unknown client flags {cflags:#x}")
-                    return
-                self.no_zeroes = bool(cflags & FLAG_C_NO_ZEROES)
-                if self.tls == "require" and not cflags & FLAG_C_FIXED_NEWSTYLE:
-                    # proto.md: without fixed newstyle there is no TLS
-                    self._close("TLS is required and the client cannot start it "
-                                "(no fixed newstyle)")
-                    return
-                self.phase = OPTIONS
-            elif self.phase == OPTIONS:
-                if len(self._in) < _opt_header.size:
-                    return
-                magic, option, length = _opt_header.unpack_from(self._in)
-                if magic != IHAVEOPT:
-                    self._close(f"bad option magic {magic:#x}")
-                    return
-                if length > MAX_OPTION_LENGTH:
-                    self._close(f"option {option} of {length} bytes is too long")
-                    return
-                if len(self._in) < _opt_header.size + length:
-                    return
-                data_ = bytes(self._in[_opt_header.size:_opt_header.size + length])
-                del self._in[:_opt_header.size + length]
-                self._option(option, data_)
+            if not read(self):
+                return  # more bytes are needed
+            read = _HANDSHAKE_READERS.get(self.phase)
+
+    def _read_client_flags(self) -> bool:
+        if len(self._in) < 4:
+            return False
+        (cflags,) = struct.unpack_from(">I", self._in)
+        del self._in[:4]
+        if cflags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
+            self._close(f"unknown client flags {cflags:#x}")
+            return False
+        self.no_zeroes = bool(cflags & FLAG_C_NO_ZEROES)
+        if self.tls == "require" and not cflags & FLAG_C_FIXED_NEWSTYLE:
+            # proto.md: without fixed newstyle there is no TLS
+            self._close("TLS is required and the client cannot start it (no fixed newstyle)")
+            return False
+        self._to(OPTIONS)
+        return True
+
+    def _read_option(self) -> bool:
+        if len(self._in) < _opt_header.size:
+            return False
+        magic, option, length = _opt_header.unpack_from(self._in)
+        if magic != IHAVEOPT:
+            self._close(f"bad option magic {magic:#x}")
+            return False
+        if length > MAX_OPTION_LENGTH:
+            self._close(f"option {option} of {length} bytes is too long")
+            return False
+        if len(self._in) < _opt_header.size + length:
+            return False
+        data = bytes(self._in[_opt_header.size:_opt_header.size + length])
+        del self._in[:_opt_header.size + length]
+        self._option(option, data)
+        return True
 
     def _reply(self, option: int, rtype: int, data: bytes = b"") -> None:
         self._out.append(_opt_reply.pack(OPT_REPLY_MAGIC, option, rtype, len(data)) + data)
@@ -373,51 +392,55 @@ class ServerConnection:
                 self._error(option, REP_ERR_TLS_REQD,
                             "TLS is required: send NBD_OPT_STARTTLS first")
             return
-        if option == OPT_EXPORT_NAME:
-            name = data.decode("utf-8", "replace")
-            exp = self._find_export(name)
-            if exp is None:
-                # The spec gives no way to say why: the session ends.
-                self._close(f"unknown export {name!r}")
-                return
-            self._out.append(struct.pack(">QH", exp.size, exp.transmission_flags(self.structured)))
-            if not self.no_zeroes:
-                self._out.append(bytes(124))
-            self._enter_transmission(exp, block_size_sent=False)
-        elif option == OPT_ABORT:
-            self._reply(option, REP_ACK)
-            self._close("client aborted the handshake")
-        elif option == OPT_LIST:
-            if data:
-                self._error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
-                return
-            for exp in self.exports.values():
-                name = exp.name.encode()
-                self._reply(option, REP_SERVER, struct.pack(">I", len(name)) + name
-                            + utf8_prefix(exp.description))
-            self._reply(option, REP_ACK)
-        elif option in (OPT_INFO, OPT_GO):
-            self._info_or_go(option, data)
-        elif option == OPT_STRUCTURED_REPLY:
-            if data:
-                self._error(option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
-            else:
-                self.structured = True
-                self._reply(option, REP_ACK)
-        elif option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
-            self._meta_context(option, data)
-        elif option == OPT_STARTTLS:
-            if self.tls == "off":
-                self._error(option, REP_ERR_POLICY, "TLS is off (diskwatch --tls=on)")
-            elif self.tls_active:
-                self._error(option, REP_ERR_INVALID, "TLS is already active")
-            elif data:
-                self._error(option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-            else:
-                self._reply(option, REP_ACK)
-                self.starttls = True
-        else:
+        handle = _OPTION_HANDLERS.get(option)
+        if handle is None:
             self._error(option, REP_ERR_UNSUP, f"option {option} is not supported")
+        else:
+            handle(self, option, data)
+
+    def _export_name(self, option: int, data: bytes) -> None:
+        name = data.decode("utf-8", "replace")
+        exp = self._find_export(name)
+        if exp is None:
+            # The spec gives no way to say why: the session ends.
+            self._close(f"unknown export {name!r}")
+            return
+        self._out.append(struct.pack(">QH", exp.size, exp.transmission_flags(self.structured)))
+        if not self.no_zeroes:
+            self._out.append(bytes(124))
+        self._enter_transmission(exp, block_size_sent=False)
+
+    def _abort(self, option: int, data: bytes) -> None:
+        self._reply(option, REP_ACK)
+        self._close("client aborted the handshake")
+
+    def _list(self, option: int, data: bytes) -> None:
+        if data:
+            self._error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+            return
+        for exp in self.exports.values():
+            name = exp.name.encode()
+            self._reply(option, REP_SERVER, struct.pack(">I", len(name)) + name
+                        + utf8_prefix(exp.description))
+        self._reply(option, REP_ACK)
+
+    def _structured_reply(self, option: int, data: bytes) -> None:
+        if data:
+            self._error(option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        else:
+            self.structured = True
+            self._reply(option, REP_ACK)
+
+    def _starttls(self, option: int, data: bytes) -> None:
+        if self.tls == "off":
+            self._error(option, REP_ERR_POLICY, "TLS is off (diskwatch --tls=on)")
+        elif self.tls_active:
+            self._error(option, REP_ERR_INVALID, "TLS is already active")
+        elif data:
+            self._error(option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        else:
+            self._reply(option, REP_ACK)
+            self.starttls = True
 
     def _find_export(self, name: str) -> Export | None:
         if name == "" and self.default_export in self.exports:
@@ -506,7 +529,7 @@ class ServerConnection:
 
     def _enter_transmission(self, exp: Export, block_size_sent: bool = True) -> None:
         self.export = exp
-        self.phase = TRANSMISSION
+        self._to(TRANSMISSION)
         # Transmission flags were computed with the final structured state.
         if self.meta_export != exp.name:
             self.meta_contexts = {}  # set for another export: BLOCK_STATUS is EINVAL
@@ -699,6 +722,27 @@ class ServerConnection:
             chunks.append(STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, done, REPLY_TYPE_BLOCK_STATUS,
                                           handle, 4 + len(body)) + struct.pack(">I", ctx) + body)
         return b"".join(chunks)
+
+
+#: what reads the handshake in each phase that has one (True: it made
+#: progress; False: it needs more bytes, or closed the connection)
+_HANDSHAKE_READERS = {
+    HANDSHAKE_FLAGS: ServerConnection._read_client_flags,
+    OPTIONS: ServerConnection._read_option,
+}
+
+#: what answers each option the server knows (the others: REP_ERR_UNSUP)
+_OPTION_HANDLERS = {
+    OPT_EXPORT_NAME: ServerConnection._export_name,
+    OPT_ABORT: ServerConnection._abort,
+    OPT_LIST: ServerConnection._list,
+    OPT_INFO: ServerConnection._info_or_go,
+    OPT_GO: ServerConnection._info_or_go,
+    OPT_STRUCTURED_REPLY: ServerConnection._structured_reply,
+    OPT_LIST_META_CONTEXT: ServerConnection._meta_context,
+    OPT_SET_META_CONTEXT: ServerConnection._meta_context,
+    OPT_STARTTLS: ServerConnection._starttls,
+}
 
 
 def write_payload_at(buf, start: int, end: int) -> int:
