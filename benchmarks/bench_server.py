@@ -7,7 +7,7 @@ fio's nbd engine over a unix socket, on the same image, against:
   - diskwatch IMAGE -r --headless --no-trace: events on, aggregated into the
     exit summary (what the UI and --headless --no-trace consume)
   - diskwatch IMAGE -r --headless --no-trace --record FILE: the same, and
-    every request recorded (diskwatch/record.py); its ratio to the one
+    every request recorded (diskwatch/recording/writer.py); its ratio to the one
     above is what recording costs, and the recording is read back to count
     the requests it holds against fio's and the drops it reports
   - Debian's nbdkit file plugin (nbdkit -r -U SOCK file IMAGE)
@@ -99,7 +99,7 @@ def run_fio(uri: str, job: dict, seconds: int, size: int) -> dict:
 def read_back(path: str) -> dict:
     """What a recording holds: reads recorded, drops reported, bytes a request."""
     sys.path.insert(0, os.path.dirname(HERE))
-    from diskwatch.record import open_recording
+    from diskwatch.recording.reader import open_recording
     rec = open_recording(path)
     cols = rec.columns()
     reads = cols.command.tolist().count(0)

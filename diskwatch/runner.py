@@ -372,7 +372,8 @@ class Runner:
                                       t0=session.started, headless=cfg.headless,
                                       no_trace=cfg.no_trace, log=log, trace_out=self.trace_out)
         if cfg.record:
-            from .record import Recorder, RecordingHeader, map_identity
+            from .recording.format import RecordingHeader, map_identity
+            from .recording.writer import Recorder
             header = RecordingHeader(
                 source=source.description, size=source.size, exports=[cfg.export_name],
                 command=cfg.run, bmap=map_identity(cfg.bmap) if session.blockmap else None,
@@ -478,7 +479,7 @@ class Runner:
             # kept whole, as the file it came from may change again.
             identity = {}
             if path is not None:
-                from .record import map_identity
+                from .recording.format import map_identity
                 try:
                     identity = map_identity(path)
                 except OSError:
@@ -497,7 +498,7 @@ class Runner:
                              accel=self.config.accel, limits=self.config.mapper_limits)
             session.blockmap = made.blockmap if made.blockmap is not None else load_map(path)
             if self.recorder is not None:
-                from .record import map_identity
+                from .recording.format import map_identity
                 self.recorder.set_meta(bmap=map_identity(path))
         except Exception as e:  # noqa: BLE001 - shown in the UI, the session goes on
             session.bus.publish(Message(f"block map generation failed: {e}", level="error"))

@@ -193,7 +193,8 @@ def test_sighup_reopens_the_log_and_reloads_the_map(rw_image, tmp_path):
         proc.stderr.close()
     # The recording kept the reloaded map (the file changed since): its
     # replay names the requests as the live trace did, before and after.
-    from diskwatch.record import map_identity, open_recording
+    from diskwatch.recording.format import map_identity
+    from diskwatch.recording.reader import open_recording
     rec = open_recording(str(record))
     (reloaded,) = rec.maps
     assert reloaded.why == "reload" and reloaded.path == str(bmap) and reloaded.at == 1

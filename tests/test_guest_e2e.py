@@ -104,7 +104,7 @@ def untimed(text: str) -> list[str]:
 def test_replaying_the_boot_prints_the_live_trace(headless_boot):
     """Byte for byte, apart from the time column; the map is the one the
     recording names (its path and hash are in the header)."""
-    from diskwatch.record import open_recording
+    from diskwatch.recording.reader import open_recording
     live_run, trace, recording, _ = headless_boot
     rec = open_recording(str(recording))
     assert rec.complete and rec.header.dropped == 0 and rec.header.bmap
@@ -123,8 +123,8 @@ def test_replaying_the_boot_under_the_pilot_shows_the_same_names(headless_boot, 
     from diskwatch.bmap.index import BlockMap
     from diskwatch.events import Bus
     from diskwatch.pipeline.session import Pump, Session
-    from diskwatch.record import open_recording
-    from diskwatch.replay import Player
+    from diskwatch.recording.player import Player
+    from diskwatch.recording.reader import open_recording
     from diskwatch.ui.replay import ReplayApp
     from diskwatch.ui.top import TopObjects
 
@@ -135,7 +135,8 @@ def test_replaying_the_boot_under_the_pilot_shows_the_same_names(headless_boot, 
                       blockmap=BlockMap.load(guest_map), pump=Pump(player), player=player)
     session.pump.blockmap = lambda: session.blockmap
     live = trace.read_text()
-    live_names = set(re.findall(r"\] (?:read|write) (f /dev/sda1 [^\[]+?)  \[", live))
+    # every file named (the disk's own structures too: /$MBR on /dev/sda)
+    live_names = set(re.findall(r"\] (?:read|write) (f /dev/sda\d* [^\[]+?)  \[", live))
     seen = {}
 
     async def main():
@@ -191,7 +192,8 @@ def _run_ui(image: Path, bmap: Path, command: str, check, size=(140, 44), record
     from diskwatch.runner import RunConfig, Runner
     runner = Runner(RunConfig(remap="auto"), lambda: source)
     if recording is not None:
-        from diskwatch.record import Recorder, RecordingHeader, map_identity
+        from diskwatch.recording.format import RecordingHeader, map_identity
+        from diskwatch.recording.writer import Recorder
         runner.recorder = session.pump.add(Recorder(str(recording), RecordingHeader(
             source=source.description, size=source.size, bmap=map_identity(str(bmap)),
             started_monotonic=session.started)).attach(bus))
@@ -342,7 +344,7 @@ def test_the_remapped_churn_boot_replays_and_reports_as_it_was_live(churn_guest_
     writes; with --bmap (the map made before boot) it is nowhere."""
     import json
 
-    from diskwatch.record import open_recording
+    from diskwatch.recording.reader import open_recording
     (created,) = churn_guest_image.guest.created
     rec = open_recording(str(churn_boot["recording"]))
     assert rec.complete and rec.header.dropped == 0
@@ -427,7 +429,7 @@ def test_report_names_what_the_demo_boot_read_first_and_rewrote(guest_image, gue
     from diskwatch.report.inputs import sniff
     r, _, record, _ = headless_boot
     assert r.returncode == 7, r.stderr[-2000:]
-    assert sniff(str(record)) == "diskwatch"  # --record's own format, read by record.py
+    assert sniff(str(record)) == "diskwatch"  # --record's own format, read by recording/reader.py
     doc = json.loads(_report(str(record), "--bmap", str(guest_map), "--json").stdout)
     assert doc["requests"] > 50 and doc["mapped"] and doc["unmapped"]["read_bytes"] == 0
     files = [t["name"].split(" ", 2)[2] for t in doc["timeline"] if t["name"].startswith("f ")]

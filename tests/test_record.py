@@ -1,4 +1,4 @@
-"""--record: every request in an append-only file (diskwatch/record.py), read
+"""--record: every request in an append-only file (diskwatch/recording/), read
 back with open_recording; a recording cut by kill -9 reads back to the last
 second flushed; a torn or foreign file gives one clear error."""
 
@@ -14,7 +14,8 @@ from fixtures_server import DISKWATCH, IMAGE_SIZE, SUBPROCESS_ENV, MiB, run_disk
 
 from diskwatch.bmap.index import BmapObject
 from diskwatch.events import Command, ConnectionEvent, Message
-from diskwatch.record import MAGIC, RecordingError, open_recording
+from diskwatch.recording.format import MAGIC, RecordingError
+from diskwatch.recording.reader import open_recording
 
 nbd = pytest.importorskip("nbd", reason="Debian's python3-libnbd is needed (make setup)")
 
@@ -176,7 +177,8 @@ def test_reopen_after_logrotate_starts_a_recording_of_its_own(tmp_path):
     """SIGHUP (diskwatch as a service) reopens --record: the moved file keeps
     what came before, the new one starts with the header."""
     from diskwatch.events import make_request
-    from diskwatch.record import Recorder, RecordingHeader
+    from diskwatch.recording.format import RecordingHeader
+    from diskwatch.recording.writer import Recorder
 
     path = tmp_path / "svc.dwrec"
     rec = Recorder(str(path), RecordingHeader(source="file x", size=1 << 20,
@@ -206,7 +208,8 @@ def test_a_full_disk_mid_session_stops_the_recording_and_says_so(tmp_path):
     import threading
 
     from diskwatch.events import Bus, make_request
-    from diskwatch.record import Recorder, RecordingHeader
+    from diskwatch.recording.format import RecordingHeader
+    from diskwatch.recording.writer import Recorder
 
     crashed: list = []
     old_hook, threading.excepthook = threading.excepthook, crashed.append
@@ -243,7 +246,8 @@ def test_choose_map_for_replay_and_report(tmp_path):
     """One rule, for replay and report alike: the map given (told if it is
     not the recorded one), else the recorded one if unchanged (told), else
     none (told why); an unreadable recorded path is 'gone', not an error."""
-    from diskwatch.record import choose_map, map_identity
+    from diskwatch.recording.format import map_identity
+    from diskwatch.recording.maps import choose_map
     made = tmp_path / "made.bmap"
     made.write_text("1 0 200 v /dev/sda\n")
     other = tmp_path / "other.bmap"
@@ -277,7 +281,9 @@ def test_maps_swapped_in_are_kept_as_they_were_in_memory(tmp_path):
     with the map in effect for it."""
     from diskwatch.bmap.format import BmapEntry, parse_bmap
     from diskwatch.bmap.index import BlockMap
-    from diskwatch.record import MapSchedule, Recorder, RecordingHeader, map_lines, maps_for
+    from diskwatch.recording.format import RecordingHeader, map_lines
+    from diskwatch.recording.maps import MapSchedule, maps_for
+    from diskwatch.recording.writer import Recorder
 
     first = BlockMap(parse_bmap(["1 0 100000 p /dev/sda1"]))
     second = BlockMap([BmapEntry(1, 0, 0x100000, "p", "/dev/sda1"),
@@ -336,7 +342,8 @@ def test_a_reopened_recording_starts_with_the_map_in_use(tmp_path):
     BMAP frame at its request 0), not by the header's first map."""
     from diskwatch.bmap.format import parse_bmap
     from diskwatch.bmap.index import BlockMap
-    from diskwatch.record import Recorder, RecordingHeader
+    from diskwatch.recording.format import RecordingHeader
+    from diskwatch.recording.writer import Recorder
 
     remapped = BlockMap(parse_bmap(["1 0 2000 f /dev/sda1 /new"]))
     path = tmp_path / "svc.dwrec"

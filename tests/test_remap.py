@@ -257,7 +257,7 @@ def test_headless_remap_is_announced_and_the_trace_names_the_new_file(headless_r
                               lines[0]), stderr
     assert f"read f /dev/sda1 {NEW_FILE}" in trace
     # The recording keeps every map swapped in, at the request it named first.
-    from diskwatch.record import open_recording
+    from diskwatch.recording.reader import open_recording
     rec = open_recording(str(record))
     assert rec.header.extra.get("remaps", 0) == len(rec.maps) == len(lines) >= 1
     assert all(m.why == "remap (auto)" for m in rec.maps)
@@ -329,7 +329,7 @@ def test_a_recording_without_its_maps_replays_with_the_first_one(headless_remapp
     import struct
     import zlib
 
-    from diskwatch.record import FRAME, MAGIC
+    from diskwatch.recording.format import FRAME, MAGIC
     _, _, record, _ = headless_remapped
     _, a_map, _, _ = disks
     data = record.read_bytes()
@@ -358,8 +358,10 @@ def test_replaying_a_remapped_session_under_the_pilot_names_the_new_file(headles
     objects and trace show the file only the remapped map names."""
     import asyncio
 
-    from diskwatch.record import maps_for, open_recording
-    from diskwatch.replay import choose_map, replay_session
+    from diskwatch.recording.maps import maps_for
+    from diskwatch.recording.player import replay_session
+    from diskwatch.recording.reader import open_recording
+    from diskwatch.replay import choose_map
     from diskwatch.ui.replay import ReplayApp
     from diskwatch.ui.trace import TraceView
     _, _, record, _ = headless_remapped

@@ -13,7 +13,7 @@ from fixtures_server import IMAGE_SIZE, MiB, run_diskwatch
 from pilot_helpers import play_to_end
 
 from diskwatch.events import Command
-from diskwatch.record import open_recording
+from diskwatch.recording.reader import open_recording
 
 pytest.importorskip("nbd", reason="Debian's python3-libnbd is needed (make setup)")
 
@@ -98,7 +98,7 @@ def test_replay_refuses_what_is_not_a_recording(recorded):
 
 
 def test_player_clock_pause_seek_and_bursts(recorded):
-    from diskwatch.replay import Player
+    from diskwatch.recording.player import Player
     now = [100.0]
     player = Player(open_recording(str(recorded / "session.dwrec")), clock=lambda: now[0])
     # the second burst starts with the first read at BURST2, after the pause
@@ -134,7 +134,7 @@ def test_pilot_pause_seek_next_burst_faster(recorded):
     from diskwatch.bmap.index import BlockMap
     from diskwatch.events import Bus
     from diskwatch.pipeline.session import Pump, Session
-    from diskwatch.replay import Player
+    from diskwatch.recording.player import Player
     from diskwatch.ui.replay import ReplayApp
     from diskwatch.ui.timebar import TimeBar
     from diskwatch.ui.top import TopObjects

@@ -298,7 +298,8 @@ def test_a_diskwatch_recording_is_read_again_for_each_pass(tmp_path, capsys):
     (nothing held in memory between); a file without its closing frame (a
     crash) reads as cut short."""
     from diskwatch.cli import main
-    from diskwatch.record import Recorder, RecordingHeader
+    from diskwatch.recording.format import RecordingHeader
+    from diskwatch.recording.writer import Recorder
     path = tmp_path / "boot.rec"
     recorder = Recorder(str(path), RecordingHeader(source="file boot.img", size=64 * MiB))
     requests = list(boot().requests)
@@ -326,7 +327,8 @@ def test_the_recorded_map_path_is_shown_as_text(tmp_path, capsys):
     stderr, its escapes are shown, never sent to the terminal."""
     from diskwatch.bmap.format import write_bmap
     from diskwatch.cli import main
-    from diskwatch.record import Recorder, RecordingHeader, map_identity
+    from diskwatch.recording.format import RecordingHeader, map_identity
+    from diskwatch.recording.writer import Recorder
     bmap = tmp_path / "map\x1b]0;owned\x07.bmap"
     write_bmap(str(bmap), [BmapEntry(1, 0, MiB, "f", "/dev/sda1", "/a")])
     path = tmp_path / "boot.rec"

@@ -149,7 +149,7 @@ def test_unknown_command_event_is_safe_for_every_consumer(ro_server):
     import io
 
     from diskwatch.events import COMMAND_NAMES, Command
-    from diskwatch.record import encode_requests
+    from diskwatch.recording.format import encode_requests
     from diskwatch.sinks.stats import Stats
     from diskwatch.sinks.text_trace import TextTrace
     with ro_server.connect_raw() as s:

@@ -120,8 +120,10 @@ def test_snapshot_modals(snap_compare, tmp_path, key):
 def test_snapshot_replay_paused_with_its_time_bar(snap_compare, tmp_path):
     """diskwatch replay: the boot-like workload recorded, played to 9 s, paused."""
     from diskwatch.pipeline.session import Pump
-    from diskwatch.record import Recorder, RecordingHeader, open_recording
-    from diskwatch.replay import Player
+    from diskwatch.recording.format import RecordingHeader
+    from diskwatch.recording.player import Player
+    from diskwatch.recording.reader import open_recording
+    from diskwatch.recording.writer import Recorder
     from diskwatch.ui.replay import ReplayApp
 
     path = tmp_path / "snap.bmap"

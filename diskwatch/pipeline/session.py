@@ -7,7 +7,7 @@
     or the UI's timer): drain both, look every request up in the block map
     ONCE, then for each sink: on_event(...), feed(batch, pieces), tick(now)
 
-A replay (diskwatch/replay.py) drives the same ``Pump`` from a recording
+A replay (recording/player.py's Player) drives the same ``Pump`` from a recording
 instead of a live server, so sinks never know which it is.
 
 ``Session`` is what sinks and the UI read (size, description, command, map,
@@ -79,7 +79,7 @@ class Pump:
         self.feed = feed
         self.blockmap = blockmap  # called each round: a map may arrive mid-session
         #: a feed that knows which map named each request (a replay of a
-        #: remapped session: diskwatch/replay.py) looks its batches up itself
+        #: remapped session: recording/player.py) looks its batches up itself
         self._look_up = look_up
         self.sinks: list[Sink] = []
         self.requests = 0
@@ -170,7 +170,7 @@ class Session:
     #: the drain loop; by default fed live from ``bus`` (subscribed at once,
     #: so requests made before a consumer starts are not lost)
     pump: Pump | None = None
-    #: a replay's controls (diskwatch.replay.Player), None when live
+    #: a replay's controls (diskwatch.recording.player.Player), None when live
     player: Any = None
     #: live remapping (diskwatch.remap.Remapper), None when off or replaying
     remapper: Any = None

@@ -116,7 +116,8 @@ def import_main(argv: list[str]) -> int:
     and the header says so (``extra.timed`` false)."""
     import time
 
-    from ..record import Recorder, RecordingHeader
+    from ..recording.format import RecordingHeader
+    from ..recording.writer import Recorder
     from .inputs import open_input
 
     args = build_import_parser().parse_args(argv)
@@ -146,7 +147,7 @@ def choose_map(recording, given: str | None) -> str | None:
     if not recording.bmap_hash:
         return given
     try:
-        from ..record import choose_map as record_choose_map
+        from ..recording.maps import choose_map as record_choose_map
     except ImportError:
         return given
 
@@ -166,9 +167,9 @@ def recorded_maps(recording, given: str | None, first):
     if recording.recorded is None:  # another server's log: one map, if any
         if first is None:
             return None
-        from ..record import MapSchedule
+        from ..recording.maps import MapSchedule
         return MapSchedule(first)
-    from ..record import maps_for
+    from ..recording.maps import maps_for
     return maps_for(recording.recorded, given, first, _say)
 
 

@@ -80,7 +80,7 @@ def _command(number: int) -> int:
 
 
 #: request fields an imported log gives as numbers, and what the recording's
-#: columns hold (record.py's REQS: I, Q, I, H, I)
+#: columns hold (recording/format.py's REQS: I, Q, I, H, I)
 _FIELD_LIMITS = ((0, "connection", 0xFFFF_FFFF), (3, "offset", (1 << 64) - 1),
                  (4, "length", 0xFFFF_FFFF), (5, "flags", 0xFFFF), (8, "error", 0xFFFF_FFFF))
 

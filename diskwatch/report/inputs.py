@@ -53,9 +53,9 @@ def open_input(path: str, kind: str = "auto") -> Recording:
 
 
 def read_diskwatch_recording(path: str) -> Recording:
-    """A file written by ``diskwatch --record``, through diskwatch.record's reader."""
+    """A file written by ``diskwatch --record``, through diskwatch.recording's reader."""
     try:
-        from ..record import open_recording
+        from ..recording.reader import open_recording
     except ImportError:
         raise DiskwatchError(
             f"{path}: not a file the report can read (JSON lines, nbd-server transaction "

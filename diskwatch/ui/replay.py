@@ -20,7 +20,7 @@ SEEK_STEP = 10.0
 
 
 class ReplayApp(DiskwatchApp):
-    """``session.player`` is the diskwatch.replay.Player the session's pump is fed by."""
+    """``session.player`` is the diskwatch.recording.player.Player the session's pump is fed by."""
 
     BINDINGS = [
         Binding("space", "pause", "Play/Pause"),

@@ -26,7 +26,7 @@ def speed_text(speed: float) -> str:
 
 
 class TimeBar(Static):
-    """``player``: a diskwatch.replay.Player (read only; seeks go to the app
+    """``player``: a diskwatch.recording.player.Player (read only; seeks go to the app
     as a ``messages.Seek``)."""
 
     DEFAULT_CSS = """
