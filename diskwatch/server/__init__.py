@@ -1,4 +1,7 @@
-"""The NBD server: protocol (sans-IO), transport (asyncio) and captive mode."""
+"""The NBD server: protocol.py (sans-IO, all framing), dispatch.py (the one
+request path: engines for inline, worker-thread and asynchronous sources),
+server.py (the transport) with connection.py, listen.py, loop.py (its epoll
+loop) and tls.py; captive.py (--run) and activation.py (systemd sockets)."""
 
 from __future__ import annotations
 
