@@ -1,18 +1,25 @@
-"""The session runner: owns the source, the server, the map and the sinks.
+"""The session runner: assembles the source, the server, the map, the
+pipeline and the sinks, and owns the teardown.
 
     config = RunConfig(source=..., headless=True, log="trace.log", ...)
     status = Runner(config, open_source).run()
 
-``Runner.run`` opens the source, decides about the map (load it, generate
-it first headless, or generate it under the UI while the person watches),
-binds, builds the sinks, starts the server thread and the captive command,
-runs ``run_session`` (pipeline/loop.py; headless or UI: they differ only in
-which sinks the pump feeds and who calls it) and tears everything down. Whatever fails
-early (a port in use, a bad map) undoes what was made so far and reports
-the first error, not the ones the undoing causes.
+``Runner.run`` checks what can be told before anything starts
+(``_check``), opens the source, decides about the map (load it, generate it
+first headless, or generate it under the UI while the person watches),
+binds the server (``_serve``), makes the session, adds the sinks (each
+built by its own package: ``sinks.add_text_sinks``,
+``Recorder.for_session``, ``sinks.metrics.endpoints.add_metrics``, the
+remapper), and ``_watch`` serves and runs the session with
+``pipeline.loop.run_session`` (headless or UI: they differ only in which
+sinks the pump feeds and who calls it; a replay runs the same loop), then
+stops everything in the order that loses no request. Whatever fails early
+(a port in use, a bad map) undoes what was made so far and reports the
+first error, not the ones the undoing causes.
 
-``run_session`` is shared with replay (diskwatch/replay.py): one signal
-handling, one drain loop (the session's ``Pump``), ``--headless`` or the UI.
+What only a live session has stays here: SIGHUP's reload (log files
+reopened, the map read again) and the extras of a live map swap (the
+metrics forget old names, the recording keeps the map).
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from .errors import DiskwatchError
-from .events import Message, Progress
+from .errors import DiskwatchError, closer
+from .events import Bus, Message, Progress
 from .pipeline.loop import run_session
 from .pipeline.session import Session
 from .text import safe_text
@@ -165,15 +172,43 @@ class Runner:
         self.logs: list = []  # ReopenableFiles of --log/--record (SIGHUP reopens them)
         self.metrics = None  # the MetricsSink, with --metrics or --otlp
         self.remapper = None  # the Remapper, with a map and --remap auto|key
-        self.remaps = 0  # maps swapped in by it
-        self.maps_swapped = 0  # maps swapped in while recording (remaps and reloads)
         self.guest = None  # the attached guest (diskwatch attach)
         self.private_dir: str | None = None
 
     def run(self) -> int:
-        from .server import Server, ServerThread, nbd_uri, private_socket_path
+        tls, headless_note = self._check()
+        # Whatever fails from here on (a port in use, a bad map), what was made
+        # so far is undone: the source closed (a stream's FIFO removed), the log
+        # files closed, the socket and its private directory removed.
+        with contextlib.ExitStack() as undo:
+            source = self.open_source()
+            undo.push(_source_closer(source))
+            if source.warning:
+                print(f"diskwatch: {safe_text(source.warning)}", file=sys.stderr)
+            blockmap, pending_map = self._decide_map(source)
+            bus = Bus()
+            server, kind, addr, uri = self._serve(source, bus, tls, undo)
+            if headless_note:
+                print(headless_note, file=sys.stderr)
+            session = self._session(source, bus, uri, addr, blockmap)
+            self.pump = pump = session.pump
+            # The pump closes the sinks (after its last round) before their
+            # files are closed and what they feed (metrics endpoints) stops;
+            # failing early, its own errors are not the story.
+            after_pump = undo.enter_context(contextlib.ExitStack())
+            undo.push(closer(pump.close))
+            self._add_sinks(session, source, after_pump)
+            status = self._watch(session, source, server, kind, addr, tls, pending_map)
+        self._tell_the_end(pump)
+        return status
+
+    def _check(self):
+        """What is told before anything starts: bad arguments, sockets passed
+        by socket activation that -U/-p contradict, bad TLS settings; and
+        whether the session runs headless after all (the note that says why
+        comes once serving starts). Returns (tls, that note)."""
         from .server.activation import activated_sockets
-        from .server.captive import Captive, captive_env
+        from .server.tls import make_tls
         cfg = self.config
         if cfg.source is None and not cfg.stream_to:
             raise UsageError("no disk image given: diskwatch IMAGE [--run CMD] (see --help)")
@@ -189,7 +224,6 @@ class Runner:
             raise UsageError("started with sockets (socket activation, LISTEN_FDS): "
                              "-U and -p do not apply")
         # Bad TLS settings are told before anything starts.
-        from .server.tls import make_tls
         tls = make_tls(cfg.tls, cfg.tls_certificates, cfg.tls_psk, cfg.tls_verify_peer)
         # Under socket activation stdout is the starter's (nbdcopy ... - writes
         # the image there): the trace goes to stderr. Without a terminal nobody
@@ -209,88 +243,92 @@ class Runner:
                                  f"{'stderr' if activated else 'stdout'}; --no-trace for "
                                  "the summary only)")
                 cfg.headless = True
-        # Whatever fails from here on (a port in use, a bad map), what was made
-        # so far is undone: the source closed (a stream's FIFO removed), the log
-        # files closed, the socket and its private directory removed.
-        with contextlib.ExitStack() as undo:
-            source = self.open_source()
-            undo.push(_source_closer(source))
-            warning = source.warning
-            if warning:
-                print(f"diskwatch: {safe_text(warning)}", file=sys.stderr)
-            blockmap, pending_map = self._decide_map(source)
+        return tls, headless_note
 
-            from .events import Bus
-            bus = Bus()
-            server = Server({cfg.export_name: source}, bus, tls=tls,
-                            max_connections=cfg.max_connections,
-                            handshake_timeout=cfg.handshake_timeout or None,
-                            idle_timeout=cfg.idle_timeout or None)
-            # Its listening sockets, failing before the server thread (which
-            # closes them when it ends) starts; a second close does nothing.
-            undo.callback(server.close)
-            kind, addr = self._bind(server, undo, private_socket_path)
-            if headless_note:
-                print(headless_note, file=sys.stderr)
-            uri = nbd_uri(kind, addr, cfg.export_name, tls is not None)
-            if cfg.guest is not None:
-                self.guest = cfg.guest(addr, self.private_dir)
-            session = Session(bus=bus, size=source.size, description=source.description,
-                              uri=uri, command=self.guest.description if self.guest else cfg.run,
-                              blockmap=blockmap, attached=self.guest is not None)
-            if self.guest is not None and not cfg.headless:
-                # Under the UI the terminal is the UI's: its messages go to the output panel.
-                self.guest.say = lambda text: bus.publish(Message(safe_text(text)))
-                self.guest.report_failure = True
-            self.pump = pump = session.pump
-            # The pump closes the sinks (after its last round) before their
-            # files are closed and what they feed (metrics endpoints) stops;
-            # failing early, its own errors are not the story.
-            after_pump = undo.enter_context(contextlib.ExitStack())
-            undo.push(_closer(pump.close))
-            self._add_sinks(session, source, after_pump)
+    def _serve(self, source, bus: Bus, tls, undo: contextlib.ExitStack):
+        """The server of ``source``, listening (not yet serving): returns
+        (server, kind, address, NBD URI)."""
+        from .server import Server, nbd_uri, private_socket_path
+        cfg = self.config
+        server = Server({cfg.export_name: source}, bus, tls=tls,
+                        max_connections=cfg.max_connections,
+                        handshake_timeout=cfg.handshake_timeout or None,
+                        idle_timeout=cfg.idle_timeout or None)
+        # Its listening sockets, failing before the server thread (which
+        # closes them when it ends) starts; a second close does nothing.
+        undo.callback(server.close)
+        kind, addr = self._bind(server, undo, private_socket_path)
+        return server, kind, addr, nbd_uri(kind, addr, cfg.export_name, tls is not None)
 
-            # The server thread gives up the GIL at every syscall; with the default
-            # 5 ms switch interval the consumer thread (UI, trace writer) can then
-            # keep it for 5 ms while a guest waits. A short interval bounds that stall.
-            sys.setswitchinterval(float(os.environ.get("DISKWATCH_SWITCH_INTERVAL", "0.0002")))
-            thread = ServerThread(server).start()
-            captive = None
-            try:
-                if cfg.run:
-                    captive = Captive(cfg.run, captive_env(kind, addr, cfg.export_name,
-                                                           tls is not None),
-                                      capture=not cfg.headless, bus=bus)
-                    session.stop_command = captive.stop
-                    announce = ""
-                elif self.guest is not None:
-                    captive = self.guest
-                    session.stop_command = captive.stop
-                    announce = ""
-                else:
-                    announce = safe_text(f"diskwatch: serving {source.description} at {uri}")
-                prepare = None
-                if pending_map is not None:
-                    def prepare() -> None:
-                        self._generate_under_ui(session, source, pending_map)
-                status = run_session(session, headless=cfg.headless, captive=captive,
-                                     announce=announce, prepare=prepare,
-                                     on_reload=lambda: self.reload(session))
-            finally:
-                if session.interrupted:
-                    source.abort()  # e.g. a stream whose FIFO reader never came: do not wait for one
-                # An attached guest goes back onto its file while the server
-                # still answers (its last requests go through us).
-                if self.guest is not None and self.guest.running:
-                    self.guest.stop()
-                # Stopping the server first publishes every request it answered
-                # (a client can exit before the server thread has published its
-                # last batch); the pump's last round then finds them all.
-                thread.stop()
-                if captive is not None and captive.running:
-                    captive.stop()
-                pump.close()
-        if self.guest is not None and not cfg.headless and self.guest.last_said:
+    def _session(self, source, bus: Bus, uri: str, addr, blockmap) -> Session:
+        """The session (with the attached guest, diskwatch attach, made now
+        that its socket is there)."""
+        cfg = self.config
+        if cfg.guest is not None:
+            self.guest = cfg.guest(addr, self.private_dir)
+        session = Session(bus=bus, size=source.size, description=source.description,
+                          uri=uri, command=self.guest.description if self.guest else cfg.run,
+                          blockmap=blockmap, attached=self.guest is not None)
+        if self.guest is not None and not cfg.headless:
+            # Under the UI the terminal is the UI's: its messages go to the output panel.
+            self.guest.say = lambda text: bus.publish(Message(safe_text(text)))
+            self.guest.report_failure = True
+        return session
+
+    def _watch(self, session: Session, source, server, kind: str, addr, tls,
+               pending_map: str | None) -> int:
+        """Serve, start the command (or the attached guest), run the session
+        (pipeline/loop.py) and stop it all in the order that loses no request;
+        returns the exit status."""
+        from .server import ServerThread
+        from .server.captive import Captive, captive_env
+        cfg = self.config
+        # The server thread gives up the GIL at every syscall; with the default
+        # 5 ms switch interval the consumer thread (UI, trace writer) can then
+        # keep it for 5 ms while a guest waits. A short interval bounds that stall.
+        sys.setswitchinterval(float(os.environ.get("DISKWATCH_SWITCH_INTERVAL", "0.0002")))
+        thread = ServerThread(server).start()
+        captive = None
+        try:
+            if cfg.run:
+                captive = Captive(cfg.run, captive_env(kind, addr, cfg.export_name,
+                                                       tls is not None),
+                                  capture=not cfg.headless, bus=session.bus)
+                session.stop_command = captive.stop
+                announce = ""
+            elif self.guest is not None:
+                captive = self.guest
+                session.stop_command = captive.stop
+                announce = ""
+            else:
+                announce = safe_text(f"diskwatch: serving {source.description} at "
+                                     f"{session.uri}")
+            prepare = None
+            if pending_map is not None:
+                def prepare() -> None:
+                    self._generate_under_ui(session, source, pending_map)
+            return run_session(session, headless=cfg.headless, captive=captive,
+                               announce=announce, prepare=prepare,
+                               on_reload=lambda: self.reload(session))
+        finally:
+            if session.interrupted:
+                source.abort()  # e.g. a stream whose FIFO reader never came: do not wait for one
+            # An attached guest goes back onto its file while the server
+            # still answers (its last requests go through us).
+            if self.guest is not None and self.guest.running:
+                self.guest.stop()
+            # Stopping the server first publishes every request it answered
+            # (a client can exit before the server thread has published its
+            # last batch); the pump's last round then finds them all.
+            thread.stop()
+            if captive is not None and captive.running:
+                captive.stop()
+            session.pump.close()
+
+    def _tell_the_end(self, pump) -> None:
+        """What stays on the terminal once the session is over: the summary,
+        and what was not traced or recorded."""
+        if self.guest is not None and not self.config.headless and self.guest.last_said:
             # Said in the UI's panel as the UI closed: said again where it stays.
             print(f"diskwatch: {safe_text(self.guest.last_said)}", file=sys.stderr)
         if self.summary is not None:
@@ -306,7 +344,6 @@ class Runner:
             why = "it stopped" if self.recorder.error else "the recorder could not keep up"
             print(f"diskwatch: {self.recorder.dropped} requests were not recorded ({why})",
                   file=sys.stderr)
-        return status
 
     def _decide_map(self, source):
         cfg = self.config
@@ -372,19 +409,18 @@ class Runner:
                                       t0=session.started, headless=cfg.headless,
                                       no_trace=cfg.no_trace, log=log, trace_out=self.trace_out)
         if cfg.record:
-            from .recording.format import RecordingHeader, map_identity
             from .recording.writer import Recorder
-            header = RecordingHeader(
-                source=source.description, size=source.size, exports=[cfg.export_name],
-                command=cfg.run, bmap=map_identity(cfg.bmap) if session.blockmap else None,
-                started_wall=time.time() - (time.monotonic() - session.started),
-                started_monotonic=session.started)
-            self.recorder = Recorder(cfg.record, header)
+            self.recorder = Recorder.for_session(
+                cfg.record, session, source=source.description, size=source.size,
+                export=cfg.export_name, command=cfg.run, bmap=cfg.bmap)
             undo.callback(self.recorder.close)  # failing early (else the pump closed it)
             self.logs.append(self.recorder)
             pump.add(self.recorder.attach(session.bus))
         if cfg.metrics is not None or cfg.otlp:
-            self._add_metrics(session, source, undo)
+            from .sinks.metrics.endpoints import add_metrics
+            self.metrics = add_metrics(pump, {cfg.export_name: source.size}, undo,
+                                       top=cfg.metrics_top, refresh=cfg.metrics_refresh,
+                                       address=cfg.metrics, otlp=cfg.otlp)
         if cfg.bmap and cfg.remap != "off":
             self.add_remapper(session, source)
 
@@ -404,27 +440,6 @@ class Runner:
             swap=lambda result: self.take_remap(session, result),
             say=say, mode=cfg.remap, bus=None if cfg.headless else session.bus,
             threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits))
-
-    def _add_metrics(self, session: Session, source, undo: contextlib.ExitStack) -> None:
-        from .journal import notice
-        from .sinks.metrics import MetricsSink
-        cfg = self.config
-        self.metrics = sink = session.pump.add(MetricsSink(
-            {cfg.export_name: source.size}, top=cfg.metrics_top, refresh=cfg.metrics_refresh))
-        if cfg.metrics is not None:
-            from .sinks.metrics.prometheus import MetricsServer, parse_address
-            server = MetricsServer(sink, *parse_address(cfg.metrics))
-            undo.callback(server.close)
-            notice(f"metrics at {server.url}", DISKWATCH_EVENT="metrics",
-                   DISKWATCH_METRICS_URL=server.url)
-        if cfg.otlp:
-            from .sinks.metrics.otlp import OtlpExporter, export_interval
-            exporter = OtlpExporter(sink, cfg.otlp, interval=export_interval())
-            # Pushed before the pump's close: runs after it, so the final
-            # export has the final counts.
-            undo.push(_closer(exporter.close))
-            notice(f"metrics to OTLP {exporter.url} every {exporter.interval:g}s",
-                   DISKWATCH_EVENT="otlp", DISKWATCH_OTLP_URL=exporter.url)
 
     def reload(self, session: Session) -> None:
         """SIGHUP (a service): reopen the log files (logrotate moved them) and
@@ -467,29 +482,13 @@ class Runner:
         """A new block map in a live session (SIGHUP's reload, a live remap):
         ``Session.swap_map`` (every sink, late naming), then what only a
         live session has: the metrics forget old names, and the recording
-        keeps it (a BMAP frame at the next request), so a replay
-        names each request with the map that named it live."""
+        keeps it (``Recorder.keep_map``: a BMAP frame at the next request),
+        so a replay names each request with the map that named it live."""
         session.swap_map(blockmap, why, journal_map)
         if self.metrics is not None:
             self.metrics.forget_names()
-        if remapped:
-            self.remaps += 1
         if self.recorder is not None:
-            # The header keeps naming the first map (by file); this one is
-            # kept whole, as the file it came from may change again.
-            identity = {}
-            if path is not None:
-                from .recording.format import map_identity
-                try:
-                    identity = map_identity(path)
-                except OSError:
-                    pass
-            self.recorder.add_map(blockmap, why or ("remap" if remapped else "reload"),
-                                  **identity)
-            self.maps_swapped += 1
-            # Counts an older diskwatch (which skips BMAP) still reads: its
-            # replay names everything with the first map and can tell.
-            self.recorder.set_meta(remaps=self.remaps, maps=self.maps_swapped)
+            self.recorder.keep_map(blockmap, why, path=path, remapped=remapped)
 
     def _generate_under_ui(self, session: Session, source, path: str) -> None:
         try:
@@ -502,18 +501,6 @@ class Runner:
                 self.recorder.set_meta(bmap=map_identity(path))
         except Exception as e:  # noqa: BLE001 - shown in the UI, the session goes on
             session.bus.publish(Message(f"block map generation failed: {e}", level="error"))
-
-
-def _closer(close: Callable[[], None]):
-    def close_quietly_if_failing(exc_type, exc, tb) -> None:
-        if exc_type is None:
-            close()
-            return
-        try:
-            close()
-        except Exception:  # noqa: BLE001 - the first error is the one to report
-            pass
-    return close_quietly_if_failing
 
 
 def _source_closer(source):

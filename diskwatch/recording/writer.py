@@ -16,7 +16,15 @@ import zstandard
 
 from ..events import ConnectionEvent, Dropped, Message, Request
 from ..files import open_output
-from .format import MAGIC, RecordingHeader, encode_event, encode_map, encode_requests, frame
+from .format import (
+    MAGIC,
+    RecordingHeader,
+    encode_event,
+    encode_map,
+    encode_requests,
+    frame,
+    map_identity,
+)
 
 
 class Recorder:
@@ -65,7 +73,23 @@ class Recorder:
         self.header = header
         self._file = open_output(path, binary=True, buffering=0)  # never through a link
         self._fd = self._file.fileno()
+        #: maps swapped in (``keep_map``): by a live remap, and by any means
+        self.remapped = 0
+        self.swapped_in = 0
         self._write_head()
+
+    @classmethod
+    def for_session(cls, path: str, session: Any, *, source: str, size: int, export: str,
+                    command: str | None, bmap: str | None) -> Recorder:
+        """The recorder of a live session (--record FILE): its header names
+        the source, the command and the block map file in use (``bmap``,
+        when the session has a map), and the session's start on both
+        clocks. Not yet attached (``attach``)."""
+        return cls(path, RecordingHeader(
+            source=source, size=size, exports=[export], command=command,
+            bmap=map_identity(bmap) if bmap and session.blockmap else None,
+            started_wall=time.time() - (time.monotonic() - session.started),
+            started_monotonic=session.started))
 
     def _write_head(self) -> None:
         head = json.dumps(self.header.to_json(), separators=(",", ":")).encode()
@@ -116,6 +140,26 @@ class Recorder:
         item = (at, time.monotonic(), blockmap, {"why": why, **fields})
         self._current_map = item
         self._maps.append(item)
+
+    def keep_map(self, blockmap: Any, why: str = "", *, path: str | None = None,
+                 remapped: bool = False) -> None:
+        """A map the live session swapped in (``Runner.swap_map``: a live
+        remap, or SIGHUP's reload of ``path``), kept whole: the header keeps
+        naming the first map (by file), and the file this one came from may
+        change again. With it, the counts an older diskwatch (which skips
+        BMAP) still reads: its replay names everything with the first map
+        and can tell."""
+        if remapped:
+            self.remapped += 1
+        identity = {}
+        if path is not None:
+            try:
+                identity = map_identity(path)
+            except OSError:
+                pass
+        self.add_map(blockmap, why or ("remap" if remapped else "reload"), **identity)
+        self.swapped_in += 1
+        self.set_meta(remaps=self.remapped, maps=self.swapped_in)
 
     def add_journal_map(self, journal_map: Any) -> None:
         """A remap's journal map (which file each journal block carried,
