@@ -88,6 +88,21 @@ def test_members_stay_while_near_the_top_and_leave_when_cold():
     assert top.retired[1] >= 0 and len(top.members) == 2
 
 
+def test_a_heavy_key_takes_the_place_of_a_scan_s_files():
+    """An antivirus reads 360 files once each, then churns 3 logs: the
+    members (all taken by the scan's files, still near the top by count)
+    give way to the logs at the next refresh."""
+    top = TopSeries(exposed=20, tracked=1024, refresh=1.0, half_life=6.0)
+    add(top, {f"/opt/av-test/f{i:03d}": counts(reads=1) for i in range(360)})
+    top.tick(0.0)
+    top.tick(1.0)
+    assert len(top.members) == 20 and all(k.startswith("/opt") for k in top.members)
+    logs = {f"/var/log/av/{n}.log" for n in ("scan", "events", "quarantine")}
+    add(top, {log: counts(writes=30) for log in logs})
+    top.tick(2.0)
+    assert logs <= set(top.members) and len(top.members) == 20
+
+
 def test_the_last_round_at_exit_changes_nothing():
     top = TopSeries(exposed=2, tracked=16, refresh=1.0)
     add(top, {"a": counts(writes=5)})

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_guest_e2e import churn_boot, churn_map  # noqa: F401 - the fixtures (session scope)
 
 from diskwatch.bmap.index import BmapObject
 from diskwatch.scans import SCAN_GAP, ScanTracker
+
+DISKWATCH = str(Path(sys.executable).with_name("diskwatch"))
 
 
 def f(path: str, device: str = "/dev/sda1") -> BmapObject:
@@ -82,3 +91,30 @@ def test_runs_are_bounded_whatever_is_read():
     assert len(t._runs) <= 256
     t.tick(1e9)
     assert t.scans() == []
+
+
+# --- a real guest's scan, in the report ---------------------------------------------------
+
+@pytest.mark.slow
+def test_the_churn_guest_s_antivirus_scan_is_in_the_report(churn_guest_image,
+                                                           churn_boot):  # noqa: F811
+    """The churn guest's "antivirus" reads every file of a tree of 12
+    directories, directory by directory, appending to its log after each:
+    the recording's report lists the scan (the tree's root, >= 90% of its
+    files) and the log's churn, and no other scan (the boot's reads are none)."""
+    guest = churn_guest_image.guest
+    r = subprocess.run([DISKWATCH, "report", str(churn_boot["recording"]), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    scans = report["scans"]
+    assert [s["directory"] for s in scans] == [guest.scan_root], scans
+    (scan,) = scans
+    assert scan["device"] == "/dev/sda1" and scan["directories"] == 12
+    assert scan["files"] >= 0.9 * len(guest.scan_files), scan
+    assert scan["duration"] > 0 and scan["rate"] > 0 and scan["bytes"] > 0
+    churned = {c["name"] for c in report["churn"]}
+    assert "f /dev/sda1 /var/log/av/scan.log" in churned
+    text = subprocess.run([DISKWATCH, "report", str(churn_boot["recording"])],
+                          capture_output=True, text=True, timeout=120).stdout
+    assert f"/dev/sda1 {guest.scan_root}" in text.split("Scans:", 1)[1].split("\n\n")[0]

@@ -49,6 +49,10 @@ MARKER = "DISKWATCH-DEMO-DONE"
 #: syncs and prints ``diskwatch-loop: tick N``; a line ``stop`` on its console
 #: ends it. Boot with ``qemu_command(init=LOOP_INIT)``.
 LOOP_INIT = "/sbin/init-loop"
+#: the churn guest's scanned tree: SCAN_DIRS directories of SCAN_FILES_PER_DIR files
+SCAN_ROOT = "/opt/av-test"
+SCAN_DIRS = 12
+SCAN_FILES_PER_DIR = 30
 #: The log the churn guest's init creates at boot (2,000,000 bytes, more
 #: than the 1 MiB of unnamed writes that start an automatic remap) and
 #: appends a record to every other churn pass.
@@ -292,6 +296,11 @@ class GuestImage:
     created: list[str] = field(default_factory=list)
     #: every symlink (busybox applets) -> its target
     symlinks: dict[str, str] = field(default_factory=dict)
+    #: the churn guest's "antivirus" reads every file of this tree, directory
+    #: by directory, once at boot (None without churn)
+    scan_root: str | None = None
+    #: the files of that tree
+    scan_files: list[str] = field(default_factory=list)
     marker: str = MARKER
     device: str = "/dev/sda1"
     fstype: str = "ext4"
@@ -463,8 +472,17 @@ def build_guest_image(
                 log = f"/var/log/av/{name}"
                 churn_logs.append(log)
                 _write(tree / log.lstrip("/"), _log_padding(64 * 1024, name))
-                write_counts[log] = churn_iterations
+                # scan.log: a record after each directory the scan reads too
+                write_counts[log] = churn_iterations + (SCAN_DIRS if name == "scan.log" else 0)
 
+        scan_files: list[str] = []
+        if churn:
+            for d in range(SCAN_DIRS):
+                for k in range(SCAN_FILES_PER_DIR):
+                    name = f"{SCAN_ROOT}/dir{d:02d}/file{k:03d}.dat"
+                    _write(tree / name.lstrip("/"), _filler(100 + d * 97 + k,
+                                                            1024 + (d * 31 + k * 17) % 5000))
+                    scan_files.append(name)
         script = resources.files("diskwatch.demo").joinpath("init.sh").read_text()
         for key, value in {
             "CHURN_ITERATIONS": str(churn_iterations if churn else 0),
@@ -473,6 +491,7 @@ def build_guest_image(
             "CHURN_LOGS": " ".join(churn_logs) or "/dev/null",
             "CHURN_BIG": big_file or "/dev/null",
             "CREATED_LOG": CREATED_LOG,
+            "SCAN_ROOT": SCAN_ROOT if churn else "/nonexistent",
             "MARKER": MARKER,
         }.items():
             script = script.replace(f"@{key}@", value)
@@ -522,6 +541,8 @@ def build_guest_image(
         dirs=dirs,
         created=[CREATED_LOG] if churn else [],
         symlinks=symlinks,
+        scan_root=SCAN_ROOT if churn else None,
+        scan_files=scan_files,
         partitions=[Partition("/dev/sda1", offset, length, "ext4")],
     )
 

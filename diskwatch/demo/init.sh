@@ -52,6 +52,22 @@ if [ "$CHURN_ITERATIONS" -gt 0 ]; then
     echo "diskwatch-demo: created @CREATED_LOG@"
 fi
 
+# A scan, as an antivirus's: every file of a tree read, directory by
+# directory, a record written to its log after each directory (in place,
+# as the churn passes write theirs: the log keeps its size).
+if [ -d @SCAN_ROOT@ ]; then
+    echo 3 > /proc/sys/vm/drop_caches
+    for d in @SCAN_ROOT@/*; do
+        for f in "$d"/*; do
+            cat "$f" > /dev/null
+        done
+        write_record /var/log/av/scan.log 15 "scanned $d"
+        sync
+    done
+    sync
+    echo "diskwatch-demo: scanned @SCAN_ROOT@"
+fi
+
 i=1
 while [ "$i" -le "$CHURN_ITERATIONS" ]; do
     for log in @CHURN_LOGS@; do

@@ -144,7 +144,20 @@ class TopSeries:
         members = self.members
         for key in [k for k in members if k not in near_top]:
             add_into(self.retired, members.pop(key))
-        for key in ranked:
+        weight = self.sketch.get
+        for key in ranked[:self.exposed]:
+            if key in members:
+                continue
+            if len(members) >= self.exposed:
+                # Full of keys still near the top (a scan's files, read once
+                # each): the weakest gives way to a key more than twice as
+                # heavy (the factor keeps two close keys from taking turns).
+                weakest = min(members, key=lambda k: weight(k, 0.0))
+                if 2 * weight(weakest, 0.0) >= weight(key, 0.0):
+                    break
+                add_into(self.retired, members.pop(weakest))
+            members[key] = [0] * WIDTH
+        for key in ranked[self.exposed:]:
             if len(members) >= self.exposed:
                 break
             if key not in members:
