@@ -12,19 +12,15 @@ from collections import defaultdict
 import pytest
 from groundtruth import ext4_file_ranges, overlap
 
-from diskwatch.bmap.format import read_bmap
+from diskwatch.bmap.format import merge_ranges, read_bmap
 from diskwatch.bmap.generate import (
     INSTALL_HINT,
     GenerateError,
     _Generator,
-    _inside,
-    attribute,
     choose_accel,
     generate_bmap,
-    merge_ranges,
-    parse_filefrag,
-    to_disk,
 )
+from diskwatch.bmap.watch_ranges import _inside, attribute, parse_filefrag, to_disk
 from diskwatch.events import Bus, Message, Progress
 from diskwatch.sources.file import FileSource
 

@@ -234,7 +234,7 @@ def test_a_hostile_iso_cannot_make_the_walk_read_without_end(tmp_path):
             root += rec
         f.seek(root_lba * SECTOR)
         f.write(root)
-    from diskwatch.bmap.metadata import IsoLayout
+    from diskwatch.bmap.iso import IsoLayout
     src = _CountingSource(str(image), limit=2 << 30)
     with src:
         layout = IsoLayout(src)
@@ -266,7 +266,7 @@ def test_a_hostile_iso_cannot_make_paths_without_end(tmp_path):
     """The deep chain: the walk stops at its bound, and says why."""
     image = tmp_path / "deep.iso"
     build_deep_iso(image)
-    from diskwatch.bmap.metadata import IsoLayout
+    from diskwatch.bmap.iso import IsoLayout
     with FileSource(str(image), readonly=True) as src:
         layout = IsoLayout(src)
         objects = layout.walk(layout.primary, joliet=False)

@@ -47,6 +47,12 @@ over the NBD URIs: libguestfs's own read-only overlay is made inside
 ``add_drive`` while holding the GIL, and its ``qemu-img`` would wait forever
 for this process's server thread. The appliance's writes go to the overlay;
 the exports are read-only anyway.
+
+Why this module is over 800 lines: it does one job, one appliance driven
+through the phases above by one class (``_Generator``), whose steps share
+its state (the appliance, the collector, the progress); what stands alone
+is apart: the marker filesystem (``markers.py``) and the arithmetic on
+ranges (``watch_ranges.py``).
 """
 
 from __future__ import annotations
@@ -68,12 +74,11 @@ from ..events import Bus, Message, Progress
 from ..files import check_output_path, replace_atomically
 from ..sources.base import ReadOnly, Source
 from .format import BmapEntry, merge_ranges, write_bmap
+from .markers import DIR_POOL, FILE_POOL, MARKER_BLOCK, MarkerError, marker_image
+from .watch_ranges import _inside, attribute, parse_filefrag, to_disk
 
 __all__ = ["GenerateError", "GenerateResult", "Skipped", "choose_accel", "generate_bmap"]
 
-MARKER_BLOCK = 4096
-FILE_POOL = 4096  # marker files: windows per round
-DIR_POOL = 1024  # marker directories: directories per round
 # Files whose extents are known are read many to a marker window. A process
 # start costs tens of ms under TCG, so each `cat` gets many files: measured
 # on 10,000 files, 32 files per cat took 35 s, 512-1024 per cat 12-16 s.
@@ -96,7 +101,6 @@ NTFS_REFUSED = ("the watch method cannot map NTFS exactly (ntfs-3g's reads go th
 #: the drives' labels in the appliance: the image (export "") and the markers
 DRIVE_LABELS = {"": "dwdisk", "marker": "dwmarker"}
 _SD_NAME = re.compile(r"(/dev/[sv]d[a-z]+)(\d*)")
-_TAG = re.compile(rb"DWMARK([FD])(\d{8})")
 _NOT_FILESYSTEMS = {"", "unknown", "swap", "LVM2_member", "crypto_LUKS"}
 
 
@@ -194,81 +198,6 @@ def choose_accel(accel: str = "auto", timeout: float = 8.0) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------
-# Marker filesystem
-
-
-def build_marker_fs(
-    path: str, work: str, files: int = FILE_POOL, dirs: int = DIR_POOL
-) -> dict[int, tuple[str, int]]:
-    """Make the marker ext4 image at ``path``; return block offset -> ("F"|"D", K)."""
-    mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
-    tree = os.path.join(work, "markers")
-    os.mkdir(tree)
-    for k in range(files):
-        with open(os.path.join(tree, f"f{k:05d}"), "wb") as f:
-            f.write(b"DWMARKF%08d\n" % k)
-    for k in range(dirs):
-        d = os.path.join(tree, f"d{k:05d}")
-        os.mkdir(d)
-        open(os.path.join(d, f"DWMARKD{k:08d}"), "wb").close()
-    size = (files + dirs) * MARKER_BLOCK * 2 + (files + 2 * dirs) * 512 + (8 << 20)
-    with open(path, "wb") as f:
-        f.truncate(size)
-    proc = subprocess.run(
-        [mkfs, "-q", "-F", "-b", str(MARKER_BLOCK), "-O", "^has_journal,^inline_data",
-         "-N", str(files + 2 * dirs + 64), "-E", "nodiscard", "-L", "dwmarkers", "-d", tree, path],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    shutil.rmtree(tree, ignore_errors=True)
-    if proc.returncode != 0:
-        raise GenerateError(
-            f"mkfs.ext4 failed making the marker filesystem: "
-            f"{proc.stderr.strip()[-200:]} (apt-get install e2fsprogs)"
-        )
-    return scan_markers(path, files + dirs)
-
-
-def scan_markers(path: str, count: int) -> dict[int, tuple[str, int]]:
-    """Block offset -> ("F"|"D", K) for every marker tag in the image at ``path``."""
-    tags: dict[int, tuple[str, int]] = {}
-    with open(path, "rb") as f:
-        data = f.read()
-    for m in _TAG.finditer(data):
-        tags[m.start() - m.start() % MARKER_BLOCK] = (m.group(1).decode(), int(m.group(2)))
-    found = len(set(tags.values()))
-    if found != count:
-        raise GenerateError(f"marker filesystem {path} holds {found} of {count} markers")
-    return tags
-
-
-def marker_image(work: str) -> tuple[str, dict[int, tuple[str, int]]]:
-    """The marker image (cached in ~/.cache/diskwatch: it costs seconds to
-    build and never changes) and its tags."""
-    count = FILE_POOL + DIR_POOL
-    cache = os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "diskwatch"
-    )
-    cached = os.path.join(cache, f"markers-v1-{FILE_POOL}-{DIR_POOL}.img")
-    try:
-        return cached, scan_markers(cached, count)
-    except (OSError, GenerateError):
-        pass
-    try:
-        os.makedirs(cache, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix="markers-", dir=cache)
-        try:
-            img = os.path.join(tmp, "markers.img")
-            tags = build_marker_fs(img, tmp)
-            os.replace(img, cached)  # atomic: a concurrent builder's copy is as good
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return cached, tags
-    except OSError:  # no writable cache: build it for this run only
-        img = os.path.join(work, "markers.img")
-        return img, build_marker_fs(img, work)
-
-
-# --------------------------------------------------------------------------
 # Watching the server
 
 
@@ -359,105 +288,6 @@ class _Progress:
                 summary,
             )
         self.bus.publish(ev)
-
-
-# --------------------------------------------------------------------------
-# Ranges
-
-
-def _inside(merged: list[tuple[int, int]], start: int, end: int) -> bool:
-    """True if [start, end) lies within one range of ``merged`` (sorted, disjoint)."""
-    import bisect
-
-    i = bisect.bisect_right(merged, (start, float("inf"))) - 1
-    return i >= 0 and merged[i][0] <= start and end <= merged[i][1]
-
-
-_EXTENT = re.compile(rb"^\s*\d+:\s*\d+\.\.\s*\d+:\s*(\d+)\.\.\s*\d+:\s*(\d+):(.*)$")
-_FOUND = re.compile(rb": (\d+) extents? found")
-#: extents whose physical address is not where the data is read from
-_NOT_ON_DISK = (b"unknown_loc", b"delalloc", b"inline", b"encoded", b"encrypted")
-
-
-def parse_filefrag(output: bytes, paths: list[bytes]) -> list[list[tuple[int, int]] | None]:
-    """Extents (device byte ranges, merged) of each of ``paths`` from the
-    output of ``filefrag -v -b512 PATHS...``; None for a file filefrag did not
-    report (an error) or whose data is not plainly on the device (inline,
-    unknown location, encoded)."""
-    out: list[list[tuple[int, int]] | None] = []
-    pos = 0
-    for p in paths:
-        head = b"File size of " + p + b" is "
-        at = output.find(head, pos)
-        if at < 0 or (at > 0 and output[at - 1] != 0x0A):
-            out.append(None)
-            continue
-        end = output.find(b"\nFile size of ", at + len(head))
-        end = len(output) if end < 0 else end + 1
-        ranges: list[tuple[int, int]] | None = []
-        chunk = output[at:end]
-        found = _FOUND.findall(chunk)
-        for line in chunk.split(b"\n"):
-            m = _EXTENT.match(line)
-            if m is None:
-                continue
-            if any(f in m.group(3) for f in _NOT_ON_DISK):
-                ranges = None
-                break
-            start = int(m.group(1)) * 512
-            ranges.append((start, start + int(m.group(2)) * 512))
-        if ranges is not None and (not found or int(found[-1]) != len(ranges)):
-            # No extent table (filefrag -v prints none when it falls back to
-            # FIBMAP, as on vfat): where the data lies is unknown.
-            ranges = None
-        out.append(None if ranges is None else merge_ranges(ranges))
-        pos = end
-    return out
-
-
-def to_disk(
-    ranges: list[tuple[int, int]], segments: list[tuple[int, int, int]]
-) -> list[tuple[int, int]] | None:
-    """Device byte ranges -> disk byte ranges through ``segments`` (device
-    start, disk start, length; linear pieces); None if some byte lies outside."""
-    out = []
-    for s, e in ranges:
-        while s < e:
-            for dev, disk, length in segments:
-                if dev <= s < dev + length:
-                    n = min(e, dev + length) - s
-                    out.append((disk + s - dev, disk + s - dev + n))
-                    s += n
-                    break
-            else:
-                return None
-    return merge_ranges(out)
-
-
-def attribute(
-    reads: list[tuple[int, int]], extents: list[tuple[int, int, int]]
-) -> tuple[dict[int, list[tuple[int, int]]], int]:
-    """Split disk ``reads`` (offset, length) among files by their ``extents``
-    (start, end, file), sorted by start and disjoint: file -> the pieces of the
-    reads inside its extents, and the bytes of the reads in no extent."""
-    import bisect
-
-    starts = [x[0] for x in extents]
-    per: dict[int, list[tuple[int, int]]] = {}
-    unmatched = 0
-    for o, n in reads:
-        end = o + n
-        covered = 0
-        i = max(bisect.bisect_right(starts, o) - 1, 0)
-        while i < len(extents) and extents[i][0] < end:
-            s, e, f = extents[i]
-            lo, hi = max(s, o), min(e, end)
-            if lo < hi:
-                per.setdefault(f, []).append((lo, hi))
-                covered += hi - lo
-            i += 1
-        unmatched += max(0, n - covered)
-    return per, unmatched
 
 
 # --------------------------------------------------------------------------
@@ -570,7 +400,10 @@ class _Generator:
         self.work = tempfile.mkdtemp(prefix="diskwatch-bmap-")
         try:
             t = time.monotonic()
-            marker_img, tags = marker_image(self.work)
+            try:
+                marker_img, tags = marker_image(self.work)
+            except MarkerError as e:
+                raise GenerateError(str(e)) from None
             self.marker_size = os.path.getsize(marker_img)
             self.timed("markers", t)
             self.collector = _Collector(tags, self.progress.marker)

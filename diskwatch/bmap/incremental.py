@@ -57,10 +57,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import compress
 
+from .ext4 import Ext4Layout
 from .format import BmapEntry, merge_ranges
 from .index import BlockMap, BmapObject
 from .jbd2 import JournalView
-from .metadata import Ext4Layout, WalkedVolume, _volume_img, ext_journal, probe_signature
+from .metadata import WalkedVolume, ext_journal, probe_signature
+from .tsk import _volume_img
 
 __all__ = ["MapperState", "NeedsFullWalk", "Update"]
 
