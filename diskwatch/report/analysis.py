@@ -13,11 +13,11 @@ Definitions (the text, the JSON and the tests use these and no others):
   count only in the per-command totals; FLUSH and DISC have no range.
 - A request spanning several objects counts once for each, with the bytes
   of its piece inside each (as ``Stats`` counts them live).
-- *write burst*: writes to one object with no FLUSH between them and less
-  than ``BURST_GAP`` apart are one burst (one append is often a few
-  requests at once; a flush, as ``sync`` sends, ends it); *churn* is an object written
-  in at least ``CHURN_MIN_BURSTS`` bursts; its *period* is the median time
-  between bursts, its *rate* bursts per minute from first to last.
+- *write burst*, *churn*, its *period* and *rate*: as ``diskwatch/churn.py``
+  defines them (the live views use the same): writes to one object with no
+  FLUSH between them and less than ``BURST_GAP`` apart are one burst; churn
+  is an object written in at least ``CHURN_MIN_BURSTS`` bursts; its period
+  the median time between bursts, its rate bursts per minute.
 - Without a map, requests count in the 1 MiB region where they start.
 - *unmapped*: bytes no block-map range covers. *Partition only*: bytes whose
   most specific object is a partition, LV or disk (filesystem metadata,
@@ -38,14 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..bmap.format import TYPE_RANK, is_structure_path
+from ..churn import BURST_GAP, CHURN_MIN_BURSTS, new_burst, per_minute, period
 from ..late import JOURNAL, LateNamer
 from ..scans import Scan, ScanTracker
 from ..wire import CMD_FLUSH, CMD_READ, COMMAND_NAMES, WRITE_COMMANDS
 from .recording import Recording
 
 REGION_SHIFT = 20  # 1 MiB regions name the busy places when there is no map
-BURST_GAP = 0.02  # seconds: requests of one append arrive together
-CHURN_MIN_BURSTS = 3
 
 #: what a block-map type is called in reports; None: no object covers the bytes
 TYPE_NAMES = {"f": "file", "d": "directory", "l": "lv", "p": "partition", "v": "disk",
@@ -191,14 +190,12 @@ class Analysis:
             if obj.type not in "fd" or len(t.bursts) < CHURN_MIN_BURSTS:
                 continue
             starts = t.bursts
-            gaps = sorted(b - a for a, b in zip(starts, starts[1:], strict=False))
-            span = starts[-1] - starts[0]
             rows.append(Churn(
                 name=str(obj), type=TYPE_NAMES[obj.type], fs_structure=is_fs_structure(obj),
                 bursts=len(starts), writes=t.writes,
                 write_bytes=t.write_bytes, first_t=starts[0], last_t=starts[-1],
-                period=gaps[len(gaps) // 2] if gaps else None,
-                per_minute=(len(starts) - 1) * 60 / span if span > 0 else None))
+                period=period(starts),
+                per_minute=per_minute(len(starts), starts[0], starts[-1])))
         rows.sort(key=lambda c: (c.fs_structure, -c.bursts, -c.writes, c.name))
         return rows if n is None else rows[:n]
 
@@ -353,7 +350,7 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
             else:
                 ot.writes += 1
                 ot.write_bytes += n
-                if t - ot.last_write_t > burst_gap or ot.last_write_flushes != flushes:
+                if new_burst(t, ot.last_write_t, ot.last_write_flushes, flushes, burst_gap):
                     ot.bursts.append(t)
                 ot.last_write_t = t
                 ot.last_write_flushes = flushes
