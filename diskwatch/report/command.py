@@ -54,6 +54,9 @@ def build_report_parser() -> argparse.ArgumentParser:
     p.add_argument("--svg", metavar="OUT", help="draw offset over time, with partitions, the "
                                                 "busiest files and throughput, into OUT")
     p.add_argument("--png", metavar="OUT", help="the same picture as PNG (needs rsvg-convert)")
+    p.add_argument("--prefetch-list", metavar="LIST", help="write the ranges the recording "
+                   "read, in order of first read, with their files (a boot's prefetch list "
+                   "for --prefetch; the format: diskwatch/prefetch.py)")
     p.add_argument("--top", type=_positive("a number of rows"), default=10, metavar="N", help="rows per table (default 10)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
     return p
@@ -70,6 +73,8 @@ def report_main(argv: list[str]) -> int:
     bmap_path = choose_map(recording, args.bmap)
     maps = recorded_maps(recording, args.bmap,
                          BlockMap.load(bmap_path) if bmap_path else None)
+    if args.prefetch_list:
+        return _write_prefetch_list(recording, maps, args.file, args.prefetch_list)
     analysis = analyse(recording, maps=maps)
     out = sys.stdout
     if args.against:
@@ -138,6 +143,16 @@ def import_main(argv: list[str]) -> int:
         count += len(chunk)
     recorder.close()
     print(safe_text(f"diskwatch: {count} requests from {args.file} written to {args.output}"),
+          file=sys.stderr)
+    return 0
+
+
+def _write_prefetch_list(recording, maps, origin: str, path: str) -> int:
+    from ..prefetch import make_prefetch_list, write_prefetch_list
+    ranges = make_prefetch_list(recording, maps.last() if maps is not None else None)
+    write_prefetch_list(path, ranges, origin)
+    total = sum(r.length for r in ranges)
+    print(safe_text(f"diskwatch: {len(ranges):,} ranges ({total:,} bytes) written to {path}"),
           file=sys.stderr)
     return 0
 

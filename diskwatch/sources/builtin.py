@@ -52,12 +52,28 @@ def open_nbd(spec, options):
                      connect_timeout=options.get("timeout") or 30.0)
 
 
+def _prefetched(src, options):
+    """``src`` under a Prefetch layer when ``--prefetch LIST`` is given."""
+    path = options.get("prefetch")
+    if not path:
+        return src
+    from ..prefetch import PrefetchError, read_prefetch_list
+    from .prefetch import Prefetch
+    try:
+        ranges = read_prefetch_list(path, src.size)
+    except PrefetchError as e:
+        src.close()
+        raise SourceError(errno.EINVAL, f"--prefetch: {e}") from None
+    return Prefetch(src, ranges, budget=options.get("prefetch_budget") or 256 * MiB)
+
+
 def open_curl(spec, options):
     from .curl import CurlSource
-    return CurlSource(spec, headers=tuple(options.get("headers") or ()),
-                      user=options.get("user"), password=options.get("password"),
-                      timeout=options.get("timeout"), retries=options.get("retries"),
-                      connections=options.get("connections"), insecure=options.get("insecure"))
+    return _prefetched(CurlSource(
+        spec, headers=tuple(options.get("headers") or ()), user=options.get("user"),
+        password=options.get("password"), timeout=options.get("timeout"),
+        retries=options.get("retries"), connections=options.get("connections"),
+        insecure=options.get("insecure")), options)
 
 
 def looks_xz(spec: str, options) -> bool:
@@ -72,9 +88,9 @@ def looks_xz(spec: str, options) -> bool:
 
 def open_xz(spec, options):
     from .xz import XzSource
-    return XzSource(spec, max_block=options.get("xz_max_block"),
-                    cache_blocks=options.get("xz_cache"),
-                    readahead=options.get("xz_readahead"))
+    return _prefetched(XzSource(spec, max_block=options.get("xz_max_block"),
+                                cache_blocks=options.get("xz_cache"),
+                                readahead=options.get("xz_readahead")), options)
 
 
 def _format_of(spec: str, options) -> tuple[str, str | None]:
@@ -145,6 +161,11 @@ for plugin in (
                    default=4, metavar="N"),
             Option("--insecure", "do not verify TLS certificates", action="store_true",
                    default=False),
+            Option("--prefetch", "read the ranges of a prefetch list (made by diskwatch "
+                   "report --prefetch-list) ahead of the guest, in order (URL and xz "
+                   "sources)", metavar="LIST"),
+            Option("--prefetch-budget", "memory the prefetched ranges may hold "
+                   "(default 256M)", type=size_arg, metavar="SIZE"),
         )),
     SourcePlugin(
         "xz", "an xz-compressed raw image (random access by xz blocks)", open_xz,
