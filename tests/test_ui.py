@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import subprocess
 import threading
 import time
@@ -516,3 +517,97 @@ async def test_p_saves_the_picture_the_app_is_handed(tmp_path):
         await pilot.pause()
     (saved,) = tmp_path.iterdir()
     assert saved.read_text() == "<svg>file disk.img: 1 requests, 3 s; fed 1; map None; []</svg>"
+
+
+# --- issue 21: the tree of the traffic, churn as it happens -----------------------------
+
+def tree_lines(app) -> list[str]:
+    """What the tree view shows, line by line (its labels, as drawn)."""
+    from diskwatch.ui.tree import TrafficTreeView
+    view = app.screen.query_one(TrafficTreeView)
+    return ["".join(seg.text for seg in view.render_line(y))
+            for y in range(view.scrollable_content_region.height)]
+
+
+def shown_dirs(app) -> list[str]:
+    return re.findall(r"[▼▶] (\S+/) ", "\n".join(tree_lines(app)))
+
+
+@sync
+async def test_the_d_key_shows_the_tree_of_the_traffic_per_partition(served):
+    from diskwatch.ui.tree import TrafficScreen
+    app = DiskwatchApp(served.session)
+    async with app.run_test(size=(80, 24)) as pilot:
+        h = served.client()
+        for i in range(8):
+            h.pread(65536, BUSYBOX + i * 65536)
+        h.pread(8192, PASSWD)
+        h.pwrite(b"log line\n".ljust(4096), LOG)
+        h.pread(4096, 41 * MiB)  # sda2's file
+        await wait_for(pilot, app, lambda: app.stats.requests == 11)
+        await pilot.press("d")
+        assert isinstance(app.screen, TrafficScreen)
+        app._refresh_views(force=True)
+        await pilot.pause()
+        lines = tree_lines(app)
+        sda1 = next(ln for ln in lines if "/dev/sda1" in ln)
+        assert sda1.split()[-4:-1] == ["520K", "4.0K", "10"], sda1  # read, written, requests
+        assert any("/dev/sda2" in ln for ln in lines)
+        await pilot.press("b")  # the busiest path, opened down to its file
+        await pilot.pause()
+        app._refresh_views(force=True)
+        await pilot.pause()
+        lines = tree_lines(app)
+        assert any("bin/" in ln for ln in lines) and any("busybox" in ln for ln in lines), lines
+        assert "/dev/sda1 /bin/busybox: read 512K in 8 requests" in str(
+            app.screen.query_one("#tree-detail").render())
+        await pilot.press("s")  # by bytes
+        assert "by bytes" in app.screen.query_one("#tree").border_title
+        # live: more reads of the log show at the next refresh
+        for i in range(40):
+            h.pread(4096, LOG + i * 4096)
+        await wait_for(pilot, app, lambda: app.stats.requests == 51)
+        app._refresh_views(force=True)
+        await pilot.pause()
+        assert shown_dirs(app)[:2] == ["bin/", "var/"]  # 512K, 160K
+        await pilot.press("s")  # by requests: the log's 41 first
+        app._refresh_views(force=True)
+        await pilot.pause()
+        assert shown_dirs(app)[:2] == ["var/", "bin/"]
+        await pilot.press("escape")
+        assert not isinstance(app.screen, TrafficScreen)
+        h.shutdown()
+
+
+@sync
+async def test_a_file_written_in_bursts_is_flagged_churning_as_it_happens(served):
+    """Each append a write and a flush (what a log does with sync): from the
+    third burst the file is churning: the activity line under the views
+    says so with its bursts, period and rate, and the top objects by writes
+    show its period."""
+    from diskwatch.ui.activity import ActivityPanel
+    app = DiskwatchApp(served.session)
+    async with app.run_test(size=(160, 40)) as pilot:
+        h = served.client()
+        panel = app.query_one(ActivityPanel)
+        for i in range(2):
+            h.pwrite(b"log line\n".ljust(4096), LOG + i * 4096)
+            h.flush()
+        await wait_for(pilot, app, lambda: app.stats.requests == 4)
+        app._refresh_views(force=True)
+        await pilot.pause()
+        assert not panel.display and app.activity == ()  # two bursts: no churn yet
+        for i in range(2, 6):
+            h.pwrite(b"log line\n".ljust(4096), LOG + i * 4096)
+            h.flush()
+        await wait_for(pilot, app, lambda: app.stats.requests == 12)
+        app._refresh_views(force=True)
+        await pilot.pause()
+        (line,) = str(panel.render()).splitlines()
+        assert line.startswith("churn") and "/var/log/boot log.txt" in line, line
+        assert "6 bursts · every " in line and "/min" in line, line
+        await pilot.press("s")  # top objects by writes
+        header, row = str(app.query_one(TopObjects).render()).splitlines()[:2]
+        assert header.split()[-1] == "every" and "/var/log/boot log.txt" in row, (header, row)
+        assert row.split()[-1].endswith("s"), row
+        h.shutdown()

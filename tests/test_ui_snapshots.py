@@ -53,9 +53,10 @@ def boot_like() -> list:
     return r
 
 
-def make_app(tmp_path, *, blockmap=True, command="qemu-system-x86_64 -accel tcg -drive file=$nbd"):
+def make_app(tmp_path, *, blockmap=True, command="qemu-system-x86_64 -accel tcg -drive file=$nbd",
+             bmap=BMAP):
     path = tmp_path / "snap.bmap"
-    path.write_text(BMAP)
+    path.write_text(bmap)
     bus = Bus()
     session = Session(
         bus=bus, size=SIZE, description="file guest.img", uri="nbd+unix:///?socket=/tmp/s",
@@ -74,6 +75,9 @@ def feed(app, bus, requests=None, events=()):
             bus.publish(e)
         bus.publish_requests(boot_like() if requests is None else requests)
         app.pump()
+        # every view up to date now, not at the timer's next half second
+        app._refresh_views(force=True)
+        await pilot.pause()
         await pilot.pause()
 
     return run_before
@@ -147,3 +151,34 @@ def test_snapshot_replay_paused_with_its_time_bar(snap_compare, tmp_path):
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=(120, 36), run_before=run_before)
+
+
+# --- issue 21: the tree of the traffic, scans and churn as they happen -------------------
+
+#: an indexer's sweep: 3 directories of 20 files under /usr/share/doc
+DOCS = [f"/usr/share/doc/pkg{d}/file{k:02d}" for d in range(3) for k in range(20)]
+SCAN_BMAP = BMAP + "".join(
+    f"1 {100 * MiB + i * 4096:x} {100 * MiB + (i + 1) * 4096:x} f /dev/sda1 {path}\n"
+    for i, path in enumerate(DOCS))
+
+
+def with_a_scan() -> list:
+    """The boot, and the sweep going on at the fixed clock's time."""
+    return boot_like() + [req(0, 100 * MiB + i * 4096, 4096, 11.0 + i * 0.015)
+                          for i in range(len(DOCS))]
+
+
+@pytest.mark.parametrize("size", [(80, 24), (140, 42)])
+def test_snapshot_tree_of_the_traffic(snap_compare, tmp_path, size):
+    """The d key: per partition, directories by recent rate, the busiest
+    path opened (b); the scan going on and the churning log under it."""
+    app, bus = make_app(tmp_path, bmap=SCAN_BMAP)
+    app.notify = lambda *a, **k: None  # the scan's toast is the panel's line here
+    assert snap_compare(app, terminal_size=size, press=["d", "b"],
+                        run_before=feed(app, bus, with_a_scan()))
+
+
+def test_snapshot_main_with_a_scan_and_churn_80x24(snap_compare, tmp_path):
+    app, bus = make_app(tmp_path, bmap=SCAN_BMAP)
+    app.notify = lambda *a, **k: None
+    assert snap_compare(app, terminal_size=(80, 24), run_before=feed(app, bus, with_a_scan()))

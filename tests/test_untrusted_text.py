@@ -344,3 +344,53 @@ def test_log_lines_under_the_ui_become_messages_not_terminal_writes():
     assert [(m.text, m.level) for m in got if isinstance(m, Message)] == [
         ("qemu-storage-daemon: \x1b[2J gone", "error")]
     assert stream.getvalue() == "after the UI\n"
+
+
+def _nodes(node):
+    for child in node.children:
+        yield child
+        yield from _nodes(child)
+
+
+def test_the_tree_and_the_activity_lines_show_hostile_names_escaped(tmp_path):
+    """Issue 21: the tree of the traffic names each directory and file by
+    its last part, and the activity line names a churning file: the
+    guest's text, escaped, never markup nor a terminal command."""
+    from diskwatch.ui.activity import ActivityPanel
+    from diskwatch.ui.tree import TrafficTreeView
+    app, bus = make_app(tmp_path, hostile_map(tmp_path / "hostile.bmap"))
+    title = 3 * MiB  # /tmp/\x1b]0;pwned\x07title, written in bursts: churn
+
+    async def main():
+        async with app.run_test(size=(160, 40)) as pilot:
+            await feed(app, bus, "true")(pilot)
+            bursts = [make_request((1, "", 0, 20 * MiB, 4096, 0, STARTED + 3.9, 1e-4, 0))]
+            for i in range(4):
+                bursts += [make_request((1, "", 1, title, 4096, 0, STARTED + 4 + i * 0.1, 1e-4, 0)),
+                           make_request((1, "", 3, 0, 0, 0, STARTED + 4.01 + i * 0.1, 1e-4, 0))]
+            bus.publish_requests(bursts)
+            app.pump()
+            app._refresh_views(force=True)
+            await pilot.pause()
+            activity = str(app.query_one(ActivityPanel).render())
+            await pilot.press("d")
+            view = app.screen.query_one(TrafficTreeView)
+            for _ in range(4):  # open every directory, level by level
+                opened = [n for n in _nodes(view.root) if n.allow_expand and not n.is_expanded]
+                for node in opened:
+                    node.expand()
+                await pilot.pause()
+                app._refresh_views(force=True)
+                await pilot.pause()
+            tree = "\n".join("".join(seg.text for seg in view.render_line(y))
+                             for y in range(view.scrollable_content_region.height))
+            return activity, tree
+
+    activity, tree = asyncio.run(main())
+    assert "churn" in activity and "/tmp/\\x1b]0;pwned\\x07title" in activity, activity
+    for shown in ("\\x1bc\\x1b[2Jreset-screen", "\\x1b]0;pwned\\x07title",
+                  "\\x1b]52;c;aGVsbG8=\\x1b\\clipboard", "cr\\x0dback\\x08space",
+                  "invoice\\u202ecod.exe", "latin1-\\xff", "/dev/\\x1b[31msda1"):
+        assert shown in tree, tree
+    for text in (activity, tree):
+        assert not RAW_CONTROL.search(text), repr(text)

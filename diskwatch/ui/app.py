@@ -14,10 +14,12 @@ heatmap, rates) are then repainted at ``BUSY_PAINT`` intervals instead of
 every tick, while the counters are still updated on every tick, exactly.
 
 State the views show but do not compute (paused, the filters, the clock, the
-command's state, the block map's progress) is held in reactive attributes of
+command's state, the block map's progress, the activity lines: scans and
+churn as they happen) is held in reactive attributes of
 the app that the widgets bind to (``data_bind`` in ``compose``); the timer
 only sets them, and a widget repaints when what it shows changed. The panels
-that draw aggregates (trace, heatmap, rates, top) are asked to sample them
+that draw aggregates (trace, heatmap, rates, top, the tree of the traffic
+the d key switches to) are asked to sample them
 on the timer instead: binding a counter that moves with every request would
 repaint them once per change, which is what the timer is there to avoid.
 Widgets tell the app things through the messages of ``messages.py``; their
@@ -48,7 +50,11 @@ from ..events import ConnectionEvent, Message, Progress
 from ..pipeline.session import Session
 from ..pipeline.sink import Pieces, Sink
 from ..report.picture import SessionPicture
+from ..sinks.activity import Activity
 from ..sinks.stats import Stats
+from ..sinks.tree import TrafficTree
+from ..text import safe_text
+from .activity import ActivityPanel, activity_lines, scan_text
 from .heatmap import Heatmap
 from .output import CommandOutput
 from .progress import BmapProgress
@@ -57,6 +63,7 @@ from .screens import ConfirmQuit, HelpScreen
 from .status import StatusBar
 from .top import TopObjects
 from .trace import TraceLine, TraceModel, TraceView
+from .tree import TrafficScreen
 
 TYPE_FILTERS = ("all", "files", "no-dirs")
 #: requests per second above which the busy panels repaint less often
@@ -64,6 +71,9 @@ BUSY_RATE = 2000
 #: seconds between repaints of the busy panels when busy
 BUSY_PAINT = 0.25
 OP_FILTERS = ("all", "reads", "writes")
+#: notifications of scans started or ended, at most, per refresh (a replay
+#: seeking through a recording may bring many at once)
+NOTIFY_MAX = 3
 
 
 class Picture(Sink, Protocol):
@@ -99,6 +109,9 @@ class DiskwatchApp(App[int | None]):
     command_label: var[str] = var("")
     #: the last block-map generation ``Progress`` event
     progress: var[Progress | None] = var(None)
+    #: the activity lines (ui/activity.py): scans going on or just ended,
+    #: files churning now; the panels are bound to it
+    activity: var[tuple] = var(())
 
     BINDINGS = [
         Binding("q", "quit", "Quit"),
@@ -108,6 +121,7 @@ class DiskwatchApp(App[int | None]):
         Binding("r", "cycle_op", "R/W"),
         Binding("slash", "search", "Search"),
         Binding("m", "remap", "Remap"),
+        Binding("d", "tree", "Tree"),
         Binding("c", "clear", "Clear", show=False),
         Binding("s", "sort_top", "Top sort", show=False),
         Binding("h", "toggle('heatmap')", "Heatmap", show=False),
@@ -145,6 +159,12 @@ class DiskwatchApp(App[int | None]):
         # was made): requests made before the first frame count.
         self.sink = _AppSink(self)
         session.pump.add(self.sink)
+        # Scans and churn as they happen, and the tree of the traffic: sinks
+        # of the same pump, read on the timer.
+        self.activity_sink = Activity()
+        self.traffic = TrafficTree()
+        session.pump.add(self.activity_sink)
+        session.pump.add(self.traffic)
         self.trace_model = TraceModel(started=session.started, cap=trace_cap)
         self.held: deque[tuple[Any, Any]] = deque(maxlen=50_000)
         self.command_status: int | None = None  # from the "exit" Message
@@ -172,6 +192,7 @@ class DiskwatchApp(App[int | None]):
                 yield Rates(id="rates")
                 yield Heatmap(self.stats.heat, self.session.blockmap, id="heatmap")
                 yield TopObjects(id="top")
+        yield ActivityPanel(id="activity").data_bind(lines=app.activity)
         yield Input(placeholder="search paths (enter applies, escape clears)", id="search")
         yield Footer()
 
@@ -204,8 +225,8 @@ class DiskwatchApp(App[int | None]):
         self.screen.set_class(self.size.height < 30, "-short")
 
     def on_unmount(self) -> None:
-        self.session.pump.remove(self.sink)
-        self.session.pump.remove(self.picture)
+        for sink in (self.sink, self.picture, self.activity_sink, self.traffic):
+            self.session.pump.remove(sink)
 
     # -- the timer: drain, aggregate, repaint --
 
@@ -247,8 +268,20 @@ class DiskwatchApp(App[int | None]):
         wall = time.monotonic()
         if force or wall - self._last_top >= 0.5:  # a table of names need not move at 10 Hz
             self._last_top = wall
-            self.top.update_stats(self.stats, self._object_filter())
+            self.top.update_stats(self.stats, self._object_filter(), self.activity_sink.churn_of)
+            self._refresh_activity(now)
+            if isinstance(self.screen, TrafficScreen):
+                self.screen.sync()
         self._refresh_status()
+
+    def _refresh_activity(self, now: float) -> None:
+        """The activity lines, and a notification for each scan that started
+        or ended (names are the guest's: never markup)."""
+        news = self.activity_sink.news()
+        for kind, scan in news[-NOTIFY_MAX:]:
+            self.notify(safe_text(scan_text(scan)), title=f"scan {kind}", markup=False,
+                        timeout=5 if kind == "started" else 10)
+        self.activity = activity_lines(self.activity_sink, now)
 
     def _refresh_status(self) -> None:
         """Set what the status bar shows that no action sets: the clock and
@@ -278,7 +311,7 @@ class DiskwatchApp(App[int | None]):
         self.heatmap.set_blockmap(blockmap)
         top = self.top
         top.has_map = blockmap is not None
-        top.update_stats(self.stats, self._object_filter())
+        top.update_stats(self.stats, self._object_filter(), self.activity_sink.churn_of)
 
     # -- events other than requests (drained on the timer, in this thread) --
 
@@ -340,7 +373,7 @@ class DiskwatchApp(App[int | None]):
         trace.follow = True
         trace.sync()
         trace.scroll_to_end()
-        self.top.update_stats(self.stats, self._object_filter())
+        self.top.update_stats(self.stats, self._object_filter(), self.activity_sink.churn_of)
         self._refresh_status()
 
     # -- actions --
@@ -396,6 +429,10 @@ class DiskwatchApp(App[int | None]):
         # session with a map and --remap auto or key).
         if action == "remap":
             return self.session.remapper is not None
+        # The filters and panels are the main screen's: not in the tree's footer.
+        if action in ("cycle_type", "cycle_op", "search", "tree") and isinstance(
+                self.screen, TrafficScreen):
+            return False
         return True
 
     def action_remap(self) -> None:
@@ -411,16 +448,23 @@ class DiskwatchApp(App[int | None]):
             self.notify("remapping the disk as it is now")
 
     def action_clear(self) -> None:
+        self.clear_counts()
+        self._refresh_views(force=True)
+
+    def clear_counts(self) -> None:
+        """Forget what was counted: the counters, the trace, the activity, the tree."""
         self.stats.clear()
+        self.activity_sink.clear()
+        self.traffic.clear()
+        self.activity = ()
         self.trace_model.clear()
         self.held.clear()
         self.held_count = 0
-        self._refresh_views(force=True)
 
     def action_sort_top(self) -> None:
         top = self.top
         top.toggle_sort()
-        top.update_stats(self.stats, self._object_filter())
+        top.update_stats(self.stats, self._object_filter(), self.activity_sink.churn_of)
 
     def action_toggle(self, panel: str) -> None:
         widget = self.screen_stack[0].query_one(f"#{panel}")
@@ -430,6 +474,12 @@ class DiskwatchApp(App[int | None]):
         trace = self.trace_view
         trace.follow = True
         trace.scroll_to_end()
+
+    def action_tree(self) -> None:
+        """Switch to the tree of the traffic (d or escape comes back)."""
+        if not isinstance(self.screen, TrafficScreen):
+            self.traffic.fold(self.clock())
+            self.push_screen(TrafficScreen(self.traffic))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
@@ -522,6 +572,8 @@ class DiskwatchApp(App[int | None]):
         yield SystemCommand("Search paths", "Show only objects whose name contains text",
                             self.action_search)
         yield SystemCommand("Clear", "Forget the trace and all counters", self.action_clear)
+        yield SystemCommand("Tree of the traffic", "Directories by what their subtree read "
+                            "and wrote", self.action_tree)
         yield SystemCommand("Top objects: switch sort", "By reads / by writes",
                             self.action_sort_top)
         for panel, name in (("heatmap", "disk heatmap"), ("top", "top objects"),

@@ -61,11 +61,8 @@ class ReplayApp(DiskwatchApp):
     def _start_over(self) -> None:
         """The player went back: count again from the start."""
         self.generation = self.player.generation
-        self.stats.clear()
+        self.clear_counts()
         self.stats.connections = self.stats.connections_total = 0
-        self.trace_model.clear()
-        self.held.clear()
-        self.held_count = 0
 
     def seek_to(self, t: float) -> None:
         self.player.seek(t)

@@ -10,7 +10,7 @@ from textual.widgets import Static
 
 from ..sinks.stats import Stats
 from ..text import safe_text
-from ..units import format_bytes_compact
+from ..units import format_bytes_compact, format_duration_compact
 from .styles import OBJECT_TYPE_CLASSES, part_style
 from .trace import fit_left
 
@@ -27,6 +27,7 @@ class TopObjects(Static):
         "top-objects--empty",  # nothing read or written yet
         "top-objects--reads", "top-objects--writes",  # the counts
         "top-objects--sorted",  # added to the column the table is sorted by
+        "top-objects--churn",  # the period of a file churning now
     } | OBJECT_TYPE_CLASSES
 
     DEFAULT_CSS = """
@@ -37,7 +38,7 @@ class TopObjects(Static):
         super().__init__("", **kwargs)
         self.sort = "reads"
         self.has_map = False
-        self._last: tuple[Stats, Callable[[Any], bool] | None] | None = None
+        self._last: tuple | None = None
         self._shown: tuple = ()
 
     def on_mount(self) -> None:
@@ -55,8 +56,11 @@ class TopObjects(Static):
         if self._last is not None:
             self.update_stats(*self._last)
 
-    def update_stats(self, stats: Stats, keep: Callable[[Any], bool] | None = None) -> None:
-        self._last = (stats, keep)
+    def update_stats(self, stats: Stats, keep: Callable[[Any], bool] | None = None,
+                     churn: Callable[[Any], Any] | None = None) -> None:
+        """``churn(obj)``: its ``sinks.activity.ChurnNow`` if it is churning now
+        (by writes, the period of its bursts is shown where there is room)."""
+        self._last = (stats, keep, churn)
         width = max(20, self.content_region.width)
         rows = max(1, self.content_region.height - 1)
         def style(part: str) -> Any:
@@ -75,13 +79,19 @@ class TopObjects(Static):
         # once a remap read the journal): a file's write amplification.
         show_journal = (show_bytes and width >= 56 and self.sort == "writes"
                         and any(c.journal_bytes for _, c in top))
-        columns = 2 + show_bytes + show_journal
+        # By writes, how often a churning file is written again (its bursts' period).
+        show_every = (show_bytes and width >= 56 and self.sort == "writes" and churn is not None)
+        churning = {o: churn(o) for o, _ in top} if show_every and churn is not None else {}
+        show_every = any(churning.values())
+        columns = 2 + show_bytes + show_journal + show_every
         name_w = max(8, width - columns * (num_w + 1) - 2)
         header = f"{'T':<2}{'object':<{name_w}} {'reads':>{num_w}} {'writes':>{num_w}}"
         if show_bytes:
             header += f" {'bytes':>{num_w}}"
         if show_journal:
             header += f" {'journal':>{num_w}}"
+        if show_every:
+            header += f" {'every':>{num_w}}"
         text.append(header[:width] + "\n", style=style("top-objects--header"))
         if not top:
             text.append(f"nothing {'read' if self.sort == 'reads' else 'written'} yet",
@@ -106,6 +116,11 @@ class TopObjects(Static):
             if show_journal:
                 jb = format_bytes_compact(c.journal_bytes) if c.journal_bytes else "-"
                 text.append(f" {jb:>{num_w}}", style=muted)
+            if show_every:
+                c = churning.get(obj)
+                every = format_duration_compact(c.period) if c is not None else "-"
+                text.append(f" {every:>{num_w}}", style=style("top-objects--churn") if c
+                            else muted)
             if i < len(top) - 1:
                 text.append("\n")
         self._show(text)

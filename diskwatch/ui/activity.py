@@ -1,0 +1,121 @@
+"""What a person looks for, as it happens: a line per scan going on (or just
+ended) and per file churning now, below the main views and the tree.
+
+The lines are made from the ``sinks.activity.Activity`` sink on the app's
+timer (``activity_lines``) and held in the app's ``activity`` reactive; the
+widget is bound to it and repaints when a line changed. Names are the
+guest's: shown as text (``safe_text``), never markup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from ..scans import Scan
+from ..sinks.activity import Activity
+from ..text import safe_text
+from ..units import format_bytes_compact, format_duration_compact
+from .styles import part_style
+from .trace import fit_left
+
+__all__ = ["ActivityLine", "ActivityPanel", "activity_lines", "ENDED_SHOWN"]
+
+#: seconds an ended scan stays in the panel
+ENDED_SHOWN = 60.0
+#: lines at most (fewer on a short terminal)
+MAX_LINES = 4
+SHORT_LINES = 2
+
+
+@dataclass(frozen=True)
+class ActivityLine:
+    """``kind``: "scan" (going on), "ended" (a scan that ended) or "churn";
+    ``name``: untrusted (a directory or file of the guest's)."""
+
+    kind: str
+    name: str
+    detail: str
+
+
+def _scan_detail(scan: Scan) -> str:
+    return (f"{scan.files:,} files · {scan.directories} dirs · {scan.rate:.0f} files/s · "
+            f"{format_bytes_compact(scan.bytes)} · {scan.duration:.1f}s")
+
+
+def scan_text(scan: Scan) -> str:
+    """A scan in a sentence (the notifications)."""
+    return f"{scan.device} {scan.directory}: {_scan_detail(scan)}"
+
+
+def activity_lines(activity: Activity, now: float, n: int = MAX_LINES) -> tuple[ActivityLine, ...]:
+    """Live scans (most files first), then the last scan ended in the last
+    ENDED_SHOWN seconds, then the files churning now; ``n`` at most."""
+    lines = [ActivityLine("scan", f"{s.device} {s.directory}", _scan_detail(s))
+             for s in sorted(activity.live_scans(), key=lambda s: -s.files)]
+    ended = [s for s in activity.ended_scans() if now - s.end <= ENDED_SHOWN]
+    if ended:
+        s = ended[-1]
+        lines.append(ActivityLine("ended", f"{s.device} {s.directory}", _scan_detail(s)))
+    for c in activity.churning(now, n):
+        obj = c.obj
+        lines.append(ActivityLine("churn", obj.path or obj.device, churn_detail(c)))
+    return tuple(lines[:n])
+
+
+def churn_detail(c: Any) -> str:
+    """``31 bursts · every 1.20s · 50/min · 124K``"""
+    parts = [f"{c.bursts} bursts"]
+    if c.period is not None:
+        parts.append(f"every {format_duration_compact(c.period)}")
+    if c.per_minute is not None:
+        parts.append(f"{c.per_minute:.0f}/min")
+    parts.append(format_bytes_compact(c.write_bytes))
+    return " · ".join(parts)
+
+
+LABELS = {"scan": "scan", "ended": "scanned", "churn": "churn"}
+
+
+class ActivityPanel(Widget):
+    """The activity lines; hidden while there are none."""
+
+    COMPONENT_CLASSES = {
+        "activity--scan", "activity--ended", "activity--churn",  # the kind
+        "activity--name", "activity--detail",
+    }
+
+    DEFAULT_CSS = """
+    ActivityPanel { height: auto; max-height: 4; display: none; }
+    """
+
+    lines: reactive[tuple[ActivityLine, ...]] = reactive((), layout=True)
+
+    def watch_lines(self, lines: tuple[ActivityLine, ...]) -> None:
+        self.display = bool(lines)
+
+    def render(self) -> Text:
+        def style(part: str) -> Any:
+            return part_style(self, f"activity--{part}")
+
+        width = max(20, self.content_region.width)
+        n = SHORT_LINES if self.app.size.height < 30 else MAX_LINES
+        text = Text(no_wrap=True, overflow="crop")
+        name_style, detail_style = style("name"), style("detail")
+        shown = self.lines[:n]
+        for i, line in enumerate(shown):
+            label = LABELS[line.kind]
+            detail = line.detail
+            room = width - len(label) - 2 - len(detail) - 2
+            if room < 12:  # narrow: the name first, the detail cut
+                room = max(12, width // 2)
+            name = fit_left(safe_text(line.name), room)
+            text.append(f"{label:<7} ", style=style(line.kind))
+            text.append(f"{name}  ", style=name_style)
+            text.append(detail, style=detail_style)
+            if i < len(shown) - 1:
+                text.append("\n")
+        return text
