@@ -118,3 +118,81 @@ def test_the_churn_guest_s_antivirus_scan_is_in_the_report(churn_guest_image,
     text = subprocess.run([DISKWATCH, "report", str(churn_boot["recording"])],
                           capture_output=True, text=True, timeout=120).stdout
     assert f"/dev/sda1 {guest.scan_root}" in text.split("Scans:", 1)[1].split("\n\n")[0]
+
+
+# --- the same scan, live: the boot's recording replayed under the Pilot --------------------
+
+@pytest.mark.slow
+def test_the_churn_guest_s_scan_and_churn_are_shown_as_they_happen(
+        churn_guest_image, churn_map, churn_boot):  # noqa: F811
+    """Issue 21 items 1-3, live: the recording of the churn guest's boot
+    played back under the real app (the cheapest real live feed: the same
+    pump and sinks as live). While the antivirus reads its tree, the
+    activity line under the views shows the scan going on (its directory,
+    files so far); when it ends, its summary (>= 90% of the tree's files);
+    its log, appended to after each directory, is flagged churning; a
+    notification tells the scan's start and end; and the tree of the
+    traffic holds the scanned tree, its subtree's reads summed."""
+    import asyncio
+
+    from diskwatch.bmap.index import BlockMap
+    from diskwatch.recording.maps import maps_for
+    from diskwatch.recording.player import replay_session
+    from diskwatch.recording.reader import open_recording
+    from diskwatch.ui.replay import ReplayApp
+
+    guest = churn_guest_image.guest
+    rec = open_recording(str(churn_boot["recording"]))
+    maps = maps_for(rec, None, BlockMap.load(churn_map), lambda line: None)
+    session = replay_session(rec, maps)
+    player = session.player
+    where = f"/dev/sda1 {guest.scan_root}"
+    seen: dict = {"lines": [], "notes": []}
+
+    async def main():
+        app = ReplayApp(session)
+        notify = app.notify
+
+        def note(message, **kw):
+            seen["notes"].append((kw.get("title"), message))
+            notify(message, **kw)
+
+        app.notify = note
+        async with app.run_test(size=(80, 24)) as pilot:
+            # Played 0.1 s of the recording at a time (the ] key's seek, by
+            # steps), each step the views refreshed: what a person sees at
+            # 10 Hz, whatever the load on this machine.
+            player.pause()
+            while player.now() < player.duration:
+                app.seek_to(min(player.duration, player.now() + 0.1))
+                seen["lines"] += [ln for ln in app.activity if ln not in seen["lines"]]
+                await pilot.pause()
+            assert player.finished
+            seen["lines"] += [ln for ln in app.activity if ln not in seen["lines"]]
+            seen["ended"] = app.activity_sink.ended_scans()
+            await pilot.press("d")
+            app._refresh_views(force=True)
+            await pilot.pause()
+            seen["tree"] = app.traffic.root.children["/dev/sda1"]
+            await pilot.press("q")
+
+    asyncio.run(main())
+    n = len(guest.scan_files)
+    scans = [ln for ln in seen["lines"] if ln.kind == "scan"]
+    assert scans and all(ln.name == where for ln in scans), seen["lines"]
+    files = [int(ln.detail.split()[0].replace(",", "")) for ln in scans]
+    assert min(files) < 0.9 * n  # seen while it went on, not only at its end
+    (ended,) = [s for s in seen["ended"] if s.directory == guest.scan_root]
+    assert ended.files >= 0.9 * n and ended.directories == 12, ended
+    assert any(ln.kind == "ended" and ln.name == where and
+               ln.detail.startswith(f"{ended.files:,} files") for ln in seen["lines"])
+    churning = {ln.name for ln in seen["lines"] if ln.kind == "churn"}
+    assert "/var/log/av/scan.log" in churning, churning
+    titles = [t for t, _ in seen["notes"] if t and t.startswith("scan")]
+    assert titles[:1] == ["scan started"] and "scan ended" in titles, seen["notes"]
+    node = seen["tree"]
+    for part in guest.scan_root.strip("/").split("/"):
+        node = node.children[part]
+    assert node.reads >= ended.files and len(node.children) == 12
+    print(f"\nlive scan lines: {len(scans)}, files seen going on: {sorted(set(files))[:5]}...; "
+          f"ended: {ended.files} files, {ended.duration:.2f} s; churning: {sorted(churning)}")
