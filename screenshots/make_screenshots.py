@@ -11,8 +11,11 @@ works) with the Textual app watching, headless, and saves SVGs at moments
 chosen by what the app has seen (not by the clock). Each SVG gets a PNG
 beside it when rsvg-convert (Debian: librsvg2-bin) is installed.
 
-Shots: boot.svg (mid-boot, 140x42), boot-80x24.svg, churn-top-writes.svg
-(the churn guest rewriting logs, files only, top objects by writes),
+Shots: boot.svg (mid-boot, 140x42), boot-80x24.svg, scan.svg (the churn
+guest's antivirus sweeping /opt/av-test: the activity line under the views),
+churn-top-writes.svg (the churn guest rewriting logs, files only, top objects
+by writes), tree.svg and tree-80x24.svg (the d key's tree of the traffic, the
+busiest path opened),
 exited.svg (the command has exited, its status shown), attach.svg (``diskwatch
 attach`` on the loop guest, already running under plain QEMU before diskwatch
 came: the harness of tests/test_attach.py boots it and drives the real app).
@@ -157,6 +160,35 @@ async def shoot_boot(guest, bmap, out, size, accel, tmp, *, churn: bool) -> None
                 app.notify = lambda *a, **k: None
                 save(app, out, "exited.svg")
             else:
+                # the antivirus sweeping /opt/av-test: the activity line says so
+                def scanning() -> bool:
+                    app._refresh_views(force=True)
+                    return any(s.files >= 120 for s in app.activity_sink.live_scans())
+                app.notify = lambda *a, **k: None  # the toasts would cover the views
+                await until(pilot, app, scanning, 180)
+                await pilot.pause()
+                save(app, out, "scan.svg")
+                # the tree of the traffic (d), the busiest path opened (b):
+                # the antivirus's tree, while it is the busiest
+                await pilot.press("d")
+
+                def opt_busiest() -> bool:
+                    app._refresh_views(force=True)
+                    sda1 = app.traffic.root.children.get("/dev/sda1")
+                    kids = app.traffic.children(sda1, "rate", 1)[0] if sda1 else []
+                    return bool(kids) and kids[0].name == "opt"
+                await until(pilot, app, opt_busiest, 60)
+                await pilot.press("b")
+                app._refresh_views(force=True)
+                await pilot.pause()
+                save(app, out, "tree.svg")
+                await pilot.resize_terminal(80, 24)
+                await pilot.pause()
+                app._refresh_views(force=True)
+                await pilot.pause()
+                save(app, out, "tree-80x24.svg")
+                await pilot.resize_terminal(*size)
+                await pilot.press("escape")
                 await until(pilot, app, lambda: app.stats.ops[1] >= 40, 180)
                 await pilot.press("f", "s")  # files only, top objects by writes
                 save(app, out, "churn-top-writes.svg")

@@ -4,6 +4,8 @@
     summary.py     the exit summary of --headless
     stats.py       the aggregates the summary and the UI's views keep
     metrics/       the metrics sink and its Prometheus and OTLP ends
+    tree.py        the tree of the traffic (the UI's d view)
+    activity.py    scans and churn as they happen (the UI's activity lines)
 
 Elsewhere, because their home is their job: the recorder
 (recording/writer.py), the remapper (remap.py, which drives the mapper),

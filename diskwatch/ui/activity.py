@@ -107,13 +107,15 @@ class ActivityPanel(Widget):
         name_style, detail_style = style("name"), style("detail")
         shown = self.lines[:n]
         for i, line in enumerate(shown):
-            label = LABELS[line.kind]
             detail = line.detail
-            room = width - len(label) - 2 - len(detail) - 2
-            if room < 12:  # narrow: the name first, the detail cut
-                room = max(12, width // 2)
-            name = fit_left(safe_text(line.name), room)
-            text.append(f"{label:<7} ", style=style(line.kind))
+            name = safe_text(line.name)
+            # the name first (up to 60% of the line), then what fits of the detail
+            room = max(min(len(name), width * 3 // 5), width - 8 - 2 - len(detail))
+            name = fit_left(name, room)
+            left = width - 8 - len(name) - 2  # what is left for the detail
+            if len(detail) > left:
+                detail = detail[:max(0, left - 1)] + "…"
+            text.append(f"{LABELS[line.kind]:<7} ", style=style(line.kind))
             text.append(f"{name}  ", style=name_style)
             text.append(detail, style=detail_style)
             if i < len(shown) - 1:

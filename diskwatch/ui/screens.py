@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
@@ -58,12 +58,19 @@ makes shows up here, named through the block map when there is one.
        arrow keys to see a cell's byte range and objects.
 [b]rates[/b]  ops/s and bytes/s over the last 2 s, latency median and p99,
        connections, totals, sparklines of the last minute.
-[b]top[/b]    the objects read (or written: [b]s[/b]) most.
+[b]top[/b]    the objects read (or written: [b]s[/b]) most; by writes, [b]every[/b]: how
+       often a churning file is written again.
+[b]scan[/b] / [b]churn[/b]  under the views, as they happen: a sweep of reads over
+       many files, directory by directory (files so far, files/s), and
+       files written in many separate bursts (bursts, period, rate).
+[b]tree[/b]   [b]d[/b]: directories and files per device, with what their whole
+       subtree read and wrote and its recent rate; [b]s[/b] sorts, [b]b[/b] opens the
+       busiest path, [b]d[/b] or escape comes back.
 
 [b]keys[/b]  space pause · f files only / hide dirs · r reads / writes only
-      / search paths · c clear · s sort top · h heatmap · t top · o output
-      a rates · p save a picture (SVG) · m remap the disk as it is now
-      ctrl+p command palette · q quit
+      / search paths · d tree · c clear · s sort top · h heatmap · t top
+      o output · a rates · p save a picture (SVG)
+      m remap the disk as it is now · ctrl+p command palette · q quit
 """
 
 
@@ -71,7 +78,7 @@ class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="help-dialog"):
+        with VerticalScroll(id="help-dialog"):  # taller than 24 rows: it scrolls there
             yield Static(HELP)
             yield Static("[#8a8a8a]escape closes[/]")
 
