@@ -41,6 +41,7 @@ from ..bmap.format import TYPE_RANK, is_structure_path
 from ..churn import BURST_GAP, CHURN_MIN_BURSTS, new_burst, per_minute, period
 from ..late import JOURNAL, LateNamer
 from ..scans import Scan, ScanTracker
+from ..traffic import Traffic
 from ..wire import CMD_FLUSH, CMD_READ, COMMAND_NAMES, WRITE_COMMANDS
 from .recording import Recording
 
@@ -51,34 +52,6 @@ TYPE_NAMES = {"f": "file", "d": "directory", "l": "lv", "p": "partition", "v": "
               None: "unmapped"}
 
 _RANGED = WRITE_COMMANDS | {CMD_READ}
-
-
-@dataclass(slots=True)
-class Traffic:
-    """Reads and writes of one object (or one directory's subtree)."""
-
-    reads: int = 0
-    read_bytes: int = 0
-    writes: int = 0
-    write_bytes: int = 0
-
-    @property
-    def requests(self) -> int:
-        return self.reads + self.writes
-
-    @property
-    def bytes(self) -> int:
-        return self.read_bytes + self.write_bytes
-
-    def add(self, other: Traffic) -> None:
-        self.reads += other.reads
-        self.read_bytes += other.read_bytes
-        self.writes += other.writes
-        self.write_bytes += other.write_bytes
-
-    def as_dict(self) -> dict[str, int]:
-        return {"reads": self.reads, "read_bytes": self.read_bytes,
-                "writes": self.writes, "write_bytes": self.write_bytes}
 
 
 @dataclass(slots=True)

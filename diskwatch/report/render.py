@@ -66,8 +66,9 @@ import json
 from typing import IO, Any
 
 from ..text import safe_text
+from ..traffic import Traffic
 from ..units import format_bytes, format_duration
-from .analysis import Analysis, Comparison, Traffic, is_fs_structure
+from .analysis import Analysis, Comparison, is_fs_structure
 
 SCHEMA = "diskwatch-report/1"
 COMPARE_SCHEMA = "diskwatch-compare/1"

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..events import Request
 from ..pipeline.sink import Pieces, SinkBase
+from ..traffic import Traffic
 from ..wire import CMD_READ, WRITE_COMMANDS
 
 __all__ = ["HALF_LIFE", "MAX_NODES", "Node", "SORTS", "TrafficTree"]
@@ -45,12 +46,14 @@ SORTS = ("rate", "bytes", "requests")
 _RATE = math.log(2) / HALF_LIFE  # a steady r bytes/s keeps level at r / _RATE
 
 
-class Node:
+class Node(Traffic):
     """A device, directory or file of the tree, with its subtree's traffic.
     ``kind``: "device", "d", "f" or "other" (what the bound folded)."""
 
-    __slots__ = ("name", "kind", "parent", "children", "other", "reads", "read_bytes",
-                 "writes", "write_bytes", "level", "level_t")
+    __slots__ = ("name", "kind", "parent", "children", "other", "level", "level_t")
+    # a node is itself, not its counts (Traffic, a dataclass, compares by value)
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     def __init__(self, name: str, kind: str, parent: Node | None) -> None:
         self.name = name
@@ -58,17 +61,9 @@ class Node:
         self.parent = parent
         self.children: dict[str, Node] = {}
         self.other: Node | None = None
-        self.reads = self.read_bytes = self.writes = self.write_bytes = 0
+        super().__init__()
         self.level = 0.0
         self.level_t = 0.0
-
-    @property
-    def requests(self) -> int:
-        return self.reads + self.writes
-
-    @property
-    def bytes(self) -> int:
-        return self.read_bytes + self.write_bytes
 
     def rate(self, now: float) -> float:
         """Bytes a second, recently (decayed with HALF_LIFE)."""
