@@ -47,6 +47,9 @@ HEADER = "# diskwatch prefetch list 1"
 GRANULE = 64 * 1024
 #: one range of the list at most (a big sequential read is several)
 MAX_RANGE = 4 << 20
+#: a disk's pieces a list is made over, at most (a byte each while it is made)
+MAX_GRANULES = 1 << 28  # 16 TiB
+READ, WRITTEN = 1, 2
 #: lines a list may hold (a reader refuses more: it bounds the memory)
 MAX_RANGES = 1_000_000
 
@@ -67,41 +70,44 @@ def make_prefetch_list(recording: Any, blockmap: Any = None, export: str | None 
                        ) -> list[PrefetchRange]:
     """The ranges of ``recording`` (``report.recording.Recording``: any log
     the report reads) in order of first read; ``blockmap`` names them (a
-    BlockMap). ``export``: the export to take (default: the first one read).
+    BlockMap). ``export``: the export to take (default: the first one read or written).
     ``start`` of a request is seconds since the recording's start."""
-    seen: set[int] = set()
-    written: set[int] = set()
+    size = recording.disk_size()
+    granules = -(-size // GRANULE)
+    if granules > MAX_GRANULES:
+        raise PrefetchError(f"a disk of {format_bytes(size)} is more than a prefetch list "
+                            f"covers ({format_bytes(MAX_GRANULES * GRANULE)})")
+    state = bytearray(granules)  # per granule: READ first, WRITTEN
     out: list[PrefetchRange] = []
     want = export
     for r in recording.requests:
         if r.error:
             continue
-        if want is None and r.command == CMD_READ:
-            want = r.export
+        if want is None and (r.command == CMD_READ or r.command in WRITE_COMMANDS):
+            want = r.export  # the first export read or written
         if r.export != want:
             continue
         first = r.offset // GRANULE
-        last = (r.offset + max(r.length, 1) - 1) // GRANULE
+        last = min((r.offset + max(r.length, 1) - 1) // GRANULE, granules - 1)
         if r.command in WRITE_COMMANDS:
-            written.update(range(first, last + 1))
+            for g in range(first, last + 1):
+                state[g] |= WRITTEN
             continue
         if r.command != CMD_READ:
             continue
         for g in range(first, last + 1):
-            if g in seen or g in written:
+            if state[g]:
                 continue
-            seen.add(g)
+            state[g] = READ
             prev = out[-1] if out else None
             if (prev is not None and prev.offset + prev.length == g * GRANULE
                     and prev.length < MAX_RANGE):
                 prev.length += GRANULE
             else:
                 out.append(PrefetchRange(g * GRANULE, GRANULE, round(max(r.start, 0.0), 3)))
-    size = getattr(recording, "size", None)
-    if out and isinstance(size, int) and size > 0:
-        for p in out:  # the disk's last piece may be short
-            p.length = max(0, min(p.length, size - p.offset))
-        out = [p for p in out if p.length]
+    for p in out:  # the disk's last piece may be short
+        if p.offset + p.length > size:
+            p.length = size - p.offset
     if blockmap is not None:
         for p in out:
             obj = blockmap.most_specific(p.offset, 1)

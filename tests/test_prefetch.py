@@ -84,3 +84,31 @@ def test_a_list_round_trips_and_bad_lists_are_one_line(tmp_path):
     bad.write_text("hello\n")
     with pytest.raises(PrefetchError, match="not a diskwatch prefetch list"):
         read_prefetch_list(str(bad))
+
+
+def test_the_list_follows_the_first_reads_of_a_real_session(tmp_path):
+    """qemu-io reads through diskwatch --record; the list has its reads in
+    their order, merged by GRANULE, without what it wrote first, and the
+    disk's short last piece is cut at the end."""
+    from fixtures_server import run_diskwatch
+
+    if not shutil.which("qemu-io"):
+        pytest.fail("qemu-io is needed (Debian package qemu-utils)")
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(3).randbytes(SIZE - 4096))
+    rec = tmp_path / "boot.dwrec"
+    reads = "-c 'write 1M 64k' -c 'read 4M 100k' -c 'read 0 4k' -c 'read 1M 128k' " \
+            f"-c 'read {SIZE - 8192} 4k'"
+    p = run_diskwatch([image, "--snapshot", "--headless", "--no-trace", "--record", rec,
+                       "--run", f"qemu-io -f raw $uri {reads}"])
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "boot.prefetch"
+    p = run_diskwatch(["report", rec, "--prefetch-list", out])
+    assert p.returncode == 0, p.stderr
+    G = GRANULE
+    assert read_prefetch_list(str(out)) == [
+        (4 << 20, 2 * G),                 # 100k from 4M: two granules, first
+        (0, G),                           # then the start
+        ((1 << 20) + G, G),               # 1M..1M+64k was written first: left out
+        (SIZE - G, G - 4096),             # the last piece, cut at the disk's end
+    ]

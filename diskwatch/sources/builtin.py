@@ -64,7 +64,8 @@ def _prefetched(src, options):
     except PrefetchError as e:
         src.close()
         raise SourceError(errno.EINVAL, f"--prefetch: {e}") from None
-    return Prefetch(src, ranges, budget=options.get("prefetch_budget") or 256 * MiB)
+    budget = options.get("prefetch_budget")
+    return Prefetch(src, ranges) if budget is None else Prefetch(src, ranges, budget=budget)
 
 
 def open_curl(spec, options):

@@ -26,6 +26,7 @@ import logging
 import threading
 from collections.abc import Iterable
 
+from ..prefetch import GRANULE
 from .base import Layer, Source
 
 log = logging.getLogger("diskwatch.prefetch")
@@ -33,7 +34,6 @@ log = logging.getLogger("diskwatch.prefetch")
 PIECE = 1 << 20  # a fetch reads at most this much
 FETCHERS = 2
 DEFAULT_BUDGET = 256 << 20
-GRANULE = 64 * 1024
 MAX_THROUGH = 1 << 20  # granules remembered as read through, at most
 WAIT = 60.0  # a read waits this long for a piece in flight, at most
 
@@ -57,16 +57,13 @@ class Prefetch(Layer):
                  budget: int = DEFAULT_BUDGET, fetchers: int = FETCHERS):
         super().__init__(next)
         size = next.size
-        self._todo: list[_Piece] = []
-        for offset, length in ranges:
-            end = min(offset + length, size)
-            while offset < end:
-                n = min(PIECE, end - offset)
-                self._todo.append(_Piece(offset, offset + n))
-                offset += n
+        #: the list's ranges, cut at the disk's end; pieces are made from them
+        #: one at a time as the fetchers go (``_take``)
+        self._ranges = [(o, min(o + n, size)) for o, n in ranges if o < size and n > 0]
+        self._range = 0  # the range the next piece is cut from
+        self._at = self._ranges[0][0] if self._ranges else 0  # and where in it
         self.budget = max(budget, PIECE)
         self._lock = threading.Condition()
-        self._next = 0
         self._held = 0  # bytes of fetched pieces not let go
         self._starts: list[int] = []  # sorted starts of the pieces fetched or in flight
         self._pieces: dict[int, _Piece] = {}
@@ -79,14 +76,14 @@ class Prefetch(Layer):
         self._threads = [threading.Thread(target=self._fetch, name=f"prefetch-{i}", daemon=True)
                          for i in range(max(1, fetchers))]
         self._running = len(self._threads)
-        if not self._todo:
+        if not self._ranges:
             self.done.set()
         for t in self._threads:
             t.start()
 
     @property
     def description(self):  # type: ignore[override]
-        return f"{self.next.description} (prefetching {len(self._todo):,} pieces)"
+        return f"{self.next.description} (prefetching {len(self._ranges):,} ranges)"
 
     # --- the fetchers -------------------------------------------------------
 
@@ -94,13 +91,12 @@ class Prefetch(Layer):
         try:
             while True:
                 with self._lock:
-                    while (not self._closing and self._next < len(self._todo)
+                    while (not self._closing and self._range < len(self._ranges)
                            and self._held + PIECE > self.budget):
                         self._lock.wait()
-                    if self._closing or self._next >= len(self._todo):
+                    p = None if self._closing else self._take()
+                    if p is None:
                         return
-                    p = self._todo[self._next]
-                    self._next += 1
                     if self._covered(p.start, p.end) or self._read_through(p):
                         continue  # fetched already, or the guest read it without us
                     bisect.insort(self._starts, p.start)
@@ -123,6 +119,19 @@ class Prefetch(Layer):
                 self._running -= 1
                 if self._running == 0:
                     self.done.set()
+
+    def _take(self) -> _Piece | None:
+        """(lock held) The next piece of the list, at most PIECE; None at its end."""
+        if self._range >= len(self._ranges):
+            return None
+        end = self._ranges[self._range][1]
+        p = _Piece(self._at, min(self._at + PIECE, end))
+        self._at = p.end
+        if self._at >= end:
+            self._range += 1
+            if self._range < len(self._ranges):
+                self._at = self._ranges[self._range][0]
+        return p
 
     def _read_through(self, p: _Piece) -> bool:
         g = GRANULE
