@@ -146,6 +146,11 @@ class Activity(SinkBase):
             self._news.append(("ended", scan))
         self._ended = len(scans.done)
 
+    def end(self) -> None:
+        """Nothing more will be read (the recording played to its end, the
+        guest's command exited): the scans still going on have ended."""
+        self.tick(float("inf"))
+
     # -- what the UI reads --
 
     def live_scans(self) -> list[Scan]:

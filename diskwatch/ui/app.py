@@ -230,6 +230,10 @@ class DiskwatchApp(App[int | None]):
 
     # -- the timer: drain, aggregate, repaint --
 
+    def nothing_more(self) -> bool:
+        """Nothing more will be read: the guest's command exited."""
+        return self.session.command is not None and self.exit_status is not None
+
     def _on_tick(self) -> None:
         self.pump()
 
@@ -244,6 +248,8 @@ class DiskwatchApp(App[int | None]):
             self._set_blockmap(self.session.blockmap)
         self._fed = 0
         self.session.pump.run_once(now)  # calls add_requests() and handle_event() below
+        if self.nothing_more():
+            self.activity_sink.end()  # no scan goes on
         self.busy = self._fed > BUSY_RATE * max(dt, self.tick)
         if not self.paused:  # paused, the heat holds still
             self._decay_pending += dt

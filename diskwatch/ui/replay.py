@@ -64,6 +64,10 @@ class ReplayApp(DiskwatchApp):
         self.clear_counts()
         self.stats.connections = self.stats.connections_total = 0
 
+    def nothing_more(self) -> bool:
+        player = self.player  # played to its end
+        return player.finished and player.now() >= player.duration
+
     def seek_to(self, t: float) -> None:
         self.player.seek(t)
         self.pump()
