@@ -1,6 +1,6 @@
 """Command line: parses arguments and hands them to the runner (diskwatch/runner.py).
 
-    diskwatch IMAGE [--bmap MAP] [--run CMD] [--headless] ...
+    diskwatch IMAGE [IMAGE2 ...] [--bmap MAP] [--run CMD] [--headless] ...
     diskwatch bmap IMAGE -o MAP
     diskwatch demo [--churn]
     diskwatch replay FILE [--bmap MAP] [--speed N] [--headless]
@@ -95,10 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                "'diskwatch report FILE' (what a recording read and wrote; --svg draws it), "
                "'diskwatch import nbd-trdump|nbdkit-log LOG -o REC' (another server's log "
                "as a recording).")
-    p.add_argument("source", nargs="?",
+    p.add_argument("source", nargs="*",
                    help="disk image (raw, qcow2, vmdk, vdi, vhdx... or .xz), an http/https/ftp/"
                         "sftp URL, or an NBD server to watch (nbd://HOST[:PORT]/EXPORT, "
-                        "nbd+unix:///EXPORT?socket=PATH, nbds://...)")
+                        "nbd+unix:///EXPORT?socket=PATH, nbds://...). Several: the VM's disks, "
+                        "/dev/sda, /dev/sdb... in this order, each its own export; a disk's own "
+                        "options as file=SOURCE,readonly=on,snapshot=on,format=FMT,export=NAME "
+                        "(',,' for a comma in SOURCE)")
     p.add_argument("--version", action="version", version=f"diskwatch {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
     _source_args(p)
@@ -127,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a connection silent that long with nothing in flight "
                         "(default and 0: never)")
     g.add_argument("--run", metavar="CMD",
-                   help="run CMD with $nbd, $uri, $unixsocket, $port, $exportname set; "
+                   help="run CMD with $nbd, $uri, $unixsocket, $port, $exportname set "
+                        "(and $nbd1, $uri1, $exportname1... for each disk); "
                         "exit with its status when it exits")
     g = p.add_argument_group("watching")
     g.add_argument("--bmap", metavar="MAP",
@@ -315,10 +319,41 @@ def _open_source(args):
     return open_source(args.source, _source_options(args))
 
 
+def _open_disk(args, disk):
+    """A disk after the first: the command line's source options, then its own."""
+    from .sources import open_source
+    opts = _source_options(args)
+    for key, value in disk.options.items():
+        setattr(opts, key, value)
+    return open_source(disk.spec, opts)
+
+
+def _disks(args) -> None:
+    """The positional sources: the first is ``args.source`` (the first
+    disk, with the command line's options); each source becomes a
+    ``DiskSpec`` in ``args.disks``."""
+    from .runner import parse_disk
+    words = args.source if isinstance(args.source, list) else (
+        [args.source] if args.source else [])
+    args.disks = [parse_disk(w, i) for i, w in enumerate(words, 1)]
+    if args.disks:
+        first = args.disks[0]
+        args.source = first.spec
+        for key, value in first.options.items():
+            setattr(args, key, value)
+        if first.export is not None:
+            args.export_name = first.export
+    else:
+        args.source = None
+
+
 # --- serve ------------------------------------------------------------------
 
 def run_config(args) -> RunConfig:
+    if not hasattr(args, "disks"):
+        _disks(args)
     return RunConfig(
+        more_disks=args.disks[1:],
         source=args.source, stream_to=args.stream_to, unix=args.unix, port=args.port,
         ipaddr=args.ipaddr, export_name=args.export_name, run=args.run, bmap=args.bmap,
         tls=args.tls, tls_certificates=args.tls_certificates, tls_psk=args.tls_psk,
@@ -340,7 +375,8 @@ def serve(args, config: RunConfig | None = None) -> int:
         from .sinks.metrics.otlp import export_interval, metrics_url
         metrics_url(args.otlp)
         export_interval()
-    return Runner(config or run_config(args), lambda: _open_source(args)).run()
+    return Runner(config or run_config(args), lambda: _open_source(args),
+                  open_disk=lambda disk: _open_disk(args, disk)).run()
 
 
 def bmap_main(argv: list[str]) -> int:

@@ -48,6 +48,9 @@ class LateNamer(SinkBase):
 
     def __init__(self) -> None:
         self.named_late = 0
+        #: with several disks, the one export whose writes are kept (its
+        #: map is the one ``name`` gets); None: every request's
+        self.export: str | None = None
         #: (start, command, first byte, end, object or None) of unnamed write pieces
         self._kept: deque[tuple] = deque(maxlen=LATE_KEPT)
         #: (start, command, first byte, end) of writes to a journal
@@ -57,8 +60,9 @@ class LateNamer(SinkBase):
         if pieces is None:
             return
         kept = self._kept
+        export = self.export
         for req, ps in zip(batch, pieces, strict=True):
-            if req[2] in WRITE_COMMANDS and ps:
+            if req[2] in WRITE_COMMANDS and ps and (export is None or req[1] == export):
                 for start, end, obj in ps:
                     if obj is None or obj.type not in _NAMED:
                         kept.append((req[6], req[2], start, end, obj))

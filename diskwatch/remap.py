@@ -277,7 +277,7 @@ class Remapper:
                  mode: str = "auto", bus: Bus | None = None,
                  threshold: int = REMAP_THRESHOLD, min_interval: float = REMAP_MIN_INTERVAL,
                  clock: Callable[[], float] = time.monotonic,
-                 limits: MapperLimits | None = None) -> None:
+                 limits: MapperLimits | None = None, export: str | None = None) -> None:
         if mode not in REMAP_MODES:
             raise ValueError(f"remap mode must be one of {', '.join(REMAP_MODES)}, not {mode!r}")
         self.source = source
@@ -290,6 +290,9 @@ class Remapper:
         self.min_interval = min_interval
         self.clock = clock
         self.limits = limits
+        #: with several disks, the export this source serves (its writes
+        #: only); None: every request's
+        self.export = export
         self.unnamed = 0  # unnamed write bytes since the last remap started
         self.structure = 0  # structure write bytes since the last remap started
         self._first_change = self._last_change = 0.0  # of those writes (clock)
@@ -406,8 +409,9 @@ class Remapper:
         unnamed = structure = 0
         ranges = self._ranges
         dirty = self._dirty
+        export = self.export
         for req, ps in zip(batch, pieces, strict=True):
-            if req[2] in WRITE_COMMANDS and ps:
+            if req[2] in WRITE_COMMANDS and ps and (export is None or req[1] == export):
                 for start, end, obj in ps:
                     if obj is None or obj.type not in _NAMED:
                         unnamed += end - start

@@ -65,10 +65,17 @@ def replay(cfg: ReplayConfig) -> int:
         cfg.headless = True
     if not recording.complete:
         say(f"{cfg.path} was cut short (a crash or kill?): replaying what it holds")
-    maps = maps_for(recording, cfg.bmap, choose_map(recording, cfg.bmap, say), say)
+    from .runner import load_map
+    chosen = record_choose_map(cfg.bmap, recording.header.bmap, say)
+    maps = maps_for(recording, cfg.bmap, load_map(chosen) if chosen else None, say)
     speed = cfg.speed if cfg.speed is not None else 1.0
     fast = cfg.headless and cfg.speed is None
-    session = replay_session(recording, maps, speed=speed)
+    exports = recording.header.exports
+    # A session of several disks: the others named by the same file's lines
+    # of their disk index (the recording's exports are the disks in order).
+    disks = {name: load_map(chosen, k) for k, name in enumerate(exports[1:], 2)} \
+        if chosen and len(exports) > 1 else {}
+    session = replay_session(recording, maps, speed=speed, disks=disks)
     player, pump = session.player, session.pump
     with contextlib.ExitStack() as files:
         log = files.enter_context(open_output(cfg.log)) if cfg.log else None

@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .errors import DiskwatchError, closer
@@ -44,11 +44,87 @@ class UsageError(DiskwatchError):
     """Bad input: printed as one line, exit status 1 (2 for usage)."""
 
 
+#: a disk's own options (``file=SOURCE,KEY=VALUE,...``): key -> (SourceOptions field, kind)
+DISK_OPTIONS = {"readonly": bool, "snapshot": bool, "format": str, "export": str}
+#: disks in one session: /dev/sda ... /dev/sdz
+MAX_DISKS = 26
+
+
+@dataclass
+class DiskSpec:
+    """One disk of the VM as the command line gives it: its source, its own
+    options (``SourceOptions`` fields over the command line's), its export
+    name (None: the default, see ``export_names``)."""
+
+    spec: str
+    options: dict
+    export: str | None = None
+
+
+def parse_disk(word: str, index: int) -> DiskSpec:
+    """``SOURCE``, or qemu's way, ``file=SOURCE,readonly=on,snapshot=on,
+    format=qcow2,export=NAME`` (``,,`` is a comma in a value)."""
+    if not word.startswith("file="):
+        return DiskSpec(word, {})
+    fields, cur, i = [], [], 0
+    while i < len(word):
+        c = word[i]
+        if c == "," and word[i + 1:i + 2] == ",":
+            cur.append(",")
+            i += 2
+            continue
+        if c == ",":
+            fields.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    fields.append("".join(cur))
+    spec, options, export = "", {}, None
+    for f in fields:
+        key, eq, value = f.partition("=")
+        if key == "file":
+            spec = value
+            continue
+        kind = DISK_OPTIONS.get(key)
+        if kind is None:
+            raise UsageError(f"disk {index}: unknown option {safe_text(key)!r} (use "
+                             f"file=, {', '.join(k + '=' for k in DISK_OPTIONS)})")
+        if kind is bool:
+            if value not in ("", "on", "off", "yes", "no", "true", "false"):
+                raise UsageError(f"disk {index}: {key}={safe_text(value)!r}: use on or off")
+            options[key] = value in ("", "on", "yes", "true")
+        elif key == "export":
+            export = value
+        elif not eq or not value:
+            raise UsageError(f"disk {index}: {key}= needs a value")
+        else:
+            options[key] = value
+    if not spec:
+        raise UsageError(f"disk {index}: file= is empty")
+    return DiskSpec(spec, options, export)
+
+
+def export_names(first: str, more: list[DiskSpec]) -> list[str]:
+    """Every disk's export name: the first's is -e's (default ''), the
+    others' their export= or sdb, sdc... Two alike are refused."""
+    from .bmap.format import device_name
+    names = [first] + [d.export if d.export is not None else device_name(i)[5:]
+                       for i, d in enumerate(more, 2)]
+    for i, name in enumerate(names, 1):
+        if names.index(name) != i - 1:
+            raise UsageError(f"disks {names.index(name) + 1} and {i} have the same export "
+                             f"name {safe_text(name)!r}: give one of them export=NAME")
+    return names
+
+
 @dataclass
 class RunConfig:
     """What to serve and how to watch it (the CLI fills it from its arguments)."""
 
     source: str | None = None  # image path or URL (None with --stream-to)
+    #: the VM's other disks, in order (/dev/sdb, /dev/sdc...): ``DiskSpec``s
+    more_disks: list = field(default_factory=list)
     stream_to: str | None = None
     unix: str | None = None  # socket path, "-" for a private one
     port: int | None = None
@@ -135,25 +211,28 @@ class ProgressPrinter:
 
 
 def generate_map(source, out_path: str, accel: str, bus=None, method: str = "auto",
-                 limits=None):
-    """Make the map file (progress on stderr); returns the map, indexed."""
+                 limits=None, more: tuple = ()):
+    """Make the map file (progress on stderr); returns the map, indexed (and
+    with ``more``, the VM's other disks, the list of every disk's map)."""
     from .bmap.make import make_bmap
     from .events import Bus
     bus = bus or Bus()
     printer = ProgressPrinter()
     bus.on_event(printer)
     try:
-        made = make_bmap(source, out_path, method=method, bus=bus, accel=accel, limits=limits)
+        made = make_bmap(source, out_path, method=method, bus=bus, accel=accel, limits=limits,
+                         more=more)
     finally:
         bus.unsubscribe(printer)
-    return made.blockmap if made.blockmap is not None else load_map(out_path)
+    first = made.blockmap if made.blockmap is not None else load_map(out_path)
+    return [first, *made.more] if more else first
 
 
-def load_map(path: str):
+def load_map(path: str, disk: int = 1):
     from .bmap.index import BlockMap
     if os.path.isdir(path):
         raise UsageError(f"--bmap {path}: is a directory, not a block map file")
-    return BlockMap.load(path)
+    return BlockMap.load(path, disk=disk)
 
 
 # --- the live runner --------------------------------------------------------------
@@ -161,9 +240,13 @@ def load_map(path: str):
 class Runner:
     """Serves ``config.source`` and watches it; see the module docstring."""
 
-    def __init__(self, config: RunConfig, open_source: Callable[[], Any]):
+    def __init__(self, config: RunConfig, open_source: Callable[[], Any],
+                 open_disk: Callable[[DiskSpec], Any] | None = None):
         self.config = config
         self.open_source = open_source
+        self.open_disk = open_disk  # a disk after the first
+        #: (export name, source) of each disk, the first first
+        self.disks: list[tuple[str, Any]] = []
         self.summary = None
         self.pump = None
         self.recorder = None  # the Recorder, with --record
@@ -185,12 +268,21 @@ class Runner:
             undo.push(_source_closer(source))
             if source.warning:
                 print(f"diskwatch: {safe_text(source.warning)}", file=sys.stderr)
+            names = export_names(self.config.export_name, self.config.more_disks)
+            self.disks = [(names[0], source)]
+            for name, disk in zip(names[1:], self.config.more_disks, strict=True):
+                more = self.open_disk(disk)
+                undo.push(_source_closer(more))
+                if more.warning:
+                    print(f"diskwatch: {safe_text(more.warning)}", file=sys.stderr)
+                self.disks.append((name, more))
             blockmap, pending_map = self._decide_map(source)
             bus = Bus()
             server, kind, addr, uri = self._serve(source, bus, tls, undo)
             if headless_note:
                 print(headless_note, file=sys.stderr)
             session = self._session(source, bus, uri, addr, blockmap)
+            self._more_maps(session)
             self.pump = pump = session.pump
             # The pump closes the sinks (after its last round) before their
             # files are closed and what they feed (metrics endpoints) stops;
@@ -212,6 +304,11 @@ class Runner:
         cfg = self.config
         if cfg.source is None and not cfg.stream_to:
             raise UsageError("no disk image given: diskwatch IMAGE [--run CMD] (see --help)")
+        if len(cfg.more_disks) + 1 > MAX_DISKS:
+            raise UsageError(f"{len(cfg.more_disks) + 1} disks: at most {MAX_DISKS} "
+                             "(/dev/sda to /dev/sdz)")
+        if cfg.more_disks and cfg.guest is not None:
+            raise UsageError("diskwatch attach watches one disk for now")
         if cfg.unix and cfg.port is not None:
             raise UsageError("give -U or -p, not both")
         if cfg.source is not None and cfg.stream_to:
@@ -250,7 +347,8 @@ class Runner:
         (server, kind, address, NBD URI)."""
         from .server import Server, nbd_uri, private_socket_path
         cfg = self.config
-        server = Server({cfg.export_name: source}, bus, tls=tls,
+        server = Server(dict(self.disks) if self.disks else {cfg.export_name: source}, bus,
+                        tls=tls,
                         max_connections=cfg.max_connections,
                         handshake_timeout=cfg.handshake_timeout or None,
                         idle_timeout=cfg.idle_timeout or None)
@@ -292,7 +390,8 @@ class Runner:
         try:
             if cfg.run:
                 captive = Captive(cfg.run, captive_env(kind, addr, cfg.export_name,
-                                                       tls is not None),
+                                                       tls is not None,
+                                                       exports=[n for n, _ in self.disks]),
                                   capture=not cfg.headless, bus=session.bus)
                 session.stop_command = captive.stop
                 announce = ""
@@ -303,6 +402,13 @@ class Runner:
             else:
                 announce = safe_text(f"diskwatch: serving {source.description} at "
                                      f"{session.uri}")
+                if len(self.disks) > 1:
+                    from .server import nbd_uri
+                    announce = "\n".join(safe_text(
+                        f"diskwatch: serving disk {k} ({device}) {d.description} at "
+                        f"{nbd_uri(kind, addr, name, tls is not None)}")
+                        for k, ((name, d), (_, _, device)) in
+                        enumerate(zip(self.disks, session.disks, strict=True), 1))
             prepare = None
             if pending_map is not None:
                 def prepare() -> None:
@@ -349,6 +455,8 @@ class Runner:
         cfg = self.config
         blockmap = None
         pending_map = None  # a map to generate under the UI, before the command starts
+        more = tuple(d for _, d in self.disks[1:])
+        self.more_maps: list = []  # the other disks' maps, in order
         if cfg.bmap:
             if not os.path.exists(cfg.bmap):
                 from .files import check_output_path
@@ -357,12 +465,25 @@ class Runner:
                     print(f"diskwatch: {cfg.bmap} does not exist: generating it first",
                           file=sys.stderr)
                     blockmap = generate_map(source, cfg.bmap, cfg.accel, method=cfg.method,
-                                            limits=cfg.mapper_limits)
+                                            limits=cfg.mapper_limits, more=more)
+                    if more:
+                        blockmap, *self.more_maps = blockmap
                 else:
                     pending_map = cfg.bmap
             if pending_map is None and blockmap is None:
                 blockmap = load_map(cfg.bmap)
+                # one file, every disk: its DISK column (virt-bmap's first)
+                self.more_maps = [load_map(cfg.bmap, k) for k in range(2, len(more) + 2)]
         return blockmap, pending_map
+
+    def _more_maps(self, session: Session) -> None:
+        """The VM's disks and their maps into the session (one disk: nothing)."""
+        if len(self.disks) < 2:
+            return
+        from .bmap.format import device_name
+        session.set_disks([(name, d.size, device_name(k))
+                           for k, (name, d) in enumerate(self.disks, 1)],
+                          {name: m for (name, _), m in zip(self.disks[1:], self.more_maps, strict=False)})
 
     def _bind(self, server, undo: contextlib.ExitStack, private_socket_path):
         from .server.activation import describe
@@ -412,13 +533,15 @@ class Runner:
             from .recording.writer import Recorder
             self.recorder = Recorder.for_session(
                 cfg.record, session, source=source.description, size=source.size,
-                export=cfg.export_name, command=cfg.run, bmap=cfg.bmap)
+                export=cfg.export_name, command=cfg.run, bmap=cfg.bmap,
+                exports=[n for n, _ in self.disks])
             undo.callback(self.recorder.close)  # failing early (else the pump closed it)
             self.logs.append(self.recorder)
             pump.add(self.recorder.attach(session.bus))
         if cfg.metrics is not None or cfg.otlp:
             from .sinks.metrics.endpoints import add_metrics
-            self.metrics = add_metrics(pump, {cfg.export_name: source.size}, undo,
+            self.metrics = add_metrics(pump, {n: d.size for n, d in self.disks} or
+                                       {cfg.export_name: source.size}, undo,
                                        top=cfg.metrics_top, refresh=cfg.metrics_refresh,
                                        address=cfg.metrics, otlp=cfg.otlp)
         if cfg.bmap and cfg.remap != "off":
@@ -439,7 +562,8 @@ class Runner:
             source, current=lambda: session.blockmap,
             swap=lambda result: self.take_remap(session, result),
             say=say, mode=cfg.remap, bus=None if cfg.headless else session.bus,
-            threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits))
+            threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits,
+            export=session.export if len(session.disks) > 1 else None))
 
     def reload(self, session: Session) -> None:
         """SIGHUP (a service): reopen the log files (logrotate moved them) and
@@ -494,7 +618,10 @@ class Runner:
         try:
             from .bmap.make import make_bmap
             made = make_bmap(source, path, method=self.config.method, bus=session.bus,
-                             accel=self.config.accel, limits=self.config.mapper_limits)
+                             accel=self.config.accel, limits=self.config.mapper_limits,
+                             more=tuple(d for _, d in self.disks[1:]))
+            if made.more:
+                session.maps = {name: m for (name, _), m in zip(self.disks[1:], made.more, strict=True)}
             session.blockmap = made.blockmap if made.blockmap is not None else load_map(path)
             if self.recorder is not None:
                 from .recording.format import map_identity

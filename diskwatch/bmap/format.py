@@ -36,6 +36,7 @@ __all__ = [
     "TYPE_RANK",
     "BmapEntry",
     "BmapFormatError",
+    "device_name",
     "Record",
     "format_entry",
     "is_structure_path",
@@ -313,3 +314,11 @@ def merge_ranges(ranges) -> list[tuple[int, int]]:
         else:
             out.append((s, e))
     return out
+
+
+def device_name(index: int) -> str:
+    """The device disk ``index`` (from 1, the DISK column) is named by:
+    /dev/sda, /dev/sdb... (as libguestfs names the disks it was given)."""
+    if not 1 <= index <= 26:
+        raise ValueError(f"disk {index}: disks are /dev/sda to /dev/sdz")
+    return "/dev/sd" + chr(ord("a") + index - 1)

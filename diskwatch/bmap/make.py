@@ -24,7 +24,7 @@ from ..events import Bus, Message, Progress
 from ..files import check_output_path, replace_atomically
 from ..sources.base import Source
 from ..units import count
-from .format import BmapEntry, parse_bmap, write_bmap
+from .format import BmapEntry, device_name, parse_bmap, write_bmap
 
 __all__ = ["METHODS", "MakeResult", "make_bmap"]
 
@@ -48,6 +48,58 @@ class MakeResult:
     #: the map as written, indexed (None when the watch method added to it:
     #: then the file is the map)
     blockmap: object = None
+    #: the other disks' maps (``make_bmap``'s ``more``), in order
+    more: list = field(default_factory=list)
+
+
+def _mapped_by_metadata(f, result: MakeResult, header: list[str]) -> None:
+    """A filesystem the metadata walk mapped: counted, and said in the header."""
+    result.methods[f.device] = "metadata"
+    result.directories += f.directories
+    result.files += f.files
+    result.structures += f.metadata_objects
+    header.append(f"{f.device} {f.fstype}: metadata (The Sleuth Kit): {f.directories} "
+                  f"directories, {f.files} files, {f.metadata_objects} structures"
+                  + (f"; {f.warning}" if f.warning else ""))
+
+
+def _other_disk(source: Source, index: int, bus, limits, result: MakeResult,
+                header: list[str]) -> tuple[bytes, object]:
+    """Disk ``index`` (2, ...) of the VM mapped by metadata: its lines (with
+    its disk index) and its map. The watch method serves the first disk
+    only (the appliance would name this one /dev/sda): its filesystems that
+    only the watch method reads are left unmapped, with a warning."""
+    from .metadata import FilesystemReport
+    from .worker import MapperFailed, run_mapper
+    device = device_name(index)
+    try:
+        answer = run_mapper(source, {"disk": device, "text": True}, bus=bus, limits=limits)
+    except MapperFailed as e:
+        raise DiskwatchError(f"block map of disk {index} ({source.description or device}): "
+                             f"{e}") from None
+    try:
+        filesystems = [FilesystemReport(**f) for f in answer.info["filesystems"]]
+        warnings = [str(w) for w in answer.info["warnings"]]
+        result.objects += int(answer.info["objects"])
+    except (KeyError, TypeError, ValueError):
+        raise DiskwatchError("block map: the mapper's answer is malformed") from None
+    header.append(f"disk {index} {device}: {source.description or 'a disk'} "
+                  f"({source.size} bytes)")
+    for w in warnings:
+        result.warnings.append(f"{device}: {w}")
+    for f in filesystems:
+        if f.method == "metadata":
+            _mapped_by_metadata(f, result, header)
+        elif f.method == "watch":
+            why = (f"{f.device} {f.fstype or 'LV'}: not mapped: the watch method maps the "
+                   "first disk only")
+            result.methods[f.device] = "none"
+            result.warnings.append(why)
+            header.append(why)
+    # The mapper writes disk 1's lines: each starts "1 " (format_entry).
+    prefix = b"%d " % index
+    text = b"".join(prefix + line[2:] for line in (answer.text or b"").splitlines(True))
+    return text, answer.blockmap
 
 
 def make_bmap(
@@ -59,9 +111,13 @@ def make_bmap(
     accel: str = "auto",
     verbose: bool = False,
     limits=None,
+    more: tuple = (),
 ) -> MakeResult:
     """Map ``source`` (a whole disk) by ``method`` and write the map to
-    ``out_path`` (whole, then renamed). Progress and warnings go to ``bus``."""
+    ``out_path`` (whole, then renamed). Progress and warnings go to ``bus``.
+    ``more``: the VM's other disks (/dev/sdb, ...), mapped by metadata into
+    the same file with their disk index (2, ...); ``result.more`` holds
+    their maps."""
     if method not in METHODS:
         raise DiskwatchError(f"unknown block-map method {method!r}: use auto, metadata or watch")
     out_path = os.fspath(out_path)
@@ -110,13 +166,7 @@ def make_bmap(
     watch = {f.device: f for f in filesystems if f.method == "watch"}
     for f in filesystems:
         if f.method == "metadata":
-            result.methods[f.device] = "metadata"
-            result.directories += f.directories
-            result.files += f.files
-            result.structures += f.metadata_objects
-            header.append(f"{f.device} {f.fstype}: metadata (The Sleuth Kit): {f.directories} "
-                          f"directories, {f.files} files, {f.metadata_objects} structures"
-                          + (f"; {f.warning}" if f.warning else ""))
+            _mapped_by_metadata(f, result, header)
         elif f.method == "none" and f.fstype:
             result.methods[f.device] = f"none ({f.fstype})"
             header.append(f"{f.device} {f.fstype}: nothing to map"
@@ -147,7 +197,7 @@ def make_bmap(
             say("bmap: watch method for " + ", ".join(
                 f"{d} ({f.fstype or 'LV'})" for d, f in watch.items()))
             try:
-                more, res = watch_entries(source, set(watch), bus=bus, accel=accel,
+                watched, res = watch_entries(source, set(watch), bus=bus, accel=accel,
                                           verbose=verbose)
             except GenerateError as e:
                 for dev in watch:
@@ -156,7 +206,7 @@ def make_bmap(
                 result.warnings.append(f"the watch method failed: {e}")
                 say(f"bmap: the watch method failed: {e}", "warning")
             else:
-                entries = parse_bmap(body.splitlines(keepends=True), "<mapper>") + more
+                entries = parse_bmap(body.splitlines(keepends=True), "<mapper>") + watched
                 body = None
                 result.objects += res.directories + res.files
                 result.directories += res.directories
@@ -170,6 +220,8 @@ def make_bmap(
                                      else "not mapped (the watch method could not mount it)"))
                 for s in res.skipped:
                     result.warnings.append(f"skipped {s.kind} {s.device} {s.path}: {s.reason}")
+    others = [_other_disk(src, k, bus, limits, result, header)
+              for k, src in enumerate(more, 2)]
     header.append("names starting with $ in a filesystem's root are its structures: NTFS's own "
                   "system files; for ext2/3/4 and FAT diskwatch's names ($Journal, $InodeTable, "
                   "$FAT1...); PATH:STREAM is a named data stream, PATH:$extents a file's "
@@ -184,6 +236,10 @@ def make_bmap(
         else:
             write_bmap(f, entries, header=header)
             result.entries = len(entries)
+        for text, blockmap in others:
+            f.write(text)
+            result.more.append(blockmap)
+            result.entries += len(blockmap)
     result.elapsed = time.monotonic() - t0
     rate = result.objects / result.elapsed if result.elapsed > 0 else 0.0
     by = ", ".join(f"{d} {m}" for d, m in result.methods.items())

@@ -75,9 +75,13 @@ class Pump:
     up once in the current block map, and hands the result to every sink."""
 
     def __init__(self, feed: Feed, blockmap: Callable[[], Any] = lambda: None,
-                 look_up: Callable[[Sequence[Request]], Pieces | None] | None = None) -> None:
+                 look_up: Callable[[Sequence[Request]], Pieces | None] | None = None,
+                 maps: Callable[[], dict] | None = None) -> None:
         self.feed = feed
         self.blockmap = blockmap  # called each round: a map may arrive mid-session
+        #: a session of several disks: each export's map, the first's
+        #: included (called each round); None for one disk
+        self.maps = maps
         #: a feed that knows which map named each request (a replay of a
         #: remapped session: recording/player.py) looks its batches up itself
         self._look_up = look_up
@@ -122,11 +126,27 @@ class Pump:
     def look_up(self, batch: Sequence[Request]) -> Pieces | None:
         if self._look_up is not None:
             return self._look_up(batch)
+        maps = self.maps() if self.maps is not None else None
+        if maps:
+            return self._look_up_disks(batch, maps)
         bm = self.blockmap()
         if bm is None:
             return None
         # C-level map: lookup gives [] for a request without a length
         return list(map(bm.lookup, map(_OFFSET, batch), map(_LENGTH, batch)))
+
+    @staticmethod
+    def _look_up_disks(batch: Sequence[Request], maps: dict) -> Pieces | None:
+        """Each request in its own disk's map (by its export); a disk without
+        a map names nothing."""
+        if not any(m is not None for m in maps.values()):
+            return None
+        lookups = {name: m.lookup for name, m in maps.items() if m is not None}
+        out = []
+        for r in batch:
+            lookup = lookups.get(r[1])
+            out.append(lookup(r[3], r[4]) if lookup is not None else [])
+        return out
 
     def close(self) -> None:
         """The last round (everything still buffered), then every sink's close.
@@ -176,11 +196,33 @@ class Session:
     remapper: Any = None
     #: the writes no map named yet (diskwatch.late), a sink of the pump
     late: LateNamer = field(init=False)
+    #: the first disk's export name; with several disks, the others' maps
+    #: by export name (``blockmap`` stays the first disk's: the heatmap's,
+    #: the remapper's, late naming's)
+    export: str = ""
+    maps: dict = field(default_factory=dict)
+    #: every disk as (export, size, device), in order (one disk: empty)
+    disks: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.pump is None:
-            self.pump = Pump(LiveFeed(self.bus), lambda: self.blockmap)
+            self.pump = Pump(LiveFeed(self.bus), lambda: self.blockmap, maps=self.all_maps)
         self.late = self.pump.add(LateNamer())
+
+    def all_maps(self) -> dict | None:
+        """Each disk's map by export name, or None for a one-disk session."""
+        if len(self.disks) < 2:
+            return None
+        return {self.export: self.blockmap, **self.maps}
+
+    def set_disks(self, disks: list, maps: dict | None = None) -> None:
+        """The VM's disks, (export, size, device) in order, and the other
+        disks' maps (by export). With several, the first disk's own sinks
+        (late naming, the heatmap, the remapper) see its requests only."""
+        self.disks = list(disks)
+        self.export = self.disks[0][0] if self.disks else ""
+        self.maps = dict(maps or {})
+        self.late.export = self.export if len(self.disks) > 1 else None
 
     def swap_map(self, blockmap: Any, why: str = "", journal_map: Any = None) -> None:
         """The one place a new block map replaces the one in use (a live

@@ -86,6 +86,8 @@ class Player:
         self._anchor = clock()
         self._cursor = 0  # next request to hand out
         self._taken = 0  # the first request of the batch take() handed out last
+        #: a recording of several disks: the other disks' maps by export
+        self.disk_maps: dict = {}
         self._ecursor = 0  # next event
         self.delivered = 0.0  # the virtual time the last take reached
 
@@ -196,6 +198,14 @@ class Player:
             self.blockmap = blockmap
             self.on_map(blockmap)
         self._journals_until(first)
+        exports = self.recording.header.exports
+        if len(exports) > 1:
+            # several disks: each request in its own disk's map
+            main, disks = exports[0], self.disk_maps
+            for i, r in enumerate(batch):
+                if r[1] != main:
+                    m = disks.get(r[1])
+                    pieces[i] = m.lookup(r[3], r[4]) if m is not None else []
         return pieces
 
     def _journals_until(self, at: int) -> None:
@@ -224,17 +234,25 @@ class Player:
 
 
 def replay_session(recording: Recording, maps: MapSchedule | None, *, speed: float = 1.0,
-                   description: str = "") -> Session:
+                   description: str = "", disks: dict | None = None) -> Session:
     """A session fed by a Player of ``recording``, its requests named by
     ``maps`` (``maps.maps_for``); the session's map (the views') follows
-    the map in effect, as a live remap swaps it."""
+    the map in effect, as a live remap swaps it. ``disks``: a recording
+    of several disks, the other disks' maps by export name (the first
+    disk's requests are named by ``maps``)."""
     player = Player(recording, speed=speed, maps=maps)
+    player.disk_maps = dict(disks or {})
     session = Session(bus=Bus(), size=recording.header.size, started=0.0,
                       blockmap=player.blockmap,
                       description=description or f"replay of {recording.header.source}",
                       pump=Pump(player, look_up=player.look_up), player=player)
     pump = session.pump
     pump.blockmap = lambda: session.blockmap
+    exports = recording.header.exports
+    if len(exports) > 1:
+        from ..bmap.format import device_name
+        session.set_disks([(name, recording.header.size if k == 1 else 0, device_name(k))
+                           for k, name in enumerate(exports, 1)], player.disk_maps)
     player.on_map = session.swap_map  # as a live remap swaps it
     player.on_journal = session.carry_journal
     return session

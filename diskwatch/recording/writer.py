@@ -80,13 +80,14 @@ class Recorder:
 
     @classmethod
     def for_session(cls, path: str, session: Any, *, source: str, size: int, export: str,
-                    command: str | None, bmap: str | None) -> Recorder:
+                    command: str | None, bmap: str | None,
+                    exports: list[str] | None = None) -> Recorder:
         """The recorder of a live session (--record FILE): its header names
         the source, the command and the block map file in use (``bmap``,
         when the session has a map), and the session's start on both
         clocks. Not yet attached (``attach``)."""
         return cls(path, RecordingHeader(
-            source=source, size=size, exports=[export], command=command,
+            source=source, size=size, exports=exports or [export], command=command,
             bmap=map_identity(bmap) if bmap and session.blockmap else None,
             started_wall=time.time() - (time.monotonic() - session.started),
             started_monotonic=session.started))

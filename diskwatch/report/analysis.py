@@ -219,7 +219,7 @@ def _rank(sorted_values: list[float], q: float) -> float:
 
 
 def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST_GAP, *,
-            maps: Any = None) -> Analysis:
+            maps: Any = None, disks: dict | None = None) -> Analysis:
     """One pass over the recording's requests (see the module's definitions).
     ``maps`` (a record.MapSchedule) names each request with its own map
     instead of ``blockmap`` naming them all."""
@@ -237,6 +237,8 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     unmapped, partition_only = a.unmapped, a.partition_only
     regions = a.regions
     lookup = blockmap.lookup if blockmap is not None else None
+    # A recording of several disks: ``disks`` are the other disks' maps by
+    # export (every one but the first's); ``maps`` name the first disk's.
     # Late naming: a write its own map could not name (a file made after
     # that map) is named by the session's last map if that one can (the
     # owner learned later in the session wins), as the live views do.
@@ -296,9 +298,13 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
             continue
         best_rank = -1
         best_type = None
-        pieces = lookup(r.offset, r.length)
-        if late is not None and not is_read and lookup is not late:
-            pieces = _name_late(pieces, late, a)
+        other = disks.get(r.export) if disks else None
+        if other is not None:  # another disk: its own map
+            pieces = other.lookup(r.offset, r.length)
+        else:
+            pieces = lookup(r.offset, r.length)
+            if late is not None and not is_read and lookup is not late:
+                pieces = _name_late(pieces, late, a)
         for start, stop, obj in pieces:
             n = stop - start
             if obj is None:

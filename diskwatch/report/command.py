@@ -75,7 +75,7 @@ def report_main(argv: list[str]) -> int:
                          BlockMap.load(bmap_path) if bmap_path else None)
     if args.prefetch_list:
         return _write_prefetch_list(recording, maps, args.file, args.prefetch_list)
-    analysis = analyse(recording, maps=maps)
+    analysis = analyse(recording, maps=maps, disks=_disk_maps(recording, bmap_path))
     out = sys.stdout
     if args.against:
         other = open_input(args.against, args.against_from)
@@ -83,7 +83,9 @@ def report_main(argv: list[str]) -> int:
         other_path = choose_map(other, other_given)
         other_maps = recorded_maps(other, other_given,
                                    BlockMap.load(other_path) if other_path else None)
-        comparison = compare(analysis, analyse(other, maps=other_maps), args.milestone)
+        comparison = compare(analysis, analyse(other, maps=other_maps,
+                                               disks=_disk_maps(other, other_path)),
+                             args.milestone)
         if args.json:
             write_json(compare_json(comparison), out)
         else:
@@ -231,3 +233,14 @@ def _write_text_file(path: str, text: str) -> None:
     from ..files import replace_atomically
     with replace_atomically(path) as f:  # never half-written, never through a planted link
         f.write(text.encode("utf-8", errors="replace"))
+
+
+def _disk_maps(recording, bmap_path: str | None) -> dict:
+    """A recording of several disks (its exports, in order): the other
+    disks' maps from the same file, by their DISK index."""
+    from ..bmap.index import BlockMap
+    recorded = getattr(recording, "recorded", None)  # diskwatch's own recordings
+    exports = recorded.header.exports if recorded is not None else [""]
+    if not bmap_path or len(exports) < 2:
+        return {}
+    return {name: BlockMap.load(bmap_path, disk=k) for k, name in enumerate(exports[1:], 2)}

@@ -23,9 +23,12 @@ from . import nbd_uri
 MAX_LINE = 64 * 1024
 
 
-def captive_env(kind: str, addr, export: str = "", tls: bool = False) -> dict[str, str]:
+def captive_env(kind: str, addr, export: str = "", tls: bool = False,
+                exports: list[str] | None = None) -> dict[str, str]:
     """The variables nbdkit sets for --run (under TLS the URIs are nbds:
-    the command adds its credentials, e.g. libnbd's ``tls-certificates=DIR``)."""
+    the command adds its credentials, e.g. libnbd's ``tls-certificates=DIR``).
+    With several disks (``exports``, in order) also ``$nbdN``, ``$uriN`` and
+    ``$exportnameN`` for each, from 1; the plain ones name the first."""
     uri = nbd_uri(kind, addr, export, tls)
     env = {
         "uri": uri,
@@ -36,6 +39,9 @@ def captive_env(kind: str, addr, export: str = "", tls: bool = False) -> dict[st
         "unixsocket": addr if kind == "unix" else "",
         "port": "" if kind == "unix" else str(addr[1]),
     }
+    for i, name in enumerate(exports or [export], 1):
+        env[f"nbd{i}"] = env[f"uri{i}"] = nbd_uri(kind, addr, name, tls)
+        env[f"exportname{i}"] = name
     return env
 
 

@@ -303,6 +303,9 @@ class Stats:
         self.size = size
         self.window = window
         self.heat = Heat(size, heat_cells)
+        #: with several disks, the export the heatmap shows (the first disk);
+        #: None: every request's
+        self.heat_export: str | None = None
         self.clear()
 
     def clear(self) -> None:
@@ -387,12 +390,16 @@ class Stats:
                     for sec, (n, b) in per_second.items():
                         series.add_counts(sec, is_write, n, b)
             if total and cmd != BLOCK_STATUS:
+                if self.heat_export is not None:
+                    reqs = [r for r in reqs if r[1] == self.heat_export]
+                    lengths = list(map(_LENGTH, reqs))
                 offsets = list(map(_OFFSET, reqs))
                 if 0 in lengths:
                     pairs = [(o, n) for o, n in zip(offsets, lengths, strict=True) if n]
                     offsets = [o for o, _ in pairs]
                     lengths = [n for _, n in pairs]
-                heat.add_many(offsets, lengths, is_write)
+                if offsets:
+                    heat.add_many(offsets, lengths, is_write)
         errors = list(map(_ERROR, batch))
         self.errors += len(errors) - errors.count(0)
         if DISC in commands:

@@ -153,6 +153,8 @@ class DiskwatchApp(App[int | None]):
         self.clock = clock
         self.tick = tick
         self.stats = Stats(session.size)
+        if len(session.disks) > 1:
+            self.stats.heat_export = session.export  # the heatmap is the first disk's
         self._blockmap = session.blockmap  # the one the heatmap and top table know
         self._fed = 0  # requests fed in the current pump round
         # Fed by the session's pump (subscribed to the bus when the session

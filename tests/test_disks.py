@@ -1,0 +1,153 @@
+"""Several disks in one session (issue 20 item 1): ``diskwatch A B ...``.
+
+Each source is its own export (the first the default one, the others
+``sdb``, ``sdc``... unless ``export=`` names them), the captive command gets
+``$nbd1``... ``$nbdN``, one ``--bmap`` file maps them all with virt-bmap's
+disk index in its first column, and each request is named in its own
+disk's map: /dev/sda... for the first, /dev/sdb1... for the second. The map
+is checked against debugfs on each image; the peers are nbdcopy, qemu-io
+and qemu-img.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+
+import pytest
+from fixtures_server import run_diskwatch
+from groundtruth import ext4_file_ranges
+
+from diskwatch.runner import UsageError, export_names, parse_disk
+
+pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("nbdcopy") is None,
+                                reason="needs e2fsprogs and libnbd's nbdcopy")
+
+MiB = 1024 * 1024
+PART = MiB  # the second disk's partition starts at 1 MiB
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def two_disks(tmp_path_factory):
+    """A raw ext4 disk (no partition table: /dev/sda) and a qcow2 disk with
+    an MBR and one ext4 partition (/dev/sdb1), both filled by mke2fs -d."""
+    d = tmp_path_factory.mktemp("two-disks")
+    (d / "r1/etc").mkdir(parents=True)
+    (d / "r1/etc/motd").write_text("hello from disk 1\n")
+    (d / "r2/data").mkdir(parents=True)
+    for i in range(20):
+        (d / f"r2/data/f{i}").write_bytes(bytes([i + 1]) * 20000)
+    a = d / "a.img"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", d / "r1", a, "16M"], check=True)
+    raw = d / "b.raw"
+    with open(raw, "wb") as f:
+        f.truncate(17 * MiB)
+    subprocess.run(["sfdisk", "-q", raw], input=b"start=2048, type=83\n", check=True)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={PART}", "-d", d / "r2",
+                    raw, "15M"], check=True)
+    qcow = d / "b.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow], check=True)
+    bmap = d / "vm.bmap"
+    done = run_diskwatch([a, f"file={qcow},snapshot=on", "--bmap", bmap, "--headless",
+                          "--no-trace", "--run", "true"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    return {"a": a, "raw": raw, "qcow": qcow, "bmap": bmap, "dir": d}
+
+
+def test_disk_options_and_export_names():
+    assert parse_disk("win.iso", 2).options == {}
+    d = parse_disk("file=/x/a,,b.iso,readonly=on,format=raw,export=cd", 2)
+    assert (d.spec, d.options, d.export) == ("/x/a,b.iso", {"readonly": True, "format": "raw"},
+                                             "cd")
+    assert parse_disk("file=b.qcow2,snapshot", 3).options == {"snapshot": True}
+    for word, needle in (("file=a,colour=red", "unknown option 'colour'"),
+                         ("file=,readonly=on", "file= is empty"),
+                         ("file=a,readonly=maybe", "use on or off"),
+                         ("file=a,format=", "format= needs a value")):
+        with pytest.raises(UsageError, match=needle):
+            parse_disk(word, 2)
+    more = [parse_disk("b", 2), parse_disk("file=c,export=data", 3)]
+    assert export_names("", more) == ["", "sdb", "data"]
+    with pytest.raises(UsageError, match="disks 2 and 3 have the same export name 'sdb'"):
+        export_names("", [parse_disk("b", 2), parse_disk("file=c,export=sdb", 3)])
+
+
+def test_one_map_names_both_disks_as_debugfs_does(two_disks):
+    """The map file's lines of disk 1 and disk 2 against debugfs on each
+    image (the qcow2's raw twin for disk 2)."""
+    lines = [ln.split(None, 5) for ln in open(two_disks["bmap"]) if not ln.startswith("#")]
+    by = {}
+    for disk, start, end, _type, device, *path in lines:
+        if path:
+            by.setdefault((int(disk), device, path[0].rstrip("\n")), []).append(
+                (int(start, 16), int(end, 16)))
+    for path, ranges in ext4_file_ranges(two_disks["a"], 0, ["/etc/motd"]).items():
+        assert by[(1, "/dev/sda", path)] == ranges
+    truth = ext4_file_ranges(two_disks["raw"], PART, [f"/data/f{i}" for i in range(20)])
+    for path, ranges in truth.items():
+        assert by[(2, "/dev/sdb1", path)] == ranges, path
+    assert not any(d == 2 and dev.startswith("/dev/sda") for d, dev, _ in by)
+    assert "# disk 2 /dev/sdb: qcow2" in open(two_disks["bmap"]).read()
+
+
+def test_each_disk_is_its_own_export_and_named_in_its_own_map(two_disks):
+    """nbdcopy reads each disk through its own variable; qemu-io writes a
+    file of disk 2 (under snapshot=on: the qcow2 stays as it was). Every
+    request is named on its own disk: the reads of disk 2's files on
+    /dev/sdb1, the write too, and nothing of disk 2 on /dev/sda."""
+    d = two_disks["dir"]
+    before = _sha(two_disks["qcow"])
+    f3 = ext4_file_ranges(two_disks["raw"], PART, ["/data/f3"])["/data/f3"][0][0]
+    script = ("echo \"$nbd1|$nbd2|$exportname1|$exportname2|$nbd\"; "
+              f"nbdcopy \"$nbd1\" {d}/out1.raw && nbdcopy \"$nbd2\" {d}/out2.raw && "
+              f"qemu-io -f raw -c 'write -P 0x55 {f3} 4096' \"$nbd2\" >/dev/null")
+    rec = d / "two.rec"
+    done = run_diskwatch([two_disks["a"], f"file={two_disks['qcow']},snapshot=on",
+                          "--bmap", two_disks["bmap"], "--headless", "--remap", "off",
+                          "--record", rec, "--run", script], timeout=120)
+    assert done.returncode == 0, done.stderr
+    nbd1, nbd2, name1, name2, nbd = done.stdout.splitlines()[0].split("|")
+    assert nbd == nbd1 and nbd1.startswith("nbd+unix:///?socket=")
+    assert nbd2.startswith("nbd+unix:///sdb?socket=") and (name1, name2) == ("", "sdb")
+    assert _sha(d / "out1.raw") == _sha(two_disks["a"])
+    assert _sha(d / "out2.raw") == _sha(two_disks["raw"])
+    assert _sha(two_disks["qcow"]) == before  # snapshot=on: disk 2 unchanged
+    trace = done.stdout
+    assert "read f /dev/sda /etc/motd" in trace
+    assert "read f /dev/sdb1 /data/f7" in trace
+    assert "write f /dev/sdb1 /data/f3" in trace
+    assert "/dev/sda /data/" not in trace and "/dev/sda1" not in trace
+    # The recording keeps each disk apart: its replay and its report name
+    # them as live did.
+    replayed = run_diskwatch(["replay", rec, "--headless"], timeout=60)
+    assert replayed.returncode == 0, replayed.stderr
+    for line in ("read f /dev/sda /etc/motd", "read f /dev/sdb1 /data/f7",
+                 "write f /dev/sdb1 /data/f3"):
+        assert line in replayed.stdout, line
+    assert "/dev/sda /data/" not in replayed.stdout
+    report = run_diskwatch(["report", rec, "--json"], timeout=60)
+    assert report.returncode == 0, report.stderr
+    objects = {o["name"]: o for o in json.loads(report.stdout)["objects"]}
+    assert objects["f /dev/sdb1 /data/f3"]["write_bytes"] == 4096
+    assert objects["f /dev/sdb1 /data/f7"]["read_bytes"] == 20000 // 1024 * 1024 + 1024
+    assert not [n for n in objects if n.startswith("f /dev/sda /data")]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["file=X,export=", "--run", "true"], "disks 1 and 2 have the same export name ''"),
+    (["file=X,colour=red"], "disk 2: unknown option 'colour'"),
+    (["/nonexistent/b.img"], "/nonexistent/b.img"),
+])
+def test_bad_disks_are_one_line(two_disks, args, needle):
+    args = [str(two_disks["qcow"]) if a == "X" else a.replace("X", str(two_disks["qcow"]))
+            for a in args]
+    done = run_diskwatch([two_disks["a"], *args, "--headless"], timeout=60)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], done.stderr
