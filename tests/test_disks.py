@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 
@@ -151,3 +152,32 @@ def test_bad_disks_are_one_line(two_disks, args, needle):
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], done.stderr
+
+
+@pytest.mark.slow
+def test_a_guest_with_a_root_disk_and_a_qcow2_data_disk_boots_under_one_diskwatch(
+        guest_image, two_disks, tmp_path):
+    """The demo guest boots from its raw root disk ($nbd1, /dev/vda in the
+    guest) with the qcow2 data disk ($nbd2, /dev/vdb): it reads the data
+    disk's files and writes one in place. One map made at start names
+    both: the root disk's files on /dev/sda1, the data disk's on /dev/sdb1,
+    and the guest's write to /data/f3 on /dev/sdb1 (snapshot=on: both images
+    are unchanged afterwards)."""
+    guest = guest_image.guest
+    bmap = tmp_path / "vm.bmap"
+    before = (_sha(guest_image.path), _sha(two_disks["qcow"]))
+    command = (guest.qemu_shell_command("$nbd1", "tcg")
+               + ' -drive "file=$nbd2,format=raw,if=virtio"')
+    done = run_diskwatch([guest_image.path, f"file={two_disks['qcow']},snapshot=on", "--snapshot",
+                          "--bmap", bmap, "--headless", "--run", command], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "diskwatch-demo: data disk read and written" in done.stdout, done.stdout[-3000:]
+    trace = done.stdout
+    for path in guest.reads:
+        assert f"read f /dev/sda1 {path}" in trace, path
+    for i in (0, 7, 19):
+        assert f"read f /dev/sdb1 /data/f{i} " in trace, i
+    assert "write f /dev/sdb1 /data/f3 " in trace
+    assert "write f /dev/sda1 /var/log/demo.log " in trace
+    assert not re.search(r"\] \w+ [fd] /dev/sda1 /data/", trace)
+    assert (_sha(guest_image.path), _sha(two_disks["qcow"])) == before

@@ -85,6 +85,22 @@ while [ "$i" -le "$CHURN_ITERATIONS" ]; do
     i=$((i + 1))
 done
 
+# A data disk, when the VM has one (diskwatch A B: /dev/vdb here, /dev/sdb
+# in the map): its files read, one of them written in place.
+if [ -b /dev/vdb1 ]; then
+    mkdir -p /mnt/data
+    if mount -t ext4 /dev/vdb1 /mnt/data; then
+        echo 3 > /proc/sys/vm/drop_caches
+        for f in /mnt/data/data/*; do
+            cat "$f" > /dev/null
+        done
+        write_record /mnt/data/data/f3 1 "written by the guest at boot"
+        sync
+        umount /mnt/data
+        echo "diskwatch-demo: data disk read and written"
+    fi
+fi
+
 sync
 echo "@MARKER@"
 mount -o remount,ro / 2> /dev/null
