@@ -277,7 +277,8 @@ class Remapper:
                  mode: str = "auto", bus: Bus | None = None,
                  threshold: int = REMAP_THRESHOLD, min_interval: float = REMAP_MIN_INTERVAL,
                  clock: Callable[[], float] = time.monotonic,
-                 limits: MapperLimits | None = None, export: str | None = None) -> None:
+                 limits: MapperLimits | None = None, export: str | None = None,
+                 disk: str = "/dev/sda") -> None:
         if mode not in REMAP_MODES:
             raise ValueError(f"remap mode must be one of {', '.join(REMAP_MODES)}, not {mode!r}")
         self.source = source
@@ -293,6 +294,7 @@ class Remapper:
         #: with several disks, the export this source serves (its writes
         #: only); None: every request's
         self.export = export
+        self.disk = disk  # the device its map names (/dev/sdb for a second disk)
         self.unnamed = 0  # unnamed write bytes since the last remap started
         self.structure = 0  # structure write bytes since the last remap started
         self._first_change = self._last_change = 0.0  # of those writes (clock)
@@ -381,7 +383,7 @@ class Remapper:
         result = remap(self.source, self.current(), why=why,
                        bus=None if quiet else self.bus,
                        cancelled=lambda: self._closing, limits=self.limits,
-                       session=self.mapper, dirty=self._dirty_job)
+                       session=self.mapper, dirty=self._dirty_job, disk=self.disk)
         if self.bus is not None and not (quiet and not result.error):
             summary = result.line()
             if self._quiet(result) and self.said:

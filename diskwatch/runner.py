@@ -255,6 +255,7 @@ class Runner:
         self.logs: list = []  # ReopenableFiles of --log/--record (SIGHUP reopens them)
         self.metrics = None  # the MetricsSink, with --metrics or --otlp
         self.remapper = None  # the Remapper, with a map and --remap auto|key
+        self.more_remappers: list = []  # the other disks' (a session of several)
         self.guest = None  # the attached guest (diskwatch attach)
         self.private_dir: str | None = None
 
@@ -564,6 +565,21 @@ class Runner:
             say=say, mode=cfg.remap, bus=None if cfg.headless else session.bus,
             threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits,
             export=session.export if len(session.disks) > 1 else None))
+        # The other disks: a remapper (and a mapper process) each, on its
+        # own writes. Their maps are not kept in the recording (a replay
+        # names them with the map made at start).
+        for (name, disk), (_, _, device) in zip(self.disks[1:], session.disks[1:],
+                                                strict=False):
+            def swap(result, name=name, device=device) -> None:
+                session.swap_disk_map(name, result.blockmap, f"remap of {device} ({result.why})",
+                                      result.journal_map)
+            def said(text: str, level: str, device=device) -> None:
+                say(f"{device}: {text}", level)
+            self.more_remappers.append(session.pump.add(Remapper(
+                disk, current=lambda name=name: session.maps.get(name), swap=swap,
+                say=said, mode=cfg.remap, bus=None if cfg.headless else session.bus,
+                threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits,
+                export=name, disk=device)))
 
     def reload(self, session: Session) -> None:
         """SIGHUP (a service): reopen the log files (logrotate moved them) and

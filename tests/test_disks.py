@@ -180,4 +180,11 @@ def test_a_guest_with_a_root_disk_and_a_qcow2_data_disk_boots_under_one_diskwatc
     assert "write f /dev/sdb1 /data/f3 " in trace
     assert "write f /dev/sda1 /var/log/demo.log " in trace
     assert not re.search(r"\] \w+ [fd] /dev/sda1 /data/", trace)
+    # The file it made: named on the data disk by that disk's live remap.
+    assert re.search(r"remap \(auto\): \+\d+ objects.*/new\.log", done.stderr) and \
+        "/dev/sdb: remap" in done.stderr, done.stderr[-3000:]
+    assert "f /dev/sdb1 /new.log" in trace, trace[-3000:]
+    assert "/dev/sda1 /new.log" not in trace
     assert (_sha(guest_image.path), _sha(two_disks["qcow"])) == before
+    print("\n" + "\n".join(ln for ln in (done.stderr + trace).splitlines()
+                           if "remap" in ln or "new.log" in ln or "/dev/sdb1 /data/f3" in ln))

@@ -95,7 +95,12 @@ if [ -b /dev/vdb1 ]; then
             cat "$f" > /dev/null
         done
         write_record /mnt/data/data/f3 1 "written by the guest at boot"
+        # A file the map made before boot does not know (more than the
+        # 1 MiB of unnamed writes that start a remap): named on this disk
+        # by its own live remap; the guest goes on a moment, as a real one.
+        yes "data disk log" | head -c 2000000 > /mnt/data/new.log
         sync
+        sleep 2
         umount /mnt/data
         echo "diskwatch-demo: data disk read and written"
     fi

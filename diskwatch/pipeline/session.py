@@ -203,6 +203,8 @@ class Session:
     maps: dict = field(default_factory=dict)
     #: every disk as (export, size, device), in order (one disk: empty)
     disks: list = field(default_factory=list)
+    #: the other disks' late naming, by export (the first's is ``late``)
+    lates: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.pump is None:
@@ -223,6 +225,27 @@ class Session:
         self.export = self.disks[0][0] if self.disks else ""
         self.maps = dict(maps or {})
         self.late.export = self.export if len(self.disks) > 1 else None
+        for name, _, _ in self.disks[1:]:
+            if name not in self.lates:
+                late = self.lates[name] = self.pump.add(LateNamer())
+                late.export = name
+
+    def swap_disk_map(self, export: str, blockmap: Any, why: str = "",
+                      journal_map: Any = None) -> None:
+        """``swap_map`` for any disk: another disk's map replaces its own
+        (its late naming hands on the writes it names, before the requests
+        it names); the first disk's is ``swap_map``."""
+        if export == self.export or export not in self.lates:
+            self.swap_map(blockmap, why, journal_map)
+            return
+        self.maps[export] = blockmap
+        late = self.lates[export]
+        named = late.name(blockmap, why)
+        if named is not None:
+            self.pump.deliver(named)
+        carried = late.carried(journal_map)
+        if carried is not None:
+            self.pump.deliver(carried)
 
     def swap_map(self, blockmap: Any, why: str = "", journal_map: Any = None) -> None:
         """The one place a new block map replaces the one in use (a live
