@@ -136,6 +136,8 @@ def test_each_disk_is_its_own_export_and_named_in_its_own_map(two_disks):
     assert report.returncode == 0, report.stderr
     objects = {o["name"]: o for o in json.loads(report.stdout)["objects"]}
     assert objects["f /dev/sdb1 /data/f3"]["write_bytes"] == 4096
+    lat = objects["f /dev/sdb1 /data/f3"]["latency"]  # nbdcopy's read of it, qemu-io's write
+    assert lat["requests"] >= 2 and 0 < lat["p50"] <= lat["p99"] < 60
     assert objects["f /dev/sdb1 /data/f7"]["read_bytes"] == 20000 // 1024 * 1024 + 1024
     assert not [n for n in objects if n.startswith("f /dev/sda /data")]
 

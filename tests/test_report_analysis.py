@@ -23,6 +23,7 @@ from diskwatch.report.render import (
 )
 from diskwatch.report.svg import PictureBins, render_svg
 from diskwatch.text import safe_text
+from diskwatch.units import format_duration
 
 MiB = 1 << 20
 R, W, FLUSH = int(Command.READ), int(Command.WRITE), int(Command.FLUSH)
@@ -340,3 +341,50 @@ def test_the_recorded_map_path_is_shown_as_text(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "naming with the block map it was recorded with" in err
     assert "\x1b" not in err and "\x07" not in err and "\\x1b]0;owned\\x07" in err
+
+
+def test_latency_per_file_is_its_requests_p50_and_p99(blockmap):
+    """Issue 21 item 5: p50/p99 (nearest rank) of the requests that touched
+    each file, a request counted once however many of its pieces it has."""
+    import io
+    reqs = list(boot().requests)
+    # one request over both of busybox's extents would be two pieces: still one request
+    reqs.append(req(6.0, R, 10 * MiB, 11 * MiB, 0.040))  # busybox's first extent and beyond
+    reqs.sort(key=lambda r: r.start)
+    a = analyse(Recording(requests=reqs, source="t", size=64 * MiB), blockmap)
+    busybox = next(t for o, t in a.objects.items() if o.path == "/bin/busybox")
+    assert busybox.latency_seen == 3
+    assert busybox.latency_percentiles() == (pytest.approx(0.020), pytest.approx(0.040))
+    rows = a.slowest_files(3)
+    assert [r[0] for r in rows] == ["f /dev/sda1 /bin/busybox", "f /dev/sda1 /etc/motd",
+                                    "f /dev/sda1 /var/log/a.log"]
+    doc = report_json(a)
+    by_name = {o["name"]: o for o in doc["objects"]}
+    assert by_name["f /dev/sda1 /etc/motd"]["latency"] == {
+        "requests": 1, "p50": pytest.approx(0.002), "p99": pytest.approx(0.002)}
+    buf = io.StringIO()
+    write_text(a, buf)
+    part = buf.getvalue().split("Files, slowest requests")[1].split("\n")
+    cols = f"{format_duration(0.020)} {format_duration(0.040)} 3".split()
+    assert "/bin/busybox" in part[2] and part[2].split()[:len(cols)] == cols
+
+
+def test_latency_samples_are_bounded_and_stay_representative():
+    """However many requests a file has, at most LATENCY_SAMPLES latencies
+    are kept (a uniform sample), and its percentiles stay close to the truth."""
+    from diskwatch.report.analysis import LATENCY_SAMPLES
+    bm = BlockMap(entries())
+    rng = random.Random(7)
+    durations = [rng.expovariate(1000) for _ in range(20_000)]  # mean 1 ms
+    reqs = [req(i * 1e-4, R, 10 * MiB, 4096, d) for i, d in enumerate(durations)]
+    a = analyse(Recording(requests=reqs, source="t", size=64 * MiB), bm)
+    t = next(t for o, t in a.objects.items() if o.path == "/bin/busybox")
+    assert t.latency_seen == 20_000 and len(t.latency) == LATENCY_SAMPLES
+    s = sorted(durations)
+    p50, p99 = t.latency_percentiles()
+    # the sample's quantiles, within a few percentile points of the population's
+    assert s[int(0.45 * len(s))] < p50 < s[int(0.55 * len(s))]
+    assert s[int(0.97 * len(s))] < p99 <= s[-1]
+    again = next(t2 for o, t2 in analyse(Recording(requests=reqs, source="t", size=64 * MiB),
+                                          bm).objects.items() if o.path == "/bin/busybox")
+    assert again.latency_percentiles() == (p50, p99)

@@ -32,6 +32,7 @@ Definitions (the text, the JSON and the tests use these and no others):
 from __future__ import annotations
 
 import math
+import random
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -66,6 +67,22 @@ class ObjectTraffic(Traffic):
     bursts: array = field(default_factory=lambda: array("d"))
     #: bytes of journal writes that carried its metadata (the recording's JMAP frames)
     journal_bytes: int = 0
+    #: the latencies (seconds) of the requests that touched it: all of them
+    #: up to LATENCY_SAMPLES, then a uniform sample of that many (reservoir)
+    latency: array = field(default_factory=lambda: array("f"))
+    latency_seen: int = 0  # requests that touched it (the sample's population)
+    last_request: int = -1  # the last request counted in ``latency``
+
+    def latency_percentiles(self) -> tuple[float, float] | None:
+        """(p50, p99) of its requests' latencies (nearest rank), None without any."""
+        if not self.latency:
+            return None
+        s = sorted(self.latency)
+        return _rank(s, 0.5), _rank(s, 0.99)
+
+
+#: latencies kept per object: 4 KiB each at most, however many requests
+LATENCY_SAMPLES = 1024
 
 
 def is_fs_structure(obj: Any) -> bool:
@@ -140,6 +157,19 @@ class Analysis:
                  if o.type == "f" and getattr(t, by) and is_fs_structure(o) == fs_structures]
         items.sort(key=lambda it: (-getattr(it[1], by), -it[1].bytes, it[0]))
         return items[:n]
+
+    def slowest_files(self, n: int = 10) -> list[tuple[str, ObjectTraffic, float, float]]:
+        """The guest's files whose requests were slowest: (name, traffic, p50,
+        p99), highest p99 first (then p50, then most requests)."""
+        rows = []
+        for o, t in self.objects.items():
+            if o.type != "f" or is_fs_structure(o):
+                continue
+            pct = t.latency_percentiles()
+            if pct is not None:
+                rows.append((str(o), t, *pct))
+        rows.sort(key=lambda r: (-r[3], -r[2], -r[1].requests, r[0]))
+        return rows[:n]
 
     def top_dirs(self, by: str = "bytes", n: int = 10) -> list[tuple[str, Traffic]]:
         """Directories by their subtree's ``by`` (the root of a filesystem left out)."""
@@ -252,6 +282,7 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     jat = [m.at for m in jmaps]
     jnext = 0
     journal = LateNamer()  # as the live session kept the journal's writes
+    rng = random.Random(0)  # the latency samples: the same report every run
     end = 0.0
     flushes = 0
     flush = CMD_FLUSH
@@ -319,6 +350,9 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
             if ot is None:
                 ot = objects[obj] = ObjectTraffic(first_t=t, first_op="read" if is_read
                                                   else "write")
+            if ot.last_request != i:  # once per request, however many pieces
+                ot.last_request = i
+                _sample(ot, r.duration, rng)
             if jmaps and not is_read and obj.path == JOURNAL:
                 journal.keep_journal_write(t, cmd, start, stop)
             if is_read:
@@ -375,6 +409,18 @@ def _count(t: Traffic, is_read: bool, n: int) -> None:
     else:
         t.writes += 1
         t.write_bytes += n
+
+
+def _sample(ot: ObjectTraffic, seconds: float, rng: random.Random) -> None:
+    """Reservoir sampling (Algorithm R): each request's latency is kept with
+    probability LATENCY_SAMPLES / requests so far."""
+    ot.latency_seen += 1
+    if len(ot.latency) < LATENCY_SAMPLES:
+        ot.latency.append(seconds)
+        return
+    k = rng.randrange(ot.latency_seen)
+    if k < LATENCY_SAMPLES:
+        ot.latency[k] = seconds
 
 
 def _latency(latencies: dict, type_: str, op: str, seconds: float) -> None:

@@ -30,7 +30,9 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
     OBJECT  = TRAFFIC + {"name": str, "type": "f"|"d", "device": str, "path": str,
                          "fs_structure": bool,   # /$Journal, /$MFT, PATH:$extents
                          "first_t": float, "first_op": str, "first_read_t": float|null,
-                         "journal_bytes": int}   # journal writes that carried its metadata
+                         "journal_bytes": int,   # journal writes that carried its metadata
+                         "latency": {"requests": int, "p50": float, "p99": float}|null}
+                         # seconds, of the requests that touched it (at most 1024 sampled)
     SUBTREE = TRAFFIC + {"device": str, "path": str}
     CHURN   = {"name": str, "type": str, "fs_structure": bool,   # /$Journal, /$MFT, PATH:$extents
                "bursts": int, "writes": int, "write_bytes": int,
@@ -111,6 +113,7 @@ def write_text(a: Analysis, out: IO[str], top: int = 10) -> None:
         _regions(a, w, top)
     else:
         _top_tables(a, w, top)
+        _slowest(a, w, top)
         _churn(a, w, top)
         _scans(a, w, top)
         _timeline(a, w, top)
@@ -137,6 +140,24 @@ def _top_tables(a: Analysis, w, top: int) -> None:
         w(f"  {_TRAFFIC_HEAD}  name\n")
         for name, t in rows:
             w(f"  {_traffic_cols(t)}  {safe_text(name)}\n")
+
+
+def _latency_json(t) -> dict | None:
+    pct = t.latency_percentiles()
+    if pct is None:
+        return None
+    return {"requests": t.latency_seen, "p50": pct[0], "p99": pct[1]}
+
+
+def _slowest(a: Analysis, w, top: int) -> None:
+    rows = a.slowest_files(top)
+    if not rows:
+        return
+    w("\nFiles, slowest requests (latency of the requests that touched each file)\n")
+    w(f"  {'p50':>9} {'p99':>9} {'reqs':>7}  name\n")
+    for name, t, p50, p99 in rows:
+        w(f"  {format_duration(p50):>9} {format_duration(p99):>9} {t.latency_seen:>7}  "
+          f"{safe_text(name)}\n")
 
 
 def _regions(a: Analysis, w, top: int) -> None:
@@ -247,7 +268,7 @@ def report_json(a: Analysis) -> dict[str, Any]:
         objects.append({"name": str(obj), "type": obj.type, "device": obj.device,
                         "path": obj.path, "fs_structure": is_fs_structure(obj), **t.as_dict(), "first_t": t.first_t,
                         "first_op": t.first_op, "first_read_t": t.first_read_t,
-                        "journal_bytes": t.journal_bytes})
+                        "journal_bytes": t.journal_bytes, "latency": _latency_json(t)})
     dirs = [{"device": dev, "path": path, **t.as_dict()}
             for (dev, path), t in sorted(a.dirs.items(), key=lambda kv: (-kv[1].bytes, kv[0]))]
     return {
