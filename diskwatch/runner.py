@@ -572,7 +572,7 @@ class Runner:
                                                 strict=False):
             def swap(result, name=name, device=device) -> None:
                 session.swap_disk_map(name, result.blockmap, f"remap of {device} ({result.why})",
-                                      result.journal_map)
+                                      result.journal_map, (result.added, result.removed))
             def said(text: str, level: str, device=device) -> None:
                 say(f"{device}: {text}", level)
             self.more_remappers.append(session.pump.add(Remapper(
@@ -613,18 +613,19 @@ class Runner:
             session.carry_journal(result.journal_map)
         else:
             self.swap_map(session, result.blockmap, remapped=True, why=f"remap ({result.why})",
-                          journal_map=result.journal_map)
+                          journal_map=result.journal_map, changes=(result.added, result.removed))
         if self.recorder is not None and result.journal_map is not None:
             self.recorder.add_journal_map(result.journal_map)
 
     def swap_map(self, session: Session, blockmap, *, path: str | None = None,
-                 remapped: bool = False, why: str = "", journal_map=None) -> None:
+                 remapped: bool = False, why: str = "", journal_map=None,
+                 changes: tuple | None = None) -> None:
         """A new block map in a live session (SIGHUP's reload, a live remap):
         ``Session.swap_map`` (every sink, late naming), then what only a
         live session has: the metrics forget old names, and the recording
         keeps it (``Recorder.keep_map``: a BMAP frame at the next request),
         so a replay names each request with the map that named it live."""
-        session.swap_map(blockmap, why, journal_map)
+        session.swap_map(blockmap, why, journal_map, changes)
         if self.metrics is not None:
             self.metrics.forget_names()
         if self.recorder is not None:

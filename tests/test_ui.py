@@ -611,3 +611,40 @@ async def test_a_file_written_in_bursts_is_flagged_churning_as_it_happens(served
         assert header.split()[-1] == "every" and "/var/log/boot log.txt" in row, (header, row)
         assert row.split()[-1].endswith("s"), row
         h.shutdown()
+
+
+@sync
+async def test_a_file_made_and_deleted_is_shown_with_its_life(served):
+    """Issue 21 item 4: a client writes where no file is (a new file), a map
+    swapped in names it (as a live remap's), the client reads it back, then
+    a map without it (deleted): the activity line says it lived, how long
+    and its traffic, and a notification tells it once."""
+    from diskwatch.ui.activity import ActivityPanel
+    tmp = 20 * MiB
+    lines = [*BMAP.encode().splitlines(True),
+             f"1 {tmp:x} {tmp + 65536:x} f /dev/sda1 /tmp/av scratch.tmp\n".encode()]
+    with_tmp = BlockMap.from_lines(lines)
+    app = DiskwatchApp(served.session)
+    notes = []
+    async with app.run_test(size=(120, 36)) as pilot:
+        app.notify = lambda message, **kw: notes.append((kw.get("title"), message))
+        h = served.client()
+        h.pwrite(b"x" * 65536, tmp)
+        h.flush()
+        await wait_for(pilot, app, lambda: app.stats.requests == 2)
+        served.session.swap_map(with_tmp, "remap (test)")
+        h.pread(4096, tmp)
+        await wait_for(pilot, app, lambda: app.stats.requests == 3)
+        assert app.activity_sink.lives.alive == 1
+        served.session.swap_map(served.blockmap, "remap (test)")
+        app._refresh_views(force=True)
+        await pilot.pause()
+        (line,) = str(app.query_one(ActivityPanel).render()).splitlines()
+        assert line.split()[:2] == ["lived", "/tmp/av"] and "scratch.tmp" in line, line
+        assert "64K written · 1 reads" in line and "≤" in line, line
+        assert notes == [("created and deleted", notes[0][1])]
+        assert notes[0][1].startswith("/dev/sda1 /tmp/av scratch.tmp: lived ≤"), notes
+        app._refresh_views(force=True)
+        await pilot.pause()
+        assert len(notes) == 1  # told once
+        h.shutdown()

@@ -57,6 +57,9 @@ SCAN_FILES_PER_DIR = 30
 #: than the 1 MiB of unnamed writes that start an automatic remap) and
 #: appends a record to every other churn pass.
 CREATED_LOG = "/var/log/updates.log"
+#: The churn guest's temporary file: made after the scan (64 KiB), kept 3 s,
+#: deleted: no map made before boot or after has it, a live remap in between does.
+TEMP_FILE = "/var/log/av/quarantine.tmp"
 #: The root partition starts 1 MiB in, as every modern partitioner aligns it.
 PARTITION_START = 1 * MiB
 
@@ -294,6 +297,8 @@ class GuestImage:
     #: files the init creates while it runs (absent from the image, so from
     #: any map made before boot): only a live remap names them
     created: list[str] = field(default_factory=list)
+    #: files the init creates and deletes while it runs (seconds apart)
+    temporary: list[str] = field(default_factory=list)
     #: every symlink (busybox applets) -> its target
     symlinks: dict[str, str] = field(default_factory=dict)
     #: the churn guest's "antivirus" reads every file of this tree, directory
@@ -491,6 +496,7 @@ def build_guest_image(
             "CHURN_LOGS": " ".join(churn_logs) or "/dev/null",
             "CHURN_BIG": big_file or "/dev/null",
             "CREATED_LOG": CREATED_LOG,
+            "TEMP_FILE": TEMP_FILE,
             "SCAN_ROOT": SCAN_ROOT if churn else "/nonexistent",
             "MARKER": MARKER,
         }.items():
@@ -540,6 +546,7 @@ def build_guest_image(
         files=files,
         dirs=dirs,
         created=[CREATED_LOG] if churn else [],
+        temporary=[TEMP_FILE] if churn else [],
         symlinks=symlinks,
         scan_root=SCAN_ROOT if churn else None,
         scan_files=scan_files,

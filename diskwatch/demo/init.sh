@@ -68,6 +68,18 @@ if [ -d @SCAN_ROOT@ ]; then
     echo "diskwatch-demo: scanned @SCAN_ROOT@"
 fi
 
+# A temporary file, as an antivirus's scratch file: made, kept a few
+# seconds (a live remap, started by its directory's and inode's writes,
+# sees it), deleted (the next remap sees it gone). Listed with its life.
+if [ "$CHURN_ITERATIONS" -gt 0 ]; then
+    yes "quarantine scratch" | head -c 65536 > @TEMP_FILE@
+    sync
+    sleep 3
+    rm -f @TEMP_FILE@
+    sync
+    echo "diskwatch-demo: made and deleted @TEMP_FILE@"
+fi
+
 i=1
 while [ "$i" -le "$CHURN_ITERATIONS" ]; do
     for log in @CHURN_LOGS@; do

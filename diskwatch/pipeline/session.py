@@ -231,13 +231,14 @@ class Session:
                 late.export = name
 
     def swap_disk_map(self, export: str, blockmap: Any, why: str = "",
-                      journal_map: Any = None) -> None:
+                      journal_map: Any = None, changes: tuple | None = None) -> None:
         """``swap_map`` for any disk: another disk's map replaces its own
         (its late naming hands on the writes it names, before the requests
         it names); the first disk's is ``swap_map``."""
         if export == self.export or export not in self.lates:
-            self.swap_map(blockmap, why, journal_map)
+            self.swap_map(blockmap, why, journal_map, changes)
             return
+        self._map_changed(self.maps.get(export), blockmap, changes)
         self.maps[export] = blockmap
         late = self.lates[export]
         named = late.name(blockmap, why)
@@ -247,14 +248,19 @@ class Session:
         if carried is not None:
             self.pump.deliver(carried)
 
-    def swap_map(self, blockmap: Any, why: str = "", journal_map: Any = None) -> None:
+    def swap_map(self, blockmap: Any, why: str = "", journal_map: Any = None,
+                 changes: tuple | None = None) -> None:
         """The one place a new block map replaces the one in use (a live
         remap, SIGHUP's reload, a replay reaching a map the live session
         swapped in), in the pump's thread between two rounds: every sink
         that holds a map gets it, and the writes it names that no map named
         before are handed to every sink (``late.py``), before the requests
         it names. The runner adds what only a live session has (the
-        recording keeps the map, the metrics forget old names)."""
+        recording keeps the map, the metrics forget old names).
+        ``changes``: (added, removed), the objects new and gone (a live
+        remap's; computed here when not given), for the sinks that follow
+        lifetimes (``map_changed``), told first."""
+        self._map_changed(self.blockmap, blockmap, changes)
         self.blockmap = blockmap
         for sink in self.pump.sinks:
             if hasattr(sink, "blockmap"):
@@ -263,6 +269,16 @@ class Session:
         if named is not None:
             self.pump.deliver(named)
         self.carry_journal(journal_map)
+
+    def _map_changed(self, old: Any, new: Any, changes: tuple | None) -> None:
+        told = [s for s in self.pump.sinks if hasattr(s, "map_changed")]
+        if not told or old is new:
+            return
+        if changes is None:
+            from ..lifetimes import map_diff
+            changes = map_diff(old, new)
+        for sink in told:
+            sink.map_changed(changes[0], changes[1], new)
 
     def carry_journal(self, journal_map: Any) -> None:
         """The journal writes ``journal_map`` (a remap's) attributes, handed

@@ -34,13 +34,15 @@ from __future__ import annotations
 import math
 import random
 from array import array
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..bmap.format import TYPE_RANK, is_structure_path
 from ..churn import BURST_GAP, CHURN_MIN_BURSTS, new_burst, per_minute, period
-from ..late import JOURNAL, LateNamer
+from ..late import JOURNAL, LATE_KEPT, LateNamer
+from ..lifetimes import Lifetimes, map_diff
 from ..scans import Scan, ScanTracker
 from ..traffic import Traffic
 from ..wire import CMD_FLUSH, CMD_READ, COMMAND_NAMES, WRITE_COMMANDS
@@ -146,6 +148,9 @@ class Analysis:
     #: the maps the live session swapped in that named requests from
     #: ``at`` (request index) on: {"at", "t", "why"}
     maps: list[dict[str, Any]] = field(default_factory=list)
+    #: the files and directories created and deleted during the session
+    #: (diskwatch/lifetimes.py's definitions, over the maps above)
+    lifetimes: Any = None
 
     # -- views --
 
@@ -283,6 +288,13 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     jnext = 0
     journal = LateNamer()  # as the live session kept the journal's writes
     rng = random.Random(0)  # the latency samples: the same report every run
+    # Lifetimes: each map swapped in against the one before; the unnamed
+    # writes since (the first disk's) are looked up in it, for the births
+    # of the files it adds (as live late naming hands them on).
+    lives = a.lifetimes = Lifetimes()
+    following = lives.following
+    in_use = blockmap
+    unnamed: deque = deque(maxlen=LATE_KEPT)
     end = 0.0
     flushes = 0
     flush = CMD_FLUSH
@@ -295,8 +307,11 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
         if i == next_switch:  # the live session swapped maps before this request
             while k < len(switch_at) and switch_at[k] <= i:
                 k += 1  # (several at one request: the last one named it)
-            lookup = maps.map(k - 1).lookup
+            new = maps.map(k - 1)
+            lookup = new.lookup
             next_switch = switch_at[k] if k < len(switch_at) else -1
+            _lives_map(lives, in_use, new, unnamed)
+            in_use = new
         cmd = r.command
         name = COMMAND_NAMES[cmd] if 0 <= cmd < len(COMMAND_NAMES) else "unknown"
         counts = by_command[name]
@@ -306,6 +321,7 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
         if r.error:
             a.errors += 1
         t = r.start
+        lives.saw(t)
         if a.first_t is None:
             a.first_t = t
         if t + r.duration > end:
@@ -334,6 +350,9 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
             pieces = other.lookup(r.offset, r.length)
         else:
             pieces = lookup(r.offset, r.length)
+            if not is_read:  # what its own map did not name: births, at the next map
+                unnamed.extend((t, start, stop) for start, stop, obj in pieces
+                               if obj is None or obj.type not in "fd")
             if late is not None and not is_read and lookup is not late:
                 pieces = _name_late(pieces, late, a)
         for start, stop, obj in pieces:
@@ -341,6 +360,8 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
             if obj is None:
                 _count(unmapped, is_read, n)
                 continue
+            if following and obj in following:
+                lives.touch(obj, t, is_read, n, start)
             rank = TYPE_RANK[obj.type]
             if rank > best_rank:
                 best_rank, best_type = rank, obj.type
@@ -375,6 +396,21 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     a.by_command = {k: v for k, v in by_command.items() if v[0]}
     a.dirs = _subtrees(objects)
     return a
+
+
+def _lives_map(lives: Lifetimes, old: Any, new: Any, unnamed: deque) -> None:
+    """A map the live session swapped in: what it adds and removes told to
+    ``lives``; the writes no map named before, named by it where it names
+    what it added (their births)."""
+    added, removed = map_diff(old, new)
+    lives.map_changed(added, removed, new)
+    if added and unnamed:
+        following = lives.following
+        for t, start, stop in unnamed:
+            for s, e, obj in new.lookup(start, stop - start):
+                if obj in following:
+                    lives.touch(obj, t, False, e - s, s)
+    unnamed.clear()
 
 
 def _carry(journal: LateNamer, journal_map: Any, objects: dict) -> None:

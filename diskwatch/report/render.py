@@ -15,6 +15,8 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
      "directories": [SUBTREE],   # every directory, traffic summed over its subtree
      "churn": [CHURN],           # most write bursts first
      "scans": [SCAN],            # sweeps of reads over many files, by start
+     "lifetimes": [LIFETIME],    # created and deleted during the session, by "gone_by"
+     "lifetime_counts": {"deaths": int, "renames": int, "untracked": int, "alive": int},
      "timeline": [{"t": float, "op": "read"|"write", "name": str}],  # first access, in order
      "unmapped": TRAFFIC,        # bytes no range of the map covers
      "partition_only": TRAFFIC,  # bytes named only by a partition/LV/disk (metadata, free space)
@@ -44,6 +46,13 @@ JSON schema ``diskwatch-report/1`` (``diskwatch report FILE --json``)::
                "start": float, "duration": float, "rate": float}   # rate: files a second
     # a scan: >= 20 files in >= 2 directories first read less than 2 s apart, taken
     # directory by directory (see diskwatch/scans.py)
+    LIFETIME = TRAFFIC + {"name": str, "type": "f"|"d", "device": str, "path": str,
+               "born": float,        # its first request (or the map that first had it)
+               "gone_by": float,     # the first map without it: the guest deleted it before
+               "lived": float,       # gone_by - born: an upper bound
+               "last_access": float, "renamed_from": str|null}  # the path it was made as
+    # created: in a map the session swapped in and not in the one before, its
+    # first request a write (see diskwatch/lifetimes.py); "alive": created, still there
 
 ``diskwatch report A --against B --json`` gives ``diskwatch-compare/1``::
 
@@ -116,6 +125,7 @@ def write_text(a: Analysis, out: IO[str], top: int = 10) -> None:
         _slowest(a, w, top)
         _churn(a, w, top)
         _scans(a, w, top)
+        _lifetime_rows(a, w, top)
         _timeline(a, w, top)
         _coverage(a, w)
     _latency(a, w)
@@ -217,6 +227,36 @@ def _scan_rows(a: Analysis, w, scans) -> None:
           f"{safe_text(x.device)} {safe_text(x.directory)}\n")
 
 
+def _lifetimes(a: Analysis) -> list:
+    return list(a.lifetimes.gone) if a.lifetimes is not None else []
+
+
+def _lifetime_counts(a: Analysis) -> dict[str, int]:
+    lives = a.lifetimes
+    if lives is None:
+        return {"deaths": 0, "renames": 0, "untracked": 0, "alive": 0}
+    return {"deaths": lives.deaths, "renames": lives.renames, "untracked": lives.untracked,
+            "alive": lives.alive}
+
+
+def _lifetime_rows(a: Analysis, w, top: int) -> None:
+    lives = _lifetimes(a)
+    if not a.maps:
+        return  # one map named it all: nothing was seen created
+    w(f"\nCreated and deleted during the session ({len(lives)}; lived: until the first "
+      "map without it)\n")
+    if not lives:
+        w("  (none)\n")
+        return
+    w(f"  {'born':>10} {'lived':>9} {'written':>10} {'read':>10}  name\n")
+    for life in sorted(lives, key=lambda x: x.born)[:max(top, 20)]:
+        made = (f"  (made as {safe_text(life.renamed_from.path or '')})"
+                if life.renamed_from is not None else "")
+        w(f"  {_when(life.born, a.timed):>10} {'<=' + format_duration(life.lived):>9} "
+          f"{format_bytes(life.write_bytes):>10} {format_bytes(life.read_bytes):>10}  "
+          f"{safe_text(str(life.obj))}{made}\n")
+
+
 def _timeline(a: Analysis, w, top: int) -> None:
     rows = a.timeline()
     limit = max(top * 4, 20)
@@ -278,6 +318,8 @@ def report_json(a: Analysis) -> dict[str, Any]:
         "directories": dirs,
         "churn": [vars(c) for c in a.churn()],
         "scans": [x.as_dict() for x in a.scans()],
+        "lifetimes": [life.as_dict() for life in _lifetimes(a)],
+        "lifetime_counts": _lifetime_counts(a),
         "timeline": [{"t": t, "op": op, "name": name} for t, op, name in a.timeline()],
         "unmapped": a.unmapped.as_dict(),
         "partition_only": a.partition_only.as_dict(),

@@ -1,5 +1,5 @@
-"""Scans and churn as they happen (issue 21, items 2 and 3): a sink of the
-pump that the UI reads on its timer.
+"""Scans, churn and lifetimes as they happen (issue 21, items 2 to 4): a
+sink of the pump that the UI reads on its timer.
 
 The detectors are the report's, not copies: a scan is what
 ``diskwatch/scans.py``'s ``ScanTracker`` says it is (fed here the first read
@@ -11,6 +11,8 @@ churn, its period and rate are ``diskwatch/churn.py``'s definitions.
     activity.live_scans()      # scans going on now (Scan, live=True)
     activity.news()            # ("started" | "ended", Scan) since the last call
     activity.churning(now, 3)  # the files churning now, most bursts first
+    activity.lives.gone        # files created and deleted (diskwatch/lifetimes.py),
+                               # told of each map swapped in (``map_changed``)
 
 Bounded whatever the guest does: the files already read are a set of at
 most ``MAX_SEEN`` objects (when full it starts again: a file read before is
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..churn import CHURN_MIN_BURSTS, new_burst, per_minute, period
-from ..events import Request
+from ..events import LateNamed, Request
+from ..lifetimes import Lifetimes
 from ..pipeline.sink import Pieces, SinkBase
 from ..scans import Scan, ScanTracker
 from ..wire import CMD_FLUSH, CMD_READ, WRITE_COMMANDS
@@ -89,12 +92,30 @@ class Activity(SinkBase):
         self._known: set[tuple[str, float]] = set()  # live scans already told
         self._ended = 0  # of scans.done, already told
         self._news: deque[tuple[str, Scan]] = deque(maxlen=MAX_NEWS)
+        self.lives = Lifetimes()
+        self._deaths_told = 0
 
     # -- the sink --
 
+    def map_changed(self, added, removed, new) -> None:
+        self.lives.map_changed(added, removed, new)
+
+    def on_event(self, event: object) -> None:
+        if isinstance(event, LateNamed) and self.lives.alive:
+            # a new file's first writes, named by the map that added it
+            # (told just before): its birth, before that map
+            touch, alive = self.lives.touch, self.lives.following
+            for t, cmd, start, end, _old, obj in event.writes:
+                if obj in alive and cmd in WRITE_COMMANDS:
+                    touch(obj, t, False, end - start, start)
+
     def feed(self, batch: Sequence[Request], pieces: Pieces | None) -> None:
+        if batch:
+            self.lives.saw(batch[-1][6])
         if pieces is None:
             return
+        if self.lives.alive:
+            self._touch(batch, pieces)
         seen, written = self._seen, self._written
         first_read = self.scans.first_read
         for r, looked_up in zip(batch, pieces, strict=True):
@@ -133,6 +154,16 @@ class Activity(SinkBase):
                     w.last_t = t
                     w.last_flushes = self._flushes
 
+    def _touch(self, batch: Sequence[Request], pieces: Pieces) -> None:
+        """The pieces named on the objects created since the session began."""
+        touch, alive = self.lives.touch, self.lives.following
+        for r, looked_up in zip(batch, pieces, strict=True):
+            if not looked_up or r[2] == CMD_FLUSH:
+                continue
+            for start, end, obj in looked_up:
+                if obj in alive:
+                    touch(obj, r[6], r[2] == CMD_READ, end - start, start)
+
     def tick(self, now: float) -> None:
         scans = self.scans
         scans.tick(now)
@@ -164,6 +195,13 @@ class Activity(SinkBase):
         out = list(self._news)
         self._news.clear()
         return out
+
+    def new_lifetimes(self) -> list:
+        """The lifetimes ended since the last call, oldest first (at most MAX_NEWS)."""
+        lives = self.lives
+        n = min(lives.deaths - self._deaths_told, MAX_NEWS, len(lives.gone))
+        self._deaths_told = lives.deaths
+        return list(lives.gone)[len(lives.gone) - n:] if n > 0 else []
 
     def churning(self, now: float, n: int = 10, structures: bool = False) -> list[ChurnNow]:
         """The files and directories churning now (a burst in the last

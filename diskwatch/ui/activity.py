@@ -1,5 +1,6 @@
 """What a person looks for, as it happens: a line per scan going on (or just
-ended) and per file churning now, below the main views and the tree.
+ended), for the last file that lived and died in the last minute, and per
+file churning now, below the main views and the tree.
 
 The lines are made from the ``sinks.activity.Activity`` sink on the app's
 timer (``activity_lines``) and held in the app's ``activity`` reactive; the
@@ -22,7 +23,7 @@ from ..units import format_bytes_compact, format_duration_compact
 from .styles import part_style
 from .trace import fit_left
 
-__all__ = ["ActivityLine", "ActivityPanel", "activity_lines", "ENDED_SHOWN"]
+__all__ = ["ActivityLine", "ActivityPanel", "activity_lines", "lifetime_text", "ENDED_SHOWN"]
 
 #: seconds an ended scan stays in the panel
 ENDED_SHOWN = 60.0
@@ -33,7 +34,8 @@ SHORT_LINES = 2
 
 @dataclass(frozen=True)
 class ActivityLine:
-    """``kind``: "scan" (going on), "ended" (a scan that ended) or "churn";
+    """``kind``: "scan" (going on), "ended" (a scan that ended), "lived" (a
+    file created and deleted during the session) or "churn";
     ``name``: untrusted (a directory or file of the guest's)."""
 
     kind: str
@@ -53,13 +55,18 @@ def scan_text(scan: Scan) -> str:
 
 def activity_lines(activity: Activity, now: float, n: int = MAX_LINES) -> tuple[ActivityLine, ...]:
     """Live scans (most files first), then the last scan ended in the last
-    ENDED_SHOWN seconds, then the files churning now; ``n`` at most."""
+    ENDED_SHOWN seconds, the last file gone in that time after a life in
+    the session, then the files churning now; ``n`` at most."""
     lines = [ActivityLine("scan", f"{s.device} {s.directory}", _scan_detail(s))
              for s in sorted(activity.live_scans(), key=lambda s: -s.files)]
     ended = [s for s in activity.ended_scans() if now - s.end <= ENDED_SHOWN]
     if ended:
         s = ended[-1]
         lines.append(ActivityLine("ended", f"{s.device} {s.directory}", _scan_detail(s)))
+    lived = activity.lives.recent(now - ENDED_SHOWN)
+    if lived:
+        life = lived[0]
+        lines.append(ActivityLine("lived", life.obj.path or life.obj.device, lifetime_detail(life)))
     for c in activity.churning(now, n):
         obj = c.obj
         lines.append(ActivityLine("churn", obj.path or obj.device, churn_detail(c)))
@@ -77,14 +84,32 @@ def churn_detail(c: Any) -> str:
     return " · ".join(parts)
 
 
-LABELS = {"scan": "scan", "ended": "scanned", "churn": "churn"}
+def lifetime_detail(life: Any) -> str:
+    """``≤2.10s · 1.9M written · 3 reads`` (≤: it was gone by the remap
+    that found it gone)"""
+    parts = [f"≤{format_duration_compact(life.lived)}"]
+    if life.write_bytes:
+        parts.append(f"{format_bytes_compact(life.write_bytes)} written")
+    if life.reads:
+        parts.append(f"{life.reads} reads")
+    if life.renamed_from is not None:
+        parts.append(f"made as {safe_text(life.renamed_from.path or '')}")
+    return " · ".join(parts)
+
+
+def lifetime_text(life: Any) -> str:
+    """A lifetime in a sentence (the notifications)."""
+    return f"{life.obj.device} {life.obj.path}: lived {lifetime_detail(life)}"
+
+
+LABELS = {"scan": "scan", "ended": "scanned", "lived": "lived", "churn": "churn"}
 
 
 class ActivityPanel(Widget):
     """The activity lines; hidden while there are none."""
 
     COMPONENT_CLASSES = {
-        "activity--scan", "activity--ended", "activity--churn",  # the kind
+        "activity--scan", "activity--ended", "activity--lived", "activity--churn",  # the kind
         "activity--name", "activity--detail",
     }
 

@@ -54,7 +54,7 @@ from ..sinks.activity import Activity
 from ..sinks.stats import Stats
 from ..sinks.tree import TrafficTree
 from ..text import safe_text
-from .activity import ActivityPanel, activity_lines, scan_text
+from .activity import ActivityPanel, activity_lines, lifetime_text, scan_text
 from .heatmap import Heatmap
 from .output import CommandOutput
 from .progress import BmapProgress
@@ -289,6 +289,9 @@ class DiskwatchApp(App[int | None]):
         for kind, scan in news[-NOTIFY_MAX:]:
             self.notify(safe_text(scan_text(scan)), title=f"scan {kind}", markup=False,
                         timeout=5 if kind == "started" else 10)
+        for life in self.activity_sink.new_lifetimes()[-NOTIFY_MAX:]:
+            self.notify(safe_text(lifetime_text(life)), title="created and deleted",
+                        markup=False, timeout=8)
         self.activity = activity_lines(self.activity_sink, now)
 
     def _refresh_status(self) -> None:
