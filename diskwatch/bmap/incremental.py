@@ -209,7 +209,7 @@ class MapperState:
             locate = self._records[dev] = _record_index(w)
         vol = w.volume
         out: list[int] = []
-        for vs, ds, n in vol.segments:
+        for vs, ds, n in vol.all_segments():  # a mirror's copy too
             lo, hi = max(start, ds), min(end, ds + n)
             if lo < hi:
                 out.extend(locate(lo - ds + vs, hi - ds + vs))

@@ -63,43 +63,20 @@ def _mapped_by_metadata(f, result: MakeResult, header: list[str]) -> None:
                   + (f"; {f.warning}" if f.warning else ""))
 
 
-def _other_disk(source: Source, index: int, bus, limits, result: MakeResult,
-                header: list[str]) -> tuple[bytes, object]:
-    """Disk ``index`` (2, ...) of the VM mapped by metadata: its lines (with
-    its disk index) and its map. The watch method serves the first disk
-    only (the appliance would name this one /dev/sda): its filesystems that
-    only the watch method reads are left unmapped, with a warning."""
-    from .metadata import FilesystemReport
+def _vm_job(source: Source, more: tuple, bus, limits):
+    """The VM's disks mapped together, in one mapper process (``vm.py``):
+    a volume group or an md array may span them. Its reads are served from
+    the disks end to end (``DiskSet``); its answer has a map per disk."""
+    from .vm import DiskSet
     from .worker import MapperFailed, run_mapper
-    device = device_name(index)
+    disks = DiskSet([source, *more])
+    names = [device_name(k) for k in range(1, len(disks.disks) + 1)]
+    job = {"kind": "vm", "disks": [[n, d.size] for n, d in zip(names, disks.disks, strict=True)],
+           "text": True}
     try:
-        answer = run_mapper(source, {"disk": device, "text": True}, bus=bus, limits=limits)
+        return run_mapper(disks, job, bus=bus, limits=limits)
     except MapperFailed as e:
-        raise DiskwatchError(f"block map of disk {index} ({source.description or device}): "
-                             f"{e}") from None
-    try:
-        filesystems = [FilesystemReport(**f) for f in answer.info["filesystems"]]
-        warnings = [str(w) for w in answer.info["warnings"]]
-        result.objects += int(answer.info["objects"])
-    except (KeyError, TypeError, ValueError):
-        raise DiskwatchError("block map: the mapper's answer is malformed") from None
-    header.append(f"disk {index} {device}: {source.description or 'a disk'} "
-                  f"({source.size} bytes)")
-    for w in warnings:
-        result.warnings.append(f"{device}: {w}")
-    for f in filesystems:
-        if f.method == "metadata":
-            _mapped_by_metadata(f, result, header)
-        elif f.method == "watch":
-            why = (f"{f.device} {f.fstype or 'LV'}: not mapped: the watch method maps the "
-                   "first disk only")
-            result.methods[f.device] = "none"
-            result.warnings.append(why)
-            header.append(why)
-    # The mapper writes disk 1's lines: each starts "1 " (format_entry).
-    prefix = b"%d " % index
-    text = b"".join(prefix + line[2:] for line in (answer.text or b"").splitlines(True))
-    return text, answer.blockmap
+        raise DiskwatchError(f"block map of the VM's {len(names)} disks: {e}") from None
 
 
 def make_bmap(
@@ -115,9 +92,10 @@ def make_bmap(
 ) -> MakeResult:
     """Map ``source`` (a whole disk) by ``method`` and write the map to
     ``out_path`` (whole, then renamed). Progress and warnings go to ``bus``.
-    ``more``: the VM's other disks (/dev/sdb, ...), mapped by metadata into
-    the same file with their disk index (2, ...); ``result.more`` holds
-    their maps."""
+    ``more``: the VM's other disks (/dev/sdb, ...), mapped by metadata with
+    the first, together (an LVM volume group or an md array may span them:
+    ``vm.py``), into the same file with their disk index (2, ...);
+    ``result.more`` holds their maps."""
     if method not in METHODS:
         raise DiskwatchError(f"unknown block-map method {method!r}: use auto, metadata or watch")
     out_path = os.fspath(out_path)
@@ -145,10 +123,14 @@ def make_bmap(
     # map resolved (a BlockMap for the session, no second parse) and its
     # lines (written to the file as they are, unless the watch method adds
     # entries).
-    try:
-        answer = run_mapper(source, {"disk": "/dev/sda", "text": True}, bus=bus, limits=limits)
-    except MapperFailed as e:
-        raise DiskwatchError(f"block map of {source.description or 'the disk'}: {e}") from None
+    if more:
+        answer = _vm_job(source, more, bus, limits)
+    else:
+        try:
+            answer = run_mapper(source, {"disk": "/dev/sda", "text": True}, bus=bus,
+                                limits=limits)
+        except MapperFailed as e:
+            raise DiskwatchError(f"block map of {source.description or 'the disk'}: {e}") from None
     info = answer.info
     try:
         filesystems = [FilesystemReport(**f) for f in info["filesystems"]]
@@ -163,7 +145,20 @@ def make_bmap(
         say(f"bmap: {w}", "warning")
     header = [f"diskwatch block map of {source.description or 'a disk'} ({source.size} bytes), "
               f"method {method}"]
-    watch = {f.device: f for f in filesystems if f.method == "watch"}
+    for k, other in enumerate(more, 2):
+        header.append(f"disk {k} {device_name(k)}: {other.description or 'a disk'} "
+                      f"({other.size} bytes)")
+    # The watch method serves the first disk only (its appliance names it
+    # /dev/sda): a volume on another disk, or across disks, is not its.
+    watch = {f.device: f for f in filesystems if f.method == "watch" and set(f.disks) <= {1}}
+    for f in filesystems:
+        if f.method == "watch" and f.device not in watch:
+            why = (f"{f.device} {f.fstype or 'LV'}: not mapped: the watch method maps the "
+                   "first disk only")
+            result.methods[f.device] = "none"
+            result.warnings.append(why)
+            header.append(why)
+            say(f"bmap: {why}", "warning")
     for f in filesystems:
         if f.method == "metadata":
             _mapped_by_metadata(f, result, header)
@@ -220,8 +215,6 @@ def make_bmap(
                                      else "not mapped (the watch method could not mount it)"))
                 for s in res.skipped:
                     result.warnings.append(f"skipped {s.kind} {s.device} {s.path}: {s.reason}")
-    others = [_other_disk(src, k, bus, limits, result, header)
-              for k, src in enumerate(more, 2)]
     header.append("names starting with $ in a filesystem's root are its structures: NTFS's own "
                   "system files; for ext2/3/4 and FAT diskwatch's names ($Journal, $InodeTable, "
                   "$FAT1...); PATH:STREAM is a named data stream, PATH:$extents a file's "
@@ -236,10 +229,13 @@ def make_bmap(
         else:
             write_bmap(f, entries, header=header)
             result.entries = len(entries)
-        for text, blockmap in others:
-            f.write(text)
-            result.more.append(blockmap)
-            result.entries += len(blockmap)
+            if more:  # disk 1's map from the file (the watch method added to it)
+                result.entries -= sum(len(m) for m in answer.more)
+    if more:
+        result.more = list(answer.more)
+        result.entries += sum(len(m) for m in answer.more)
+        if len(result.more) != len(more):
+            raise DiskwatchError("block map: the mapper's answer is malformed") from None
     result.elapsed = time.monotonic() - t0
     rate = result.objects / result.elapsed if result.elapsed > 0 else 0.0
     by = ", ".join(f"{d} {m}" for d, m in result.methods.items())

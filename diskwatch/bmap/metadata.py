@@ -88,6 +88,7 @@ __all__ = [
     "MetadataError",
     "MetadataResult",
     "map_metadata",
+    "map_vm",
     "probe_signature",
 ]
 
@@ -235,6 +236,50 @@ def map_metadata(
     return result
 
 
+def map_vm(
+    source: Source,
+    disks: list[tuple[str, int, int]],
+    *,
+    bus: Bus | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> MetadataResult:
+    """The disks of a VM mapped together (``vm.py``): ``source`` is their
+    ``DiskSet``, ``disks`` each one's (device, base, size) in it. As
+    ``map_metadata``, but volumes may span disks (an LVM volume group, an
+    md array), and the entries come back on their own disk (the first
+    field, from 1) at that disk's offsets. Each report's ``disks`` says
+    which disks its volume is on. Never raises for bad metadata."""
+    from .vm import disk_of, find_vm_volumes, split_by_disk
+    pytsk3 = _import_tsk()
+    t0 = time.monotonic()
+    progress = _Publisher(bus, t0)
+    cancelled = cancelled or (lambda: False)
+    result = MetadataResult()
+    progress.publish("devices", ", ".join(d for d, _, _ in disks), force=True)
+    entries = result.entries
+    for device, base, size in disks:
+        entries.append(BmapEntry(1, base, base + size, "v", device))
+    volumes, warnings, structures = find_vm_volumes(source, disks)
+    result.volumes = volumes
+    result.warnings += warnings
+    for (device, _, _), (base, found) in zip(disks, structures, strict=True):
+        for name, ranges in found.items():
+            entries += [BmapEntry(1, base + s, base + e, "f", device, name) for s, e in ranges]
+    for v in volumes:
+        if v.kind != "v":
+            entries += [BmapEntry(1, s, e, v.kind, v.device) for s, e in v.disk_ranges()]
+    progress.done = len(disks) + len(volumes)
+    for v in volumes:
+        report = _map_volume(pytsk3, source, v, entries, progress, cancelled, None, None)
+        report.disks = disk_of(v, disks)
+        result.filesystems.append(report)
+        if report.warning:
+            result.warnings.append(report.warning)
+    result.entries = split_by_disk(entries, disks)
+    result.elapsed = time.monotonic() - t0
+    return result
+
+
 def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
                 progress: _Publisher, cancelled: Callable[[], bool],
                 journal: list[BmapEntry] | None = None,
@@ -242,6 +287,10 @@ def _map_volume(pytsk3, source: Source, v: Volume, entries: list[BmapEntry],
     if not v.segments:
         return FilesystemReport(v.device, "", "watch" if v.kind == "l" else "none",
                                 warning="; ".join(v.notes))
+    if v.type_hint == "luks-payload":
+        return FilesystemReport(v.device, "encrypted (LUKS): no key, one object", "none")
+    if v.type_hint == "linux_raid_member":
+        return FilesystemReport(v.device, v.type_hint, "none")
     vsrc = VolumeSource(source, v)
     try:
         signature = probe_signature(vsrc)

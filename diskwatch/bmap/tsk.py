@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import DiskwatchError
 from ..events import Bus, Progress
@@ -67,6 +67,8 @@ class FilesystemReport:
     warning: str = ""
     #: ext3/4: what its journal held that the walk read (``jbd2.py``)
     journal: str = ""
+    #: the disks (from 1) its volume is on, when a VM's disks are mapped together
+    disks: list[int] = field(default_factory=list)
 
 
 class _Cancelled(Exception):
@@ -144,7 +146,8 @@ class _Filesystem:
         self.device = vol.device
         segs = vol.segments
         #: volume offset -> disk offset, when that is one addition
-        self.shift: int | None = segs[0][1] if len(segs) == 1 and segs[0][0] == 0 else None
+        self.shift: int | None = (segs[0][1] if len(segs) == 1 and segs[0][0] == 0
+                                  and not vol.mirrors else None)
         self.vol_size = vol.size
         ftype = int(fs.info.ftype)
         self.is_ntfs = bool(ftype & int(pytsk3.TSK_FS_TYPE_NTFS_DETECT))

@@ -11,9 +11,16 @@ named the way Linux (and so libguestfs, and so the watch method) names it:
   (empty entries keep their number, as in Linux).
 - LVM2: ``/dev/VG/LV``. The physical volume's label and its text metadata
   (the same text ``vgcfgbackup`` writes) say where each LV's segments lie;
-  a linear LV (every segment one stripe on a PV of this disk) is a list of
-  pieces of the disk, anything else (striped, mirror, raid, thin, a PV on
-  another disk) is reported as not linear.
+  a linear LV (every segment one stripe on a PV found) is a list of
+  pieces of the disks, anything else (striped, mirror, raid, thin, a PV on
+  a disk not mapped) is reported as not linear. The PVs are found by their
+  UUID on whichever disk holds them (partitions, whole disks, md arrays):
+  mapped together (``find_vm_volumes``), the disks of a VM are one address
+  space, each disk at its own base (``vm.py``).
+- md RAID (``md.py``): ``/dev/md/NAME``; RAID1 is its first member's data
+  with the others as mirrors, RAID0/10 their chunks.
+- LUKS (``luks.py``): the encrypted payload is one object,
+  ``/dev/mapper/luks-UUID`` (there is no key to read inside).
 
 A volume is a list of linear *segments* ``(volume offset, disk offset,
 length)``; ``VolumeSource`` reads a volume through them, so a filesystem
@@ -32,11 +39,13 @@ from __future__ import annotations
 import re
 import struct
 import zlib
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from ..sources.base import Source
 
-__all__ = ["NO_FILESYSTEM", "Volume", "VolumeSource", "find_volumes", "lvm_volumes", "read_at"]
+__all__ = ["NO_FILESYSTEM", "Volume", "VolumeSource", "assemble", "find_partitions", "find_volumes",
+           "lvm_assemble", "lvm_volumes", "read_at", "through"]
 
 SECTOR = 512
 _EXTENDED = {0x05, 0x0F, 0x85}
@@ -58,11 +67,17 @@ class Volume:
     """A partition, a logical volume, or the whole disk when it holds a
     filesystem with no partition table."""
 
-    device: str  # /dev/sda1, /dev/vg0/root, /dev/sda
-    kind: str  # bmap TYPE: "p" partition, "l" logical volume, "v" whole disk
+    device: str  # /dev/sda1, /dev/vg0/root, /dev/sda, /dev/md/md0
+    kind: str  # bmap TYPE: "p" partition, "l" logical volume (LV, md array, LUKS), "v" whole disk
     segments: list[tuple[int, int, int]]  # (volume offset, disk offset, length)
     type_hint: str = ""  # from the table: "lvm", "extended" ... ("" unknown)
     notes: list[str] = field(default_factory=list)
+    #: other copies of the volume's bytes (a RAID1 array's other members, a
+    #: RAID10's other copies): segments like ``segments``, each list maybe
+    #: covering part of the volume only. Reads go to ``segments``; a file's
+    #: ranges are named on every copy.
+    mirrors: list[list[tuple[int, int, int]]] = field(default_factory=list)
+    _starts: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -73,18 +88,58 @@ class Volume:
         """Disk offset of the volume's first byte."""
         return self.segments[0][1] if self.segments else 0
 
+    def all_segments(self) -> list[tuple[int, int, int]]:
+        """Every copy's segments: the volume's own, then its mirrors'."""
+        return self.segments + [s for m in self.mirrors for s in m]
+
     def disk_ranges(self) -> list[tuple[int, int]]:
-        return [(d, d + n) for _, d, n in self.segments]
+        return [(d, d + n) for _, d, n in self.all_segments()]
 
     def to_disk(self, start: int, end: int) -> list[tuple[int, int]]:
         """Volume byte range [start, end) -> disk byte ranges (pieces outside
-        the volume are dropped)."""
+        the volume are dropped), on the volume's segments then on each of
+        its mirrors."""
+        out = [(d, d + n) for _, d, n in self.pieces(self.segments, start, end)]
+        for m in self.mirrors:
+            out += [(d, d + n) for _, d, n in self.pieces(m, start, end)]
+        return out
+
+    def read_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Where [start, end) of the volume is read from (its own segments)."""
+        return [(d, d + n) for _, d, n in self.pieces(self.segments, start, end)]
+
+    def pieces(self, segs: list[tuple[int, int, int]], start: int,
+               end: int) -> list[tuple[int, int, int]]:
+        """[start, end) of the volume through ``segs``: (volume offset, disk
+        offset, length) of each piece. A long list (a RAID0's chunks, sorted
+        by volume offset as they are made) is searched by bisection."""
+        if len(segs) <= 8:
+            found = segs
+        else:
+            key = id(segs)
+            cached = self._starts.get(key)
+            if cached is None or cached[0] != len(segs):
+                cached = self._starts[key] = (len(segs), [s[0] for s in segs])
+            i = max(bisect_right(cached[1], start) - 1, 0)
+            j = bisect_left(cached[1], end, lo=i)
+            found = segs[i:j]
         out = []
-        for vs, ds, n in self.segments:
+        for vs, ds, n in found:
             lo, hi = max(start, vs), min(end, vs + n)
             if lo < hi:
-                out.append((ds + lo - vs, ds + hi - vs))
+                out.append((lo, ds + lo - vs, hi - lo))
         return out
+
+
+def through(vol: Volume, segs: list[tuple[int, int, int]]
+            ) -> tuple[list[tuple[int, int, int]], list[list[tuple[int, int, int]]]]:
+    """Segments ``(outer offset, offset in vol, length)`` of something inside
+    ``vol`` (an LV on a PV, an md array on its member) -> the same on the
+    disk: (its segments, its mirrors' segments)."""
+    own = [(o + lo - vo, d, n) for o, vo, k in segs for lo, d, n in vol.pieces(vol.segments, vo, vo + k)]
+    mirrors = [[(o + lo - vo, d, n) for o, vo, k in segs for lo, d, n in vol.pieces(m, vo, vo + k)]
+               for m in vol.mirrors]
+    return own, [m for m in mirrors if m]
 
 
 def read_at(source: Source, offset: int, length: int) -> bytes:
@@ -107,7 +162,7 @@ class VolumeSource(Source):
 
     def pread(self, offset: int, length: int) -> bytes:
         out = []
-        for s, e in self.volume.to_disk(offset, offset + length):
+        for s, e in self.volume.read_ranges(offset, offset + length):
             data = read_at(self.disk, s, e - s)
             out.append(data)
             if len(data) < e - s:
@@ -234,10 +289,10 @@ def disk_structures(source: Source, volumes: list[Volume]) -> dict[str, list[tup
             for name, ranges in out.items()}
 
 
-def find_volumes(source: Source, disk: str = "/dev/sda") -> tuple[list[Volume], list[str]]:
-    """The partitions of the disk (or the disk itself when it has no
-    partition table), then the logical volumes of LVM physical volumes
-    found on them. Returns (volumes, warnings); never raises for bad tables."""
+def find_partitions(source: Source, disk: str = "/dev/sda") -> tuple[list[Volume], list[str]]:
+    """The partitions of the disk, or the disk itself (one ``v`` volume)
+    when it has no partition table. Returns (volumes, warnings); never
+    raises for bad tables."""
     warnings: list[str] = []
     mbr = read_at(source, 0, SECTOR)
     parts: list[Volume] | None = None
@@ -256,14 +311,35 @@ def find_volumes(source: Source, disk: str = "/dev/sda") -> tuple[list[Volume], 
     if not parts:
         # No partition table: the whole disk may be one filesystem (or PV).
         parts = [Volume(disk, "v", [(0, 0, source.size)], "whole")]
-    volumes = list(parts)
-    for v in parts:
-        if is_lvm_pv(VolumeSource(source, v)):
-            lvs, lv_warnings = lvm_volumes(source, v)
-            v.type_hint = "LVM2_member"
-            volumes += lvs
-            warnings += lv_warnings
-    return volumes, warnings
+    return parts, warnings
+
+
+def assemble(source: Source, parts: list[Volume], warnings: list[str]) -> list[Volume]:
+    """What ``parts`` (partitions and whole disks, of one disk or of every
+    disk of a VM, their segments on ``source``) hold that is a volume of its
+    own: md RAID arrays (``md.py``), LVM logical volumes (their physical
+    volumes found by UUID on any of ``parts`` or on an md array), LUKS
+    containers' encrypted payload (``luks.py``). The members are marked
+    (``type_hint``) so that no one walks them as filesystems."""
+    from .luks import luks_volumes
+    from .md import md_volumes
+    arrays = md_volumes(source, parts, warnings)
+    candidates = [v for v in parts + arrays if v.segments and v.type_hint != "linux_raid_member"]
+    pvs = [v for v in candidates if is_lvm_pv(VolumeSource(source, v))]
+    for v in pvs:
+        v.type_hint = "LVM2_member"
+    lvs = lvm_assemble(source, pvs, warnings)
+    plain = [v for v in candidates + [lv for lv in lvs if lv.segments] if v not in pvs]
+    return arrays + lvs + luks_volumes(source, plain, warnings)
+
+
+def find_volumes(source: Source, disk: str = "/dev/sda") -> tuple[list[Volume], list[str]]:
+    """The partitions of the disk (or the disk itself when it has no
+    partition table), then the volumes inside them (``assemble``: md
+    arrays, LVM logical volumes, LUKS payloads) whose members are on this
+    disk. Returns (volumes, warnings); never raises for bad tables."""
+    parts, warnings = find_partitions(source, disk)
+    return parts + assemble(source, parts, warnings), warnings
 
 
 def _plausible_dos(mbr: bytes, entries: list[tuple[int, int, int]], size: int) -> bool:
@@ -322,6 +398,8 @@ def _pv_metadata(vol: Source) -> tuple[str, str]:
         loc_off, loc_size = struct.unpack_from("<QQ", mda, 40)
         if loc_size == 0:
             continue
+        if loc_size > MAX_LVM_TEXT:
+            raise ValueError(f"metadata of {loc_size} bytes, over {MAX_LVM_TEXT}")
         text = read_at(vol, mda_off + loc_off, loc_size)
         return _format_uuid(uuid), text.rstrip(b"\0").decode("utf-8", "replace")
     raise ValueError("no LVM2 metadata area with metadata")
@@ -384,40 +462,92 @@ def parse_lvm_text(text: str) -> dict:
     return block()
 
 
-def lvm_volumes(source: Source, pv: Volume) -> tuple[list[Volume], list[str]]:
-    """The logical volumes whose every segment is one stripe on this PV, as
-    pieces of the disk; the others are returned with no segments and a note
-    (the caller maps them another way or not at all)."""
-    warnings: list[str] = []
+#: the metadata text read at most (LVM's default area is 1 MiB; the text a
+#: few KiB): a guest's label saying more is not believed
+MAX_LVM_TEXT = 4 << 20
+
+
+def _pv_of(source: Source, pv: Volume) -> tuple[str, dict]:
+    uuid, text = _pv_metadata(VolumeSource(source, pv))
     try:
-        uuid, text = _pv_metadata(VolumeSource(source, pv))
-        meta = parse_lvm_text(text)
-    except (ValueError, IndexError, OSError) as e:
-        return [], [f"{pv.device}: LVM physical volume whose metadata cannot be read ({e})"]
-    vgs = [(k, v) for k, v in meta.items() if isinstance(v, dict) and "physical_volumes" in v]
-    out: list[Volume] = []
-    for vg_name, vg in vgs:
+        return uuid, parse_lvm_text(text)
+    except RecursionError:
+        raise ValueError("metadata nested too deep") from None
+
+
+def lvm_volumes(source: Source, pv: Volume) -> tuple[list[Volume], list[str]]:
+    """The logical volumes of the one PV ``pv`` (``lvm_assemble`` of it alone)."""
+    warnings: list[str] = []
+    return lvm_assemble(source, [pv], warnings), warnings
+
+
+def lvm_assemble(source: Source, pvs: list[Volume], warnings: list[str]) -> list[Volume]:
+    """The logical volumes of the volume groups whose physical volumes are
+    ``pvs`` (found by their UUID, on whichever disk they are): a linear LV
+    (every segment one stripe on a PV found) is its pieces of the disks, in
+    order; the others are returned with no segments and a note (the caller
+    maps them another way or not at all). A volume group's metadata is the
+    newest (highest ``seqno``) its PVs hold."""
+    found: dict[str, Volume] = {}
+    groups: dict[str, tuple[int, str, dict]] = {}
+    for pv in pvs:
         try:
-            out += _linear_lvs(source, pv, uuid, vg_name, vg, warnings)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            warnings.append(f"{pv.device}: volume group {vg_name} whose metadata cannot be "
+            uuid, meta = _pv_of(source, pv)
+        except (ValueError, IndexError, OSError) as e:
+            warnings.append(f"{pv.device}: LVM physical volume whose metadata cannot be read ({e})")
+            continue
+        if uuid in found:
+            warnings.append(f"{pv.device}: LVM physical volume {uuid} is also {found[uuid].device}"
+                            ": the second is not used")
+            continue
+        found[uuid] = pv
+        for name, vg in meta.items():
+            if not isinstance(vg, dict) or "physical_volumes" not in vg:
+                continue
+            key = str(vg.get("id", name))
+            seqno = vg.get("seqno", 0)
+            seqno = seqno if isinstance(seqno, int) else 0
+            if key not in groups or seqno > groups[key][0]:
+                groups[key] = (seqno, name, vg)
+    out: list[Volume] = []
+    for _, vg_name, vg in groups.values():
+        try:
+            pvdict = vg.get("physical_volumes", {})
+            here = {name: found[p["id"]] for name, p in pvdict.items()
+                    if isinstance(p, dict) and p.get("id") in found}
+            out += _vg_lvs(source, here, vg_name, vg, warnings)
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
+            warnings.append(f"volume group {vg_name} whose metadata cannot be "
                             f"read ({type(e).__name__}: {e})"[:200])
-    return out, warnings
+    return out
 
 
 def _linear_lvs(source: Source, pv: Volume, uuid: str, vg_name: str, vg: dict,
                 warnings: list[str]) -> list[Volume]:
+    """The LVs of ``vg`` with the one PV ``pv`` (whose UUID is ``uuid``) found."""
+    pvs = vg.get("physical_volumes", {})
+    here = {name: pv for name, p in pvs.items() if isinstance(p, dict) and p.get("id") == uuid}
+    return _vg_lvs(source, here, vg_name, vg, warnings)
+
+
+def _vg_lvs(source: Source, here: dict[str, Volume], vg_name: str, vg: dict,
+            warnings: list[str]) -> list[Volume]:
+    """The LVs of ``vg``; ``here``: its PVs found, by their name in ``vg``."""
     out: list[Volume] = []
     extent = int(vg.get("extent_size", 0)) * SECTOR
     pvs = vg.get("physical_volumes", {})
-    here = {name for name, p in pvs.items() if isinstance(p, dict) and p.get("id") == uuid}
     pe_start = {name: int(p.get("pe_start", 0)) * SECTOR for name, p in pvs.items()
                 if isinstance(p, dict)}
-    for lv_name, lv in vg.get("logical_volumes", {}).items():
+    lvs = vg.get("logical_volumes", {})
+    for lv_name, lv in (lvs.items() if isinstance(lvs, dict) else ()):
         if not isinstance(lv, dict) or "VISIBLE" not in lv.get("status", []):
             continue
         device = f"/dev/{vg_name}/{lv_name}"
+        if not _SAFE_NAME.fullmatch(f"{vg_name}/{lv_name}"):
+            warnings.append(f"{device!r}: an LV name LVM would not make: not mapped"[:200])
+            continue
         segments: list[tuple[int, int, int]] | None = []
+        mirrors: list[list[tuple[int, int, int]]] = []
         why = ""
         for _key, seg in sorted(
             ((k, s) for k, s in lv.items() if k.startswith("segment") and isinstance(s, dict)),
@@ -429,24 +559,35 @@ def _linear_lvs(source: Source, pv: Volume, uuid: str, vg_name: str, vg: dict,
                 segments = None
                 break
             pv_name, first_pe = stripes
-            if pv_name not in here:
-                why = "a segment on another disk"
+            pv = here.get(pv_name)
+            if pv is None:
+                why = "a segment on another disk (its physical volume is not on the disks mapped)"
                 segments = None
                 break
             start = int(seg["start_extent"]) * extent
             length = int(seg["extent_count"]) * extent
-            disk = pv.offset + pe_start[pv_name] + int(first_pe) * extent
+            inside = pe_start[pv_name] + int(first_pe) * extent  # offset in the PV
             # The metadata is the guest's: a segment is kept only inside
-            # the disk (numbers past it overflowed the map, failing the
+            # its PV (numbers past it overflowed the map, failing the
             # whole walk: found by tests/test_mapper_fuzz.py).
-            if min(start, length, disk) < 0 or disk >= source.size or start >= 1 << 62:
+            if min(start, length, inside) < 0 or inside >= pv.size or start >= 1 << 62:
                 why = "a segment outside the disk"
                 segments = None
                 break
-            segments.append((start, disk, min(length, source.size - disk)))
+            own, copies = through(pv, [(start, inside, min(length, pv.size - inside))])
+            segments += own
+            for i, m in enumerate(copies):
+                if i < len(mirrors):
+                    mirrors[i] += m
+                else:
+                    mirrors.append(m)
         if segments is None:
             out.append(Volume(device, "l", [], "lvm-not-linear", [f"not linear: {why}"]))
             warnings.append(f"{device}: not a linear LV ({why})")
         elif segments:
-            out.append(Volume(device, "l", segments, "lvm"))
+            out.append(Volume(device, "l", segments, "lvm", mirrors=mirrors))
     return out
+
+
+#: names LVM makes (letters, digits, + _ . -); a device name holds no space or newline
+_SAFE_NAME = re.compile(r"[A-Za-z0-9+_.\-]{1,128}/[A-Za-z0-9+_.\-]{1,128}")

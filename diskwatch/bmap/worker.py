@@ -81,7 +81,7 @@ import sys
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import DiskwatchError
 
@@ -133,6 +133,8 @@ class MapperAnswer:
     #: an update's answer: (objects gone, ranges added) for ``BlockMap.patched``
     #: of the map the process last answered (``blockmap`` is then None)
     patch: tuple | None = None
+    #: a ``vm`` job's other disks' maps (disk 2, ...; ``blockmap`` is disk 1's)
+    more: list = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------
@@ -148,7 +150,10 @@ def run_mapper(source, job: dict, *, old_flat: bytes | None = None, bus=None,
     which serves the mapper's reads. ``job``: ``disk`` (the device name,
     "/dev/sda"), ``text`` (also answer the map's lines). With ``old_flat``
     (``BlockMap.to_flat()`` of the map in use) the mapper keeps what it could
-    not read from it and says how the maps differ. Raises ``MapperFailed``
+    not read from it and says how the maps differ. A ``vm`` job (``"kind":
+    "vm", "disks": [[device, size], ...]``) maps the disks of a VM
+    together: ``source`` is their ``vm.DiskSet``, and the answer has a map
+    per disk (``blockmap``, then ``more``). Raises ``MapperFailed``
     (one line) for every way it can end without an answer; never anything
     else for what the disk holds."""
     session = MapperSession(source, limits=limits)
@@ -362,10 +367,20 @@ def _answer(payload: bytes, BlockMap) -> MapperAnswer:
             raise ValueError("lengths do not add up")
         start = 4 + ilen
         patch = None
+        more: list = []
         if info.get("same") is True and flat_len == 0:
             blockmap = None  # an update that changed nothing: the map in use stays
         elif "patch" in info:
             blockmap, patch = None, _patch(info["patch"], mv[start:start + flat_len])
+        elif "flats" in info:  # a vm job: one map per disk, one after the other
+            lengths = [int(n) for n in info["flats"]]
+            if not lengths or min(lengths) < 0 or sum(lengths) != flat_len:
+                raise ValueError("the disks' maps do not add up")
+            at, maps = start, []
+            for n in lengths:
+                maps.append(BlockMap.from_flat(mv[at:at + n]))
+                at += n
+            blockmap, more = maps[0], maps[1:]
         else:
             blockmap = BlockMap.from_flat(mv[start:start + flat_len])
         text = bytes(mv[start + flat_len:start + flat_len + text_len])
@@ -373,7 +388,7 @@ def _answer(payload: bytes, BlockMap) -> MapperAnswer:
                    else None)
     except (struct.error, ValueError, KeyError, TypeError) as e:
         raise MapperFailed(f"the mapper's answer is malformed ({e})") from None
-    return MapperAnswer(info, blockmap, text, journal, patch)
+    return MapperAnswer(info, blockmap, text, journal, patch, more)
 
 
 def _patch(head: dict, packed: memoryview) -> tuple[set, list]:
@@ -578,8 +593,11 @@ def main(argv: list[str]) -> int:
         from .format import BmapEntry, _sort_key, format_entry  # noqa: F401
         from .incremental import MapperState, NeedsFullWalk  # noqa: F401
         from .index import BlockMap  # noqa: F401
-        from .metadata import MetadataError, _import_tsk, map_metadata  # noqa: F401
+        from .luks import luks_volumes  # noqa: F401 - volumes.assemble's, imported late
+        from .md import md_volumes  # noqa: F401
+        from .metadata import MetadataError, _import_tsk, map_metadata, map_vm  # noqa: F401
         from .ntfs import map_ntfs  # noqa: F401 - NTFS that TSK refuses
+        from .vm import find_vm_volumes  # noqa: F401
         with contextlib.suppress(ImportError):
             import pyfsntfs  # noqa: F401
         for name in ("utf-8", "utf-16-be", "utf-16-le", "utf-16", "latin-1", "ascii", "cp437"):
@@ -623,6 +641,9 @@ def _job(channel: _Channel, job: dict, source: _ChannelSource, old_flat, confine
     read again what they name, ``incremental.py``) or the whole walk.
     Returns the state the next update starts from."""
     from .incremental import NeedsFullWalk
+    if job.get("kind") == "vm":
+        _walk_vm(channel, job, source, confined)
+        return None
     why_full = ""
     if job.get("kind") == "update":
         if state is None:
@@ -710,6 +731,53 @@ def _walk(channel: _Channel, job: dict, source: _ChannelSource, old_flat, confin
     head = json.dumps(info).encode()
     channel.send(b"A", b"".join((struct.pack("<I", len(head)), head, flat, text, journal)))
     return state
+
+
+#: disks of one VM mapped together at most (device_name: /dev/sda to /dev/sdz)
+MAX_DISKS = 26
+
+
+def vm_layout(job: dict, size: int) -> list[tuple[str, int, int]]:
+    """A ``vm`` job's disks as (device, base, size): end to end, filling
+    ``size`` (the ``DiskSet`` the parent serves) exactly."""
+    disks = job.get("disks")
+    if not isinstance(disks, list) or not 1 <= len(disks) <= MAX_DISKS:
+        raise ValueError("a vm job names 1 to 26 disks")
+    out, base = [], 0
+    for device, n in disks:
+        if not isinstance(device, str) or not isinstance(n, int) or n < 0:
+            raise ValueError("a vm job's disk is malformed")
+        out.append((device, base, n))
+        base += n
+    if base != size:
+        raise ValueError("a vm job's disks do not add up to its size")
+    return out
+
+
+def _walk_vm(channel: _Channel, job: dict, source: _ChannelSource, confined: str) -> None:
+    """The VM's disks mapped together (``metadata.map_vm``): one map per
+    disk (their flat forms one after the other, ``flats`` their lengths)
+    and the lines of all of them."""
+    from .format import _sort_key, format_entry
+    from .index import BlockMap
+    from .metadata import map_vm
+    t0 = time.monotonic()
+    disks = vm_layout(job, source.size)
+    meta = map_vm(source, disks, bus=_ProgressBus(channel))
+    info: dict = {
+        "filesystems": [vars(f) for f in meta.filesystems], "warnings": meta.warnings,
+        "objects": meta.objects, "elapsed": meta.elapsed, "reads": source.reads,
+        "confined": confined,
+    }
+    text = b""
+    if job.get("text"):
+        text = b"".join(map(format_entry, sorted(meta.entries, key=_sort_key)))
+    flats = [BlockMap(meta.entries, disk=k).to_flat() for k in range(1, len(disks) + 1)]
+    info["flats"] = [len(f) for f in flats]
+    info["flat"], info["text"], info["journal"] = sum(info["flats"]), len(text), 0
+    info["mapped"] = time.monotonic() - t0
+    head = json.dumps(info).encode()
+    channel.send(b"A", b"".join((struct.pack("<I", len(head)), head, *flats, text)))
 
 
 #: the object types a remap keeps from the old map where the walk could not read

@@ -1,0 +1,369 @@
+"""Maps across disks (issue 20 item 2): LVM volume groups and md RAID over
+the disks of one VM, mapped together.
+
+The images are made by libguestfs in one appliance launch (six small raw
+disks): an LVM volume group over a partition of disk A and the whole of
+disk B, with an ext4 LV spanning both; and an md RAID1 (1.2 metadata) and
+RAID0 over partitions of disks C and D, plus a RAID1 with 0.90 metadata
+over E and F. The ground truth is LVM's own report of the LV's segments
+(``lvs --segments``, ``pvs -o pe_start``) and mdadm's (``--examine``: the
+data offset, the chunk, each member's role), run in the appliance,
+combined with debugfs on the LV's or array's content downloaded to a file;
+each file's bytes are also read back at the disk offsets the map names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import time
+
+import pytest
+from fixtures_images import GUESTFS_ENV, content
+from fixtures_server import run_diskwatch
+from groundtruth import ext4_file_ranges
+
+from diskwatch.bmap.format import read_bmap
+from diskwatch.bmap.make import make_bmap
+from diskwatch.sources.file import FileSource
+
+MiB = 1 << 20
+#: files of the spanning LV: several MiB each, so that some cross from disk A's PV to disk B's
+LV_FILES = {f"/big/f{i}": 3 * MiB + 4096 * i + 123 for i in range(9)} | {"/small.txt": 5000}
+MD_FILES = {"/data/one": 300_000, "/data/two": 1_500_000, "/etc/conf": 900}
+
+pytestmark = [pytest.mark.skipif(shutil.which("debugfs") is None, reason="needs e2fsprogs"),
+              pytest.mark.slow]  # one libguestfs launch (about 75 s under TCG) for the module
+
+
+def _sh(g, cmd: str) -> str:
+    return g.debug("sh", [cmd])
+
+
+def _fill(g, device: str, files: dict[str, int]) -> None:
+    g.mkfs("ext4", device, blocksize=4096)
+    g.mount(device, "/")
+    for p, n in files.items():
+        g.mkdir_p(os.path.dirname(p))
+        g.write(p, content(device + p, n))
+    g.umount("/")
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory):
+    """Six raw disks made in one libguestfs launch, and what LVM and mdadm
+    say of them."""
+    os.environ.update(GUESTFS_ENV)
+    guestfs = pytest.importorskip("guestfs")
+    d = tmp_path_factory.mktemp("vm-disks")
+    sizes = {"a": 24, "b": 40, "c": 24, "d": 24, "e": 16, "f": 16}
+    paths = {}
+    for name, mb in sizes.items():
+        paths[name] = d / f"{name}.img"
+        with open(paths[name], "wb") as f:
+            f.truncate(mb * MiB)
+    t0 = time.monotonic()
+    g = guestfs.GuestFS(python_return_dict=True)
+    g.set_backend("direct")
+    g.set_backend_settings(["force_tcg"])
+    try:
+        for name in sizes:
+            g.add_drive_opts(os.fspath(paths[name]), format="raw", readonly=False)
+        g.launch()
+        # LVM: /dev/sda1 (a partition) and /dev/sdb (a whole disk) in one VG
+        g.part_init("/dev/sda", "mbr")
+        g.part_add("/dev/sda", "p", 2048, -1)
+        g.part_set_mbr_id("/dev/sda", 1, 0x8E)
+        g.pvcreate("/dev/sda1")
+        g.pvcreate("/dev/sdb")
+        g.vgcreate("vgx", ["/dev/sda1", "/dev/sdb"])
+        g.lvcreate("pad", "vgx", 8)  # the spanning LV starts inside the first PV
+        g.lvcreate_free("span", "vgx", 100)
+        _fill(g, "/dev/vgx/span", LV_FILES)
+        segs = _sh(g, "lvm lvs --segments --noheadings --units b --nosuffix --separator : "
+                      "-o lv_name,seg_start,seg_size,vg_extent_size,seg_pe_ranges vgx")
+        pe_start = _sh(g, "lvm pvs --noheadings --units b --nosuffix --separator : "
+                          "-o pv_name,pe_start")
+        g.download("/dev/vgx/span", os.fspath(d / "span.lv"))
+        # md: RAID1 (1.2) on sdc1+sdd1, RAID0 (1.2, 64 KiB chunks) on sdc2+sdd2
+        for disk in ("/dev/sdc", "/dev/sdd"):
+            g.part_init(disk, "mbr")
+            g.part_add(disk, "p", 2048, 2048 + 10 * 2048 - 1)
+            g.part_add(disk, "p", 2048 + 10 * 2048, -1)
+        g.md_create("mirror", ["/dev/sdc1", "/dev/sdd1"], level="raid1")
+        g.md_create("stripe", ["/dev/sdc2", "/dev/sdd2"], level="raid0", chunk=65536)
+        examine = {p: _sh(g, f"mdadm --examine {p}")
+                   for p in ("/dev/sdc1", "/dev/sdd1", "/dev/sdc2", "/dev/sdd2")}
+        # 0.90 metadata (at the members' end) on sde1+sdf1
+        for disk in ("/dev/sde", "/dev/sdf"):
+            g.part_init(disk, "mbr")
+            g.part_add(disk, "p", 2048, -1)
+        _sh(g, "mdadm --create /dev/md9 --run --metadata=0.90 --level=1 --raid-devices=2 "
+               "/dev/sde1 /dev/sdf1")
+        mds = {}
+        for name, dev in (("mirror", "/dev/md/mirror"), ("stripe", "/dev/md/stripe"),
+                          ("old", "/dev/md9")):
+            _fill(g, dev, MD_FILES)
+            g.download(dev, os.fspath(d / f"{name}.md"))
+            mds[name] = dev
+        examine.update((p, _sh(g, f"mdadm --examine {p}")) for p in ("/dev/sde1", "/dev/sdf1"))
+        parts = {disk: {p["part_num"]: p["part_start"] for p in g.part_list(disk)}
+                 for disk in ("/dev/sda", "/dev/sdc", "/dev/sdd", "/dev/sde", "/dev/sdf")}
+        g.sync()
+        g.shutdown()
+    finally:
+        g.close()
+    return {"dir": d, "paths": paths, "segs": segs, "pe_start": pe_start, "examine": examine,
+            "parts": parts, "built": time.monotonic() - t0}
+
+
+def _by_file(bmap) -> dict[tuple[str, str], list[tuple[int, int, int]]]:
+    out: dict = {}
+    for e in read_bmap(bmap):
+        if e.type == "f":
+            out.setdefault((e.device, e.path), []).append((e.disk, e.start, e.end))
+    return out
+
+
+def _lv_truth(vm) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """LVM's own word: the span LV's segments as (LV offset, length, disk
+    index in the VM (a=1, b=2), disk offset)."""
+    starts = {}
+    for line in vm["pe_start"].split():
+        name, pe = line.strip().split(":")
+        starts[name] = int(pe)
+    disk_of = {"/dev/sda1": 1, "/dev/sdb": 2}
+    part = {"/dev/sda1": vm["parts"]["/dev/sda"][1], "/dev/sdb": 0}
+    out = []
+    for line in vm["segs"].split():
+        lv, start, size, extent, ranges = line.strip().split(":", 4)
+        if lv != "span":
+            continue
+        pv, pes = ranges.rsplit(":", 1)
+        first = int(pes.split("-")[0])
+        out.append((int(start), int(size), disk_of[pv],
+                    part[pv] + starts[pv] + first * int(extent)))
+    return len(out), sorted(out)
+
+
+def _through(segments, ranges) -> list[tuple[int, int, int]]:
+    """Volume byte ranges -> (disk, start, end) through (vol offset, length, disk, disk offset)."""
+    out = []
+    for s, e in ranges:
+        for vs, n, disk, ds in segments:
+            lo, hi = max(s, vs), min(e, vs + n)
+            if lo < hi:
+                out.append((disk, ds + lo - vs, ds + hi - vs))
+    return out
+
+
+def _merged(ranges) -> list[tuple[int, int, int]]:
+    out: list[list[int]] = []
+    for disk, s, e in sorted(ranges):
+        if out and out[-1][0] == disk and out[-1][2] == s:
+            out[-1][2] = e
+        else:
+            out.append([disk, s, e])
+    return [tuple(r) for r in out]
+
+
+def _read_back(images, ranges, size) -> bytes:
+    """The bytes at (disk, start, end) of the images, in the order given, cut to ``size``."""
+    data = b""
+    for disk, s, e in ranges:
+        with open(images[disk - 1], "rb") as f:
+            f.seek(s)
+            data += f.read(e - s)
+    return data[:size]
+
+
+@pytest.fixture(scope="module")
+def lvm_map(vm):
+    out = vm["dir"] / "lvm.bmap"
+    a, b = vm["paths"]["a"], vm["paths"]["b"]
+    t0 = time.monotonic()
+    made = make_bmap(FileSource(a), out, method="metadata", more=(FileSource(b),))
+    return {"path": out, "made": made, "elapsed": time.monotonic() - t0, "images": [a, b]}
+
+
+def test_an_lv_spanning_two_disks_is_mapped_as_lvm_and_debugfs_say(vm, lvm_map):
+    """Each file's ranges, on disk A (the PV in /dev/sda1) and disk B (the
+    whole-disk PV), as LVM's segments and debugfs on the LV's content put
+    them; some files cross from one disk to the other."""
+    nsegs, segments = _lv_truth(vm)
+    assert nsegs == 2 and {s[2] for s in segments} == {1, 2}, segments
+    got = _by_file(lvm_map["path"])
+    truth = ext4_file_ranges(vm["dir"] / "span.lv", 0, list(LV_FILES))
+    crossing = 0
+    for path, ranges in truth.items():
+        want = _merged(_through(segments, ranges))
+        assert _merged(got[("/dev/vgx/span", path)]) == want, path
+        crossing += len({disk for disk, _, _ in want}) == 2
+        in_order = _through(segments, ranges)  # file order (want is sorted)
+        assert _read_back(lvm_map["images"], in_order, LV_FILES[path]) == \
+            content("/dev/vgx/span" + path, LV_FILES[path]), path
+    assert crossing >= 1
+    lines = [ln for ln in open(lvm_map["path"]) if not ln.startswith("#")]
+    lv_disks = {ln.split()[0] for ln in lines if " l /dev/vgx/span" in ln}
+    assert lv_disks == {"1", "2"}
+    assert lvm_map["made"].methods["/dev/vgx/span"] == "metadata"
+    assert len(lvm_map["made"].more) == 1
+    assert not [w for w in lvm_map["made"].warnings if "span" in w], lvm_map["made"].warnings
+
+
+def _examine(text: str, field: str) -> str:
+    m = re.search(rf"^\s*{field} : (.+)$", text, re.M)
+    assert m, (field, text)
+    return m.group(1).strip()
+
+
+@pytest.fixture(scope="module")
+def md_map(vm):
+    out = vm["dir"] / "md.bmap"
+    c, d = vm["paths"]["c"], vm["paths"]["d"]
+    made = make_bmap(FileSource(c), out, method="metadata", more=(FileSource(d),))
+    return {"path": out, "made": made, "images": [c, d]}
+
+
+def test_md_raid1_files_are_named_on_both_members(vm, md_map):
+    """RAID1 (mdadm 1.2): each file on each member at the member's data
+    offset (mdadm --examine) plus debugfs's ranges in the array."""
+    got = _by_file(md_map["path"])
+    truth = ext4_file_ranges(vm["dir"] / "mirror.md", 0, list(MD_FILES))
+    members = []
+    for k, member in ((1, "/dev/sdc1"), (2, "/dev/sdd1")):
+        text = vm["examine"][member]
+        assert _examine(text, "Version") == "1.2"
+        offset = int(_examine(text, "Data Offset").split()[0]) * 512
+        members.append((k, vm["parts"][member[:-1]][1] + offset))
+    for path, ranges in truth.items():
+        want = []
+        for k, base in members:
+            mine = [(k, base + s, base + e) for s, e in ranges]
+            want += mine
+            assert _read_back(md_map["images"], mine, MD_FILES[path]) == \
+                content("/dev/md/mirror" + path, MD_FILES[path]), path
+        assert _merged(got[("/dev/md/mirror", path)]) == _merged(want), path
+    assert md_map["made"].methods["/dev/md/mirror"] == "metadata"
+
+
+def test_md_raid0_files_are_named_on_their_chunks(vm, md_map):
+    """RAID0: array chunk k on member k % 2 at chunk k // 2 after its data
+    offset (md's layout; mdadm --examine gives the chunk, the offsets and
+    each member's role); and the bytes there are the file's."""
+    got = _by_file(md_map["path"])
+    truth = ext4_file_ranges(vm["dir"] / "stripe.md", 0, list(MD_FILES))
+    role = {}
+    for k, member in ((1, "/dev/sdc2"), (2, "/dev/sdd2")):
+        text = vm["examine"][member]
+        chunk = int(_examine(text, "Chunk Size").rstrip("K")) * 1024
+        offset = int(_examine(text, "Data Offset").split()[0]) * 512
+        slot = int(_examine(text, "Device Role").split()[-1])
+        role[slot] = (k, vm["parts"][member[:-1]][2] + offset)
+    assert chunk == 65536
+    for path, ranges in truth.items():
+        want = []
+        for s, e in ranges:
+            while s < e:
+                k, within = divmod(s, chunk)
+                n = min(e - s, chunk - within)
+                disk, base = role[k % 2]
+                want.append((disk, base + (k // 2) * chunk + within, base + (k // 2) * chunk
+                             + within + n))
+                s += n
+        assert _merged(got[("/dev/md/stripe", path)]) == _merged(want), path
+        assert _read_back(md_map["images"], want, MD_FILES[path]) == \
+            content("/dev/md/stripe" + path, MD_FILES[path]), path
+
+
+def test_md_090_metadata_at_the_end_of_the_members(vm, tmp_path):
+    """0.90 metadata: the superblock at the members' end, data from their
+    first byte (mdadm --examine says so); named /dev/md9 by its minor."""
+    out = tmp_path / "old.bmap"
+    e, f = vm["paths"]["e"], vm["paths"]["f"]
+    make_bmap(FileSource(e), out, method="metadata", more=(FileSource(f),))
+    got = _by_file(out)
+    truth = ext4_file_ranges(vm["dir"] / "old.md", 0, list(MD_FILES))
+    assert _examine(vm["examine"]["/dev/sde1"], "Version") == "0.90.00"
+    for path, ranges in truth.items():
+        want = []
+        for k, disk in ((1, "/dev/sde"), (2, "/dev/sdf")):
+            base = vm["parts"][disk][1]
+            want += [(k, base + s, base + e) for s, e in ranges]
+        assert _merged(got[("/dev/md9", path)]) == _merged(want), path
+
+
+def test_one_disk_alone_maps_its_own_raid1_member_and_says_the_lv_is_elsewhere(vm, tmp_path):
+    """Mapped alone (a remap of one disk does this), disk C still names its
+    RAID1 member's files (the array is readable from one mirror), and disk
+    A's share of the spanning LV is said not mapped, in one line."""
+    out = tmp_path / "c.bmap"
+    make_bmap(FileSource(vm["paths"]["c"]), out, method="metadata")
+    got = _by_file(out)
+    assert all(disk == 1 for disk, _, _ in got[("/dev/md/mirror", "/data/two")])
+    made = make_bmap(FileSource(vm["paths"]["a"]), tmp_path / "a.bmap", method="metadata")
+    said = [w for w in made.warnings if "/dev/vgx/span" in w]
+    assert said and "another disk" in said[0]
+
+
+def test_the_trace_names_a_spanning_file_on_both_disks(vm, lvm_map):
+    """End to end: diskwatch serves both disks; qemu-io reads a crossing
+    file's piece on disk 1 through $nbd1 in one run, its piece on disk 2
+    through $nbd2 in another, and each run's trace names the file (and
+    nothing of it as the disk's bare bytes)."""
+    _, segments = _lv_truth(vm)
+    truth = ext4_file_ranges(vm["dir"] / "span.lv", 0, list(LV_FILES))
+    path = next(p for p, r in truth.items()
+                if len({k for k, _, _ in _through(segments, r)}) == 2)
+    pieces = _merged(_through(segments, truth[path]))
+    a, b = lvm_map["images"]
+    for disk in (1, 2):
+        s, e = next((s, e) for k, s, e in pieces if k == disk)
+        done = run_diskwatch([a, b, "--bmap", lvm_map["path"], "--headless", "--remap", "off",
+                              "--run", f"qemu-io -r -f raw -c 'read {s} {min(e - s, 65536)}' "
+                              f"\"$nbd{disk}\" >/dev/null"], timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"read f /dev/vgx/span {path}" in done.stdout, (disk, done.stdout)
+
+
+def _flip(path, offset: int, data: bytes, out) -> None:
+    shutil.copy(path, out)
+    with open(out, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_absurd_pv_and_md_numbers_are_a_warning_not_a_crash(vm, tmp_path):
+    """Hostile metadata: the PVs' text says extents are 10^15 sectors, an md
+    superblock says its data starts past the member and another that it
+    has 2^31 devices: each a warning, the rest of the disks mapped."""
+    # the metadata text of both PVs (each holds the VG's): the extent size
+    # written over the next line ("extent_size = 8192\nmax_lv = 0"): 10^15 sectors
+    bad = []
+    for name in ("a", "b"):
+        raw = open(vm["paths"][name], "rb").read(4 * MiB)
+        found = list(re.finditer(rb"extent_size = \d+\nmax_lv = \d+", raw))
+        assert found
+        bad.append(tmp_path / f"{name}-bad.img")
+        shutil.copy(vm["paths"][name], bad[-1])
+        with open(bad[-1], "r+b") as f:
+            for m in found:
+                f.seek(m.start())
+                f.write(b"extent_size = " + b"9" * (m.end() - m.start() - 14))
+    a, bad_b = bad
+    made = make_bmap(FileSource(a), tmp_path / "bad-lvm.bmap", method="metadata",
+                     more=(FileSource(bad_b),))
+    assert any("/dev/vgx/span" in w and "not" in w for w in made.warnings), made.warnings
+    # md: 1.2's data_offset (at 4 KiB + 128) past the member; raid_disks (at +92) absurd
+    c, d = vm["paths"]["c"], vm["paths"]["d"]
+    sdc1 = vm["parts"]["/dev/sdc"][1]
+    sdd1 = vm["parts"]["/dev/sdd"][1]
+    _flip(c, sdc1 + 4096 + 128, struct.pack("<Q", 1 << 60), tmp_path / "c-bad.img")
+    _flip(d, sdd1 + 4096 + 92, struct.pack("<I", 1 << 31), tmp_path / "d-bad.img")
+    made = make_bmap(FileSource(tmp_path / "c-bad.img"), tmp_path / "bad-md.bmap",
+                     method="metadata", more=(FileSource(tmp_path / "d-bad.img"),))
+    said = [w for w in made.warnings if "md RAID member" in w]
+    assert len(said) == 2 and "data offset" in said[0] and "devices" in said[1], made.warnings
+    assert made.methods.get("/dev/md/stripe") == "metadata"  # the other array is mapped
