@@ -210,3 +210,27 @@ def test_batch_counting_matches_counting_one_by_one():
     assert st.heat.ever_read == heat.ever_read and st.heat.ever_written == heat.ever_written
     assert [st.series.at(s) for s in range(99, 104)] == [series.at(s) for s in range(99, 104)]
     assert st.latency.counts == latency.counts and st.latency.total == 3000
+
+
+def test_each_object_keeps_its_requests_latency_and_the_slowest_rank_by_p99(blockmap):
+    """Issue 21 item 5, live: p50/p99 per object (the rates panel's buckets,
+    within 19%), a few buckets each however many requests; ``slowest``
+    ranks by p99 among the most requested."""
+    from diskwatch.sinks.stats import bucket_seconds, latency_bucket
+    st = Stats(64 * MiB)
+    batch = [req(Command.READ, 3 * MiB, 4096, duration=0.0002) for _ in range(98)]
+    batch += [req(Command.READ, 3 * MiB, 4096, duration=0.050)] * 2  # passwd's slow 2%
+    batch += [req(Command.WRITE, 4 * MiB, 4096, duration=0.004) for _ in range(10)]  # the log
+    batch += [req(Command.READ, 3 * MiB + 8192, 4096, duration=0.001)]  # group: once
+    batch += [req(Command.FLUSH, 0, 0, duration=1.0)]  # no object: not counted
+    st.add(batch, blockmap)
+    by_path = {o.path: c for o, c in st.objects.items() if o.path}
+    p50, p99 = by_path["/etc/passwd"].latency()
+    assert 0.0002 / 1.19 < p50 < 0.0002 * 1.19 and 0.050 / 1.19 < p99 < 0.050 * 1.19
+    assert len(by_path["/etc/passwd"].lat) == 2  # two buckets for 100 requests
+    assert by_path["/etc/group"].latency() == (bucket_seconds(latency_bucket(0.001)),) * 2
+    assert [o.path for o, _ in st.slowest(3, keep=lambda o: o.type == "f")] == [
+        "/etc/passwd", "/var/log/boot log.txt", "/etc/group"]
+    # among the most requested only: group (one request) is left out
+    assert [o.path for o, _ in st.slowest(3, keep=lambda o: o.type == "f", among=2)] == [
+        "/etc/passwd", "/var/log/boot log.txt"]

@@ -169,8 +169,11 @@ async def test_top_objects_by_writes_show_what_the_journal_wrote_for_each(served
         app._refresh_views(force=True)
         await pilot.pause()
         header, row = str(top.render()).splitlines()[:2]
-        assert header.split()[-1] == "journal", header
-        assert "/var/log/boot log.txt" in row and row.split()[-1] == "12K", row
+        # the columns after the name: journal, then the latency's (where there is room)
+        cols = header.split()
+        at = cols.index("journal") - len(cols)
+        assert cols[len(cols) + at + 1:] in ([], ["p99"], ["p50", "p99"]), header
+        assert "/var/log/boot log.txt" in row and row.split()[at] == "12K", row
         h.shutdown()
 
 
@@ -608,8 +611,13 @@ async def test_a_file_written_in_bursts_is_flagged_churning_as_it_happens(served
         assert "6 bursts · every " in line and "/min" in line, line
         await pilot.press("s")  # top objects by writes
         header, row = str(app.query_one(TopObjects).render()).splitlines()[:2]
-        assert header.split()[-1] == "every" and "/var/log/boot log.txt" in row, (header, row)
-        assert row.split()[-1].endswith("s"), row
+        cols = header.split()
+        at = cols.index("every") - len(cols)
+        assert cols[len(cols) + at + 1:] in ([], ["p99"], ["p50", "p99"]), header
+        assert "/var/log/boot log.txt" in row, (header, row)
+        assert row.split()[at].endswith("s"), row
+        if cols[-1] == "p99":  # its writes' latency: a duration
+            assert row.split()[-1].endswith("s"), row
         h.shutdown()
 
 
@@ -647,4 +655,35 @@ async def test_a_file_made_and_deleted_is_shown_with_its_life(served):
         app._refresh_views(force=True)
         await pilot.pause()
         assert len(notes) == 1  # told once
+        h.shutdown()
+
+
+@sync
+async def test_top_objects_by_latency_give_p50_and_p99_of_each(served):
+    """Issue 21 item 5: `s` cycles reads, writes, latency: by latency the
+    table gives each object's p50 and p99 (durations), sorted by p99."""
+    app = DiskwatchApp(served.session)
+    async with app.run_test(size=(120, 36)) as pilot:
+        h = served.client()
+        for i in range(20):
+            h.pread(65536, BUSYBOX + i * 65536)
+            h.pread(4096, PASSWD)
+        await wait_for(pilot, app, lambda: app.stats.requests == 40)
+        top = app.query_one(TopObjects)
+        await pilot.press("s", "s")
+        app._refresh_views(force=True)
+        await pilot.pause()
+        assert top.border_title == "top objects by p99 latency (of the most requested)"
+        assert top.border_subtitle == "s: by reads"
+        header, *rows = str(top.render()).splitlines()
+        assert header.split()[-2:] == ["p50", "p99"], header
+        shown = app.stats.slowest(len(rows))
+        assert len(rows) >= 2 and [r.split()[1] for r in rows[:2]] == [
+            o.path or o.device for o, _ in shown[:2]], rows
+        for row, (_, c) in zip(rows, shown, strict=False):
+            p50, p99 = row.split()[-2:]
+            assert p50.endswith("s") and p99.endswith("s"), row
+            assert c.latency()[0] <= c.latency()[1]
+        await pilot.press("s")
+        assert top.border_title == "top objects by reads"
         h.shutdown()

@@ -8,6 +8,7 @@ pieces to ``Stats.add``; nothing here runs in the server thread.
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_left, bisect_right
 from collections import Counter
@@ -41,6 +42,21 @@ _COMMAND, _OFFSET, _LENGTH, _START, _DURATION, _ERROR = (
 Piece = tuple[int, int, Any]
 
 
+def latency_bucket(seconds: float) -> int:
+    """The bucket of a duration: 4 a octave from 1 µs (``LatencyHistogram``'s,
+    and each object's in ``ObjectCounts``: one definition)."""
+    us = seconds * 1e6
+    if us < 1.0:
+        return 0
+    i = int(math.log2(us) * LatencyHistogram.PER_OCTAVE)
+    return i if i < LatencyHistogram.BUCKETS else LatencyHistogram.BUCKETS - 1
+
+
+def bucket_seconds(i: int) -> float:
+    """A bucket's value: the geometric middle of its bounds."""
+    return 2 ** ((i + 0.5) / LatencyHistogram.PER_OCTAVE) / 1e6
+
+
 class LatencyHistogram:
     """Log-bucket histogram of durations: 4 buckets per octave from 1 µs.
 
@@ -55,14 +71,7 @@ class LatencyHistogram:
         self.total = 0
 
     def add(self, seconds: float) -> None:
-        us = seconds * 1e6
-        if us < 1.0:
-            i = 0
-        else:
-            i = int(math.log2(us) * self.PER_OCTAVE)
-            if i >= self.BUCKETS:
-                i = self.BUCKETS - 1
-        self.counts[i] += 1
+        self.counts[latency_bucket(seconds)] += 1
         self.total += 1
 
     #: EDGES[i]: the lower bound of bucket i, in seconds (bucket 0 starts at 0)
@@ -95,7 +104,7 @@ class LatencyHistogram:
         for i, n in enumerate(self.counts):
             seen += n
             if n and seen >= rank:
-                return 2 ** ((i + 0.5) / self.PER_OCTAVE) / 1e6
+                return bucket_seconds(i)
         return None  # pragma: no cover - unreachable: counts sum to total
 
     @property
@@ -166,6 +175,9 @@ class RateSeries:
         self._sec = [-1] * self.seconds
 
 
+#: the objects ``Stats.slowest`` ranks: the most requested
+SLOWEST_AMONG = 500
+
 class ObjectCounts:
     """Per-object counters: reads, writes, bytes read, bytes written, hits.
 
@@ -173,12 +185,38 @@ class ObjectCounts:
     count read/write requests (a request spanning three files counts once
     for each of them); bytes count only the piece inside the object."""
 
-    __slots__ = ("reads", "writes", "read_bytes", "write_bytes", "hits", "journal_bytes")
+    __slots__ = ("reads", "writes", "read_bytes", "write_bytes", "hits", "journal_bytes", "lat")
 
     def __init__(self) -> None:
         self.reads = self.writes = self.read_bytes = self.write_bytes = self.hits = 0
         #: bytes of journal writes that carried this object's metadata
         self.journal_bytes = 0
+        #: its reads' and writes' latencies: None, one request's bucket (an
+        #: int, ``latency_bucket``), then {bucket: requests} (a few buckets
+        #: each: bounded by the range of latencies, not by the requests)
+        self.lat: int | dict[int, int] | None = None
+
+    def latency(self) -> tuple[float, float] | None:
+        """(p50, p99) seconds of its reads and writes (nearest rank, within
+        19%: ``latency_bucket``), or None."""
+        lat = self.lat
+        if lat is None:
+            return None
+        if type(lat) is int:
+            v = bucket_seconds(lat)
+            return v, v
+        items = sorted(lat.items())
+        total = sum(n for _, n in items)
+        out = []
+        for q in (0.5, 0.99):
+            rank = max(1, math.ceil(q * total))
+            seen = 0
+            for b, n in items:
+                seen += n
+                if seen >= rank:
+                    out.append(bucket_seconds(b))
+                    break
+        return out[0], out[1]
 
     def __repr__(self) -> str:
         return (
@@ -440,10 +478,12 @@ class Stats:
                    ) -> None:
         objects = self.objects
         unmapped = self.unmapped
+        bucket = latency_bucket
         for r, looked_up in zip(batch, pieces, strict=True):
             if not looked_up:
                 continue
             cmd = r[2]
+            b = -1 if cmd != READ and cmd != WRITE else bucket(r[7])
             for start, end, obj in looked_up:
                 c = objects.get(obj) if obj is not None else unmapped
                 if c is None:
@@ -455,6 +495,31 @@ class Stats:
                 elif cmd == WRITE:
                     c.writes += 1
                     c.write_bytes += end - start
+                else:
+                    continue
+                lat = c.lat
+                if lat is None:
+                    c.lat = b
+                elif type(lat) is int:
+                    c.lat = {b: 2} if lat == b else {lat: 1, b: 1}
+                else:
+                    lat[b] = lat.get(b, 0) + 1
+
+    def slowest(self, n: int = 10, keep: Callable[[Any], bool] | None = None,
+                among: int = SLOWEST_AMONG) -> list[tuple[Any, ObjectCounts]]:
+        """The n objects whose requests were slowest (p99, then p50), among
+        the ``among`` most requested: ranking every object would cost the UI
+        a pass over all of them at each refresh, and one slow request of a
+        file read once is no pattern."""
+        items: Iterable[tuple[Any, ObjectCounts]] = self.objects.items()
+        if keep is not None:
+            items = [(o, c) for o, c in items if keep(o)]
+        busiest = heapq.nlargest(among, ((c.reads + c.writes, i, o, c)
+                                         for i, (o, c) in enumerate(items)
+                                         if c.lat is not None))
+        rows = [(c.latency(), o, c) for _, _, o, c in busiest]
+        rows.sort(key=lambda r: (-r[0][1], -r[0][0], str(r[1])))
+        return [(o, c) for _, o, c in rows[:n]]
 
     def top(self, by: str = "reads", n: int = 10,
             keep: Callable[[Any], bool] | None = None) -> list[tuple[Any, ObjectCounts]]:

@@ -14,11 +14,15 @@ from ..units import format_bytes_compact, format_duration_compact
 from .styles import OBJECT_TYPE_CLASSES, part_style
 from .trace import fit_left
 
-SORTS = ("reads", "writes")
+SORTS = ("reads", "writes", "latency")
+#: the title's word for each sort
+_SORT_TITLE = {"reads": "reads", "writes": "writes",
+               "latency": "p99 latency (of the most requested)"}
 
 
 class TopObjects(Static):
-    """A table of objects by read or write count (``sort`` switches).
+    """A table of objects by read or write count, or by the p99 latency of
+    their requests (``sort`` cycles).
     Colours: the component classes, set in app.tcss."""
 
     COMPONENT_CLASSES = {
@@ -45,8 +49,9 @@ class TopObjects(Static):
         self._title()
 
     def _title(self) -> None:
-        self.border_title = f"top objects by {self.sort}"
-        self.border_subtitle = "s: by writes" if self.sort == "reads" else "s: by reads"
+        nxt = SORTS[(SORTS.index(self.sort) + 1) % len(SORTS)]
+        self.border_title = f"top objects by {_SORT_TITLE[self.sort]}"
+        self.border_subtitle = f"s: by {'latency' if nxt == 'latency' else nxt}"
 
     def toggle_sort(self) -> None:
         self.sort = SORTS[(SORTS.index(self.sort) + 1) % len(SORTS)]
@@ -72,9 +77,10 @@ class TopObjects(Static):
             text.append("no block map: objects appear once one is loaded", style=muted)
             self._show(text)
             return
-        top = stats.top(self.sort, rows, keep)
+        by_latency = self.sort == "latency"
+        top = stats.slowest(rows, keep) if by_latency else stats.top(self.sort, rows, keep)
         num_w = 7 if width >= 60 else 6
-        show_bytes = width >= 44
+        show_bytes = width >= 44 and not by_latency
         # By writes, what the journal wrote for each object's metadata (ext3/4,
         # once a remap read the journal): a file's write amplification.
         show_journal = (show_bytes and width >= 56 and self.sort == "writes"
@@ -83,7 +89,13 @@ class TopObjects(Static):
         show_every = (show_bytes and width >= 56 and self.sort == "writes" and churn is not None)
         churning = {o: churn(o) for o, _ in top} if show_every and churn is not None else {}
         show_every = any(churning.values())
+        # The latency of its requests where there is room to spare: p99,
+        # then p50 too (the names keep 28 columns, 36 with p50).
         columns = 2 + show_bytes + show_journal + show_every
+        room = width - columns * (num_w + 1) - 2
+        show_p99 = by_latency or (show_bytes and room - (num_w + 1) >= 28)
+        show_p50 = show_p99 and (by_latency and width >= 36 or room - 2 * (num_w + 1) >= 36)
+        columns += show_p99 + show_p50
         name_w = max(8, width - columns * (num_w + 1) - 2)
         header = f"{'T':<2}{'object':<{name_w}} {'reads':>{num_w}} {'writes':>{num_w}}"
         if show_bytes:
@@ -92,16 +104,21 @@ class TopObjects(Static):
             header += f" {'journal':>{num_w}}"
         if show_every:
             header += f" {'every':>{num_w}}"
+        if show_p50:
+            header += f" {'p50':>{num_w}}"
+        if show_p99:
+            header += f" {'p99':>{num_w}}"
         text.append(header[:width] + "\n", style=style("top-objects--header"))
         if not top:
-            text.append(f"nothing {'read' if self.sort == 'reads' else 'written'} yet",
-                        style=style("top-objects--empty"))
+            done = {"reads": "read", "writes": "written", "latency": "read or written"}
+            text.append(f"nothing {done[self.sort]} yet", style=style("top-objects--empty"))
         sorted_ = style("top-objects--sorted")
         reads, writes = style("top-objects--reads"), style("top-objects--writes")
         if self.sort == "reads":
             reads += sorted_
-        else:
+        elif self.sort == "writes":
             writes += sorted_
+        p99_style = muted + sorted_ if by_latency else muted
         for i, (obj, c) in enumerate(top):
             kind = obj.type if f"object-type--{obj.type}" in OBJECT_TYPE_CLASSES else "none"
             type_style = style(f"object-type--{kind}")
@@ -117,10 +134,17 @@ class TopObjects(Static):
                 jb = format_bytes_compact(c.journal_bytes) if c.journal_bytes else "-"
                 text.append(f" {jb:>{num_w}}", style=muted)
             if show_every:
-                c = churning.get(obj)
-                every = format_duration_compact(c.period) if c is not None else "-"
-                text.append(f" {every:>{num_w}}", style=style("top-objects--churn") if c
+                ch = churning.get(obj)
+                every = format_duration_compact(ch.period) if ch is not None else "-"
+                text.append(f" {every:>{num_w}}", style=style("top-objects--churn") if ch
                             else muted)
+            if show_p99:
+                pct = c.latency()
+                p50, p99 = ((format_duration_compact(p) for p in pct) if pct is not None
+                            else ("-", "-"))
+                if show_p50:
+                    text.append(f" {p50:>{num_w}}", style=muted)
+                text.append(f" {p99:>{num_w}}", style=p99_style)
             if i < len(top) - 1:
                 text.append("\n")
         self._show(text)
