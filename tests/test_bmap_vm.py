@@ -34,21 +34,32 @@ MiB = 1 << 20
 LV_FILES = {f"/big/f{i}": 3 * MiB + 4096 * i + 123 for i in range(9)} | {"/small.txt": 5000}
 MD_FILES = {"/data/one": 300_000, "/data/two": 1_500_000, "/etc/conf": 900}
 
-pytestmark = [pytest.mark.skipif(shutil.which("debugfs") is None, reason="needs e2fsprogs"),
-              pytest.mark.slow]  # one libguestfs launch (about 75 s under TCG) for the module
+pytestmark = pytest.mark.skipif(shutil.which("debugfs") is None, reason="needs e2fsprogs")
+#: the tests of the ``vm`` fixture: one libguestfs launch (50-80 s under TCG) for the module
+slow = pytest.mark.slow
 
 
 def _sh(g, cmd: str) -> str:
     return g.debug("sh", [cmd])
 
 
-def _fill(g, device: str, files: dict[str, int]) -> None:
+def _fill(g, device: str, files: dict[str, int], seed: str = "") -> None:
     g.mkfs("ext4", device, blocksize=4096)
     g.mount(device, "/")
     for p, n in files.items():
         g.mkdir_p(os.path.dirname(p))
-        g.write(p, content(device + p, n))
+        g.write(p, content((seed or device) + p, n))
     g.umount("/")
+
+
+def _md_device(g, name: str) -> str:
+    """The kernel's device of the array called ``name`` (udev's /dev/md/NAME
+    link may not be there yet)."""
+    _sh(g, "udevadm settle")
+    for dev in g.list_md_devices():
+        if g.md_detail(dev).get("name", "").rsplit(":", 1)[-1] in (name, name[-1:]):
+            return dev
+    raise AssertionError(f"no md array {name}: {g.list_md_devices()}")
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +116,12 @@ def vm(tmp_path_factory):
         mds = {}
         for name, dev in (("mirror", "/dev/md/mirror"), ("stripe", "/dev/md/stripe"),
                           ("old", "/dev/md9")):
-            _fill(g, dev, MD_FILES)
-            g.download(dev, os.fspath(d / f"{name}.md"))
+            kernel = dev if dev == "/dev/md9" else _md_device(g, dev.rsplit("/", 1)[-1])
+            _fill(g, kernel, MD_FILES, seed=dev)
+            g.download(kernel, os.fspath(d / f"{name}.md"))
             mds[name] = dev
-        examine.update((p, _sh(g, f"mdadm --examine {p}")) for p in ("/dev/sde1", "/dev/sdf1"))
+        examine.update((p, _sh(g, f"mdadm --examine {p}"))
+                       for p in ("/dev/sde1", "/dev/sdf1"))
         parts = {disk: {p["part_num"]: p["part_start"] for p in g.part_list(disk)}
                  for disk in ("/dev/sda", "/dev/sdc", "/dev/sdd", "/dev/sde", "/dev/sdf")}
         g.sync()
@@ -188,6 +201,7 @@ def lvm_map(vm):
     return {"path": out, "made": made, "elapsed": time.monotonic() - t0, "images": [a, b]}
 
 
+@slow
 def test_an_lv_spanning_two_disks_is_mapped_as_lvm_and_debugfs_say(vm, lvm_map):
     """Each file's ranges, on disk A (the PV in /dev/sda1) and disk B (the
     whole-disk PV), as LVM's segments and debugfs on the LV's content put
@@ -227,6 +241,7 @@ def md_map(vm):
     return {"path": out, "made": made, "images": [c, d]}
 
 
+@slow
 def test_md_raid1_files_are_named_on_both_members(vm, md_map):
     """RAID1 (mdadm 1.2): each file on each member at the member's data
     offset (mdadm --examine) plus debugfs's ranges in the array."""
@@ -249,6 +264,7 @@ def test_md_raid1_files_are_named_on_both_members(vm, md_map):
     assert md_map["made"].methods["/dev/md/mirror"] == "metadata"
 
 
+@slow
 def test_md_raid0_files_are_named_on_their_chunks(vm, md_map):
     """RAID0: array chunk k on member k % 2 at chunk k // 2 after its data
     offset (md's layout; mdadm --examine gives the chunk, the offsets and
@@ -278,6 +294,7 @@ def test_md_raid0_files_are_named_on_their_chunks(vm, md_map):
             content("/dev/md/stripe" + path, MD_FILES[path]), path
 
 
+@slow
 def test_md_090_metadata_at_the_end_of_the_members(vm, tmp_path):
     """0.90 metadata: the superblock at the members' end, data from their
     first byte (mdadm --examine says so); named /dev/md9 by its minor."""
@@ -295,6 +312,7 @@ def test_md_090_metadata_at_the_end_of_the_members(vm, tmp_path):
         assert _merged(got[("/dev/md9", path)]) == _merged(want), path
 
 
+@slow
 def test_one_disk_alone_maps_its_own_raid1_member_and_says_the_lv_is_elsewhere(vm, tmp_path):
     """Mapped alone (a remap of one disk does this), disk C still names its
     RAID1 member's files (the array is readable from one mirror), and disk
@@ -308,6 +326,7 @@ def test_one_disk_alone_maps_its_own_raid1_member_and_says_the_lv_is_elsewhere(v
     assert said and "another disk" in said[0]
 
 
+@slow
 def test_the_trace_names_a_spanning_file_on_both_disks(vm, lvm_map):
     """End to end: diskwatch serves both disks; qemu-io reads a crossing
     file's piece on disk 1 through $nbd1 in one run, its piece on disk 2
@@ -335,6 +354,7 @@ def _flip(path, offset: int, data: bytes, out) -> None:
         f.write(data)
 
 
+@slow
 def test_absurd_pv_and_md_numbers_are_a_warning_not_a_crash(vm, tmp_path):
     """Hostile metadata: the PVs' text says extents are 10^15 sectors, an md
     superblock says its data starts past the member and another that it
@@ -367,3 +387,46 @@ def test_absurd_pv_and_md_numbers_are_a_warning_not_a_crash(vm, tmp_path):
     said = [w for w in made.warnings if "md RAID member" in w]
     assert len(said) == 2 and "data offset" in said[0] and "devices" in said[1], made.warnings
     assert made.methods.get("/dev/md/stripe") == "metadata"  # the other array is mapped
+
+
+# --------------------------------------------------------------------------
+# LUKS: no libguestfs, fast
+
+
+@pytest.mark.skipif(shutil.which("cryptsetup") is None or shutil.which("sfdisk") is None,
+                    reason="needs cryptsetup and sfdisk")
+@pytest.mark.parametrize("kind", ["luks1", "luks2"])
+def test_a_luks_container_is_one_object_its_payload(kind, tmp_path):
+    """A LUKS container in a partition (no key): its encrypted payload is
+    one object, /dev/mapper/luks-UUID, where cryptsetup luksDump says the
+    data lies (LUKS1's payload offset, LUKS2's data segment); its header
+    stays the partition's."""
+    import subprocess
+    part = tmp_path / "part"
+    with open(part, "wb") as f:
+        f.truncate(20 * MiB)
+    subprocess.run(["cryptsetup", "luksFormat", "-q", "--type", kind, "--pbkdf-force-iterations",
+                    "1000", *(["--pbkdf", "pbkdf2"] if kind == "luks2" else []),
+                    "--key-file=-", part], input=b"pw", check=True, timeout=120)
+    dump = subprocess.run(["cryptsetup", "luksDump", part], capture_output=True, text=True,
+                          check=True).stdout
+    uuid = re.search(r"^UUID:\s+(\S+)", dump, re.M).group(1)
+    if kind == "luks1":
+        payload = int(re.search(r"^Payload offset:\s+(\d+)", dump, re.M).group(1)) * 512
+    else:
+        payload = int(re.search(r"Data segments:\s+0: crypt\s+offset: (\d+)", dump).group(1))
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(22 * MiB)
+    subprocess.run(["sfdisk", "-q", disk], input=b"start=2048, size=40960, type=83\n", check=True)
+    with open(disk, "r+b") as f, open(part, "rb") as p:
+        f.seek(MiB)
+        f.write(p.read())
+    out = tmp_path / "luks.bmap"
+    made = make_bmap(FileSource(disk), out, method="metadata")
+    lines = [ln.split() for ln in open(out) if not ln.startswith("#")]
+    assert [(int(s, 16), int(e, 16)) for _, s, e, t, dev, *_ in lines
+            if dev == f"/dev/mapper/luks-{uuid}"] == [(MiB + payload, 21 * MiB)]
+    assert ["1", "100000", "1500000", "p", "/dev/sda1"] in lines
+    assert made.methods.get(f"/dev/mapper/luks-{uuid}", "").startswith("none")
+    assert not [w for w in made.warnings if "luks" in w.lower()], made.warnings
