@@ -687,3 +687,57 @@ async def test_top_objects_by_latency_give_p50_and_p99_of_each(served):
         await pilot.press("s")
         assert top.border_title == "top objects by reads"
         h.shutdown()
+
+
+@sync
+async def test_with_two_disks_k_shows_the_second_disks_heat_and_partitions(tmp_path):
+    """Issue 20 item 3: a session of two disks (two exports of one server):
+    the heatmap starts on the first; k shows the second, with its own
+    partitions and the heat of its own requests only; k again, the first."""
+    size2 = 32 * MiB
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    for path, size in ((a, SIZE), (b, size2)):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    map2 = BlockMap.from_lines([f"2 0 {size2:x} v /dev/sdb\n".encode(),
+                                f"2 {MiB:x} {size2:x} p /dev/sdb1\n".encode(),
+                                f"2 {8 * MiB:x} {9 * MiB:x} f /dev/sdb1 /data/f\n".encode()],
+                               disk=2)
+    (tmp_path / "a.bmap").write_text(BMAP)
+    bus = Bus()
+    server = Server({"": FileSource(str(a)), "sdb": FileSource(str(b))}, bus)
+    sock = str(tmp_path / "nbd.sock")
+    server.listen_unix(sock)
+    thread = ServerThread(server).start()
+    session = Session(bus=bus, size=SIZE, description="file a.img", uri=f"nbd+unix:///?socket={sock}",
+                      blockmap=BlockMap.load(tmp_path / "a.bmap"))
+    session.set_disks([("", SIZE, "/dev/sda"), ("sdb", size2, "/dev/sdb")], {"sdb": map2})
+    app = DiskwatchApp(session)
+    try:
+        async with app.run_test(size=(120, 36)) as pilot:
+            heatmap = app.query_one(Heatmap)
+            assert heatmap.border_title == "disk" and app.check_action("next_disk", ()) is True
+            h = nbd.NBD()
+            h.set_export_name("sdb")
+            h.connect_uri(f"nbd+unix:///sdb?socket={sock}")
+            for i in range(8):
+                h.pwrite(b"d" * 65536, 8 * MiB + i * 65536)
+            await wait_for(pilot, app, lambda: app.stats.requests == 8)
+            first = app.stats.heat
+            assert not any(first.ever_written)  # the first disk's heat: none of disk 2's writes
+            await pilot.press("k")
+            assert heatmap.border_title == "disk 2 of 2: /dev/sdb"
+            assert heatmap.heat is app.stats.heats["sdb"] and heatmap.blockmap is map2
+            heat = heatmap.heat
+            cell = 8 * MiB // heat.cell_size
+            assert heat.ever_written[cell] and heat.writes[cell] > 0
+            assert sum(1 for x in heat.ever_written if x) <= (MiB // heat.cell_size) + 2
+            app._refresh_views(force=True)
+            await pilot.pause()
+            legend = "".join(seg.text for line in heatmap._legend_lines(60) for seg in line)
+            assert "sdb1" in legend, legend
+            await pilot.press("k")
+            assert heatmap.border_title == "disk 1 of 2: /dev/sda" and heatmap.heat is first
+            h.shutdown()
+    finally:
+        thread.stop()

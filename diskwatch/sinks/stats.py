@@ -334,6 +334,15 @@ class Heat:
         self.resize(self.cells)
 
 
+def _heat(heat: Heat, offsets: list[int], lengths: list[int], is_write: bool) -> None:
+    if 0 in lengths:
+        pairs = [(o, n) for o, n in zip(offsets, lengths, strict=True) if n]
+        offsets = [o for o, _ in pairs]
+        lengths = [n for _, n in pairs]
+    if offsets:
+        heat.add_many(offsets, lengths, is_write)
+
+
 class Stats:
     """Everything the UI and the headless summary show, fed on the consumer side."""
 
@@ -341,10 +350,28 @@ class Stats:
         self.size = size
         self.window = window
         self.heat = Heat(size, heat_cells)
-        #: with several disks, the export the heatmap shows (the first disk);
-        #: None: every request's
-        self.heat_export: str | None = None
+        self._heat_cells = heat_cells
+        #: with several disks, each disk's heat by export (the first's is
+        #: ``heat``); empty: one disk, every request's heat is ``heat``
+        self.heats: dict[str, Heat] = {}
         self.clear()
+
+    def set_disks(self, disks: Sequence[tuple[str, int]]) -> None:
+        """The session's disks, (export, size) in order: each gets its own
+        heat (the first keeps ``heat``). One disk: every request heats ``heat``."""
+        if len(disks) < 2:
+            self.heats = {}
+            return
+        heats = {disks[0][0]: self.heat}
+        for export, size in disks[1:]:
+            old = self.heats.get(export)
+            heats[export] = old if old is not None else Heat(max(1, size), self._heat_cells)
+        self.heats = heats
+
+    def decay(self, dt: float) -> None:
+        """Every disk's heat cools by ``dt`` seconds."""
+        for heat in (self.heats.values() if self.heats else (self.heat,)):
+            heat.decay(dt)
 
     def clear(self) -> None:
         n = len(COMMAND_NAMES)
@@ -357,6 +384,8 @@ class Stats:
         self.objects: dict[Any, ObjectCounts] = {}
         self.unmapped = ObjectCounts()  # bytes no object covers
         self.heat.clear()
+        for heat in getattr(self, "heats", {}).values():
+            heat.clear()
         # connections survive a clear: they are state, not history
         if not hasattr(self, "connections"):
             self.connections = 0
@@ -428,16 +457,14 @@ class Stats:
                     for sec, (n, b) in per_second.items():
                         series.add_counts(sec, is_write, n, b)
             if total and cmd != BLOCK_STATUS:
-                if self.heat_export is not None:
-                    reqs = [r for r in reqs if r[1] == self.heat_export]
-                    lengths = list(map(_LENGTH, reqs))
-                offsets = list(map(_OFFSET, reqs))
-                if 0 in lengths:
-                    pairs = [(o, n) for o, n in zip(offsets, lengths, strict=True) if n]
-                    offsets = [o for o, _ in pairs]
-                    lengths = [n for _, n in pairs]
-                if offsets:
-                    heat.add_many(offsets, lengths, is_write)
+                if self.heats:  # several disks: each request heats its own
+                    for export, disk_heat in self.heats.items():
+                        mine = [r for r in reqs if r[1] == export]
+                        if mine:
+                            _heat(disk_heat, list(map(_OFFSET, mine)),
+                                  list(map(_LENGTH, mine)), is_write)
+                else:
+                    _heat(heat, list(map(_OFFSET, reqs)), lengths, is_write)
         errors = list(map(_ERROR, batch))
         self.errors += len(errors) - errors.count(0)
         if DISC in commands:

@@ -84,6 +84,17 @@ class Picture(Sink, Protocol):
     def svg(self, *, title: str, blockmap: Any, traffic: Iterable[tuple[Any, int]]) -> str: ...
 
 
+def _disk_size(session: Session, k: int) -> int:
+    """Disk ``k``'s size: the session's, else (a replay, which knows the
+    first disk's only) its map's extent, else the first disk's."""
+    export, size, _ = session.disks[k]
+    if size:
+        return size
+    blockmap = session.blockmap if k == 0 else session.maps.get(export)
+    ends = [end for _, end, _ in blockmap.partitions()] if blockmap is not None else []
+    return max(ends) if ends else session.size
+
+
 class DiskwatchApp(App[int | None]):
     """Live view of a diskwatch ``Session``.
 
@@ -125,6 +136,7 @@ class DiskwatchApp(App[int | None]):
         Binding("c", "clear", "Clear", show=False),
         Binding("s", "sort_top", "Top sort", show=False),
         Binding("h", "toggle('heatmap')", "Heatmap", show=False),
+        Binding("k", "next_disk", "Next disk"),
         Binding("t", "toggle('top')", "Top", show=False),
         Binding("o", "toggle('output')", "Output", show=False),
         Binding("a", "toggle('rates')", "Rates", show=False),
@@ -153,8 +165,11 @@ class DiskwatchApp(App[int | None]):
         self.clock = clock
         self.tick = tick
         self.stats = Stats(session.size)
+        #: the disk the heatmap shows (an index into session.disks; k cycles)
+        self.heat_disk = 0
         if len(session.disks) > 1:
-            self.stats.heat_export = session.export  # the heatmap is the first disk's
+            self.stats.set_disks([(export, _disk_size(session, k))
+                                  for k, (export, _, _) in enumerate(session.disks)])
         self._blockmap = session.blockmap  # the one the heatmap and top table know
         self._fed = 0  # requests fed in the current pump round
         # Fed by the session's pump (subscribed to the bus when the session
@@ -248,6 +263,8 @@ class DiskwatchApp(App[int | None]):
         dt, self._last_tick = now - self._last_tick, now
         if self.session.blockmap is not self._blockmap:
             self._set_blockmap(self.session.blockmap)
+        if self.heat_disk and self.heatmap.blockmap is not self._heat_map():
+            self.heatmap.set_blockmap(self._heat_map())  # that disk's remap
         self._fed = 0
         self.session.pump.run_once(now)  # calls add_requests() and handle_event() below
         if self.nothing_more():
@@ -269,7 +286,7 @@ class DiskwatchApp(App[int | None]):
         now = self.clock()
         self.trace_view.sync()
         if self._decay_pending:  # decay is exponential: applying it late is the same
-            self.stats.heat.decay(self._decay_pending)
+            self.stats.decay(self._decay_pending)
             self._decay_pending = 0.0
         self.heatmap.update()
         self.rates.update_stats(self.stats, now)
@@ -319,7 +336,8 @@ class DiskwatchApp(App[int | None]):
 
     def _set_blockmap(self, blockmap: Any) -> None:
         self._blockmap = blockmap
-        self.heatmap.set_blockmap(blockmap)
+        if not self.heat_disk:
+            self.heatmap.set_blockmap(blockmap)
         top = self.top
         top.has_map = blockmap is not None
         top.update_stats(self.stats, self._object_filter(), self.activity_sink.churn_of)
@@ -440,6 +458,9 @@ class DiskwatchApp(App[int | None]):
         # session with a map and --remap auto or key).
         if action == "remap":
             return self.session.remapper is not None
+        # "n Next disk" only with several disks.
+        if action == "next_disk":
+            return len(self.session.disks) > 1 and not isinstance(self.screen, TrafficScreen)
         # The filters and panels are the main screen's: not in the tree's footer.
         if action in ("cycle_type", "cycle_op", "search", "tree") and isinstance(
                 self.screen, TrafficScreen):
@@ -457,6 +478,23 @@ class DiskwatchApp(App[int | None]):
             self.notify("a remap is already running")
         else:
             self.notify("remapping the disk as it is now")
+
+    def _heat_map(self) -> Any:
+        """The map of the disk the heatmap shows."""
+        if not self.heat_disk:
+            return self.session.blockmap
+        return self.session.maps.get(self.session.disks[self.heat_disk][0])
+
+    def action_next_disk(self) -> None:
+        """The heatmap shows the session's next disk (several disks only)."""
+        disks = self.session.disks
+        if len(disks) < 2:
+            return
+        self.heat_disk = (self.heat_disk + 1) % len(disks)
+        export, _, device = disks[self.heat_disk]
+        title = f"disk {self.heat_disk + 1} of {len(disks)}: {device}"
+        self.heatmap.show_disk(self.stats.heats[export], self._heat_map(), title)
+        self.heatmap.update()
 
     def action_clear(self) -> None:
         self.clear_counts()

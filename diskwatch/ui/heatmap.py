@@ -122,9 +122,21 @@ class Heatmap(Widget, can_focus=True):
         self._rgb_cache: dict[int, RGB] = {}
         self._width = 0
 
+    #: the title: "disk", or with several disks the one shown
+    title = "disk"
+
     def on_mount(self) -> None:
-        self.border_title = "disk"
+        self.border_title = self.title
         self._layout()
+
+    def show_disk(self, heat: Heat, blockmap: Any, title: str) -> None:
+        """Another disk of the session: its own heat and map (``k`` cycles)."""
+        self.heat = heat
+        self.title = title
+        self.cursor = None
+        if self.is_mounted:
+            self.border_title = title
+        self.set_blockmap(blockmap)
 
     # -- geometry --
 
@@ -149,7 +161,7 @@ class Heatmap(Widget, can_focus=True):
         self._legend = self._legend_lines(width)
         rows = max(1, height - len(self._legend) - 1)
         cells = width * rows * 2
-        if cells != self._cols * self._grid_rows * 2 or self.heat.cells > cells or not self._bases:
+        if cells != self._cols * self._grid_rows * 2 or self.heat.cells != cells or not self._bases:
             self.heat.resize(cells)
         self._cols, self._grid_rows = width, rows
         self._bases = self._compute_bases()

@@ -55,21 +55,24 @@ makes shows up here, named through the block map when there is one.
 [b]disk[/b]   the whole disk, cells in disk order, left to right, top to bottom;
        [#50eb6e]green[/] = reads, [#ff4632]red[/] = writes, fading over seconds;
        tinted by partition, lighter where ever touched. Hover or use the
-       arrow keys to see a cell's byte range and objects.
+       arrow keys to see a cell's byte range and objects. With several
+       disks, [b]k[/b] shows the next one (its own heat and partitions).
 [b]rates[/b]  ops/s and bytes/s over the last 2 s, latency median and p99,
        connections, totals, sparklines of the last minute.
-[b]top[/b]    the objects read (or written: [b]s[/b]) most; by writes, [b]every[/b]: how
-       often a churning file is written again.
-[b]scan[/b] / [b]churn[/b]  under the views, as they happen: a sweep of reads over
-       many files, directory by directory (files so far, files/s), and
-       files written in many separate bursts (bursts, period, rate).
+[b]top[/b]    the objects read (or written, or slowest: [b]s[/b]) most; by writes,
+       [b]every[/b]: how often a churning file is written again; [b]p50[/b]/[b]p99[/b]: the
+       latency of each one's requests, where there is room.
+[b]scan[/b] / [b]churn[/b] / [b]lived[/b]  under the views, as they happen: a sweep of
+       reads over many files, directory by directory (files so far,
+       files/s), files written in many separate bursts (bursts, period,
+       rate), and files made and deleted while watched (how long they lived).
 [b]tree[/b]   [b]d[/b]: directories and files per device, with what their whole
        subtree read and wrote and its recent rate; [b]s[/b] sorts, [b]b[/b] opens the
        busiest path, [b]d[/b] or escape comes back.
 
 [b]keys[/b]  space pause · f files only / hide dirs · r reads / writes only
       / search paths · d tree · c clear · s sort top · h heatmap · t top
-      o output · a rates · p save a picture (SVG)
+      o output · a rates · p save a picture (SVG) · k next disk
       m remap the disk as it is now · ctrl+p command palette · q quit
 """
 
