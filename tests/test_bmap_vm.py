@@ -27,6 +27,7 @@ from groundtruth import ext4_file_ranges
 
 from diskwatch.bmap.format import read_bmap
 from diskwatch.bmap.make import make_bmap
+from diskwatch.bmap.worker import run_mapper
 from diskwatch.sources.file import FileSource
 
 MiB = 1 << 20
@@ -313,10 +314,12 @@ def test_md_090_metadata_at_the_end_of_the_members(vm, tmp_path):
 
 
 @slow
-def test_one_disk_alone_maps_its_own_raid1_member_and_says_the_lv_is_elsewhere(vm, tmp_path):
+def test_one_disk_alone_maps_its_own_raid1_member_and_says_the_lv_is_elsewhere(vm, lvm_map,
+                                                                               tmp_path):
     """Mapped alone (a remap of one disk does this), disk C still names its
     RAID1 member's files (the array is readable from one mirror), and disk
-    A's share of the spanning LV is said not mapped, in one line."""
+    A's share of the spanning LV is said not mapped, in one line; a remap
+    of disk A alone keeps the LV's files from the map made at start."""
     out = tmp_path / "c.bmap"
     make_bmap(FileSource(vm["paths"]["c"]), out, method="metadata")
     got = _by_file(out)
@@ -324,6 +327,12 @@ def test_one_disk_alone_maps_its_own_raid1_member_and_says_the_lv_is_elsewhere(v
     made = make_bmap(FileSource(vm["paths"]["a"]), tmp_path / "a.bmap", method="metadata")
     said = [w for w in made.warnings if "/dev/vgx/span" in w]
     assert said and "another disk" in said[0]
+    start = lvm_map["made"].blockmap
+    answer = run_mapper(FileSource(vm["paths"]["a"]), {"disk": "/dev/sda"},
+                        old_flat=start.to_flat())
+    span = [(s, e, o) for s, e, o in start.entries() if o.device == "/dev/vgx/span" and o.path]
+    assert span and answer.info["kept"] > 0
+    assert set(span) <= set(answer.blockmap.entries())
 
 
 @slow
@@ -430,3 +439,92 @@ def test_a_luks_container_is_one_object_its_payload(kind, tmp_path):
     assert ["1", "100000", "1500000", "p", "/dev/sda1"] in lines
     assert made.methods.get(f"/dev/mapper/luks-{uuid}", "").startswith("none")
     assert not [w for w in made.warnings if "luks" in w.lower()], made.warnings
+
+
+# --------------------------------------------------------------------------
+# RAID10 "near": the appliance has no raid10 personality, so its members
+# are made here, by md(4)'s layout and the 1.2 superblock's fields (fast)
+
+
+def _superblock_12(*, level: int, layout: int, chunk: int, disks: int, number: int,
+                   data_offset: int, size: int, name: bytes) -> bytes:
+    """mdadm 1.2's ``struct mdp_superblock_1`` (sizes in sectors)."""
+    sb = bytearray(4096)
+    struct.pack_into("<IIII16s32sQiIQII", sb, 0, 0xA92B4EFC, 1, 0, 0, name.ljust(16, b"U"),
+                     b"host:" + name, 0, level, layout, size, chunk, disks)
+    struct.pack_into("<QQQ", sb, 128, data_offset, size, 8)
+    struct.pack_into("<I", sb, 160, number)
+    struct.pack_into("<Q", sb, 200, 7)
+    struct.pack_into("<I", sb, 220, disks)
+    for k in range(disks):
+        struct.pack_into("<H", sb, 256 + 2 * k, k)
+    return bytes(sb)
+
+
+def test_md_raid10_near_copies_on_three_members(tmp_path):
+    """RAID10, near=2 over three whole-disk members (md(4): array chunk k's
+    copies are raw chunks 2k and 2k+1, raw chunk r on member r % 3 at its
+    chunk r // 3): each file named on both copies, as debugfs on the
+    array's content and that layout put it."""
+    import subprocess
+    chunk, offset, member = 64 * 1024, MiB, 8 * MiB
+    per = (member - offset) // chunk
+    array = per * 3 // 2 * chunk
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    for p, n in MD_FILES.items():
+        (root / p.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / p.lstrip("/")).write_bytes(content(p, n))
+    fs = tmp_path / "array.ext4"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-b", "4096", "-d", root, fs,
+                    str(array // 1024) + "k"], check=True)
+    data = open(fs, "rb").read()
+    images = [tmp_path / f"m{k}.img" for k in range(3)]
+    for k, path in enumerate(images):
+        with open(path, "wb") as f:
+            f.truncate(member)
+            f.seek(4096)
+            f.write(_superblock_12(level=10, layout=0x102, chunk=chunk // 512, disks=3,
+                                   number=k, data_offset=offset // 512,
+                                   size=(member - offset) // 512, name=b"ten"))
+    for c in range(array // chunk):
+        for raw in (2 * c, 2 * c + 1):
+            with open(images[raw % 3], "r+b") as f:
+                f.seek(offset + raw // 3 * chunk)
+                f.write(data[c * chunk:(c + 1) * chunk])
+    out = tmp_path / "ten.bmap"
+    made = make_bmap(FileSource(images[0]), out, method="metadata",
+                     more=(FileSource(images[1]), FileSource(images[2])))
+    assert made.methods["/dev/md/ten"] == "metadata", made.warnings
+    got = _by_file(out)
+    for path, ranges in ext4_file_ranges(fs, 0, list(MD_FILES)).items():
+        want = []
+        for s, e in ranges:
+            while s < e:
+                c, within = divmod(s, chunk)
+                n = min(e - s, chunk - within)
+                for raw in (2 * c, 2 * c + 1):
+                    at = offset + raw // 3 * chunk + within
+                    want.append((raw % 3 + 1, at, at + n))
+                s += n
+        assert _merged(got[("/dev/md/ten", path)]) == _merged(want), path
+
+
+def test_md_raid5_and_a_missing_raid0_member_are_one_warning_each(tmp_path):
+    """Unsupported: a RAID5 array (one warning, no volume, its members not
+    walked), and a RAID0 with one of its two members in the session."""
+    paths = []
+    for level, name in ((5, b"five"), (0, b"zero")):
+        path = tmp_path / f"{name.decode()}.img"
+        with open(path, "wb") as f:
+            f.truncate(4 * MiB)
+            f.seek(4096)
+            f.write(_superblock_12(level=level, layout=2, chunk=128, disks=3 if level else 2,
+                                   number=0, data_offset=2048, size=6144, name=name))
+        paths.append(path)
+    made = make_bmap(FileSource(paths[0]), tmp_path / "x.bmap", method="metadata",
+                     more=(FileSource(paths[1]),))
+    assert [w for w in made.warnings if "/dev/md/" in w] == [
+        "/dev/md/five: md RAID5 array: not supported (RAID1, RAID0 and RAID10 are): not mapped",
+        "/dev/md/zero: RAID0 with 1 of its 2 members on these disks: not mapped"]
+    assert "/dev/md/five" not in made.methods
