@@ -456,7 +456,7 @@ def _superblock_12(*, level: int, layout: int, chunk: int, disks: int, number: i
     struct.pack_into("<I", sb, 160, number)
     struct.pack_into("<Q", sb, 200, 7)
     struct.pack_into("<I", sb, 220, disks)
-    for k in range(disks):
+    for k in range(min(disks, 1920)):
         struct.pack_into("<H", sb, 256 + 2 * k, k)
     return bytes(sb)
 
@@ -528,3 +528,32 @@ def test_md_raid5_and_a_missing_raid0_member_are_one_warning_each(tmp_path):
         "/dev/md/five: md RAID5 array: not supported (RAID1, RAID0 and RAID10 are): not mapped",
         "/dev/md/zero: RAID0 with 1 of its 2 members on these disks: not mapped"]
     assert "/dev/md/five" not in made.methods
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"disks": 0}, "0 devices"),
+    ({"disks": 100_000}, "100000 devices"),
+    ({"number": 5000}, "slot 5000"),
+    ({"data_offset": 1 << 60}, "data offset"),
+    ({"chunk": 0, "level": 0}, "chunks of 0 bytes"),
+    ({"chunk": 3, "level": 10}, "chunks of 1536 bytes"),
+    ({"layout": 0x201, "level": 10}, "far or offset copies"),
+])
+def test_absurd_md_superblocks_are_one_warning(change, needle, tmp_path):
+    """Numbers a guest wrote in a 1.2 superblock, each absurd one a warning
+    (and no volume), never a crash. (A size of 2^62 sectors is no danger:
+    every size is cut to what the member holds.)"""
+    fields = dict(level=1, layout=0, chunk=128, disks=2, number=0, data_offset=2048,
+                  size=4096, name=b"bad") | change
+    paths = []
+    for k in range(2):
+        path = tmp_path / f"m{k}.img"
+        with open(path, "wb") as f:
+            f.truncate(4 * MiB)
+            f.seek(4096)
+            f.write(_superblock_12(**(fields | {"number": fields["number"] or k})))
+        paths.append(path)
+    made = make_bmap(FileSource(paths[0]), tmp_path / "x.bmap", method="metadata",
+                     more=(FileSource(paths[1]),))
+    assert any(needle in w for w in made.warnings), made.warnings
+    assert "/dev/md/bad" not in made.methods

@@ -43,8 +43,8 @@ from .volumes import SECTOR, Volume, VolumeSource, read_at, through
 __all__ = ["MAX_CHUNKS", "MdMember", "md_volumes", "read_member"]
 
 MD_MAGIC = 0xA92B4EFC
-#: chunks an array is cut into at most (RAID0/10: one segment each, ~100
-#: bytes): past this an array is not mapped, with a warning
+#: pieces (chunks x copies) an array is cut into at most (RAID0/10: one
+#: segment each, ~100 bytes): past this an array is not mapped, with a warning
 MAX_CHUNKS = 1 << 18
 #: members of one array at most (md's own limit for 1.x is 1920 roles)
 MAX_DEVICES = 256
@@ -222,8 +222,9 @@ def _striped(ref: MdMember, slots: dict[int, MdMember], warnings: list[str]) -> 
             return None
         per = min(ref.size, *(m.data_size for m in slots.values())) // chunk
         chunks = per * n // near
-    if chunks <= 0 or chunks > MAX_CHUNKS:
-        warnings.append(f"{name}: {chunks} chunks (at most {MAX_CHUNKS} are mapped): not mapped")
+    if chunks <= 0 or chunks * near > MAX_CHUNKS:
+        warnings.append(f"{name}: {chunks} chunks of {near} copies (at most {MAX_CHUNKS} "
+                        "pieces are mapped): not mapped")
         return None
     # Array chunk k's copy j is "raw" chunk k * near + j: member raw % n, at
     # its chunk raw // n (md's raid10 near layout; RAID0 is near=1).
