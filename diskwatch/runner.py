@@ -566,13 +566,14 @@ class Runner:
             threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits,
             export=session.export if len(session.disks) > 1 else None))
         # The other disks: a remapper (and a mapper process) each, on its
-        # own writes. Their maps are not kept in the recording (a replay
-        # names them with the map made at start).
+        # own writes; the recording keeps their maps (DMAP frames).
         for (name, disk), (_, _, device) in zip(self.disks[1:], session.disks[1:],
                                                 strict=False):
             def swap(result, name=name, device=device) -> None:
                 session.swap_disk_map(name, result.blockmap, f"remap of {device} ({result.why})",
                                       result.journal_map, (result.added, result.removed))
+                if self.recorder is not None and not result.unchanged:
+                    self.recorder.keep_disk_map(name, result.blockmap, f"remap ({result.why})")
             def said(text: str, level: str, device=device) -> None:
                 say(f"{device}: {text}", level)
             self.more_remappers.append(session.pump.add(Remapper(

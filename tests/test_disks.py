@@ -170,8 +170,10 @@ def test_a_guest_with_a_root_disk_and_a_qcow2_data_disk_boots_under_one_diskwatc
     before = (_sha(guest_image.path), _sha(two_disks["qcow"]))
     command = (guest.qemu_shell_command("$nbd1", "tcg")
                + ' -drive "file=$nbd2,format=raw,if=virtio"')
+    rec = tmp_path / "vm.dwrec"
     done = run_diskwatch([guest_image.path, f"file={two_disks['qcow']},snapshot=on", "--snapshot",
-                          "--bmap", bmap, "--headless", "--run", command], timeout=300)
+                          "--bmap", bmap, "--headless", "--record", rec, "--run", command],
+                         timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "diskwatch-demo: data disk read and written" in done.stdout, done.stdout[-3000:]
     trace = done.stdout
@@ -188,5 +190,20 @@ def test_a_guest_with_a_root_disk_and_a_qcow2_data_disk_boots_under_one_diskwatc
     assert "f /dev/sdb1 /new.log" in trace, trace[-3000:]
     assert "/dev/sda1 /new.log" not in trace
     assert (_sha(guest_image.path), _sha(two_disks["qcow"])) == before
+    # The recording keeps the data disk's remapped map (a DMAP frame): its
+    # replay names the new file on /dev/sdb1 where live did, and the report
+    # gives it its 2,000,000 bytes (written before the remap: named late).
+    from diskwatch.recording.reader import open_recording
+    recording = open_recording(str(rec))
+    assert recording.disk_maps and {m.export for m in recording.disk_maps} == {"sdb"}
+    replayed = run_diskwatch(["replay", rec, "--headless"], timeout=120)
+    assert replayed.returncode == 0, replayed.stderr
+    assert "f /dev/sdb1 /new.log" in replayed.stdout
+    live_lines = [ln for ln in trace.splitlines() if "/new.log" in ln]
+    assert [ln for ln in replayed.stdout.splitlines() if "/new.log" in ln] == live_lines
+    report = run_diskwatch(["report", rec, "--json"], timeout=120)
+    assert report.returncode == 0, report.stderr
+    objects = {o["name"]: o for o in json.loads(report.stdout)["objects"]}
+    assert objects["f /dev/sdb1 /new.log"]["write_bytes"] >= 2_000_000
     print("\n" + "\n".join(ln for ln in (done.stderr + trace).splitlines()
                            if "remap" in ln or "new.log" in ln or "/dev/sdb1 /data/f3" in ln))

@@ -8,7 +8,7 @@ File format (version 1). All integers little-endian.
     file   := MAGIC frame*
     MAGIC  := b"DWREC01\\n"                                  (8 bytes)
     frame  := kind:4s  length:u32  crc32:u32  payload[length]
-    kind   := b"HEAD" | b"META" | b"REQS" | b"EVTS" | b"BMAP" | b"JMAP"
+    kind   := b"HEAD" | b"META" | b"REQS" | b"EVTS" | b"BMAP" | b"JMAP" | b"DMAP"
 
 - ``HEAD`` (the first frame, exactly one): UTF-8 JSON, uncompressed (``head -c
   400 FILE`` shows it): ``format`` (1), ``diskwatch`` (its version),
@@ -29,6 +29,11 @@ File format (version 1). All integers little-endian.
   form (``why`` "journal"); from its ``at`` on, a replay gives the journal
   writes it kept to their owners, as the live session did there. Readers
   older than it skip it.
+- ``DMAP``: a block map a live remap of another disk of the session made
+  (the second, third... export), in a BMAP frame's form, whose JSON also
+  has ``export`` (the disk's export name): from its ``at`` on it names that
+  disk's requests. A kind of its own, so a reader older than it (which
+  skips it) never names the first disk with it.
 - ``BMAP``: a block map the live session swapped in (a live remap, or the
   ``--bmap`` file read again on SIGHUP), kept whole because the session's
   names changed with it: zstd-compressed (one zstd frame) text in the block
@@ -350,5 +355,7 @@ class RecordedMap:
     path: str | None  # the file a reload read (the recording's text: untrusted)
     sha256: str | None
     frame: tuple[bytes, int, int] = field(repr=False)
+    #: a DMAP frame's: the export (disk) it maps; None: the first disk's
+    export: str | None = None
 
 

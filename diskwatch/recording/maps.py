@@ -61,9 +61,12 @@ class MapSchedule:
 
     def __init__(self, first: Any, recorded: Sequence[RecordedMap] = (),
                  load: Callable[[RecordedMap], Any] | None = None,
-                 journal: Sequence[RecordedMap] = ()) -> None:
+                 journal: Sequence[RecordedMap] = (), disk: Sequence[RecordedMap] = ()) -> None:
         self.first = first
         self.recorded = list(recorded)
+        #: the other disks' maps their live remaps made (DMAP frames): none
+        #: when a --bmap names every request instead
+        self.disk = list(disk)
         #: the journal maps (JMAP frames) that go with the recorded maps:
         #: none when a --bmap names every request instead
         self.journal = list(journal)
@@ -104,6 +107,7 @@ def maps_for(recording: Recording, given: str | None, first: Any,
     from ..bmap.index import BlockMap
     recorded = recording.maps
     journal = [] if given else recording.journal_maps
+    disk = [] if given else getattr(recording, "disk_maps", [])
     if recorded:
         n = len(recorded)
         maps, verb = (f"{n} block maps", "are") if n > 1 else ("block map", "is")
@@ -118,4 +122,4 @@ def maps_for(recording: Recording, given: str | None, first: Any,
     if first is None and not recorded:
         return None
     return MapSchedule(BlockMap([]) if first is None else first, recorded, recording.load_map,
-                       journal)
+                       journal, disk)

@@ -64,6 +64,13 @@ class Player:
         self.journal_at = [m.at for m in self.journal_maps]
         self.on_journal = on_journal
         self._jnext = 0  # the next journal map to hand on
+        #: the other disks' maps their live remaps made (DMAP frames), put in
+        #: ``disk_maps`` at their request and told to ``on_disk_map``
+        self.disk_recorded = list(maps.disk) if maps is not None else []
+        self.disk_at = [m.at for m in self.disk_recorded]
+        self.on_disk_map: Callable[[str, Any], None] = lambda export, blockmap: None
+        self._dnext = 0
+        self._disk_start: dict = {}  # the maps the other disks start with
         self.columns = cols = recording.columns()
         self.times = array("d", map(sub, cols.start, repeat(cols.t0)))
         # requests keep the order sinks saw them in, which is not strictly by
@@ -135,6 +142,11 @@ class Player:
         back = t < self.delivered
         if back:
             self._cursor = self._ecursor = self._jnext = 0
+            if self._dnext:
+                self._dnext = 0
+                for export, blockmap in self._disk_start.items():
+                    self.disk_maps[export] = blockmap
+                    self.on_disk_map(export, blockmap)
             self.delivered = 0.0
             self.generation += 1
         self._rebase(t)
@@ -168,7 +180,8 @@ class Player:
         events = [e for _, e in self.events[self._ecursor:ev_end]]
         self._ecursor = ev_end
         end = min(bisect_right(self.reach, now, self._cursor), self._cursor + MAX_BATCH)
-        for at in (self.maps.at if self.maps is not None else (), self.journal_at):
+        for at in (self.maps.at if self.maps is not None else (), self.journal_at,
+                   self.disk_at):
             # A batch never spans a map swap or a journal map: the swap (and
             # what it names late) comes between the same two requests as live.
             k = bisect_right(at, self._cursor)
@@ -198,6 +211,7 @@ class Player:
             self.blockmap = blockmap
             self.on_map(blockmap)
         self._journals_until(first)
+        self._disk_maps_until(first)
         exports = self.recording.header.exports
         if len(exports) > 1:
             # several disks: each request in its own disk's map
@@ -207,6 +221,17 @@ class Player:
                     m = disks.get(r[1])
                     pieces[i] = m.lookup(r[3], r[4]) if m is not None else []
         return pieces
+
+    def _disk_maps_until(self, at: int) -> None:
+        """The other disks' maps recorded at requests up to ``at``, in effect."""
+        while self._dnext < len(self.disk_at) and self.disk_at[self._dnext] <= at:
+            recorded = self.disk_recorded[self._dnext]
+            if not self._disk_start:
+                self._disk_start = dict(self.disk_maps)
+            blockmap = self.recording.load_map(recorded)
+            self.disk_maps[recorded.export] = blockmap
+            self.on_disk_map(recorded.export, blockmap)
+            self._dnext += 1
 
     def _journals_until(self, at: int) -> None:
         """Journal maps recorded at requests up to ``at``, not yet handed on."""
@@ -255,6 +280,8 @@ def replay_session(recording: Recording, maps: MapSchedule | None, *, speed: flo
                            for k, name in enumerate(exports, 1)], player.disk_maps)
     player.on_map = session.swap_map  # as a live remap swaps it
     player.on_journal = session.carry_journal
+    player.on_disk_map = lambda export, blockmap: session.swap_disk_map(
+        export, blockmap, "remap (recorded)")
     return session
 
 

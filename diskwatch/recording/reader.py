@@ -78,6 +78,9 @@ class Recording:
         #: the journal maps its remaps made, by request (JMAP frames: late.py)
         self.journal_maps = sorted(
             (self._map_head(f) for f in self._frames if f[0] == b"JMAP"), key=lambda m: m.at)
+        #: the other disks' maps their live remaps made (DMAP frames), by request
+        self.disk_maps = sorted(
+            (self._map_head(f) for f in self._frames if f[0] == b"DMAP"), key=lambda m: m.at)
 
     def _index(self, f) -> None:
         size = os.fstat(f.fileno()).st_size
@@ -125,10 +128,14 @@ class Recording:
                     or not isinstance(t, (int, float))):
                 raise ValueError("a bad request index or time")
             path, digest = head.get("path"), head.get("sha256")
+            export = head.get("export")
+            if frame[0] == b"DMAP" and not isinstance(export, str):
+                raise ValueError("a disk's map without its export")
             return RecordedMap(at, t - self.header.started_monotonic, str(head.get("why", "")),
                                int(head.get("entries", 0)),
                                path if isinstance(path, str) else None,
-                               digest if isinstance(digest, str) else None, frame)
+                               digest if isinstance(digest, str) else None, frame,
+                               export if frame[0] == b"DMAP" else None)
         except (zstandard.ZstdError, ValueError, TypeError) as e:
             raise RecordingError(f"{self.path}: a recorded block map is damaged "
                                  f"({str(e)[:200]})") from None

@@ -60,6 +60,9 @@ class Recorder:
         self._file_start = 0  # of those, the ones in earlier files (reopen)
         #: maps to write: (_accepted when swapped in, monotonic time, BlockMap, fields)
         self._maps: deque[tuple[int, float, Any, dict]] = deque()
+        #: each other disk's last map (DMAP), by export: a new file begins with them
+        self._current_disk_maps: dict[str, tuple] = {}
+        self.disk_swapped_in = 0
         self._current_map: tuple[int, float, Any, dict] | None = None
         self.maps = 0  # maps written
         #: why the writer thread stopped recording (a full disk: the strerror)
@@ -115,6 +118,9 @@ class Recorder:
                     # A map swapped in before this file began names its first
                     # requests, and the header names only the first map.
                     self._maps.appendleft((self._file_start, *current[1:]))
+                for item in self._current_disk_maps.values():  # the other disks' too
+                    if not any(m is item for m in self._maps):
+                        self._maps.append((self._file_start, *item[1:]))
 
     def attach(self, bus: Any) -> Recorder:
         """Subscribe to ``bus``'s events and start the writer thread."""
@@ -161,6 +167,20 @@ class Recorder:
         self.add_map(blockmap, why or ("remap" if remapped else "reload"), **identity)
         self.swapped_in += 1
         self.set_meta(remaps=self.remapped, maps=self.swapped_in)
+
+    def keep_disk_map(self, export: str, blockmap: Any, why: str = "remap") -> None:
+        """A map a live remap of another disk (``export``) swapped in: a
+        DMAP frame at the next request, so a replay and the report name
+        that disk's requests with it from there, as live did."""
+        with self._pending_lock:
+            if self.error is not None:
+                return
+            at = self._accepted
+        item = (at, time.monotonic(), blockmap, {"why": why, "export": export}, b"DMAP")
+        self._current_disk_maps[export] = item
+        self._maps.append(item)
+        self.disk_swapped_in += 1
+        self.set_meta(disk_maps=self.disk_swapped_in)
 
     def add_journal_map(self, journal_map: Any) -> None:
         """A remap's journal map (which file each journal block carried,

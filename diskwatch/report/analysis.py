@@ -298,12 +298,27 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
     end = 0.0
     flushes = 0
     flush = CMD_FLUSH
+    # the other disks' maps their live remaps made (DMAP frames), in effect
+    # from their request on, as live
+    disk_recorded = list(maps.disk) if maps is not None and recorded is not None else []
+    dat = [m.at for m in disk_recorded]
+    dnext = 0
+    last_of = {m.export: m for m in disk_recorded}  # (by request: the last wins)
+    disk_last = {export: recorded.load_map(m) for export, m in last_of.items()}
+    if disk_recorded:
+        disks = dict(disks or {})
     k = 0  # the next map to switch to, at request switch_at[k]
     next_switch = switch_at[0] if switch_at else -1
     for i, r in enumerate(recording.requests):
         while jnext < len(jat) and jat[jnext] <= i:
             _carry(journal, recorded.load_map(jmaps[jnext]), objects)
             jnext += 1
+        while dnext < len(dat) and dat[dnext] <= i:
+            m = disk_recorded[dnext]
+            new = disk_last[m.export] if m is last_of[m.export] else recorded.load_map(m)
+            _lives_map(lives, disks.get(m.export), new, deque())
+            disks[m.export] = new
+            dnext += 1
         if i == next_switch:  # the live session swapped maps before this request
             while k < len(switch_at) and switch_at[k] <= i:
                 k += 1  # (several at one request: the last one named it)
@@ -346,8 +361,12 @@ def analyse(recording: Recording, blockmap: Any = None, burst_gap: float = BURST
         best_rank = -1
         best_type = None
         other = disks.get(r.export) if disks else None
-        if other is not None:  # another disk: its own map
+        if other is not None:  # another disk: its own map, and its last for late naming
             pieces = other.lookup(r.offset, r.length)
+            if not is_read and r.export in disk_last:
+                last_map = disk_last[r.export]
+                if last_map is not other:
+                    pieces = _name_late(pieces, last_map.lookup, a)
         else:
             pieces = lookup(r.offset, r.length)
             if not is_read:  # what its own map did not name: births, at the next map
