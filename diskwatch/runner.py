@@ -581,6 +581,7 @@ class Runner:
                 say=said, mode=cfg.remap, bus=None if cfg.headless else session.bus,
                 threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits,
                 export=name, disk=device)))
+            session.disk_remappers.append(self.more_remappers[-1])
 
     def reload(self, session: Session) -> None:
         """SIGHUP (a service): reopen the log files (logrotate moved them) and

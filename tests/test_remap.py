@@ -460,6 +460,57 @@ def test_the_m_key_remaps_under_the_ui(disks, tmp_path):
     assert "remap (key): +" in seen["panel"] and path in seen["panel"], seen["panel"]
 
 
+def test_the_m_key_remaps_every_disk_of_the_session(disks, tmp_path):
+    """Several disks: m asks each disk's remapper (its own mapper process)
+    for a remap, and each says its own line."""
+    import asyncio
+
+    from diskwatch.ui.app import DiskwatchApp
+    a, a_map, _b, _offset = disks
+    sources = [Snapshot(FileSource(str(a)), tmpdir=str(tmp_path)) for _ in range(2)]
+    bus = Bus()
+    running = serve_in_thread({"": sources[0], "sdb": sources[1]}, bus)
+    session = Session(bus=bus, size=sources[0].size, description="a.img", uri=running.uri,
+                      blockmap=BlockMap.load(a_map))
+    session.set_disks([("", sources[0].size, "/dev/sda"), ("sdb", sources[1].size, "/dev/sdb")],
+                      {"sdb": BlockMap.load(a_map)})
+    said = []
+
+    def remapper(source, export, disk, current):
+        return session.pump.add(Remapper(
+            source, current=current, swap=lambda result: None, mode="key", bus=bus,
+            export=export, disk=disk,
+            say=lambda text, level: said.append((disk, text))))
+    session.remapper = remapper(sources[0], "", "/dev/sda", lambda: session.blockmap)
+    session.disk_remappers.append(
+        remapper(sources[1], "sdb", "/dev/sdb", lambda: session.maps.get("sdb")))
+    notes = []
+
+    async def main():
+        app = DiskwatchApp(session)
+        async with app.run_test(size=(140, 40)) as pilot:
+            app.notify = lambda message, **kw: notes.append(message)
+            await pilot.press("m")
+            deadline = time.monotonic() + 30
+            while len(said) < 2:
+                assert time.monotonic() < deadline, f"timed out: {said}"
+                app.pump()
+                await pilot.pause(0.02)
+            await pilot.press("q")
+
+    try:
+        asyncio.run(main())
+    finally:
+        for r in (session.remapper, *session.disk_remappers):
+            r.close()
+        running.stop()
+        for s in sources:
+            s.close()
+    assert notes[0] == "remapping 2 of the 2 disks as they are now", notes
+    assert sorted(d for d, _ in said) == ["/dev/sda", "/dev/sdb"], said
+    assert all(text.startswith("remap (key): ") for _, text in said), said
+
+
 def test_a_remap_that_cannot_read_the_disk_is_told_once_and_the_old_map_stays(disks):
     """A source that fails every read: the remap fails in one line, the old
     map stays; automatic remapping goes on (a disk caught mid-update may

@@ -194,6 +194,8 @@ class Session:
     player: Any = None
     #: live remapping (diskwatch.remap.Remapper), None when off or replaying
     remapper: Any = None
+    #: the other disks' remappers, in disk order (several disks)
+    disk_remappers: list = field(default_factory=list)
     #: the writes no map named yet (diskwatch.late), a sink of the pump
     late: LateNamer = field(init=False)
     #: the first disk's export name; with several disks, the others' maps

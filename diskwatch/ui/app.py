@@ -474,8 +474,12 @@ class DiskwatchApp(App[int | None]):
         remapper = self.session.remapper
         if remapper is None:
             return
-        if not remapper.request("key"):
+        others = self.session.disk_remappers
+        started = [r.request("key") for r in (remapper, *others)]
+        if not any(started):
             self.notify("a remap is already running")
+        elif others:
+            self.notify(f"remapping {sum(started)} of the {len(started)} disks as they are now")
         else:
             self.notify("remapping the disk as it is now")
 
