@@ -137,7 +137,7 @@ def md_volumes(source: Source, parts: list[Volume], warnings: list[str]) -> list
     """The md arrays whose members are among ``parts`` (marked
     ``linux_raid_member``), as volumes on the members' disks."""
     arrays: dict[str, list[MdMember]] = {}
-    for v in parts:
+    for v in parts[:4 * MAX_DEVICES]:  # four 4 KiB reads each, at most
         if not v.segments:
             continue
         try:

@@ -15,8 +15,8 @@ named the way Linux (and so libguestfs, and so the watch method) names it:
   pieces of the disks, anything else (striped, mirror, raid, thin, a PV on
   a disk not mapped) is reported as not linear. The PVs are found by their
   UUID on whichever disk holds them (partitions, whole disks, md arrays):
-  mapped together (``find_vm_volumes``), the disks of a VM are one address
-  space, each disk at its own base (``vm.py``).
+  mapped together (``vm.find_vm_volumes``), the disks of a VM are one
+  address space, each disk at its own base (``vm.py``).
 - md RAID (``md.py``): ``/dev/md/NAME``; RAID1 is its first member's data
   with the others as mirrors, RAID0/10 their chunks.
 - LUKS (``luks.py``): the encrypted payload is one object,
@@ -328,9 +328,20 @@ def assemble(source: Source, parts: list[Volume], warnings: list[str]) -> list[V
     pvs = [v for v in candidates if is_lvm_pv(VolumeSource(source, v))]
     for v in pvs:
         v.type_hint = "LVM2_member"
+    if len(pvs) > MAX_CONTAINERS:
+        # each PV's text is read and parsed (up to MAX_LVM_TEXT): a table of
+        # 4,096 overlapping partitions must not cost 4,096 of them
+        warnings.append(f"{len(pvs)} LVM physical volumes: the first {MAX_CONTAINERS} are read")
+        pvs = pvs[:MAX_CONTAINERS]
     lvs = lvm_assemble(source, pvs, warnings)
-    plain = [v for v in candidates + [lv for lv in lvs if lv.segments] if v not in pvs]
-    return arrays + lvs + luks_volumes(source, plain, warnings)
+    taken = {id(v) for v in pvs}
+    plain = [v for v in candidates + [lv for lv in lvs if lv.segments] if id(v) not in taken
+             and v.type_hint != "LVM2_member"]
+    return arrays + lvs + luks_volumes(source, plain[:MAX_CONTAINERS], warnings)
+
+
+#: physical volumes (and LUKS headers) read at most in one map
+MAX_CONTAINERS = 256
 
 
 def find_volumes(source: Source, disk: str = "/dev/sda") -> tuple[list[Volume], list[str]]:
