@@ -133,3 +133,28 @@ def test_map_diff_and_the_live_sink_told_by_the_session():
     (life,) = act.new_lifetimes()
     assert life.obj == f(TMP) and life.reads == 1 and life.born == 1.0
     assert act.new_lifetimes() == []
+
+
+def test_the_headless_summary_names_what_was_made_and_deleted():
+    """--headless's exit summary: the lifetimes its session saw, told by
+    the session's map swaps as the UI's are (the names as text)."""
+    from diskwatch.events import Bus
+    from diskwatch.pipeline.session import Session
+    from diskwatch.sinks.summary import Summary
+    session = Session(bus=Bus(), size=64 * MiB, description="t", blockmap=START)
+    summary = session.pump.add(Summary(64 * MiB))
+    pump = session.pump
+
+    def feed(*reqs):
+        batch = list(reqs)
+        summary.feed(batch, pump.look_up(batch))
+        session.late.feed(batch, pump.look_up(batch))
+    feed(req(1.0, W, 20 * MiB, 2 * MiB))  # unnamed: no file there yet
+    session.swap_map(WITH_TMP, "remap (test)")
+    feed(req(2.0, R, 20 * MiB, 8192))
+    session.swap_map(START, "remap (test)")
+    out = io.StringIO()
+    summary.print(out)
+    (line,) = [ln for ln in out.getvalue().splitlines() if "made and deleted" in ln]
+    assert line == (f"diskwatch: made and deleted while watched (1): f /dev/sda1 {safe_text(TMP)} "
+                    "lived <=1.00s, 2 MiB written"), line

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..churn import CHURN_MIN_BURSTS, new_burst, per_minute, period
-from ..events import LateNamed, Request
-from ..lifetimes import Lifetimes
+from ..events import Request
 from ..pipeline.sink import Pieces, SinkBase
 from ..scans import Scan, ScanTracker
 from ..wire import CMD_FLUSH, CMD_READ, WRITE_COMMANDS
+from .lifetimes import LifetimeFollower
 
 __all__ = ["Activity", "ChurnNow", "CHURN_IDLE", "MAX_SEEN", "MAX_WRITTEN"]
 
@@ -92,30 +92,22 @@ class Activity(SinkBase):
         self._known: set[tuple[str, float]] = set()  # live scans already told
         self._ended = 0  # of scans.done, already told
         self._news: deque[tuple[str, Scan]] = deque(maxlen=MAX_NEWS)
-        self.lives = Lifetimes()
+        self._follower = LifetimeFollower()
+        self.lives = self._follower.lives
         self._deaths_told = 0
 
     # -- the sink --
 
     def map_changed(self, added, removed, new) -> None:
-        self.lives.map_changed(added, removed, new)
+        self._follower.map_changed(added, removed, new)
 
     def on_event(self, event: object) -> None:
-        if isinstance(event, LateNamed) and self.lives.alive:
-            # a new file's first writes, named by the map that added it
-            # (told just before): its birth, before that map
-            touch, alive = self.lives.touch, self.lives.following
-            for t, cmd, start, end, _old, obj in event.writes:
-                if obj in alive and cmd in WRITE_COMMANDS:
-                    touch(obj, t, False, end - start, start)
+        self._follower.on_event(event)
 
     def feed(self, batch: Sequence[Request], pieces: Pieces | None) -> None:
-        if batch:
-            self.lives.saw(batch[-1][6])
+        self._follower.feed(batch, pieces)
         if pieces is None:
             return
-        if self.lives.alive:
-            self._touch(batch, pieces)
         seen, written = self._seen, self._written
         first_read = self.scans.first_read
         for r, looked_up in zip(batch, pieces, strict=True):
@@ -153,16 +145,6 @@ class Activity(SinkBase):
                             self._churning[obj] = w
                     w.last_t = t
                     w.last_flushes = self._flushes
-
-    def _touch(self, batch: Sequence[Request], pieces: Pieces) -> None:
-        """The pieces named on the objects created since the session began."""
-        touch, alive = self.lives.touch, self.lives.following
-        for r, looked_up in zip(batch, pieces, strict=True):
-            if not looked_up or r[2] == CMD_FLUSH:
-                continue
-            for start, end, obj in looked_up:
-                if obj in alive:
-                    touch(obj, r[6], r[2] == CMD_READ, end - start, start)
 
     def tick(self, now: float) -> None:
         scans = self.scans

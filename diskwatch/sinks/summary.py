@@ -1,6 +1,7 @@
 """The exit summary of --headless (a live session or a replay): totals,
 latency, the most read and written objects, the journal writes each file
-cost. A ``Sink`` of the pump; the UI shows the same ``Stats`` live."""
+cost, the files made and deleted while watched. A ``Sink`` of the pump; the
+UI shows the same ``Stats`` and lifetimes live."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from ..pipeline.sink import Pieces
 from ..text import safe_text
 from ..units import count, format_bytes, format_duration_compact
 from ..wire import COMMAND_NAMES
+from .lifetimes import LifetimeFollower
 from .stats import Stats
+
+#: lifetimes the summary names, at most (the report lists them all)
+LIVES_SAID = 5
 
 
 class Summary:
@@ -21,14 +26,20 @@ class Summary:
     def __init__(self, size: int) -> None:
         self.stats = Stats(size, heat_cells=1)
         self.named = False
+        self.lifetimes = LifetimeFollower()
 
     def feed(self, batch: Sequence[Request], pieces: Pieces | None) -> None:
         self.stats.add(batch, pieces=pieces)
+        self.lifetimes.feed(batch, pieces)
         if pieces is not None:
             self.named = True
 
     def on_event(self, event: object) -> None:
         self.stats.on_event(event)
+        self.lifetimes.on_event(event)
+
+    def map_changed(self, added, removed, new) -> None:
+        self.lifetimes.map_changed(added, removed, new)
 
     def tick(self, now: float) -> None:
         pass
@@ -70,6 +81,14 @@ class Summary:
                         print(f"diskwatch: most {by}{label}: " + "; ".join(
                             f"{safe_text(str(obj))} x{getattr(c, by)}" for obj, c in top),
                             file=out)
+            lives = self.lifetimes.lives
+            if lives.deaths:
+                gone = list(lives.gone)[-LIVES_SAID:]
+                more = lives.deaths - len(gone)
+                print(f"diskwatch: made and deleted while watched ({lives.deaths}): " + "; ".join(
+                    f"{safe_text(str(life.obj))} lived <={format_duration_compact(life.lived)}"
+                    + (f", {format_bytes(life.write_bytes)} written" if life.write_bytes else "")
+                    for life in gone) + (f"; and {more} more" if more > 0 else ""), file=out)
             journaled = sorted(((c.journal_bytes, obj) for obj, c in st.objects.items()
                                 if obj is not None and c.journal_bytes and guests(obj)),
                                key=lambda jc: (-jc[0], str(jc[1])))[:5]
