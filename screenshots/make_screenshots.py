@@ -14,7 +14,8 @@ beside it when rsvg-convert (Debian: librsvg2-bin) is installed.
 Shots: boot.svg (mid-boot, 140x42), boot-80x24.svg, scan.svg (the churn
 guest's antivirus sweeping /opt/av-test: the activity line under the views),
 churn-top-writes.svg (the churn guest rewriting logs, files only, top objects
-by writes), tree.svg and tree-80x24.svg (the d key's tree of the traffic, the
+by writes; remapped live, the "lived" line of the temporary file it made and
+deleted), tree.svg and tree-80x24.svg (the d key's tree of the traffic, the
 busiest path opened),
 exited.svg (the command has exited, its status shown), attach.svg (``diskwatch
 attach`` on the loop guest, already running under plain QEMU before diskwatch
@@ -41,6 +42,7 @@ from diskwatch.bmap.index import BlockMap  # noqa: E402
 from diskwatch.demo.guest import build_guest_image, probe_kvm  # noqa: E402
 from diskwatch.events import Bus  # noqa: E402
 from diskwatch.pipeline.session import Session  # noqa: E402
+from diskwatch.remap import Remapper  # noqa: E402
 from diskwatch.server.captive import Captive, captive_env  # noqa: E402
 from diskwatch.server.server import Server, ServerThread  # noqa: E402
 from diskwatch.sources.file import FileSource  # noqa: E402
@@ -124,9 +126,10 @@ def to_png(svg: Path) -> None:
     print("wrote", svg.with_suffix(".png"))
 
 
-def boot_session(guest, bmap: Path, sock: str, accel: str):
+def boot_session(guest, bmap: Path, sock: str, accel: str, *, remap: bool = False):
     bus = Bus()
-    server = Server({"": FileSource(str(guest.path))}, bus)
+    source = FileSource(str(guest.path))
+    server = Server({"": source}, bus)
     server.listen_unix(sock)
     thread = ServerThread(server).start()
     command = guest.qemu_shell_command("$nbd", accel)
@@ -138,12 +141,18 @@ def boot_session(guest, bmap: Path, sock: str, accel: str):
     captive = Captive(command, captive_env("unix", sock), capture=True, bus=bus)
     session.stop_command = captive.stop
     captive.on_exit = lambda status: setattr(session, "exit_status", status)
+    if remap:  # live remaps, as diskwatch runs by default: the new files are named
+        session.remapper = session.pump.add(Remapper(
+            source, current=lambda: session.blockmap, mode="auto", bus=bus,
+            swap=lambda r: session.swap_map(r.blockmap, f"remap ({r.why})", r.journal_map,
+                                            (r.added, r.removed)),
+            say=lambda text, level: None))
     return session, thread, captive
 
 
 async def shoot_boot(guest, bmap, out, size, accel, tmp, *, churn: bool) -> None:
     session, thread, captive = boot_session(
-        guest, bmap, f"{tmp}/{'churn' if churn else 'boot'}.sock", accel)
+        guest, bmap, f"{tmp}/{'churn' if churn else 'boot'}.sock", accel, remap=churn)
     app = DiskwatchApp(session)
     try:
         async with app.run_test(size=size) as pilot:
@@ -190,12 +199,16 @@ async def shoot_boot(guest, bmap, out, size, accel, tmp, *, churn: bool) -> None
                 await pilot.resize_terminal(*size)
                 await pilot.press("escape")
                 await until(pilot, app, lambda: app.stats.ops[1] >= 40, 180)
+                # the antivirus's temporary file, made and deleted: its "lived" line
+                await until(pilot, app, lambda: app.activity_sink.lives.deaths >= 1, 120)
                 await pilot.press("f", "s")  # files only, top objects by writes
                 save(app, out, "churn-top-writes.svg")
                 await until(pilot, app, lambda: session.exit_status is not None, 180)
     finally:
         if captive.running:
             captive.stop()
+        if session.remapper is not None:
+            session.remapper.close()
         thread.stop()
 
 
