@@ -5,7 +5,8 @@ The images are made by libguestfs in one appliance launch (six small raw
 disks): an LVM volume group over a partition of disk A and the whole of
 disk B, with an ext4 LV spanning both; and an md RAID1 (1.2 metadata) and
 RAID0 over partitions of disks C and D, plus a RAID1 with 0.90 metadata
-over E and F. The ground truth is LVM's own report of the LV's segments
+over E and F, and an LVM volume group on an md RAID1 over G and H.
+The ground truth is LVM's own report of the LV's segments
 (``lvs --segments``, ``pvs -o pe_start``) and mdadm's (``--examine``: the
 data offset, the chunk, each member's role), run in the appliance,
 combined with debugfs on the LV's or array's content downloaded to a file;
@@ -53,10 +54,16 @@ def _fill(g, device: str, files: dict[str, int], seed: str = "") -> None:
     g.umount("/")
 
 
+def _settle(g) -> None:
+    """Wait for udev: under a loaded TCG appliance, a partition's device
+    node (or an array's) may come after the call that made it returned."""
+    _sh(g, "udevadm settle --timeout=60")
+
+
 def _md_device(g, name: str) -> str:
     """The kernel's device of the array called ``name`` (udev's /dev/md/NAME
     link may not be there yet)."""
-    _sh(g, "udevadm settle")
+    _settle(g)
     for dev in g.list_md_devices():
         if g.md_detail(dev).get("name", "").rsplit(":", 1)[-1] in (name, name[-1:]):
             return dev
@@ -70,7 +77,7 @@ def vm(tmp_path_factory):
     os.environ.update(GUESTFS_ENV)
     guestfs = pytest.importorskip("guestfs")
     d = tmp_path_factory.mktemp("vm-disks")
-    sizes = {"a": 24, "b": 40, "c": 24, "d": 24, "e": 16, "f": 16}
+    sizes = {"a": 24, "b": 40, "c": 24, "d": 24, "e": 16, "f": 16, "g": 20, "h": 20}
     paths = {}
     for name, mb in sizes.items():
         paths[name] = d / f"{name}.img"
@@ -88,6 +95,7 @@ def vm(tmp_path_factory):
         g.part_init("/dev/sda", "mbr")
         g.part_add("/dev/sda", "p", 2048, -1)
         g.part_set_mbr_id("/dev/sda", 1, 0x8E)
+        _settle(g)
         g.pvcreate("/dev/sda1")
         g.pvcreate("/dev/sdb")
         g.vgcreate("vgx", ["/dev/sda1", "/dev/sdb"])
@@ -104,16 +112,36 @@ def vm(tmp_path_factory):
             g.part_init(disk, "mbr")
             g.part_add(disk, "p", 2048, 2048 + 10 * 2048 - 1)
             g.part_add(disk, "p", 2048 + 10 * 2048, -1)
+        _settle(g)
         g.md_create("mirror", ["/dev/sdc1", "/dev/sdd1"], level="raid1")
         g.md_create("stripe", ["/dev/sdc2", "/dev/sdd2"], level="raid0", chunk=65536)
+        _settle(g)
         examine = {p: _sh(g, f"mdadm --examine {p}")
                    for p in ("/dev/sdc1", "/dev/sdd1", "/dev/sdc2", "/dev/sdd2")}
         # 0.90 metadata (at the members' end) on sde1+sdf1
         for disk in ("/dev/sde", "/dev/sdf"):
             g.part_init(disk, "mbr")
             g.part_add(disk, "p", 2048, -1)
+        _settle(g)
         _sh(g, "mdadm --create /dev/md9 --run --metadata=0.90 --level=1 --raid-devices=2 "
                "/dev/sde1 /dev/sdf1")
+        # LVM on an md RAID1 over sdg1+sdh1 (a common server layout)
+        for disk in ("/dev/sdg", "/dev/sdh"):
+            g.part_init(disk, "mbr")
+            g.part_add(disk, "p", 2048, -1)
+        _settle(g)
+        g.md_create("pvraid", ["/dev/sdg1", "/dev/sdh1"], level="raid1")
+        pvraid = _md_device(g, "pvraid")
+        g.pvcreate(pvraid)
+        g.vgcreate("vgr", [pvraid])
+        g.lvcreate_free("data", "vgr", 100)
+        _fill(g, "/dev/vgr/data", MD_FILES)
+        g.download("/dev/vgr/data", os.fspath(d / "data.lv"))
+        examine.update((p, _sh(g, f"mdadm --examine {p}")) for p in ("/dev/sdg1", "/dev/sdh1"))
+        raid_segs = _sh(g, "lvm lvs --segments --noheadings --units b --nosuffix --separator : "
+                           "-o lv_name,seg_start,seg_size,vg_extent_size,seg_pe_ranges vgr")
+        raid_pe = _sh(g, f"lvm pvs --noheadings --units b --nosuffix --separator : "
+                         f"-o pv_name,pe_start {pvraid}")
         mds = {}
         for name, dev in (("mirror", "/dev/md/mirror"), ("stripe", "/dev/md/stripe"),
                           ("old", "/dev/md9")):
@@ -124,13 +152,15 @@ def vm(tmp_path_factory):
         examine.update((p, _sh(g, f"mdadm --examine {p}"))
                        for p in ("/dev/sde1", "/dev/sdf1"))
         parts = {disk: {p["part_num"]: p["part_start"] for p in g.part_list(disk)}
-                 for disk in ("/dev/sda", "/dev/sdc", "/dev/sdd", "/dev/sde", "/dev/sdf")}
+                 for disk in ("/dev/sda", "/dev/sdc", "/dev/sdd", "/dev/sde", "/dev/sdf",
+                              "/dev/sdg", "/dev/sdh")}
         g.sync()
         g.shutdown()
     finally:
         g.close()
     return {"dir": d, "paths": paths, "segs": segs, "pe_start": pe_start, "examine": examine,
-            "parts": parts, "built": time.monotonic() - t0}
+            "parts": parts, "raid_segs": raid_segs, "raid_pe": raid_pe,
+            "built": time.monotonic() - t0}
 
 
 def _by_file(bmap) -> dict[tuple[str, str], list[tuple[int, int, int]]]:
@@ -311,6 +341,36 @@ def test_md_090_metadata_at_the_end_of_the_members(vm, tmp_path):
             base = vm["parts"][disk][1]
             want += [(k, base + s, base + e) for s, e in ranges]
         assert _merged(got[("/dev/md9", path)]) == _merged(want), path
+
+
+@slow
+def test_lvm_on_an_md_raid1_across_two_disks(vm, tmp_path):
+    """A PV on an md RAID1 whose members are on two disks: each file of its
+    LV on both members, where LVM (the LV's segment on the array, its
+    pe_start) and mdadm (each member's data offset) put it, with debugfs's
+    ranges in the LV; and the bytes there are the file's."""
+    out = tmp_path / "raidlvm.bmap"
+    images = [vm["paths"]["g"], vm["paths"]["h"]]
+    made = make_bmap(FileSource(images[0]), out, method="metadata",
+                     more=(FileSource(images[1]),))
+    assert made.methods["/dev/vgr/data"] == "metadata", made.warnings
+    (line,) = [ln for ln in vm["raid_segs"].split() if ln.strip().startswith("data:")]
+    _, start, size, extent, ranges = line.strip().split(":", 4)
+    assert int(start) == 0
+    first = int(ranges.rsplit(":", 1)[1].split("-")[0])
+    (pe,) = [int(ln.split(":")[1]) for ln in vm["raid_pe"].split()]
+    in_array = pe + first * int(extent)
+    got = _by_file(out)
+    for path, ranges in ext4_file_ranges(vm["dir"] / "data.lv", 0, list(MD_FILES)).items():
+        want = []
+        for k, disk in ((1, "/dev/sdg"), (2, "/dev/sdh")):
+            offset = int(_examine(vm["examine"][disk + "1"], "Data Offset").split()[0]) * 512
+            base = vm["parts"][disk][1] + offset + in_array
+            mine = [(k, base + s, base + e) for s, e in ranges]
+            assert _read_back(images, mine, MD_FILES[path]) == \
+                content("/dev/vgr/data" + path, MD_FILES[path]), path
+            want += mine
+        assert _merged(got[("/dev/vgr/data", path)]) == _merged(want), path
 
 
 @slow
@@ -570,7 +630,7 @@ def _vm_targets(path) -> list[tuple[int, int]]:
     out = [(0, 512)]
     for m in re.finditer(rb"LABELONE", raw[:8 * MiB]):
         out.append((m.start(), m.start() + 512))
-    for m in re.finditer(rb"vgx \{", raw[:8 * MiB]):
+    for m in re.finditer(rb"vg[a-z]+ \{", raw[:8 * MiB]):
         end = raw.find(b"\0", m.start())
         out.append((m.start(), end if end > 0 else m.start() + 4096))
     for m in re.finditer(struct.pack("<I", 0xA92B4EFC), raw):
@@ -580,7 +640,7 @@ def _vm_targets(path) -> list[tuple[int, int]]:
 
 
 @slow
-@pytest.mark.parametrize("pair", ["ab", "cd", "ef"])
+@pytest.mark.parametrize("pair", ["ab", "cd", "ef", "gh"])
 def test_mutated_volume_metadata_across_disks_never_hurts_the_server(vm, pair, tmp_path):
     """Random bytes in the PV labels, the LVM text and the md superblocks
     of a pair of disks, mapped together by the mapper process: each walk
