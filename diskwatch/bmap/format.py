@@ -65,6 +65,8 @@ STRUCTURE_NAMES = frozenset({
     "$MBR", "$GPTHeader", "$GPTEntries", "$GPTBackup", "$BootGap",
     # a partition's bytes past the end of its filesystem
     "$BeyondFilesystem",
+    # a qcow2 image file's own (diskwatch attach to a qcow2 guest: attach/qcow2map.py)
+    "$qcow2-header", "$qcow2-L1", "$qcow2-L2", "$qcow2-refcounts", "$qcow2-snapshots",
 })
 
 
