@@ -140,6 +140,15 @@ def test_each_disk_is_its_own_export_and_named_in_its_own_map(two_disks):
     assert lat["requests"] >= 2 and 0 < lat["p50"] <= lat["p99"] < 60
     assert objects["f /dev/sdb1 /data/f7"]["read_bytes"] == 20000 // 1024 * 1024 + 1024
     assert not [n for n in objects if n.startswith("f /dev/sda /data")]
+    # The picture of one disk at a time: --disk 2 draws the second's requests
+    # over its own partitions, and says which disk it is.
+    picture = run_diskwatch(["report", rec, "--svg", d / "two.svg", "--disk", "2"], timeout=60)
+    assert picture.returncode == 0, picture.stderr
+    svg = (d / "two.svg").read_text()
+    assert "disk 2 of 2 (/dev/sdb)" in svg and "/dev/sdb1" in svg and "/dev/sda1" not in svg
+    bad = run_diskwatch(["report", rec, "--svg", d / "three.svg", "--disk", "3"], timeout=60)
+    assert bad.returncode != 0 and "--disk 3: the recording has 2 disks" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (d / "three.svg").exists()
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -712,7 +712,7 @@ async def test_with_two_disks_k_shows_the_second_disks_heat_and_partitions(tmp_p
     session = Session(bus=bus, size=SIZE, description="file a.img", uri=f"nbd+unix:///?socket={sock}",
                       blockmap=BlockMap.load(tmp_path / "a.bmap"))
     session.set_disks([("", SIZE, "/dev/sda"), ("sdb", size2, "/dev/sdb")], {"sdb": map2})
-    app = DiskwatchApp(session)
+    app = DiskwatchApp(session, picture_dir=str(tmp_path))
     try:
         async with app.run_test(size=(120, 36)) as pilot:
             heatmap = app.query_one(Heatmap)
@@ -736,6 +736,11 @@ async def test_with_two_disks_k_shows_the_second_disks_heat_and_partitions(tmp_p
             await pilot.pause()
             legend = "".join(seg.text for line in heatmap._legend_lines(60) for seg in line)
             assert "sdb1" in legend, legend
+            # p: the picture of the disk shown, its own requests only
+            svg = open(app.action_save_picture()).read()
+            assert "disk 2 of 2 (/dev/sdb)" in svg and "/data/f" in svg
+            assert sum(map(sum, app.pictures["sdb"].writes)) >= 8
+            assert sum(map(sum, app.pictures[""].writes)) == 0
             await pilot.press("k")
             assert heatmap.border_title == "disk 1 of 2: /dev/sda" and heatmap.heat is first
             h.shutdown()

@@ -179,10 +179,25 @@ def with_a_scan() -> list:
 def test_snapshot_tree_of_the_traffic(snap_compare, tmp_path, size):
     """The d key: per partition, directories by recent rate, the busiest
     path opened (b); the scan going on and the churning log under it."""
+    from diskwatch.ui.tree import TrafficScreen
     app, bus = make_app(tmp_path, bmap=SCAN_BMAP)
     app.notify = lambda *a, **k: None  # the scan's toast is the panel's line here
-    assert snap_compare(app, terminal_size=size, press=["d", "b"],
-                        run_before=feed(app, bus, with_a_scan()))
+    fed = feed(app, bus, with_a_scan())
+
+    async def run_before(pilot):
+        await fed(pilot)
+        await pilot.press("d")
+        # b once the tree's screen is up (pressed at once, under load, it
+        # reached the screen before it was mounted: the snapshot's flake)
+        for _ in range(200):
+            if isinstance(app.screen, TrafficScreen) and app.screen.is_mounted \
+                    and getattr(app.screen, "tree_view", None) is not None:
+                break
+            await pilot.pause(0.01)
+        await pilot.press("b")
+        await pilot.pause()
+        await pilot.pause()
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
 
 
 def test_snapshot_main_with_a_scan_and_churn_80x24(snap_compare, tmp_path):

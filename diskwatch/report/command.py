@@ -13,6 +13,7 @@ import sys
 import tempfile
 from itertools import islice
 
+from ..errors import DiskwatchError
 from ..text import safe_text
 from .inputs import KINDS
 
@@ -54,6 +55,9 @@ def build_report_parser() -> argparse.ArgumentParser:
     p.add_argument("--svg", metavar="OUT", help="draw offset over time, with partitions, the "
                                                 "busiest files and throughput, into OUT")
     p.add_argument("--png", metavar="OUT", help="the same picture as PNG (needs rsvg-convert)")
+    p.add_argument("--disk", type=_positive("a disk number"), default=1, metavar="K",
+                   help="a recording of several disks: the disk --svg/--png draws (1, 2, ...; "
+                        "default 1)")
     p.add_argument("--prefetch-list", metavar="LIST", help="write the ranges the recording "
                    "read, in order of first read, with their files (a boot's prefetch list "
                    "for --prefetch; the format: diskwatch/prefetch.py)")
@@ -70,6 +74,10 @@ def report_main(argv: list[str]) -> int:
 
     args = build_report_parser().parse_args(argv)
     recording = open_input(args.file, args.kind)
+    exports = recording.recorded.header.exports if recording.recorded is not None else [""]
+    if args.disk > len(exports):
+        raise DiskwatchError(f"--disk {args.disk}: the recording has "
+                             f"{len(exports)} disk{'s' if len(exports) > 1 else ''}")
     bmap_path = choose_map(recording, args.bmap)
     maps = recorded_maps(recording, args.bmap,
                          BlockMap.load(bmap_path) if bmap_path else None)
@@ -95,8 +103,16 @@ def report_main(argv: list[str]) -> int:
     elif not (args.svg or args.png):
         write_text(analysis, out, args.top)
     if args.svg or args.png:
-        draw(recording, analysis, _PictureMap(maps) if maps is not None else None,
-             args.svg, args.png)
+        blockmap = _PictureMap(maps) if maps is not None else None
+        disk = None
+        if len(exports) > 1:
+            from ..bmap.format import device_name
+            export = exports[args.disk - 1]
+            if args.disk > 1:
+                blockmap = _disk_maps(recording, bmap_path).get(export)
+            device = device_name(args.disk)
+            disk = (export, f"disk {args.disk} of {len(exports)} ({device})", device)
+        draw(recording, analysis, blockmap, args.svg, args.png, disk=disk)
     return 0
 
 
@@ -205,17 +221,27 @@ class _PictureMap:
         return self.last.ranges_of(obj) or self.first.ranges_of(obj)
 
 
-def draw(recording, analysis, blockmap, svg_path: str | None, png_path: str | None) -> None:
+def draw(recording, analysis, blockmap, svg_path: str | None, png_path: str | None,
+         disk: tuple[str, str, str] | None = None) -> None:
+    """``disk``: (export, words, device) of the disk pictured, a recording of several."""
     from ..units import format_bytes
     from .svg import PictureBins, busiest_files, render_svg, write_png
 
-    bins = PictureBins(recording.disk_size(), width=0.05 if recording.timed else 1.0)
+    size = recording.disk_size()
+    export = None
+    if disk is not None:
+        export = disk[0]
+        if export != recording.recorded.header.exports[0]:  # the header has the first's size
+            size = _disk_extent(recording, export, blockmap)
+    bins = PictureBins(size, width=0.05 if recording.timed else 1.0, export=export)
     requests = iter(recording.requests)
     while chunk := list(islice(requests, 65536)):  # bounded memory, C-level counting per chunk
         bins.add_requests(chunk)
-    files = busiest_files((o, t.bytes) for o, t in analysis.objects.items())
+    files = busiest_files((o, t.bytes) for o, t in analysis.objects.items()
+                          if disk is None or _on_device(o.device, disk[2]))
     span = f"{analysis.duration:.1f} s" if recording.timed else "no times"
-    title = (f"{recording.source}: {analysis.requests} requests, {span}, "
+    title = (f"{recording.source}{', ' + disk[1] if disk else ''}: "
+             f"{analysis.requests} requests, {span}, "
              f"read {format_bytes(analysis.read_bytes)}, "
              f"written {format_bytes(analysis.write_bytes)}")
     text = render_svg(bins, title=title, blockmap=blockmap, files=files, timed=recording.timed)
@@ -227,6 +253,20 @@ def draw(recording, analysis, blockmap, svg_path: str | None, png_path: str | No
             if not svg_path:
                 _write_text_file(src, text)
             write_png(src, png_path)
+
+
+def _on_device(device: str, disk: str) -> bool:
+    """``/dev/sdb1`` is on ``/dev/sdb`` (an LV or md array of the VM: on every disk)."""
+    return device.startswith(disk) or not device.startswith("/dev/sd")
+
+
+def _disk_extent(recording, export: str, blockmap) -> int:
+    """Another disk's size: its map's extent, else its furthest request."""
+    ends = [end for _, end, _ in blockmap.partitions()] if blockmap is not None else []
+    if ends:
+        return max(ends)
+    return max((r.offset + r.length for r in recording.requests if r.export == export),
+               default=1)
 
 
 def _write_text_file(path: str, text: str) -> None:

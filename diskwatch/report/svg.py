@@ -61,8 +61,11 @@ class PictureBins(SinkBase):
     in advance. That is what lets the UI keep one of these for a live
     session and save it at any moment."""
 
-    def __init__(self, size: int, rows: int = 150, cols: int = 320, width: float = 0.05):
+    def __init__(self, size: int, rows: int = 150, cols: int = 320, width: float = 0.05,
+                 export: str | None = None):
         self.size = max(1, size)
+        #: with several disks, the export (disk) pictured; None: every request
+        self.export = export
         self.rows = rows
         self.cols = cols
         self.width = width
@@ -110,6 +113,8 @@ class PictureBins(SinkBase):
         batch, so the usual case (a request within one row) is counted with
         C-level map()s and a Counter, not Python code per request."""
         batch = [r for r in requests if r[4] > 0 and (r[2] == CMD_READ or r[2] in WRITE_COMMANDS)]
+        if self.export is not None:
+            batch = [r for r in batch if r[1] == self.export]
         if not batch:
             return
         if self.origin is None:

@@ -162,6 +162,15 @@ class DiskwatchApp(App[int | None]):
         self.picture: Picture = SessionPicture(session.size) if picture is None else picture
         self.picture_dir = picture_dir
         session.pump.add(self.picture)
+        #: with several disks, each disk's picture by export (the first's is
+        #: ``picture``): p saves the one of the disk the heatmap shows
+        self.pictures: dict[str, Any] = {}
+        if picture is None and len(session.disks) > 1:
+            self.picture.export = session.disks[0][0]
+            self.pictures = {session.disks[0][0]: self.picture}
+            for k, (export, _, _) in enumerate(session.disks[1:], 1):
+                self.pictures[export] = session.pump.add(
+                    SessionPicture(_disk_size(session, k), export=export))
         self.clock = clock
         self.tick = tick
         self.stats = Stats(session.size)
@@ -242,7 +251,8 @@ class DiskwatchApp(App[int | None]):
         self.screen.set_class(self.size.height < 30, "-short")
 
     def on_unmount(self) -> None:
-        for sink in (self.sink, self.picture, self.activity_sink, self.traffic):
+        for sink in (self.sink, self.picture, *self.pictures.values(), self.activity_sink,
+                     self.traffic):
             self.session.pump.remove(sink)
 
     # -- the timer: drain, aggregate, repaint --
@@ -541,11 +551,17 @@ class DiskwatchApp(App[int | None]):
         """Save what has been seen so far as an SVG in ``picture_dir``
         (offset over time, partitions, the busiest files, throughput)."""
         stats = self.stats
-        title = (f"{self.session.description}: {stats.requests} requests, "
+        picture, which, device = self.picture, "", ""
+        if self.pictures:  # several disks: the one the heatmap shows
+            export, _, device = self.session.disks[self.heat_disk]
+            picture = self.pictures[export]
+            which = f", disk {self.heat_disk + 1} of {len(self.pictures)} ({device})"
+        title = (f"{self.session.description}{which}: {stats.requests} requests, "
                  f"{self.clock() - self.session.started:.0f} s")
-        svg = self.picture.svg(
-            title=title, blockmap=self.session.blockmap,
-            traffic=((o, c.read_bytes + c.write_bytes) for o, c in stats.objects.items()))
+        svg = picture.svg(
+            title=title, blockmap=self._heat_map(),
+            traffic=((o, c.read_bytes + c.write_bytes) for o, c in stats.objects.items()
+                     if o is not None and (not device or o.device.startswith(device))))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for n in range(100):
             name = f"diskwatch-{stamp}{f'-{n}' if n else ''}.svg"
