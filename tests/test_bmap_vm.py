@@ -687,3 +687,37 @@ def test_mutated_volume_metadata_across_disks_never_hurts_the_server(vm, pair, t
             b.close()
     print(f"\nvm {pair}: {outcomes}")
     assert outcomes.get("mapped", 0) >= len(seeds) // 2
+
+
+@slow
+def test_auto_maps_disk_1_by_watching_and_the_others_together(tmp_path):
+    """--method auto with three disks: disk 1's XFS by the watch method (its
+    appliance sees disk 1), disk 2's ext4 by metadata with its disk index,
+    disk 3's btrfs (only the watch method reads it) one warning; the map
+    written from the mapper's lines and the watch method's entries. (The
+    watch method names nothing in an empty XFS, one disk alone as well.)"""
+    import subprocess
+    pytest.importorskip("guestfs")
+    os.environ.update(GUESTFS_ENV)
+    xfs, ext, btr = tmp_path / "x.img", tmp_path / "e.img", tmp_path / "b.img"
+    for p, n in ((xfs, 320), (btr, 128)):
+        with open(p, "wb") as f:
+            f.truncate(n * MiB)
+    subprocess.run(["mkfs.xfs", "-q", xfs], check=True)
+    subprocess.run(["mkfs.btrfs", "-q", btr], check=True)
+    (tmp_path / "r/etc").mkdir(parents=True)
+    (tmp_path / "r/etc/hello").write_bytes(b"hello" * 3000)
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", tmp_path / "r", ext, "8M"], check=True)
+    out = tmp_path / "auto.bmap"
+    made = make_bmap(FileSource(xfs), out, method="auto", more=(FileSource(ext), FileSource(btr)))
+    assert made.methods["/dev/sda"] == "watch", made.methods
+    assert made.methods["/dev/sdb"] == "metadata" and made.methods["/dev/sdc"] == "none"
+    assert "/dev/sdc btrfs: not mapped: the watch method maps the first disk only" in made.warnings
+    lines = [ln.split(None, 5) for ln in open(out) if not ln.startswith("#")]
+    truth = ext4_file_ranges(ext, 0, ["/etc/hello"])["/etc/hello"]
+    assert [(int(s, 16), int(e, 16)) for d, s, e, t, dev, *p in lines
+            if p and p[0].strip() == "/etc/hello"] == truth
+    assert {d for d, *_, dev, _p in [ln for ln in lines if len(ln) == 6]
+            if dev == "/dev/sdb"} == {"2"}
+    assert [ln[:5] for ln in lines if ln[0] == "1"] == [["1", "0", "14000000", "v", "/dev/sda"]]
+    assert len(made.more) == 2 and made.blockmap is None

@@ -132,6 +132,8 @@ def make_bmap(
         except MapperFailed as e:
             raise DiskwatchError(f"block map of {source.description or 'the disk'}: {e}") from None
     info = answer.info
+    if len(answer.more) != len(more):
+        raise DiskwatchError("block map: the mapper's answer is malformed")
     try:
         filesystems = [FilesystemReport(**f) for f in info["filesystems"]]
         warnings = [str(w) for w in info["warnings"]]
@@ -228,14 +230,11 @@ def make_bmap(
             result.entries = len(answer.blockmap)
         else:
             write_bmap(f, entries, header=header)
-            result.entries = len(entries)
-            if more:  # disk 1's map from the file (the watch method added to it)
-                result.entries -= sum(len(m) for m in answer.more)
+            result.entries = len(entries)  # every disk's lines
     if more:
         result.more = list(answer.more)
-        result.entries += sum(len(m) for m in answer.more)
-        if len(result.more) != len(more):
-            raise DiskwatchError("block map: the mapper's answer is malformed") from None
+        if body is not None:
+            result.entries += sum(len(m) for m in answer.more)
     result.elapsed = time.monotonic() - t0
     rate = result.objects / result.elapsed if result.elapsed > 0 else 0.0
     by = ", ".join(f"{d} {m}" for d, m in result.methods.items())
