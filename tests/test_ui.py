@@ -736,6 +736,13 @@ async def test_with_two_disks_k_shows_the_second_disks_heat_and_partitions(tmp_p
             await pilot.pause()
             legend = "".join(seg.text for line in heatmap._legend_lines(60) for seg in line)
             assert "sdb1" in legend, legend
+            # the rates: each disk's line, the writes on /dev/sdb's
+            rates = str(app.query_one(Rates).text.render()).splitlines()
+            (sda,) = [ln for ln in rates if ln.startswith("sda ")]
+            (sdb,) = [ln for ln in rates if ln.startswith("sdb ")]
+            assert sda.split()[-2:] == ["w", "0B/s"] and sdb.split()[-2] == "w", rates
+            assert sum(app.stats.disk_series["sdb"].series(app.clock(), "write_bytes")) == \
+                8 * 65536 and not sum(app.stats.disk_series[""].series(app.clock(), "write_bytes"))
             # p: the picture of the disk shown, its own requests only
             svg = open(app.action_save_picture()).read()
             assert "disk 2 of 2 (/dev/sdb)" in svg and "/data/f" in svg

@@ -354,6 +354,8 @@ class Stats:
         #: with several disks, each disk's heat by export (the first's is
         #: ``heat``); empty: one disk, every request's heat is ``heat``
         self.heats: dict[str, Heat] = {}
+        #: with several disks, each disk's reads and writes a second, by export
+        self.disk_series: dict[str, RateSeries] = {}
         self.clear()
 
     def set_disks(self, disks: Sequence[tuple[str, int]]) -> None:
@@ -361,7 +363,10 @@ class Stats:
         heat (the first keeps ``heat``). One disk: every request heats ``heat``."""
         if len(disks) < 2:
             self.heats = {}
+            self.disk_series = {}
             return
+        self.disk_series = {export: self.disk_series.get(export) or RateSeries(self.window)
+                            for export, _ in disks}
         heats = {disks[0][0]: self.heat}
         for export, size in disks[1:]:
             old = self.heats.get(export)
@@ -386,6 +391,8 @@ class Stats:
         self.heat.clear()
         for heat in getattr(self, "heats", {}).values():
             heat.clear()
+        for series in getattr(self, "disk_series", {}).values():
+            series.clear()
         # connections survive a clear: they are state, not history
         if not hasattr(self, "connections"):
             self.connections = 0
@@ -456,6 +463,11 @@ class Stats:
                             slot[1] += length
                     for sec, (n, b) in per_second.items():
                         series.add_counts(sec, is_write, n, b)
+                if self.disk_series:  # several disks: each its own rates too
+                    for export, disk in self.disk_series.items():
+                        for r in reqs:
+                            if r[1] == export:
+                                disk.add(r[6], is_write, r[4])
             if total and cmd != BLOCK_STATUS:
                 if self.heats:  # several disks: each request heats its own
                     for export, disk_heat in self.heats.items():

@@ -15,6 +15,9 @@ from ..sinks.stats import Stats
 from ..units import format_bytes_compact, format_count_compact, format_duration_compact
 from .styles import part_styles
 
+#: disks given a line of their own, at most
+DISKS_SHOWN = 4
+
 
 class Rates(Vertical):
     """Colours (of the text and the sparklines): component classes, set in app.tcss."""
@@ -74,6 +77,17 @@ class Rates(Vertical):
         text.append(f"{stats.connections}", style=bright)
         if stats.connections_total > stats.connections:
             text.append(f"/{stats.connections_total}", style=muted)
+        if stats.disk_series:  # several disks: each one's bytes a second, read and written
+            from ..bmap.format import device_name
+            disks = list(stats.disk_series.values())
+            for k, series in enumerate(disks[:DISKS_SHOWN], 1):
+                _, _, dr, dw = series.rate(now)
+                text.append("\n")
+                text.append(f"{device_name(k)[5:]:<5}", style=style["other"])
+                text.append(f" r {format_bytes_compact(dr):>5}/s", style=bright)
+                text.append(f" w {format_bytes_compact(dw):>5}/s", style=bright)
+            if len(disks) > DISKS_SHOWN:
+                text.append(f"\n… {len(disks) - DISKS_SHOWN} more disks", style=muted)
         others = [f"{COMMAND_NAMES[i]} {format_count_compact(n)}"
                   for i, n in enumerate(stats.ops) if i > 1 and n]
         if others or stats.errors or stats.dropped:
