@@ -366,7 +366,7 @@ def run_config(args) -> RunConfig:
         metrics_refresh=args.metrics_refresh)
 
 
-def serve(args, config: RunConfig | None = None) -> int:
+def serve(args, config: RunConfig | None = None, open_source=None) -> int:
     # Bad monitoring settings are told before anything starts.
     if args.metrics is not None:
         from .sinks.metrics.prometheus import parse_address
@@ -375,7 +375,7 @@ def serve(args, config: RunConfig | None = None) -> int:
         from .sinks.metrics.otlp import export_interval, metrics_url
         metrics_url(args.otlp)
         export_interval()
-    return Runner(config or run_config(args), lambda: _open_source(args),
+    return Runner(config or run_config(args), open_source or (lambda: _open_source(args)),
                   open_disk=lambda disk: _open_disk(args, disk)).run()
 
 
@@ -458,7 +458,21 @@ def attach_main(argv: list[str]) -> int:
     config = run_config(serve_args)
     config.guest = lambda socket_path, private_dir: AttachedGuest(
         connect, target, socket_path, private_dir=private_dir)
-    return serve(serve_args, config)
+    view = target.view
+    if view is None:
+        return serve(serve_args, config)
+    # A qcow2 disk: its image file served as QEMU's qcow2 node's file
+    # (attach/follow.py), its raw backing as the export "backing".
+    from .runner import DiskSpec
+    config.attach_view = view
+    if view.backing:
+        config.more_disks = [DiskSpec(view.backing, {"readonly": True, "format": "raw"},
+                                      export=view.backing_export)]
+    if config.bmap and config.remap != "off":
+        print("diskwatch: a qcow2 disk's map is not remapped live (its names are those of the "
+              "map made at attach; the qcow2 tables are followed)", file=sys.stderr)
+    config.remap = "off"
+    return serve(serve_args, config, open_source=view.open_source)
 
 
 def demo_main(argv: list[str]) -> int:

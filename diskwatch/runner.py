@@ -162,6 +162,11 @@ class RunConfig:
     #: ``attach.AttachedGuest``) from the socket path and its private
     #: directory; it plays the captive command's part
     guest: Callable[[str, str | None], Any] | None = None
+    #: diskwatch attach to a qcow2 disk: what names its image file's offsets
+    #: (an ``attach.follow.Qcow2View``: the map made from the guest's view,
+    #: translated; its backing file as a second export; a sink that follows
+    #: the guest's allocations)
+    attach_view: Any = None
 
 
 # --- block maps ---------------------------------------------------------------
@@ -308,7 +313,7 @@ class Runner:
         if len(cfg.more_disks) + 1 > MAX_DISKS:
             raise UsageError(f"{len(cfg.more_disks) + 1} disks: at most {MAX_DISKS} "
                              "(/dev/sda to /dev/sdz)")
-        if cfg.more_disks and cfg.guest is not None:
+        if cfg.more_disks and cfg.guest is not None and cfg.attach_view is None:
             raise UsageError("diskwatch attach watches one disk for now")
         if cfg.unix and cfg.port is not None:
             raise UsageError("give -U or -p, not both")
@@ -454,6 +459,8 @@ class Runner:
 
     def _decide_map(self, source):
         cfg = self.config
+        if cfg.attach_view is not None:
+            return self._decide_attached_map(cfg.attach_view)
         blockmap = None
         pending_map = None  # a map to generate under the UI, before the command starts
         more = tuple(d for _, d in self.disks[1:])
@@ -476,6 +483,30 @@ class Runner:
                 # one file, every disk: its DISK column (virt-bmap's first)
                 self.more_maps = [load_map(cfg.bmap, k) for k in range(2, len(more) + 2)]
         return blockmap, pending_map
+
+    def _decide_attached_map(self, view):
+        """A qcow2 guest's map: made (before the UI starts) from the guest's
+        view, or loaded, then translated to the image file's offsets (and
+        the backing's, the second disk's)."""
+        cfg = self.config
+        self.more_maps = []
+        if not cfg.bmap:
+            return None, None
+        if not os.path.exists(cfg.bmap):
+            from .files import check_output_path
+            check_output_path(cfg.bmap)
+            print(f"diskwatch: {cfg.bmap} does not exist: generating it first (from the "
+                  "guest's view of the qcow2 image)", file=sys.stderr)
+            guest = view.map_source()
+            try:
+                guest_map = generate_map(guest, cfg.bmap, cfg.accel, method=cfg.method,
+                                         limits=cfg.mapper_limits)
+            finally:
+                guest.close()
+        else:
+            guest_map = load_map(cfg.bmap)
+        blockmap, self.more_maps = view.views(guest_map)
+        return blockmap, None
 
     def _more_maps(self, session: Session) -> None:
         """The VM's disks and their maps into the session (one disk: nothing)."""
@@ -547,6 +578,10 @@ class Runner:
                                        address=cfg.metrics, otlp=cfg.otlp)
         if cfg.bmap and cfg.remap != "off":
             self.add_remapper(session, source)
+        if cfg.attach_view is not None and session.blockmap is not None:
+            pump.add(cfg.attach_view.follower(
+                lambda blockmap, why: self.swap_map(session, blockmap, why=why),
+                export=self.disks[0][0]))
 
     def add_remapper(self, session: Session, source) -> None:
         """Live remapping through the served source (a --snapshot overlay

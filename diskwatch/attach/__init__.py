@@ -35,12 +35,15 @@ from ..text import safe_text
 from .disks import (
     AttachRefused,
     Disk,
+    Qcow2Parts,
     check_attachable,
     check_monitor,
     choose_disk,
     image_path,
     list_disks,
+    qcow2_parts,
 )
+from .follow import Qcow2View, open_view
 from .pivot import PivotError, Plan, attach, restore
 from .qmp import Monitor, QmpError, QmpSocket, VirshMonitor, peer_pid
 
@@ -71,10 +74,14 @@ class Target:
     disk: Disk
     path: str
     pid: int | None
+    #: a qcow2 disk: its nodes, and the view the session names requests with
+    qcow2: Qcow2Parts | None = None
+    view: Qcow2View | None = None
 
 
 def prepare(monitor: Monitor, device: str | None = None) -> Target:
-    """Choose the device and refuse what cannot be done safely (AttachRefused)."""
+    """Choose the device and refuse what cannot be done safely (AttachRefused;
+    a qcow2 image whose tables do not pass the checks: Qcow2Refused)."""
     check_monitor(monitor)
     disk = choose_disk(list_disks(monitor), device)
     pid = peer_pid(monitor)
@@ -83,7 +90,11 @@ def prepare(monitor: Monitor, device: str | None = None) -> Target:
     else:
         path = disk.filename
     check_attachable(monitor, disk, path)
-    return Target(disk, path, pid)
+    if disk.driver != "qcow2":
+        return Target(disk, path, pid)
+    parts = qcow2_parts(monitor, disk, pid)
+    view = open_view(parts.image, disk.readonly, parts.backing_image, parts.backing_size)
+    return Target(disk, parts.image, pid, parts, view)
 
 
 class AttachedGuest:
@@ -97,6 +108,20 @@ class AttachedGuest:
         self.connect = connect
         self.target = target
         self.plan = Plan.for_disk(target.disk, target.path, socket_path)
+        if target.qcow2 is not None and target.view is not None:
+            q = target.qcow2
+            self.plan.kind = "reopen"
+            self.plan.file_node = q.file_node
+            self.plan.export_size = target.view.export_size
+            self.plan.backing_node = q.backing_node
+            if q.backing_image:
+                self.plan.backing_file_node = q.backing_file_node
+                self.plan.backing_image = q.backing_image
+                self.plan.backing_size = q.backing_size
+                self.plan.backing_cache_direct = bool(q.backing_cache.get("direct"))
+                self.plan.backing_cache_no_flush = bool(q.backing_cache.get("no-flush"))
+                self.plan.backing_detect_zeroes = q.backing_detect_zeroes
+                self.plan.backing_export = target.view.backing_export
         self.private_dir = private_dir
         # Device and file names come from the QEMU: shown escaped, never raw.
         self.say = say or (lambda text: print(f"diskwatch: {safe_text(text)}", file=sys.stderr,
@@ -169,8 +194,16 @@ class AttachedGuest:
                 self._end_watchdog()
                 raise
         self.attached = True
+        what = ""
+        if self.plan.kind == "reopen":
+            q = self.target.qcow2
+            what = ("; qcow2: QEMU's qcow2 node reads and writes its image file through "
+                    "diskwatch, named through the qcow2 tables"
+                    + ("; the backing file's reads too (export backing)" if self.plan.backing_export
+                       else f"; {q.backing_note}" if q is not None and q.backing_note else ""))
         self.say(f"attached: {self.target.disk.name}'s I/O goes through diskwatch (moved in "
-                 f"{took * 1000:.0f} ms); quitting (q, Ctrl-C, SIGTERM) puts it back on its file")
+                 f"{took * 1000:.0f} ms){what}; quitting (q, Ctrl-C, SIGTERM) puts it back on "
+                 "its file")
         if self.target.pid:
             threading.Thread(target=self._watch_qemu, args=(self.target.pid,), daemon=True,
                              name="qemu-watch").start()

@@ -137,14 +137,11 @@ def check_attachable(monitor: Monitor, disk: Disk, path: str) -> None:
     if busy:
         raise AttachRefused(f"{name} has a block job running ({busy}): wait for it to end or "
                             "cancel it, then attach")
+    if disk.driver == "qcow2":
+        return  # qcow2_parts checked the rest
     if disk.driver != "raw":
-        how = ""
-        if disk.driver in ("qcow2", "qed", "vmdk", "vdi", "vhdx", "vpc", "luks"):
-            how = (f"; {disk.driver} could follow: diskwatch would serve the image file as "
-                   f"the {disk.driver} node's file child (swapped in with blockdev-reopen) "
-                   f"and name offsets through the {disk.driver} mapping")
         raise AttachRefused(f"{name} is a {disk.driver} image ({disk.filename}): attach serves "
-                            f"raw images only for now{how}")
+                            "raw and qcow2 images only")
     if disk.protocol and disk.protocol != "file":
         raise AttachRefused(f"{name} is raw on a {disk.protocol} node, not on a local file: "
                             "attach serves raw image files only")
@@ -226,3 +223,90 @@ def image_path(disk: Disk, pid: int | None) -> str:
             return path
     raise AttachRefused(f"the QEMU (pid {pid}) does not hold {path} open: another filesystem "
                         "view (a container, a chroot)? run diskwatch where the QEMU runs")
+
+
+# --- a qcow2 disk ------------------------------------------------------------------------
+
+#: what attach to a qcow2 disk sends besides COMMANDS (blockdev-reopen is stable since 6.1)
+QCOW2_COMMANDS = ("blockdev-reopen", "x-debug-query-block-graph")
+
+
+@dataclass
+class Qcow2Parts:
+    """The nodes under a qcow2 device, and what of them diskwatch can serve."""
+
+    image: str  # the qcow2 file, as this process reaches it
+    file_node: str  # the qcow2 node's file child
+    backing_node: str = ""  # its backing child ("" without one)
+    backing_file_node: str = ""
+    backing_image: str = ""  # the backing's raw file, when its reads can be watched
+    backing_size: int = 0
+    backing_cache: dict[str, Any] = field(default_factory=dict)
+    backing_detect_zeroes: str = "off"
+    #: why the backing file's reads are not watched ("" when they are, or without one)
+    backing_note: str = ""
+
+
+def qcow2_parts(monitor: Monitor, disk: Disk, pid: int | None) -> Qcow2Parts:
+    """The qcow2 device's file and backing nodes (from the block graph), checked:
+    a named qcow2 node (blockdev-reopen cannot reopen a node QEMU named
+    itself), on a local file QEMU holds; a raw backing on a local file is
+    watched too, anything else is said."""
+    name = disk.name
+    have = {c.get("name") for c in monitor.execute("query-commands") or []}
+    missing = [c for c in QCOW2_COMMANDS if c not in have]
+    if missing:
+        raise AttachRefused(f"{name} is a qcow2 image and this QEMU lacks {', '.join(missing)}: "
+                            "attach to a qcow2 disk needs QEMU 6.1 or newer")
+    if disk.node.startswith("#"):
+        raise AttachRefused(f"{name}'s qcow2 node is one QEMU named itself ({disk.node}): "
+                            "blockdev-reopen reopens named nodes only; start QEMU with -blockdev "
+                            "(as libvirt does) or -drive ...,node-name=NAME")
+    from .pivot import block_children
+    children = block_children(monitor)
+    nodes = {n.get("node-name"): n for n in monitor.execute("query-named-block-nodes") or []}
+    file_node = children.get((disk.node, "file"), "")
+    file_info = nodes.get(file_node, {})
+    if file_info.get("drv") == "nbd" and file_node.startswith(PREFIX):
+        raise AttachRefused(f"{name} is already on diskwatch (node {file_node}): one diskwatch "
+                            "per disk; quit the other one first (it puts the disk back)")
+    if file_info.get("drv") != "file":
+        raise AttachRefused(f"{name}'s qcow2 image is on a {file_info.get('drv', '?')} node, not "
+                            "on a local file: attach serves image files only")
+    if children.get((disk.node, "data-file")):
+        raise AttachRefused(f"{name}'s qcow2 image has an external data file: attach serves "
+                            "images whose data is in the image file only")
+    image = image_path(Disk(disk.device, disk.qdev, file_node, "file", file_info.get("file", ""),
+                            0, disk.readonly), pid)
+    st = os.stat(image)
+    if not stat.S_ISREG(st.st_mode):
+        raise AttachRefused(f"{name}'s image {image} is not a regular file")
+    parts = Qcow2Parts(image=image, file_node=file_node)
+    backing = children.get((disk.node, "backing"), "")
+    if not backing:
+        return parts
+    parts.backing_node = backing
+    info = nodes.get(backing, {})
+    bfile = children.get((backing, "file"), "")
+    binfo = nodes.get(bfile, {})
+    if info.get("drv") != "raw" or binfo.get("drv") != "file":
+        parts.backing_note = (f"its backing file is {info.get('drv', '?')} on "
+                              f"{binfo.get('drv', '?')}, not raw on a file: its reads are not seen")
+        return parts
+    if backing.startswith("#"):
+        parts.backing_note = (f"its backing node is one QEMU named itself ({backing}; "
+                              "-blockdev names it): the backing file's reads are not seen")
+        return parts
+    path = image_path(Disk(disk.device, disk.qdev, bfile, "file", binfo.get("file", ""), 0,
+                           True), pid)
+    size = int((info.get("image") or {}).get("virtual-size", -1))
+    if size != os.stat(path).st_size:
+        parts.backing_note = ("its raw backing node has an offset or size: the backing file's "
+                              "reads are not seen")
+        return parts
+    parts.backing_file_node = bfile
+    parts.backing_image = path
+    parts.backing_size = size
+    parts.backing_cache = dict(info.get("cache", {}))
+    parts.backing_detect_zeroes = info.get("detect_zeroes", "off")
+    return parts

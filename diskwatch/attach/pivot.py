@@ -75,6 +75,24 @@ class Plan:
     detect_zeroes: str
     tag: str  # diskwatch-<pid>: prefix of every node and job made
     name: str = ""  # how a person names the device (Disk.name), for messages
+    #: "mirror" (a raw disk: the device moves) or "reopen" (a qcow2: its file
+    #: child moves, see ``attach_reopen``)
+    kind: str = "mirror"
+    #: reopen: the qcow2 node's file child before attach, and the size the
+    #: socket's export offers (attach/growing.py: the watchdog offers the same)
+    file_node: str = ""
+    export_size: int = 0
+    #: reopen: the backing node (raw) and its file child before attach, its
+    #: file, its cache options, and its export (on the same socket) when its
+    #: reads are watched too; "" without one
+    backing_node: str = ""
+    backing_file_node: str = ""
+    backing_image: str = ""
+    backing_size: int = 0
+    backing_cache_direct: bool = False
+    backing_cache_no_flush: bool = False
+    backing_detect_zeroes: str = "off"
+    backing_export: str = ""
 
     @classmethod
     def for_disk(cls, disk: Disk, image: str, socket: str, tag: str | None = None) -> Plan:
@@ -92,6 +110,18 @@ class Plan:
     @property
     def back_node(self) -> str:
         return f"{self.tag}-back"
+
+    @property
+    def nbd_backing_node(self) -> str:
+        return f"{self.tag}-nbd-backing"
+
+    @property
+    def back_file_node(self) -> str:
+        return f"{self.tag}-back-file"
+
+    @property
+    def back_backing_node(self) -> str:
+        return f"{self.tag}-back-backing-file"
 
     @property
     def attach_job(self) -> str:
@@ -196,6 +226,9 @@ def _delete_node(monitor: Monitor, node: str) -> None:
 def attach(monitor: Monitor, plan: Plan) -> None:
     """Put the device on an nbd node on diskwatch's socket. On failure
     everything made is removed and the device stays where it was."""
+    if plan.kind == "reopen":
+        attach_reopen(monitor, plan)
+        return
     monitor.execute("blockdev-add", {
         "driver": "nbd", "node-name": plan.nbd_node, "export": "",
         "server": {"type": "unix", "path": plan.socket},
@@ -232,6 +265,8 @@ def restore(monitor: Monitor, plan: Plan) -> bool:
     """Put the device back on a file node and remove the nbd node, from
     whatever state attach or detach reached. True if the device was on
     diskwatch (and is now back)."""
+    if plan.kind == "reopen":
+        return restore_reopen(monitor, plan)
     jobs = _jobs(monitor)
     # Died in the middle of attach: the device has not moved; cancel.
     if plan.attach_job in jobs:
@@ -258,3 +293,126 @@ def restore(monitor: Monitor, plan: Plan) -> bool:
     if plan.nbd_node in node_names(monitor):
         raise PivotError(f"the node {plan.nbd_node} could not be removed")
     return moved
+
+
+# --- a qcow2 disk: its file child moves (blockdev-reopen) -------------------------------
+#
+# The qcow2 node stays where it is, in QEMU: one qcow2 driver with its own
+# metadata caches, never two on one file. Only what it reads and writes its
+# image file through changes:
+#
+#     device -> qcow2 node --file--> file node (top.qcow2)       before
+#                          \-backing-> raw node --file--> file node (base.raw)
+#     device -> qcow2 node --file--> nbd node -> diskwatch: top.qcow2's bytes      attached
+#                          \-backing-> raw node --file--> nbd node -> diskwatch: base.raw
+#
+# blockdev-reopen (stable since QEMU 6.1) replaces a node's file child; it
+# drains the node first, so no request is in flight while the child moves,
+# and the qcow2 driver's caches stay valid (the same bytes, through
+# diskwatch's descriptor on the same inode). It resets the options it is not
+# given, so it gets the node's read-only, cache and detect-zeroes again (and
+# keeps its backing child by naming it); discard is kept by QEMU when not
+# given (the node's flags). The nodes' driver-specific options (qcow2's cache
+# sizes, lazy-refcounts) go back to their defaults, which is what -drive has.
+
+
+def block_children(monitor: Monitor) -> dict[tuple[str, str], str]:
+    """(parent node, child role) -> child node name, from the block graph."""
+    graph = monitor.execute("x-debug-query-block-graph") or {}
+    names = {n.get("id"): n.get("name", "") for n in graph.get("nodes", [])}
+    return {(names.get(e.get("parent"), ""), e.get("name", "")): names.get(e.get("child"), "")
+            for e in graph.get("edges", [])}
+
+
+def _qcow2_options(plan: Plan, file: str) -> dict:
+    opts = {"driver": "qcow2", "node-name": plan.original_node, "file": file,
+            "read-only": plan.readonly, "detect-zeroes": plan.detect_zeroes,
+            "cache": {"direct": plan.cache_direct, "no-flush": plan.cache_no_flush}}
+    if plan.backing_node:
+        opts["backing"] = plan.backing_node  # the child it has: kept as it is
+    return opts
+
+
+def _backing_options(plan: Plan, file: str) -> dict:
+    return {"driver": "raw", "node-name": plan.backing_node, "file": file, "read-only": True,
+            "detect-zeroes": plan.backing_detect_zeroes,
+            "cache": {"direct": plan.backing_cache_direct,
+                      "no-flush": plan.backing_cache_no_flush}}
+
+
+def attach_reopen(monitor: Monitor, plan: Plan) -> None:
+    """Put the qcow2 node's file child (and its raw backing's, with a backing
+    export) on nbd nodes on diskwatch's socket. On failure everything made is
+    removed and the disk stays where it was."""
+    made = []
+    try:
+        monitor.execute("blockdev-add", {
+            "driver": "nbd", "node-name": plan.nbd_node, "export": "",
+            "server": {"type": "unix", "path": plan.socket},
+            "reconnect-delay": RECONNECT_DELAY, "read-only": plan.readonly})
+        made.append(plan.nbd_node)
+        options = [_qcow2_options(plan, plan.nbd_node)]
+        if plan.backing_export:
+            monitor.execute("blockdev-add", {
+                "driver": "nbd", "node-name": plan.nbd_backing_node,
+                "export": plan.backing_export,
+                "server": {"type": "unix", "path": plan.socket},
+                "reconnect-delay": RECONNECT_DELAY, "read-only": True})
+            made.append(plan.nbd_backing_node)
+            options.append(_backing_options(plan, plan.nbd_backing_node))
+        monitor.execute("blockdev-reopen", {"options": options})
+        children = block_children(monitor)
+        now = children.get((plan.original_node, "file"))
+        if now != plan.nbd_node:
+            raise PivotError(f"the qcow2 node's file is {now}, not {plan.nbd_node}, after "
+                             "the reopen")
+    except BaseException:
+        try:
+            restore_reopen(monitor, plan)
+        except (QmpError, PivotError):
+            for node in made:
+                _delete_node(monitor, node)
+        raise
+
+
+def _file_target(monitor: Monitor, names: set[str], original: str, back: str, path: str,
+                 readonly: bool, direct: bool, no_flush: bool) -> str:
+    """A file node on ``path``: the original if it is still there (a -blockdev
+    node stays open, unused; a -drive one went with the reopen), else ours."""
+    if original and original in names:
+        return original
+    if back not in names:
+        monitor.execute("blockdev-add", {
+            "driver": "file", "node-name": back, "filename": path, "read-only": readonly,
+            "cache": {"direct": direct, "no-flush": no_flush}})
+    return back
+
+
+def restore_reopen(monitor: Monitor, plan: Plan) -> bool:
+    """Put the qcow2 node's file child (and its backing's) back on file nodes
+    and remove the nbd nodes, from whatever state attach or detach reached."""
+    children = block_children(monitor)
+    names = node_names(monitor)
+    options = []
+    if children.get((plan.original_node, "file")) == plan.nbd_node:
+        target = _file_target(monitor, names, plan.file_node, plan.back_file_node, plan.image,
+                              plan.readonly, plan.cache_direct, plan.cache_no_flush)
+        options.append(_qcow2_options(plan, target))
+    if plan.backing_node and children.get((plan.backing_node, "file")) == plan.nbd_backing_node:
+        target = _file_target(monitor, names, plan.backing_file_node, plan.back_backing_node,
+                              plan.backing_image, True, plan.backing_cache_direct,
+                              plan.backing_cache_no_flush)
+        options.append(_backing_options(plan, target))
+    if options:
+        monitor.execute("blockdev-reopen", {"options": options})
+        children = block_children(monitor)
+        for opts in options:
+            now = children.get((opts["node-name"], "file"))
+            if now != opts["file"]:
+                raise PivotError(f"the node {opts['node-name']}'s file is {now}, not "
+                                 f"{opts['file']}, after the reopen")
+    for node in (plan.nbd_node, plan.nbd_backing_node):
+        _delete_node(monitor, node)
+        if node in node_names(monitor):
+            raise PivotError(f"the node {node} could not be removed")
+    return bool(options)

@@ -130,25 +130,6 @@ class Layout:
     def l2_entries(self) -> int:
         return self.cluster_size // 8
 
-    def rebuild_runs(self) -> None:
-        """The data clusters sorted by host offset, contiguous ones (in host
-        and guest alike) merged."""
-        cs = self.cluster_size
-        pairs = sorted((h, g) for table in self.l2.values() for g, h in table if h)
-        runs: list[tuple[int, int, int]] = []
-        for h, g in pairs:
-            if runs:
-                rh, rg, rn = runs[-1]
-                if rh + rn == h and rg + rn == g:
-                    runs[-1] = (rh, rg, rn + cs)
-                    continue
-            runs.append((h, g, cs))
-        if len(runs) > MAX_RUNS:
-            raise Qcow2Refused(f"qcow2 image: {len(runs)} separate data runs, more than "
-                               f"{MAX_RUNS} diskwatch keeps")
-        self.runs = runs
-        self._run_starts = [r[0] for r in runs]
-
     def guest_of(self, host: int) -> int | None:
         """The guest offset of host offset ``host``, or None (not a data cluster)."""
         i = bisect_right(self._run_starts, host) - 1
@@ -197,26 +178,51 @@ class Layout:
 
     def reread(self, read: Read, file_size: int, l1_indexes: set[int] | None = None) -> None:
         """Read the L1 table again, and the L2 tables it now points to that are
-        new, moved, or in ``l1_indexes`` (written since); rebuild the runs."""
+        new, moved, or in ``l1_indexes`` (written since); rebuild the runs.
+        All or nothing: a table that does not pass the checks (read while
+        QEMU rewrote it, say) leaves the layout as it was (Qcow2Refused)."""
         old = self.l1
-        self.file_size = file_size
-        self.l1 = _read_l1(read, self, file_size)
+        l1 = _read_l1(read, self, file_size)
         again = set(l1_indexes or ())
-        for i, off in enumerate(self.l1):
+        for i, off in enumerate(l1):
             if off != (old[i] if i < len(old) else 0):
                 again.add(i)
-        for i in again:
-            off = self.l1[i] if i < len(self.l1) else 0
+        l2 = dict(self.l2)
+        zeros = dict(self.zeros)
+        for i in sorted(again):
+            off = l1[i] if 0 <= i < len(l1) else 0
             if off:
-                self.l2[i], self.zeros[i] = _read_l2(read, self, i, off, file_size)
+                l2[i], zeros[i] = _read_l2(read, self, i, off, file_size)
             else:
-                self.l2.pop(i, None)
-                self.zeros.pop(i, None)
-        clusters = sum(map(len, self.l2.values()))
+                l2.pop(i, None)
+                zeros.pop(i, None)
+        clusters = sum(map(len, l2.values()))
         _check(clusters <= MAX_CLUSTERS, f"{clusters} data clusters, more than the "
                                          f"{MAX_CLUSTERS} diskwatch keeps")
-        self.refblocks = _read_refblocks(read, self, file_size)
-        self.rebuild_runs()
+        refblocks = _read_refblocks(read, self, file_size)
+        runs = _runs(l2, self.cluster_size)
+        self.l1, self.l2, self.zeros, self.refblocks = l1, l2, zeros, refblocks
+        self.file_size = file_size
+        self.runs = runs
+        self._run_starts = [r[0] for r in runs]
+
+
+def _runs(l2: dict[int, list[tuple[int, int]]], cs: int) -> list[tuple[int, int, int]]:
+    """The data clusters sorted by host offset, contiguous ones (in host and
+    guest alike) merged."""
+    pairs = sorted((h, g) for table in l2.values() for g, h in table if h)
+    runs: list[tuple[int, int, int]] = []
+    for h, g in pairs:
+        if runs:
+            rh, rg, rn = runs[-1]
+            if rh + rn == h and rg + rn == g:
+                runs[-1] = (rh, rg, rn + cs)
+                continue
+        runs.append((h, g, cs))
+    if len(runs) > MAX_RUNS:
+        raise Qcow2Refused(f"qcow2 image: {len(runs)} separate data runs, more than "
+                           f"{MAX_RUNS} diskwatch keeps")
+    return runs
 
 
 def _check(cond: bool, what: str) -> None:

@@ -31,6 +31,7 @@ import time
 from ..server import Server, ServerThread
 from ..sources.file import FileSource
 from ..text import safe_text
+from .growing import GrowingFile
 from .pivot import Plan, restore
 from .qmp import Monitor, QmpError, QmpSocket, VirshMonitor
 
@@ -50,12 +51,20 @@ def open_monitor(spec: dict) -> Monitor:
 
 def take_over(config: dict) -> int:
     plan = Plan(**config["plan"])
-    source = FileSource(config["path"], readonly=plan.readonly)
+    exports = {}
+    if plan.kind == "reopen":
+        # The qcow2 file as diskwatch served it: the same size (QEMU's nbd
+        # client expects it when it reconnects), growing; and its backing.
+        source = GrowingFile(config["path"], plan.export_size, readonly=plan.readonly)
+        if plan.backing_export:
+            exports[plan.backing_export] = FileSource(plan.backing_image, readonly=True)
+    else:
+        source = FileSource(config["path"], readonly=plan.readonly)
     try:
         os.unlink(plan.socket)
     except FileNotFoundError:
         pass
-    server = Server({"": source})
+    server = Server({"": source, **exports})
     server.listen_unix(plan.socket)
     if config.get("socket_owner"):
         # A QEMU of another user (libvirt-qemu) must be able to connect, as
@@ -95,6 +104,8 @@ def take_over(config: dict) -> int:
     finally:
         thread.stop()
         source.close()
+        for more in exports.values():
+            more.close()
         if config.get("private_dir"):
             shutil.rmtree(config["private_dir"], ignore_errors=True)
 

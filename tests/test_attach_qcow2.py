@@ -1,0 +1,259 @@
+"""Issue 20, item 4: attach to a running guest whose disk is a qcow2 over a
+raw backing file (what libvirt and virt-manager make).
+
+One guest for the module (a boot costs 10-20 s under TCG): the demo guest's
+image as the raw backing file, a qcow2 over it (qemu-img create -f qcow2 -b
+base.raw -F raw), booted under plain QEMU with libvirt's layout of named
+-blockdev nodes (file, raw, file, qcow2), the loop init and its burst
+writer (see test_attach.py). Beside it: a qcow2 with extended L2 entries
+and one whose header is made absurd on disk after QEMU opened it, for the
+refusals. In file order: refusals (nothing moved), attach (the map made
+from the guest's view; the loop's log writes named through the qcow2
+tables, its data files' reads through the backing export; a file the guest
+creates is allocated and the tables followed; detach puts both file
+children back on their -blockdev nodes), kill -9 (the watchdog puts them
+back), and last the guest stops: qemu-img check of the qcow2 is clean, and
+e2fsck of the guest's filesystem (the image converted) too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import time
+
+import pytest
+from test_attach import (
+    BOOT_TIMEOUT,
+    MAX_STALL,
+    RunningGuest,
+    diskwatch,
+    one_line_error,
+    start_attach,
+)
+
+from diskwatch.attach.pivot import block_children
+from diskwatch.attach.qcow2map import read_file_layout
+
+pytestmark = pytest.mark.slow
+
+
+def blockdevs(work, base, top) -> list[str]:
+    """libvirt's layout: named file and format nodes, a virtio disk on the qcow2."""
+    xl2 = work / "xl2.qcow2"
+    fuzzed = work / "fuzzed.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on",
+                    str(xl2), "16M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(fuzzed), "16M"], check=True)
+    words = [
+        "-blockdev", f"driver=file,filename={base},node-name=base-file,read-only=on",
+        "-blockdev", "driver=raw,file=base-file,node-name=base-fmt,read-only=on",
+        "-blockdev", f"driver=file,filename={top},node-name=top-file",
+        "-blockdev", "driver=qcow2,file=top-file,backing=base-fmt,node-name=top-fmt",
+        "-device", "virtio-blk-pci,drive=top-fmt,id=virtio0",
+    ]
+    for name, path in (("xl2", xl2), ("fuzzed", fuzzed)):
+        words += ["-blockdev", f"driver=file,filename={path},node-name={name}-file",
+                  "-blockdev", f"driver=qcow2,file={name}-file,node-name={name}-fmt",
+                  "-device", f"virtio-blk-pci,drive={name}-fmt,id={name}"]
+    return words
+
+
+@pytest.fixture(scope="module")
+def qcow2_guest(guest_image, tmp_path_factory):
+    work = tmp_path_factory.mktemp("attach-qcow2")
+    base = work / "base.raw"
+    shutil.copyfile(guest_image.path, base)
+    top = work / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
+                    str(top)], check=True)
+    guest = RunningGuest(top, guest_image.guest, work, blockdev=blockdevs(work, base, top))
+    guest.base = base
+    guest.work = work
+    try:
+        guest.wait_line(r"diskwatch-loop: tick 1\b", BOOT_TIMEOUT)
+        guest.console.sendall(b"burst\n")
+        guest.wait_line(r"diskwatch-loop: burst writer started", 30)
+        yield guest
+    finally:
+        guest.stop(timeout=30)
+
+
+def graph(g) -> dict[tuple[str, str], str]:
+    with g.qmp() as q:
+        return block_children(q)
+
+
+def nbd_nodes(g) -> list[str]:
+    with g.qmp() as q:
+        return [n["node-name"] for n in q.execute("query-named-block-nodes") if n["drv"] == "nbd"]
+
+
+# --- refusals: one line each, nothing moved --------------------------------------------------
+
+
+def test_refusals_of_qcow2_images_move_nothing(qcow2_guest):
+    g = qcow2_guest
+    before = graph(g)
+    since = time.monotonic()
+    # Extended L2 entries (subclusters): QEMU reads them, attach refuses.
+    line = one_line_error(diskwatch("attach", g.qmp_path, "--device", "xl2"))
+    assert "extended L2 entries" in line and "nothing was moved" in line
+    # A header made absurd on disk after QEMU opened the image (QEMU keeps
+    # its own copy): cluster_bits 40, an L1 table of 2^32 - 1 entries.
+    fuzzed = g.work / "fuzzed.qcow2"
+    original = fuzzed.read_bytes()[:512]
+    try:
+        for offset, fmt, value, says in [(20, ">I", 40, "cluster_bits 40"),
+                                         (36, ">I", 0xFFFFFFFF, "L1 table of 4294967295"),
+                                         (48, ">Q", 1 << 60, "refcount table")]:
+            with open(fuzzed, "r+b") as f:
+                f.write(original)
+                f.seek(offset)
+                f.write(struct.pack(fmt, value))
+            line = one_line_error(diskwatch("attach", g.qmp_path, "--device", "fuzzed"))
+            assert line.startswith("diskwatch: qcow2 image: ") and says in line, line
+    finally:
+        with open(fuzzed, "r+b") as f:
+            f.write(original)
+    assert graph(g) == before and nbd_nodes(g) == []
+    g.wait_ticks(1)
+    assert g.max_stall(since) < MAX_STALL
+
+
+# --- attach, watch, follow allocations, detach ------------------------------------------
+
+
+def test_attach_names_the_qcow2_guests_files_and_detach_puts_it_back(qcow2_guest, tmp_path):
+    g = qcow2_guest
+    before = graph(g)
+    assert before[("top-fmt", "file")] == "top-file"
+    trace = tmp_path / "attach.trace"
+    live_map = tmp_path / "live.bmap"  # made from the guest's view of the qcow2
+    since = time.monotonic()
+    proc, err = start_attach(g, "--bmap", str(live_map), "--log", str(trace))
+    try:
+        now = graph(g)
+        assert now[("top-fmt", "file")].startswith("diskwatch-"), now
+        assert now[("base-fmt", "file")].endswith("-nbd-backing"), now
+        assert now[("top-fmt", "backing")] == "base-fmt"
+        # A second diskwatch on the same disk: one line, the first one untouched.
+        line = one_line_error(diskwatch("attach", g.qmp_path, "--device", "virtio0"))
+        assert "already on diskwatch" in line
+        g.wait_ticks(3)
+        # The guest makes a file: new clusters in the qcow2, its tables written;
+        # the translation follows (the writes are named late, once read again).
+        after = len(g.lines)
+        g.console.sendall(b"create\n")
+        line = g.wait_line(r"diskwatch-loop: created /var/log/created-\d+\.log", 30, after)
+        deadline = time.monotonic() + 60
+        while "qcow2 tables read again" not in trace.read_text() and \
+                "named late" not in trace.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(err)
+            time.sleep(0.2)
+        g.wait_ticks(2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(60)
+    stderr = "".join(err)
+    assert status == 0, stderr
+    assert "qcow2: QEMU's qcow2 node reads and writes its image file through diskwatch" in stderr
+    assert "the backing file's reads too" in stderr
+    assert "generating it first" in stderr and live_map.exists(), stderr
+    assert "detached: virtio0 is back on" in stderr, stderr
+    moved = re.search(r"attached: .*?\(moved in (\d+) ms\)", stderr).group(1)
+    back = re.search(r"detached: .*?\(moved in (\d+) ms\)", stderr).group(1)
+    print(f"qcow2 attach moved the file children in {moved} ms, detach moved them back in "
+          f"{back} ms")
+    # Both file children are back on their own -blockdev nodes; no nbd node is left.
+    assert graph(g) == before
+    assert nbd_nodes(g) == []
+    text = trace.read_text()
+    # The loop's log: written in clusters the qcow2 holds, named through its tables.
+    assert "write f /dev/sda1 /var/log/demo.log" in text, text[-3000:]
+    # The data files: never written, read from the backing file (its export).
+    for path in g.guest.reads[3:]:
+        assert f"read f /dev/sda1 {path}" in text, f"{path} not in the trace:\n{text[-3000:]}"
+    # The qcow2's own structures are named (the guest's syncs rewrite refcounts and L2).
+    assert re.search(r"f /dev/sda /\$qcow2-(L2|refcounts|L1|header)", text), text[-3000:]
+    # Allocations followed: the writes to clusters allocated while attached were named.
+    assert "named late: write" in text, text[-3000:]
+    g.wait_ticks(2)
+    stall = g.max_stall(since)
+    print(f"qcow2 attach, watch, detach: longest stall of the guest's loop {stall:.1f} s")
+    assert stall < MAX_STALL, g.tail()
+
+
+def test_kill_9_the_watchdog_puts_the_qcow2_file_back(qcow2_guest):
+    g = qcow2_guest
+    before = graph(g)
+    since = time.monotonic()
+    proc, err = start_attach(g, "--no-trace")
+    assert graph(g)[("top-fmt", "file")].startswith("diskwatch-")
+    g.wait_ticks(1)
+    proc.kill()
+    proc.wait()
+    killed = time.monotonic()
+    deadline = killed + 60
+    while True:
+        try:
+            now = graph(g)
+        except Exception:  # noqa: BLE001 - the watchdog holds the monitor for a moment
+            now = {}
+        if now.get(("top-fmt", "file")) == "top-file" and \
+                now.get(("base-fmt", "file")) == "base-file":
+            break
+        assert time.monotonic() < deadline, f"the disk is still on diskwatch: {now}"
+        time.sleep(0.2)
+    back = time.monotonic() - killed
+    while not any("watchdog: the guest's disk virtio0 is back on" in line for line in err):
+        assert time.monotonic() < deadline, "".join(err)
+        time.sleep(0.05)
+    assert graph(g) == before and nbd_nodes(g) == []
+    g.wait_ticks(3)
+    stall = g.max_stall(since)
+    print(f"qcow2 kill -9: the file children were back {back:.1f} s later; longest stall "
+          f"{stall:.1f} s")
+    assert stall < MAX_STALL, g.tail()
+    assert "I/O error" not in g.tail(200)
+
+
+# --- last: the guest stops, the qcow2 and its filesystem are clean ------------------------
+
+
+def test_the_qcow2_is_clean_and_so_is_the_guests_filesystem(qcow2_guest, tmp_path):
+    g = qcow2_guest
+    assert g.stop() == 0
+    g.wait_line(r"diskwatch-loop: stopped", 5)
+    console = "\n".join(line for _, line in g.lines)
+    assert "I/O error" not in console
+    assert "MISMATCH" not in console
+    r = subprocess.run(["qemu-img", "check", "--output=json", str(g.image)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check = json.loads(r.stdout)
+    assert check.get("corruptions", 0) == 0 and check.get("leaks", 0) == 0, check
+    # The translation still agrees with qemu-img map after all those allocations.
+    lay = read_file_layout(str(g.image))
+    mapped = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(g.image)],
+                                       capture_output=True, text=True, check=True).stdout)
+    cs = lay.cluster_size
+    truth = {e["offset"] + k: e["start"] + k for e in mapped if e["depth"] == 0 and e["data"]
+             for k in range(0, e["length"], cs)}
+    assert {h + k: gg + k for h, gg, n in lay.runs for k in range(0, n, cs)} == truth
+    raw = tmp_path / "guest.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(g.image), str(raw)], check=True)
+    spec = f"{raw}?offset={g.guest.partition_offset}"
+    r = subprocess.run(["e2fsck", "-f", "-n", spec], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["debugfs", "-R", "cat /var/log/demo.log", spec], capture_output=True)
+    log = r.stdout.decode()
+    slots = [log[i * 4096:i * 4096 + 64] for i in range(16)]
+    assert re.match(r"burst (\d+) ", slots[0]), slots[0]
+    last = [n for _, n in g.ticks][-15:]
+    for n in last:
+        assert slots[n % 15 + 1].startswith(f"loop {n} "), (n, slots)
