@@ -638,6 +638,10 @@ class Runner:
                 notice(f"SIGHUP: block map {path} not reloaded: {e}; the old one stays",
                        DISKWATCH_EVENT="reload-failed", priority="warning")
             else:
+                if self.config.attach_view is not None:  # a qcow2 guest's: translated
+                    blockmap, more = self.config.attach_view.views(blockmap)
+                    for (name, _), other in zip(self.disks[1:], more, strict=False):
+                        session.swap_disk_map(name, other)
                 self.swap_map(session, blockmap, path=path)
                 what = ", ".join(filter(None, (what, f"reloaded the block map {path}")))
         notice(f"SIGHUP: {what or 'nothing to reload'}", DISKWATCH_EVENT="reload")

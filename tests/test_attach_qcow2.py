@@ -56,6 +56,10 @@ def blockdevs(work, base, top) -> list[str]:
         "-blockdev", "driver=qcow2,file=top-file,backing=base-fmt,node-name=top-fmt",
         "-device", "virtio-blk-pci,drive=top-fmt,id=virtio0",
     ]
+    named = work / "named.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(named), "16M"], check=True)
+    # -drive with a node-name: the qcow2 node can be reopened, its file node is QEMU's own
+    words += ["-drive", f"file={named},format=qcow2,if=virtio,id=named,node-name=named-fmt"]
     for name, path in (("xl2", xl2), ("fuzzed", fuzzed)):
         words += ["-blockdev", f"driver=file,filename={path},node-name={name}-file",
                   "-blockdev", f"driver=qcow2,file={name}-file,node-name={name}-fmt",
@@ -123,6 +127,45 @@ def test_refusals_of_qcow2_images_move_nothing(qcow2_guest):
     assert graph(g) == before and nbd_nodes(g) == []
     g.wait_ticks(1)
     assert g.max_stall(since) < MAX_STALL
+
+
+# --- a -drive qcow2 with a node-name: its file node is QEMU's, gone after the move -----------
+
+
+def test_a_drive_qcow2_comes_back_on_a_new_file_node_and_restore_is_idempotent(qcow2_guest):
+    from diskwatch.attach import AttachedGuest, monitor_opener, prepare
+    from diskwatch.attach.pivot import restore
+    from diskwatch.events import Bus
+    from diskwatch.server import serve_in_thread
+    g = qcow2_guest
+    connect = monitor_opener(g.qmp_path)
+    with connect() as monitor:
+        target = prepare(monitor, "named")
+    assert target.qcow2.file_node.startswith("#") and target.qcow2.backing_node == ""
+    source = target.view.open_source()
+    running = serve_in_thread({"": source}, Bus())
+    said: list[str] = []
+    attached = AttachedGuest(connect, target, running.socket_path, say=said.append)
+    try:
+        attached.start()
+        plan = attached.plan
+        assert graph(g)[("named-fmt", "file")] == plan.nbd_node
+        attached.stop()
+    finally:
+        if attached.running:
+            attached.stop()
+        running.stop()
+        source.close()
+    assert "detached: named is back on" in said[-1], said
+    assert graph(g)[("named-fmt", "file")] == plan.back_file_node
+    with g.qmp() as q:
+        nodes = {n["node-name"]: n for n in q.execute("query-named-block-nodes")}
+        assert nodes[plan.back_file_node]["file"] == str(g.work / "named.qcow2")
+        assert nodes[plan.back_file_node]["drv"] == "file"
+        # The watchdog may run restore after diskwatch did: nothing more happens.
+        before = block_children(q)
+        assert restore(q, plan) is False
+    assert graph(g) == before and nbd_nodes(g) == []
 
 
 # --- attach, watch, follow allocations, detach ------------------------------------------

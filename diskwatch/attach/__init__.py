@@ -15,7 +15,9 @@ watchdog) may need it while diskwatch watches.
 ``AttachedGuest`` looks to the session runner like a captive command:
 ``start``, ``stop``, ``wait``, ``running``, ``on_exit`` (called when the
 QEMU goes away). See pivot.py for how the device moves and why the image
-stays consistent, watchdog.py for what happens if diskwatch dies.
+stays consistent (a qcow2 disk: its file child moves, pivot.attach_reopen),
+watchdog.py for what happens if diskwatch dies, follow.py for how a qcow2
+disk's requests are named.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@
 one sits on) and ``query-named-block-nodes`` (the nodes' drivers and cache
 options). ``check_attachable`` refuses, with one line each, what cannot be
 done safely: a QEMU too old, a monitor without the commands, an image that
-is not raw over a local file, a device with a block job running, a device
-diskwatch is already attached to.
+is not raw or qcow2 over a local file, a device with a block job running, a
+device diskwatch is already attached to. ``qcow2_parts`` finds a qcow2
+device's file and backing nodes in the block graph, and what of them can
+be watched.
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ class Qcow2Follower(SinkBase):
                 continue
             pos = start - start % cs
             for _ in range(min(64, -(-(end - pos) // cs))):  # bounded: a big write is data
-                for i in lay.l2_index_of(pos):
+                i = lay.l2_index_of(pos)
+                if i is not None:
                     written.add(i)
                 pos += cs
             if len(written) > MAX_DIRTY:

@@ -1,6 +1,8 @@
 """Move a running guest's disk I/O onto diskwatch's NBD server, and back.
 
-Attach (the guest's device sits on a raw node over the image file):
+Attach (the guest's device sits on a raw node over the image file; a qcow2
+disk instead has its file child moved by blockdev-reopen, see the last
+section, ``attach_reopen``):
 
     blockdev-add     nbd node on diskwatch's socket (diskwatch serves the same file)
     blockdev-mirror  the device's node -> the nbd node, sync none, copy-mode write-blocking

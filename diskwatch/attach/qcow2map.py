@@ -121,6 +121,8 @@ class Layout:
     file_size: int = 0
     runs: list[tuple[int, int, int]] = field(default_factory=list)
     _run_starts: list[int] = field(default_factory=list)
+    #: host offset of each L2 table -> its L1 index (L1 entries are distinct)
+    _l2_at: dict[int, int] = field(default_factory=dict)
 
     @property
     def cluster_size(self) -> int:
@@ -146,11 +148,9 @@ class Layout:
         h, _, n = self.runs[i]
         return end <= h + n
 
-    def l2_index_of(self, host: int) -> list[int]:
-        """The L1 indexes whose L2 table holds host offset ``host``."""
-        cs = self.cluster_size
-        base = host - host % cs
-        return [i for i, off in enumerate(self.l1) if off == base]
+    def l2_index_of(self, host: int) -> int | None:
+        """The L1 index whose L2 table holds host offset ``host``, or None."""
+        return self._l2_at.get(host - host % self.cluster_size)
 
     def structures(self) -> list[tuple[int, int, str]]:
         """(start, end, name) of the image's own structures."""
@@ -205,6 +205,7 @@ class Layout:
         self.file_size = file_size
         self.runs = runs
         self._run_starts = [r[0] for r in runs]
+        self._l2_at = {off: i for i, off in enumerate(l1) if off}
 
 
 def _runs(l2: dict[int, list[tuple[int, int]]], cs: int) -> list[tuple[int, int, int]]:
