@@ -24,7 +24,7 @@ import re
 import struct
 
 from ..sources.base import Source
-from .volumes import SECTOR, Volume, VolumeSource, read_at, through
+from .segments import SECTOR, Volume, VolumeSource, read_at, through
 
 __all__ = ["MAX_JSON", "luks_volumes"]
 

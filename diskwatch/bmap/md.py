@@ -38,7 +38,7 @@ import struct
 from dataclasses import dataclass
 
 from ..sources.base import Source
-from .volumes import SECTOR, Volume, VolumeSource, read_at, through
+from .segments import SECTOR, Volume, VolumeSource, read_at, through
 
 __all__ = ["MAX_CHUNKS", "MdMember", "md_volumes", "read_member"]
 
