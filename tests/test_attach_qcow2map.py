@@ -220,3 +220,56 @@ def test_absurd_tables_are_refused(tmp_path):
             read_file_layout(str(path))
         except Qcow2Refused as e:
             assert "\n" not in str(e)
+
+
+def test_the_follower_reads_the_tables_again_after_an_allocation(tmp_path):
+    """The sink of attach/follow.py: a write outside the known data clusters
+    (here the data and the L2 table qemu-io wrote) has the tables read again
+    and a host map naming the new cluster swapped in; a write inside known
+    data or a read changes nothing."""
+    from diskwatch.attach.follow import open_view
+    from diskwatch.events import Request
+    from diskwatch.wire import Command
+    _, top = make_overlay(tmp_path, 65536)
+    guest = BlockMap([BmapEntry(1, 0, 24 * MiB, "p", "/dev/sda1"),
+                      BmapEntry(1, 16 * MiB, 17 * MiB, "f", "/dev/sda1", "/new.bin")])
+    view = open_view(str(top), readonly=False)
+    source = view.open_source()
+    try:
+        assert source.size > os.path.getsize(top)  # room to grow
+        first, more = view.views(guest)
+        assert more == []
+        swaps = []
+        follower = view.follower(lambda bm, why: swaps.append((bm, why)))
+        follower.tick(0.0)  # the first round reads the tables again: nothing new
+        assert swaps == [] and not follower.dirty
+        h, g, n = view.layout.runs[0]
+
+        def req(command, offset, length, t):
+            return Request(1, "", int(command), offset, length, 0, t, 0.0, 0)
+
+        follower.feed([req(Command.WRITE, h, 4096, 1.0), req(Command.READ, 1 << 30, 4096, 1.0)],
+                      None)
+        assert not follower.dirty
+        qemu_io(top, "write -P 0x41 16M 64k")
+        fresh = read_file_layout(str(top))
+        (host,) = [hh + 16 * MiB - gg for hh, gg, nn in fresh.runs if gg <= 16 * MiB < gg + nn]
+        assert first.most_specific(host, 4096) is None  # not known yet
+        # The new cluster's data comes first: the L1 is read again, nothing named yet
+        # (QEMU writes the L2 entry later, at the guest's flush).
+        follower.feed([req(Command.WRITE, host, 65536, 2.0)], None)
+        assert follower.dirty
+        follower.tick(2.0)
+        assert swaps == []
+        # Then the L2 table's write: read again, the new cluster named.
+        follower.feed([req(Command.WRITE, view.layout.l1[0], 512, 2.1)], None)
+        follower.tick(2.1)
+        assert swaps == [] and follower.dirty  # not twice within REREAD_EVERY
+        follower.tick(2.3)
+        assert len(swaps) == 1, swaps
+        bm, why = swaps[0]
+        assert str(bm.most_specific(host, 4096)) == "f /dev/sda1 /new.bin"
+        assert "+1 data clusters" in why
+        assert view.layout.runs == fresh.runs
+    finally:
+        source.close()

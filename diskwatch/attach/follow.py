@@ -97,8 +97,11 @@ class Qcow2Follower(SinkBase):
         self.view = view
         self.swap = swap
         self.export = export
-        self.dirty = False
-        self.l2_written: set[int] | None = set()  # None: too many, read them all
+        # The tables are read once more at the first round: those read before
+        # the move may miss what QEMU's qcow2 cache held (blockdev-reopen
+        # flushes it through the old file child as the child moves).
+        self.dirty = True
+        self.l2_written: set[int] | None = None  # None: too many, read them all
         self.last = float("-inf")
         self.rereads = 0
         self.failed = ""

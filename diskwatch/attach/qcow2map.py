@@ -189,16 +189,18 @@ class Layout:
                 again.add(i)
         l2 = dict(self.l2)
         zeros = dict(self.zeros)
+        clusters = sum(len(t) for i, t in l2.items() if i not in again)
         for i in sorted(again):
             off = l1[i] if 0 <= i < len(l1) else 0
             if off:
                 l2[i], zeros[i] = _read_l2(read, self, i, off, file_size)
+                clusters += len(l2[i])
+                # checked as the tables come: memory stays bounded whatever the L1 says
+                _check(clusters <= MAX_CLUSTERS, f"more than {MAX_CLUSTERS} data clusters, "
+                                                 "more than diskwatch keeps")
             else:
                 l2.pop(i, None)
                 zeros.pop(i, None)
-        clusters = sum(map(len, l2.values()))
-        _check(clusters <= MAX_CLUSTERS, f"{clusters} data clusters, more than the "
-                                         f"{MAX_CLUSTERS} diskwatch keeps")
         refblocks = _read_refblocks(read, self, file_size)
         runs = _runs(l2, self.cluster_size)
         self.l1, self.l2, self.zeros, self.refblocks = l1, l2, zeros, refblocks
