@@ -76,3 +76,61 @@ def test_disks_are_listed_and_chosen_by_any_of_their_names():
         choose_disk(disks, None)
     with pytest.raises(AttachRefused, match="no block device"):
         choose_disk(disks, "virtio9")
+
+
+# A qcow2 device as QEMU 7.2 lists it with libvirt's layout (named -blockdev
+# nodes), its backing varied; the block graph as x-debug-query-block-graph gives it.
+def qcow2_monitor(tmp_path, backing_drv="raw", backing_name="base-fmt", commands=None):
+    from diskwatch.attach.disks import QCOW2_COMMANDS
+    top, base = tmp_path / "top.qcow2", tmp_path / "base.raw"
+    top.write_bytes(b"\0" * 65536)
+    base.write_bytes(b"\0" * 65536)
+    block = [{"device": "", "qdev": "/machine/peripheral/virtio0/virtio-backend",
+              "inserted": {"node-name": "top-fmt", "drv": "qcow2", "file": str(top), "ro": False,
+                           "detect_zeroes": "off", "image": {"virtual-size": 65536}}}]
+    nodes = [
+        {"node-name": "top-fmt", "drv": "qcow2", "file": str(top), "cache": {}},
+        {"node-name": "top-file", "drv": "file", "file": str(top)},
+        {"node-name": backing_name, "drv": backing_drv, "file": str(base), "cache": {},
+         "image": {"virtual-size": 65536}},
+        {"node-name": "base-file", "drv": "file", "file": str(base)},
+    ]
+    names = ["/machine/peripheral/virtio0/virtio-backend", "top-fmt", "top-file", backing_name,
+             "base-file"]
+    graph = {"nodes": [{"id": i, "name": n} for i, n in enumerate(names)],
+             "edges": [{"parent": 0, "child": 1, "name": "root"},
+                       {"parent": 1, "child": 2, "name": "file"},
+                       {"parent": 1, "child": 3, "name": "backing"},
+                       {"parent": 3, "child": 4, "name": "file"}]}
+    return TableMonitor((7, 2, 0), commands or [*COMMANDS, *QCOW2_COMMANDS],
+                        {"query-block": block, "query-named-block-nodes": nodes,
+                         "x-debug-query-block-graph": graph}), base
+
+
+def test_a_qcow2_disk_finds_its_file_and_backing_nodes(tmp_path):
+    from diskwatch.attach.disks import qcow2_parts
+    m, base = qcow2_monitor(tmp_path)
+    (disk,) = list_disks(m)
+    parts = qcow2_parts(m, disk, None)
+    assert (parts.file_node, parts.backing_node, parts.backing_file_node) == (
+        "top-file", "base-fmt", "base-file")
+    assert parts.backing_image == str(base) and parts.backing_note == ""
+
+
+@pytest.mark.parametrize("drv, name, says", [
+    ("qcow2", "base-fmt", "its backing file is qcow2 on file, not raw on a file"),
+    ("raw", "#block123", "its backing node is one QEMU named itself"),
+])
+def test_a_backing_that_cannot_be_served_is_said_not_refused(tmp_path, drv, name, says):
+    from diskwatch.attach.disks import qcow2_parts
+    m, _ = qcow2_monitor(tmp_path, drv, name)
+    parts = qcow2_parts(m, list_disks(m)[0], None)
+    assert says in parts.backing_note and parts.backing_image == ""
+
+
+def test_a_qemu_without_blockdev_reopen_is_refused_for_qcow2(tmp_path):
+    from diskwatch.attach.disks import qcow2_parts
+    m, _ = qcow2_monitor(tmp_path, commands=[*COMMANDS, "x-blockdev-reopen"])
+    with pytest.raises(AttachRefused, match="lacks blockdev-reopen, x-debug-query-block-graph: "
+                                            "attach to a qcow2 disk needs QEMU 6.1"):
+        qcow2_parts(m, list_disks(m)[0], None)
