@@ -399,8 +399,7 @@ def test_one_disk_alone_maps_its_own_raid1_member_and_says_the_lv_is_elsewhere(v
 def test_the_trace_names_a_spanning_file_on_both_disks(vm, lvm_map):
     """End to end: diskwatch serves both disks; qemu-io reads a crossing
     file's piece on disk 1 through $nbd1 in one run, its piece on disk 2
-    through $nbd2 in another, and each run's trace names the file (and
-    nothing of it as the disk's bare bytes)."""
+    through $nbd2 in another, and each run's trace names the file."""
     _, segments = _lv_truth(vm)
     truth = ext4_file_ranges(vm["dir"] / "span.lv", 0, list(LV_FILES))
     path = next(p for p, r in truth.items()
@@ -414,6 +413,22 @@ def test_the_trace_names_a_spanning_file_on_both_disks(vm, lvm_map):
                               f"\"$nbd{disk}\" >/dev/null"], timeout=120)
         assert done.returncode == 0, done.stderr
         assert f"read f /dev/vgx/span {path}" in done.stdout, (disk, done.stdout)
+
+
+@slow
+def test_the_trace_names_a_raid1_file_on_both_members(vm, md_map):
+    """End to end, md RAID1: a read of a file's bytes on either member
+    (through that disk's export) is named as the array's file."""
+    truth = ext4_file_ranges(vm["dir"] / "mirror.md", 0, ["/data/two"])["/data/two"]
+    c, d = md_map["images"]
+    for disk, member in ((1, "/dev/sdc1"), (2, "/dev/sdd1")):
+        offset = int(_examine(vm["examine"][member], "Data Offset").split()[0]) * 512
+        at = vm["parts"][member[:-1]][1] + offset + truth[0][0]
+        done = run_diskwatch([c, d, "--bmap", md_map["path"], "--headless", "--remap", "off",
+                              "--run", f"qemu-io -r -f raw -c 'read {at} 65536' "
+                              f"\"$nbd{disk}\" >/dev/null"], timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "read f /dev/md/mirror /data/two" in done.stdout, (disk, done.stdout)
 
 
 def _flip(path, offset: int, data: bytes, out) -> None:
