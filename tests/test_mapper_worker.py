@@ -328,3 +328,38 @@ def test_the_mapper_limits_are_options_and_a_limit_reached_is_one_line(tmp_path)
     r = subprocess.run([DISKWATCH, "bmap", str(iso), "-o", str(out), "--mapper-memory", "10M"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--mapper-memory: the mapper needs 256M at least" in r.stderr
+
+
+def test_a_send_that_waits_on_a_busy_mapper_is_not_its_end():
+    """A big job (the old map) for a mapper that reads it late (just
+    started, still importing; a loaded machine): the send waits, ticking
+    (the parent's checks of time and cancellation), and every byte arrives.
+    A timed-out send was taken for the mapper's end ("stopped answering")
+    and cost a real boot its first walk under load."""
+    import socket
+
+    from diskwatch.bmap.worker import _HEAD, _Channel
+    ours, theirs = socket.socketpair()
+    ticked = threading.Event()
+    payload = bytes(range(256)) * (32 << 10)  # 8 MiB: many socket buffers
+    got = bytearray()
+
+    def mapper() -> None:
+        ticked.wait(30)  # reads only once the parent has had to wait
+        want = _HEAD.size + len(payload)
+        while len(got) < want:
+            chunk = theirs.recv(1 << 20)
+            if not chunk:
+                break
+            got.extend(chunk)
+
+    t = threading.Thread(target=mapper)
+    t.start()
+    try:
+        _Channel(ours, ticked.set).send(b"O", payload)
+    finally:
+        t.join(30)
+        ours.close()
+        theirs.close()
+    assert ticked.is_set()
+    assert bytes(got[_HEAD.size:]) == payload and _HEAD.unpack(got[:_HEAD.size]) == (b"O", len(payload))

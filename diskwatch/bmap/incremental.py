@@ -68,6 +68,10 @@ __all__ = ["MapperState", "NeedsFullWalk", "Update"]
 
 #: directories that could not be listed, carried to the next update, at most
 PENDING_KEPT = 4096
+#: times a directory that cannot be listed is tried again at the next
+#: updates, at most: one deleted since (its inode freed, its parent not
+#: listed again yet) would be tried, and told, at every remap forever
+PENDING_TRIES = 3
 #: dirty ranges one update takes (the session keeps fewer)
 DIRTY_KEPT = 1 << 16
 
@@ -133,6 +137,7 @@ class MapperState:
                 except (OSError, ValueError, struct.error):
                     pass
         self.pending: dict[str, set[int]] = {}
+        self._tries: dict[tuple[str, int], int] = {}  # (device, directory) -> tries failed
 
     # --- what the written bytes are ---
 
@@ -318,14 +323,29 @@ class MapperState:
         dirs = [d for d in job.dirs if d in walker.dir_paths]
         listings: dict[int, list] = {}
         for d in dirs:
+            if d not in walker.dir_paths:
+                continue  # below a directory found deleted just now
             old = walker.children.get(d, [])
             new = walker.list_dir(d, walker.dir_paths[d])
             if new is None:
                 walker.children[d] = old
+                if len(self._tries) >= PENDING_KEPT:
+                    self._tries.clear()
+                tries = self._tries[dev, d] = self._tries.get((dev, d), 0) + 1
+                if _unallocated(self.tsk, walker, d):
+                    # Deleted (its inode is free): gone from the map with
+                    # what was below it, not an error to tell at every remap
+                    # (its parent, listed before it went, may not be again).
+                    self._remove(walker, d, int(self.tsk.TSK_FS_META_TYPE_DIR),
+                                 walker.dir_paths[d], touched, dev)
+                    walker.errors = max(0, walker.errors - 1)
+                    self._tries.pop((dev, d), None)
+                    continue
                 pending = self.pending.setdefault(dev, set())
-                if len(pending) < PENDING_KEPT:
+                if len(pending) < PENDING_KEPT and tries <= PENDING_TRIES:
                     pending.add(d)
                 continue
+            self._tries.pop((dev, d), None)
             listings[d] = old
             up.dirs += 1
         # Removals first (a directory moved away and back is walked again).
@@ -482,6 +502,17 @@ class MapperState:
                         self._drop_file(walker, a, touched, dev)
         elif addr in walker.files and walker.files[addr][0] == path:
             self._drop_file(walker, addr, touched, dev)
+
+
+def _unallocated(tsk, walker, inode: int) -> bool:
+    """The directory's inode (MFT record) is free now, or no directory any
+    more (freed and used again): the directory was deleted."""
+    try:
+        meta = walker.fs.open_meta(inode=inode).info.meta
+        return (meta is None or bool(int(meta.flags) & int(tsk.TSK_FS_META_FLAG_UNALLOC))
+                or int(meta.type) != int(tsk.TSK_FS_META_TYPE_DIR))
+    except (OSError, RuntimeError, AttributeError):
+        return False
 
 
 def _name(raw: bytes) -> str:

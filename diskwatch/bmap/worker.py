@@ -466,15 +466,26 @@ class _Channel:
         sock.settimeout(self.WAIT if tick is not None else None)
 
     def send(self, kind: bytes, payload: bytes | bytearray | memoryview) -> None:
-        try:
-            self.sock.sendall(_HEAD.pack(kind, len(payload)))
-            self.sock.sendall(payload)
-        except (BrokenPipeError, ConnectionResetError):
-            raise _Ended() from None
-        except TimeoutError:
-            if self.tick is not None:
-                self.tick()
-            raise _Ended() from None
+        self._all(_HEAD.pack(kind, len(payload)))
+        self._all(payload)
+
+    def _all(self, data: bytes | bytearray | memoryview) -> None:
+        """Everything sent. A wait that gives up is not an end: the other
+        side may be busy a moment (a mapper just started, still importing,
+        reads its first job late: a big old map filled the socket and a
+        timed-out sendall was taken for the mapper's end, "stopped
+        answering", under load). ``tick`` decides when waiting is over."""
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                n = self.sock.send(view)
+            except (BrokenPipeError, ConnectionResetError):
+                raise _Ended() from None
+            except TimeoutError:
+                if self.tick is not None:
+                    self.tick()
+                continue
+            view = view[n:]
 
     def recv(self, big: bytes = b"", limit: int = MAX_FRAME) -> tuple[bytes, bytearray]:
         """The next frame; one of kind ``big`` may be up to ``limit`` bytes,
