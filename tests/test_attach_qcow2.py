@@ -36,8 +36,8 @@ from test_attach import (
     start_attach,
 )
 
-from diskwatch.attach.pivot import block_children
 from diskwatch.attach.qcow2map import read_file_layout
+from diskwatch.attach.qmp import block_children
 
 pytestmark = pytest.mark.slow
 

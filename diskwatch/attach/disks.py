@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DiskwatchError
-from .qmp import Monitor, QmpCommandError
+from .qmp import Monitor, QmpCommandError, block_children
 
 #: blockdev-mirror's copy-mode and the job-* commands (3.0), the NBD client's
 #: reconnect-delay (4.2).
@@ -264,7 +264,6 @@ def qcow2_parts(monitor: Monitor, disk: Disk, pid: int | None) -> Qcow2Parts:
         raise AttachRefused(f"{name}'s qcow2 node is one QEMU named itself ({disk.node}): "
                             "blockdev-reopen reopens named nodes only; start QEMU with -blockdev "
                             "(as libvirt does) or -drive ...,node-name=NAME")
-    from .pivot import block_children
     children = block_children(monitor)
     nodes = {n.get("node-name"): n for n in monitor.execute("query-named-block-nodes") or []}
     file_node = children.get((disk.node, "file"), "")

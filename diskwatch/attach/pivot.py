@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 
 from ..errors import DiskwatchError
 from .disks import PREFIX, AttachRefused, Disk
-from .qmp import Monitor, QmpCommandError, QmpError
+from .qmp import Monitor, QmpCommandError, QmpError, block_children
 
 #: How long QEMU's NBD client holds the guest's requests while diskwatch's
 #: server is gone, waiting for it (or the watchdog's) to come back, before it
@@ -316,14 +316,6 @@ def restore(monitor: Monitor, plan: Plan) -> bool:
 # keeps its backing child by naming it); discard is kept by QEMU when not
 # given (the node's flags). The nodes' driver-specific options (qcow2's cache
 # sizes, lazy-refcounts) go back to their defaults, which is what -drive has.
-
-
-def block_children(monitor: Monitor) -> dict[tuple[str, str], str]:
-    """(parent node, child role) -> child node name, from the block graph."""
-    graph = monitor.execute("x-debug-query-block-graph") or {}
-    names = {n.get("id"): n.get("name", "") for n in graph.get("nodes", [])}
-    return {(names.get(e.get("parent"), ""), e.get("name", "")): names.get(e.get("child"), "")
-            for e in graph.get("edges", [])}
 
 
 def _qcow2_options(plan: Plan, file: str) -> dict:

@@ -234,3 +234,11 @@ def peer_pid(monitor: Monitor) -> int | None:
         except (OSError, ValueError):
             return None
     return None
+
+
+def block_children(monitor: Monitor) -> dict[tuple[str, str], str]:
+    """(parent node, child role) -> child node name, from the block graph."""
+    graph = monitor.execute("x-debug-query-block-graph") or {}
+    names = {n.get("id"): n.get("name", "") for n in graph.get("nodes", [])}
+    return {(names.get(e.get("parent"), ""), e.get("name", "")): names.get(e.get("child"), "")
+            for e in graph.get("edges", [])}
