@@ -24,7 +24,7 @@ class Summary:
     """Headless: the totals printed at exit (the UI shows them live)."""
 
     def __init__(self, size: int) -> None:
-        self.stats = Stats(size, heat_cells=1)
+        self.stats = Stats(size, heat_cells=1, object_latency=False)
         self.named = False
         self.lifetimes = LifetimeFollower()
 
