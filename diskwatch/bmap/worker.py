@@ -64,6 +64,12 @@ malformed answer), and the next job starts a new one with the whole walk.
 What a hostile filesystem can do to a kept process is what it could do to
 one walk: the process is as confined, and its answers as untrusted; it can
 name bytes wrongly in the next answers too, until a whole walk.
+
+Why this module is over 800 lines: it is both ends of one protocol (the
+parent's ``run_mapper``/``MapperSession`` and the child's ``main``), whose
+frames, limits and checks must agree; split, each half would import the
+other's definitions. The walks themselves live elsewhere (metadata.py,
+incremental.py, vm.py).
 """
 
 from __future__ import annotations

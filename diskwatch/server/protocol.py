@@ -11,6 +11,11 @@ the transport (``server.py``) reads request headers only through
 
 Reference: doc/proto.md of the NetworkBlockDevice/nbd project (fixed newstyle
 negotiation, structured replies, base:allocation block status).
+
+Why this module is over 800 lines: it is the whole server side of one
+specification, the handshake's phases and the transmission's framing,
+which share one connection's state (its options, its export, its structured
+replies); its vocabulary (wire.py) and its transport (server.py) are apart.
 """
 
 from __future__ import annotations
