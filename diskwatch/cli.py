@@ -414,9 +414,10 @@ def build_attach_parser() -> argparse.ArgumentParser:
                    help="a libvirt domain instead of a QMP socket (through virsh; libvirt "
                         "marks the domain tainted)")
     p.add_argument("-c", "--connect", metavar="URI", help="libvirt connection URI for --libvirt")
-    p.add_argument("--device", metavar="ID",
+    p.add_argument("--device", metavar="ID", action="append",
                    help="the block device (query-block's device, node or qdev id); "
-                        "needed when the guest has several")
+                        "needed when the guest has several; repeated, several disks at once "
+                        "(raw ones: /dev/sda, /dev/sdb... in the order given)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
     # The watching options, as diskwatch IMAGE defines them (one definition):
     # taken as words here, checked by its parser.
@@ -449,21 +450,35 @@ def attach_main(argv: list[str]) -> int:
         raise UsageError("give a QMP socket or --libvirt DOMAIN (see diskwatch attach --help)")
     from .attach import AttachedGuest, monitor_opener, prepare
     connect = monitor_opener(args.qmp, args.libvirt, args.connect)
+    devices = args.device or [None]
+    if len(set(devices)) != len(devices):
+        raise UsageError("the same --device twice")
     with connect() as monitor:
-        target = prepare(monitor, args.device)
+        targets = [prepare(monitor, device) for device in devices]
+    target, others = targets[0], targets[1:]
+    if len({t.disk.node for t in targets}) != len(targets):
+        raise UsageError("two --device name the same disk")
+    for t in targets if others else ():
+        if t.view is not None:
+            raise UsageError(f"{safe_text(t.disk.name)} is a qcow2 image: attach to several "
+                             "disks at once serves raw disks only for now")
     serve_args.source = target.path
     serve_args.readonly = target.disk.readonly
     # QEMU opened it as raw: never probed (a guest can write any header at offset 0).
     serve_args.format = "raw"
     config = run_config(serve_args)
+    from .bmap.format import device_name
+    from .runner import DiskSpec
+    more = [(t, device_name(k)[5:]) for k, t in enumerate(others, 2)]
+    config.more_disks = [DiskSpec(t.path, {"readonly": t.disk.readonly, "format": "raw"},
+                                  export=name) for t, name in more]
     config.guest = lambda socket_path, private_dir: AttachedGuest(
-        connect, target, socket_path, private_dir=private_dir)
+        connect, target, socket_path, private_dir=private_dir, more=more)
     view = target.view
     if view is None:
         return serve(serve_args, config)
     # A qcow2 disk: its image file served as QEMU's qcow2 node's file
     # (attach/follow.py), its raw backing as the export "backing".
-    from .runner import DiskSpec
     config.attach_view = view
     if view.backing:
         config.more_disks = [DiskSpec(view.backing, {"readonly": True, "format": "raw"},

@@ -313,8 +313,6 @@ class Runner:
         if len(cfg.more_disks) + 1 > MAX_DISKS:
             raise UsageError(f"{len(cfg.more_disks) + 1} disks: at most {MAX_DISKS} "
                              "(/dev/sda to /dev/sdz)")
-        if cfg.more_disks and cfg.guest is not None and cfg.attach_view is None:
-            raise UsageError("diskwatch attach watches one disk for now")
         if cfg.unix and cfg.port is not None:
             raise UsageError("give -U or -p, not both")
         if cfg.source is not None and cfg.stream_to:

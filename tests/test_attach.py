@@ -45,9 +45,11 @@ MAX_STALL = 12.0
 class RunningGuest:
     """The QEMU process, its QMP socket, and its console lines with the time each came."""
 
-    def __init__(self, image: Path, guest, work: Path, blockdev: list[str] | None = None):
+    def __init__(self, image: Path, guest, work: Path, blockdev: list[str] | None = None,
+                 extra: list[str] = ()):
         """``blockdev``: the guest's disk as these -blockdev/-device words
-        instead of ``-drive file=IMAGE,format=raw`` (test_attach_qcow2.py)."""
+        instead of ``-drive file=IMAGE,format=raw`` (test_attach_qcow2.py);
+        ``extra``: more QEMU words (another disk: test_attach_disks.py)."""
         self.image = image
         self.guest = guest
         self.qmp_path = str(work / "qmp.sock")
@@ -62,7 +64,7 @@ class RunningGuest:
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-chardev", f"socket,id=hmp,path={self.hmp_path},server=on,wait=off",
             "-mon", "chardev=hmp,mode=readline",
-            "-drive", f"file={spare},format=qcow2,if=virtio,id=spare"])  # fmt: skip
+            "-drive", f"file={spare},format=qcow2,if=virtio,id=spare", *extra])  # fmt: skip
         if blockdev is not None:
             at = argv.index("-drive")
             argv[at:at + 2] = blockdev

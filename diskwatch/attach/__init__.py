@@ -106,10 +106,16 @@ class AttachedGuest:
     POLL = 0.5
 
     def __init__(self, connect: Callable[[], Monitor], target: Target, socket_path: str, *,
-                 private_dir: str | None = None, say: Callable[[str], None] | None = None):
+                 private_dir: str | None = None, say: Callable[[str], None] | None = None,
+                 more: list[tuple[Target, str]] = ()):
+        """``more``: the guest's other disks watched too, (target, export):
+        raw disks, each its export on the same socket, moved and put back
+        with the first, by the same watchdog."""
         self.connect = connect
         self.target = target
         self.plan = Plan.for_disk(target.disk, target.path, socket_path)
+        self.more = [(t, Plan.for_disk(t.disk, t.path, socket_path, export=export))
+                     for t, export in more]
         if target.qcow2 is not None and target.view is not None:
             q = target.qcow2
             self.plan.kind = "reopen"
@@ -168,7 +174,14 @@ class AttachedGuest:
 
     @property
     def description(self) -> str:
-        return f"attached to {self.target.disk.name} of a running QEMU ({self.target.path})"
+        names = ", ".join(t.disk.name for t in self._targets())
+        return f"attached to {names} of a running QEMU ({self.target.path})"
+
+    def _targets(self) -> list[Target]:
+        return [self.target, *(t for t, _ in self.more)]
+
+    def _plans(self) -> list[Plan]:
+        return [self.plan, *(p for _, p in self.more)]
 
     def start(self) -> None:
         """Start the watchdog, then move the guest's device onto the socket.
@@ -188,11 +201,21 @@ class AttachedGuest:
     def _start(self) -> None:
         with self.connect() as monitor:
             self._start_watchdog(monitor)
+            moved: list[Plan] = []
             try:
                 t0 = time.monotonic()
-                attach(monitor, self.plan)
+                for plan in self._plans():
+                    attach(monitor, plan)
+                    moved.append(plan)
                 took = time.monotonic() - t0
             except BaseException:
+                # the disks moved already go back: all of them or none
+                for plan in reversed(moved):
+                    try:
+                        restore(monitor, plan)
+                    except (QmpError, PivotError, OSError):
+                        self._abandon_watchdog()  # it puts them back and serves meanwhile
+                        raise
                 self._end_watchdog()
                 raise
         self.attached = True
@@ -203,9 +226,11 @@ class AttachedGuest:
                     "diskwatch, named through the qcow2 tables"
                     + ("; the backing file's reads too (export backing)" if self.plan.backing_export
                        else f"; {q.backing_note}" if q is not None and q.backing_note else ""))
-        self.say(f"attached: {self.target.disk.name}'s I/O goes through diskwatch (moved in "
-                 f"{took * 1000:.0f} ms){what}; quitting (q, Ctrl-C, SIGTERM) puts it back on "
-                 "its file")
+        names = " and ".join(t.disk.name for t in self._targets())
+        self.say(f"attached: {names}'s I/O goes through diskwatch (moved in "
+                 f"{took * 1000:.0f} ms){what}; quitting (q, Ctrl-C, SIGTERM) puts "
+                 f"{'them' if self.more else 'it'} back on "
+                 f"{'their files' if self.more else 'its file'}")
         if self.target.pid:
             threading.Thread(target=self._watch_qemu, args=(self.target.pid,), daemon=True,
                              name="qemu-watch").start()
@@ -223,17 +248,18 @@ class AttachedGuest:
         try:
             with self.connect() as monitor:
                 t0 = time.monotonic()
-                restore(monitor, self.plan)
+                for plan in self._plans():
+                    restore(monitor, plan)
                 took = time.monotonic() - t0
         except (QmpError, PivotError, OSError) as e:
-            self.last_said = (f"could not put {self.target.disk.name} back: {e}; the watchdog "
-                              "takes over")
+            names = " and ".join(t.disk.name for t in self._targets())
+            self.last_said = f"could not put {names} back: {e}; the watchdog takes over"
             self.say(self.last_said)
             self._abandon_watchdog()
             return
         self._end_watchdog()
-        self.last_said = (f"detached: {self.target.disk.name} is back on {self.target.path} "
-                          f"(moved in {took * 1000:.0f} ms)")
+        back = "; ".join(f"{t.disk.name} is back on {t.path}" for t in self._targets())
+        self.last_said = f"detached: {back} (moved in {took * 1000:.0f} ms)"
         self.say(self.last_said)
 
     def wait(self, timeout: float | None = None) -> int:
@@ -269,6 +295,7 @@ class AttachedGuest:
     def _start_watchdog(self, monitor: Monitor) -> None:
         config = {"plan": self.plan.to_dict(), "monitor": monitor_spec(monitor),
                   "path": self.target.path, "pid": self.target.pid,
+                  "more": [{"plan": p.to_dict(), "path": t.path} for t, p in self.more],
                   "socket_owner": self.socket_owner,
                   "private_dir": self.private_dir}
         env = dict(os.environ)

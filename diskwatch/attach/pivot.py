@@ -95,15 +95,20 @@ class Plan:
     backing_cache_no_flush: bool = False
     backing_detect_zeroes: str = "off"
     backing_export: str = ""
+    #: the export (on the socket) this disk is: "" the first, "sdb"... the
+    #: others of an attach to several disks
+    export: str = ""
 
     @classmethod
-    def for_disk(cls, disk: Disk, image: str, socket: str, tag: str | None = None) -> Plan:
+    def for_disk(cls, disk: Disk, image: str, socket: str, tag: str | None = None,
+                 export: str = "") -> Plan:
+        # Every disk's nodes and jobs apart: the first keeps diskwatch-<pid>.
+        tag = tag or f"{PREFIX}{os.getpid()}" + (f"-{export}" if export else "")
         return cls(device=disk.device, qdev=disk.qdev, original_node=disk.node, image=image,
                    socket=socket, readonly=disk.readonly,
                    cache_direct=bool(disk.cache.get("direct")),
                    cache_no_flush=bool(disk.cache.get("no-flush")),
-                   detect_zeroes=disk.detect_zeroes, tag=tag or f"{PREFIX}{os.getpid()}",
-                   name=disk.name)
+                   detect_zeroes=disk.detect_zeroes, tag=tag, name=disk.name, export=export)
 
     @property
     def nbd_node(self) -> str:
@@ -232,7 +237,7 @@ def attach(monitor: Monitor, plan: Plan) -> None:
         attach_reopen(monitor, plan)
         return
     monitor.execute("blockdev-add", {
-        "driver": "nbd", "node-name": plan.nbd_node, "export": "",
+        "driver": "nbd", "node-name": plan.nbd_node, "export": plan.export,
         "server": {"type": "unix", "path": plan.socket},
         "reconnect-delay": RECONNECT_DELAY, "read-only": plan.readonly})
     try:

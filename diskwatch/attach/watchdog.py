@@ -64,6 +64,10 @@ def take_over(config: dict) -> int:
         os.unlink(plan.socket)
     except FileNotFoundError:
         pass
+    # An attach to several disks: each one's file, on its export, put back too.
+    more = [(Plan(**m["plan"]), m["path"]) for m in config.get("more") or ()]
+    for p, path in more:
+        exports[p.export] = FileSource(path, readonly=p.readonly)
     server = Server({"": source, **exports})
     server.listen_unix(plan.socket)
     if config.get("socket_owner"):
@@ -91,15 +95,16 @@ def take_over(config: dict) -> int:
                     return 1
                 time.sleep(0.2)
         with monitor:
-            try:
-                moved = restore(monitor, plan)
-            except Exception as e:  # noqa: BLE001 - told, then we keep serving
-                say(f"could not put the disk back: {e}; the guest's disk stays on this "
-                    f"server at {plan.socket} while this process lives")
-                signal.pause()
-                return 1
-        if moved:
-            say(f"the guest's disk {plan.name or plan.device or plan.qdev} is back on {plan.image}")
+            for p in [plan, *(p for p, _ in more)]:
+                try:
+                    moved = restore(monitor, p)
+                except Exception as e:  # noqa: BLE001 - told, then we keep serving
+                    say(f"could not put the disk back: {e}; the guest's disk stays on this "
+                        f"server at {plan.socket} while this process lives")
+                    signal.pause()
+                    return 1
+                if moved:
+                    say(f"the guest's disk {p.name or p.device or p.qdev} is back on {p.image}")
         return 0
     finally:
         thread.stop()

@@ -45,6 +45,18 @@ burst() {
     done
 }
 
+# A data disk, when the VM has one (an ext4 partition on its second or
+# third disk: the first partition that mounts): each tick its files are
+# read and a record written into /data/f3 in place, as on the root disk.
+data=
+for dev in /dev/vdb1 /dev/vdc1; do
+    if [ -b "$dev" ] && mkdir -p /mnt/data && mount -t ext4 "$dev" /mnt/data 2> /dev/null; then
+        data=/mnt/data
+        echo "diskwatch-loop: data disk $dev"
+        break
+    fi
+done
+
 writer=
 n=0
 while :; do
@@ -54,6 +66,12 @@ while :; do
         cat "$f" > /dev/null
     done
     write_record /var/log/demo.log $((n % 15 + 1)) "loop $n uptime $(cut -d' ' -f1 /proc/uptime)"
+    if [ -n "$data" ]; then
+        for f in "$data"/data/*; do
+            cat "$f" > /dev/null
+        done
+        write_record "$data/data/f3" $((n % 15 + 1)) "loop $n on the data disk"
+    fi
     sync
     echo "diskwatch-loop: tick $n"
     # The one-second pause is a read of the console: "stop" ends the loop.
@@ -79,6 +97,7 @@ if [ -n "$writer" ]; then
     wait "$writer" 2> /dev/null
 fi
 sync
+[ -n "$data" ] && umount /mnt/data
 mount -o remount,ro /
 echo "diskwatch-loop: stopped"
 poweroff -f
