@@ -134,3 +134,15 @@ def test_a_qemu_without_blockdev_reopen_is_refused_for_qcow2(tmp_path):
     with pytest.raises(AttachRefused, match="lacks blockdev-reopen, x-debug-query-block-graph: "
                                             "attach to a qcow2 disk needs QEMU 6.1"):
         qcow2_parts(m, list_disks(m)[0], None)
+
+
+def test_the_same_device_twice_is_one_line_before_the_monitor_is_touched(tmp_path):
+    """attach to several disks: a --device given twice is refused before
+    any monitor is opened (this one does not even exist)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    exe = str(Path(sys.executable).with_name("diskwatch"))
+    r = subprocess.run([exe, "attach", str(tmp_path / "no.qmp"), "--device", "virtio0",
+                        "--device", "virtio0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == "diskwatch: the same --device twice"
