@@ -17,6 +17,7 @@ never stall for long.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -163,21 +164,34 @@ class RunningGuest:
         return self.proc.returncode
 
 
+@contextlib.contextmanager
+def booted(image: Path, guest_image, work: Path, *, burst: bool = True, ready: str = "",
+           **kwargs):
+    """The loop guest booted on ``image`` (RunningGuest's ``kwargs``), at its
+    first tick (and ``ready``, a console line, first); with ``burst``, its
+    burst writer started: it rewrites a 4 KiB record again and again,
+    O_DIRECT, and reads each back (a write lost across a pivot prints
+    MISMATCH). Stopped afterwards."""
+    guest = RunningGuest(image, guest_image.guest, work, **kwargs)
+    try:
+        if ready:
+            guest.wait_line(ready, BOOT_TIMEOUT)
+        guest.wait_line(r"diskwatch-loop: tick 1\b", BOOT_TIMEOUT)
+        if burst:
+            guest.console.sendall(b"burst\n")
+            guest.wait_line(r"diskwatch-loop: burst writer started", 30)
+        yield guest
+    finally:
+        guest.stop(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def running_guest(guest_image, tmp_path_factory):
     work = tmp_path_factory.mktemp("attach")
     image = work / "running.img"
     shutil.copyfile(guest_image.path, image)
-    guest = RunningGuest(image, guest_image.guest, work)
-    try:
-        guest.wait_line(r"diskwatch-loop: tick 1\b", BOOT_TIMEOUT)
-        # The guest also rewrites a 4 KiB record again and again, O_DIRECT, and
-        # reads each back: a write lost across a pivot prints MISMATCH.
-        guest.console.sendall(b"burst\n")
-        guest.wait_line(r"diskwatch-loop: burst writer started", 30)
+    with booted(image, guest_image, work) as guest:
         yield guest
-    finally:
-        guest.stop(timeout=30)
 
 
 def diskwatch(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -192,9 +206,12 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def start_attach(guest: RunningGuest, *args: str) -> tuple[subprocess.Popen, list[str]]:
-    """diskwatch attach in the background; returns once it says it is attached."""
-    proc = subprocess.Popen([DISKWATCH, "attach", guest.qmp_path, "--device", "virtio0",
+def start_attach(guest: RunningGuest, *args: str, devices: tuple[str, ...] = ("virtio0",)
+                 ) -> tuple[subprocess.Popen, list[str]]:
+    """diskwatch attach to ``devices`` in the background; returns once it
+    says it is attached."""
+    proc = subprocess.Popen([DISKWATCH, "attach", guest.qmp_path,
+                             *(w for d in devices for w in ("--device", d)),
                              "--headless", *args],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

@@ -17,11 +17,10 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
-from test_attach import BOOT_TIMEOUT, DISKWATCH, MAX_STALL, RunningGuest
+from test_attach import MAX_STALL, RunningGuest, booted, start_attach
 
 from diskwatch.demo.guest import MiB
 
@@ -45,33 +44,14 @@ def two_disk_guest(guest_image, tmp_path_factory):
     subprocess.run(["sfdisk", "-q", str(data)], input=b"start=2048, type=83\n", check=True)
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={PART}", "-d", str(tree),
                     str(data), "15M"], check=True)
-    guest = RunningGuest(image, guest_image.guest, work,
-                         extra=["-drive", f"file={data},format=raw,if=virtio,id=data"])
-    try:
-        guest.wait_line(r"diskwatch-loop: data disk /dev/vd[bc]1", BOOT_TIMEOUT)
-        guest.wait_line(r"diskwatch-loop: tick 1\b", BOOT_TIMEOUT)
+    with booted(image, guest_image, work, burst=False,
+                ready=r"diskwatch-loop: data disk /dev/vd[bc]1",
+                extra=["-drive", f"file={data},format=raw,if=virtio,id=data"]) as guest:
         yield guest, data
-    finally:
-        guest.stop(timeout=30)
 
 
 def attach_both(g: RunningGuest, *args: str) -> tuple[subprocess.Popen, list[str]]:
-    proc = subprocess.Popen([DISKWATCH, "attach", g.qmp_path, "--device", "virtio0",
-                             "--device", "data", "--headless", *args],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    err: list[str] = []
-
-    def read() -> None:
-        for line in proc.stderr:
-            err.append(line)
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 120
-    while not any("attached:" in line for line in err):
-        assert proc.poll() is None or any("attached:" in line for line in err), "".join(err)
-        assert time.monotonic() < deadline, "".join(err)
-        time.sleep(0.05)
-    return proc, err
+    return start_attach(g, *args, devices=("virtio0", "data"))
 
 
 def drivers(g: RunningGuest) -> tuple[str, str]:

@@ -28,9 +28,8 @@ import time
 
 import pytest
 from test_attach import (
-    BOOT_TIMEOUT,
     MAX_STALL,
-    RunningGuest,
+    booted,
     diskwatch,
     one_line_error,
     start_attach,
@@ -75,16 +74,10 @@ def qcow2_guest(guest_image, tmp_path_factory):
     top = work / "top.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
                     str(top)], check=True)
-    guest = RunningGuest(top, guest_image.guest, work, blockdev=blockdevs(work, base, top))
-    guest.base = base
-    guest.work = work
-    try:
-        guest.wait_line(r"diskwatch-loop: tick 1\b", BOOT_TIMEOUT)
-        guest.console.sendall(b"burst\n")
-        guest.wait_line(r"diskwatch-loop: burst writer started", 30)
+    with booted(top, guest_image, work, blockdev=blockdevs(work, base, top)) as guest:
+        guest.base = base
+        guest.work = work
         yield guest
-    finally:
-        guest.stop(timeout=30)
 
 
 def graph(g) -> dict[tuple[str, str], str]:
