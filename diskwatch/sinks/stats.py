@@ -57,6 +57,21 @@ def bucket_seconds(i: int) -> float:
     return 2 ** ((i + 0.5) / LatencyHistogram.PER_OCTAVE) / 1e6
 
 
+def bucket_quantile(counts: Iterable[tuple[int, int]], total: int, q: float) -> float | None:
+    """The q-quantile (nearest rank) of (bucket, requests) pairs in bucket
+    order, ``total`` requests in all: the value of the first bucket at or
+    past rank q * total. None if empty."""
+    if not total:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in counts:
+        seen += n
+        if n and seen >= rank:
+            return bucket_seconds(i)
+    return None  # pragma: no cover - unreachable: counts sum to total
+
+
 class LatencyHistogram:
     """Log-bucket histogram of durations: 4 buckets per octave from 1 µs.
 
@@ -97,15 +112,7 @@ class LatencyHistogram:
 
     def quantile(self, q: float) -> float | None:
         """The q-quantile in seconds (geometric middle of its bucket), None if empty."""
-        if not self.total:
-            return None
-        rank = q * self.total
-        seen = 0
-        for i, n in enumerate(self.counts):
-            seen += n
-            if n and seen >= rank:
-                return bucket_seconds(i)
-        return None  # pragma: no cover - unreachable: counts sum to total
+        return bucket_quantile(enumerate(self.counts), self.total, q)
 
     @property
     def median(self) -> float | None:
@@ -207,16 +214,7 @@ class ObjectCounts:
             return v, v
         items = sorted(lat.items())
         total = sum(n for _, n in items)
-        out = []
-        for q in (0.5, 0.99):
-            rank = max(1, math.ceil(q * total))
-            seen = 0
-            for b, n in items:
-                seen += n
-                if seen >= rank:
-                    out.append(bucket_seconds(b))
-                    break
-        return out[0], out[1]
+        return bucket_quantile(items, total, 0.5), bucket_quantile(items, total, 0.99)
 
     def __repr__(self) -> str:
         return (
@@ -467,17 +465,20 @@ class Stats:
                             slot[1] += length
                     for sec, (n, b) in per_second.items():
                         series.add_counts(sec, is_write, n, b)
-                if self.disk_series:  # several disks: each its own rates too
-                    for export, disk in self.disk_series.items():
-                        for r in reqs:
-                            if r[1] == export:
-                                disk.add(r[6], is_write, r[4])
-            if total and cmd != BLOCK_STATUS:
-                if self.heats:  # several disks: each request heats its own
-                    for export, disk_heat in self.heats.items():
-                        mine = [r for r in reqs if r[1] == export]
+            # several disks: each request counts in its own disk's rates and heat
+            heated = bool(total) and cmd != BLOCK_STATUS
+            per_disk = ([(export, [r for r in reqs if r[1] == export]) for export in self.heats]
+                        if self.heats and (heated or cmd == READ or cmd == WRITE) else [])
+            if cmd == READ or cmd == WRITE:
+                for export, mine in per_disk:
+                    disk = self.disk_series[export]
+                    for r in mine:
+                        disk.add(r[6], is_write, r[4])
+            if heated:
+                if per_disk:
+                    for export, mine in per_disk:
                         if mine:
-                            _heat(disk_heat, list(map(_OFFSET, mine)),
+                            _heat(self.heats[export], list(map(_OFFSET, mine)),
                                   list(map(_LENGTH, mine)), is_write)
                 else:
                     _heat(heat, list(map(_OFFSET, reqs)), lengths, is_write)
@@ -521,19 +522,12 @@ class Stats:
                    ) -> None:
         objects = self.objects
         unmapped = self.unmapped
-        log2, per_octave, last = math.log2, LatencyHistogram.PER_OCTAVE, LatencyHistogram.BUCKETS - 1
-        track = self.object_latency
+        bucket, track = latency_bucket, self.object_latency
         for r, looked_up in zip(batch, pieces, strict=True):
             if not looked_up:
                 continue
             cmd = r[2]
-            # latency_bucket(r[7]), inline (it is per request); -1: not kept
-            b = -1
-            if track:
-                us = r[7] * 1e6
-                b = int(log2(us) * per_octave) if us >= 1.0 else 0
-                if b > last:
-                    b = last
+            b = bucket(r[7]) if track else -1  # -1: not kept
             for start, end, obj in looked_up:
                 c = objects.get(obj) if obj is not None else unmapped
                 if c is None:
