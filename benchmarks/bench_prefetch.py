@@ -37,58 +37,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_sources import diskwatch_cmd, start_nginx  # noqa: E402 - a sibling script
 
 from diskwatch.demo.guest import build_guest_image  # noqa: E402
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diskwatch-bench"
 
 
-def diskwatch_cmd() -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "diskwatch")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "diskwatch.cli"]
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start_nginx(tmp: Path, root: Path, rate: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    conf = tmp / "nginx.conf"
-    conf.write_text(f"""
-daemon off;
-user root;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-worker_processes 2;
-events {{ worker_connections 256; }}
-http {{
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        limit_rate {rate};
-    }}
-}}
-""")
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("nginx did not start")
 
 
 class LatencyProxy:
@@ -193,7 +154,8 @@ def main() -> int:
         listed = sum(int(ln.split()[1]) for ln in ranges)
         print(f"local boot (recorded): {local:.1f} s; prefetch list: {len(ranges)} ranges, "
               f"{listed / (1 << 20):.1f} MiB")
-        nginx, port = start_nginx(tmp, root, args.rate)
+        nginx, port = start_nginx(str(tmp), str(root), access_log=f"{tmp}/access.log",
+                                  server_extra=f"limit_rate {args.rate};")
         proxy = LatencyProxy(port, args.latency / 1000)
         url = f"http://127.0.0.1:{proxy.port}/guest.img"
         log = tmp / "access.log"

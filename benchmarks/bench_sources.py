@@ -59,7 +59,10 @@ def xz(src: str, dst: str, block: int) -> None:
                        stdout=out, check=True)
 
 
-def start_nginx(tmp: str, root: str) -> tuple[subprocess.Popen, int]:
+def start_nginx(tmp: str, root: str, *, access_log: str = "off",
+                server_extra: str = "") -> tuple[subprocess.Popen, int]:
+    """nginx serving ``root``; ``server_extra``: more directives for its
+    server block (bench_prefetch.py's ``limit_rate``)."""
     for _ in range(5):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -70,10 +73,10 @@ def start_nginx(tmp: str, root: str) -> tuple[subprocess.Popen, int]:
 worker_processes 2;
 events {{ worker_connections 256; }}
 http {{
-    access_log off;
+    access_log {access_log};
     client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
-    server {{ listen 127.0.0.1:{port}; root {root}; }}
+    server {{ listen 127.0.0.1:{port}; root {root}; {server_extra} }}
 }}
 """)
         proc = subprocess.Popen(["nginx", "-c", conf, "-p", tmp], stderr=subprocess.DEVNULL)
