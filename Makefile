@@ -9,7 +9,7 @@ APT_PKGS  := python3 python3-venv python3-dev python3-guestfs python3-libnbd pyt
              libguestfs-tools qemu-utils qemu-system-x86 qemu-system-common nbdkit nbd-server libnbd-bin fio \
              fdisk mtools dosfstools e2fsprogs xz-utils busybox-static linux-image-amd64 \
              nginx-light openssh-server openssh-client tmux librsvg2-bin gnutls-bin systemd prometheus \
-             ntfs-3g xfsprogs genisoimage exfatprogs
+             ntfs-3g xfsprogs genisoimage exfatprogs libvirt-daemon-system libvirt-clients
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP     := $(VENV)/.installed
 

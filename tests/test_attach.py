@@ -54,6 +54,8 @@ class RunningGuest:
         self.image = image
         self.guest = guest
         self.qmp_path = str(work / "qmp.sock")
+        #: what ``diskwatch attach`` is given to reach the guest's monitor
+        self.attach_to = [self.qmp_path]
         self.hmp_path = str(work / "hmp.sock")
         console_path = str(work / "console.sock")
         spare = work / "spare.qcow2"
@@ -210,7 +212,7 @@ def start_attach(guest: RunningGuest, *args: str, devices: tuple[str, ...] = ("v
                  ) -> tuple[subprocess.Popen, list[str]]:
     """diskwatch attach to ``devices`` in the background; returns once it
     says it is attached."""
-    proc = subprocess.Popen([DISKWATCH, "attach", guest.qmp_path,
+    proc = subprocess.Popen([DISKWATCH, "attach", *guest.attach_to,
                              *(w for d in devices for w in ("--device", d)),
                              "--headless", *args],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
