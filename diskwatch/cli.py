@@ -366,7 +366,7 @@ def run_config(args) -> RunConfig:
         metrics_refresh=args.metrics_refresh)
 
 
-def serve(args, config: RunConfig | None = None, open_source=None) -> int:
+def serve(args, config: RunConfig | None = None, open_source=None, open_disk=None) -> int:
     # Bad monitoring settings are told before anything starts.
     if args.metrics is not None:
         from .sinks.metrics.prometheus import parse_address
@@ -376,7 +376,7 @@ def serve(args, config: RunConfig | None = None, open_source=None) -> int:
         metrics_url(args.otlp)
         export_interval()
     return Runner(config or run_config(args), open_source or (lambda: _open_source(args)),
-                  open_disk=lambda disk: _open_disk(args, disk)).run()
+                  open_disk=open_disk or (lambda disk: _open_disk(args, disk))).run()
 
 
 def bmap_main(argv: list[str]) -> int:
@@ -455,39 +455,46 @@ def attach_main(argv: list[str]) -> int:
         raise UsageError("the same --device twice")
     with connect() as monitor:
         targets = [prepare(monitor, device) for device in devices]
-    target, others = targets[0], targets[1:]
     if len({t.disk.node for t in targets}) != len(targets):
         raise UsageError("two --device name the same disk")
-    for t in targets if others else ():
-        if t.view is not None:
-            raise UsageError(f"{safe_text(t.disk.name)} is a qcow2 image: attach to several "
-                             "disks at once serves raw disks only for now")
-    serve_args.source = target.path
-    serve_args.readonly = target.disk.readonly
-    # QEMU opened it as raw: never probed (a guest can write any header at offset 0).
-    serve_args.format = "raw"
-    config = run_config(serve_args)
     from .bmap.format import device_name
     from .runner import DiskSpec
-    more = [(t, device_name(k)[5:]) for k, t in enumerate(others, 2)]
+    # Each disk its export on the one socket, in the order given: "" (the
+    # first), sdb, sdc...; a qcow2 disk's raw backing file after them all,
+    # as backing (the first disk's), sdb-backing... (attach/follow.py).
+    placed = [(t, "" if k == 1 else device_name(k)[5:], device_name(k))
+              for k, t in enumerate(targets, 1)]
+    views = {}
+    for t, export, device in placed:
+        if t.view is not None:
+            t.view.place(export, device)
+            views[export] = t.view
+    target = targets[0]
+    # QEMU opened a raw disk as raw: never probed (a guest can write any
+    # header at offset 0); a qcow2 disk's image file is served as its bytes.
+    serve_args.source = target.path
+    serve_args.readonly = target.disk.readonly
+    serve_args.format = "raw"
+    config = run_config(serve_args)
     config.more_disks = [DiskSpec(t.path, {"readonly": t.disk.readonly, "format": "raw"},
-                                  export=name) for t, name in more]
+                                  export=export) for t, export, _ in placed[1:]]
+    config.more_disks += [DiskSpec(v.backing, {"readonly": True, "format": "raw"},
+                                   export=v.backing_export)
+                          for v in views.values() if v.backing_export]
+    more = [(t, export) for t, export, _ in placed[1:]]
     config.guest = lambda socket_path, private_dir: AttachedGuest(
         connect, target, socket_path, private_dir=private_dir, more=more)
-    view = target.view
-    if view is None:
+    if not views:
         return serve(serve_args, config)
-    # A qcow2 disk: its image file served as QEMU's qcow2 node's file
-    # (attach/follow.py), its raw backing as the export "backing".
-    config.attach_view = view
-    if view.backing:
-        config.more_disks = [DiskSpec(view.backing, {"readonly": True, "format": "raw"},
-                                      export=view.backing_export)]
-    if config.bmap and config.remap != "off":
-        print("diskwatch: a qcow2 disk's map is not remapped live (its names are those of the "
-              "map made at attach; the qcow2 tables are followed)", file=sys.stderr)
-    config.remap = "off"
-    return serve(serve_args, config, open_source=view.open_source)
+    config.attach_views = views
+
+    def open_disk(disk):
+        """A qcow2 disk's export is its image file, served growing."""
+        view = views.get(disk.export)
+        return view.open_source() if view is not None else _open_disk(serve_args, disk)
+    first = views.get("")
+    return serve(serve_args, config, open_source=first.open_source if first else None,
+                 open_disk=open_disk)
 
 
 def demo_main(argv: list[str]) -> int:

@@ -431,12 +431,24 @@ class Remapper:
                         else:
                             dirty = self._dirty = None  # too many: the whole walk
         if unnamed or structure:
-            now = self.clock()
-            if not (self.unnamed or self.structure):
-                self._first_change = now
-            self._last_change = now
-            self.unnamed += unnamed
-            self.structure += structure
+            self._changed(unnamed, structure)
+
+    def _changed(self, unnamed: int, structure: int) -> None:
+        now = self.clock()
+        if not (self.unnamed or self.structure):
+            self._first_change = now
+        self._last_change = now
+        self.unnamed += unnamed
+        self.structure += structure
+
+    def unknown(self, nbytes: int) -> None:
+        """Writes whose disk ranges cannot be told (a qcow2 guest's, past
+        what attach/follow.py keeps for it): counted as unnamed bytes, and
+        the next remap is the whole walk."""
+        if self.mode != "auto" or nbytes <= 0:
+            return
+        self._dirty = None
+        self._changed(nbytes, 0)
 
     def on_event(self, event: object) -> None:
         pass

@@ -162,11 +162,12 @@ class RunConfig:
     #: ``attach.AttachedGuest``) from the socket path and its private
     #: directory; it plays the captive command's part
     guest: Callable[[str, str | None], Any] | None = None
-    #: diskwatch attach to a qcow2 disk: what names its image file's offsets
-    #: (an ``attach.follow.Qcow2View``: the map made from the guest's view,
-    #: translated; its backing file as a second export; a sink that follows
-    #: the guest's allocations)
-    attach_view: Any = None
+    #: diskwatch attach to qcow2 disks: by each one's export, what names its
+    #: image file's offsets (an ``attach.follow.Qcow2View``: the map made
+    #: from the guest's view, translated; its backing file as an export of
+    #: its own, after every disk's; a sink that follows the guest's
+    #: allocations and hands its remapper the guest's writes)
+    attach_views: dict = field(default_factory=dict)
 
 
 # --- block maps ---------------------------------------------------------------
@@ -261,6 +262,7 @@ class Runner:
         self.metrics = None  # the MetricsSink, with --metrics or --otlp
         self.remapper = None  # the Remapper, with a map and --remap auto|key
         self.more_remappers: list = []  # the other disks' (a session of several)
+        self.followers: dict = {}  # each qcow2 disk's Qcow2Follower, by export
         self.guest = None  # the attached guest (diskwatch attach)
         self.private_dir: str | None = None
 
@@ -457,8 +459,8 @@ class Runner:
 
     def _decide_map(self, source):
         cfg = self.config
-        if cfg.attach_view is not None:
-            return self._decide_attached_map(cfg.attach_view)
+        if cfg.attach_views:
+            return self._decide_attached_map()
         blockmap = None
         pending_map = None  # a map to generate under the UI, before the command starts
         more = tuple(d for _, d in self.disks[1:])
@@ -482,37 +484,73 @@ class Runner:
                 self.more_maps = [load_map(cfg.bmap, k) for k in range(2, len(more) + 2)]
         return blockmap, pending_map
 
-    def _decide_attached_map(self, view):
-        """A qcow2 guest's map: made (before the UI starts) from the guest's
-        view, or loaded, then translated to the image file's offsets (and
-        the backing's, the second disk's)."""
+    def _backing_exports(self) -> dict:
+        """The qcow2 disks' backing files' exports: export -> its disk's view."""
+        return {v.backing_export: v for v in self.config.attach_views.values()
+                if v.backing_export}
+
+    def _guest_disks(self) -> list[tuple[str, Any]]:
+        """(export, source) of the guest's own disks, in order (/dev/sda,
+        /dev/sdb...): every disk but the backing files' exports."""
+        backings = self._backing_exports()
+        return [(name, d) for name, d in self.disks if name not in backings]
+
+    def _decide_attached_map(self):
+        """The map of a guest with qcow2 disks: made (before the UI starts)
+        from each disk's guest view (a raw disk's: its source), or loaded
+        (each disk by its index in the file), then translated to each image
+        file's offsets (and its backing's)."""
         cfg = self.config
         self.more_maps = []
         if not cfg.bmap:
             return None, None
+        guests = self._guest_disks()
         if not os.path.exists(cfg.bmap):
             from .files import check_output_path
             check_output_path(cfg.bmap)
             print(f"diskwatch: {cfg.bmap} does not exist: generating it first (from the "
                   "guest's view of the qcow2 image)", file=sys.stderr)
-            guest = view.map_source()
+            views = cfg.attach_views
+            sources = [views[name].map_source() if name in views else d for name, d in guests]
             try:
-                guest_map = generate_map(guest, cfg.bmap, cfg.accel, method=cfg.method,
-                                         limits=cfg.mapper_limits)
+                made = generate_map(sources[0], cfg.bmap, cfg.accel, method=cfg.method,
+                                    limits=cfg.mapper_limits, more=tuple(sources[1:]))
             finally:
-                guest.close()
+                for name, source in zip((n for n, _ in guests), sources, strict=True):
+                    if name in views:
+                        source.close()
+            guest_maps = made if len(sources) > 1 else [made]
         else:
-            guest_map = load_map(cfg.bmap)
-        blockmap, self.more_maps = view.views(guest_map)
-        return blockmap, None
+            guest_maps = [load_map(cfg.bmap, k) for k in range(1, len(guests) + 1)]
+        maps = self._attached_maps(guest_maps)
+        self.more_maps = [maps.get(name) for name, _ in self.disks[1:]]
+        return maps[self.disks[0][0]], None
+
+    def _attached_maps(self, guest_maps: list) -> dict:
+        """Every export's map from the guest's disks' maps (in disk order): a
+        raw disk's as it is, a qcow2's translated (``Qcow2View.views``), its
+        backing's the guest map."""
+        views = self.config.attach_views
+        out = {}
+        for (name, _), guest_map in zip(self._guest_disks(), guest_maps, strict=True):
+            view = views.get(name)
+            if view is None:
+                out[name] = guest_map
+                continue
+            out[name], backing = view.views(guest_map)
+            if backing:
+                out[view.backing_export] = guest_map
+        return out
 
     def _more_maps(self, session: Session) -> None:
         """The VM's disks and their maps into the session (one disk: nothing)."""
         if len(self.disks) < 2:
             return
         from .bmap.format import device_name
-        session.set_disks([(name, d.size, device_name(k))
-                           for k, (name, d) in enumerate(self.disks, 1)],
+        backings = self._backing_exports()
+        # a backing file's export is named after its disk: /dev/sda backing
+        session.set_disks([(name, d.size, f"{backings[name].device} backing" if name in backings
+                            else device_name(k)) for k, (name, d) in enumerate(self.disks, 1)],
                           {name: m for (name, _), m in zip(self.disks[1:], self.more_maps, strict=False)})
 
     def _bind(self, server, undo: contextlib.ExitStack, private_socket_path):
@@ -574,16 +612,33 @@ class Runner:
                                        {cfg.export_name: source.size}, undo,
                                        top=cfg.metrics_top, refresh=cfg.metrics_refresh,
                                        address=cfg.metrics, otlp=cfg.otlp)
+        self._add_followers(session)
         if cfg.bmap and cfg.remap != "off":
             self.add_remapper(session, source)
-        if cfg.attach_view is not None and session.blockmap is not None:
-            pump.add(cfg.attach_view.follower(
-                lambda blockmap, why: self.swap_map(session, blockmap, why=why),
-                export=self.disks[0][0]))
+
+    def _add_followers(self, session: Session) -> None:
+        """Each qcow2 disk's follower of its allocations (attach/follow.py),
+        once there is a map to translate."""
+        self.followers: dict = {}
+        if session.blockmap is None:
+            return
+        first = self.disks[0][0]
+        for name, view in self.config.attach_views.items():
+            if name == first:
+                def swap(blockmap, why: str) -> None:
+                    self.swap_map(session, blockmap, why=why)
+            else:
+                def swap(blockmap, why: str, name=name) -> None:
+                    session.swap_disk_map(name, blockmap, why)
+                    if self.recorder is not None:
+                        self.recorder.keep_disk_map(name, blockmap, why)
+            self.followers[name] = session.pump.add(view.follower(swap, export=name))
 
     def add_remapper(self, session: Session, source) -> None:
         """Live remapping through the served source (a --snapshot overlay
-        included): on the UI's key, and by itself with --remap auto."""
+        included): on the UI's key, and by itself with --remap auto. Each
+        disk has its remapper (and mapper process), on its own writes; a
+        qcow2 disk's reads the guest's view and is fed by its follower."""
         from .remap import REMAP_THRESHOLD, Remapper
         cfg = self.config
         if cfg.headless:
@@ -592,29 +647,58 @@ class Runner:
         else:
             def say(text: str, level: str) -> None:
                 session.bus.publish(Message(text, level=level))
-        self.remapper = session.remapper = session.pump.add(Remapper(
-            source, current=lambda: session.blockmap,
-            swap=lambda result: self.take_remap(session, result),
-            say=say, mode=cfg.remap, bus=None if cfg.headless else session.bus,
-            threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits,
-            export=session.export if len(session.disks) > 1 else None))
-        # The other disks: a remapper (and a mapper process) each, on its
-        # own writes; the recording keeps their maps (DMAP frames).
-        for (name, disk), (_, _, device) in zip(self.disks[1:], session.disks[1:],
-                                                strict=False):
-            def swap(result, name=name, device=device) -> None:
-                session.swap_disk_map(name, result.blockmap, f"remap of {device} ({result.why})",
-                                      result.journal_map, (result.added, result.removed))
-                if self.recorder is not None and not result.unchanged:
-                    self.recorder.keep_disk_map(name, result.blockmap, f"remap ({result.why})")
-            def said(text: str, level: str, device=device) -> None:
-                say(f"{device}: {text}", level)
-            self.more_remappers.append(session.pump.add(Remapper(
-                disk, current=lambda name=name: session.maps.get(name), swap=swap,
-                say=said, mode=cfg.remap, bus=None if cfg.headless else session.bus,
-                threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits,
-                export=name, disk=device)))
-            session.disk_remappers.append(self.more_remappers[-1])
+        several = len(session.disks) > 1
+        devices = {name: device for name, _, device in session.disks}
+        backings = self._backing_exports()
+        for k, (name, disk) in enumerate(self._guest_disks()):
+            device = devices.get(name, "/dev/sda")
+            if k == 0:
+                def take(result) -> None:
+                    self.take_remap(session, result)
+                def current():
+                    return session.blockmap
+                said = say
+            else:
+                # the recording keeps the other disks' maps (DMAP frames)
+                def take(result, name=name, device=device) -> None:
+                    session.swap_disk_map(name, result.blockmap,
+                                          f"remap of {device} ({result.why})",
+                                          result.journal_map, (result.added, result.removed))
+                    if self.recorder is not None and not result.unchanged:
+                        self.recorder.keep_disk_map(name, result.blockmap,
+                                                    f"remap ({result.why})")
+                def current(name=name):
+                    return session.maps.get(name)
+                def said(text: str, level: str, device=device) -> None:
+                    say(f"{device}: {text}", level)
+            follower = self.followers.get(name)
+            if follower is None:
+                remapper = session.pump.add(Remapper(
+                    disk, current=current, swap=take, say=said, mode=cfg.remap,
+                    bus=None if cfg.headless else session.bus,
+                    threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits,
+                    export=name if several else None, disk=device))
+            else:
+                # A qcow2 disk: the guest's view is read, in guest offsets;
+                # its follower feeds it, ticks it and translates its maps.
+                view = follower.view
+                guest = view.map_source()
+                remapper = Remapper(
+                    guest, current=lambda view=view: view.guest_map, swap=follower.take_remap,
+                    say=said, mode=cfg.remap, bus=None if cfg.headless else session.bus,
+                    threshold=cfg.remap_threshold or REMAP_THRESHOLD, limits=cfg.mapper_limits,
+                    disk=device)
+                backing = next((b for b, v in backings.items() if v is view), None)
+
+                def swap_backing(blockmap, why: str, backing=backing) -> None:
+                    session.swap_disk_map(backing, blockmap, why)
+                follower.remap_with(remapper, guest, take,
+                                    swap_backing if backing is not None else None)
+            if k == 0:
+                self.remapper = session.remapper = remapper
+            else:
+                self.more_remappers.append(remapper)
+                session.disk_remappers.append(remapper)
 
     def reload(self, session: Session) -> None:
         """SIGHUP (a service): reopen the log files (logrotate moved them) and
@@ -632,14 +716,18 @@ class Runner:
         if path and session.blockmap is not None:
             try:
                 blockmap = load_map(path)
+                if self.config.attach_views:  # a guest with qcow2 disks: translated
+                    guest_maps = [blockmap] + [load_map(path, k) for k in
+                                               range(2, len(self._guest_disks()) + 1)]
             except (OSError, ValueError) as e:
                 notice(f"SIGHUP: block map {path} not reloaded: {e}; the old one stays",
                        DISKWATCH_EVENT="reload-failed", priority="warning")
             else:
-                if self.config.attach_view is not None:  # a qcow2 guest's: translated
-                    blockmap, more = self.config.attach_view.views(blockmap)
-                    for (name, _), other in zip(self.disks[1:], more, strict=False):
-                        session.swap_disk_map(name, other)
+                if self.config.attach_views:
+                    maps = self._attached_maps(guest_maps)
+                    for name, _ in self.disks[1:]:
+                        session.swap_disk_map(name, maps[name])
+                    blockmap = maps[self.disks[0][0]]
                 self.swap_map(session, blockmap, path=path)
                 what = ", ".join(filter(None, (what, f"reloaded the block map {path}")))
         notice(f"SIGHUP: {what or 'nothing to reload'}", DISKWATCH_EVENT="reload")

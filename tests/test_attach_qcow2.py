@@ -11,9 +11,11 @@ refusals. In file order: refusals (nothing moved), attach (the map made
 from the guest's view; the loop's log writes named through the qcow2
 tables, its data files' reads through the backing export; a file the guest
 creates is allocated and the tables followed; detach puts both file
-children back on their -blockdev nodes), kill -9 (the watchdog puts them
-back), and last the guest stops: qemu-img check of the qcow2 is clean, and
-e2fsck of the guest's filesystem (the image converted) too.
+children back on their -blockdev nodes), the live remap (a file the guest
+creates is named at the host offsets qemu-img map and debugfs give), kill
+-9 (the watchdog puts them back), and last the guest stops: qemu-img check
+of the qcow2 is clean, and e2fsck of the guest's filesystem (the image
+converted) too.
 """
 
 from __future__ import annotations
@@ -78,6 +80,24 @@ def qcow2_guest(guest_image, tmp_path_factory):
         guest.base = base
         guest.work = work
         yield guest
+
+
+def wait_for_trace(proc, err: list[str], trace, found, timeout: float = 60) -> str:
+    """The trace's text once ``found(text)`` holds (diskwatch still running)."""
+    deadline = time.monotonic() + timeout
+    while not found(text := trace.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(err) + text[-3000:]
+        time.sleep(0.2)
+    return text
+
+
+def detach(proc, err: list[str]) -> str:
+    """SIGTERM (diskwatch puts the disks back and exits 0); its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    status = proc.wait(60)
+    stderr = "".join(err)
+    assert status == 0, stderr
+    return stderr
 
 
 def graph(g) -> dict[tuple[str, str], str]:
@@ -185,18 +205,12 @@ def test_attach_names_the_qcow2_guests_files_and_detach_puts_it_back(qcow2_guest
         # the translation follows (the writes are named late, once read again).
         after = len(g.lines)
         g.console.sendall(b"create\n")
-        line = g.wait_line(r"diskwatch-loop: created /var/log/created-\d+\.log", 30, after)
-        deadline = time.monotonic() + 60
-        while "qcow2 tables read again" not in trace.read_text() and \
-                "named late" not in trace.read_text():
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(err)
-            time.sleep(0.2)
+        g.wait_line(r"diskwatch-loop: created /var/log/created-\d+\.log", 30, after)
+        wait_for_trace(proc, err, trace,
+                       lambda text: "qcow2 tables read again" in text or "named late" in text)
         g.wait_ticks(2)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        status = proc.wait(60)
-    stderr = "".join(err)
-    assert status == 0, stderr
+        stderr = detach(proc, err)
     assert "qcow2: QEMU's qcow2 node reads and writes its image file through diskwatch" in stderr
     assert "the backing file's reads too" in stderr
     assert "generating it first" in stderr and live_map.exists(), stderr
@@ -222,6 +236,70 @@ def test_attach_names_the_qcow2_guests_files_and_detach_puts_it_back(qcow2_guest
     stall = g.max_stall(since)
     print(f"qcow2 attach, watch, detach: longest stall of the guest's loop {stall:.1f} s")
     assert stall < MAX_STALL, g.tail()
+
+
+def guest_file_at_host(g, path: str, work) -> list[int]:
+    """Ground truth, from other tools: the host offsets in the qcow2 of each
+    4 KiB block of the guest's file ``path`` (qemu-img convert and map with
+    -U while QEMU holds the image; the copy's journal replayed by e2fsck,
+    its extents read by debugfs)."""
+    from groundtruth import ext4_file_ranges
+    raw = work / "now.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(g.image),
+                    str(raw)], check=True)
+    part = g.guest.partition_offset
+    fs = work / "now.ext4"  # the partition alone: e2fsck reopens it after the replay
+    with open(raw, "rb") as src, open(fs, "wb") as dst:
+        src.seek(part)
+        shutil.copyfileobj(src, dst)
+    r = subprocess.run(["e2fsck", "-E", "journal_only", "-y", str(fs)], capture_output=True,
+                       text=True)
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    ranges = [(s + part, e + part) for s, e in ext4_file_ranges(fs, 0, [path])[path]]
+    mapped = json.loads(subprocess.run(
+        ["qemu-img", "map", "-U", "--output=json", str(g.image)], capture_output=True,
+        text=True, check=True).stdout)
+    hosts = []
+    for start, end in ranges:
+        for guest in range(start, end, 4096):
+            (e,) = [e for e in mapped if e["start"] <= guest < e["start"] + e["length"]]
+            assert e["depth"] == 0 and e["data"], (path, guest, e)  # written in the qcow2
+            hosts.append(e["offset"] + guest - e["start"])
+    return hosts
+
+
+def test_a_file_the_guest_creates_is_named_by_the_live_remap(qcow2_guest, tmp_path):
+    """The map follows the guest's files on a qcow2 disk too: the remapper
+    reads the guest's view and is told the guest's writes in guest offsets;
+    its map, translated through the tables, names the new file's writes at
+    the host offsets qemu-img map and debugfs give."""
+    g = qcow2_guest
+    trace = tmp_path / "remap.trace"
+    since = time.monotonic()
+    proc, err = start_attach(g, "--bmap", str(tmp_path / "live.bmap"), "--log", str(trace))
+    try:
+        g.wait_ticks(2)
+        after = len(g.lines)
+        g.console.sendall(b"create\n")
+        line = g.wait_line(r"diskwatch-loop: created /var/log/created-\d+\.log", 30, after)
+        path = re.search(r"/var/log/created-\d+\.log", line).group(0)
+        named = re.compile(r"write f /dev/sda1 " + re.escape(path) + r"  \[([^\]]+)\]")
+        wait_for_trace(proc, err, trace, named.search, 90)
+        g.wait_ticks(1)
+    finally:
+        stderr = detach(proc, err)
+    assert "not remapped" not in stderr
+    assert re.search(r"remap \(auto\): \+\d+ objects", stderr), stderr
+    text = trace.read_text()
+    shown = [tuple(int(x, 16) for x in r.split("-")) for m in named.finditer(text)
+             for r in m.group(1).split(", ") if not r.startswith("+")]
+    hosts = guest_file_at_host(g, path, tmp_path)
+    assert hosts
+    for h in hosts:
+        assert any(s <= h < e for s, e in shown), (path, hex(h), shown, text[-3000:])
+    print(f"qcow2 live remap: {path} named at host {', '.join(hex(h) for h in hosts)}")
+    g.wait_ticks(2)
+    assert g.max_stall(since) < MAX_STALL, g.tail()
 
 
 def test_kill_9_the_watchdog_puts_the_qcow2_file_back(qcow2_guest):

@@ -10,6 +10,7 @@ import json
 import os
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -272,4 +273,126 @@ def test_the_follower_reads_the_tables_again_after_an_allocation(tmp_path):
         assert "+1 data clusters" in why
         assert view.layout.runs == fresh.runs
     finally:
+        source.close()
+
+
+# --- the live remap of a qcow2 guest's files (attach/follow.py with remap.py) ------------
+
+
+def _changed_clusters(a, b, cs: int) -> list[tuple[int, bytes]]:
+    """(guest offset, bytes of b) of each cluster where images a and b differ."""
+    out = []
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        off = 0
+        while (x := fa.read(cs)) or fb.peek(1):
+            y = fb.read(cs)
+            if x != y:
+                out.append((off, y))
+            off += cs
+    return out
+
+
+def test_a_file_the_guest_makes_is_named_by_the_live_remap_through_the_tables(tmp_path):
+    """The guest's view is remapped in the mapper process and its map
+    translated with the tables: a file made in the qcow2 (by debugfs, the
+    changed clusters written with qemu-io, as QEMU would write them: each
+    new cluster's data, then the L2 table) is named at the host offsets
+    qemu-img map and debugfs say, in the image file's map and (guest
+    offsets) the backing's; the writes given to the remapper are in guest
+    offsets, those of new clusters once the tables place them."""
+    from groundtruth import ext4_file_ranges
+
+    from diskwatch.attach.follow import open_view
+    from diskwatch.demo.guest import make_partition_table, mkfs_ext4_at
+    from diskwatch.events import Request
+    from diskwatch.remap import Remapper, remap
+    from diskwatch.wire import Command
+    size = 24 * MiB
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(size)
+    ((part, length),) = make_partition_table(base, "dos", [(None, "83")])
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/hostname").write_text("guest\n")
+    mkfs_ext4_at(base, part, length, tree)
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
+                    str(top)], check=True)
+    # What the guest will write: base with a new file, made by debugfs.
+    after = tmp_path / "after.raw"
+    after.write_bytes(base.read_bytes())
+    local = tmp_path / "local.bin"
+    local.write_bytes(os.urandom(150_000))
+    subprocess.run(["debugfs", "-w", "-R", f"write {local} /made-later.bin",
+                    f"{after}?offset={part}"], check=True, capture_output=True)
+    truth = ext4_file_ranges(after, part, ["/made-later.bin"])["/made-later.bin"]
+
+    view = open_view(str(top), readonly=False, backing=str(base), backing_size=size)
+    source = view.open_source()
+    first = remap(view.map_source(), None, why="test").blockmap
+    assert first is not None and first.most_specific(truth[0][0], 4096).type == "p"
+    view.views(first)
+    swaps, takes, backings, said = [], [], [], []
+    follower = view.follower(lambda bm, why: swaps.append((bm, why)))
+    guest = view.map_source()
+    remapper = Remapper(guest, current=lambda: view.guest_map, swap=follower.take_remap,
+                        say=lambda text, level: said.append(text), disk="/dev/sda")
+    fed: list = []
+    feed = remapper.feed
+
+    def spy(batch, pieces):
+        fed.extend(p for ps in pieces for p in ps)
+        feed(batch, pieces)
+    remapper.feed = spy
+    follower.remap_with(remapper, guest, takes.append, lambda bm, why: backings.append(bm))
+    try:
+        follower.tick(time.monotonic())  # the first round: tables read, the first walk
+        assert remapper.wait(60)
+        follower.tick(time.monotonic())
+        assert takes == [] and swaps == []  # the first walk is not swapped in
+        cs = view.layout.cluster_size
+        changed = _changed_clusters(base, after, cs)
+        assert changed
+        for k, (_, data) in enumerate(changed):
+            (tmp_path / f"c{k}").write_bytes(data)
+        qemu_io(top, *[f"write -s {tmp_path / f'c{k}'} {g} {cs}"
+                       for k, (g, _) in enumerate(changed)])
+        fresh = read_file_layout(str(top))
+
+        def req(offset, length):
+            return Request(1, "", int(Command.WRITE), offset, length, 0, time.monotonic(),
+                           0.0, 0)
+        # The new clusters' data first: no run holds it yet, nothing handed on.
+        data = [req(h + k, cs) for h, _, n in fresh.runs for k in range(0, n, cs)]
+        follower.feed(data, None)
+        assert fed == [] and len(follower.pending) == len(data)
+        # Then the L2 table (new too): the tables are read again and place them.
+        follower.feed([req(fresh.l1[0], cs)], None)
+        deadline = time.monotonic() + 60
+        while not takes:
+            assert time.monotonic() < deadline, (said, swaps, follower.pending)
+            follower.tick(time.monotonic())
+            remapper.wait(0.05)
+        assert follower.pending == [] and follower.unknown == 0
+        # What the remapper was told: guest offsets, the file's data among them.
+        assert all(0 <= s < e <= size for s, e, _ in fed)
+        assert any(s <= truth[0][0] < e for s, e, _ in fed)
+        assert swaps and "qcow2 tables read again" in swaps[0][1]
+        result = takes[-1]
+        assert "/made-later.bin" in said[-1], said
+        host_of = {e["start"] + k: e["offset"] + k
+                   for e in qemu_img_map(top) if e["depth"] == 0 and e["data"]
+                   for k in range(0, e["length"], 512)}
+        for start, end in truth:
+            for g in range(start, end, 4096):
+                h = host_of[g]
+                assert str(result.blockmap.most_specific(h, 4096)) == \
+                    "f /dev/sda1 /made-later.bin", (g, h)
+                # before the remap, the tables alone named it as the partition
+                assert swaps[0][0].most_specific(h, 4096).type == "p"
+                assert str(backings[-1].most_specific(g, 4096)) == "f /dev/sda1 /made-later.bin"
+        assert view.guest_map is backings[-1] and view.host is result.blockmap
+    finally:
+        follower.close()
         source.close()

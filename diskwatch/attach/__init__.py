@@ -99,6 +99,29 @@ def prepare(monitor: Monitor, device: str | None = None) -> Target:
     return Target(disk, parts.image, pid, parts, view)
 
 
+def plan_for(target: Target, socket_path: str, export: str = "") -> Plan:
+    """What attach makes in QEMU for one disk served as ``export``: a raw
+    disk's mirror, a qcow2 disk's reopen of its file child (and its raw
+    backing's, onto its backing export)."""
+    plan = Plan.for_disk(target.disk, target.path, socket_path, export=export)
+    q, view = target.qcow2, target.view
+    if q is None or view is None:
+        return plan
+    plan.kind = "reopen"
+    plan.file_node = q.file_node
+    plan.export_size = view.export_size
+    plan.backing_node = q.backing_node
+    if q.backing_image:
+        plan.backing_file_node = q.backing_file_node
+        plan.backing_image = q.backing_image
+        plan.backing_size = q.backing_size
+        plan.backing_cache_direct = bool(q.backing_cache.get("direct"))
+        plan.backing_cache_no_flush = bool(q.backing_cache.get("no-flush"))
+        plan.backing_detect_zeroes = q.backing_detect_zeroes
+        plan.backing_export = view.backing_export
+    return plan
+
+
 class AttachedGuest:
     """The running guest whose disk diskwatch serves (see the module docstring)."""
 
@@ -109,27 +132,12 @@ class AttachedGuest:
                  private_dir: str | None = None, say: Callable[[str], None] | None = None,
                  more: list[tuple[Target, str]] = ()):
         """``more``: the guest's other disks watched too, (target, export):
-        raw disks, each its export on the same socket, moved and put back
-        with the first, by the same watchdog."""
+        each its export on the same socket (a qcow2 disk's backing too),
+        moved and put back with the first, by the same watchdog."""
         self.connect = connect
         self.target = target
-        self.plan = Plan.for_disk(target.disk, target.path, socket_path)
-        self.more = [(t, Plan.for_disk(t.disk, t.path, socket_path, export=export))
-                     for t, export in more]
-        if target.qcow2 is not None and target.view is not None:
-            q = target.qcow2
-            self.plan.kind = "reopen"
-            self.plan.file_node = q.file_node
-            self.plan.export_size = target.view.export_size
-            self.plan.backing_node = q.backing_node
-            if q.backing_image:
-                self.plan.backing_file_node = q.backing_file_node
-                self.plan.backing_image = q.backing_image
-                self.plan.backing_size = q.backing_size
-                self.plan.backing_cache_direct = bool(q.backing_cache.get("direct"))
-                self.plan.backing_cache_no_flush = bool(q.backing_cache.get("no-flush"))
-                self.plan.backing_detect_zeroes = q.backing_detect_zeroes
-                self.plan.backing_export = target.view.backing_export
+        self.plan = plan_for(target, socket_path)
+        self.more = [(t, plan_for(t, socket_path, export)) for t, export in more]
         self.private_dir = private_dir
         # Device and file names come from the QEMU: shown escaped, never raw.
         self.say = say or (lambda text: print(f"diskwatch: {safe_text(text)}", file=sys.stderr,
@@ -220,12 +228,16 @@ class AttachedGuest:
                 raise
         self.attached = True
         what = ""
-        if self.plan.kind == "reopen":
-            q = self.target.qcow2
-            what = ("; qcow2: QEMU's qcow2 node reads and writes its image file through "
-                    "diskwatch, named through the qcow2 tables"
-                    + ("; the backing file's reads too (export backing)" if self.plan.backing_export
-                       else f"; {q.backing_note}" if q is not None and q.backing_note else ""))
+        for t, plan in zip(self._targets(), self._plans(), strict=True):
+            if plan.kind != "reopen":
+                continue
+            q = t.qcow2
+            of = f" of {t.disk.name}" if self.more else ""
+            what += (f"; qcow2{of}: QEMU's qcow2 node reads and writes its image file through "
+                     "diskwatch, named through the qcow2 tables"
+                     + (f"; the backing file's reads too (export {plan.backing_export})"
+                        if plan.backing_export
+                        else f"; {q.backing_note}" if q is not None and q.backing_note else ""))
         names = " and ".join(t.disk.name for t in self._targets())
         self.say(f"attached: {names}'s I/O goes through diskwatch (moved in "
                  f"{took * 1000:.0f} ms){what}; quitting (q, Ctrl-C, SIGTERM) puts "

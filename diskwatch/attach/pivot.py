@@ -346,7 +346,7 @@ def attach_reopen(monitor: Monitor, plan: Plan) -> None:
     made = []
     try:
         monitor.execute("blockdev-add", {
-            "driver": "nbd", "node-name": plan.nbd_node, "export": "",
+            "driver": "nbd", "node-name": plan.nbd_node, "export": plan.export,
             "server": {"type": "unix", "path": plan.socket},
             "reconnect-delay": RECONNECT_DELAY, "read-only": plan.readonly})
         made.append(plan.nbd_node)

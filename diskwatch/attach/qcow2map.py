@@ -123,6 +123,12 @@ class Layout:
     _run_starts: list[int] = field(default_factory=list)
     #: host offset of each L2 table -> its L1 index (L1 entries are distinct)
     _l2_at: dict[int, int] = field(default_factory=dict)
+    #: (l2, zeros) as one value, replaced whole by ``reread``: what another
+    #: thread (the mapper's reads, ``GuestView``) takes in one step
+    tables: tuple = (None, None)
+    #: the structures sorted by start, and their starts (``in_structure``)
+    sorted_structures: list[tuple[int, int, str]] = field(default_factory=list)
+    _struct_starts: list[int] = field(default_factory=list)
 
     @property
     def cluster_size(self) -> int:
@@ -147,6 +153,41 @@ class Layout:
             return False
         h, _, n = self.runs[i]
         return end <= h + n
+
+    def in_structure(self, start: int, end: int) -> bool:
+        """True if host bytes [start, end) all lie in one of the image's structures."""
+        i = bisect_right(self._struct_starts, start) - 1
+        return i >= 0 and end <= self.sorted_structures[i][1]
+
+    def to_guest(self, start: int, end: int, most: int = 256
+                 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
+        """Host bytes [start, end) split by the data runs: (their guest
+        ranges, the host ranges no run holds). At most ``most`` pieces
+        (a write over more runs than that: None, the caller treats it as
+        unknown); the time is bounded by ``most``, not by the write."""
+        starts, runs = self._run_starts, self.runs
+        guest: list[tuple[int, int]] = []
+        rest: list[tuple[int, int]] = []
+        i = max(bisect_right(starts, start) - 1, 0)
+        pos = start
+        while pos < end:
+            if len(guest) + len(rest) >= most:
+                return None
+            if i < len(runs) and runs[i][0] + runs[i][2] <= pos:
+                i += 1
+                continue
+            if i >= len(runs) or runs[i][0] >= end:
+                rest.append((pos, end))
+                break
+            h, g, n = runs[i]
+            if pos < h:
+                rest.append((pos, h))
+                pos = h
+            stop = min(end, h + n)
+            guest.append((g + pos - h, g + stop - h))
+            pos = stop
+            i += 1
+        return guest, rest
 
     def l2_index_of(self, host: int) -> int | None:
         """The L1 index whose L2 table holds host offset ``host``, or None."""
@@ -208,6 +249,9 @@ class Layout:
         self.runs = runs
         self._run_starts = [r[0] for r in runs]
         self._l2_at = {off: i for i, off in enumerate(l1) if off}
+        self.tables = (l2, zeros)
+        self.sorted_structures = sorted(self.structures())
+        self._struct_starts = [st[0] for st in self.sorted_structures]
 
 
 def _runs(l2: dict[int, list[tuple[int, int]]], cs: int) -> list[tuple[int, int, int]]:
@@ -380,8 +424,11 @@ def read_file_layout(path: str) -> Layout:
 # --- naming host offsets ---------------------------------------------------------------
 
 
-def host_entries(lay: Layout, guest_map, device: str = "/dev/sda") -> list:
-    """The map entries of the image file (BmapEntry, disk 1), see the module docstring."""
+def host_entries(lay: Layout, guest_map, device: str = "/dev/sda",
+                 structures: bool = True) -> list:
+    """The map entries of the image file (BmapEntry, disk 1), see the module
+    docstring; without ``structures``, the qcow2's own are left out (a
+    remap's journal map, translated)."""
     from ..bmap.format import BmapEntry
     out: list = []
     add = out.append
@@ -396,15 +443,16 @@ def host_entries(lay: Layout, guest_map, device: str = "/dev/sda") -> list:
             s, e = max(ps, g), min(pe, g + n)
             if s < e:
                 add(BmapEntry(1, h + s - g, h + e - g, obj.type, obj.device, obj.path))
-    for s, e, name in lay.structures():
-        add(BmapEntry(1, s, e, "f", device, name))
+    if structures:
+        for s, e, name in lay.structures():
+            add(BmapEntry(1, s, e, "f", device, name))
     return out
 
 
-def host_map(lay: Layout, guest_map, device: str = "/dev/sda"):
+def host_map(lay: Layout, guest_map, device: str = "/dev/sda", structures: bool = True):
     """The host-offset ``BlockMap`` (see the module docstring)."""
     from ..bmap.index import BlockMap
-    return BlockMap(host_entries(lay, guest_map, device))
+    return BlockMap(host_entries(lay, guest_map, device, structures))
 
 
 # --- the guest's disk, read through the layout -----------------------------------------
@@ -413,9 +461,18 @@ def host_map(lay: Layout, guest_map, device: str = "/dev/sda"):
 class GuestView(Source):
     """The guest's disk as a read-only source: data clusters from the image
     file, unallocated ones from the backing file (raw; zeros past its end or
-    without one), zero clusters as zeros. What the map made at attach reads
-    (in the mapper process, through this source: the parsers of guest data
-    never run here)."""
+    without one), zero clusters as zeros. What the map made at attach reads,
+    and every live remap (in the mapper process, through this source: the
+    parsers of guest data never run here).
+
+    It reads through the layout as it is *now*: the follower reads the
+    tables again in the pump's thread while a remap reads here in its own,
+    so each read takes the layout's ``tables`` once (one value, replaced
+    whole) and looks its clusters up in them; an L2 table's clusters are
+    indexed once per version of the table (at most ``CACHED_TABLES`` kept)."""
+
+    #: L2 tables indexed for lookups, at most (past it the index starts over)
+    CACHED_TABLES = 4096
 
     def __init__(self, image: str, lay: Layout, backing: str | None = None):
         import os
@@ -425,21 +482,37 @@ class GuestView(Source):
         self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
         self.backing_fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC) if backing else None
         self.backing_size = os.fstat(self.backing_fd).st_size if backing else 0
-        self._by_guest = {g: h for table in lay.l2.values() for g, h in table}
-        self._zero = {g for table in lay.zeros.values() for g in table}
+        #: L1 index -> (the table indexed, {guest: host}, zero clusters)
+        self._index: dict[int, tuple[list, dict[int, int], set[int]]] = {}
+
+    def _cluster(self, tables: tuple, base: int) -> tuple[int, bool]:
+        """(host offset or 0, reads as zeros) of the guest cluster at ``base``."""
+        l2, zeros = tables
+        lay = self.lay
+        i = base // (lay.cluster_size * lay.l2_entries)
+        table = l2.get(i)
+        if table is None:
+            return 0, False
+        index = self._index.get(i)
+        if index is None or index[0] is not table:
+            if len(self._index) >= self.CACHED_TABLES:
+                self._index.clear()
+            index = self._index[i] = (table, dict(table), set(zeros.get(i, ())))
+        return index[1].get(base, 0), base in index[2]
 
     def pread(self, offset: int, length: int) -> bytes:
         import os
         if offset < 0 or length < 0 or offset + length > self.size:
             raise SourceError(errno.EINVAL, "read past the end of the guest's disk")
         cs = self.lay.cluster_size
+        tables = self.lay.tables
         out = bytearray()
         pos, end = offset, offset + length
         while pos < end:
             base = pos - pos % cs
             n = min(end, base + cs) - pos
-            host = self._by_guest.get(base)
-            if base in self._zero:
+            host, zero = self._cluster(tables, base)
+            if zero:
                 data = b""
             elif host:
                 data = os.pread(self.fd, n, host + pos - base)

@@ -49,26 +49,31 @@ def open_monitor(spec: dict) -> Monitor:
     return QmpSocket(spec["path"], timeout=2.0)
 
 
-def take_over(config: dict) -> int:
-    plan = Plan(**config["plan"])
-    exports = {}
+def serve_as_diskwatch_did(plan: Plan, path: str, exports: dict) -> None:
+    """The exports of one disk, as diskwatch served them, into ``exports``:
+    a raw disk's file; a qcow2's image file at the same size (QEMU's nbd
+    client expects it when it reconnects), growing, and its backing."""
     if plan.kind == "reopen":
-        # The qcow2 file as diskwatch served it: the same size (QEMU's nbd
-        # client expects it when it reconnects), growing; and its backing.
-        source = GrowingFile(config["path"], plan.export_size, readonly=plan.readonly)
+        exports[plan.export] = GrowingFile(path, plan.export_size, readonly=plan.readonly)
         if plan.backing_export:
             exports[plan.backing_export] = FileSource(plan.backing_image, readonly=True)
     else:
-        source = FileSource(config["path"], readonly=plan.readonly)
+        exports[plan.export] = FileSource(path, readonly=plan.readonly)
+
+
+def take_over(config: dict) -> int:
+    plan = Plan(**config["plan"])
+    exports: dict = {}
+    serve_as_diskwatch_did(plan, config["path"], exports)
     try:
         os.unlink(plan.socket)
     except FileNotFoundError:
         pass
-    # An attach to several disks: each one's file, on its export, put back too.
+    # An attach to several disks: each one's exports, put back too.
     more = [(Plan(**m["plan"]), m["path"]) for m in config.get("more") or ()]
     for p, path in more:
-        exports[p.export] = FileSource(path, readonly=p.readonly)
-    server = Server({"": source, **exports})
+        serve_as_diskwatch_did(p, path, exports)
+    server = Server(exports)
     server.listen_unix(plan.socket)
     if config.get("socket_owner"):
         # A QEMU of another user (libvirt-qemu) must be able to connect, as
@@ -108,9 +113,8 @@ def take_over(config: dict) -> int:
         return 0
     finally:
         thread.stop()
-        source.close()
-        for more in exports.values():
-            more.close()
+        for source in exports.values():
+            source.close()
         if config.get("private_dir"):
             shutil.rmtree(config["private_dir"], ignore_errors=True)
 
