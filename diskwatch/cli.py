@@ -405,7 +405,9 @@ def build_attach_parser() -> argparse.ArgumentParser:
         prog="diskwatch attach",
         description="Watch a running QEMU guest's disk: move its I/O onto diskwatch through "
                     "QMP, no reboot; quitting (q, Ctrl-C, SIGTERM) puts it back.",
-        epilog="A --bmap file that does not exist yet is made from the live image. The "
+        epilog="A --bmap file that does not exist yet is made from the live image (a qcow2 "
+               "disk's: from the guest's view through its tables); the map then follows the "
+               "guest's files (--remap), a qcow2 disk's too. The "
                "other options of 'diskwatch IMAGE' (the source, layers, the socket, TLS, "
                "--run) are attach's to decide.")
     p.add_argument("qmp", nargs="?", metavar="QMP_SOCKET",
@@ -417,7 +419,7 @@ def build_attach_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="ID", action="append",
                    help="the block device (query-block's device, node or qdev id); "
                         "needed when the guest has several; repeated, several disks at once "
-                        "(raw ones: /dev/sda, /dev/sdb... in the order given)")
+                        "(raw or qcow2: /dev/sda, /dev/sdb... in the order given)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks")
     # The watching options, as diskwatch IMAGE defines them (one definition):
     # taken as words here, checked by its parser.

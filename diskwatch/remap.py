@@ -42,6 +42,10 @@ its own** (``bmap/worker.py``: bounded memory, CPU and time, no network,
 nothing to write), which reads the **served source** (so a ``--snapshot``
 overlay is what is read) through a thread of this process that answers its
 reads; the server never waits for it and shares no interpreter with it.
+An attached qcow2 disk is served as its image file, not as the guest sees
+it: its remapper reads the guest's view instead, and is fed and ticked by
+the disk's follower (attach/follow.py), which tells it the writes in guest
+offsets (``unknown`` for those it cannot place) and translates its maps.
 
 The process is **kept** from remap to remap (``MapperSession``, started by
 the remap thread, which lives as long as the session) with what its last

@@ -650,7 +650,9 @@ class Runner:
         several = len(session.disks) > 1
         devices = {name: device for name, _, device in session.disks}
         backings = self._backing_exports()
-        for k, (name, disk) in enumerate(self._guest_disks()):
+        # (a session assembled by hand, as a test does, has no disks list)
+        disks = self._guest_disks() or [(session.export, source)]
+        for k, (name, disk) in enumerate(disks):
             device = devices.get(name, "/dev/sda")
             if k == 0:
                 def take(result) -> None:

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from test_attach import MAX_STALL, RunningGuest, booted, start_attach
@@ -29,11 +30,9 @@ pytestmark = pytest.mark.slow
 PART = MiB  # the data disk's partition starts 1 MiB in
 
 
-@pytest.fixture(scope="module")
-def two_disk_guest(guest_image, tmp_path_factory):
-    work = tmp_path_factory.mktemp("attach-disks")
-    image = work / "running.img"
-    shutil.copyfile(guest_image.path, image)
+def make_data_disk(work) -> Path:
+    """The data disk the loop guest mounts: an MBR, one ext4 partition at
+    ``PART`` holding /data/f0..f7 (test_attach_qcow2.py's guest has one too)."""
     tree = work / "tree"
     (tree / "data").mkdir(parents=True)
     for i in range(8):  # f3 takes a record in each of its 16 4 KiB slots: in place
@@ -44,6 +43,32 @@ def two_disk_guest(guest_image, tmp_path_factory):
     subprocess.run(["sfdisk", "-q", str(data)], input=b"start=2048, type=83\n", check=True)
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={PART}", "-d", str(tree),
                     str(data), "15M"], check=True)
+    return data
+
+
+def check_data_disk(g: RunningGuest, data) -> None:
+    """Once the guest stopped: the data disk's filesystem is clean, and every
+    one of the last ticks (15 at most: the slots) left its record in /data/f3."""
+    r = subprocess.run(["e2fsck", "-f", "-n", f"{data}?offset={PART}"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["debugfs", "-R", "cat /data/f3", f"{data}?offset={PART}"],
+                       capture_output=True)
+    f3 = r.stdout.decode("latin-1")
+    last = [n for _, n in g.ticks][-15:]
+    assert len(last) >= 5
+    for n in last:
+        slot = n % 15 + 1
+        assert f3[slot * 4096:slot * 4096 + 64].startswith(f"loop {n} on the data disk"), \
+            (n, slot)
+
+
+@pytest.fixture(scope="module")
+def two_disk_guest(guest_image, tmp_path_factory):
+    work = tmp_path_factory.mktemp("attach-disks")
+    image = work / "running.img"
+    shutil.copyfile(guest_image.path, image)
+    data = make_data_disk(work)
     with booted(image, guest_image, work, burst=False,
                 ready=r"diskwatch-loop: data disk /dev/vd[bc]1",
                 extra=["-drive", f"file={data},format=raw,if=virtio,id=data"]) as guest:
@@ -119,17 +144,7 @@ def test_the_guest_stops_and_both_filesystems_are_clean(two_disk_guest):
     assert g.stop() == 0
     g.wait_line(r"diskwatch-loop: stopped", 5)
     assert "I/O error" not in "\n".join(line for _, line in g.lines)
-    for spec in (f"{g.image}?offset={g.guest.partition_offset}", f"{data}?offset={PART}"):
-        r = subprocess.run(["e2fsck", "-f", "-n", spec], capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout + r.stderr
-    # every one of the last ticks (15 at most: the slots) left its record on
-    # the data disk too
-    r = subprocess.run(["debugfs", "-R", "cat /data/f3", f"{data}?offset={PART}"],
-                       capture_output=True)
-    f3 = r.stdout.decode("latin-1")
-    last = [n for _, n in g.ticks][-15:]
-    assert len(last) >= 5
-    for n in last:
-        slot = n % 15 + 1
-        assert f3[slot * 4096:slot * 4096 + 64].startswith(f"loop {n} on the data disk"), \
-            (n, slot)
+    r = subprocess.run(["e2fsck", "-f", "-n", f"{g.image}?offset={g.guest.partition_offset}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check_data_disk(g, data)

@@ -36,6 +36,7 @@ from test_attach import (
     one_line_error,
     start_attach,
 )
+from test_attach_disks import check_data_disk, make_data_disk
 
 from diskwatch.attach.qcow2map import read_file_layout
 from diskwatch.attach.qmp import block_children
@@ -43,8 +44,10 @@ from diskwatch.attach.qmp import block_children
 pytestmark = pytest.mark.slow
 
 
-def blockdevs(work, base, top) -> list[str]:
-    """libvirt's layout: named file and format nodes, a virtio disk on the qcow2."""
+def blockdevs(work, base, top, data) -> list[str]:
+    """libvirt's layout: named file and format nodes, a virtio disk on the
+    qcow2; beside it a raw data disk (the guest's /dev/vdb: its loop reads
+    and writes it) and the disks of the refusals."""
     xl2 = work / "xl2.qcow2"
     fuzzed = work / "fuzzed.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on",
@@ -56,6 +59,9 @@ def blockdevs(work, base, top) -> list[str]:
         "-blockdev", f"driver=file,filename={top},node-name=top-file",
         "-blockdev", "driver=qcow2,file=top-file,backing=base-fmt,node-name=top-fmt",
         "-device", "virtio-blk-pci,drive=top-fmt,id=virtio0",
+        "-blockdev", f"driver=file,filename={data},node-name=data-file",
+        "-blockdev", "driver=raw,file=data-file,node-name=data-fmt",
+        "-device", "virtio-blk-pci,drive=data-fmt,id=data",
     ]
     named = work / "named.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(named), "16M"], check=True)
@@ -76,9 +82,12 @@ def qcow2_guest(guest_image, tmp_path_factory):
     top = work / "top.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
                     str(top)], check=True)
-    with booted(top, guest_image, work, blockdev=blockdevs(work, base, top)) as guest:
+    data = make_data_disk(work)
+    with booted(top, guest_image, work, blockdev=blockdevs(work, base, top, data),
+                ready=r"diskwatch-loop: data disk /dev/vdb1") as guest:
         guest.base = base
         guest.work = work
+        guest.data = data
         yield guest
 
 
@@ -268,6 +277,33 @@ def guest_file_at_host(g, path: str, work) -> list[int]:
     return hosts
 
 
+def create_and_see_it_named(g, proc, err: list[str], trace, device: str):
+    """The guest makes a file (its loop's ``create``) while diskwatch is
+    attached; returns once the trace names a write of it on ``device``:
+    (its path, the pattern of those lines, whose group 1 is their ranges)."""
+    g.wait_ticks(2)
+    after = len(g.lines)
+    g.console.sendall(b"create\n")
+    line = g.wait_line(r"diskwatch-loop: created /var/log/created-\d+\.log", 30, after)
+    path = re.search(r"/var/log/created-\d+\.log", line).group(0)
+    named = re.compile(f"write f {device} " + re.escape(path) + r"  \[([^\]]+)\]")
+    wait_for_trace(proc, err, trace, named.search, 90)
+    g.wait_ticks(1)
+    return path, named
+
+
+def assert_named_where_it_lies(g, path: str, named, text: str, work) -> list[int]:
+    """Every host offset of ``path`` (qemu-img map and debugfs) lies in a
+    range of a trace line that names it."""
+    shown = [tuple(int(x, 16) for x in r.split("-")) for m in named.finditer(text)
+             for r in m.group(1).split(", ") if not r.startswith("+")]
+    hosts = guest_file_at_host(g, path, work)
+    assert hosts
+    for h in hosts:
+        assert any(s <= h < e for s, e in shown), (path, hex(h), shown, text[-3000:])
+    return hosts
+
+
 def test_a_file_the_guest_creates_is_named_by_the_live_remap(qcow2_guest, tmp_path):
     """The map follows the guest's files on a qcow2 disk too: the remapper
     reads the guest's view and is told the guest's writes in guest offsets;
@@ -278,28 +314,14 @@ def test_a_file_the_guest_creates_is_named_by_the_live_remap(qcow2_guest, tmp_pa
     since = time.monotonic()
     proc, err = start_attach(g, "--bmap", str(tmp_path / "live.bmap"), "--log", str(trace))
     try:
-        g.wait_ticks(2)
-        after = len(g.lines)
-        g.console.sendall(b"create\n")
-        line = g.wait_line(r"diskwatch-loop: created /var/log/created-\d+\.log", 30, after)
-        path = re.search(r"/var/log/created-\d+\.log", line).group(0)
-        named = re.compile(r"write f /dev/sda1 " + re.escape(path) + r"  \[([^\]]+)\]")
-        wait_for_trace(proc, err, trace, named.search, 90)
-        g.wait_ticks(1)
+        path, named = create_and_see_it_named(g, proc, err, trace, "/dev/sda1")
     finally:
         stderr = detach(proc, err)
     assert "not remapped" not in stderr
     assert re.search(r"remap \(auto\): \+\d+ objects", stderr), stderr
-    text = trace.read_text()
-    shown = [tuple(int(x, 16) for x in r.split("-")) for m in named.finditer(text)
-             for r in m.group(1).split(", ") if not r.startswith("+")]
-    hosts = guest_file_at_host(g, path, tmp_path)
-    assert hosts
-    for h in hosts:
-        assert any(s <= h < e for s, e in shown), (path, hex(h), shown, text[-3000:])
-    print(f"qcow2 live remap: {path} named at host {', '.join(hex(h) for h in hosts)}")
-    g.wait_ticks(2)
-    assert g.max_stall(since) < MAX_STALL, g.tail()
+    hosts = assert_named_where_it_lies(g, path, named, trace.read_text(), tmp_path)
+    went_on(g, since, f"qcow2 live remap: {path} named at host "
+                      f"{', '.join(hex(h) for h in hosts)}")
 
 
 def test_kill_9_the_watchdog_puts_the_qcow2_file_back(qcow2_guest):
@@ -311,29 +333,104 @@ def test_kill_9_the_watchdog_puts_the_qcow2_file_back(qcow2_guest):
     g.wait_ticks(1)
     proc.kill()
     proc.wait()
+    back = wait_until_back(g, before, err, ("virtio0",))
+    went_on(g, since, f"qcow2 kill -9: the file children were back {back:.1f} s later")
+
+
+# --- a raw disk and the qcow2 in one attach ------------------------------------------------
+
+
+def data_node(g) -> str:
+    """The node the raw data disk's device sits on."""
+    with g.qmp() as q:
+        (dev,) = [d for d in q.execute("query-block") if "/data/" in d.get("qdev", "")]
+    return dev["inserted"]["node-name"]
+
+
+def wait_until_back(g, before: dict, err: list[str], disks: tuple[str, ...]) -> float:
+    """After kill -9: seconds until the watchdog put every disk back as it was."""
     killed = time.monotonic()
     deadline = killed + 60
     while True:
         try:
-            now = graph(g)
+            now, node = graph(g), data_node(g)
         except Exception:  # noqa: BLE001 - the watchdog holds the monitor for a moment
-            now = {}
-        if now.get(("top-fmt", "file")) == "top-file" and \
-                now.get(("base-fmt", "file")) == "base-file":
+            now, node = {}, ""
+        if now == before and node == "data-fmt":
             break
-        assert time.monotonic() < deadline, f"the disk is still on diskwatch: {now}"
+        assert time.monotonic() < deadline, f"still on diskwatch: {now} {node}"
         time.sleep(0.2)
     back = time.monotonic() - killed
-    while not any("watchdog: the guest's disk virtio0 is back on" in line for line in err):
+    assert nbd_nodes(g) == []
+    while not all(any(f"watchdog: the guest's disk {d} is back on" in line for line in err)
+                  for d in disks):
         assert time.monotonic() < deadline, "".join(err)
         time.sleep(0.05)
-    assert graph(g) == before and nbd_nodes(g) == []
+    return back
+
+
+def went_on(g, since: float, said: str) -> None:
+    """The guest's loop went on: no long stall since ``since``, no I/O error."""
     g.wait_ticks(3)
     stall = g.max_stall(since)
-    print(f"qcow2 kill -9: the file children were back {back:.1f} s later; longest stall "
-          f"{stall:.1f} s")
+    print(f"{said}; longest stall of the guest's loop {stall:.1f} s")
     assert stall < MAX_STALL, g.tail()
     assert "I/O error" not in g.tail(200)
+
+
+def test_one_attach_moves_a_raw_and_the_qcow2_disk_and_names_the_files_of_both(qcow2_guest,
+                                                                              tmp_path):
+    """--device data --device virtio0: the raw data disk is /dev/sda (export
+    ""), the qcow2 /dev/sdb (export sdb, its backing sdb-backing); one map
+    made at attach names both (the qcow2's from its guest view); the live
+    remap of the qcow2 names a file the guest creates; detach puts both back."""
+    g = qcow2_guest
+    before = graph(g)
+    assert data_node(g) == "data-fmt"
+    trace = tmp_path / "both.trace"
+    since = time.monotonic()
+    proc, err = start_attach(g, "--bmap", str(tmp_path / "vm.bmap"), "--log", str(trace),
+                             devices=("data", "virtio0"))
+    try:
+        now = graph(g)
+        assert re.fullmatch(r"diskwatch-\d+-sdb-nbd", now[("top-fmt", "file")]), now
+        assert re.fullmatch(r"diskwatch-\d+-sdb-nbd-backing", now[("base-fmt", "file")]), now
+        assert re.fullmatch(r"diskwatch-\d+-nbd", data_node(g))
+        path, named = create_and_see_it_named(g, proc, err, trace, "/dev/sdb1")
+    finally:
+        stderr = detach(proc, err)
+    assert "attached: data and virtio0's I/O goes through diskwatch" in stderr, stderr
+    assert "qcow2 of virtio0: QEMU's qcow2 node reads and writes" in stderr
+    assert "the backing file's reads too (export sdb-backing)" in stderr
+    assert re.search(r"detached: data is back on \S+data\.raw; virtio0 is back on \S+top\.qcow2",
+                     stderr), stderr
+    assert graph(g) == before and data_node(g) == "data-fmt" and nbd_nodes(g) == []
+    text = trace.read_text()
+    assert "write f /dev/sda1 /data/f3" in text and "read f /dev/sda1 /data/f0" in text, \
+        text[-3000:]
+    assert "write f /dev/sdb1 /var/log/demo.log" in text, text[-3000:]
+    for read in g.guest.reads[3:]:  # through the backing export, named on the qcow2's disk
+        assert f"read f /dev/sdb1 {read}" in text, f"{read} not in the trace:\n{text[-3000:]}"
+    assert re.search(r"f /dev/sdb /\$qcow2-(L2|refcounts|L1|header)", text), text[-3000:]
+    assert not re.search(r"[fd] /dev/sda1 /var/", text) and not re.search(r"[fd] /dev/sdb1 /data/",
+                                                                          text)
+    hosts = assert_named_where_it_lies(g, path, named, text, tmp_path)
+    went_on(g, since, f"raw + qcow2: {path} on /dev/sdb named at host "
+                      f"{', '.join(hex(h) for h in hosts)}")
+
+
+def test_kill_9_while_attached_to_both_the_watchdog_puts_both_back(qcow2_guest):
+    g = qcow2_guest
+    before = graph(g)
+    since = time.monotonic()
+    proc, err = start_attach(g, "--no-trace", devices=("data", "virtio0"))
+    assert graph(g)[("top-fmt", "file")].startswith("diskwatch-") and \
+        data_node(g).startswith("diskwatch-")
+    g.wait_ticks(1)
+    proc.kill()
+    proc.wait()
+    back = wait_until_back(g, before, err, ("data", "virtio0"))
+    went_on(g, since, f"raw + qcow2 kill -9: both back {back:.1f} s later")
 
 
 # --- last: the guest stops, the qcow2 and its filesystem are clean ------------------------
@@ -364,6 +461,7 @@ def test_the_qcow2_is_clean_and_so_is_the_guests_filesystem(qcow2_guest, tmp_pat
     spec = f"{raw}?offset={g.guest.partition_offset}"
     r = subprocess.run(["e2fsck", "-f", "-n", spec], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+    check_data_disk(g, g.data)  # the raw disk attached beside it
     r = subprocess.run(["debugfs", "-R", "cat /var/log/demo.log", spec], capture_output=True)
     log = r.stdout.decode()
     slots = [log[i * 4096:i * 4096 + 64] for i in range(16)]

@@ -396,3 +396,50 @@ def test_a_file_the_guest_makes_is_named_by_the_live_remap_through_the_tables(tm
     finally:
         follower.close()
         source.close()
+
+
+def test_host_ranges_split_into_guest_ones_bounded(tmp_path, monkeypatch):
+    """``Layout.to_guest`` against qemu-img map (every data run's guest
+    offset, the bytes no run holds), in at most ``most`` pieces; the
+    follower keeps at most PENDING_KEPT writes the tables do not place yet
+    (a guest writing everywhere past the file's end): the rest is told to the
+    remapper as unknown (counted unnamed; its next remap the whole walk)."""
+    from diskwatch.attach import follow
+    from diskwatch.events import Request
+    from diskwatch.remap import Remapper
+    from diskwatch.wire import Command
+    _, top = make_overlay(tmp_path, 4096)
+    lay = read_file_layout(str(top))
+    truth = {e["offset"] + k: e["start"] + k for e in qemu_img_map(top)
+             if e["depth"] == 0 and e["data"] and "offset" in e
+             for k in range(0, e["length"], 512)}
+    end = os.path.getsize(top)
+    guest, rest = lay.to_guest(0, end + 8192, most=1 << 20)
+    placed = {h for h in range(0, end + 8192, 512)} - {
+        h for s, e in rest for h in range(s, e, 512)}
+    assert placed == set(truth)
+    flat = [g for s, e in guest for g in range(s, e, 512)]
+    assert flat == [truth[h] for h in sorted(truth)]
+    assert lay.to_guest(0, end, most=2) is None
+    assert lay.in_structure(0, 512) and lay.in_structure(lay.l1_offset, lay.l1_offset + 8)
+    assert not lay.in_structure(*next((h, h + 512) for h in truth))
+
+    view = follow.Qcow2View(str(top), lay, readonly=True)
+    view.views(BlockMap([BmapEntry(1, 0, 24 * MiB, "p", "/dev/sda1")]))
+    follower = view.follower(lambda bm, why: None)
+    remapper = Remapper(None, current=lambda: view.guest_map, swap=follower.take_remap,
+                        say=lambda text, level: None)
+    follower.remap_with(remapper, view.map_source(), lambda result: None)
+    try:
+        far = end + (1 << 20)
+        flood = [Request(1, "", int(Command.WRITE), far + k * 8192, 4096, 0, 1.0, 0.0, 0)
+                 for k in range(follow.PENDING_KEPT + 10)]
+        follower.feed(flood, None)
+        assert len(follower.pending) == follow.PENDING_KEPT
+        assert follower.unknown == 10 * 4096 and remapper.unnamed == 10 * 4096
+        # A write over more runs than MAX_PIECES: unknown, whole.
+        monkeypatch.setattr(follow, "MAX_PIECES", 2)
+        follower.feed([Request(1, "", int(Command.WRITE), 0, end, 0, 1.0, 0.0, 0)], None)
+        assert follower.unknown == 10 * 4096 + end
+    finally:
+        follower.close()

@@ -18,7 +18,10 @@ image's own tables and turns that around:
   by the file's size (each table is read once, the L2 tables are distinct
   clusters inside the file).
 - ``Layout.runs``: sorted (host_start, guest_start, length) of the data
-  clusters, contiguous ones merged; ``guest_of(host)``.
+  clusters, contiguous ones merged; ``guest_of(host)``; ``to_guest(start,
+  end)``: a host range split into its guest ranges and the host bytes no
+  run holds (bounded pieces: the remapper's input, follow.py);
+  ``in_structure``: a host range inside the qcow2's own structures.
 - ``host_map(layout, guest_map)``: a ``BlockMap`` in host offsets: every data
   run named with the guest map's objects at its guest offsets (the most
   specific ones, plus the partitions that hold them), and the qcow2's own
@@ -29,9 +32,9 @@ image's own tables and turns that around:
   L2 entries (and new L2 tables, and L1 entries): the tables written are
   read again and the runs rebuilt (``Qcow2Follower`` in follow.py decides
   when).
-- ``GuestView``: the guest's disk read through the layout (unallocated
-  clusters from the raw backing file, zero clusters as zeros): what the map
-  made at attach is made from.
+- ``GuestView``: the guest's disk read through the layout as last read
+  (unallocated clusters from the raw backing file, zero clusters as zeros):
+  what the map made at attach is made from, and what a live remap reads.
 
 Refused with one line each: not qcow2, version other than 2 and 3, absurd
 cluster sizes and table sizes, tables outside the file, encryption, an
