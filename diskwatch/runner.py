@@ -694,6 +694,8 @@ class Runner:
 
                 def swap_backing(blockmap, why: str, backing=backing) -> None:
                     session.swap_disk_map(backing, blockmap, why)
+                    if self.recorder is not None:
+                        self.recorder.keep_disk_map(backing, blockmap, why)
                 follower.remap_with(remapper, guest, take,
                                     swap_backing if backing is not None else None)
             if k == 0:

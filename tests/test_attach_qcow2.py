@@ -433,6 +433,41 @@ def test_kill_9_while_attached_to_both_the_watchdog_puts_both_back(qcow2_guest):
     went_on(g, since, f"raw + qcow2 kill -9: both back {back:.1f} s later")
 
 
+def test_two_qcow2_disks_in_one_attach_each_on_its_exports(qcow2_guest, tmp_path):
+    """--device named --device virtio0: two qcow2 disks, the first without a
+    backing file (export ""), the second with one (exports sdb and
+    sdb-backing); detach puts both back (named, a -drive, on a new file
+    node), and so does the watchdog after kill -9."""
+    g = qcow2_guest
+    trace = tmp_path / "two.trace"
+    since = time.monotonic()
+    proc, err = start_attach(g, "--bmap", str(tmp_path / "two.bmap"), "--log", str(trace),
+                             devices=("named", "virtio0"))
+    try:
+        now = graph(g)
+        assert re.fullmatch(r"diskwatch-\d+-nbd", now[("named-fmt", "file")]), now
+        assert re.fullmatch(r"diskwatch-\d+-sdb-nbd", now[("top-fmt", "file")]), now
+        assert re.fullmatch(r"diskwatch-\d+-sdb-nbd-backing", now[("base-fmt", "file")]), now
+        text = wait_for_trace(proc, err, trace, lambda text: "write f /dev/sdb1 /var/log/demo.log"
+                              in text and "read f /dev/sdb1 " + g.guest.reads[-1] in text)
+    finally:
+        stderr = detach(proc, err)
+    assert "qcow2 of named:" in stderr and "qcow2 of virtio0:" in stderr, stderr
+    assert "(export sdb-backing)" in stderr and "backing file's reads too (export backing)" \
+        not in stderr
+    assert not re.search(r"[fd] /dev/sda1 ", text)  # named holds no filesystem
+    before = graph(g)
+    assert before[("top-fmt", "file")] == "top-file" and before[("base-fmt", "file")] == "base-file"
+    assert not before[("named-fmt", "file")].endswith("-nbd") and nbd_nodes(g) == []
+    proc, err = start_attach(g, "--no-trace", devices=("named", "virtio0"))
+    assert graph(g)[("named-fmt", "file")].endswith("-nbd")
+    g.wait_ticks(1)
+    proc.kill()
+    proc.wait()
+    back = wait_until_back(g, before, err, ("named", "virtio0"))
+    went_on(g, since, f"two qcow2 disks, kill -9: both back {back:.1f} s later")
+
+
 # --- last: the guest stops, the qcow2 and its filesystem are clean ------------------------
 
 
