@@ -378,6 +378,24 @@ def went_on(g, since: float, said: str) -> None:
     assert "I/O error" not in g.tail(200)
 
 
+def attach_with_the_qcow2_second(g, tmp_path, first: str):
+    """diskwatch attach --device FIRST --device virtio0, a map made at attach
+    and a trace: the qcow2 root disk is /dev/sdb, its image file on the
+    export sdb, its backing file on sdb-backing."""
+    trace = tmp_path / "trace"
+    proc, err = start_attach(g, "--bmap", str(tmp_path / "vm.bmap"), "--log", str(trace),
+                             devices=(first, "virtio0"))
+    return proc, err, trace
+
+
+def assert_the_qcow2_is_second(g) -> dict:
+    """Its file child on the nbd node of export sdb, its backing's on sdb-backing's."""
+    now = graph(g)
+    assert re.fullmatch(r"diskwatch-\d+-sdb-nbd", now[("top-fmt", "file")]), now
+    assert re.fullmatch(r"diskwatch-\d+-sdb-nbd-backing", now[("base-fmt", "file")]), now
+    return now
+
+
 def test_one_attach_moves_a_raw_and_the_qcow2_disk_and_names_the_files_of_both(qcow2_guest,
                                                                               tmp_path):
     """--device data --device virtio0: the raw data disk is /dev/sda (export
@@ -387,14 +405,10 @@ def test_one_attach_moves_a_raw_and_the_qcow2_disk_and_names_the_files_of_both(q
     g = qcow2_guest
     before = graph(g)
     assert data_node(g) == "data-fmt"
-    trace = tmp_path / "both.trace"
     since = time.monotonic()
-    proc, err = start_attach(g, "--bmap", str(tmp_path / "vm.bmap"), "--log", str(trace),
-                             devices=("data", "virtio0"))
+    proc, err, trace = attach_with_the_qcow2_second(g, tmp_path, "data")
     try:
-        now = graph(g)
-        assert re.fullmatch(r"diskwatch-\d+-sdb-nbd", now[("top-fmt", "file")]), now
-        assert re.fullmatch(r"diskwatch-\d+-sdb-nbd-backing", now[("base-fmt", "file")]), now
+        assert_the_qcow2_is_second(g)
         assert re.fullmatch(r"diskwatch-\d+-nbd", data_node(g))
         path, named = create_and_see_it_named(g, proc, err, trace, "/dev/sdb1")
     finally:
@@ -439,15 +453,11 @@ def test_two_qcow2_disks_in_one_attach_each_on_its_exports(qcow2_guest, tmp_path
     sdb-backing); detach puts both back (named, a -drive, on a new file
     node), and so does the watchdog after kill -9."""
     g = qcow2_guest
-    trace = tmp_path / "two.trace"
     since = time.monotonic()
-    proc, err = start_attach(g, "--bmap", str(tmp_path / "two.bmap"), "--log", str(trace),
-                             devices=("named", "virtio0"))
+    proc, err, trace = attach_with_the_qcow2_second(g, tmp_path, "named")
     try:
-        now = graph(g)
+        now = assert_the_qcow2_is_second(g)
         assert re.fullmatch(r"diskwatch-\d+-nbd", now[("named-fmt", "file")]), now
-        assert re.fullmatch(r"diskwatch-\d+-sdb-nbd", now[("top-fmt", "file")]), now
-        assert re.fullmatch(r"diskwatch-\d+-sdb-nbd-backing", now[("base-fmt", "file")]), now
         text = wait_for_trace(proc, err, trace, lambda text: "write f /dev/sdb1 /var/log/demo.log"
                               in text and "read f /dev/sdb1 " + g.guest.reads[-1] in text)
     finally:
