@@ -487,3 +487,35 @@ def test_a_tls_client_that_leaves_mid_reply_or_never_reads_costs_only_itself(tls
     slow.shutdown()
     bystander.shutdown()
     assert rs.server._encryptor.jobs > 0
+
+
+SHRUNK_CLIENT = """
+import os, sys, nbd
+h = nbd.NBD()
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_tls_certificates(sys.argv[2])
+h.connect_uri(os.environ["uri"])
+before = h.pread(4096, 12 * 2**20)
+os.truncate(sys.argv[1], 4 * 2**20)  # the image shrinks under the server
+for offset in (12 * 2**20, 0):
+    try:
+        print(offset, "read", len(h.pread(4096, offset)))
+    except nbd.Error as e:
+        print(offset, "error", e.errno)
+h.shutdown()
+"""
+
+
+def test_an_image_shrunk_under_a_tls_client_fails_that_read_not_the_server(tls_dir, tmp_path):
+    """TLS encrypts in user space: a reply read from the mmap'd file past its
+    new end would be a SIGBUS for the whole server (a plain send gets EFAULT
+    from the kernel). Under TLS the bytes are read with pread: that read
+    fails, alone, and the server goes on."""
+    img = tmp_path / "shrinks.img"
+    img.write_bytes(os.urandom(16 * MiB))
+    script = tmp_path / "client.py"
+    script.write_text(SHRUNK_CLIENT)
+    r = run_diskwatch([img, "-r", "--tls=require", "--tls-certificates", tls_dir, "--headless",
+                       "--no-trace", "--run", f"/usr/bin/python3 {script} {img} {tls_dir}"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [f"{12 * MiB} error EIO", "0 read 4096"], r.stdout + r.stderr

@@ -213,6 +213,12 @@ def start(conn: Connection, engine: Engine) -> None:
     (``conn.turns`` is set already)."""
     conn.engine = engine
     engine.bind(conn)
+    if conn.tls is not None:
+        # TLS encrypts in user space: a view of an mmap'd file, read there,
+        # raises SIGBUS if the file shrank (sendmsg says EFAULT instead). A
+        # pread costs the same here (bench_tls: server CPU per GiB within
+        # its noise) and an error is that request's.
+        conn.view_for = _no_view
     conn.complete = completion(conn)
 
 
@@ -260,21 +266,22 @@ def carry_out(src: Source, req: P.Request, payload):
     return None
 
 
-def read_pieces(src: Source, offset: int, length: int) -> list:
+def read_pieces(src: Source, offset: int, length: int, *, views: bool = True) -> list:
     """A read in pieces (``(length, data)``, data None where the disk reads
     as zeroes), for a structured reply that leaves holes out.
 
     Every piece is read before anything is queued: once a chunk header is
     out its payload must follow (proto.md: the server "MUST still complete
     the transmission of any current chunk"), so a read that fails half-way
-    must leave nothing behind but the error reply."""
+    must leave nothing behind but the error reply. ``views``: the data
+    pieces may be the source's views (not under TLS: see ``start``)."""
     pieces = []
     pos = offset
     for n, f in P.clip_extents(src.extents(offset, length), offset, length, False, fill=True):
         if f & EXTENT_ZERO:
             pieces.append((n, None))
         else:
-            data = src.view_for(pos, n)
+            data = src.view_for(pos, n) if views else None
             if data is None:
                 data = src.pread(pos, n)
                 if len(data) != n:
@@ -332,7 +339,7 @@ class InlineEngine:
             return
         try:
             if cmd == P.CMD_READ and req[4] >= conn.scan_from and not req[1] & P.CMD_FLAG_DF:
-                result = read_pieces(conn.source, req[3], req[4])
+                result = read_pieces(conn.source, req[3], req[4], views=conn.tls is None)
             else:
                 result = carry_out(conn.source, req, _payload(conn, req, False))
         except Exception as e:  # noqa: BLE001 - any failure is this request's error
