@@ -63,6 +63,16 @@ def check_data_disk(g: RunningGuest, data) -> None:
             (n, slot)
 
 
+def assert_each_disk_named(log) -> None:
+    """The trace names the loop's log on the root disk and its data files on
+    the data disk, each on its own device and nowhere else."""
+    trace = log.read_text()
+    assert "write f /dev/sda1 /var/log/demo.log" in trace, trace[-2000:]
+    assert "write f /dev/sdb1 /data/f3" in trace and "read f /dev/sdb1 /data/f0" in trace, \
+        trace[-2000:]
+    assert not re.search(r"[fd] /dev/sda1 /data/", trace)
+
+
 @pytest.fixture(scope="module")
 def two_disk_guest(guest_image, tmp_path_factory):
     work = tmp_path_factory.mktemp("attach-disks")
@@ -103,11 +113,7 @@ def test_one_attach_moves_both_disks_names_each_and_detach_puts_both_back(two_di
     said = "".join(err)
     assert re.search(r"detached: virtio0 is back on \S+running\.img; data is back on \S+data\.raw",
                      said), said
-    trace = log.read_text()
-    assert "write f /dev/sda1 /var/log/demo.log" in trace, trace[-2000:]
-    assert "write f /dev/sdb1 /data/f3" in trace and "read f /dev/sdb1 /data/f0" in trace, \
-        trace[-2000:]
-    assert not re.search(r"[fd] /dev/sda1 /data/", trace)
+    assert_each_disk_named(log)
     g.wait_ticks(2)
     assert g.max_stall(since) < MAX_STALL, g.tail()
 

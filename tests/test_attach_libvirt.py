@@ -11,10 +11,11 @@ CI starts no services.
 One transient domain for the module (TCG, the loop guest of
 test_attach.py): the system disk a qcow2 over the demo guest's raw image
 (its backing file), the data disk a qcow2 holding an MBR and one ext4
-partition with /data/f0..f3, which the loop reads every tick and writes a
-record into /data/f3. In file order: attach to the system disk alone, then
-to both disks at once (each file named on its own device, detach puts both
-back on their files), kill -9 while attached (the watchdog puts both back),
+partition with /data/f0..f7 (test_attach_disks.py's), which the loop reads
+every tick and writes a record into /data/f3. In file order: attach to the
+system disk alone, then to both qcow2 disks at once (each file named on its
+own device, detach puts both back on their files), kill -9 while attached
+to both (the watchdog puts both back through virsh),
 and last the guest stops: qemu-img check of both qcow2 files is clean, and
 e2fsck of both filesystems (the images converted), and the data disk kept
 every record of the last ticks.
@@ -36,15 +37,15 @@ import time
 from pathlib import Path
 
 import pytest
-from test_attach import MAX_STALL, BOOT_TIMEOUT, RunningGuest, start_attach
+from test_attach import BOOT_TIMEOUT, MAX_STALL, RunningGuest, start_attach
+from test_attach_disks import assert_each_disk_named, check_data_disk, make_data_disk
 
 from diskwatch.attach.qmp import VirshMonitor
-from diskwatch.demo.guest import LOOP_INIT, MiB, build_minimal_initrd
+from diskwatch.demo.guest import LOOP_INIT, build_minimal_initrd
 
 pytestmark = pytest.mark.slow
 
 URI = "qemu:///system"
-PART = MiB  # the data disk's partition starts 1 MiB in
 
 
 def virsh(*words: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -197,16 +198,7 @@ def libvirt_guest(libvirtd, guest_image):
     root = work / "root.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base),
                     str(root)], check=True)
-    tree = work / "tree"
-    (tree / "data").mkdir(parents=True)
-    for i in range(4):  # f3 takes a record in each of its 16 4 KiB slots: in place
-        (tree / f"data/f{i}").write_bytes(bytes([i + 1]) * (65536 if i == 3 else 20000))
-    raw = work / "data.raw"
-    with open(raw, "wb") as f:
-        f.truncate(17 * MiB)
-    subprocess.run(["sfdisk", "-q", str(raw)], input=b"start=2048, type=83\n", check=True)
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={PART}", "-d", str(tree),
-                    str(raw), "15M"], check=True)
+    raw = make_data_disk(work)
     data = work / "data.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(data)], check=True)
     raw.unlink()
@@ -220,6 +212,9 @@ def libvirt_guest(libvirtd, guest_image):
     finally:
         guest.stop(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
+
+
+BOTH = ("virtio-disk0", "virtio-disk1")
 
 
 def drivers(g: LibvirtGuest) -> tuple[str, str]:
@@ -259,12 +254,37 @@ def test_attach_to_the_domain_s_system_disk_names_its_files(libvirt_guest, tmp_p
     assert g.max_stall(since) < MAX_STALL, g.tail()
 
 
-def test_kill_9_while_attached_the_watchdog_puts_the_disk_back_through_libvirt(libvirt_guest):
+def test_one_attach_moves_both_qcow2_disks_names_each_and_detach_puts_both_back(libvirt_guest,
+                                                                                tmp_path):
     g, data = libvirt_guest
     since = time.monotonic()
     before = files(g)
-    proc, err = start_attach(g, "--no-trace", devices=("virtio-disk0",))
-    assert files(g)[0] != before[0]
+    log = tmp_path / "trace.txt"
+    proc, err = start_attach(g, "--bmap", str(tmp_path / "vm.bmap"), "--log", str(log),
+                             devices=BOTH)
+    said = "".join(err)
+    assert "attached: virtio-disk0 and virtio-disk1's I/O goes through diskwatch" in said, said
+    now = files(g)
+    assert now[0] != before[0] and now[1] != before[1], now
+    g.wait_ticks(3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, "".join(err)
+    assert files(g) == before
+    said = "".join(err)
+    assert re.search(r"detached: virtio-disk0 is back on \S+root\.qcow2; virtio-disk1 is back on "
+                     r"\S+data\.qcow2", said), said
+    assert_each_disk_named(log)
+    g.wait_ticks(2)
+    assert g.max_stall(since) < MAX_STALL, g.tail()
+
+
+def test_kill_9_while_attached_the_watchdog_puts_both_disks_back_through_libvirt(libvirt_guest):
+    g, data = libvirt_guest
+    since = time.monotonic()
+    before = files(g)
+    proc, err = start_attach(g, "--no-trace", devices=BOTH)
+    now = files(g)
+    assert now[0] != before[0] and now[1] != before[1], now
     g.wait_ticks(1)
     proc.kill()
     proc.wait()
@@ -278,7 +298,8 @@ def test_kill_9_while_attached_the_watchdog_puts_the_disk_back_through_libvirt(l
             break
         assert time.monotonic() < deadline, f"the disks read {now}"
         time.sleep(0.2)
-    while not any("watchdog: the guest's disk virtio-disk0 is back on" in line for line in err):
+    while not all(any(f"watchdog: the guest's disk {d} is back on" in line for line in err)
+                  for d in BOTH):
         assert time.monotonic() < deadline, "".join(err)
         time.sleep(0.05)
     g.wait_ticks(3)
@@ -300,20 +321,11 @@ def test_the_guest_stops_and_both_qcow2_files_and_filesystems_are_clean(libvirt_
         check = json.loads(r.stdout)
         assert check.get("corruptions", 0) == 0 and check.get("leaks", 0) == 0, check
     raws = []
-    for image, offset in ((g.image, g.guest.partition_offset), (data, PART)):
+    for image in (g.image, data):
         raw = tmp_path / f"{image.stem}.raw"
         subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
-        spec = f"{raw}?offset={offset}"
-        r = subprocess.run(["e2fsck", "-f", "-n", spec], capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout + r.stderr
-        raws.append(spec)
-    # every one of the last ticks (15 at most: the slots) left its record on
-    # the data disk
-    r = subprocess.run(["debugfs", "-R", "cat /data/f3", raws[1]], capture_output=True)
-    f3 = r.stdout.decode("latin-1")
-    last = [n for _, n in g.ticks][-15:]
-    assert len(last) >= 5
-    for n in last:
-        slot = n % 15 + 1
-        assert f3[slot * 4096:slot * 4096 + 64].startswith(f"loop {n} on the data disk"), \
-            (n, slot)
+        raws.append(raw)
+    r = subprocess.run(["e2fsck", "-f", "-n", f"{raws[0]}?offset={g.guest.partition_offset}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check_data_disk(g, raws[1])
