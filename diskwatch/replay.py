@@ -80,7 +80,8 @@ def replay(cfg: ReplayConfig) -> int:
     with contextlib.ExitStack() as files:
         log = files.enter_context(open_output(cfg.log)) if cfg.log else None
         summary = add_text_sinks(pump, size=header.size, blockmap=session.blockmap, t0=0.0,
-                                 headless=cfg.headless, no_trace=cfg.no_trace, log=log)
+                                 headless=cfg.headless, no_trace=cfg.no_trace, log=log,
+                                 disks=session.disks)
         try:
             if not cfg.headless:
                 from .ui.replay import ReplayApp

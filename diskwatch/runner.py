@@ -596,7 +596,8 @@ class Runner:
             self.logs.append(log)
         self.summary = add_text_sinks(pump, size=source.size, blockmap=session.blockmap,
                                       t0=session.started, headless=cfg.headless,
-                                      no_trace=cfg.no_trace, log=log, trace_out=self.trace_out)
+                                      no_trace=cfg.no_trace, log=log, trace_out=self.trace_out,
+                                      disks=session.disks)
         if cfg.record:
             from .recording.writer import Recorder
             self.recorder = Recorder.for_session(

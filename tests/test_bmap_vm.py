@@ -23,7 +23,7 @@ import time
 
 import pytest
 from fixtures_images import GUESTFS_ENV, content
-from fixtures_server import run_diskwatch
+from fixtures_server import SUBPROCESS_ENV, run_diskwatch
 from groundtruth import ext4_file_ranges
 
 from diskwatch.bmap.format import read_bmap
@@ -736,3 +736,72 @@ def test_auto_maps_disk_1_by_watching_and_the_others_together(tmp_path):
             if dev == "/dev/sdb"} == {"2"}
     assert [ln[:5] for ln in lines if ln[0] == "1"] == [["1", "0", "14000000", "v", "/dev/sda"]]
     assert len(made.more) == 2 and made.blockmap is None
+
+
+WRITER = """
+import os, sys, urllib.parse, guestfs
+path, offsets = sys.argv[1], [int(o) for o in sys.argv[2:]]
+g = guestfs.GuestFS(python_return_dict=True)
+g.set_backend("direct")
+g.set_backend_settings(["force_tcg"])
+for k in (1, 2):
+    u = urllib.parse.urlparse(os.environ[f"uri{k}"])
+    socket = urllib.parse.parse_qs(u.query)["socket"][0]
+    g.add_drive_opts(u.path.lstrip("/"), format="raw", protocol="nbd",
+                     server=[f"unix:{socket}"])  # an NBD drive's "filename": its export
+g.launch()
+g.vg_activate_all(True)
+g.mount("/dev/vgx/span", "/")
+for n, offset in enumerate(offsets):  # a log's records, written in place
+    g.pwrite(path, (f"log record {n} " * 300)[:4096].encode(), offset)
+g.sync()
+g.umount_all()
+g.shutdown()
+g.close()
+"""
+
+
+@slow
+def test_a_guest_writes_a_log_on_the_lv_spanning_two_disks_named_on_both(vm, lvm_map,
+                                                                         tmp_path):
+    """A Linux guest (the libguestfs appliance, over diskwatch's two exports)
+    activates the volume group, mounts the spanning LV and writes records in
+    place into a file that crosses from disk 1 to disk 2: its writes are
+    named on both disks, at the disk offsets LVM's segments and debugfs give
+    for those bytes of the file."""
+    _, segments = _lv_truth(vm)
+    truth = ext4_file_ranges(vm["dir"] / "span.lv", 0, list(LV_FILES))
+    path = next(p for p, r in truth.items()
+                if len({k for k, _, _ in _through(segments, r)}) == 2)
+    # a file offset on each disk: the file's blocks in file order, through the segments
+    where: dict[int, tuple[int, int]] = {}  # disk -> (file offset, disk offset)
+    pos = 0
+    for s, e in truth[path]:
+        for off in range(s, e, 4096):
+            disk, start, _ = _through(segments, [(off, off + 4096)])[0]
+            if pos + 4096 <= LV_FILES[path]:
+                where.setdefault(disk, (pos, start))
+            pos += 4096
+    assert set(where) == {1, 2}, where
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    a, b = lvm_map["images"]
+    before = [a.read_bytes(), b.read_bytes()]
+    done = run_diskwatch([a, b, "--snapshot", "--bmap", lvm_map["path"], "--headless",
+                          "--remap", "off", "--run",
+                          f"/usr/bin/python3 {script} {path} {where[1][0]} {where[2][0]}"],
+                         timeout=600, env={**SUBPROCESS_ENV, **GUESTFS_ENV})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [a.read_bytes(), b.read_bytes()] == before  # --snapshot: the images untouched
+    for disk, device in ((1, "/dev/sda"), (2, "/dev/sdb")):
+        # the LV's name does not say the disk: the line does
+        lines = [ln for ln in done.stdout.splitlines()
+                 if f"write f /dev/vgx/span {path} on {device}  [" in ln]
+        assert any(_covers(ln, where[disk][1]) for ln in lines), \
+            (disk, hex(where[disk][1]), done.stdout[-3000:])
+
+
+def _covers(line: str, at: int) -> bool:
+    """Whether a trace line's ranges ([0xS-0xE, ...]) hold the disk offset ``at``."""
+    return any(int(s, 16) <= at < int(e, 16)
+               for s, e in re.findall(r"0x([0-9a-f]+)-0x([0-9a-f]+)", line))

@@ -216,3 +216,67 @@ def test_a_guest_with_a_root_disk_and_a_qcow2_data_disk_boots_under_one_diskwatc
     assert objects["f /dev/sdb1 /new.log"]["write_bytes"] >= 2_000_000
     print("\n" + "\n".join(ln for ln in (done.stderr + trace).splitlines()
                            if "remap" in ln or "new.log" in ln or "/dev/sdb1 /data/f3" in ln))
+
+
+def test_the_trace_says_the_disk_where_the_object_does_not():
+    """A run is one disk's: the same LV's blocks on two disks make two lines,
+    each saying its disk (the LV's name does not); a partition's line needs
+    no word more; flushes and unnamed ranges say their disk too."""
+    import io
+
+    from diskwatch.bmap.index import BmapObject
+    from diskwatch.events import Request
+    from diskwatch.sinks.text_trace import TextTrace
+    from diskwatch.wire import Command
+
+    lv = BmapObject("f", "/dev/vg/var", "/log/syslog")
+    part = BmapObject("f", "/dev/sdb1", "/data/f3")
+    reqs = [Request(1, "", Command.WRITE, 4096, 4096, 0, 1.0, 0.001, 0),
+            Request(2, "sdb", Command.WRITE, 8192, 4096, 0, 1.001, 0.001, 0),
+            Request(2, "sdb", Command.WRITE, 65536, 4096, 0, 1.002, 0.001, 0),
+            Request(2, "sdb", Command.FLUSH, 0, 0, 0, 1.003, 0.001, 0),
+            Request(1, "", Command.FLUSH, 0, 0, 0, 1.004, 0.001, 0),
+            Request(1, "", Command.READ, 1 << 20, 512, 0, 1.005, 0.001, 0)]
+    pieces = [[(4096, 8192, lv)], [(8192, 12288, lv)], [(65536, 69632, part)], [], [],
+              [(1 << 20, (1 << 20) + 512, None)]]
+    out = io.StringIO()
+    trace = TextTrace(out, blockmap=object(), disks={"": "/dev/sda", "sdb": "/dev/sdb"})
+    trace.feed(reqs, pieces)
+    trace.close()
+    lines = [ln.split("] ", 1)[1] for ln in out.getvalue().splitlines()]
+    assert lines == [
+        "write f /dev/vg/var /log/syslog on /dev/sda  [0x1000-0x2000] 4 KiB",
+        "write f /dev/vg/var /log/syslog on /dev/sdb  [0x2000-0x3000] 4 KiB",
+        "write f /dev/sdb1 /data/f3  [0x10000-0x11000] 4 KiB",
+        "flush on /dev/sdb",
+        "flush on /dev/sda",
+        "read - (no object: metadata or free space) on /dev/sda  [0x100000-0x100200] 512 B",
+    ], lines
+    one = io.StringIO()  # one disk: no word more
+    trace = TextTrace(one, blockmap=object())
+    trace.feed(reqs[:1], pieces[:1])
+    trace.close()
+    assert "write f /dev/vg/var /log/syslog  [0x1000-0x2000]" in one.getvalue()
+
+
+def test_the_ui_trace_says_the_disk_where_the_object_does_not():
+    """The UI's trace folds one disk's requests into a line, and says the
+    disk where the object's name does not (the same rule as the text trace)."""
+    from diskwatch.bmap.index import BmapObject
+    from diskwatch.events import Request
+    from diskwatch.ui.trace import TraceModel, render_trace_line
+    from diskwatch.wire import Command
+
+    lv = BmapObject("f", "/dev/vg/var", "/log/syslog")
+    part = BmapObject("f", "/dev/sdb1", "/data/f3")
+    model = TraceModel(disks={"": "/dev/sda", "sdb": "/dev/sdb"})
+    model.add([(Request(1, "", Command.WRITE, 4096, 4096, 0, 1.0, 0.001, 0),
+                [(4096, 8192, lv)]),
+               (Request(2, "sdb", Command.WRITE, 8192, 4096, 0, 1.001, 0.001, 0),
+                [(8192, 12288, lv)]),
+               (Request(2, "sdb", Command.WRITE, 65536, 4096, 0, 1.002, 0.001, 0),
+                [(65536, 69632, part)])])
+    shown = ["".join(s.text for s in render_trace_line(ln, 100)) for ln in model.lines]
+    assert [ln.disk for ln in model.lines] == ["/dev/sda", "/dev/sdb", ""]
+    assert "/log/syslog on /dev/sda" in shown[0] and "/log/syslog on /dev/sdb" in shown[1]
+    assert " on " not in shown[2] and "/data/f3" in shown[2]

@@ -72,6 +72,13 @@ class BmapObject(NamedTuple):
     def rank(self) -> int:
         return TYPE_RANK[self.type]
 
+    def names_disk(self, disk: str) -> bool:
+        """Whether the object's device says it is on ``disk`` (/dev/sdb):
+        the disk itself or one of its partitions (/dev/sdb1), not an LV
+        or RAID array that may span several (the traces then say the disk)."""
+        device = self.device
+        return device == disk or (device.startswith(disk) and device[len(disk):].isdigit())
+
     @property
     def is_structure(self) -> bool:
         """A filesystem's own structure ($MFT, /$Journal...), not a file a

@@ -14,6 +14,11 @@ requests alone, not on when the pump ran: a replayed recording prints the
 same lines as the live run did. Lines are written to the file as they are
 made (each batch, and a quiet run after ``2 * idle_flush``), so
 ``tail -f`` on a --log file follows the session.
+
+A session of several disks: a run is one disk's, and a line whose object
+does not name its disk (an LV or RAID array spanning disks, a qcow2's
+backing file, no object at all) says which: ``write f /dev/vg/var
+/log/syslog on /dev/sdb  [...]``.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ MAX_RANGES_SHOWN = 4
 
 
 class _Run:
-    __slots__ = ("op", "obj", "start_t", "ranges", "count", "nbytes", "errors")
+    __slots__ = ("op", "obj", "start_t", "ranges", "count", "nbytes", "errors", "export")
 
-    def __init__(self, op: int, obj, t: float, offset: int, length: int, err: int):
+    def __init__(self, op: int, obj, t: float, offset: int, length: int, err: int,
+                 export: str = ""):
         self.op = op
+        self.export = export
         self.obj = obj
         self.start_t = t
         self.ranges = [[offset, offset + length]]
@@ -48,8 +55,11 @@ class _Run:
 class TextTrace:
     """Formats request events as text lines, merging runs."""
 
-    def __init__(self, out: IO[str], blockmap=None, t0: float = 0.0, idle_flush: float = 0.5):
+    def __init__(self, out: IO[str], blockmap=None, t0: float = 0.0, idle_flush: float = 0.5,
+                 disks: dict[str, str] | None = None):
+        """``disks``: export -> device (/dev/sdb), when the session has several."""
         self.out = out
+        self.disks = disks
         self.blockmap = blockmap
         self.t0 = t0
         self.idle_flush = idle_flush
@@ -136,26 +146,27 @@ class TextTrace:
                 # flush, disc, unknown commands (block status was skipped
                 # above): repeats of one kind make one line
                 run = self._run
-                if run is not None and run.op == cmd and run.ranges is None:
+                if run is not None and run.op == cmd and run.ranges is None \
+                        and run.export == r.export:
                     run.count += 1
                     run.errors += 1 if r.error else 0
                 else:
                     self._emit()
-                    self._run = _Run(cmd, None, r.start, 0, 0, r.error)
+                    self._run = _Run(cmd, None, r.start, 0, 0, r.error, r.export)
                     self._run.ranges = None
                 self._last_t = r.start
                 continue
             if pieces is not None:
                 self.named = True
                 for start, end, obj in pieces[i]:
-                    self._add(cmd, obj, r.start, start, end - start, r.error, by_object=True)
+                    self._add(cmd, obj, r.start, start, end - start, r.error, True, r.export)
             else:
-                self._add(cmd, None, r.start, r.offset, r.length, r.error, by_object=False)
+                self._add(cmd, None, r.start, r.offset, r.length, r.error, False, r.export)
             self._last_t = r.start
 
-    def _add(self, cmd, obj, t, offset, length, err, by_object: bool) -> None:
+    def _add(self, cmd, obj, t, offset, length, err, by_object: bool, export: str) -> None:
         run = self._run
-        if run is not None and run.op == cmd and run.ranges is not None:
+        if run is not None and run.op == cmd and run.ranges is not None and run.export == export:
             last = run.ranges[-1]
             if by_object and run.obj == obj:
                 if last[1] == offset:
@@ -173,7 +184,7 @@ class TextTrace:
                 run.errors += 1 if err else 0
                 return
         self._emit()
-        self._run = _Run(cmd, obj, t, offset, length, err)
+        self._run = _Run(cmd, obj, t, offset, length, err, export)
 
     def tick(self, now: float) -> None:
         """Called on a timer: a run that has been quiet for a while is written
@@ -190,8 +201,9 @@ class TextTrace:
             return
         self._run = None
         op = COMMAND_NAMES[run.op]
+        on = self._disk_of(run)
         if run.ranges is None:
-            text = op if run.count == 1 else f"{op} x{run.count}"
+            text = (op if run.count == 1 else f"{op} x{run.count}") + on
             if run.errors:
                 text += f" ({run.errors} failed)"
             self._write(run.start_t, text)
@@ -212,10 +224,21 @@ class TextTrace:
             # the guest named its files: a name must not steer the terminal
             what = (safe_text(str(run.obj)) if run.obj is not None
                     else "- (no object: metadata or free space)")
-            text = f"{op} {what}  [{shown}] {detail}"
+            text = f"{op} {what}{on}  [{shown}] {detail}"
         else:
-            text = f"{op} {shown} {detail}"
+            text = f"{op}{on} {shown} {detail}"
         self._write(run.start_t, text)
+
+    def _disk_of(self, run: _Run) -> str:
+        """' on /dev/sdb' where the line's object does not say its disk."""
+        if self.disks is None:
+            return ""
+        device = self.disks.get(run.export)
+        if device is None:
+            return ""
+        if run.obj is not None and run.obj.names_disk(device):
+            return ""  # /dev/sdb1, /dev/sdb: the name says the disk
+        return f" on {safe_text(device)}"
 
     def _write(self, t: float, text: str) -> None:
         self._pending.append(f"[{t - self.t0:9.3f}] {text}\n")

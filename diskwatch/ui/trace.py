@@ -54,6 +54,9 @@ class TraceLine:
     count: int = 1
     error: int = 0
     skipped: int = 0  # a marker line: this many requests were not listed
+    #: a session of several disks: the disk (/dev/sdb), where the object's
+    #: name does not say it (an LV or array spanning disks, no object)
+    disk: str = ""
 
     @property
     def type(self) -> str | None:
@@ -76,8 +79,11 @@ LineFilter = Callable[[TraceLine], bool] | None
 class TraceModel:
     """Folds attributed requests into lines; bounded memory."""
 
-    def __init__(self, started: float = 0.0, cap: int = 5000, per_add: int = 1000) -> None:
+    def __init__(self, started: float = 0.0, cap: int = 5000, per_add: int = 1000,
+                 disks: dict[str, str] | None = None) -> None:
+        """``disks``: export -> device, when the session has several."""
         self.started = started
+        self.disks = disks
         self.cap = cap
         self.per_add = per_add
         self.lines: deque[TraceLine] = deque(maxlen=cap)
@@ -123,6 +129,8 @@ class TraceModel:
         started = self.started
         names = COMMAND_NAMES
         made = 0
+        disks = self.disks
+        disk = ""
         items = islice(attributed, first, end) if first or end < len(attributed) else attributed
         for k, (r, pieces) in enumerate(items, first):
             cmd = r[2]
@@ -130,9 +138,13 @@ class TraceModel:
             if not pieces:  # no map, or no length
                 offset, length = r[3], r[4]
                 pieces = ((offset, offset + length, None),) if length else ((0, 0, None),)
+            if disks is not None:
+                device = disks.get(r[1], "")
             for j, (start, end_, obj) in enumerate(pieces):
+                if disks is not None:
+                    disk = "" if obj is not None and obj.names_disk(device) else device
                 last = lines[-1] if lines else None
-                if last is not None and last.op == op and last.obj == obj and (
+                if last is not None and last.op == op and last.obj == obj and last.disk == disk and (
                     obj is not None
                     # without an object, fold sequential runs and exact repeats
                     or last.end == start
@@ -155,7 +167,7 @@ class TraceModel:
                     self._skip(r[6] - started, end - k, nbytes)
                     return made + 1
                 self._push(TraceLine(r[6] - started, op, obj, start, end_, end_ - start,
-                                     1, r[8]))
+                                     1, r[8], disk=disk))
                 made += 1
         return made
 
@@ -192,7 +204,8 @@ def render_trace_line(line: TraceLine, width: int,
     tail = f"{format_bytes_compact(line.nbytes):>6}"
     count = f" ×{line.count}" if line.count > 1 else ""
     err = f" E{line.error}" if line.error else ""
-    room = width - len(t) - len(op) - len(tail) - len(count) - len(err) - 1
+    on = f" on {safe_text(line.disk)}" if line.disk else ""
+    room = width - len(t) - len(op) - len(tail) - len(count) - len(err) - len(on) - 1
     obj = line.obj
     segs = [Segment(t, style("time", null)), Segment(op, style(f"op-{line.op}", dim))]
     if obj is not None:
@@ -216,6 +229,8 @@ def render_trace_line(line: TraceLine, width: int,
         name = fit_left(line.label(), room)
         segs.append(Segment(name, style("skipped" if line.skipped else "type-none", null)))
         used = len(name)
+    if on:
+        segs.append(Segment(on, style("device", null)))
     pad = max(0, room - used) + 1
     segs.append(Segment(" " * pad))
     segs.append(Segment(tail, dim))
