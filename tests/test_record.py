@@ -380,3 +380,42 @@ def test_a_damaged_recorded_map_is_one_line(tmp_path):
         open_recording(str(path))
     assert str(e.value) == (f"{path}: a recorded block map is damaged (a bad request index "
                             "or time)")
+
+
+def test_a_journal_map_recorded_before_a_map_at_one_request_is_replayed_before_it(tmp_path):
+    """Two remaps between the same two requests: the first swapped nothing
+    in (its journal map alone is kept), the second swapped a map in and kept
+    its journal map after it. Live handed them on in that order (the first's
+    journal line, then what the swap named late, then the second's journal
+    line); the replay does the same (it used to hand both journal maps on
+    after the swap)."""
+    from diskwatch.bmap.format import parse_bmap
+    from diskwatch.bmap.index import BlockMap
+    from diskwatch.recording.format import RecordingHeader
+    from diskwatch.recording.maps import maps_for
+    from diskwatch.recording.player import Player
+    from diskwatch.recording.writer import Recorder
+
+    first = BlockMap(parse_bmap(["1 0 100000 p /dev/sda1"]))
+    second = BlockMap(parse_bmap(["1 0 100000 p /dev/sda2"]))
+    journal_a = BlockMap(parse_bmap(["1 0 1000 f /dev/sda1 /a"]))
+    journal_b = BlockMap(parse_bmap(["1 0 1000 f /dev/sda1 /b"]))
+    path = tmp_path / "order.dwrec"
+    rec = Recorder(str(path), RecordingHeader(source="file x", size=1 << 20,
+                                              started_monotonic=time.monotonic()))
+    rec.feed(_reads([0x1000, 0x1000]), None)
+    rec.add_journal_map(journal_a)
+    rec.add_map(second, "remap (auto)")
+    rec.add_journal_map(journal_b)
+    rec.feed(_reads([0x1000, 0x1000]), None)
+    rec.close()
+    r = open_recording(str(path))
+    order: list[str] = []
+    player = Player(r, clock=lambda: 1e9, maps=maps_for(r, None, first, lambda text: None),
+                    on_map=lambda m: order.append(f"map {m.first(0, 1)}"),
+                    on_journal=lambda m: order.append(f"journal {m.first(0, 1)}"))
+    while not player.finished:
+        _, batch, _ = player.take(1e9)
+        if batch:
+            player.look_up(batch)
+    assert order == ["journal f /dev/sda1 /a", "map p /dev/sda2", "journal f /dev/sda1 /b"]

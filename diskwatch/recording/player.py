@@ -208,6 +208,13 @@ class Player:
             part = batch[lo - first:hi - first]
             pieces += map(blockmap.lookup, map(_OFFSET, part), map(_LENGTH, part))
         if blockmap is not self.blockmap:
+            # journal maps recorded at this request before the map (an
+            # earlier remap's, which swapped nothing in) are handed on
+            # before it, as live did: frames are in the file in the order
+            # the live session made them
+            k = bisect_right(maps.at, first) - 1
+            if k >= 0:
+                self._journals_until(first, before=maps.recorded[k].frame[1])
             self.blockmap = blockmap
             self.on_map(blockmap)
         self._journals_until(first)
@@ -233,9 +240,11 @@ class Player:
             self.on_disk_map(recorded.export, blockmap)
             self._dnext += 1
 
-    def _journals_until(self, at: int) -> None:
-        """Journal maps recorded at requests up to ``at``, not yet handed on."""
-        while self._jnext < len(self.journal_at) and self.journal_at[self._jnext] <= at:
+    def _journals_until(self, at: int, before: int | None = None) -> None:
+        """Journal maps recorded at requests up to ``at``, not yet handed on
+        (``before``: only those written in the file before that offset)."""
+        while self._jnext < len(self.journal_at) and self.journal_at[self._jnext] <= at and (
+                before is None or self.journal_maps[self._jnext].frame[1] < before):
             self.on_journal(self.recording.load_map(self.journal_maps[self._jnext]))
             self._jnext += 1
 
