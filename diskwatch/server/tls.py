@@ -349,7 +349,10 @@ class TLSSocket:
             try:
                 n = read(want - total, view[total:])
             except ssl.SSLWantReadError:
-                if not self._fill():
+                # Some read already: hand it on rather than ask the socket
+                # again (a recv that would only say EAGAIN, every round: the
+                # loop is level-triggered and comes back for the rest).
+                if total or not self._fill():
                     break
                 continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -409,8 +412,13 @@ class TLSSocket:
             self.encrypting = True
             self.encryptor.run(partial(self._encrypt, records), self._encrypted)
             return taken
-        self._out.append(self._encrypt(records))
-        self.flush()
+        data = self._encrypt(records)
+        try:
+            n = self.sock.send(data)  # nothing waits (flush above): straight out
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n < len(data):
+            self._out.append(memoryview(data)[n:])
         return taken
 
     def _encrypt(self, records: list) -> bytes:
