@@ -234,6 +234,8 @@ class TrafficScreen(Screen[None]):
     def __init__(self, model: TrafficTree) -> None:
         super().__init__()
         self.model = model
+        #: set once mounted (the app's timer may call sync before: nothing to do yet)
+        self.tree_view: TrafficTreeView | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("", id="tree-header")
@@ -255,11 +257,15 @@ class TrafficScreen(Screen[None]):
 
     def sync(self) -> None:
         """The app's timer: the tree, its header and the detail line from the model."""
+        if self.tree_view is None:  # pushed, not mounted yet
+            return
         self.query_one("#tree-header", Static).update(Text(self.tree_view.header()))
         self.tree_view.sync()
         self._detail()
 
     def _detail(self) -> None:
+        if self.tree_view is None:
+            return
         node = self.tree_view.cursor_node
         data = node.data if node is not None else None
         self.detail.update(Text(safe_text(describe(data, self.model.now)) if data else
@@ -273,7 +279,9 @@ class TrafficScreen(Screen[None]):
         self.app.pop_screen()
 
     def action_sort(self) -> None:
-        self.tree_view.cycle_sort()
+        if self.tree_view is not None:
+            self.tree_view.cycle_sort()
 
     def action_busiest(self) -> None:
-        self.tree_view.open_busiest()
+        if self.tree_view is not None:
+            self.tree_view.open_busiest()
