@@ -280,3 +280,6 @@ def test_the_ui_trace_says_the_disk_where_the_object_does_not():
     assert [ln.disk for ln in model.lines] == ["/dev/sda", "/dev/sdb", ""]
     assert "/log/syslog on /dev/sda" in shown[0] and "/log/syslog on /dev/sdb" in shown[1]
     assert " on " not in shown[2] and "/data/f3" in shown[2]
+    model.add([(Request(2, "sdb", Command.FLUSH, 0, 0, 0, 1.003, 0.001, 0), None)])
+    flush = "".join(s.text for s in render_trace_line(model.lines[-1], 100))
+    assert "flush on /dev/sdb " in flush, flush

@@ -205,6 +205,8 @@ def render_trace_line(line: TraceLine, width: int,
     count = f" ×{line.count}" if line.count > 1 else ""
     err = f" E{line.error}" if line.error else ""
     on = f" on {safe_text(line.disk)}" if line.disk else ""
+    if on and line.obj is None and not line.label():
+        on = on[1:]  # a flush: the op's column already ends in a space
     room = width - len(t) - len(op) - len(tail) - len(count) - len(err) - len(on) - 1
     obj = line.obj
     segs = [Segment(t, style("time", null)), Segment(op, style(f"op-{line.op}", dim))]
