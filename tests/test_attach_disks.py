@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_attach import MAX_STALL, RunningGuest, booted, start_attach
+from test_attach import MAX_STALL, RunningGuest, booted, start_attach, wait_back
 
 from diskwatch.demo.guest import MiB
 
@@ -126,20 +126,7 @@ def test_kill_9_while_attached_to_both_the_watchdog_puts_both_back(two_disk_gues
     g.wait_ticks(1)
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            now = drivers(g)
-        except Exception:  # noqa: BLE001 - the watchdog holds the monitor for a moment
-            now = ("", "")
-        if now == ("raw", "raw"):
-            break
-        assert time.monotonic() < deadline, f"the disks are on {now}"
-        time.sleep(0.2)
-    while not all(any(f"watchdog: the guest's disk {d} is back on" in line for line in err)
-                  for d in ("virtio0", "data")):
-        assert time.monotonic() < deadline, "".join(err)
-        time.sleep(0.05)
+    wait_back(err, ("virtio0", "data"), lambda: drivers(g), ("raw", "raw"))
     g.wait_ticks(3)
     assert g.max_stall(since) < MAX_STALL, g.tail()
     assert "I/O error" not in g.tail(200)

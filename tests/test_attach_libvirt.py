@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_attach import BOOT_TIMEOUT, MAX_STALL, RunningGuest, start_attach
+from test_attach import BOOT_TIMEOUT, MAX_STALL, RunningGuest, start_attach, wait_back
 from test_attach_disks import assert_each_disk_named, check_data_disk, make_data_disk
 
 from diskwatch.attach.qmp import VirshMonitor
@@ -288,20 +288,7 @@ def test_kill_9_while_attached_the_watchdog_puts_both_disks_back_through_libvirt
     g.wait_ticks(1)
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            now = files(g)
-        except Exception:  # noqa: BLE001 - virsh while the watchdog holds the monitor
-            now = ("", "")
-        if now == before:
-            break
-        assert time.monotonic() < deadline, f"the disks read {now}"
-        time.sleep(0.2)
-    while not all(any(f"watchdog: the guest's disk {d} is back on" in line for line in err)
-                  for d in BOTH):
-        assert time.monotonic() < deadline, "".join(err)
-        time.sleep(0.05)
+    wait_back(err, BOTH, lambda: files(g), before)
     g.wait_ticks(3)
     assert g.max_stall(since) < MAX_STALL, g.tail()
     assert "I/O error" not in g.tail(200)

@@ -35,6 +35,7 @@ from test_attach import (
     diskwatch,
     one_line_error,
     start_attach,
+    wait_back,
 )
 from test_attach_disks import check_data_disk, make_data_disk
 
@@ -349,23 +350,8 @@ def data_node(g) -> str:
 
 def wait_until_back(g, before: dict, err: list[str], disks: tuple[str, ...]) -> float:
     """After kill -9: seconds until the watchdog put every disk back as it was."""
-    killed = time.monotonic()
-    deadline = killed + 60
-    while True:
-        try:
-            now, node = graph(g), data_node(g)
-        except Exception:  # noqa: BLE001 - the watchdog holds the monitor for a moment
-            now, node = {}, ""
-        if now == before and node == "data-fmt":
-            break
-        assert time.monotonic() < deadline, f"still on diskwatch: {now} {node}"
-        time.sleep(0.2)
-    back = time.monotonic() - killed
+    back = wait_back(err, disks, lambda: (graph(g), data_node(g)), (before, "data-fmt"))
     assert nbd_nodes(g) == []
-    while not all(any(f"watchdog: the guest's disk {d} is back on" in line for line in err)
-                  for d in disks):
-        assert time.monotonic() < deadline, "".join(err)
-        time.sleep(0.05)
     return back
 
 
