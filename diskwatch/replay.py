@@ -81,7 +81,7 @@ def replay(cfg: ReplayConfig) -> int:
         log = files.enter_context(open_output(cfg.log)) if cfg.log else None
         summary = add_text_sinks(pump, size=header.size, blockmap=session.blockmap, t0=0.0,
                                  headless=cfg.headless, no_trace=cfg.no_trace, log=log,
-                                 disks=session.disks)
+                                 devices=session.devices())
         try:
             if not cfg.headless:
                 from .ui.replay import ReplayApp

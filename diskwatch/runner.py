@@ -597,7 +597,7 @@ class Runner:
         self.summary = add_text_sinks(pump, size=source.size, blockmap=session.blockmap,
                                       t0=session.started, headless=cfg.headless,
                                       no_trace=cfg.no_trace, log=log, trace_out=self.trace_out,
-                                      disks=session.disks)
+                                      devices=session.devices())
         if cfg.record:
             from .recording.writer import Recorder
             self.recorder = Recorder.for_session(

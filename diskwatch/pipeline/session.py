@@ -219,6 +219,13 @@ class Session:
             return None
         return {self.export: self.blockmap, **self.maps}
 
+    def devices(self) -> dict[str, str] | None:
+        """Each disk's device (/dev/sdb) by export name, which the traces
+        say, or None for a one-disk session."""
+        if len(self.disks) < 2:
+            return None
+        return {export: device for export, _, device in self.disks}
+
     def set_disks(self, disks: list, maps: dict | None = None) -> None:
         """The VM's disks, (export, size, device) in order, and the other
         disks' maps (by export). With several, the first disk's own sinks

@@ -26,13 +26,13 @@ from .text_trace import TextTrace
 
 def add_text_sinks(pump: Any, *, size: int, blockmap: Any, t0: float, headless: bool,
                    no_trace: bool = False, log: IO[str] | None = None,
-                   trace_out: IO[str] | None = None, disks: Any = ()) -> Summary | None:
+                   trace_out: IO[str] | None = None,
+                   devices: dict[str, str] | None = None) -> Summary | None:
     """The text sinks a live session and a replay both have: the trace into
     ``log`` (--log, opened by the caller), else headless into ``trace_out``
     (None: stdout) unless ``no_trace``; headless, the summary, which is returned (printed
-    by the caller at exit), else None. ``disks``: the session's disks
-    (``Session.disks``: export, size, device), which the trace tells apart."""
-    devices = {export: device for export, _, device in disks} if len(disks) > 1 else None
+    by the caller at exit), else None. ``devices``: a session of several
+    disks' devices by export (``Session.devices``), which the trace tells apart."""
     if log is not None:
         pump.add(TextTrace(log, blockmap, t0, disks=devices))
     elif headless and not no_trace:

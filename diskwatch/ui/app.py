@@ -191,10 +191,8 @@ class DiskwatchApp(App[int | None]):
         self.traffic = TrafficTree()
         session.pump.add(self.activity_sink)
         session.pump.add(self.traffic)
-        self.trace_model = TraceModel(
-            started=session.started, cap=trace_cap,
-            disks={export: device for export, _, device in session.disks}
-            if len(session.disks) > 1 else None)
+        self.trace_model = TraceModel(started=session.started, cap=trace_cap,
+                                      disks=session.devices())
         self.held: deque[tuple[Any, Any]] = deque(maxlen=50_000)
         self.command_status: int | None = None  # from the "exit" Message
         self._last_tick = clock()
