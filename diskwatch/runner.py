@@ -20,6 +20,13 @@ first error, not the ones the undoing causes.
 What only a live session has stays here: SIGHUP's reload (log files
 reopened, the map read again) and the extras of a live map swap (the
 metrics forget old names, the recording keeps the map).
+
+Why one module of about 800 lines: its one job is the assembly and its
+order (what is made before what, undone in reverse); the parts it calls
+live in their packages. What an attached qcow2 disk adds here
+(``_decide_attached_map``, ``_attached_maps``, ``_add_followers``: which
+export has which map, and a follower beside each remapper) is wiring of
+the same order; the logic it wires is attach/follow.py's.
 """
 
 from __future__ import annotations
